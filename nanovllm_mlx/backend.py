@@ -1,0 +1,89 @@
+"""Pick the fastest BLAS before MLX loads, and describe the backend in use.
+
+The Linux `mlx-cpu` wheel links a reference BLAS (~4 GFLOP/s for float32 matmul here).
+MLX resolves `cblas_sgemm` at load time, so an OpenBLAS or MKL loaded with RTLD_GLOBAL
+*before* `import mlx.core` takes its place (~140 GFLOP/s on the same machine). This module
+must therefore be imported before anything imports mlx.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import sys
+
+_CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/local/lib/libopenblas.so.0",
+]
+
+blas_in_use: str = "platform default"
+
+
+def _mkl_paths() -> list[str]:
+    # `pip install mkl` puts libmkl_rt into the environment's lib/, which exports plain cblas_*.
+    return sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+
+
+def load_fast_blas() -> str:
+    """Load an optimized BLAS globally if one is found; return what is in use.
+
+    NANOVLLM_BLAS=/path/to/lib forces a library, NANOVLLM_BLAS=none keeps MLX's own.
+    Only Linux CPU builds need this: macOS uses Accelerate, CUDA builds use cuBLAS.
+    """
+    global blas_in_use
+    if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
+        return blas_in_use
+    forced = os.environ.get("NANOVLLM_BLAS", "").strip()
+    if forced.lower() == "none":
+        blas_in_use = "bundled reference BLAS (NANOVLLM_BLAS=none)"
+        return blas_in_use
+    paths = [forced] if forced else []
+    found = ctypes.util.find_library("openblas")
+    paths += _CANDIDATES + ([found] if found else []) + _mkl_paths()
+    for path in paths:
+        if path.startswith("/") and not os.path.exists(path):
+            continue
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        blas_in_use = path
+        return blas_in_use
+    blas_in_use = (
+        "bundled reference BLAS (slow: install libopenblas0-pthread or `pip install mkl`)"
+    )
+    return blas_in_use
+
+
+def describe() -> str:
+    """One line naming the MLX version, device and BLAS, for verbose output."""
+    import mlx.core as mx
+
+    device = mx.default_device()
+    kind = "cpu" if device == mx.cpu else ("metal" if mx.metal.is_available() else "cuda")
+    blas = blas_in_use if kind == "cpu" else ("Accelerate" if kind == "metal" else "cuBLAS")
+    if kind == "cpu" and sys.platform == "darwin":
+        blas = "Accelerate"
+    return f"MLX {mx.__version__} on {kind} ({device}), BLAS: {blas}"
+
+
+def device_memory_bytes() -> int:
+    """Memory the device can use: the GPU's on CUDA/Metal, physical RAM on CPU."""
+    import mlx.core as mx
+
+    try:
+        info = mx.device_info()
+        for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+            if int(info.get(key, 0)) > 0:
+                return int(info[key])
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,176 @@
+"""KV-cache block accounting with hash-chained prefix caching. Plain Python, no MLX."""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+
+import xxhash
+
+from nanovllm_mlx.sequence import Sequence
+
+
+def block_hash(token_ids: list[int], prev_hash: int | None) -> int:
+    """Hash of a full block, chained on the previous block's so equal blocks at different
+    positions (after different prefixes) never collide."""
+    h = xxhash.xxh64()
+    if prev_hash is not None:
+        h.update(prev_hash.to_bytes(8, "little"))
+    h.update(array("q", token_ids).tobytes())
+    return h.intdigest()
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class BlockStats:
+    num_blocks: int
+    used: int
+    free: int
+    cached: int
+    prefix_hit_tokens: int
+    prefix_query_tokens: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Insertion-ordered: blocks freed longest ago are reused first, so recently freed
+        # blocks keep their cached contents the longest (LRU eviction).
+        self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_hit_tokens = 0
+        self.prefix_query_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def stats(self) -> BlockStats:
+        cached = sum(1 for b in self.free_block_ids if self.blocks[b].hash is not None)
+        return BlockStats(
+            num_blocks=self.num_blocks,
+            used=self.num_blocks - self.num_free_blocks,
+            free=self.num_free_blocks,
+            cached=cached,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            prefix_query_tokens=self.prefix_query_tokens,
+        )
+
+    def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
+        """(block_id, hash) of the longest run of cached full blocks at the start of seq.
+
+        The block holding the last token is never taken from the cache: that token must be
+        computed to produce logits, even when the whole prompt was seen before.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[tuple[int, int]] = []
+        prev: int | None = None
+        bs = self.block_size
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            h = block_hash(tokens, prev)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
+                break
+            hits.append((block_id, h))
+            prev = h
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._cached_prefix(seq)
+        in_use = sum(1 for block_id, _ in hits if self.blocks[block_id].ref_count > 0)
+        return self.blocks_needed(seq.num_tokens) - in_use <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give seq blocks for all its tokens, sharing cached prefix blocks."""
+        assert not seq.block_table, f"sequence {seq.seq_id} already has blocks"
+        hits = self._cached_prefix(seq)
+        for block_id, h in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_block_ids[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
+        for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
+            seq.block_table.append(self._take_free_block())
+        cached = len(hits) * self.block_size
+        seq.num_cached_tokens = cached
+        seq.num_computed_tokens = cached
+        self.prefix_hit_tokens += cached
+        self.prefix_query_tokens += seq.num_tokens
+
+    def _take_free_block(self) -> int:
+        if not self.free_block_ids:
+            raise RuntimeError("out of KV cache blocks")
+        block_id = next(iter(self.free_block_ids))
+        del self.free_block_ids[block_id]
+        block = self.blocks[block_id]
+        # Reusing a cached block evicts its contents from the prefix cache.
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]
+        block.hash = None
+        block.token_ids = ()
+        block.ref_count = 1
+        return block_id
+
+    def can_append(self, seq: Sequence) -> bool:
+        return self.blocks_needed(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence) -> None:
+        """Grow seq's block table to cover all its tokens (decode adds one token a step)."""
+        for _ in range(self.blocks_needed(seq.num_tokens) - len(seq.block_table)):
+            seq.block_table.append(self._take_free_block())
+
+    def commit(self, seq: Sequence) -> None:
+        """Publish the hashes of full blocks whose K/V are now computed.
+
+        Hashes are published only after the step that wrote them, so no other sequence
+        can hit a block whose K/V are not in the cache yet.
+        """
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            h = block_hash(tokens, seq.block_hashes[-1] if seq.block_hashes else None)
+            block = self.blocks[seq.block_table[i]]
+            block.hash = h
+            block.token_ids = tuple(tokens)
+            self.hash_to_block[h] = block.block_id
+            seq.block_hashes.append(h)
+
+    def free(self, seq: Sequence) -> None:
+        # Tail blocks are freed first so they are evicted before the shared prefix blocks.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free_block_ids[block_id] = None
+        seq.block_table.clear()
+        seq.block_hashes.clear()
+        seq.num_computed_tokens = 0

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Config:
+    """Engine settings; `LLM(model, **kwargs)` takes any of these as keyword arguments."""
+
+    model: str = ""
+    dtype: str = "auto"  # auto: float32 on CPU (fast BLAS), the checkpoint's dtype on a GPU
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None  # default: the model's context length
+    block_size: int = 16
+    kv_cache_gb: float | None = None  # default: derived from the device's memory
+    kv_cache_fraction: float = 0.25  # share of device memory the default KV pool may take
+    enable_prefix_caching: bool = True
+    quantize: int | None = None  # 4 or 8: quantize weights with MLX at load time
+    quantize_group_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or self.max_model_len < 1
+        ):
+            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
+        if not 0 < self.kv_cache_fraction <= 0.95:
+            raise ValueError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"
+            )
+        if self.quantize not in (None, 4, 8):
+            raise ValueError(f"quantize must be 4 or 8, got {self.quantize!r}")
+        if self.quantize_group_size not in (32, 64, 128):
+            raise ValueError(
+                f"quantize_group_size must be 32, 64 or 128, got {self.quantize_group_size}"
+            )

@@ -1,0 +1,85 @@
+"""The Python API: `LLM(model).generate(prompts, params)` and `LLM.stream(...)`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from nanovllm_mlx.llm_engine import LLMEngine, RequestOutput
+from nanovllm_mlx.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs: object):
+        self.engine = LLMEngine(model, **kwargs)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[dict]:
+        """Run all prompts as one continuous batch; results come back in input order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(
+                    f"{len(params)} sampling params for {len(prompts)} prompts; give one or one each"
+                )
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError as e:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise ValueError(f"prompt {len(ids)}: {e}") from e
+        results = {i: {"text": "", "token_ids": [], "finish_reason": None} for i in ids}
+        for out in self._drain(set(ids)):
+            result = results[out.request_id]
+            result["text"] += out.text
+            result["token_ids"] += out.token_ids
+            if out.finished:
+                result["finish_reason"] = out.finish_reason
+                result["num_prompt_tokens"] = out.num_prompt_tokens
+                result["num_cached_tokens"] = out.num_cached_tokens
+        return [results[i] for i in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one prompt as they are generated."""
+        request_id = self.engine.add_request(prompt, sampling_params)
+        try:
+            for out in self._drain({request_id}):
+                if out.text:
+                    yield out.text
+        finally:
+            self.engine.abort_request(request_id)  # no-op when it finished
+
+    def chat(
+        self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None
+    ) -> dict:
+        """One answer to a conversation, through the model's chat template."""
+        return self.generate([self.tokenizer.encode_chat(messages)], sampling_params)[0]
+
+    def _drain(self, wanted: set[str]) -> Iterator[RequestOutput]:
+        pending = set(wanted)
+        while pending:
+            for out in self.engine.step():
+                if out.request_id in pending:
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+
+    def stats(self) -> dict:
+        return self.engine.stats()

@@ -1,0 +1,119 @@
+"""Continuous batching: every step admits, chunks, preempts and retires. Plain Python."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from nanovllm_mlx.block_manager import BlockManager
+from nanovllm_mlx.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens whose K/V this step computes, from seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the sequence's end, so its last logits are sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: set[int],
+    ):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        # Running sequences first, oldest first: decodes never wait behind new prompts.
+        scheduled: list[Sequence] = []
+        queue = deque(self.running)
+        while queue and budget > 0:
+            seq = queue.popleft()
+            while not self.block_manager.can_append(seq):
+                # Out of blocks: recompute the newest sequence later rather than fail.
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slots(seq)
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                batch.append(ScheduledSeq(seq, n))
+                scheduled.append(seq)
+                budget -= n
+        self.running = scheduled + list(queue)
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            batch.append(ScheduledSeq(seq, n))
+            self.running.append(seq)
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: list[ScheduledSeq], sampled: list[int]) -> list[Sequence]:
+        """Advance each scheduled sequence; append sampled tokens (one per sampling entry,
+        in batch order); return the sequences that sampled a token this step."""
+        samplers = [item for item in batch if item.samples]
+        assert len(samplers) == len(sampled), "one sampled token per sampling sequence"
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit(item.seq)
+        for item, token in zip(samplers, sampled):
+            seq = item.seq
+            seq.token_ids.append(token)
+            if token in seq.params.stop_token_ids:
+                self.finish(seq, "stop")
+            elif not seq.params.ignore_eos and token in self.eos_token_ids:
+                self.finish(seq, "stop")
+            elif seq.num_output_tokens >= seq.params.max_tokens:
+                self.finish(seq, "length")
+            elif seq.num_tokens >= self.max_model_len:
+                self.finish(seq, "length")
+        return [item.seq for item in samplers]
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire seq now (end of output, stop string, abort) and free its blocks."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
