@@ -57,9 +57,7 @@ def load_fast_blas() -> str:
             continue
         blas_in_use = path
         return blas_in_use
-    blas_in_use = (
-        "bundled reference BLAS (slow: install libopenblas0-pthread or `pip install mkl`)"
-    )
+    blas_in_use = "bundled reference BLAS (slow: install libopenblas0-pthread or `pip install mkl`)"
     return blas_in_use
 
 

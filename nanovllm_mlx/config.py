@@ -28,11 +28,15 @@ class Config:
         if self.max_model_len is not None and (
             not isinstance(self.max_model_len, int) or self.max_model_len < 1
         ):
-            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+            raise ValueError(
+                f"max_model_len must be a positive integer, got {self.max_model_len!r}"
+            )
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
         if not 0 < self.kv_cache_fraction <= 0.95:
-            raise ValueError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
+            raise ValueError(
+                f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}"
+            )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"

@@ -35,7 +35,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(
-                    f"{len(params)} sampling params for {len(prompts)} prompts; give one or one each"
+                    f"{len(params)} sampling params for {len(prompts)} prompts: "
+                    "give one, or one each"
                 )
         ids: list[str] = []
         try:
@@ -56,7 +57,9 @@ class LLM:
                 result["num_cached_tokens"] = out.num_cached_tokens
         return [results[i] for i in ids]
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> Iterator[str]:
         """Yield text deltas of one prompt as they are generated."""
         request_id = self.engine.add_request(prompt, sampling_params)
         try:

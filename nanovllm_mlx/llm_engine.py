@@ -60,7 +60,9 @@ class LLMEngine:
         model_len = loaded.model.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         num_blocks = self._num_kv_blocks(loaded)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -133,12 +135,12 @@ class LLMEngine:
                 raise ValueError("prompt is empty")
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError(f"prompt must be a non-empty string or list of token ids, got {prompt!r}")
+            raise ValueError(
+                f"prompt must be a non-empty string or list of token ids, got {prompt!r}"
+            )
         for t in prompt:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise ValueError(
-                    f"prompt token {t!r} is not a token id in [0, {self.vocab_size})"
-                )
+                raise ValueError(f"prompt token {t!r} is not a token id in [0, {self.vocab_size})")
         return list(prompt)
 
     def abort_request(self, request_id: str) -> None:

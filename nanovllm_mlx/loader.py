@@ -91,8 +91,9 @@ def cast(model: nn.Module, dtype: mx.Dtype) -> None:
     )
 
 
-def load_hf_dir(path: Path, dtype: str = "auto", quantize: int | None = None,
-                group_size: int = 64) -> LoadedModel:
+def load_hf_dir(
+    path: Path, dtype: str = "auto", quantize: int | None = None, group_size: int = 64
+) -> LoadedModel:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     config_file = path / "config.json"
@@ -114,8 +115,9 @@ def load_hf_dir(path: Path, dtype: str = "auto", quantize: int | None = None,
     return LoadedModel(model, tokenizer, config, mx_dtype, path.name)
 
 
-def load(model: str, dtype: str = "auto", quantize: int | None = None,
-         group_size: int = 64) -> LoadedModel:
+def load(
+    model: str, dtype: str = "auto", quantize: int | None = None, group_size: int = 64
+) -> LoadedModel:
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(

@@ -71,7 +71,8 @@ class Tokenizer:
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
         if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
             and isinstance(m.get("content"), str)
             for m in messages
         ):
@@ -133,7 +134,9 @@ class Tokenizer:
             if (content := _token_content(tok_config.get(name))) is not None
         }
         eos_ids = config.get("eos_token_id")
-        eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else [])
+        eos = set(
+            eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else []
+        )
         if "eos_token" in special and (tid := tok.token_to_id(special["eos_token"])) is not None:
             eos.add(tid)
         bos = config.get("bos_token_id")
