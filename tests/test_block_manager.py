@@ -1,0 +1,173 @@
+"""Block manager: allocation, sharing, freeing, hash reuse, exhaustion. No MLX."""
+
+import pytest
+
+from nanovllm_mlx.block_manager import BlockManager, block_hash
+from nanovllm_mlx.sampling_params import SamplingParams
+from nanovllm_mlx.sequence import Sequence
+
+BS = 4
+
+
+def seq(tokens: list[int], seq_id: int = 0) -> Sequence:
+    return Sequence(seq_id, tokens, SamplingParams())
+
+
+def computed(bm: BlockManager, s: Sequence) -> Sequence:
+    """Pretend a step computed all of s's tokens, as the scheduler's postprocess does."""
+    s.num_computed_tokens = s.num_tokens
+    bm.commit(s)
+    return s
+
+
+def test_allocate_covers_all_tokens_and_free_returns_blocks():
+    bm = BlockManager(10, BS)
+    s = seq(list(range(10)))
+    assert bm.can_allocate(s)
+    bm.allocate(s)
+    assert len(s.block_table) == 3 and len(set(s.block_table)) == 3
+    assert bm.num_free_blocks == 7
+    assert s.num_computed_tokens == 0
+    bm.free(s)
+    assert bm.num_free_blocks == 10 and s.block_table == []
+
+
+def test_hash_is_chained_on_the_prefix():
+    assert block_hash([1, 2, 3, 4], None) != block_hash([1, 2, 3, 4], block_hash([9] * 4, None))
+    assert block_hash([1, 2, 3, 4], 7) == block_hash([1, 2, 3, 4], 7)
+
+
+def test_shared_prefix_is_reused_with_reference_counts():
+    bm = BlockManager(10, BS)
+    a = seq(list(range(10)), 0)
+    bm.allocate(a)
+    computed(bm, a)
+    b = seq(list(range(8)) + [99, 98, 97], 1)
+    bm.allocate(b)
+    assert b.block_table[:2] == a.block_table[:2]
+    assert b.block_table[2] != a.block_table[2]
+    assert b.num_cached_tokens == 8 and b.num_computed_tokens == 8
+    assert bm.blocks[a.block_table[0]].ref_count == 2
+    bm.free(a)
+    assert bm.blocks[b.block_table[0]].ref_count == 1
+    assert bm.stats().prefix_hit_tokens == 8
+
+
+def test_blocks_are_hashed_only_once_computed():
+    bm = BlockManager(10, BS)
+    a = seq(list(range(12)), 0)
+    bm.allocate(a)
+    b = seq(list(range(12)), 1)
+    bm.allocate(b)  # a's K/V are not computed yet: no hit
+    assert b.num_cached_tokens == 0
+    a.num_computed_tokens = 5  # first chunk done: one full block
+    bm.commit(a)
+    c = seq(list(range(12)), 2)
+    bm.allocate(c)
+    assert c.num_cached_tokens == 4 and c.block_table[0] == a.block_table[0]
+
+
+def test_last_token_is_always_computed_even_on_a_full_hit():
+    bm = BlockManager(10, BS)
+    a = seq(list(range(8)), 0)
+    bm.allocate(a)
+    computed(bm, a)
+    b = seq(list(range(8)), 1)
+    bm.allocate(b)
+    # Both blocks are cached, but the block holding the last token is recomputed.
+    assert b.num_cached_tokens == 4
+    assert b.num_tokens - b.num_computed_tokens >= 1
+
+
+def test_freed_blocks_keep_their_hash_until_reallocated():
+    bm = BlockManager(4, BS)
+    a = seq(list(range(9)), 0)
+    bm.allocate(a)
+    computed(bm, a)
+    first = a.block_table[:2]
+    bm.free(a)
+    assert bm.stats().cached == 2
+    b = seq(list(range(9)), 1)
+    assert bm.can_allocate(b)
+    bm.allocate(b)
+    assert b.block_table[:2] == first and b.num_cached_tokens == 8
+    bm.free(b)
+    # Now fill the pool with other tokens: cached blocks get evicted and rehashed.
+    c = seq([100 + i for i in range(16)], 2)
+    bm.allocate(c)
+    computed(bm, c)
+    d = seq(list(range(9)), 3)
+    bm.free(c)
+    bm.allocate(d)
+    assert d.num_cached_tokens == 0  # stale entries never hit
+    assert all(bm.blocks[i].token_ids == () for i in d.block_table) or d.num_cached_tokens == 0
+
+
+def test_eviction_prefers_blocks_freed_longest_ago_and_tails_first():
+    bm = BlockManager(7, BS)
+    a = seq(list(range(12)), 0)  # 3 blocks
+    bm.allocate(a)
+    computed(bm, a)
+    table = list(a.block_table)
+    bm.free(a)
+    # Four never-used blocks go first, then a's tail block; its prefix stays cached.
+    others = [seq([500 + 10 * i, 501, 502], i + 1) for i in range(5)]
+    for s in others:
+        bm.allocate(s)
+    assert bm.blocks[table[2]].hash is None
+    assert bm.blocks[table[0]].hash is not None and bm.blocks[table[1]].hash is not None
+    bm.free(others[0])
+    again = seq(list(range(8)) + [1], 9)
+    bm.allocate(again)
+    assert again.num_cached_tokens == 8 and again.block_table[:2] == table[:2]
+
+
+def test_exhaustion():
+    bm = BlockManager(3, BS)
+    a = seq(list(range(8)), 0)
+    bm.allocate(a)
+    b = seq(list(range(50, 58)), 1)
+    assert not bm.can_allocate(b)
+    c = seq(list(range(50, 53)), 2)
+    assert bm.can_allocate(c)
+    bm.allocate(c)
+    # c grows into a second block: none left.
+    c.token_ids += [1, 2]
+    assert not bm.can_append(c)
+    with pytest.raises(RuntimeError, match="out of KV cache blocks"):
+        bm.append_slots(c)
+
+
+def test_append_slots_adds_a_block_only_at_a_block_boundary():
+    bm = BlockManager(4, BS)
+    s = seq([1, 2, 3, 4])
+    bm.allocate(s)
+    s.token_ids.append(5)
+    assert bm.can_append(s)
+    bm.append_slots(s)
+    assert len(s.block_table) == 2
+    s.token_ids.append(6)
+    bm.append_slots(s)
+    assert len(s.block_table) == 2
+
+
+def test_can_allocate_counts_hits_on_free_cached_blocks_as_consuming_free_blocks():
+    bm = BlockManager(3, BS)
+    a = seq(list(range(9)), 0)  # 3 blocks, everything
+    bm.allocate(a)
+    computed(bm, a)
+    bm.free(a)
+    b = seq(list(range(9)), 1)
+    assert bm.can_allocate(b)
+    bm.allocate(b)
+    assert bm.num_free_blocks == 0 and b.num_cached_tokens == 8
+
+
+def test_prefix_caching_can_be_disabled():
+    bm = BlockManager(10, BS, enable_prefix_caching=False)
+    a = seq(list(range(10)), 0)
+    bm.allocate(a)
+    computed(bm, a)
+    b = seq(list(range(10)), 1)
+    bm.allocate(b)
+    assert b.num_cached_tokens == 0

@@ -1,0 +1,176 @@
+"""Continuous batching with a fake model: admission, chunking, preemption, retirement."""
+
+from nanovllm_mlx.block_manager import BlockManager
+from nanovllm_mlx.sampling_params import SamplingParams
+from nanovllm_mlx.scheduler import Scheduler
+from nanovllm_mlx.sequence import Sequence, SequenceStatus
+
+EOS = 0
+
+
+def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens_step=64, max_model_len=256):
+    bm = BlockManager(num_blocks, block_size)
+    return Scheduler(bm, max_num_seqs, max_tokens_step, max_model_len, {EOS})
+
+
+def add(sched: Scheduler, n_prompt: int, max_tokens: int = 4, seq_id: int = 0, **kw) -> Sequence:
+    s = Sequence(
+        seq_id,
+        [1 + (seq_id * 7 + i) % 50 for i in range(n_prompt)],
+        SamplingParams(max_tokens=max_tokens, **kw),
+    )
+    sched.add(s)
+    return s
+
+
+def step(sched: Scheduler, token: int = 5):
+    batch = sched.schedule()
+    sampled = [token for item in batch if item.samples]
+    sched.postprocess(batch, sampled)
+    return batch
+
+
+def check_invariants(sched: Scheduler) -> None:
+    bm = sched.block_manager
+    refs = [0] * bm.num_blocks
+    for s in sched.running:
+        assert s.status is SequenceStatus.RUNNING
+        # The slot of the token sampled last step is allocated when it is scheduled.
+        needed = bm.blocks_needed(s.num_tokens)
+        assert needed - 1 <= len(s.block_table) <= needed
+        for b in s.block_table:
+            refs[b] += 1
+    for s in sched.waiting:
+        assert s.block_table == []
+    for b in bm.blocks:
+        assert b.ref_count == refs[b.block_id]
+        assert (b.ref_count == 0) == (b.block_id in bm.free_block_ids)
+
+
+def test_requests_join_and_leave_every_step():
+    sched = make()
+    a = add(sched, 5, max_tokens=2, seq_id=0)
+    batch = step(sched)
+    assert [i.seq for i in batch] == [a] and batch[0].num_new_tokens == 5
+    b = add(sched, 3, max_tokens=3, seq_id=1)
+    batch = step(sched)  # a decodes while b prefills: one mixed step
+    assert [(i.seq, i.num_new_tokens) for i in batch] == [(a, 1), (b, 3)]
+    assert a.is_finished and a.finish_reason == "length" and a.num_output_tokens == 2
+    batch = step(sched)
+    assert [i.seq for i in batch] == [b]
+    step(sched)
+    assert b.is_finished and not sched.has_unfinished()
+    check_invariants(sched)
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def test_chunked_prefill_respects_the_token_budget():
+    sched = make(max_tokens_step=8)
+    a = add(sched, 20, seq_id=0)
+    sizes = []
+    while not a.num_output_tokens:
+        batch = step(sched)
+        sizes.append(batch[0].num_new_tokens)
+        assert sum(i.num_new_tokens for i in batch) <= 8
+    assert sizes == [8, 8, 4]
+    assert a.num_computed_tokens == 20
+
+
+def test_decodes_are_scheduled_before_new_prefills_and_budget_is_shared():
+    sched = make(max_tokens_step=10)
+    a = add(sched, 4, max_tokens=10, seq_id=0)
+    step(sched)
+    b = add(sched, 30, seq_id=1)
+    batch = step(sched)
+    assert [(i.seq, i.num_new_tokens) for i in batch] == [(a, 1), (b, 9)]
+    assert not batch[1].samples
+
+
+def test_max_num_seqs_limits_the_running_batch():
+    sched = make(max_num_seqs=2)
+    seqs = [add(sched, 3, seq_id=i) for i in range(4)]
+    step(sched)
+    assert len(sched.running) == 2 and len(sched.waiting) == 2
+    while sched.has_unfinished():
+        step(sched)
+        assert len(sched.running) <= 2
+    assert all(s.is_finished for s in seqs)
+
+
+def test_eos_stop_tokens_and_ignore_eos():
+    sched = make()
+    a = add(sched, 3, max_tokens=10, seq_id=0)
+    b = add(sched, 3, max_tokens=10, seq_id=1, ignore_eos=True)
+    c = add(sched, 3, max_tokens=10, seq_id=2, stop_token_ids=[5], ignore_eos=True)
+    step(sched, token=EOS)
+    assert a.finish_reason == "stop" and not b.is_finished and not c.is_finished
+    step(sched, token=5)
+    assert c.finish_reason == "stop" and not b.is_finished
+
+
+def test_sequences_stop_at_max_model_len():
+    sched = make(max_model_len=8)
+    a = add(sched, 6, max_tokens=100, seq_id=0)
+    while sched.has_unfinished():
+        step(sched)
+    assert a.num_tokens == 8 and a.finish_reason == "length"
+
+
+def test_out_of_blocks_preempts_the_newest_and_everything_still_finishes():
+    # 6 blocks of 4 tokens; three sequences growing to 12 tokens each cannot all fit.
+    sched = make(num_blocks=6, block_size=4)
+    seqs = [add(sched, 4, max_tokens=8, seq_id=i) for i in range(3)]
+    preempted_seen = False
+    for _ in range(200):
+        if not sched.has_unfinished():
+            break
+        step(sched)
+        check_invariants(sched)
+        preempted_seen |= sched.num_preemptions > 0
+    assert all(s.is_finished and s.num_output_tokens == 8 for s in seqs)
+    assert preempted_seen
+    # The oldest request is never the victim while newer ones run.
+    assert sched.block_manager.num_free_blocks == 6
+
+
+def test_preempted_sequence_recomputes_prompt_and_output():
+    sched = make(num_blocks=3, block_size=4)
+    a = add(sched, 4, max_tokens=6, seq_id=0)
+    b = add(sched, 4, max_tokens=6, seq_id=1)
+    step(sched)
+    step(sched)  # both need a second block: only one is free -> b is preempted
+    assert sched.num_preemptions >= 1 and b.status is SequenceStatus.WAITING
+    assert b.num_computed_tokens == 0 and b.num_output_tokens == 1
+    recomputed = []
+    while sched.has_unfinished():
+        batch = step(sched)
+        recomputed += [i.num_new_tokens for i in batch if i.seq is b and i.num_new_tokens > 1]
+    # The recompute covers the prompt and the token generated before the preemption.
+    assert recomputed[0] == 5
+    assert a.finish_reason == b.finish_reason == "length"
+
+
+def test_prefix_hits_skip_computation_and_a_full_hit_still_computes_one_token():
+    sched = make(block_size=4)
+    a = add(sched, 9, max_tokens=1, seq_id=0)
+    step(sched)
+    assert a.is_finished
+    b = Sequence(1, list(a.token_ids[:9]), SamplingParams(max_tokens=1))
+    sched.add(b)
+    batch = step(sched)
+    assert b.num_cached_tokens == 8 and batch[0].num_new_tokens == 1
+    c = Sequence(2, list(a.token_ids[:8]), SamplingParams(max_tokens=1))
+    sched.add(c)
+    batch = step(sched)
+    assert c.num_cached_tokens == 4 and batch[0].num_new_tokens == 4
+
+
+def test_finish_removes_waiting_and_running_requests():
+    sched = make(max_num_seqs=1)
+    a = add(sched, 3, max_tokens=10, seq_id=0)
+    b = add(sched, 3, max_tokens=10, seq_id=1)
+    step(sched)
+    sched.finish(b, "abort")
+    sched.finish(a, "abort")
+    assert not sched.has_unfinished()
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
