@@ -1,0 +1,214 @@
+"""`nanovllm ask`: one or more prompts, run as one continuous batch, answers streamed."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from cli.ui import sanitize
+from nanovllm_mlx import LLM, LLMEngine, SamplingParams, backend
+
+REFRESH_S = 0.1  # the live view redraws at most 10 times a second, between engine steps
+FALLBACK_STOP = "\nUser:"  # base models under the fallback template would write both sides
+
+
+@dataclass
+class Answer:
+    index: int
+    prompt: str
+    request_id: str = ""
+    text: str = ""  # what is shown: the generated text without its leading whitespace
+    first_token_at: float | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+
+    def add(self, delta: str) -> str:
+        """Append a delta; return the part to display (leading whitespace dropped)."""
+        if not self.text:
+            delta = delta.lstrip()
+        delta = sanitize(delta)
+        self.text += delta
+        return delta
+
+
+def build_inputs(
+    llm: LLM, prompts: list[str], use_chat: bool, system: str | None
+) -> list[str | list[int]]:
+    if not use_chat:
+        return list(prompts)
+    head = [{"role": "system", "content": system}] if system else []
+    return [llm.tokenizer.encode_chat([*head, {"role": "user", "content": p}]) for p in prompts]
+
+
+def add_requests(
+    engine: LLMEngine, inputs: list[str | list[int]], params: SamplingParams
+) -> list[str]:
+    ids: list[str] = []
+    try:
+        for x in inputs:
+            ids.append(engine.add_request(x, params))
+    except ValueError as e:
+        for request_id in ids:
+            engine.abort_request(request_id)
+        raise ValueError(f"prompt {len(ids) + 1}: {e}" if len(inputs) > 1 else e) from e
+    return ids
+
+
+def drive(engine: LLMEngine, answers: list[Answer]) -> Iterator[tuple[Answer, str]]:
+    """Step the engine until every answer is finished; yield (answer, displayable delta)."""
+    by_id = {a.request_id: a for a in answers}
+    pending = set(by_id)
+    try:
+        while pending:
+            outputs = engine.step()
+            now = time.perf_counter()
+            for out in outputs:
+                answer = by_id.get(out.request_id)
+                if answer is None:
+                    continue
+                if answer.first_token_at is None:
+                    answer.first_token_at = now
+                answer.num_prompt_tokens = out.num_prompt_tokens
+                answer.num_cached_tokens = out.num_cached_tokens
+                answer.num_output_tokens = out.num_output_tokens
+                if out.finished:
+                    answer.finished = True
+                    answer.finish_reason = out.finish_reason
+                    pending.discard(out.request_id)
+                yield answer, answer.add(out.text)
+            if not outputs and not engine.has_unfinished_requests():
+                raise RuntimeError(f"engine lost {len(pending)} request(s)")
+    finally:
+        for request_id in pending:  # Ctrl-C or an error: leave nothing running
+            engine.abort_request(request_id)
+
+
+def label(answer: Answer, total: int) -> str:
+    return f"[{answer.index + 1}/{total}] {sanitize(answer.prompt)}"
+
+
+def stream_one(engine: LLMEngine, answer: Answer) -> None:
+    out = sys.stdout
+    for _, delta in drive(engine, [answer]):
+        if delta:
+            out.write(delta)
+            out.flush()
+    out.write("\n")
+    out.flush()
+
+
+def print_in_order(engine: LLMEngine, answers: list[Answer], console: Console) -> None:
+    """Plain output: each answer under its label, in input order, as soon as it and every
+    answer before it are finished (so the order never depends on timing)."""
+    total, shown = len(answers), 0
+    for _ in drive(engine, answers):
+        while shown < total and answers[shown].finished:
+            _print_answer(console, answers[shown], total)
+            shown += 1
+
+
+def _print_answer(console: Console, answer: Answer, total: int) -> None:
+    console.print(Text(label(answer, total), style="bold cyan"), soft_wrap=True)
+    console.print(Text(answer.text), soft_wrap=True)
+    console.print()
+
+
+def live_view(engine: LLMEngine, answers: list[Answer], console: Console) -> None:
+    """Terminal output: a live panel tails every unfinished answer; finished answers are
+    printed in full above it, in input order."""
+    total, shown = len(answers), 0
+    last = 0.0
+    with Live(console=console, auto_refresh=False, transient=True) as live:
+        for _ in drive(engine, answers):
+            while shown < total and answers[shown].finished:
+                _print_answer(live.console, answers[shown], total)
+                shown += 1
+            now = time.perf_counter()
+            if now - last >= REFRESH_S:
+                live.update(_render_live(answers[shown:], total, console), refresh=True)
+                last = now
+
+
+def _render_live(answers: list[Answer], total: int, console: Console) -> Group:
+    width = max(console.width - 4, 20)
+    room = max(console.height // 2 - 1, 1)  # two lines per answer
+    lines: list[Text] = []
+    for answer in answers[:room]:
+        state = (
+            "done"
+            if answer.finished
+            else f"{answer.num_output_tokens} tokens"
+            if answer.first_token_at
+            else "waiting"
+        )
+        head = Text(label(answer, total)[: width - len(state) - 3], style="bold cyan")
+        head.append(f" · {state}", style="dim")
+        tail = answer.text.replace("\n", " ⏎ ")[-width:]
+        lines += [head, Text("  " + tail, no_wrap=True, overflow="crop")]
+    if len(answers) > room:
+        lines.append(Text(f"… and {len(answers) - room} more", style="dim"))
+    return Group(*lines)
+
+
+def verbose_report(err: Console, answers: list[Answer], start: float, end: float) -> None:
+    """mlx-lm's summary lines; batch figures are totals over all requests."""
+    prompt_tokens = sum(a.num_prompt_tokens for a in answers)
+    cached = sum(a.num_cached_tokens for a in answers)
+    output_tokens = sum(a.num_output_tokens for a in answers)
+    firsts = [a.first_token_at for a in answers if a.first_token_at is not None]
+    prefill_s = max(firsts) - start if firsts else 0.0
+    decode_s = end - min(firsts) if firsts else 0.0
+    prompt_tps = prompt_tokens / prefill_s if prefill_s > 0 else 0.0
+    gen_tps = output_tokens / decode_s if decode_s > 0 else 0.0
+    err.print("=" * 10)
+    err.print(
+        f"Prompt: {prompt_tokens} tokens, {prompt_tps:.3f} tokens-per-sec"
+        + (f" ({cached} from the prefix cache)" if cached else "")
+    )
+    err.print(f"Generation: {output_tokens} tokens, {gen_tps:.3f} tokens-per-sec")
+    if len(firsts) > 1:
+        err.print(
+            f"Time to first token: {min(firsts) - start:.3f} s (first request), "
+            f"{max(firsts) - start:.3f} s (last); {len(answers)} requests in one batch"
+        )
+    elif firsts:
+        err.print(f"Time to first token: {firsts[0] - start:.3f} s")
+    err.print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
+    err.print(f"Backend: {backend.describe()}")
+
+
+def run_ask(
+    llm: LLM,
+    prompts: list[str],
+    params: SamplingParams,
+    use_chat: bool,
+    system: str | None,
+    verbose: bool,
+    out: Console,
+    err: Console,
+) -> None:
+    engine = llm.engine
+    if use_chat and not llm.tokenizer.has_chat_template:
+        params.stop = [*params.stop, FALLBACK_STOP]
+    inputs = build_inputs(llm, prompts, use_chat, system)
+    start = time.perf_counter()
+    ids = add_requests(engine, inputs, params)
+    answers = [Answer(i, p, rid) for i, (p, rid) in enumerate(zip(prompts, ids))]
+    if len(answers) == 1:
+        stream_one(engine, answers[0])
+    elif out.is_terminal:
+        live_view(engine, answers, out)
+    else:
+        print_in_order(engine, answers, out)
+    if verbose:
+        verbose_report(err, answers, start, time.perf_counter())
