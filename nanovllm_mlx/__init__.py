@@ -4,6 +4,7 @@ from nanovllm_mlx import backend
 
 # Before anything imports mlx: an optimized BLAS must be loaded first to take effect.
 backend.load_fast_blas()
+backend.keep_freed_memory()
 
 from nanovllm_mlx.llm import LLM  # noqa: E402
 from nanovllm_mlx.llm_engine import LLMEngine, RequestOutput  # noqa: E402
