@@ -373,6 +373,10 @@ def serve(
         str | None,
         typer.Option(help="Require this bearer token.", envvar="NANOVLLM_API_KEY"),
     ] = None,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(help="Model name clients use (default: the model directory's name)."),
+    ] = None,
     dtype: Dtype = None,
     max_num_seqs: MaxNumSeqs = None,
     max_num_batched_tokens: MaxNumBatchedTokens = None,
@@ -388,9 +392,10 @@ def serve(
         host=host,
         port=port,
         api_key=api_key,
+        **({"model_name": served_model_name} if served_model_name else {}),
         **engine_kwargs,
     )
 
 
 if __name__ == "__main__":
-    app()
+    app(prog_name="nanovllm")

@@ -96,7 +96,8 @@ def run_benchmark(
     requests, shortened = fit_workload(workload, engine.max_model_len)
     if warmup:
         # The first steps pay for lazy initialisation; keep that out of the figures.
-        warm_id = engine.add_request(list(range(1, 17)), SamplingParams(max_tokens=4))
+        warm_ids = [i % engine.vocab_size for i in range(1, 17)]
+        warm_id = engine.add_request(warm_ids, SamplingParams(max_tokens=4))
         while engine.has_unfinished_requests():
             if any(o.request_id == warm_id and o.finished for o in engine.step()):
                 break

@@ -1,0 +1,300 @@
+"""The `nanovllm` command line, driven through Typer's CliRunner (ask, bench, download,
+serve, errors) and as a real subprocess where the exact bytes on stderr matter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.bench import fit_workload, make_workload
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMALL_KV = ["--kv-cache-gb", "0.05"]  # a few thousand blocks: fast to build, plenty here
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str, input: str | None = None):
+    result = runner.invoke(app, list(args), input=input)
+    # CliRunner's stdout is not a terminal: nothing may style or animate it.
+    assert "\x1b" not in result.stdout, result.stdout
+    assert "\x1b" not in result.stderr, result.stderr
+    return result
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real entry point in a child process, stdout and stderr piped."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def greedy(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
+    llm = LLM(str(model), kv_cache_gb=0.05)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    return [o["text"] for o in outs]
+
+
+# ask -------------------------------------------------------------------------------------
+
+
+def test_version(runner):
+    result = invoke(runner, "--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("nanovllm ")
+
+
+def test_ask_one_prompt_prints_the_engines_answer(runner, gpt2_tiny):
+    result = invoke(runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "12", *SMALL_KV, "Hi")
+    assert result.exit_code == 0, result.output
+    (expected,) = greedy(gpt2_tiny, ["Hi"], 12)
+    assert result.stdout == expected.lstrip() + "\n"
+
+
+def test_ask_several_prompts_are_labelled_in_input_order(runner, gpt2_tiny):
+    prompts = ["Hello there", "The capital of France is", "Once upon a time"]
+    result = invoke(runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "10", *SMALL_KV, *prompts)
+    assert result.exit_code == 0, result.output
+    expected = greedy(gpt2_tiny, prompts, 10)
+    blocks = [
+        f"[{i + 1}/3] {p}\n{e.lstrip()}\n\n" for i, (p, e) in enumerate(zip(prompts, expected))
+    ]
+    assert result.stdout == "".join(blocks)
+
+
+def test_ask_reads_prompts_from_stdin(runner, gpt2_tiny):
+    result = invoke(
+        runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "4", *SMALL_KV, "-", "last",
+        input="first\n\n  second  \n",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    labels = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert labels == ["[1/3] first", "[2/3] second", "[3/3] last"]
+
+
+def test_ask_stop_string_cuts_the_answer(runner, gpt2_tiny):
+    (full,) = greedy(gpt2_tiny, ["Hello there"], 16)
+    words = full.split()
+    stop = words[len(words) // 2]
+    result = invoke(
+        runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "16", "--stop", stop, *SMALL_KV,
+        "Hello there",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout == full[: full.index(stop)].lstrip() + "\n"
+
+
+def test_ask_chat_template_and_verbose(runner, gpt2_tiny):
+    # GPT-2 has no template: --chat uses the engine's plain "User:/Assistant:" fallback.
+    result = invoke(
+        runner, "ask", "-m", str(gpt2_tiny), "--chat", "--system", "Be brief.", "--verbose",
+        "--max-tokens", "8", "--temp", "0.7", "--top-p", "0.9", "--top-k", "40",
+        "--min-p", "0.05", "--seed", "1", *SMALL_KV, "Hi",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert "Prompt: " in err and " tokens-per-sec" in err
+    assert "Generation: " in err
+    assert "Time to first token: " in err
+    assert "Peak memory: " in err and " GB" in err
+    assert "Backend: MLX " in err and "BLAS" in err
+
+
+def test_ask_seed_makes_sampling_reproducible(runner, gpt2_tiny):
+    args = ["ask", "-m", str(gpt2_tiny), "--max-tokens", "8", "--temp", "1.0", *SMALL_KV]
+    a = invoke(runner, *args, "--seed", "7", "Hi")
+    b = invoke(runner, *args, "--seed", "7", "Hi")
+    assert a.exit_code == b.exit_code == 0
+    assert a.stdout == b.stdout
+
+
+# bench -----------------------------------------------------------------------------------
+
+BENCH = ["--num-seqs", "4", "--min-input", "8", "--max-input", "32"]
+BENCH += ["--min-output", "4", "--max-output", "16", "--seed", "3", *SMALL_KV]
+
+
+def test_bench_json_is_the_last_line(runner, gpt2_tiny):
+    result = invoke(runner, "bench", "-m", str(gpt2_tiny), *BENCH, "--json")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1  # --json: stdout is the JSON alone, the table goes to stderr
+    data = json.loads(lines[-1])
+    for key in (
+        "output_tokens", "seconds", "throughput", "prefill_throughput", "decode_throughput",
+        "peak_memory_gb", "num_seqs", "prompt_tokens", "preemptions",
+    ):  # fmt: skip
+        assert key in data, key
+    workload = make_workload(4, 8, 32, 4, 16, 3, 50257)
+    # ignore_eos: every request runs to its max_tokens exactly.
+    assert data["output_tokens"] == sum(n for _, n in workload)
+    assert data["prompt_tokens"] == sum(len(ids) for ids, _ in workload)
+    assert data["num_seqs"] == 4
+    assert data["throughput"] > 0 and data["peak_memory_gb"] > 0
+    assert "throughput" in result.stderr  # the summary table
+
+
+def test_bench_prints_a_summary_table(runner, gpt2_tiny):
+    result = invoke(runner, "bench", "-m", str(gpt2_tiny), *BENCH)
+    assert result.exit_code == 0, result.output
+    for row in ("throughput", "prefill", "decode", "peak memory", "output tokens"):
+        assert row in result.stdout
+
+
+def test_make_workload_follows_the_recipe():
+    a = make_workload(20, 5, 9, 3, 4, seed=1, vocab_size=50)
+    assert a == make_workload(20, 5, 9, 3, 4, seed=1, vocab_size=50)
+    assert a != make_workload(20, 5, 9, 3, 4, seed=2, vocab_size=50)
+    assert all(5 <= len(ids) <= 9 and 3 <= n <= 4 for ids, n in a)
+    assert all(0 <= t < 50 for ids, _ in a for t in ids)  # clipped to the vocabulary
+    big = make_workload(4, 100, 100, 1, 1, seed=0, vocab_size=50257)
+    assert max(t for ids, _ in big for t in ids) < 10_000
+    with pytest.raises(ValueError):
+        make_workload(1, 10, 5, 1, 1)
+
+
+def test_fit_workload_keeps_output_lengths():
+    fitted, shortened = fit_workload([([1] * 10, 5), ([1] * 3, 4), ([1] * 2, 50)], 12)
+    assert [(len(ids), n) for ids, n in fitted] == [(7, 5), (3, 4), (1, 11)]
+    assert shortened == 2
+
+
+# errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["ask", "--bogus", "hi"], 2),
+        (["ask"], 2),
+        (["ask", "--max-tokens", "many", "hi"], 2),
+        (["ask", "--dtype", "float8", "hi"], 2),
+        (["nonsense"], 2),
+        (["ask", "-m", "/no/such/model", "hi"], 1),
+        (["chat", "-m", "/no/such/model"], 1),
+        (["bench", "-m", "/no/such/model"], 1),
+        (["bench", "--min-input", "50", "--max-input", "10"], 1),
+        (["bench", "--num-seqs", "0"], 1),
+    ],
+)
+def test_errors_are_one_line(runner, args, code):
+    result = invoke(runner, *args)
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--temp", "-1"],
+        ["--top-p", "0"],
+        ["--max-tokens", "0"],
+        ["--max-num-seqs", "0"],
+        ["--quantize", "3"],
+        ["--max-model-len", "4000000", "--kv-cache-gb", "0.0001"],
+    ],
+)
+def test_engine_value_errors_are_one_line(runner, gpt2_tiny, args):
+    result = invoke(runner, "ask", "-m", str(gpt2_tiny), *args, "hi")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_too_long_prompt_is_one_line(runner, gpt2_tiny):
+    result = invoke(runner, "ask", "-m", str(gpt2_tiny), *SMALL_KV, "ok", "word " * 600)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: prompt 2: "), result.stderr
+
+
+@pytest.mark.parametrize(
+    "command, module", [(["download", "gpt2"], "download"), (["serve"], "server")]
+)
+def test_missing_optional_module_is_one_line(runner, monkeypatch, command, module):
+    monkeypatch.setitem(sys.modules, f"nanovllm_mlx.{module}", None)  # as if not installed
+    result = invoke(runner, *command)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not available" in lines[0], result.stderr
+
+
+def test_download_calls_the_engines_downloader(runner, monkeypatch, tmp_path):
+    calls = []
+
+    class FakeDownload:
+        @staticmethod
+        def download(name, output):
+            calls.append((name, output))
+            return tmp_path / "model"
+
+    monkeypatch.setitem(sys.modules, "nanovllm_mlx.download", FakeDownload)
+    result = invoke(runner, "download", "HuggingFaceTB/SmolLM2-135M", "-o", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert calls == [("HuggingFaceTB/SmolLM2-135M", str(tmp_path))]
+    assert result.stdout.strip() == str(tmp_path / "model")
+
+
+def test_serve_passes_its_flags(runner, monkeypatch):
+    calls = []
+
+    class FakeServer:
+        @staticmethod
+        def run_server(model, **kwargs):
+            calls.append((model, kwargs))
+
+    monkeypatch.setitem(sys.modules, "nanovllm_mlx.server", FakeServer)
+    result = invoke(
+        runner, "serve", "-m", "some/model", "--port", "9001", "--api-key", "k",
+        "--max-num-seqs", "8", "--dtype", "float16",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert calls == [
+        (
+            "some/model",
+            {
+                "host": "127.0.0.1", "port": 9001, "api_key": "k",
+                "max_num_seqs": 8, "dtype": "float16",
+            },
+        )
+    ]  # fmt: skip
+
+
+# The real process: exact stderr bytes, and plain output even when asked for colour --------
+
+
+def test_real_process_errors_are_one_line_without_traceback():
+    for args in (["ask", "--bogus", "x"], ["ask", "-m", "/no/such/model", "hi"]):
+        proc = run_cli(*args)
+        assert proc.returncode != 0
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_real_process_piped_output_is_plain(gpt2_tiny):
+    # FORCE_COLOR would make Rich style a pipe; stdout that is not a terminal stays plain.
+    proc = run_cli(
+        "ask", "-m", str(gpt2_tiny), "--max-tokens", "6", "--verbose", *SMALL_KV, "a", "b",
+        env={"FORCE_COLOR": "1", "TERM": "xterm-256color"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "[1/2] a" in proc.stdout and "[2/2] b" in proc.stdout
+    assert "\x1b" not in proc.stdout and "\x1b" not in proc.stderr
