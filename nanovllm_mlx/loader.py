@@ -1,4 +1,4 @@
-"""Load a model directory (config.json, safetensors, tokenizer) into MLX."""
+"""Load a model (an HF directory of config.json + safetensors, or a GGUF file) into MLX."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from nanovllm_mlx.models import gpt2
+from nanovllm_mlx import download, gguf
+from nanovllm_mlx.models import gpt2, llama
 from nanovllm_mlx.tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -33,8 +34,10 @@ def resolve_dtype(dtype: str, config: dict) -> mx.Dtype:
     return DTYPES.get(saved, mx.float16)
 
 
-def read_safetensors(path: Path) -> dict[str, mx.array]:
-    """All tensors of model.safetensors or of the shards its index names."""
+def read_safetensors(path: Path) -> tuple[dict[str, mx.array], bool]:
+    """All tensors of model.safetensors or of the shards its index names, and whether MLX
+    wrote them (metadata format "mlx", as mlx-lm and save_quantized do): those are already
+    in the MLX module layout."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -44,15 +47,18 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     weights: dict[str, mx.array] = {}
+    formats = set()
     for name in files:
         file = path / name
         if not file.exists():
             raise FileNotFoundError(f"{file} is named in the index but missing")
         try:
-            weights.update(mx.load(str(file)))
+            tensors, metadata = mx.load(str(file), return_metadata=True)
         except Exception as e:  # MLX raises RuntimeError/ValueError with a C++ message
             raise ValueError(f"cannot read {file}: corrupt or truncated safetensors ({e})") from e
-    return weights
+        weights.update(tensors)
+        formats.add(metadata.get("format"))
+    return weights, formats == {"mlx"}
 
 
 def build_model(config: dict) -> nn.Module:
@@ -60,7 +66,52 @@ def build_model(config: dict) -> nn.Module:
     model_type = config.get("model_type")
     if model_type == "gpt2":
         return gpt2.Model(gpt2.ModelArgs.from_dict(config))
-    raise ValueError(f"unsupported model_type {model_type!r} (supported: gpt2)")
+    if model_type in ("llama", "mistral", "qwen2"):
+        return llama.Model(llama.ModelArgs.from_dict(config))
+    raise ValueError(
+        f"unsupported model_type {model_type!r} (supported: gpt2, llama, mistral, qwen2)"
+    )
+
+
+def quantizable(group_size: int):
+    """nn.quantize predicate: layers whose input width splits into whole groups; the rest
+    (a 50257-row embedding is fine, a 100-wide projection at group 64 is not) stay float."""
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+
+    return predicate
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int) -> None:
+    """Quantize a float model in place for MLX's quantized matmul / embedding."""
+    predicate = quantizable(group_size)
+    if not any(predicate(p, m) for p, m in model.named_modules()):
+        raise ValueError(
+            f"no layer of this model has an input width divisible by quantize_group_size "
+            f"{group_size}: nothing to quantize"
+        )
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+
+
+def quantize_like(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
+    """Turn the layers stored quantized in `weights` (a `.scales` entry) into quantized
+    layers, with bits and group size read off the shapes, so load_weights can fill them.
+
+    One rule covers GGUF (group 32; Q8_0 embeddings next to Q4_1 matrices) and MLX
+    checkpoints, whose config "quantization" entry may also vary per layer."""
+
+    def params(path: str, module: nn.Module) -> dict | bool:
+        scales = weights.get(f"{path}.scales")
+        if scales is None or not hasattr(module, "to_quantized"):
+            return False
+        in_dims = module.weight.shape[-1]
+        packed = weights[f"{path}.weight"].shape[-1]
+        if in_dims % scales.shape[-1] or (packed * 32) % in_dims:
+            raise ValueError(f"quantized weight {path} in {source} does not fit the model")
+        return {"group_size": in_dims // scales.shape[-1], "bits": packed * 32 // in_dims}
+
+    nn.quantize(model, class_predicate=params)
 
 
 def load_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
@@ -91,37 +142,91 @@ def cast(model: nn.Module, dtype: mx.Dtype) -> None:
     )
 
 
+def read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+
+
+def _finish(
+    model: nn.Module,
+    config: dict,
+    dtype: str,
+    quantize: int | None,
+    group_size: int,
+    prequantized: bool,
+) -> mx.Dtype:
+    mx_dtype = resolve_dtype(dtype, config)
+    cast(model, mx_dtype)
+    if quantize:
+        if prequantized:
+            raise ValueError("the model's weights are already quantized: drop --quantize")
+        quantize_model(model, quantize, group_size)
+    mx.eval(model.parameters())
+    return mx_dtype
+
+
 def load_hf_dir(
     path: Path, dtype: str = "auto", quantize: int | None = None, group_size: int = 64
 ) -> LoadedModel:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+    config = read_config(path)
     model = build_model(config)
-    weights = model.sanitize(read_safetensors(path))
+    weights, mlx_layout = read_safetensors(path)
+    # MLX-written files need no layout changes, only mlx-lm's `model.` wrapper removed.
+    if mlx_layout:
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}
+    else:
+        weights = model.sanitize(weights)
+    prequantized = any(k.endswith(".scales") for k in weights)
+    if prequantized:
+        quantize_like(model, weights, path)
     load_weights(model, weights, path)
-    mx_dtype = resolve_dtype(dtype, config)
-    cast(model, mx_dtype)
-    if quantize:
-        nn.quantize(model, group_size=group_size, bits=quantize)
-    mx.eval(model.parameters())
+    mx_dtype = _finish(model, config, dtype, quantize, group_size, prequantized)
     tokenizer = Tokenizer.from_dir(path, config)
     return LoadedModel(model, tokenizer, config, mx_dtype, path.name)
 
 
-def load(
-    model: str, dtype: str = "auto", quantize: int | None = None, group_size: int = 64
+def load_gguf(
+    path: Path, dtype: str = "auto", quantize: int | None = None, group_size: int = 64
 ) -> LoadedModel:
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model {model!r} not found: give a local directory with config.json and "
-            f"*.safetensors (fetch one with `nanovllm download {model}`)"
-        )
+    weights, metadata = gguf.read_gguf(path)
+    config = gguf.config_from_metadata(metadata, set(weights), path)
+    tokenizer = gguf.tokenizer_from_metadata(metadata, path)
+    weights = gguf.map_weights(weights, config)  # may add rope_freq_factors to config
+    model = build_model(config)
+    prequantized = any(k.endswith(".scales") for k in weights)
+    quantize_like(model, weights, path)
+    load_weights(model, weights, path)
+    mx_dtype = _finish(model, config, dtype, quantize, group_size, prequantized)
+    return LoadedModel(model, tokenizer, config, mx_dtype, path.stem)
+
+
+def load(
+    model: str | None = None,
+    dtype: str = "auto",
+    quantize: int | None = None,
+    group_size: int = 64,
+) -> LoadedModel:
+    """A model by path (HF directory, .gguf file, or a directory holding one .gguf), by a
+    name already downloaded to the models directory, or the default model for None."""
+    path = download.resolve(model)
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) > 1:
+            names = ", ".join(p.name for p in ggufs)
+            raise ValueError(f"{path} holds several .gguf files ({names}): name one of them")
+        if ggufs:
+            path = ggufs[0]
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"{path} is a file but not a .gguf: give a .gguf file or a model directory"
+            )
+        return load_gguf(path, dtype, quantize, group_size)
     return load_hf_dir(path, dtype, quantize, group_size)
