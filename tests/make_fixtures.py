@@ -167,6 +167,21 @@ _LLAMA3_TINY = {
     "tie_word_embeddings": True,
     "seed": 5678,
 }
+# SmolLM2-135M's shape (30 layers, GQA 9/3, tied head) with random weights, for
+# benchmarks that must run where the real GGUF cannot be carried (the GPU machine).
+_SMOLLM2_SHAPE = {
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "seed": 135,
+}
 _QWEN2_TINY = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
@@ -208,6 +223,12 @@ def _recipes() -> dict[str, Recipe]:
             "gpt2-small-shape",
             _build_gpt2_hub,
             {**_GPT2_SMALL, "verify": False},
+            default=False,
+        ),
+        Recipe(
+            "smollm2-135m-shape",
+            _build_smollm2_shape,
+            {**_SMOLLM2_SHAPE, "transformers": tv},
             default=False,
         ),
     ]
@@ -922,6 +943,17 @@ def _build_llama3_tiny(out: Path, p: dict[str, Any]) -> None:
         cls_name="LlamaForCausalLM",
         classic_config=_llama_classic_config(p),
         generation_config={"bos_token_id": EOT_ID, "eos_token_id": EOT_ID},
+    )
+    _write_tokenizer(
+        out,
+        files=TOKENIZER_FILES_JSON,
+        config=_gpt2_tokenizer_config(p["max_position_embeddings"]),
+    )
+
+
+def _build_smollm2_shape(out: Path, p: dict[str, Any]) -> None:
+    _build_causal_lm(
+        out, p, cls_name="LlamaForCausalLM", classic_config=None, real_vocab=p["vocab_size"]
     )
     _write_tokenizer(
         out,

@@ -155,9 +155,24 @@ def test_sampling_follows_the_distribution(llm: LLM):
     freq = np.bincount(np.array(tokens), minlength=4) / 4000
     expected = np.exp([2.0, 1.0, 0.0, -1.0]) / np.exp([2.0, 1.0, 0.0, -1.0]).sum()
     np.testing.assert_allclose(freq, expected, atol=0.03)
-    seqs = [Sequence(i, [0], SamplingParams(temperature=1.0, top_k=2)) for i in range(4000)]
-    tokens, _ = sampler.sample(logits, seqs)
-    assert set(np.array(tokens).tolist()) == {0, 1}
+    # probs are [0.64, 0.24, 0.09, 0.03]: each filter keeps exactly the expected tokens,
+    # rows with different filters side by side in one batch.
+    filters = [
+        ({"top_k": 2}, {0, 1}),
+        ({"top_p": 0.5}, {0}),
+        ({"top_p": 0.8}, {0, 1}),
+        ({"top_p": 0.95}, {0, 1, 2}),
+        ({"min_p": 0.3}, {0, 1}),
+        ({"top_k": 3}, {0, 1, 2}),
+    ]
+    seqs = [
+        Sequence(i, [0], SamplingParams(temperature=1.0, **filters[i % len(filters)][0]))
+        for i in range(1200)
+    ]
+    tokens, _ = sampler.sample(logits[:1200], seqs)
+    tokens = np.array(tokens)
+    for j, (_, allowed) in enumerate(filters):
+        assert set(tokens[j :: len(filters)].tolist()) == allowed
 
 
 def test_repetition_penalty_discourages_repeats(llm: LLM):

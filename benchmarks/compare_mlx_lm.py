@@ -1,0 +1,167 @@
+"""nanovllm-mlx vs mlx-lm, side by side on one model, one machine, one run.
+
+Runs each figure alternately (ours, theirs, ours, theirs, ...) and prints medians and the
+ratio ours / mlx-lm:
+  - single-stream decode tok/s (greedy, --decode-tokens tokens after a short prompt)
+  - time to first token for a --ttft-prompt-token prompt
+  - batched output tok/s for the nano-vllm workload at each --batches size (random prompt
+    and output lengths, EOS ignored by both engines)
+
+    python benchmarks/compare_mlx_lm.py --model tests/.fixtures/gpt2-small-shape
+    python benchmarks/compare_mlx_lm.py --model M --dtype float16 --batches 8,32,128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+
+import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx)
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.bench import make_workload, run_benchmark
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+# ours -------------------------------------------------------------------------------------
+
+
+def ours_single(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """(seconds to first token, decode tok/s after it) for one greedy stream."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    engine.add_request(prompt, params)
+    first = None
+    n = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            n += len(out.token_ids)
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return first - start, (n - 1) / (end - first)
+
+
+def ours_batch(llm: LLM, workload) -> float:
+    return run_benchmark(llm, workload, temperature=0.0, warmup=False)["throughput"]
+
+
+# mlx-lm -----------------------------------------------------------------------------------
+
+
+def theirs_single(model, tokenizer, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    start = time.perf_counter()
+    first = None
+    n = 0
+    for _ in stream_generate(
+        model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)
+    ):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return first - start, (n - 1) / (end - first)
+
+
+def theirs_batch(model, tokenizer, workload) -> float:
+    from mlx_lm import batch_generate
+
+    prompts = [ids for ids, _ in workload]
+    max_tokens = [n for _, n in workload]
+    start = time.perf_counter()
+    result = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
+    seconds = time.perf_counter() - start
+    return sum(len(ids) for ids in result.token_ids) / seconds
+
+
+# driver -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF-layout model directory")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds per figure")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--ttft-prompt-tokens", type=int, default=512)
+    ap.add_argument("--batches", default="8,32,128")
+    ap.add_argument("--batch-repeats", type=int, default=None, help="default: --repeats")
+    ap.add_argument("--min-input", type=int, default=100)
+    ap.add_argument("--max-input", type=int, default=1024)
+    ap.add_argument("--min-output", type=int, default=100)
+    ap.add_argument("--max-output", type=int, default=1024)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    args = ap.parse_args()
+
+    from mlx_lm import load
+
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    model, tokenizer = load(args.model)
+    model.set_dtype(DTYPES[args.dtype])
+    tokenizer.eos_token_ids = []  # both engines ignore EOS, as in nano-vllm's bench
+    vocab = llm.engine.vocab_size
+
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def record(figure: str, ours: float, theirs: float) -> None:
+        entry = results.setdefault(figure, {"ours": [], "mlx_lm": []})
+        entry["ours"].append(ours)
+        entry["mlx_lm"].append(theirs)
+        print(f"  {figure}: ours {ours:.3f}  mlx-lm {theirs:.3f}", flush=True)
+
+    short = [(i * 7919) % min(vocab, 10_000) for i in range(1, 33)]
+    long = [(i * 7919) % min(vocab, 10_000) for i in range(1, args.ttft_prompt_tokens + 1)]
+    # Warm both up (kernel compilation, allocator) before anything is timed.
+    ours_single(llm, short, 8)
+    theirs_single(model, tokenizer, short, 8)
+    for r in range(args.repeats):
+        print(f"round {r + 1}/{args.repeats}", flush=True)
+        _, ours_tps = ours_single(llm, short, args.decode_tokens)
+        _, theirs_tps = theirs_single(model, tokenizer, short, args.decode_tokens)
+        record("decode tok/s (1 stream)", ours_tps, theirs_tps)
+        ours_ttft, _ = ours_single(llm, long, 1 + 1)
+        theirs_ttft, _ = theirs_single(model, tokenizer, long, 1 + 1)
+        record(f"TTFT s ({args.ttft_prompt_tokens}-token prompt)", ours_ttft, theirs_ttft)
+        long = [(t + 1) % min(vocab, 10_000) for t in long]  # no prefix-cache hits
+
+    for size in [int(b) for b in args.batches.split(",") if b]:
+        for r in range(args.batch_repeats or args.repeats):
+            workload = make_workload(
+                size,
+                args.min_input,
+                args.max_input,
+                args.min_output,
+                args.max_output,
+                seed=r,
+                vocab_size=vocab,
+            )
+            print(f"batch {size}, round {r + 1}", flush=True)
+            ours = ours_batch(llm, workload)
+            theirs = theirs_batch(model, tokenizer, workload)
+            record(f"output tok/s ({size} requests)", ours, theirs)
+
+    print()
+    print(f"model {args.model}, dtype {args.dtype}, {nanovllm_mlx.backend.describe()}")
+    print(f"{'figure':42} {'ours':>10} {'mlx-lm':>10} {'ratio':>7}")
+    summary = {}
+    for figure, entry in results.items():
+        ours, theirs = statistics.median(entry["ours"]), statistics.median(entry["mlx_lm"])
+        # For TTFT lower is better: report the speed-up the same way round as the others.
+        ratio = theirs / ours if figure.startswith("TTFT") else ours / theirs
+        summary[figure] = {"ours": ours, "mlx_lm": theirs, "ratio": ratio, "runs": entry}
+        print(f"{figure:42} {ours:10.3f} {theirs:10.3f} {ratio:6.2f}x")
+    if args.json:
+        print(json.dumps({"model": args.model, "dtype": args.dtype, "figures": summary}))
+
+
+if __name__ == "__main__":
+    main()
