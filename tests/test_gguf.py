@@ -1,0 +1,372 @@
+"""GGUF: the real default model (SmolLM2-135M-Instruct Q4_1) against transformers, GGUFs
+written here from the random Llama/Qwen2 fixtures, and broken files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import nanovllm_mlx.model_runner as model_runner
+from nanovllm_mlx import LLM, SamplingParams, gguf, loader
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
+
+
+def capture_logits(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    seen: list[np.ndarray] = []
+    real = model_runner.sample
+
+    def spy(logits: mx.array, seqs):
+        seen.append(np.array(logits.astype(mx.float32)))
+        return real(logits, seqs)
+
+    monkeypatch.setattr(model_runner, "sample", spy)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf: Path) -> LLM:
+    return LLM(str(smollm2_gguf), max_model_len=1024, kv_cache_gb=0.1)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm2_gguf: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+# ------------------------------------------------------------------ the real model
+
+CORPUS = [
+    "Hello world",
+    " leading space",
+    "trailing space ",
+    "  double  spaces   and\ttabs\t\t",
+    "line1\nline2\n\n\nline3\r\nwindows",
+    "Numbers: 0 7 42 1234567 3.14159 -12,345.67 2024-06-01 x=1_000_000 0x1F 1e-9",
+    "Unicode: naïve café, straße, Ελληνικά, русский, 日本語の文章, 한국어, العربية",
+    "emoji 🤖🎉 and a family 👩‍👩‍👧 and combining e\u0301",
+    "def f(x):\n    return x ** 2  # comment\n\nclass A:\n\tpass\n",
+    '{"json": [1, 2, {"k": null}], "s": "a\\"b"}',
+    "I'm can't we've they'll she'd IT'S",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>text<repo_name>x<file_sep>y<|im_start|><|im_end|>",
+    "   ",
+    "\n",
+    "a" * 60,
+]
+
+
+def test_tokenizer_matches_transformers(smol: LLM, hf_tokenizer):
+    hf = hf_tokenizer
+    tok = smol.tokenizer
+    for text in CORPUS:
+        ids = tok.encode(text)
+        assert ids == hf(text).input_ids, text
+        assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.encode("<|im_start|><|im_end|>") == [1, 2]  # control tokens stay whole
+    assert tok.decode([1, 504, 2]) == "The"  # and are skipped when decoding text
+    assert tok.bos_token_id == hf.bos_token_id and 2 in tok.eos_token_ids
+    assert not tok.add_bos
+    # SmolLM2 was trained with every digit a token of its own (llama.cpp's "smollm" split).
+    assert tok.decode([tok.encode("1234")[i] for i in range(4)]) == "1234"
+    assert len(tok.encode("1234")) == 4
+
+
+def test_chat_template_renders_and_matches_transformers(smol: LLM, hf_tokenizer):
+    hf = hf_tokenizer
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = smol.tokenizer.apply_chat_template(messages)
+    assert text == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                         "<|im_start|>assistant\n")  # fmt: skip
+    ids = smol.tokenizer.encode_chat(messages)
+    assert ids == hf(text, add_special_tokens=False).input_ids
+    assert ids[0] == 1 and ids[1] != 1  # the template's own <|im_start|>, no extra BOS
+
+
+def test_logits_match_transformers_dequantized(
+    smol: LLM, smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Our Q4_1/Q8_0 quantized matmuls vs transformers' float32 model dequantized from the
+    same file: the same weights, so only float32 rounding differs. Measured: max abs diff
+    7e-5 on logits up to ~28 in magnitude, top-1 equal at every step. Also proves the q/k
+    row un-permutation (a wrong one changes logits by whole units)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    seen = capture_logits(monkeypatch)
+    prompt = smol.tokenizer.encode(
+        "The capital city of France is Paris. The capital city of Italy is Rome. "
+        "The capital of Japan is"
+    )
+    out = smol.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    tokens = out[0]["token_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + tokens])).logits[0].numpy()
+    for step, logits in enumerate(seen):
+        expected = ref[len(prompt) - 1 + step]
+        np.testing.assert_allclose(logits[0], expected, atol=5e-4, err_msg=f"step {step}")
+        assert logits[0].argmax() == expected.argmax()
+    assert tokens == ref[len(prompt) - 1 : -1].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    "country, capital", [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo")]
+)
+def test_greedy_capitals(smol: LLM, country: str, capital: str):
+    out = smol.generate([f"The capital city of {country} is"], GREEDY)[0]
+    assert out["text"].split()[0].strip(".,") == capital, out["text"]
+
+
+def test_chat_answers_with_a_sentence_naming_paris(smol: LLM):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    out = smol.chat(messages, SamplingParams(temperature=0.0, max_tokens=30))
+    assert "Paris" in out["text"] and out["finish_reason"] == "stop", out
+    assert out["text"].rstrip().endswith(".") and len(out["text"].split()) >= 3
+
+
+# ------------------------------------------------------------------ GGUFs written here
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf row permutation for q/k (rotary pairs interleaved)."""
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_tensors(model_dir: Path, arch: str) -> dict[str, np.ndarray]:
+    """An HF Llama/Qwen2 checkpoint under llama.cpp's names, q/k permuted for llama."""
+    from safetensors.numpy import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    out = {}
+    for key, value in load_file(str(model_dir / "model.safetensors")).items():
+        stem, _, suffix = key.removeprefix("model.").rpartition(".")
+        if stem.startswith("layers."):
+            _, n, rest = stem.split(".", 2)
+            name = f"blk.{n}.{_LAYER_NAMES[rest]}"
+            if arch == "llama" and rest == "self_attn.q_proj":
+                value = _permute(value, config["num_attention_heads"])
+            elif arch == "llama" and rest == "self_attn.k_proj":
+                value = _permute(value, config["num_key_value_heads"])
+        else:
+            name = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[stem]
+        out[f"{name}.{suffix}"] = value.astype(np.float32)
+    return out
+
+
+def write_gguf(
+    path: Path,
+    model_dir: Path,
+    arch: str,
+    tensors: dict[str, np.ndarray],
+    quant: dict[str, object] | None = None,
+) -> Path:
+    """A GGUF with the fixture's config and GPT-2 tokenizer as metadata; tensors named in
+    `quant` are stored in that GGMLQuantizationType."""
+    import gguf as gg
+
+    config = json.loads((model_dir / "config.json").read_text())
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    added = {a["id"]: a["content"] for a in tok["added_tokens"]}
+    tokens += [added[i] for i in range(len(tokens), len(tokens) + len(added)) if i in added]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    types = [3 if i in added else 1 for i in range(len(tokens))]
+
+    w = gg.GGUFWriter(str(path), arch)
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
+    w.add_vocab_size(config["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(config["bos_token_id"])
+    w.add_eos_token_id(config["eos_token_id"])
+    for name, value in tensors.items():
+        qtype = (quant or {}).get(name)
+        if qtype is None:
+            w.add_tensor(name, value)
+        else:
+            w.add_tensor(name, gg.quants.quantize(value, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def engine_logits(path: Path, prompt: list[int], monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    seen = capture_logits(monkeypatch)
+    llm = LLM(str(path), kv_cache_gb=0.05, dtype="float32")
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    monkeypatch.undo()
+    return np.concatenate(seen)
+
+
+PROMPT = np.random.default_rng(7).integers(0, 50000, 29).tolist()
+
+
+@pytest.mark.parametrize("fixture, arch", [("llama_tiny", "llama"), ("qwen2_tiny", "qwen2")])
+def test_f32_gguf_equals_the_safetensors_checkpoint(
+    fixture: str,
+    arch: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Names, config from metadata, q/k un-permutation (llama), biases (qwen2), tied or
+    untied head and the GPT-2 tokenizer, all from the file alone."""
+    model_dir = request.getfixturevalue(fixture)
+    path = write_gguf(tmp_path / "m.gguf", model_dir, arch, gguf_tensors(model_dir, arch))
+    expected = engine_logits(model_dir, PROMPT, monkeypatch)
+    np.testing.assert_allclose(engine_logits(path, PROMPT, monkeypatch), expected, atol=1e-4)
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    weights, metadata = gguf.read_gguf(path)
+    ours = gguf.tokenizer_from_metadata(metadata, path)
+    reference = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
+    for text in CORPUS:
+        assert ours.encode(text) == reference.encode(text).ids, text
+
+
+def test_quantized_types_match_their_dequantized_values(
+    llama_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Q4_0, Q4_1 and Q8_0 tensors run through MLX's quantized matmul / embedding and give
+    the logits of gguf-py's reference dequantization of the same blocks."""
+    import gguf as gg
+
+    T = gg.GGMLQuantizationType
+    tensors = gguf_tensors(llama_tiny, "llama")
+    quant = {"token_embd.weight": T.Q8_0, "output.weight": T.Q4_0}
+    for name in tensors:
+        if name.startswith("blk.") and name.endswith(".weight") and "norm" not in name:
+            quant[name] = T.Q4_1 if "attn" in name else T.Q4_0
+    quantized = write_gguf(tmp_path / "q.gguf", llama_tiny, "llama", tensors, quant)
+    dequantized = {
+        name: gg.quants.dequantize(gg.quants.quantize(v, quant[name]), quant[name])
+        if name in quant
+        else v
+        for name, v in tensors.items()
+    }
+    reference = write_gguf(tmp_path / "ref.gguf", llama_tiny, "llama", dequantized)
+
+    loaded = loader.load(str(quantized), dtype="float32")
+    assert type(loaded.model.embed_tokens).__name__ == "QuantizedEmbedding"
+    assert loaded.model.embed_tokens.bits == 8 and loaded.model.lm_head.bits == 4
+    assert loaded.model.layers[0].self_attn.q_proj.group_size == 32
+    np.testing.assert_allclose(
+        engine_logits(quantized, PROMPT, monkeypatch),
+        engine_logits(reference, PROMPT, monkeypatch),
+        atol=1e-4,
+    )
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _tiny_gguf(path: Path, arch: str = "llama", raw_type: object = None) -> Path:
+    import gguf as gg
+
+    w = gg.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    if raw_type is None:
+        w.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
+    else:
+        block, size = gg.GGML_QUANT_SIZES[raw_type]
+        w.add_tensor(
+            "token_embd.weight", np.zeros((8, 256 // block * size), np.uint8), raw_dtype=raw_type
+        )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_unsupported_architecture(tmp_path: Path):
+    path = _tiny_gguf(tmp_path / "phi.gguf", arch="phi3")
+    with pytest.raises(ValueError, match=r"phi\.gguf: unsupported GGUF architecture 'phi3'"):
+        loader.load(str(path))
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0", "IQ4_NL"])
+def test_unsupported_quantization_type(name: str, tmp_path: Path):
+    # mx.load would silently widen Q4_K/Q6_K to float16 and fail on Q5_0 with a C++ message.
+    import gguf as gg
+
+    path = _tiny_gguf(tmp_path / "k.gguf", raw_type=gg.GGMLQuantizationType[name])
+    with pytest.raises(
+        ValueError, match=rf"k\.gguf: unsupported GGUF quantization type\(s\) {name}"
+    ):
+        loader.load(str(path))
+
+
+def test_truncated_and_corrupt_files(llama_tiny: Path, tmp_path: Path):
+    good = write_gguf(
+        tmp_path / "good.gguf", llama_tiny, "llama", gguf_tensors(llama_tiny, "llama")
+    )
+    data = good.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(
+        ValueError, match=r"cut\.gguf: truncated GGUF file: tensor .* \(incomplete download"
+    ):
+        loader.load(str(cut))
+    header = tmp_path / "header.gguf"
+    header.write_bytes(data[:5000])
+    with pytest.raises(
+        ValueError, match=r"header\.gguf: truncated GGUF file \(the header ends early\)"
+    ):
+        loader.load(str(header))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\x00" * 4096)
+    with pytest.raises(ValueError, match=r"junk\.gguf: corrupt GGUF file: not a GGUF file"):
+        loader.load(str(junk))
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        loader.load(str(tmp_path / "missing.gguf"))
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "a.gguf").write_bytes(b"")
+    (two / "b.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="several .gguf files"):
+        loader.load(str(two))

@@ -1,0 +1,129 @@
+"""Llama / Llama 3 / Qwen2 (models/llama.py) through the engine vs transformers, float32."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import nanovllm_mlx.model_runner as model_runner
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.loader import build_model
+
+STEPS = 10
+GREEDY = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
+SMALL = {"kv_cache_gb": 0.05, "dtype": "float32"}
+
+
+def capture_logits(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    seen: list[np.ndarray] = []
+    real = model_runner.sample
+
+    def spy(logits: mx.array, seqs):
+        seen.append(np.array(logits.astype(mx.float32)))
+        return real(logits, seqs)
+
+    monkeypatch.setattr(model_runner, "sample", spy)
+    return seen
+
+
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
+
+
+def check_parity(
+    path: Path, prompt: list[int], monkeypatch: pytest.MonkeyPatch, atol: float = 1e-4
+) -> None:
+    """Prefill and every decode step's logits within atol (+1e-4 relative) of transformers
+    on the whole sequence, and the same greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    seen = capture_logits(monkeypatch)
+    out = LLM(str(path), **SMALL).generate([prompt], GREEDY)[0]
+    assert len(seen) == STEPS
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out["token_ids"]])).logits[0].numpy()
+    for step, logits in enumerate(seen):  # step 0 is the prefill
+        np.testing.assert_allclose(
+            logits[0], ref[len(prompt) - 1 + step], atol=atol, rtol=1e-4, err_msg=f"step {step}"
+        )
+    assert out["token_ids"] == ref[len(prompt) - 1 : -1].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    "fixture, length",
+    [
+        ("llama_tiny", 37),  # GQA 4:2, untied head, transformers-5 rope_parameters config
+        ("llama3_tiny", 300),  # llama3 rope scaling (only visible past ~100 positions), tied
+        ("qwen2_tiny", 37),  # q/k/v biases, padded vocab
+    ],
+)
+def test_matches_transformers_prefill_and_decode(
+    fixture: str, length: int, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+):
+    check_parity(request.getfixturevalue(fixture), prompt_ids(length), monkeypatch)
+
+
+def _with_config(src: Path, dst: Path, **changes: object) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update({"rope_theta": 10000.0, **changes})
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    ],
+)
+def test_rope_scaling_variants(
+    scaling: dict, llama_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = _with_config(llama_tiny, tmp_path / "model", rope_scaling=scaling)
+    # YaRN scales attention logits by ~1.3 (its mscale squared): measured max abs diff
+    # 1.2e-4 there against 5e-5 for the plain rotation, so it gets 2e-4.
+    atol = 2e-4 if scaling["rope_type"] == "yarn" else 1e-4
+    check_parity(path, prompt_ids(200, seed=1), monkeypatch, atol)
+
+
+def test_batched_prompts_at_different_positions_match_alone(llama3_tiny: Path):
+    # Rotary positions are per token: a decode at position 250 and a prefill chunk starting
+    # at 0 share one step.
+    llm = LLM(str(llama3_tiny), **SMALL)
+    prompts = [prompt_ids(n, seed=n) for n in (250, 3, 40, 1)]
+    together = llm.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, together):
+        assert out["token_ids"] == llm.generate([prompt], GREEDY)[0]["token_ids"]
+
+
+def test_mistral_sliding_window_caps_the_context(llama_tiny: Path, tmp_path: Path):
+    path = _with_config(llama_tiny, tmp_path / "m", model_type="mistral", sliding_window=128)
+    llm = LLM(str(path), **SMALL)
+    assert llm.engine.max_model_len == 128
+    assert len(llm.generate([prompt_ids(20)], GREEDY)[0]["token_ids"]) == STEPS
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope scaling type"),
+        ({"hidden_act": "gelu"}, "activation"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"model_type": "falcon"}, "unsupported model_type 'falcon'"),
+    ],
+)
+def test_bad_configs_are_clear_errors(change: dict, message: str, llama_tiny: Path):
+    config = json.loads((llama_tiny / "config.json").read_text()) | change
+    with pytest.raises(ValueError, match=message):
+        build_model(config)
