@@ -18,11 +18,13 @@ import json
 import statistics
 import time
 
+# isort: off
+import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it first)
 import mlx.core as mx
+# isort: on
 
-import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx)
 from nanovllm_mlx import LLM, SamplingParams
-from nanovllm_mlx.bench import make_workload, run_benchmark
+from nanovllm_mlx.bench import fit_workload, make_workload, run_benchmark
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -144,6 +146,8 @@ def main() -> None:
                 seed=r,
                 vocab_size=vocab,
             )
+            # Both engines get the same requests, cut to fit the model's context.
+            workload, _ = fit_workload(workload, llm.engine.max_model_len)
             print(f"batch {size}, round {r + 1}", flush=True)
             ours = ours_batch(llm, workload)
             theirs = theirs_batch(model, tokenizer, workload)

@@ -1,9 +1,15 @@
-"""Paged attention in plain MLX ops: writes through a slot mapping, reads through block tables.
+"""Paged attention: writes through a slot mapping, reads through block tables.
 
 Every op here is lazy; the model runner evaluates the whole step (all layers' cache writes
 and the sampled tokens) with one `mx.eval`. Tokens of all sequences in a step are flat
 ([T, ...], no padding) for the projections; only attention regroups them: decode tokens
 (one per sequence) as a [B, 1] batch, prefill chunks as a padded [B, Lq] batch.
+
+Pools are head-major, [n_kv_heads, slots, head_dim]: gathering a sequence's slots gives
+each (head, sequence) pair one contiguous [L, head_dim] matrix, which the matmuls read
+without a copy (the token-major layout cost 6-8x more on CPU at batch 32, measured in
+benchmarks/attention_layouts.py). On CUDA, decode reads the pools directly with the kernel
+in cuda_attention.py instead of gathering them.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from nanovllm_mlx import cuda_attention
+
 
 @dataclass(slots=True)
 class KVCache:
-    """One layer's K and V pools, [num_blocks * block_size, n_kv_heads, head_dim] each.
+    """One layer's K and V pools, [n_kv_heads, num_blocks * block_size, head_dim] each.
 
     A separate pool per layer, and no other references to it, lets MLX scatter into the
     buffer in place instead of copying it every step.
@@ -33,20 +41,44 @@ class AttentionMetadata:
 
     slot_mapping: mx.array  # [T] cache slot of each new token
     num_decode: int  # the first num_decode tokens are single-token decodes
-    decode_block_tables: mx.array | None = None  # [Bd, nb]
-    decode_mask: mx.array | None = None  # [Bd, 1, 1, nb * block_size]
+    decode_block_tables: mx.array | None = None  # [Bd, nb] (CUDA kernel)
+    decode_context_lens: mx.array | None = None  # [Bd] (CUDA kernel)
+    decode_max_context: int = 0  # longest context in the decode batch (CUDA kernel)
+    decode_slots: mx.array | None = None  # [Bd, L] cache slot of every key (gather path)
+    decode_mask: mx.array | None = None  # [Bd, 1, L] key visible (gather path)
     prefill_q_index: mx.array | None = None  # [Bp, Lq] index into the prefill tokens
-    prefill_block_tables: mx.array | None = None  # [Bp, nb]
-    prefill_mask: mx.array | None = None  # [Bp, 1, Lq, nb * block_size]
+    prefill_slots: mx.array | None = None  # [Bp, L]
+    prefill_mask: mx.array | None = None  # [Bp, Lq, L]
     prefill_out_index: mx.array | None = None  # [Tp] index into the flattened [Bp * Lq]
 
 
-def _gather(pool: mx.array, block_tables: mx.array, block_size: int) -> mx.array:
-    """[B, n_kv_heads, nb * block_size, head_dim] view of each sequence's blocks."""
-    slots, heads, dim = pool.shape
-    blocks = pool.reshape(slots // block_size, block_size, heads, dim)[block_tables]
-    b, nb = block_tables.shape
-    return blocks.reshape(b, nb * block_size, heads, dim).transpose(0, 2, 1, 3)
+def gathered_attention(
+    q: mx.array, cache: KVCache, slots: mx.array, mask: mx.array, scale: float
+) -> mx.array:
+    """q [B, Lq, H, D] over the keys at slots [B, L] where mask [B, Lq, L] -> [B, Lq, H, D]."""
+    b, lq, n_heads, head_dim = q.shape
+    n_kv = cache.k.shape[0]
+    keys = cache.k[:, slots]  # [Hkv, B, L, D]
+    values = cache.v[:, slots]
+    if mx.default_device() != mx.cpu:
+        # GPU: the fused kernel never materializes the scores; it reads the strided view.
+        o = mx.fast.scaled_dot_product_attention(
+            q.transpose(0, 2, 1, 3),
+            keys.transpose(1, 0, 2, 3),
+            values.transpose(1, 0, 2, 3),
+            scale=scale,
+            mask=mask[:, None],
+        )
+        return o.transpose(0, 2, 1, 3)
+    # CPU: batched over (kv head, sequence), query heads of a group stacked as rows.
+    g = n_heads // n_kv
+    qh = q.reshape(b, lq, n_kv, g, head_dim).transpose(2, 0, 3, 1, 4)
+    qh = qh.reshape(n_kv, b, g * lq, head_dim) * scale
+    scores = (qh @ keys.swapaxes(-1, -2)).reshape(n_kv, b, g, lq, -1)
+    scores = mx.where(mask[None, :, None], scores.astype(mx.float32), -mx.inf)
+    probs = mx.softmax(scores, axis=-1).astype(values.dtype).reshape(n_kv, b, g * lq, -1)
+    o = (probs @ values).reshape(n_kv, b, g, lq, head_dim)
+    return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, n_heads, head_dim)
 
 
 def paged_attention(
@@ -58,27 +90,30 @@ def paged_attention(
     its block table, so a chunk sees its cached prefix, earlier chunks and itself alike.
     """
     t, n_heads, head_dim = q.shape
-    cache.k[meta.slot_mapping] = k
-    cache.v[meta.slot_mapping] = v
+    cache.k[:, meta.slot_mapping] = k.swapaxes(0, 1)
+    cache.v[:, meta.slot_mapping] = v.swapaxes(0, 1)
     outputs = []
     d = meta.num_decode
     if d:
-        keys = _gather(cache.k, meta.decode_block_tables, cache.block_size)
-        values = _gather(cache.v, meta.decode_block_tables, cache.block_size)
-        qd = q[:d, :, None, :]  # [Bd, H, 1, D]
-        o = mx.fast.scaled_dot_product_attention(
-            qd, keys, values, scale=scale, mask=meta.decode_mask
-        )
+        if meta.decode_block_tables is not None:
+            o = cuda_attention.paged_decode(
+                q[:d],
+                cache.k,
+                cache.v,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                cache.block_size,
+                scale,
+                meta.decode_max_context,
+            )
+        else:
+            o = gathered_attention(q[:d, None], cache, meta.decode_slots, meta.decode_mask, scale)
         outputs.append(o.reshape(d, n_heads * head_dim))
     if d < t:
         qp = q[d:]
         bp, lq = meta.prefill_q_index.shape
         qp = qp[meta.prefill_q_index] if bp > 1 else qp[None]
-        keys = _gather(cache.k, meta.prefill_block_tables, cache.block_size)
-        values = _gather(cache.v, meta.prefill_block_tables, cache.block_size)
-        o = mx.fast.scaled_dot_product_attention(
-            qp.transpose(0, 2, 1, 3), keys, values, scale=scale, mask=meta.prefill_mask
-        )
-        o = o.transpose(0, 2, 1, 3).reshape(bp * lq, n_heads * head_dim)
+        o = gathered_attention(qp, cache, meta.prefill_slots, meta.prefill_mask, scale)
+        o = o.reshape(bp * lq, n_heads * head_dim)
         outputs.append(o[meta.prefill_out_index] if bp > 1 else o)
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)

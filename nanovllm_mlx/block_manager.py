@@ -142,9 +142,11 @@ class BlockManager:
     def can_append(self, seq: Sequence) -> bool:
         return self.blocks_needed(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
 
-    def append_slots(self, seq: Sequence) -> None:
-        """Grow seq's block table to cover all its tokens (decode adds one token a step)."""
-        for _ in range(self.blocks_needed(seq.num_tokens) - len(seq.block_table)):
+    def append_slots(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Grow seq's block table to cover all its tokens (decode adds one token a step),
+        or num_tokens of them when the scheduler reserves room for a step ahead."""
+        wanted = seq.num_tokens if num_tokens is None else num_tokens
+        for _ in range(self.blocks_needed(wanted) - len(seq.block_table)):
             seq.block_table.append(self._take_free_block())
 
     def commit(self, seq: Sequence) -> None:

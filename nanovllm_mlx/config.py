@@ -19,6 +19,8 @@ class Config:
     quantize: int | None = None  # 4 or 8: quantize weights with MLX at load time
     quantize_group_size: int = 64
     seed: int = 0
+    # Launch decode step t+1 before reading step t's tokens (see model_runner.py).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

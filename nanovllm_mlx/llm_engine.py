@@ -19,6 +19,7 @@ from nanovllm_mlx.sequence import Sequence
 from nanovllm_mlx.tokenizer import Tokenizer
 
 GiB = 1 << 30
+CPU_DEFAULT_KV_BYTES = 1 * GiB
 
 
 @dataclass(slots=True)
@@ -53,6 +54,7 @@ class LLMEngine:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; valid: {sorted(names)}")
         self.config = config = Config(model=model or "", **kwargs)
+        mx.random.seed(config.seed)  # unseeded sampling is reproducible per engine
         loaded = loader.load(model, config.dtype, config.quantize, config.quantize_group_size)
         self.model_name = loaded.name
         self.tokenizer: Tokenizer = loaded.tokenizer
@@ -96,6 +98,10 @@ class LLMEngine:
         # Enough for every sequence at full length, but no more than a share of memory.
         wanted = per_seq * config.max_num_seqs
         affordable = int(backend.device_memory_bytes() * config.kv_cache_fraction) // per_block
+        if mx.default_device() == mx.cpu:
+            # The OS zero-fills every page of the pool at start-up (~1 GB/s here: 19 s for
+            # 6 GB); a CPU serves few sequences at once, and preemption covers the rest.
+            affordable = min(affordable, CPU_DEFAULT_KV_BYTES // per_block)
         return max(per_seq, min(wanted, affordable))
 
     # Requests -----------------------------------------------------------------------
@@ -161,7 +167,8 @@ class LLMEngine:
         decode_tokens = sum(
             1 for item in batch if item.seq.num_computed_tokens >= item.seq.num_prompt_tokens
         )
-        tokens, logprobs = self.model_runner.run(batch)
+        look_ahead = self.config.async_scheduling and self.scheduler.reserve_ahead(batch)
+        tokens, logprobs = self.model_runner.run(batch, look_ahead)
         sampled = self.scheduler.postprocess(batch, tokens)
         # Prompt tokens include recomputed ones after a preemption: work the step did.
         prompt_tokens = sum(item.num_new_tokens for item in batch) - decode_tokens
@@ -246,6 +253,8 @@ class LLMEngine:
             "prefix_hit_tokens": blocks.prefix_hit_tokens,
             "prefix_hit_rate": blocks.prefix_hit_rate,
             "preemptions": self.scheduler.num_preemptions,
+            "steps_ahead_used": self.model_runner.steps_ahead_used,
+            "steps_ahead_dropped": self.model_runner.steps_ahead_dropped,
             "prompt_tokens": self.total_prompt_tokens,
             "output_tokens": self.total_output_tokens,
             "prompt_tok_s": sum(w[2] for w in recent) / busy if busy else 0.0,

@@ -1,4 +1,11 @@
-"""Turns a scheduled batch into MLX arrays, runs the model, samples: one mx.eval a step."""
+"""Turns a scheduled batch into MLX arrays, runs the model, samples: one mx.eval a step.
+
+A decode step can also be launched one step ahead: its input tokens are the previous
+step's sampled tokens, still lazy on the device, so the device computes step t+1 while
+the host reads step t's tokens, detokenizes them and schedules again (mlx-lm's
+generate_step pipelines a single stream the same way). The scheduler decides when that
+is safe (reserve_ahead); a launch whose batch then changes is simply dropped.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from nanovllm_mlx import cuda_attention
 from nanovllm_mlx.attention import AttentionMetadata, KVCache
 from nanovllm_mlx.sampler import sample
 from nanovllm_mlx.scheduler import ScheduledSeq
@@ -26,7 +34,13 @@ class PreparedStep:
     last_index: mx.array  # [len(samplers)] flat index of each sampler's last token
 
 
-def prepare(batch: list[ScheduledSeq], block_size: int) -> PreparedStep:
+def prepare(
+    batch: list[ScheduledSeq], block_size: int, ahead: mx.array | None = None
+) -> PreparedStep:
+    """The step's arrays. With `ahead` (the lazy tokens sampled by the step launched just
+    before, for this same all-decode batch) this is the step after that one: every
+    sequence one position further, fed the token not yet read back."""
+    shift = 0 if ahead is None else 1
     # Single-token entries (decodes, and prompts with one token left) share the cheap
     # [B, 1] attention path; the rest form the padded prefill batch.
     decodes = [item for item in batch if item.num_new_tokens == 1]
@@ -34,7 +48,7 @@ def prepare(batch: list[ScheduledSeq], block_size: int) -> PreparedStep:
     input_ids, positions, slots, last, samplers = [], [], [], [], []
     offset = 0
     for item in decodes + prefills:
-        seq, start = item.seq, item.seq.num_computed_tokens
+        seq, start = item.seq, item.seq.num_computed_tokens + shift
         end = start + item.num_new_tokens
         input_ids += seq.token_ids[start:end]
         pos = np.arange(start, end)
@@ -50,11 +64,11 @@ def prepare(batch: list[ScheduledSeq], block_size: int) -> PreparedStep:
         num_decode=len(decodes),
     )
     if decodes:
-        _decode_metadata(meta, decodes, block_size)
+        _decode_metadata(meta, decodes, block_size, shift)
     if prefills:
         _prefill_metadata(meta, prefills, block_size)
     return PreparedStep(
-        input_ids=mx.array(input_ids, dtype=mx.int32),
+        input_ids=mx.array(input_ids, dtype=mx.int32) if ahead is None else ahead,
         positions=mx.array(np.concatenate(positions).astype(np.int32)),
         meta=meta,
         samplers=samplers,
@@ -62,21 +76,35 @@ def prepare(batch: list[ScheduledSeq], block_size: int) -> PreparedStep:
     )
 
 
-def _block_tables(items: list[ScheduledSeq], num_blocks: int) -> mx.array:
-    # Padding entries point at block 0; the mask hides them.
+def _block_tables(items: list[ScheduledSeq], num_blocks: int) -> np.ndarray:
+    # Padding entries point at block 0; the mask (or the context length) hides them.
     tables = np.zeros((len(items), num_blocks), dtype=np.int32)
     for i, item in enumerate(items):
         table = item.seq.block_table[:num_blocks]
         tables[i, : len(table)] = table
-    return mx.array(tables)
+    return tables
 
 
-def _decode_metadata(meta: AttentionMetadata, items: list[ScheduledSeq], block_size: int) -> None:
-    context = np.array([it.seq.num_computed_tokens + 1 for it in items])
-    num_blocks = -(-int(context.max()) // block_size)
-    meta.decode_block_tables = _block_tables(items, num_blocks)
-    keys = np.arange(num_blocks * block_size)
-    meta.decode_mask = mx.array((keys[None, :] < context[:, None])[:, None, None, :])
+def _slots(tables: np.ndarray, block_size: int) -> mx.array:
+    """[B, nb] block tables -> [B, nb * block_size] cache slot of every key position."""
+    offsets = np.arange(block_size, dtype=np.int32)
+    return mx.array((tables[:, :, None] * block_size + offsets).reshape(len(tables), -1))
+
+
+def _decode_metadata(
+    meta: AttentionMetadata, items: list[ScheduledSeq], block_size: int, shift: int
+) -> None:
+    context = np.array([it.seq.num_computed_tokens + 1 + shift for it in items], dtype=np.int32)
+    max_context = int(context.max())
+    tables = _block_tables(items, -(-max_context // block_size))
+    if cuda_attention.available():
+        meta.decode_block_tables = mx.array(tables)
+        meta.decode_context_lens = mx.array(context)
+        meta.decode_max_context = max_context
+        return
+    keys = np.arange(tables.shape[1] * block_size)
+    meta.decode_slots = _slots(tables, block_size)
+    meta.decode_mask = mx.array((keys[None, :] < context[:, None])[:, None, :])
 
 
 def _prefill_metadata(meta: AttentionMetadata, items: list[ScheduledSeq], block_size: int) -> None:
@@ -93,11 +121,11 @@ def _prefill_metadata(meta: AttentionMetadata, items: list[ScheduledSeq], block_
         out_index.append(np.arange(b * lq, b * lq + n))
         offset += n
     context = max(it.seq.num_computed_tokens + n for it, n in zip(items, lengths))
-    num_blocks = -(-context // block_size)
-    keys = np.arange(num_blocks * block_size)
+    tables = _block_tables(items, -(-context // block_size))
+    keys = np.arange(tables.shape[1] * block_size)
     meta.prefill_q_index = mx.array(q_index)
-    meta.prefill_block_tables = _block_tables(items, num_blocks)
-    meta.prefill_mask = mx.array((keys[None, None, :] <= q_pos[:, :, None])[:, None])
+    meta.prefill_slots = _slots(tables, block_size)
+    meta.prefill_mask = mx.array(keys[None, None, :] <= q_pos[:, :, None])
     meta.prefill_out_index = mx.array(np.concatenate(out_index).astype(np.int32))
 
 
@@ -106,12 +134,15 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks * block_size, model.n_kv_heads, model.head_dim)
+        shape = (model.n_kv_heads, num_blocks * block_size, model.head_dim)
         self.caches = [
             KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), block_size)
             for _ in range(model.n_layers)
         ]
         mx.eval([(c.k, c.v) for c in self.caches])
+        self._ahead: _Ahead | None = None
+        self.steps_ahead_used = 0  # launched ahead and used
+        self.steps_ahead_dropped = 0  # launched ahead, then the batch changed
 
     def forward(self, step: PreparedStep) -> mx.array | None:
         """Lazy logits of each sampling entry's last token (None when none samples)."""
@@ -120,23 +151,65 @@ class ModelRunner:
             return None
         return self.model.logits(hidden[step.last_index])
 
-    def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[float] | None]:
-        """Compute this step's tokens; return the sampled token (and logprob) of each
-        sampling entry, in batch order."""
-        step = prepare(batch, self.block_size)
+    def _launch(self, step: PreparedStep, output_offset: int) -> _Launched:
+        """Build the step's graph and start it on the device without waiting."""
         logits = self.forward(step)
         cache_arrays = [(c.k, c.v) for c in self.caches]
         if logits is None:
-            mx.eval(cache_arrays)
+            mx.async_eval(cache_arrays)
+            return _Launched(step, None, None)
+        seqs = [item.seq for item in step.samplers]
+        tokens, logprobs = sample(logits, seqs, output_offset)
+        mx.async_eval(tokens, cache_arrays, [] if logprobs is None else logprobs)
+        return _Launched(step, tokens, logprobs)
+
+    def run(
+        self, batch: list[ScheduledSeq], look_ahead: bool = False
+    ) -> tuple[list[int], list[float] | None]:
+        """Compute this step's tokens; return the sampled token (and logprob) of each
+        sampling entry, in batch order. With look_ahead (an all-decode batch whose next
+        step the scheduler has reserved blocks for), also launch the next step before
+        waiting for this one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.key == _batch_key(batch, 0):
+            launched = ahead.launched
+            self.steps_ahead_used += 1
+        else:
+            self.steps_ahead_dropped += ahead is not None
+            launched = self._launch(prepare(batch, self.block_size), 0)
+        if look_ahead:
+            step = prepare(batch, self.block_size, ahead=launched.tokens)
+            self._ahead = _Ahead(_batch_key(batch, 1), self._launch(step, 1))
+        if launched.tokens is None:
+            mx.eval([(c.k, c.v) for c in self.caches])
             return [], None
-        tokens, logprobs = sample(logits, [item.seq for item in step.samplers])
-        mx.eval(tokens, cache_arrays, [] if logprobs is None else logprobs)
         # Back to batch order, which is what the scheduler's postprocess expects.
-        rank = {id(item): i for i, item in enumerate(step.samplers)}
-        order = [rank[id(item)] for item in batch if item.samples]
-        token_list = tokens.tolist()
+        samplers = launched.step.samplers
+        rank = {item.seq.seq_id: i for i, item in enumerate(samplers)}
+        order = [rank[item.seq.seq_id] for item in batch if item.samples]
+        token_list = launched.tokens.tolist()
         tokens_out = [token_list[i] for i in order]
-        if logprobs is None:
+        if launched.logprobs is None:
             return tokens_out, None
-        logprob_list = logprobs.tolist()
+        logprob_list = launched.logprobs.tolist()
         return tokens_out, [logprob_list[i] for i in order]
+
+
+@dataclass(slots=True)
+class _Launched:
+    step: PreparedStep
+    tokens: mx.array | None  # lazy, in the step's sampler order
+    logprobs: mx.array | None
+
+
+@dataclass(slots=True)
+class _Ahead:
+    key: tuple  # the batch, as _batch_key, this launch is the right step for
+    launched: _Launched
+
+
+def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple:
+    return tuple(
+        (item.seq.seq_id, item.seq.num_computed_tokens + shift, item.num_new_tokens)
+        for item in batch
+    )

@@ -26,8 +26,13 @@ def _apply_repetition_penalty(logits: mx.array, seqs: list[Sequence]) -> mx.arra
     return logits
 
 
-def sample(logits: mx.array, seqs: list[Sequence]) -> tuple[mx.array, mx.array | None]:
+def sample(
+    logits: mx.array, seqs: list[Sequence], output_offset: int = 0
+) -> tuple[mx.array, mx.array | None]:
     """Next token of each row (and its log-probability when any row asks for it).
+
+    output_offset: how many tokens each sequence has sampled that are not in its
+    token_ids yet (1 for a step launched ahead), so seeded draws stay reproducible.
 
     Greedy rows take the argmax; the others draw from softmax(logits / T) restricted by
     top-k, top-p and min-p, with the Gumbel-max trick so that one argmax serves all rows.
@@ -49,7 +54,9 @@ def sample(logits: mx.array, seqs: list[Sequence]) -> tuple[mx.array, mx.array |
     noise = mx.random.gumbel(shape=(n, vocab))
     for i, (seq, p) in enumerate(zip(seqs, params)):
         if p.seed is not None and not p.greedy:
-            noise[i] = mx.random.gumbel(shape=(vocab,), key=_row_key(p.seed, seq.num_output_tokens))
+            noise[i] = mx.random.gumbel(
+                shape=(vocab,), key=_row_key(p.seed, seq.num_output_tokens + output_offset)
+            )
 
     if any(p.min_p > 0.0 for p in params):
         probs = mx.softmax(scaled, axis=-1)

@@ -79,6 +79,39 @@ class Scheduler:
             budget -= n
         return batch
 
+    def reserve_ahead(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether the step after this one can be launched before this one's tokens are
+        known, and if so give every sequence the block its next token needs.
+
+        True only when the next schedule() would almost surely return the same batch one
+        token further: all running sequences decode this step, none finishes by length,
+        no waiting request could be admitted, and there are blocks for all of them. An
+        EOS, stop string or abort still changes the batch; the model runner then drops
+        the launched step (its cache writes only touch slots past the sequences' ends).
+        A repetition penalty needs this step's token, so it turns the look-ahead off.
+        """
+        if not batch or len(batch) != len(self.running):
+            return False
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return False
+        needed = 0
+        for item in batch:
+            seq = item.seq
+            if item.num_new_tokens != 1 or not item.samples:
+                return False
+            if seq.params.repetition_penalty != 1.0:
+                return False
+            if seq.num_output_tokens + 1 >= seq.params.max_tokens:
+                return False
+            if seq.num_tokens + 1 >= self.max_model_len:
+                return False
+            needed += self.block_manager.blocks_needed(seq.num_tokens + 1) - len(seq.block_table)
+        if needed > self.block_manager.num_free_blocks:
+            return False
+        for item in batch:
+            self.block_manager.append_slots(item.seq, item.seq.num_tokens + 1)
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING

@@ -22,6 +22,9 @@ for _p in (REPO_ROOT, TESTS_DIR):
 
 import make_fixtures  # noqa: E402
 
+# Before any test module imports mlx: the fast BLAS only takes effect if loaded first.
+import nanovllm_mlx  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def fixtures_root() -> Path:

@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from nanovllm_mlx import cuda_attention
 from nanovllm_mlx.attention import KVCache, paged_attention
 from nanovllm_mlx.model_runner import prepare
 from nanovllm_mlx.sampling_params import SamplingParams
@@ -40,7 +41,7 @@ def dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray
 def test_paged_matches_dense(cases: list[tuple[int, int]]):
     rng = np.random.default_rng(0)
     free = list(rng.permutation(NUM_BLOCKS))  # scattered, non-contiguous blocks
-    cache = KVCache(mx.zeros((NUM_BLOCKS * BS, HKV, D)), mx.zeros((NUM_BLOCKS * BS, HKV, D)), BS)
+    cache = KVCache(mx.zeros((HKV, NUM_BLOCKS * BS, D)), mx.zeros((HKV, NUM_BLOCKS * BS, D)), BS)
     batch, data = [], []
     for i, (start, end) in enumerate(cases):
         seq = Sequence(i, list(range(end)), SamplingParams())
@@ -52,8 +53,8 @@ def test_paged_matches_dense(cases: list[tuple[int, int]]):
         # The prefix [0, start) is already in the cache from earlier steps.
         for p in range(start):
             slot = seq.block_table[p // BS] * BS + p % BS
-            cache.k[slot] = mx.array(k[p])
-            cache.v[slot] = mx.array(v[p])
+            cache.k[:, slot] = mx.array(k[p])
+            cache.v[:, slot] = mx.array(v[p])
         batch.append(ScheduledSeq(seq, end - start))
         data.append((q, k, v, start, end))
     step = prepare(batch, BS)
@@ -74,3 +75,52 @@ def test_paged_matches_dense(cases: list[tuple[int, int]]):
         )
         offset += n
     assert offset == got.shape[0]
+
+
+@pytest.mark.parametrize("batch,context", [(1, 1), (1, 1000), (128, 1024), (3, 77), (64, 33)])
+def test_decode_partitions_cover_every_token_once(batch: int, context: int):
+    parts, size = cuda_attention.num_partitions(batch, 12, context)
+    assert parts >= 1 and (parts - 1) * size < context <= parts * size
+
+
+@pytest.mark.skipif(not cuda_attention.available(), reason="needs MLX's CUDA backend")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(12, 12, 64), (8, 2, 128), (9, 3, 64)])
+def test_cuda_decode_kernel_matches_gather_path(dtype, n_heads: int, n_kv: int, head_dim: int):
+    from nanovllm_mlx.attention import gathered_attention
+
+    rng = np.random.default_rng(1)
+    bs, num_blocks = 16, 512
+    contexts = [1, 15, 16, 17, 300, 1024, 5, 700]
+    cache = KVCache(
+        mx.array(rng.standard_normal((n_kv, num_blocks * bs, head_dim))).astype(dtype),
+        mx.array(rng.standard_normal((n_kv, num_blocks * bs, head_dim))).astype(dtype),
+        bs,
+    )
+    nb = -(-max(contexts) // bs)
+    free = list(rng.permutation(num_blocks))
+    tables = np.zeros((len(contexts), nb), dtype=np.int32)
+    for i, c in enumerate(contexts):
+        tables[i, : -(-c // bs)] = [free.pop() for _ in range(-(-c // bs))]
+    q = mx.array(rng.standard_normal((len(contexts), n_heads, head_dim))).astype(dtype)
+    scale = head_dim**-0.5
+    got = cuda_attention.paged_decode(
+        q,
+        cache.k,
+        cache.v,
+        mx.array(tables),
+        mx.array(contexts, dtype=mx.int32),
+        bs,
+        scale,
+        max(contexts),
+    )
+    slots = (tables[:, :, None] * bs + np.arange(bs)).reshape(len(contexts), -1)
+    mask = (np.arange(nb * bs)[None, :] < np.array(contexts)[:, None])[:, None, :]
+    with mx.stream(mx.cpu):
+        cpu_cache = KVCache(cache.k.astype(mx.float32), cache.v.astype(mx.float32), bs)
+        want = gathered_attention(
+            q.astype(mx.float32)[:, None], cpu_cache, mx.array(slots), mx.array(mask), scale
+        )[:, 0]
+        mx.eval(want)
+    tol = 1e-4 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol, rtol=tol)

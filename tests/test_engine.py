@@ -27,9 +27,9 @@ def capture_logits(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     seen: list[np.ndarray] = []
     real = model_runner.sample
 
-    def spy(logits: mx.array, seqs):
+    def spy(logits: mx.array, seqs, *args):
         seen.append(np.array(logits.astype(mx.float32)))
-        return real(logits, seqs)
+        return real(logits, seqs, *args)
 
     monkeypatch.setattr(model_runner, "sample", spy)
     return seen
@@ -324,3 +324,36 @@ def test_bad_engine_options(gpt2_tiny: Path):
         LLM(str(gpt2_tiny), max_num_seqs=0)
     with pytest.raises(ValueError, match="kv_cache_gb"):
         LLM(str(gpt2_tiny), kv_cache_gb=1e-6)
+
+
+def test_async_scheduling_gives_the_same_outputs(gpt2_tiny: Path):
+    prompts = random_prompts(12, seed=3)
+    params = [
+        SamplingParams(
+            temperature=0.0 if i % 3 else 0.8,
+            seed=i,
+            max_tokens=5 + 3 * i,
+            stop=["e"] if i % 4 == 0 else [],
+        )
+        for i in range(12)
+    ]
+    results = {}
+    for flag in (False, True):
+        engine = LLM(str(gpt2_tiny), async_scheduling=flag, **SMALL).engine
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        outs: dict[str, list] = {i: [] for i in ids}
+        steps = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outs[out.request_id].append((out.token_ids, out.text, out.finish_reason))
+            steps += 1
+            if steps == 8:
+                engine.abort_request(ids[-1])  # changes the batch under a launched step
+        results[flag] = [outs[i] for i in ids]
+        stats = engine.stats()
+        if flag:
+            assert stats["steps_ahead_used"] > 10 and stats["steps_ahead_dropped"] >= 1
+        else:
+            assert stats["steps_ahead_used"] == stats["steps_ahead_dropped"] == 0
+        assert stats["kv_blocks_used"] == 0
+    assert results[True] == results[False]

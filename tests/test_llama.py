@@ -23,9 +23,9 @@ def capture_logits(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     seen: list[np.ndarray] = []
     real = model_runner.sample
 
-    def spy(logits: mx.array, seqs):
+    def spy(logits: mx.array, seqs, *args):
         seen.append(np.array(logits.astype(mx.float32)))
-        return real(logits, seqs)
+        return real(logits, seqs, *args)
 
     monkeypatch.setattr(model_runner, "sample", spy)
     return seen

@@ -24,9 +24,9 @@ def logits_of(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
     seen: list[np.ndarray] = []
     real = model_runner.sample
 
-    def spy(logits: mx.array, seqs):
+    def spy(logits: mx.array, seqs, *args):
         seen.append(np.array(logits.astype(mx.float32)))
-        return real(logits, seqs)
+        return real(logits, seqs, *args)
 
     with monkeypatch.context() as m:
         m.setattr(model_runner, "sample", spy)

@@ -174,3 +174,40 @@ def test_finish_removes_waiting_and_running_requests():
     sched.finish(a, "abort")
     assert not sched.has_unfinished()
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def test_reserve_ahead_only_for_a_steady_decode_batch():
+    sched = make(block_size=4)
+    a = add(sched, 3, max_tokens=10, seq_id=0)
+    b = add(sched, 6, max_tokens=3, seq_id=1)
+    batch = step(sched)  # both prefill: nothing to look ahead of
+    assert not sched.reserve_ahead(batch)
+    batch = sched.schedule()  # both decode; a's next token (position 4) needs a new block
+    assert [i.num_new_tokens for i in batch] == [1, 1]
+    blocks = len(a.block_table)
+    assert sched.reserve_ahead(batch)
+    assert len(a.block_table) == blocks + 1 == sched.block_manager.blocks_needed(a.num_tokens + 1)
+    sched.postprocess(batch, [5, 5])
+    batch = sched.schedule()  # the reserved block is used, not allocated twice
+    assert len(a.block_table) == blocks + 1
+    assert not sched.reserve_ahead(batch)  # b samples its last token this step
+    sched.postprocess(batch, [5, 5])
+    assert b.is_finished
+    add(sched, 2, seq_id=2)
+    batch = sched.schedule()
+    assert not sched.reserve_ahead(batch)  # a new request joins this step
+    sched.postprocess(batch, [5, 5])
+    batch = sched.schedule()
+    assert sched.reserve_ahead(batch)
+    a.params.repetition_penalty = 1.2  # needs this step's token to sample the next
+    assert not sched.reserve_ahead(batch)
+
+
+def test_reserved_blocks_are_freed_with_the_sequence():
+    sched = make(num_blocks=8, block_size=4)
+    a = add(sched, 4, max_tokens=10, seq_id=0)
+    step(sched)
+    batch = sched.schedule()
+    assert sched.reserve_ahead(batch)
+    sched.postprocess(batch, [EOS])  # finishes on EOS after the reservation
+    assert a.is_finished and sched.block_manager.num_free_blocks == 8

@@ -1,0 +1,111 @@
+"""Decode attention read for a batch, by KV pool layout and read path (ms per layer).
+
+Variants, all over the same random pools and scattered block tables:
+  token-major gather+sdpa   pools [slots, H, D], gather by block table, masked SDPA (v0.1)
+  head-major gather+matmul  pools [H, slots, D], gather, matmuls (the CPU path)
+  head-major gather+sdpa    pools [H, slots, D], gather, masked SDPA (GPU prefill path)
+  cuda kernel               reads the pools through the block table (CUDA decode path)
+  gather only               the token-major gather alone
+  dense (mlx-lm)            SDPA over a contiguous [B, H, L, D] cache, no paging
+
+    python benchmarks/attention_layouts.py 1x512 32x1024 128x1024 --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+# isort: off
+import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it first)
+import mlx.core as mx
+# isort: on
+
+from nanovllm_mlx import cuda_attention
+from nanovllm_mlx.attention import KVCache, gathered_attention
+
+
+def bench(fn, layers: int) -> float:
+    mx.eval(fn())
+    samples = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        samples.append((time.perf_counter() - t0) / layers * 1e3)
+    return sorted(samples)[3]
+
+
+def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> dict[str, float]:
+    bs, scale = 16, d**-0.5
+    nb = -(-ctx // bs)
+    n = b * nb + 8
+    tables = mx.random.permutation(n)[: b * nb].reshape(b, nb).astype(mx.int32)
+    slots = (tables[:, :, None] * bs + mx.arange(bs)[None, None]).reshape(b, nb * bs)
+    context = mx.full((b,), ctx, dtype=mx.int32)
+    mask = mx.arange(nb * bs)[None, None, :] < context[:, None, None]  # [B, 1, L]
+    q = mx.random.normal((b, h, d)).astype(dtype)
+    token_major = [mx.random.normal((n * bs, h, d)).astype(dtype) for _ in range(layers)]
+    head_major = [
+        KVCache(*(mx.random.normal((h, n * bs, d)).astype(dtype),) * 2, bs) for _ in range(layers)
+    ]
+    dense = [mx.random.normal((b, h, nb * bs, d)).astype(dtype) for _ in range(layers)]
+    mx.eval(tables, slots, mask, q, token_major, [(c.k, c.v) for c in head_major], dense)
+
+    def token_gather(p: mx.array) -> mx.array:
+        blocks = p.reshape(n, bs, h, d)[tables]
+        return blocks.reshape(b, nb * bs, h, d).transpose(0, 2, 1, 3)
+
+    def token_sdpa() -> list[mx.array]:
+        return [
+            mx.fast.scaled_dot_product_attention(
+                q[:, :, None], token_gather(p), token_gather(p), scale=scale, mask=mask[:, None]
+            )
+            for p in token_major
+        ]
+
+    def head_path() -> list[mx.array]:
+        return [gathered_attention(q[:, None], c, slots, mask, scale) for c in head_major]
+
+    def head_matmul() -> list[mx.array]:
+        with mx.stream(mx.default_device()):
+            return head_path()
+
+    def kernel() -> list[mx.array]:
+        return [
+            cuda_attention.paged_decode(q, c.k, c.v, tables, context, bs, scale, ctx)
+            for c in head_major
+        ]
+
+    def dense_sdpa() -> list[mx.array]:
+        return [
+            mx.fast.scaled_dot_product_attention(q[:, :, None], k, k, scale=scale) for k in dense
+        ]
+
+    variants = {
+        "token-major gather+sdpa": token_sdpa,
+        "head-major gather+" + ("matmul" if mx.default_device() == mx.cpu else "sdpa"): head_matmul,
+        "gather only": lambda: [token_gather(p) for p in token_major],
+        "dense (mlx-lm)": dense_sdpa,
+    }
+    if cuda_attention.available():
+        variants["cuda kernel"] = kernel
+    return {name: bench(fn, layers) for name, fn in variants.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("shapes", nargs="+", help="BATCHxCONTEXT")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=12)
+    args = ap.parse_args()
+    for spec in args.shapes:
+        b, ctx = (int(x) for x in spec.split("x"))
+        res = measure(b, ctx, args.heads, args.dim, getattr(mx, args.dtype), args.layers)
+        cells = ", ".join(f"{k} {v:.3f}" for k, v in res.items())
+        print(f"B={b} ctx={ctx} {args.dtype}: {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
