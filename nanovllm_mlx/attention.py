@@ -45,7 +45,7 @@ class AttentionMetadata:
     decode_context_lens: mx.array | None = None  # [Bd] (CUDA kernel)
     decode_max_context: int = 0  # longest context in the decode batch (CUDA kernel)
     decode_slots: mx.array | None = None  # [Bd, L] cache slot of every key (gather path)
-    decode_mask: mx.array | None = None  # [Bd, 1, L] key visible (gather path)
+    decode_mask: mx.array | None = None  # [Bd, 1, L] key visible (gather path; None: all)
     prefill_q_index: mx.array | None = None  # [Bp, Lq] index into the prefill tokens
     prefill_slots: mx.array | None = None  # [Bp, L]
     prefill_mask: mx.array | None = None  # [Bp, Lq, L]
@@ -53,9 +53,10 @@ class AttentionMetadata:
 
 
 def gathered_attention(
-    q: mx.array, cache: KVCache, slots: mx.array, mask: mx.array, scale: float
+    q: mx.array, cache: KVCache, slots: mx.array, mask: mx.array | None, scale: float
 ) -> mx.array:
-    """q [B, Lq, H, D] over the keys at slots [B, L] where mask [B, Lq, L] -> [B, Lq, H, D]."""
+    """q [B, Lq, H, D] over the keys at slots [B, L] where mask [B, Lq, L] (None: all of
+    them) -> [B, Lq, H, D]."""
     b, lq, n_heads, head_dim = q.shape
     n_kv = cache.k.shape[0]
     keys = cache.k[:, slots]  # [Hkv, B, L, D]
@@ -67,7 +68,7 @@ def gathered_attention(
             keys.transpose(1, 0, 2, 3),
             values.transpose(1, 0, 2, 3),
             scale=scale,
-            mask=mask[:, None],
+            mask=None if mask is None else mask[:, None],
         )
         return o.transpose(0, 2, 1, 3)
     # CPU: batched over (kv head, sequence), query heads of a group stacked as rows.
@@ -75,7 +76,9 @@ def gathered_attention(
     qh = q.reshape(b, lq, n_kv, g, head_dim).transpose(2, 0, 3, 1, 4)
     qh = qh.reshape(n_kv, b, g * lq, head_dim) * scale
     scores = (qh @ keys.swapaxes(-1, -2)).reshape(n_kv, b, g, lq, -1)
-    scores = mx.where(mask[None, :, None], scores.astype(mx.float32), -mx.inf)
+    scores = scores.astype(mx.float32)
+    if mask is not None:
+        scores = mx.where(mask[None, :, None], scores, -mx.inf)
     probs = mx.softmax(scores, axis=-1).astype(values.dtype).reshape(n_kv, b, g * lq, -1)
     o = (probs @ values).reshape(n_kv, b, g, lq, head_dim)
     return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, n_heads, head_dim)

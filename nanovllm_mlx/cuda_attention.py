@@ -15,7 +15,7 @@ NANOVLLM_PAGED_KERNEL=0 turns the kernel off.
 from __future__ import annotations
 
 import os
-from functools import cache
+from functools import cache, lru_cache
 
 import mlx.core as mx
 
@@ -37,14 +37,15 @@ _PARTIAL = """
     const long slots = k_pool_shape[1];
     const int kvh = h / G;
     const float sc = scale[0];
-    const T* q_row = q + ((long)b * n_heads + h) * D;
+    // q may be a strided view (GPT-2 slices it out of the fused qkv projection).
+    const T* q_row = q + (long)b * q_strides[0] + (long)h * q_strides[1];
     const T* k_base = k_pool + (long)kvh * slots * D;
     const T* v_base = v_pool + (long)kvh * slots * D;
     const int* table = block_tables + (long)b * nb;
     float qv[PL], acc[PL];
     for (int i = 0; i < PL; ++i) {
         const int d = lane + 32 * i;
-        qv[i] = d < D ? static_cast<float>(q_row[d]) * sc : 0.f;
+        qv[i] = d < D ? static_cast<float>(q_row[d * q_strides[2]]) * sc : 0.f;
         acc[i] = 0.f;
     }
     float m = NEG_INF, l = 0.f;
@@ -127,6 +128,7 @@ def _kernels() -> tuple[object, object]:
         input_names=["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale", "params"],
         output_names=["part_out", "part_m", "part_l"],
         source=_PARTIAL,
+        ensure_row_contiguous=False,  # q is read through its strides; the rest is contiguous
     )
     merge = mx.fast.cuda_kernel(
         name="paged_decode_merge",
@@ -135,6 +137,15 @@ def _kernels() -> tuple[object, object]:
         source=_MERGE,
     )
     return partial, merge
+
+
+@lru_cache(maxsize=256)
+def _scalar(value: float | int, dtype: mx.Dtype) -> mx.array:
+    # One device array per distinct value: a fresh mx.array per layer and step would be
+    # an upload each time.
+    out = mx.array([value], dtype=dtype)
+    mx.eval(out)
+    return out
 
 
 def num_partitions(batch: int, n_heads: int, max_context: int) -> tuple[int, int]:
@@ -168,8 +179,8 @@ def paged_decode(
             v_pool,
             block_tables,
             context_lens,
-            mx.array([scale], dtype=mx.float32),
-            mx.array([size], dtype=mx.int32),
+            _scalar(float(scale), mx.float32),
+            _scalar(size, mx.int32),
         ],
         template=template + [("WARPS", WARPS)],
         grid=(32 * WARPS * parts, n_heads, b),

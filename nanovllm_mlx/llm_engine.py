@@ -73,6 +73,9 @@ class LLMEngine:
             self.tokenizer.eos_token_ids,
         )
         self.model_runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
+        self._async_scheduling = config.async_scheduling
+        if self._async_scheduling is None:
+            self._async_scheduling = mx.default_device() != mx.cpu
         self.vocab_size = loaded.model.vocab_size
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -167,7 +170,7 @@ class LLMEngine:
         decode_tokens = sum(
             1 for item in batch if item.seq.num_computed_tokens >= item.seq.num_prompt_tokens
         )
-        look_ahead = self.config.async_scheduling and self.scheduler.reserve_ahead(batch)
+        look_ahead = self._async_scheduling and self.scheduler.reserve_ahead(batch)
         tokens, logprobs = self.model_runner.run(batch, look_ahead)
         sampled = self.scheduler.postprocess(batch, tokens)
         # Prompt tokens include recomputed ones after a preemption: work the step did.

@@ -102,6 +102,10 @@ def _decode_metadata(
         meta.decode_context_lens = mx.array(context)
         meta.decode_max_context = max_context
         return
+    if len(items) == 1:
+        # One sequence: read exactly its context, and no mask is needed.
+        meta.decode_slots = _slots(tables, block_size)[:, :max_context]
+        return
     keys = np.arange(tables.shape[1] * block_size)
     meta.decode_slots = _slots(tables, block_size)
     meta.decode_mask = mx.array((keys[None, :] < context[:, None])[:, None, :])

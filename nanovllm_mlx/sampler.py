@@ -37,8 +37,10 @@ def sample(
     Greedy rows take the argmax; the others draw from softmax(logits / T) restricted by
     top-k, top-p and min-p, with the Gumbel-max trick so that one argmax serves all rows.
     """
-    logits = logits.astype(mx.float32)
     params = [s.params for s in seqs]
+    if all(p.greedy and not p.logprobs and p.repetition_penalty == 1.0 for p in params):
+        return mx.argmax(logits, axis=-1), None  # the common case, in one op
+    logits = logits.astype(mx.float32)
     if any(p.repetition_penalty != 1.0 for p in params):
         logits = _apply_repetition_penalty(logits, seqs)
     logprobs = None

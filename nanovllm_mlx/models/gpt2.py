@@ -40,11 +40,9 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(args.n_embd, args.n_embd)
 
     def __call__(self, x: mx.array, cache: KVCache, meta: AttentionMetadata) -> mx.array:
-        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
-        shape = (x.shape[0], self.n_head, self.head_dim)
-        out = paged_attention(
-            q.reshape(shape), k.reshape(shape), v.reshape(shape), cache, meta, self.scale
-        )
+        # Views of the fused projection, not copies: one op fewer per tensor and layer.
+        qkv = self.c_attn(x).reshape(x.shape[0], 3, self.n_head, self.head_dim)
+        out = paged_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cache, meta, self.scale)
         return self.c_proj(out)
 
 
