@@ -6,6 +6,8 @@ Variants, all over the same random pools and scattered block tables:
   head-major gather+sdpa    pools [H, slots, D], gather, masked SDPA (GPU prefill path)
   cuda kernel               reads the pools through the block table (CUDA decode path)
   gather only               the token-major gather alone
+  head-major slot gather    head-major K gather slot by slot (the read before v0.3)
+  head-major block gather   head-major K gather block by block (the read now)
   dense (mlx-lm)            SDPA over a contiguous [B, H, L, D] cache, no paging
 
     python benchmarks/attention_layouts.py 1x512 32x1024 128x1024 --dtype float16
@@ -16,13 +18,15 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+
 # isort: off
 import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it first)
 import mlx.core as mx
 # isort: on
 
 from nanovllm_mlx import cuda_attention
-from nanovllm_mlx.attention import KVCache, gathered_attention
+from nanovllm_mlx.attention import KVCache, _read, gathered_attention, pool_rows
 
 
 def bench(fn, layers: int) -> float:
@@ -49,7 +53,8 @@ def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> d
         KVCache(*(mx.random.normal((h, n * bs, d)).astype(dtype),) * 2, bs) for _ in range(layers)
     ]
     dense = [mx.random.normal((b, h, nb * bs, d)).astype(dtype) for _ in range(layers)]
-    mx.eval(tables, slots, mask, q, token_major, [(c.k, c.v) for c in head_major], dense)
+    rows = pool_rows(np.array(tables), h, n)
+    mx.eval(tables, slots, rows, mask, q, token_major, [(c.k, c.v) for c in head_major], dense)
 
     def token_gather(p: mx.array) -> mx.array:
         blocks = p.reshape(n, bs, h, d)[tables]
@@ -64,7 +69,7 @@ def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> d
         ]
 
     def head_path() -> list[mx.array]:
-        return [gathered_attention(q[:, None], c, slots, mask, scale) for c in head_major]
+        return [gathered_attention(q[:, None], c, rows, mask, scale) for c in head_major]
 
     def head_matmul() -> list[mx.array]:
         with mx.stream(mx.default_device()):
@@ -85,6 +90,8 @@ def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> d
         "token-major gather+sdpa": token_sdpa,
         "head-major gather+" + ("matmul" if mx.default_device() == mx.cpu else "sdpa"): head_matmul,
         "gather only": lambda: [token_gather(p) for p in token_major],
+        "head-major slot gather": lambda: [mx.take(c.k, slots, axis=1) for c in head_major],
+        "head-major block gather": lambda: [_read(c.k, rows, b, bs) for c in head_major],
         "dense (mlx-lm)": dense_sdpa,
     }
     if cuda_attention.available():

@@ -101,12 +101,21 @@ def main() -> None:
     ap.add_argument("--min-output", type=int, default=100)
     ap.add_argument("--max-output", type=int, default=1024)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument(
+        "--async-scheduling",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="launch decode steps one ahead (auto: on GPUs only)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = ap.parse_args()
 
     from mlx_lm import load
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    overlap = {"auto": None, "on": True, "off": False}[args.async_scheduling]
+    llm = LLM(
+        args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, async_scheduling=overlap
+    )
     model, tokenizer = load(args.model)
     model.set_dtype(DTYPES[args.dtype])
     tokenizer.eos_token_ids = []  # both engines ignore EOS, as in nano-vllm's bench

@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from nanovllm_mlx import cuda_attention
-from nanovllm_mlx.attention import AttentionMetadata, KVCache
+from nanovllm_mlx.attention import AttentionMetadata, KVCache, pool_rows
 from nanovllm_mlx.sampler import sample
 from nanovllm_mlx.scheduler import ScheduledSeq
 
@@ -35,11 +35,15 @@ class PreparedStep:
 
 
 def prepare(
-    batch: list[ScheduledSeq], block_size: int, ahead: mx.array | None = None
+    batch: list[ScheduledSeq],
+    block_size: int,
+    pool: tuple[int, int],
+    ahead: mx.array | None = None,
 ) -> PreparedStep:
-    """The step's arrays. With `ahead` (the lazy tokens sampled by the step launched just
-    before, for this same all-decode batch) this is the step after that one: every
-    sequence one position further, fed the token not yet read back."""
+    """The step's arrays. pool: (n_kv_heads, num_blocks) of the KV pools, which the gather
+    path needs to find a block's rows. With `ahead` (the lazy tokens sampled by the step
+    launched just before, for this same all-decode batch) this is the step after that one:
+    every sequence one position further, fed the token not yet read back."""
     shift = 0 if ahead is None else 1
     # Single-token entries (decodes, and prompts with one token left) share the cheap
     # [B, 1] attention path; the rest form the padded prefill batch.
@@ -64,9 +68,9 @@ def prepare(
         num_decode=len(decodes),
     )
     if decodes:
-        _decode_metadata(meta, decodes, block_size, shift)
+        _decode_metadata(meta, decodes, block_size, pool, shift)
     if prefills:
-        _prefill_metadata(meta, prefills, block_size)
+        _prefill_metadata(meta, prefills, block_size, pool)
     return PreparedStep(
         input_ids=mx.array(input_ids, dtype=mx.int32) if ahead is None else ahead,
         positions=mx.array(np.concatenate(positions).astype(np.int32)),
@@ -85,14 +89,12 @@ def _block_tables(items: list[ScheduledSeq], num_blocks: int) -> np.ndarray:
     return tables
 
 
-def _slots(tables: np.ndarray, block_size: int) -> mx.array:
-    """[B, nb] block tables -> [B, nb * block_size] cache slot of every key position."""
-    offsets = np.arange(block_size, dtype=np.int32)
-    return mx.array((tables[:, :, None] * block_size + offsets).reshape(len(tables), -1))
-
-
 def _decode_metadata(
-    meta: AttentionMetadata, items: list[ScheduledSeq], block_size: int, shift: int
+    meta: AttentionMetadata,
+    items: list[ScheduledSeq],
+    block_size: int,
+    pool: tuple[int, int],
+    shift: int,
 ) -> None:
     context = np.array([it.seq.num_computed_tokens + 1 + shift for it in items], dtype=np.int32)
     max_context = int(context.max())
@@ -102,16 +104,17 @@ def _decode_metadata(
         meta.decode_context_lens = mx.array(context)
         meta.decode_max_context = max_context
         return
+    meta.decode_rows = pool_rows(tables, *pool)
     if len(items) == 1:
-        # One sequence: read exactly its context, and no mask is needed.
-        meta.decode_slots = _slots(tables, block_size)[:, :max_context]
+        meta.decode_length = max_context  # one sequence: read exactly its keys, no mask
         return
     keys = np.arange(tables.shape[1] * block_size)
-    meta.decode_slots = _slots(tables, block_size)
     meta.decode_mask = mx.array((keys[None, :] < context[:, None])[:, None, :])
 
 
-def _prefill_metadata(meta: AttentionMetadata, items: list[ScheduledSeq], block_size: int) -> None:
+def _prefill_metadata(
+    meta: AttentionMetadata, items: list[ScheduledSeq], block_size: int, pool: tuple[int, int]
+) -> None:
     lengths = [it.num_new_tokens for it in items]
     bp, lq = len(items), max(lengths)
     q_index = np.zeros((bp, lq), dtype=np.int32)
@@ -128,7 +131,7 @@ def _prefill_metadata(meta: AttentionMetadata, items: list[ScheduledSeq], block_
     tables = _block_tables(items, -(-context // block_size))
     keys = np.arange(tables.shape[1] * block_size)
     meta.prefill_q_index = mx.array(q_index)
-    meta.prefill_slots = _slots(tables, block_size)
+    meta.prefill_rows = pool_rows(tables, *pool)
     meta.prefill_mask = mx.array(keys[None, None, :] <= q_pos[:, :, None])
     meta.prefill_out_index = mx.array(np.concatenate(out_index).astype(np.int32))
 
@@ -138,6 +141,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.pool = (model.n_kv_heads, num_blocks)
         shape = (model.n_kv_heads, num_blocks * block_size, model.head_dim)
         self.caches = [
             KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), block_size)
@@ -180,9 +184,9 @@ class ModelRunner:
             self.steps_ahead_used += 1
         else:
             self.steps_ahead_dropped += ahead is not None
-            launched = self._launch(prepare(batch, self.block_size), 0)
+            launched = self._launch(prepare(batch, self.block_size, self.pool), 0)
         if look_ahead:
-            step = prepare(batch, self.block_size, ahead=launched.tokens)
+            step = prepare(batch, self.block_size, self.pool, ahead=launched.tokens)
             self._ahead = _Ahead(_batch_key(batch, 1), self._launch(step, 1))
         if launched.tokens is None:
             mx.eval([(c.k, c.v) for c in self.caches])

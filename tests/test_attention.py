@@ -57,7 +57,7 @@ def test_paged_matches_dense(cases: list[tuple[int, int]]):
             cache.v[:, slot] = mx.array(v[p])
         batch.append(ScheduledSeq(seq, end - start))
         data.append((q, k, v, start, end))
-    step = prepare(batch, BS)
+    step = prepare(batch, BS, (HKV, NUM_BLOCKS))
     # Flat order: single-token entries first, then the others, each in batch order.
     order = [i for i, it in enumerate(batch) if it.num_new_tokens == 1]
     order += [i for i, it in enumerate(batch) if it.num_new_tokens > 1]
@@ -87,7 +87,7 @@ def test_decode_partitions_cover_every_token_once(batch: int, context: int):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", [(12, 12, 64), (8, 2, 128), (9, 3, 64)])
 def test_cuda_decode_kernel_matches_gather_path(dtype, n_heads: int, n_kv: int, head_dim: int):
-    from nanovllm_mlx.attention import gathered_attention
+    from nanovllm_mlx.attention import gathered_attention, pool_rows
 
     rng = np.random.default_rng(1)
     bs, num_blocks = 16, 512
@@ -114,12 +114,15 @@ def test_cuda_decode_kernel_matches_gather_path(dtype, n_heads: int, n_kv: int, 
         scale,
         max(contexts),
     )
-    slots = (tables[:, :, None] * bs + np.arange(bs)).reshape(len(contexts), -1)
     mask = (np.arange(nb * bs)[None, :] < np.array(contexts)[:, None])[:, None, :]
     with mx.stream(mx.cpu):
         cpu_cache = KVCache(cache.k.astype(mx.float32), cache.v.astype(mx.float32), bs)
         want = gathered_attention(
-            q.astype(mx.float32)[:, None], cpu_cache, mx.array(slots), mx.array(mask), scale
+            q.astype(mx.float32)[:, None],
+            cpu_cache,
+            pool_rows(tables, n_kv, num_blocks),
+            mx.array(mask),
+            scale,
         )[:, 0]
         mx.eval(want)
     tol = 1e-4 if dtype == mx.float32 else 2e-2

@@ -40,9 +40,10 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(args.n_embd, args.n_embd)
 
     def __call__(self, x: mx.array, cache: KVCache, meta: AttentionMetadata) -> mx.array:
-        # Views of the fused projection, not copies: one op fewer per tensor and layer.
-        qkv = self.c_attn(x).reshape(x.shape[0], 3, self.n_head, self.head_dim)
-        out = paged_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cache, meta, self.scale)
+        # Views of the fused projection, not copies.
+        shape = (x.shape[0], self.n_head, self.head_dim)
+        q, k, v = (t.reshape(shape) for t in mx.split(self.c_attn(x), 3, axis=-1))
+        out = paged_attention(q, k, v, cache, meta, self.scale)
         return self.c_proj(out)
 
 
