@@ -36,6 +36,18 @@ class KVCache:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decode tokens [start, end) whose contexts are read together, padded to the longest
+    (gather path). Sequences of similar length are grouped so that little is padding."""
+
+    start: int
+    end: int
+    rows: mx.array  # pool rows of the sequences' blocks (pool_rows)
+    mask: mx.array | None  # [n, 1, L] key visible; None: all
+    length: int | None = None  # read only the first `length` keys (a one-sequence group)
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Where each flat token's K/V goes and what each query may see. Flat tokens are ordered
     decode tokens first, then the prefill chunks one sequence after another."""
@@ -45,9 +57,7 @@ class AttentionMetadata:
     decode_block_tables: mx.array | None = None  # [Bd, nb] (CUDA kernel)
     decode_context_lens: mx.array | None = None  # [Bd] (CUDA kernel)
     decode_max_context: int = 0  # longest context in the decode batch (CUDA kernel)
-    decode_rows: mx.array | None = None  # pool rows of each sequence's blocks (gather path)
-    decode_length: int | None = None  # keys to read when the batch is one sequence
-    decode_mask: mx.array | None = None  # [Bd, 1, L] key visible (gather path; None: all)
+    decode_groups: list[DecodeGroup] | None = None  # (gather path)
     prefill_q_index: mx.array | None = None  # [Bp, Lq] index into the prefill tokens
     prefill_rows: mx.array | None = None
     prefill_mask: mx.array | None = None  # [Bp, Lq, L]
@@ -141,9 +151,11 @@ def paged_attention(
                 meta.decode_max_context,
             )
         else:
-            o = gathered_attention(
-                q[:d, None], cache, meta.decode_rows, meta.decode_mask, scale, meta.decode_length
-            )
+            o = [
+                gathered_attention(q[g.start : g.end, None], cache, g.rows, g.mask, scale, g.length)
+                for g in meta.decode_groups
+            ]
+            o = o[0] if len(o) == 1 else mx.concatenate(o, axis=0)
         outputs.append(o.reshape(d, n_heads * head_dim))
     if d < t:
         qp = q[d:]

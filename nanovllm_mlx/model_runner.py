@@ -16,9 +16,12 @@ import mlx.nn as nn
 import numpy as np
 
 from nanovllm_mlx import cuda_attention
-from nanovllm_mlx.attention import AttentionMetadata, KVCache, pool_rows
+from nanovllm_mlx.attention import AttentionMetadata, DecodeGroup, KVCache, pool_rows
 from nanovllm_mlx.sampler import sample
 from nanovllm_mlx.scheduler import ScheduledSeq
+
+MAX_GROUPS = 4  # decode length groups on the gather path
+MIN_GROUP = 8  # sequences per group, at least
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: mx.Dtype) -> int:
@@ -48,6 +51,7 @@ def prepare(
     # Single-token entries (decodes, and prompts with one token left) share the cheap
     # [B, 1] attention path; the rest form the padded prefill batch.
     decodes = [item for item in batch if item.num_new_tokens == 1]
+    decodes.sort(key=lambda item: item.seq.num_computed_tokens)  # for _length_groups
     prefills = [item for item in batch if item.num_new_tokens > 1]
     input_ids, positions, slots, last, samplers = [], [], [], [], []
     offset = 0
@@ -104,12 +108,38 @@ def _decode_metadata(
         meta.decode_context_lens = mx.array(context)
         meta.decode_max_context = max_context
         return
-    meta.decode_rows = pool_rows(tables, *pool)
-    if len(items) == 1:
-        meta.decode_length = max_context  # one sequence: read exactly its keys, no mask
-        return
-    keys = np.arange(tables.shape[1] * block_size)
-    meta.decode_mask = mx.array((keys[None, :] < context[:, None])[:, None, :])
+    meta.decode_groups = [
+        DecodeGroup(
+            start,
+            end,
+            pool_rows(tables[start:end, : -(-context[end - 1] // block_size)], *pool),
+            _decode_mask(context[start:end], block_size) if end - start > 1 else None,
+            int(context[start]) if end - start == 1 else None,
+        )
+        for start, end in _length_groups(context, block_size)
+    ]
+
+
+def _length_groups(context: np.ndarray, block_size: int) -> list[tuple[int, int]]:
+    """Split a decode batch, sorted by context length, into up to MAX_GROUPS runs of equal
+    size, merging neighbours that pad to the same number of blocks. Padding every sequence
+    to the longest wasted about half the gather path's reads for mixed lengths."""
+    n = len(context)
+    k = max(1, min(MAX_GROUPS, n // MIN_GROUP))
+    bounds = [n * i // k for i in range(k + 1)]
+    blocks = -(-context // block_size)
+    groups: list[tuple[int, int]] = []
+    for start, end in zip(bounds, bounds[1:]):
+        if groups and blocks[groups[-1][1] - 1] == blocks[end - 1]:
+            groups[-1] = (groups[-1][0], end)
+        else:
+            groups.append((start, end))
+    return groups
+
+
+def _decode_mask(context: np.ndarray, block_size: int) -> mx.array:
+    keys = np.arange(-(-int(context.max()) // block_size) * block_size)
+    return mx.array((keys[None, :] < context[:, None])[:, None, :])
 
 
 def _prefill_metadata(

@@ -12,7 +12,7 @@ from nanovllm_mlx.sampling_params import SamplingParams
 from nanovllm_mlx.scheduler import ScheduledSeq
 from nanovllm_mlx.sequence import Sequence
 
-H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 64
+H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 1024
 
 
 def dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
@@ -36,6 +36,8 @@ def dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray
         [(7, 8)],  # one decode
         [(0, 5), (3, 4), (16, 17), (4, 13), (0, 1), (9, 30)],  # mixed batch
         [(8, 12), (12, 20)],  # chunks after cached prefixes, at block boundaries
+        # 34 decodes of mixed lengths, read in length groups, and a prompt
+        [(c - 1, c) for c in [1 + (i * 37) % 97 for i in range(34)]] + [(0, 6)],
     ],
 )
 def test_paged_matches_dense(cases: list[tuple[int, int]]):
@@ -58,8 +60,10 @@ def test_paged_matches_dense(cases: list[tuple[int, int]]):
         batch.append(ScheduledSeq(seq, end - start))
         data.append((q, k, v, start, end))
     step = prepare(batch, BS, (HKV, NUM_BLOCKS))
-    # Flat order: single-token entries first, then the others, each in batch order.
+    # Flat order: single-token entries first, shortest context first, then the others in
+    # batch order.
     order = [i for i, it in enumerate(batch) if it.num_new_tokens == 1]
+    order.sort(key=lambda i: batch[i].seq.num_computed_tokens)
     order += [i for i, it in enumerate(batch) if it.num_new_tokens > 1]
     q = np.concatenate([data[i][0][data[i][3] :] for i in order])
     k = np.concatenate([data[i][1][data[i][3] :] for i in order])
