@@ -131,9 +131,15 @@ def main() -> None:
 
     short = [(i * 7919) % min(vocab, 10_000) for i in range(1, 33)]
     long = [(i * 7919) % min(vocab, 10_000) for i in range(1, args.ttft_prompt_tokens + 1)]
-    # Warm both up (kernel compilation, allocator) before anything is timed.
-    ours_single(llm, short, 8)
-    theirs_single(model, tokenizer, short, 8)
+    # Warm both up (kernel compilation, allocator) before anything is timed: a short and a
+    # long prompt, and a small batch.
+    warm = [(t + 3) % min(vocab, 10_000) for t in long]
+    for prompt in (short, warm):
+        ours_single(llm, prompt, 8)
+        theirs_single(model, tokenizer, prompt, 8)
+    warm_batch = make_workload(8, 16, 64, 8, 16, seed=99, vocab_size=vocab)
+    ours_batch(llm, warm_batch)
+    theirs_batch(model, tokenizer, warm_batch)
     for r in range(args.repeats):
         print(f"round {r + 1}/{args.repeats}", flush=True)
         _, ours_tps = ours_single(llm, short, args.decode_tokens)

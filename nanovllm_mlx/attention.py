@@ -52,7 +52,7 @@ class AttentionMetadata:
     """Where each flat token's K/V goes and what each query may see. Flat tokens are ordered
     decode tokens first, then the prefill chunks one sequence after another."""
 
-    slot_mapping: mx.array  # [T] cache slot of each new token
+    write_rows: mx.array  # [T * Hkv] pool row ([Hkv * slots, D] view) of each new K/V row
     num_decode: int  # the first num_decode tokens are single-token decodes
     decode_block_tables: mx.array | None = None  # [Bd, nb] (CUDA kernel)
     decode_context_lens: mx.array | None = None  # [Bd] (CUDA kernel)
@@ -62,7 +62,6 @@ class AttentionMetadata:
     prefill_rows: mx.array | None = None
     prefill_mask: mx.array | None = None  # [Bp, Lq, L]
     prefill_out_index: mx.array | None = None  # [Tp] index into the flattened [Bp * Lq]
-    write_index: mx.array | None = None  # [Hkv, T, D] slot_mapping broadcast, built once
 
 
 def pool_rows(tables: np.ndarray, n_kv_heads: int, num_blocks: int) -> mx.array:
@@ -129,13 +128,14 @@ def paged_attention(
     its block table, so a chunk sees its cached prefix, earlier chunks and itself alike.
     """
     t, n_heads, head_dim = q.shape
-    if meta.write_index is None:
-        # Shared by every layer's scatter. put_along_axis is one ScatterAxis (in place, as
-        # the pool has no other reference); pool[:, slots] = ... costs ~10 ops per write,
-        # and on the GPU each op is host time in a single-stream decode step.
-        meta.write_index = mx.broadcast_to(meta.slot_mapping[None, :, None], k.swapaxes(0, 1).shape)
-    cache.k = mx.put_along_axis(cache.k, meta.write_index, k.swapaxes(0, 1), axis=1)
-    cache.v = mx.put_along_axis(cache.v, meta.write_index, v.swapaxes(0, 1), axis=1)
+    # One Scatter per pool, in place (the pool has no other reference), on CPU and CUDA
+    # alike: put_along_axis copied the whole pool on CUDA, and pool[:, slots] = ... is ten
+    # ops per write, each host time in a single-stream decode step on a GPU.
+    for name, new in (("k", k), ("v", v)):
+        pool = getattr(cache, name)
+        flat = pool.reshape(-1, head_dim)
+        flat[meta.write_rows] = new.reshape(-1, head_dim)
+        setattr(cache, name, flat.reshape(pool.shape))
     outputs = []
     d = meta.num_decode
     if d:

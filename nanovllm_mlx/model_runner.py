@@ -67,8 +67,11 @@ def prepare(
         if item.samples:
             last.append(offset - 1)
             samplers.append(item)
+    n_kv_heads, num_blocks = pool
+    heads = np.arange(n_kv_heads, dtype=np.int64) * (num_blocks * block_size)
+    rows = np.concatenate(slots)[:, None] + heads  # token-major, as k/v come: [T, Hkv]
     meta = AttentionMetadata(
-        slot_mapping=mx.array(np.concatenate(slots).astype(np.int32)),
+        write_rows=mx.array(rows.reshape(-1).astype(np.int32)),
         num_decode=len(decodes),
     )
     if decodes:
