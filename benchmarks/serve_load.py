@@ -228,7 +228,7 @@ def table_row(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", help="model to serve (default: the engine's default model)")
     parser.add_argument("--url", help="use this running server instead of starting one")
     parser.add_argument("--api-key", help="bearer token for a server started with one")
