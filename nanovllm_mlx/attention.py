@@ -128,9 +128,9 @@ def paged_attention(
     its block table, so a chunk sees its cached prefix, earlier chunks and itself alike.
     """
     t, n_heads, head_dim = q.shape
-    # One Scatter per pool, in place (the pool has no other reference), on CPU and CUDA
-    # alike: put_along_axis copied the whole pool on CUDA, and pool[:, slots] = ... is ten
-    # ops per write, each host time in a single-stream decode step on a GPU.
+    # One Scatter per pool, in place (the pool has no other reference; decode speed does
+    # not depend on the pool's size). pool[:, slots] = ... is ten ops per write, and on a
+    # GPU each op is host time in a single-stream decode step.
     for name, new in (("k", k), ("v", v)):
         pool = getattr(cache, name)
         flat = pool.reshape(-1, head_dim)
