@@ -1,4 +1,4 @@
-"""Paged attention: writes through a slot mapping, reads through block tables.
+"""Paged attention: writes through precomputed pool rows, reads through block tables.
 
 Every op here is lazy; the model runner evaluates the whole step (all layers' cache writes
 and the sampled tokens) with one `mx.eval`. Tokens of all sequences in a step are flat
@@ -59,7 +59,7 @@ class AttentionMetadata:
     decode_max_context: int = 0  # longest context in the decode batch (CUDA kernel)
     decode_groups: list[DecodeGroup] | None = None  # (gather path)
     prefill_q_index: mx.array | None = None  # [Bp, Lq] index into the prefill tokens
-    prefill_rows: mx.array | None = None
+    prefill_rows: mx.array | None = None  # [Hkv * Bp * nb] (pool_rows)
     prefill_mask: mx.array | None = None  # [Bp, Lq, L]
     prefill_out_index: mx.array | None = None  # [Tp] index into the flattened [Bp * Lq]
 
@@ -128,9 +128,10 @@ def paged_attention(
     its block table, so a chunk sees its cached prefix, earlier chunks and itself alike.
     """
     t, n_heads, head_dim = q.shape
-    # One Scatter per pool, in place (the pool has no other reference; decode speed does
-    # not depend on the pool's size). pool[:, slots] = ... is ten ops per write, and on a
-    # GPU each op is host time in a single-stream decode step.
+    # One Scatter per pool, in place when MLX can donate the buffer, which it does as the
+    # pool has no other reference (decode speed does not depend on the pool's size).
+    # pool[:, slots] = ... is ten ops per write, and on a GPU each op is host time in a
+    # single-stream decode step.
     for name, new in (("k", k), ("v", v)):
         pool = getattr(cache, name)
         flat = pool.reshape(-1, head_dim)

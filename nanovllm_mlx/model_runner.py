@@ -43,10 +43,11 @@ def prepare(
     pool: tuple[int, int],
     ahead: mx.array | None = None,
 ) -> PreparedStep:
-    """The step's arrays. pool: (n_kv_heads, num_blocks) of the KV pools, which the gather
-    path needs to find a block's rows. With `ahead` (the lazy tokens sampled by the step
-    launched just before, for this same all-decode batch) this is the step after that one:
-    every sequence one position further, fed the token not yet read back."""
+    """The step's arrays. pool: (n_kv_heads, num_blocks) of the KV pools, which locate a
+    slot's row for the cache writes and a block's rows for the gather path. With `ahead`
+    (the lazy tokens sampled by the step launched just before, for this same all-decode
+    batch) this is the step after that one: every sequence one position further, fed the
+    token not yet read back."""
     shift = 0 if ahead is None else 1
     # Single-token entries (decodes, and prompts with one token left) share the cheap
     # [B, 1] attention path; the rest form the padded prefill batch.
@@ -175,6 +176,9 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.pool = (model.n_kv_heads, num_blocks)
+        if model.n_kv_heads * num_blocks * block_size >= 2**31:
+            # Pool rows are int32 indices; this is ~256 GiB a pool, far past any device.
+            raise ValueError(f"KV pool of {num_blocks} blocks is too large to index")
         shape = (model.n_kv_heads, num_blocks * block_size, model.head_dim)
         self.caches = [
             KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), block_size)

@@ -7,7 +7,7 @@ import pytest
 
 from nanovllm_mlx import cuda_attention
 from nanovllm_mlx.attention import KVCache, paged_attention
-from nanovllm_mlx.model_runner import prepare
+from nanovllm_mlx.model_runner import _length_groups, prepare
 from nanovllm_mlx.sampling_params import SamplingParams
 from nanovllm_mlx.scheduler import ScheduledSeq
 from nanovllm_mlx.sequence import Sequence
@@ -38,6 +38,8 @@ def dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray
         [(8, 12), (12, 20)],  # chunks after cached prefixes, at block boundaries
         # 34 decodes of mixed lengths, read in length groups, and a prompt
         [(c - 1, c) for c in [1 + (i * 37) % 97 for i in range(34)]] + [(0, 6)],
+        # 20 decodes with tied lengths (two groups) and a chunk after a cached prefix
+        [(c - 1, c) for c in [5, 9, 9, 9, 30, 30, 2, 2, 17, 17] * 2] + [(4, 11)],
     ],
 )
 def test_paged_matches_dense(cases: list[tuple[int, int]]):
@@ -79,6 +81,21 @@ def test_paged_matches_dense(cases: list[tuple[int, int]]):
         )
         offset += n
     assert offset == got.shape[0]
+
+
+@pytest.mark.parametrize(
+    "context,groups",
+    [
+        ([5], [(0, 1)]),
+        ([5] * 32, [(0, 32)]),  # all pad to the same blocks: one group
+        (list(range(1, 17)), [(0, 16)]),  # two groups, both of one block: merged
+        ([3] * 16 + [40] * 16, [(0, 16), (16, 32)]),
+        ([3] * 8 + [4] * 8 + [40] * 8 + [41] * 8, [(0, 16), (16, 32)]),  # merged neighbours
+        (list(range(1, 101)), [(0, 25), (25, 50), (50, 75), (75, 100)]),
+    ],
+)
+def test_length_groups(context: list[int], groups: list[tuple[int, int]]):
+    assert _length_groups(np.array(context), 16) == groups
 
 
 @pytest.mark.parametrize("batch,context", [(1, 1), (1, 1000), (128, 1024), (3, 77), (64, 33)])
