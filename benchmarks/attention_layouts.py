@@ -25,8 +25,8 @@ import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it firs
 import mlx.core as mx
 # isort: on
 
-from nanovllm_mlx import cuda_attention
-from nanovllm_mlx.attention import KVCache, _read, gathered_attention, pool_rows
+from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention.paged import KVCache, _read, gathered_attention, pool_rows
 
 
 def bench(fn, layers: int) -> float:

@@ -20,8 +20,8 @@ import mlx.core as mx
 # isort: on
 
 from nanovllm_mlx import LLM, SamplingParams
-from nanovllm_mlx import model_runner as mr
 from nanovllm_mlx.bench import fit_workload, make_workload
+from nanovllm_mlx.engine import model_runner as mr
 
 PHASES = ("schedule", "prepare", "build", "eval", "postprocess", "other")
 

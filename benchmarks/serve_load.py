@@ -43,7 +43,7 @@ def start_server(model: str | None, engine_kwargs: dict, log: Path) -> tuple[sub
     port = free_port()
     pythonpath = os.environ.get("PYTHONPATH", "")
     code = (
-        "import json, sys; from nanovllm_mlx.server import run_server; "
+        "import json, sys; from nanovllm_mlx.serving.app import run_server; "
         "run_server(json.loads(sys.argv[1]), host='127.0.0.1', port=int(sys.argv[2]), "
         "**json.loads(sys.argv[3]))"
     )

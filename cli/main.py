@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -190,19 +189,6 @@ def _engine_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v.value if isinstance(v, Enum) else v for k, v in given.items()}
 
 
-def _optional(module: str, attr: str, what: str) -> Any:
-    """A function from a module that may not be part of this install; one line if absent."""
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise  # the module exists but one of its own imports failed: show that
-    except AttributeError:
-        pass
-    ui.print_error(f"{what} is not available in this version ({module}.{attr} is missing)")
-    raise typer.Exit(1)
-
-
 # Commands ---------------------------------------------------------------------------------
 
 
@@ -359,8 +345,9 @@ def download(
     ] = None,
 ) -> None:
     """Download a model from the Hugging Face Hub (progress from huggingface_hub)."""
-    fetch = _optional("nanovllm_mlx.download", "download", "downloading")
-    path = fetch(name, output)
+    from nanovllm_mlx.loading import download as downloads
+
+    path = downloads.download(name, output)
     typer.echo(str(path))
 
 
@@ -386,8 +373,9 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API."""
     engine_kwargs = _engine_kwargs(locals())
-    run_server = _optional("nanovllm_mlx.server", "run_server", "the server")
-    run_server(
+    from nanovllm_mlx.serving import app as server
+
+    server.run_server(
         model,
         host=host,
         port=port,

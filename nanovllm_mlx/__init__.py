@@ -6,8 +6,8 @@ from nanovllm_mlx import backend
 backend.load_fast_blas()
 backend.keep_freed_memory()
 
+from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput  # noqa: E402
 from nanovllm_mlx.llm import LLM  # noqa: E402
-from nanovllm_mlx.llm_engine import LLMEngine, RequestOutput  # noqa: E402
 from nanovllm_mlx.sampling_params import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "LLMEngine", "RequestOutput", "SamplingParams"]

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from nanovllm_mlx import backend
+from nanovllm_mlx.engine.llm_engine import LLMEngine
 from nanovllm_mlx.llm import LLM
-from nanovllm_mlx.llm_engine import LLMEngine
 from nanovllm_mlx.sampling_params import SamplingParams
 
 # nano-vllm draws prompt token ids below 10,000 whatever the model's vocabulary.

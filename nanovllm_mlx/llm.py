@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from nanovllm_mlx.llm_engine import LLMEngine, RequestOutput
+from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
 from nanovllm_mlx.sampling_params import SamplingParams
 
 Prompt = str | list[int]

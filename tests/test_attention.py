@@ -5,12 +5,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from nanovllm_mlx import cuda_attention
-from nanovllm_mlx.attention import KVCache, paged_attention
-from nanovllm_mlx.model_runner import _length_groups, prepare
+from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention.paged import KVCache, paged_attention
+from nanovllm_mlx.engine.model_runner import _length_groups, prepare
+from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
-from nanovllm_mlx.scheduler import ScheduledSeq
-from nanovllm_mlx.sequence import Sequence
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 1024
 
@@ -108,7 +108,7 @@ def test_decode_partitions_cover_every_token_once(batch: int, context: int):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", [(12, 12, 64), (8, 2, 128), (9, 3, 64)])
 def test_cuda_decode_kernel_matches_gather_path(dtype, n_heads: int, n_kv: int, head_dim: int):
-    from nanovllm_mlx.attention import gathered_attention, pool_rows
+    from nanovllm_mlx.attention.paged import gathered_attention, pool_rows
 
     rng = np.random.default_rng(1)
     bs, num_blocks = 16, 512

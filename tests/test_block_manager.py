@@ -2,9 +2,9 @@
 
 import pytest
 
-from nanovllm_mlx.block_manager import BlockManager, block_hash
+from nanovllm_mlx.engine.block_manager import BlockManager, block_hash
+from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
-from nanovllm_mlx.sequence import Sequence
 
 BS = 4
 

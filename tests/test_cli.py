@@ -226,27 +226,14 @@ def test_too_long_prompt_is_one_line(runner, gpt2_tiny):
     assert len(lines) == 1 and lines[0].startswith("error: prompt 2: "), result.stderr
 
 
-@pytest.mark.parametrize(
-    "command, module", [(["download", "gpt2"], "download"), (["serve"], "server")]
-)
-def test_missing_optional_module_is_one_line(runner, monkeypatch, command, module):
-    monkeypatch.setitem(sys.modules, f"nanovllm_mlx.{module}", None)  # as if not installed
-    result = invoke(runner, *command)
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not available" in lines[0], result.stderr
-
-
 def test_download_calls_the_engines_downloader(runner, monkeypatch, tmp_path):
     calls = []
 
-    class FakeDownload:
-        @staticmethod
-        def download(name, output):
-            calls.append((name, output))
-            return tmp_path / "model"
+    def fake_download(name, output):
+        calls.append((name, output))
+        return tmp_path / "model"
 
-    monkeypatch.setitem(sys.modules, "nanovllm_mlx.download", FakeDownload)
+    monkeypatch.setattr("nanovllm_mlx.loading.download.download", fake_download)
     result = invoke(runner, "download", "HuggingFaceTB/SmolLM2-135M", "-o", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert calls == [("HuggingFaceTB/SmolLM2-135M", str(tmp_path))]
@@ -256,12 +243,10 @@ def test_download_calls_the_engines_downloader(runner, monkeypatch, tmp_path):
 def test_serve_passes_its_flags(runner, monkeypatch):
     calls = []
 
-    class FakeServer:
-        @staticmethod
-        def run_server(model, **kwargs):
-            calls.append((model, kwargs))
+    def fake_run_server(model, **kwargs):
+        calls.append((model, kwargs))
 
-    monkeypatch.setitem(sys.modules, "nanovllm_mlx.server", FakeServer)
+    monkeypatch.setattr("nanovllm_mlx.serving.app.run_server", fake_run_server)
     result = invoke(
         runner, "serve", "-m", "some/model", "--port", "9001", "--api-key", "k",
         "--max-num-seqs", "8", "--dtype", "float16",

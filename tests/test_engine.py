@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import nanovllm_mlx.model_runner as model_runner
+import nanovllm_mlx.engine.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -146,8 +146,8 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm: LLM):
 
 def test_sampling_follows_the_distribution(llm: LLM):
     # With temperature 1 the first token's empirical frequencies track softmax(logits).
-    import nanovllm_mlx.sampler as sampler
-    from nanovllm_mlx.sequence import Sequence
+    import nanovllm_mlx.engine.sampler as sampler
+    from nanovllm_mlx.engine.sequence import Sequence
 
     logits = mx.array([[2.0, 1.0, 0.0, -1.0]] * 4000)
     seqs = [Sequence(i, [0], SamplingParams(temperature=1.0)) for i in range(4000)]

@@ -10,8 +10,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import nanovllm_mlx.model_runner as model_runner
-from nanovllm_mlx import LLM, SamplingParams, gguf, loader
+import nanovllm_mlx.engine.model_runner as model_runner
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.loading import loader
+from nanovllm_mlx.loading.gguf import reader as gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
 

@@ -10,9 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import nanovllm_mlx.model_runner as model_runner
+import nanovllm_mlx.engine.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
-from nanovllm_mlx.loader import build_model
+from nanovllm_mlx.loading.loader import build_model
 
 STEPS = 10
 GREEDY = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)

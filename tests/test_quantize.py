@@ -10,9 +10,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import nanovllm_mlx.model_runner as model_runner
-from nanovllm_mlx import LLM, SamplingParams, loader
-from nanovllm_mlx.quantize import save_quantized
+import nanovllm_mlx.engine.model_runner as model_runner
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.loading import loader
+from nanovllm_mlx.loading.quantize import save_quantized
 
 ONE = SamplingParams(temperature=0.0, max_tokens=1)
 SMALL = {"kv_cache_gb": 0.02, "dtype": "float32"}

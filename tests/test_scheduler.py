@@ -1,9 +1,9 @@
 """Continuous batching with a fake model: admission, chunking, preemption, retirement."""
 
-from nanovllm_mlx.block_manager import BlockManager
+from nanovllm_mlx.engine.block_manager import BlockManager
+from nanovllm_mlx.engine.scheduler import Scheduler
+from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.sampling_params import SamplingParams
-from nanovllm_mlx.scheduler import Scheduler
-from nanovllm_mlx.sequence import Sequence, SequenceStatus
 
 EOS = 0
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 import uvicorn
 
-from nanovllm_mlx.server import create_app
+from nanovllm_mlx.serving.app import create_app
 
 MODEL = "gpt2-tiny"  # the fixture's directory name is the served model name
 API_KEY = "test-key-123"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from nanovllm_mlx.attention import AttentionMetadata, KVCache, paged_attention
+from nanovllm_mlx.attention.paged import AttentionMetadata, KVCache, paged_attention
 
 
 @dataclass(slots=True)

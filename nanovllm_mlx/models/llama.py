@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from nanovllm_mlx.attention import AttentionMetadata, KVCache, paged_attention
+from nanovllm_mlx.attention.paged import AttentionMetadata, KVCache, paged_attention
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 

@@ -9,14 +9,15 @@ from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 
-from nanovllm_mlx import backend, loader
-from nanovllm_mlx.block_manager import BlockManager
+from nanovllm_mlx import backend
 from nanovllm_mlx.config import Config
-from nanovllm_mlx.model_runner import ModelRunner, kv_bytes_per_block
+from nanovllm_mlx.engine.block_manager import BlockManager
+from nanovllm_mlx.engine.model_runner import ModelRunner, kv_bytes_per_block
+from nanovllm_mlx.engine.scheduler import Scheduler
+from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.loading import loader
+from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
-from nanovllm_mlx.scheduler import Scheduler
-from nanovllm_mlx.sequence import Sequence
-from nanovllm_mlx.tokenizer import Tokenizer
 
 GiB = 1 << 30
 CPU_DEFAULT_KV_BYTES = 1 * GiB

@@ -15,10 +15,10 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from nanovllm_mlx.llm_engine import LLMEngine, RequestOutput
+from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
 from nanovllm_mlx.sampling_params import SamplingParams
 
-logger = logging.getLogger("nanovllm_mlx.engine_thread")
+logger = logging.getLogger("nanovllm_mlx.serving.engine_thread")
 
 T = TypeVar("T")
 _Deliveries = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]]

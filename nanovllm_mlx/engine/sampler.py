@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from nanovllm_mlx.sequence import Sequence
+from nanovllm_mlx.engine.sequence import Sequence
 
 
 def _row_key(seed: int, position: int) -> mx.array:

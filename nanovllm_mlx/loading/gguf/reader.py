@@ -16,7 +16,7 @@ import mlx.core as mx
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanovllm_mlx.tokenizer import Tokenizer
+from nanovllm_mlx.loading.tokenizer import Tokenizer
 
 GROUP_SIZE = 32  # every GGUF block type MLX keeps quantized has 32-weight blocks
 ARCHITECTURES = ("llama", "qwen2")

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from nanovllm_mlx import loader
+from nanovllm_mlx.loading import loader
 
 # Tokenizer and template files worth carrying over; weights and config are rewritten.
 _COPY = (

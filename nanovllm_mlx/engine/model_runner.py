@@ -15,10 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from nanovllm_mlx import cuda_attention
-from nanovllm_mlx.attention import AttentionMetadata, DecodeGroup, KVCache, pool_rows
-from nanovllm_mlx.sampler import sample
-from nanovllm_mlx.scheduler import ScheduledSeq
+from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention.paged import AttentionMetadata, DecodeGroup, KVCache, pool_rows
+from nanovllm_mlx.engine.sampler import sample
+from nanovllm_mlx.engine.scheduler import ScheduledSeq
 
 MAX_GROUPS = 4  # decode length groups on the gather path
 MIN_GROUP = 8  # sequences per group, at least

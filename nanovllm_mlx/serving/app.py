@@ -25,11 +25,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanovllm_mlx.engine_thread import EngineError, EngineThread
-from nanovllm_mlx.llm_engine import LLMEngine, RequestOutput
+from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
 from nanovllm_mlx.sampling_params import SamplingParams
+from nanovllm_mlx.serving.engine_thread import EngineError, EngineThread
 
-logger = logging.getLogger("nanovllm_mlx.server")
+logger = logging.getLogger("nanovllm_mlx.serving.app")
 
 T = TypeVar("T")
 

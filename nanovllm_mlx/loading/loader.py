@@ -9,9 +9,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from nanovllm_mlx import download, gguf
+from nanovllm_mlx.loading import download
+from nanovllm_mlx.loading.gguf import reader as gguf
+from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import gpt2, llama
-from nanovllm_mlx.tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 

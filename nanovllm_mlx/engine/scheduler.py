@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from nanovllm_mlx.block_manager import BlockManager
-from nanovllm_mlx.sequence import Sequence, SequenceStatus
+from nanovllm_mlx.engine.block_manager import BlockManager
+from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from nanovllm_mlx import cuda_attention
+from nanovllm_mlx.attention import cuda as cuda_attention
 
 
 @dataclass(slots=True)
