@@ -26,7 +26,9 @@ import mlx.core as mx
 # isort: on
 
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention.paged import KVCache, _read, gathered_attention, pool_rows
+from nanovllm_mlx.attention.gather import _read, gathered_attention
+from nanovllm_mlx.attention.metadata import PoolLayout
+from nanovllm_mlx.attention.paged import KVCache
 
 
 def bench(fn, layers: int) -> float:
@@ -53,7 +55,7 @@ def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> d
         KVCache(*(mx.random.normal((h, n * bs, d)).astype(dtype),) * 2, bs) for _ in range(layers)
     ]
     dense = [mx.random.normal((b, h, nb * bs, d)).astype(dtype) for _ in range(layers)]
-    rows = pool_rows(np.array(tables), h, n)
+    rows = PoolLayout(h, n, bs).block_rows(np.array(tables))
     mx.eval(tables, slots, rows, mask, q, token_major, [(c.k, c.v) for c in head_major], dense)
 
     def token_gather(p: mx.array) -> mx.array:
@@ -68,8 +70,12 @@ def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> d
             for p in token_major
         ]
 
+    fused = mx.default_device() != mx.cpu  # as attention.select_backend decides
+
     def head_path() -> list[mx.array]:
-        return [gathered_attention(q[:, None], c, rows, mask, scale) for c in head_major]
+        return [
+            gathered_attention(q[:, None], c, rows, mask, scale, fused=fused) for c in head_major
+        ]
 
     def head_matmul() -> list[mx.array]:
         with mx.stream(mx.default_device()):

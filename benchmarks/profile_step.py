@@ -54,17 +54,19 @@ def instrument(llm: LLM) -> dict[str, dict[str, float]]:
     def profiled_step():
         current.clear()
         t0 = time.perf_counter()
+        steps_before = engine.step_stats.steps
         out = step()
         total = time.perf_counter() - t0
-        if not engine.last_batch_size:
+        counters = engine.step_stats
+        if counters.steps == steps_before:
             return out
-        kind = "decode" if engine.last_batch_tokens == engine.last_batch_size else "prefill"
+        kind = "decode" if counters.last_batch_tokens == counters.last_batch_size else "prefill"
         bucket = totals[kind]
         for name, seconds in current.items():
             bucket[name] += seconds
         bucket["other"] += total - sum(current.values())
         bucket["steps"] += 1
-        bucket["tokens"] += engine.last_batch_tokens
+        bucket["tokens"] += counters.last_batch_tokens
         return out
 
     engine.step = profiled_step
@@ -83,11 +85,13 @@ def report(title: str, totals: dict[str, dict[str, float]]) -> None:
 
 def run_all(llm: LLM, requests: list[tuple[list[int], int]]) -> float:
     engine = llm.engine
-    for ids, n in requests:
-        engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    ids = engine.add_requests(
+        [ids for ids, _ in requests],
+        [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests],
+    )
     t0 = time.perf_counter()
-    while engine.has_unfinished_requests():
-        engine.step()
+    for _ in engine.iterate(ids):
+        pass
     return time.perf_counter() - t0
 
 

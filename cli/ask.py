@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -14,6 +15,7 @@ from rich.text import Text
 
 from cli.ui import sanitize
 from nanovllm_mlx import LLM, LLMEngine, SamplingParams, backend
+from nanovllm_mlx.errors import InvalidRequestError
 
 REFRESH_S = 0.1  # the live view redraws at most 10 times a second, between engine steps
 FALLBACK_STOP = "\nUser:"  # base models under the fallback template would write both sides
@@ -50,33 +52,16 @@ def build_inputs(
     return [llm.tokenizer.encode_chat([*head, {"role": "user", "content": p}]) for p in prompts]
 
 
-def add_requests(
-    engine: LLMEngine, inputs: list[str | list[int]], params: SamplingParams
-) -> list[str]:
-    ids: list[str] = []
-    try:
-        for x in inputs:
-            ids.append(engine.add_request(x, params))
-    except ValueError as e:
-        for request_id in ids:
-            engine.abort_request(request_id)
-        raise ValueError(f"prompt {len(ids) + 1}: {e}" if len(inputs) > 1 else e) from e
-    return ids
-
-
 def drive(engine: LLMEngine, answers: list[Answer]) -> Iterator[tuple[Answer, str]]:
-    """Step the engine until every answer is finished; yield (answer, displayable delta)."""
+    """Run the answers' requests to the end; yield (answer, displayable delta) as they
+    come. Leaving early (Ctrl-C, an error) aborts what is still running."""
     by_id = {a.request_id: a for a in answers}
-    pending = set(by_id)
-    try:
-        while pending:
-            outputs = engine.step()
+    with closing(engine.iterate(by_id)) as steps:
+        for outputs in steps:
             now = time.perf_counter()
             for out in outputs:
-                answer = by_id.get(out.request_id)
-                if answer is None:
-                    continue
-                if answer.first_token_at is None:
+                answer = by_id[out.request_id]
+                if answer.first_token_at is None and out.token_ids:
                     answer.first_token_at = now
                 answer.num_prompt_tokens = out.num_prompt_tokens
                 answer.num_cached_tokens = out.num_cached_tokens
@@ -84,13 +69,7 @@ def drive(engine: LLMEngine, answers: list[Answer]) -> Iterator[tuple[Answer, st
                 if out.finished:
                     answer.finished = True
                     answer.finish_reason = out.finish_reason
-                    pending.discard(out.request_id)
                 yield answer, answer.add(out.text)
-            if not outputs and not engine.has_unfinished_requests():
-                raise RuntimeError(f"engine lost {len(pending)} request(s)")
-    finally:
-        for request_id in pending:  # Ctrl-C or an error: leave nothing running
-            engine.abort_request(request_id)
 
 
 def label(answer: Answer, total: int) -> str:
@@ -202,7 +181,12 @@ def run_ask(
         params.stop = [*params.stop, FALLBACK_STOP]
     inputs = build_inputs(llm, prompts, use_chat, system)
     start = time.perf_counter()
-    ids = add_requests(engine, inputs, params)
+    try:
+        ids = engine.add_requests(inputs, [params] * len(inputs))
+    except InvalidRequestError as e:
+        raise InvalidRequestError(
+            f"prompt {e.index + 1}: {e}" if len(inputs) > 1 else str(e), e.param, e.code
+        ) from e
     answers = [Answer(i, p, rid) for i, (p, rid) in enumerate(zip(prompts, ids))]
     if len(answers) == 1:
         stream_one(engine, answers[0])

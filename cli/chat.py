@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from contextlib import closing
 from types import FrameType
 
 from rich.console import Console
@@ -139,28 +140,22 @@ class ChatSession:
         start = time.perf_counter()
         first = None
         answer = ""
-        cached = outputs = 0
-        stopped = finished = False
+        cached = outputs_n = 0
+        stopped = False
         write = sys.stdout.write
-        with StopFlag() as flag:
-            while not finished:
-                if flag.hit:
-                    self.engine.abort_request(request_id)
-                    stopped = True
-                    break
-                for out in self.engine.step():
-                    if out.request_id != request_id:
-                        continue
-                    first = first or time.perf_counter()
-                    cached, outputs = out.num_cached_tokens, out.num_output_tokens
-                    delta = out.text.lstrip() if not answer else out.text
-                    delta = sanitize(delta)
+        with StopFlag() as flag, closing(self.engine.iterate([request_id])) as steps:
+            for outputs in steps:
+                for out in outputs:
+                    if out.token_ids:
+                        first = first or time.perf_counter()
+                    cached, outputs_n = out.num_cached_tokens, out.num_output_tokens
+                    delta = sanitize(out.text.lstrip() if not answer else out.text)
                     answer += delta
                     write(delta)
                     sys.stdout.flush()
-                    finished = out.finished
-                if not finished and not self.engine.has_unfinished_requests():
-                    break  # aborted elsewhere; never spin
+                if flag.hit:
+                    stopped = True  # leaving the loop closes the iterator: an abort
+                    break
         write("\n")
         if stopped:
             self.out.print("[stopped]", style="dim", markup=False)
@@ -169,15 +164,15 @@ class ChatSession:
         self.last = {
             "prompt_tokens": prompt_tokens,
             "cached_tokens": cached,
-            "output_tokens": outputs,
+            "output_tokens": outputs_n,
             "ttft_s": (first - start) if first else 0.0,
-            "tok_s": outputs / decode_s if decode_s > 0 else 0.0,
+            "tok_s": outputs_n / decode_s if decode_s > 0 else 0.0,
         }
         if self.verbose:
             last = self.last
             self.out.print(
                 f"[dim]prompt {prompt_tokens} tokens ({cached} from cache) · "
-                f"{outputs} tokens · {last['tok_s']:.1f} tok/s · "
+                f"{outputs_n} tokens · {last['tok_s']:.1f} tok/s · "
                 f"first token {last['ttft_s']:.3f} s[/]"
             )
         return answer.strip(), stopped

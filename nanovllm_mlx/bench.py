@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from contextlib import closing
 
 import mlx.core as mx
 
@@ -98,9 +99,9 @@ def run_benchmark(
         # The first steps pay for lazy initialisation; keep that out of the figures.
         warm_ids = [i % engine.vocab_size for i in range(1, 17)]
         warm_id = engine.add_request(warm_ids, SamplingParams(max_tokens=4))
-        while engine.has_unfinished_requests():
-            if any(o.request_id == warm_id and o.finished for o in engine.step()):
-                break
+        with closing(engine.iterate([warm_id])) as steps:
+            for _ in steps:
+                pass
     mx.reset_peak_memory()
     before = engine.stats()
     params = [
@@ -109,39 +110,33 @@ def run_benchmark(
     ]
     total = len(requests)
     start = time.perf_counter()
-    for i, ((ids, _), p) in enumerate(zip(requests, params)):
-        engine.add_request(ids, p, request_id=f"bench-{i}")
+    ids = engine.add_requests([ids for ids, _ in requests], params)
     first_token: dict[str, float] = {}
-    finished = output_tokens = steps = idle_steps = 0
+    finished = output_tokens = steps_run = 0
     prefill_s = decode_s = 0.0
     prefill_tokens = decode_tokens = 0
     batch_sizes = 0
-    try:
-        while finished < total:
-            # Engine counters are plain attributes: cheap enough to read every step.
-            p0, o0 = engine.total_prompt_tokens, engine.total_output_tokens
-            t0 = time.perf_counter()
-            outputs = engine.step()
-            dt = time.perf_counter() - t0
-            prompt_delta = engine.total_prompt_tokens - p0
-            output_delta = engine.total_output_tokens - o0
-            steps += 1
-            batch_sizes += engine.last_batch_size
+    counters = engine.step_stats
+    with closing(engine.iterate(ids)) as steps:
+        # Ctrl-C or an error closes the iterator, which aborts what is left: the engine is
+        # empty for whoever uses it next.
+        p0, o0, t0 = counters.total_prompt_tokens, counters.total_output_tokens, start
+        for outputs in steps:
+            now = time.perf_counter()
+            prompt_delta = counters.total_prompt_tokens - p0
+            output_delta = counters.total_output_tokens - o0
+            steps_run += 1
+            batch_sizes += counters.last_batch_size
             if prompt_delta:
-                prefill_s += dt
+                prefill_s += now - t0
                 prefill_tokens += prompt_delta
             else:
-                decode_s += dt
+                decode_s += now - t0
                 decode_tokens += output_delta
-            now = time.perf_counter()
             for out in outputs:
                 output_tokens += len(out.token_ids)
                 first_token.setdefault(out.request_id, now)
-                if out.finished:
-                    finished += 1
-            idle_steps = 0 if outputs else idle_steps + 1
-            if idle_steps > 10_000 or not engine.has_unfinished_requests() and finished < total:
-                raise RuntimeError(f"engine stalled with {total - finished} requests unfinished")
+                finished += out.finished
             if on_step is not None:
                 on_step(
                     {
@@ -151,14 +146,11 @@ def run_benchmark(
                         "output_tokens": output_tokens,
                     }
                 )
-    except BaseException:
-        # KeyboardInterrupt included: leave the engine empty for whoever uses it next.
-        for i in range(total):
-            engine.abort_request(f"bench-{i}")
-        raise
+            p0, o0 = counters.total_prompt_tokens, counters.total_output_tokens
+            t0 = time.perf_counter()
     seconds = time.perf_counter() - start
     after = engine.stats()
-    ttfts = [first_token[f"bench-{i}"] - start for i in range(total) if f"bench-{i}" in first_token]
+    ttfts = [first_token[i] - start for i in ids if i in first_token]
     return {
         "model": engine.model_name,
         "backend": backend.describe(),
@@ -173,8 +165,8 @@ def run_benchmark(
         "decode_throughput": decode_tokens / decode_s if decode_s else 0.0,
         "prefill_seconds": prefill_s,
         "decode_seconds": decode_s,
-        "steps": steps,
-        "mean_batch_size": batch_sizes / steps if steps else 0.0,
+        "steps": steps_run,
+        "mean_batch_size": batch_sizes / steps_run if steps_run else 0.0,
         "ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else 0.0,
         "ttft_max_s": max(ttfts, default=0.0),
         "preemptions": after["preemptions"] - before["preemptions"],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
+from nanovllm_mlx.engine.llm_engine import LLMEngine
+from nanovllm_mlx.errors import InvalidRequestError
+from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -15,7 +17,7 @@ class LLM:
         self.engine = LLMEngine(model, **kwargs)
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     def generate(
@@ -34,55 +36,42 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise ValueError(
+                raise InvalidRequestError(
                     f"{len(params)} sampling params for {len(prompts)} prompts: "
                     "give one, or one each"
                 )
-        ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
-        except ValueError as e:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            raise ValueError(f"prompt {len(ids)}: {e}") from e
+            ids = self.engine.add_requests(prompts, params)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"prompt {e.index}: {e}", e.param, e.code) from e
         results = {i: {"text": "", "token_ids": [], "finish_reason": None} for i in ids}
-        for out in self._drain(set(ids)):
-            result = results[out.request_id]
-            result["text"] += out.text
-            result["token_ids"] += out.token_ids
-            if out.finished:
-                result["finish_reason"] = out.finish_reason
-                result["num_prompt_tokens"] = out.num_prompt_tokens
-                result["num_cached_tokens"] = out.num_cached_tokens
+        for outputs in self.engine.iterate(ids):
+            for out in outputs:
+                result = results[out.request_id]
+                result["text"] += out.text
+                result["token_ids"] += out.token_ids
+                if out.finished:
+                    result["finish_reason"] = out.finish_reason
+                    result["num_prompt_tokens"] = out.num_prompt_tokens
+                    result["num_cached_tokens"] = out.num_cached_tokens
         return [results[i] for i in ids]
 
     def stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None
     ) -> Iterator[str]:
-        """Yield text deltas of one prompt as they are generated."""
+        """Yield text deltas of one prompt as they are generated; closing the generator
+        early aborts the request."""
         request_id = self.engine.add_request(prompt, sampling_params)
-        try:
-            for out in self._drain({request_id}):
+        for outputs in self.engine.iterate([request_id]):
+            for out in outputs:
                 if out.text:
                     yield out.text
-        finally:
-            self.engine.abort_request(request_id)  # no-op when it finished
 
     def chat(
         self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None
     ) -> dict:
         """One answer to a conversation, through the model's chat template."""
         return self.generate([self.tokenizer.encode_chat(messages)], sampling_params)[0]
-
-    def _drain(self, wanted: set[str]) -> Iterator[RequestOutput]:
-        pending = set(wanted)
-        while pending:
-            for out in self.engine.step():
-                if out.request_id in pending:
-                    if out.finished:
-                        pending.discard(out.request_id)
-                    yield out
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention.gather import GatherAttention, gathered_attention, length_groups
+from nanovllm_mlx.attention.metadata import PoolLayout
 from nanovllm_mlx.attention.paged import KVCache, paged_attention
-from nanovllm_mlx.engine.model_runner import _length_groups, prepare
+from nanovllm_mlx.engine.model_runner import prepare
 from nanovllm_mlx.engine.scheduler import ScheduledSeq
 from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
@@ -42,7 +44,21 @@ def dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray
         [(c - 1, c) for c in [5, 9, 9, 9, 30, 30, 2, 2, 17, 17] * 2] + [(4, 11)],
     ],
 )
-def test_paged_matches_dense(cases: list[tuple[int, int]]):
+@pytest.mark.parametrize(
+    "backend",
+    [
+        GatherAttention(fused=False),  # the CPU path
+        GatherAttention(fused=True),  # the GPU path's SDPA, which MLX also runs on CPU
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not cuda_attention.available(), reason="needs CUDA"),
+        ),
+    ],
+    ids=["gather-matmul", "gather-sdpa", "cuda-kernel"],
+)
+def test_paged_matches_dense(cases: list[tuple[int, int]], backend):
+    if backend == "cuda":
+        backend = cuda_attention.CudaPagedAttention()
     rng = np.random.default_rng(0)
     free = list(rng.permutation(NUM_BLOCKS))  # scattered, non-contiguous blocks
     cache = KVCache(mx.zeros((HKV, NUM_BLOCKS * BS, D)), mx.zeros((HKV, NUM_BLOCKS * BS, D)), BS)
@@ -61,7 +77,7 @@ def test_paged_matches_dense(cases: list[tuple[int, int]]):
             cache.v[:, slot] = mx.array(v[p])
         batch.append(ScheduledSeq(seq, end - start))
         data.append((q, k, v, start, end))
-    step = prepare(batch, BS, (HKV, NUM_BLOCKS))
+    step = prepare(batch, PoolLayout(HKV, NUM_BLOCKS, BS), backend)
     # Flat order: single-token entries first, shortest context first, then the others in
     # batch order.
     order = [i for i, it in enumerate(batch) if it.num_new_tokens == 1]
@@ -95,7 +111,7 @@ def test_paged_matches_dense(cases: list[tuple[int, int]]):
     ],
 )
 def test_length_groups(context: list[int], groups: list[tuple[int, int]]):
-    assert _length_groups(np.array(context), 16) == groups
+    assert length_groups(np.array(context), 16) == groups
 
 
 @pytest.mark.parametrize("batch,context", [(1, 1), (1, 1000), (128, 1024), (3, 77), (64, 33)])
@@ -108,8 +124,6 @@ def test_decode_partitions_cover_every_token_once(batch: int, context: int):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", [(12, 12, 64), (8, 2, 128), (9, 3, 64)])
 def test_cuda_decode_kernel_matches_gather_path(dtype, n_heads: int, n_kv: int, head_dim: int):
-    from nanovllm_mlx.attention.paged import gathered_attention, pool_rows
-
     rng = np.random.default_rng(1)
     bs, num_blocks = 16, 512
     contexts = [1, 15, 16, 17, 300, 1024, 5, 700]
@@ -141,7 +155,7 @@ def test_cuda_decode_kernel_matches_gather_path(dtype, n_heads: int, n_kv: int, 
         want = gathered_attention(
             q.astype(mx.float32)[:, None],
             cpu_cache,
-            pool_rows(tables, n_kv, num_blocks),
+            PoolLayout(n_kv, num_blocks, bs).block_rows(tables),
             mx.array(mask),
             scale,
         )[:, 0]

@@ -1,6 +1,10 @@
-"""Continuous batching with a fake model: admission, chunking, preemption, retirement."""
+"""Continuous batching with a fake model: admission, chunking, preemption, retirement.
+
+Which sequences end is the output processor's token rule (token_finish_reason), applied
+here as the engine applies it, so these tests need no tokenizer or model."""
 
 from nanovllm_mlx.engine.block_manager import BlockManager
+from nanovllm_mlx.engine.output_processor import token_finish_reason
 from nanovllm_mlx.engine.scheduler import Scheduler
 from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.sampling_params import SamplingParams
@@ -10,7 +14,7 @@ EOS = 0
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens_step=64, max_model_len=256):
     bm = BlockManager(num_blocks, block_size)
-    return Scheduler(bm, max_num_seqs, max_tokens_step, max_model_len, {EOS})
+    return Scheduler(bm, max_num_seqs, max_tokens_step, max_model_len)
 
 
 def add(sched: Scheduler, n_prompt: int, max_tokens: int = 4, seq_id: int = 0, **kw) -> Sequence:
@@ -23,10 +27,17 @@ def add(sched: Scheduler, n_prompt: int, max_tokens: int = 4, seq_id: int = 0, *
     return s
 
 
+def advance(sched: Scheduler, batch, sampled: list[int]) -> None:
+    """Postprocess, then retire what the engine's finish rule ends."""
+    for seq in sched.postprocess(batch, sampled):
+        reason = token_finish_reason(seq, {EOS}, sched.max_model_len)
+        if reason is not None:
+            sched.finish(seq, reason)
+
+
 def step(sched: Scheduler, token: int = 5):
     batch = sched.schedule()
-    sampled = [token for item in batch if item.samples]
-    sched.postprocess(batch, sampled)
+    advance(sched, batch, [token for item in batch if item.samples])
     return batch
 
 
@@ -187,16 +198,16 @@ def test_reserve_ahead_only_for_a_steady_decode_batch():
     blocks = len(a.block_table)
     assert sched.reserve_ahead(batch)
     assert len(a.block_table) == blocks + 1 == sched.block_manager.blocks_needed(a.num_tokens + 1)
-    sched.postprocess(batch, [5, 5])
+    advance(sched, batch, [5, 5])
     batch = sched.schedule()  # the reserved block is used, not allocated twice
     assert len(a.block_table) == blocks + 1
     assert not sched.reserve_ahead(batch)  # b samples its last token this step
-    sched.postprocess(batch, [5, 5])
+    advance(sched, batch, [5, 5])
     assert b.is_finished
     add(sched, 2, seq_id=2)
     batch = sched.schedule()
     assert not sched.reserve_ahead(batch)  # a new request joins this step
-    sched.postprocess(batch, [5, 5])
+    advance(sched, batch, [5, 5])
     batch = sched.schedule()
     assert sched.reserve_ahead(batch)
     a.params.repetition_penalty = 1.2  # needs this step's token to sample the next
@@ -209,5 +220,5 @@ def test_reserved_blocks_are_freed_with_the_sequence():
     step(sched)
     batch = sched.schedule()
     assert sched.reserve_ahead(batch)
-    sched.postprocess(batch, [EOS])  # finishes on EOS after the reservation
+    advance(sched, batch, [EOS])  # finishes on EOS after the reservation
     assert a.is_finished and sched.block_manager.num_free_blocks == 8

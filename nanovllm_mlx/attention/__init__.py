@@ -1,0 +1,18 @@
+"""Paged attention over per-layer KV pools, with one backend chosen at start-up."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from nanovllm_mlx.attention import cuda
+from nanovllm_mlx.attention.gather import GatherAttention
+from nanovllm_mlx.attention.paged import AttentionBackend
+
+
+def select_backend() -> AttentionBackend:
+    """The one place the attention path is chosen: the CUDA decode kernel on an MLX CUDA
+    build running on its GPU (unless NANOVLLM_PAGED_KERNEL=0), else the pure-MLX gather
+    path, with fused SDPA on a GPU and matmuls on the CPU."""
+    if cuda.available():
+        return cuda.CudaPagedAttention()
+    return GatherAttention(fused=mx.default_device() != mx.cpu)

@@ -7,17 +7,22 @@ tokens the gather alone took 1.1 ms a layer against 0.13 ms for SDPA on a dense 
 through the block table (flash-decoding: the context is split into partitions so that a
 single sequence still fills the GPU, and a second small kernel merges the partitions).
 
-Other backends (CPU, Metal) use the pure-MLX gather path in attention.py, which the CPU
-test suite exercises; tests/test_attention.py checks this kernel against it on CUDA.
-NANOVLLM_PAGED_KERNEL=0 turns the kernel off.
+Prefill, and every other backend (CPU, Metal), use the pure-MLX gather path
+(attention/gather.py), which the CPU test suite exercises; tests/test_attention.py checks
+this kernel against it on CUDA. NANOVLLM_PAGED_KERNEL=0 turns the kernel off.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import mlx.core as mx
+
+from nanovllm_mlx.attention.gather import GatherAttention
+from nanovllm_mlx.attention.metadata import DecodeEntries, PoolLayout, block_tables
+from nanovllm_mlx.attention.paged import KVCache
 
 WARPS = 4
 TARGET_BLOCKS = 512  # enough thread blocks to fill an H100's 132 SMs a few times over
@@ -197,3 +202,36 @@ def paged_decode(
         output_dtypes=[q.dtype],
     )
     return out
+
+
+@dataclass(slots=True)
+class DecodePlan:
+    block_tables: mx.array  # [Bd, nb]
+    context_lens: mx.array  # [Bd]
+    max_context: int
+
+
+class CudaPagedAttention(GatherAttention):
+    """Decode through the kernel above; prefill through the gather path with fused SDPA."""
+
+    name = "cuda-paged"
+
+    def __init__(self) -> None:
+        super().__init__(fused=True)
+
+    def plan_decode(self, entries: DecodeEntries, pool: PoolLayout) -> DecodePlan:
+        max_context = int(entries.context_lens.max())
+        tables = block_tables(entries.block_tables, pool.num_table_blocks(max_context))
+        return DecodePlan(mx.array(tables), mx.array(entries.context_lens), max_context)
+
+    def decode(self, q: mx.array, cache: KVCache, plan: DecodePlan, scale: float) -> mx.array:
+        return paged_decode(
+            q,
+            cache.k,
+            cache.v,
+            plan.block_tables,
+            plan.context_lens,
+            cache.block_size,
+            scale,
+            plan.max_context,
+        )

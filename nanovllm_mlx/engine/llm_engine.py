@@ -1,51 +1,34 @@
-"""The engine loop: requests in, one scheduled and computed step at a time, text out."""
+"""The engine: requests in, one scheduled and computed step at a time, outputs out.
+
+A step, as in nano-vllm: the scheduler picks what to compute, the model runner computes
+it and samples, the scheduler advances the sequences, the output processor turns tokens
+into text and decides which requests end, and the scheduler retires those. Every caller
+(LLM, the CLI, the benchmark, the server's engine thread) drives it through `iterate`.
+"""
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Iterator
+from dataclasses import fields
 
 import mlx.core as mx
 
-from nanovllm_mlx import backend
 from nanovllm_mlx.config import Config
+from nanovllm_mlx.engine import memory
 from nanovllm_mlx.engine.block_manager import BlockManager
-from nanovllm_mlx.engine.model_runner import ModelRunner, kv_bytes_per_block
+from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
 from nanovllm_mlx.engine.scheduler import Scheduler
 from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.stats import StepStats
+from nanovllm_mlx.errors import ContextLengthError, EngineStalledError, InvalidRequestError
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
 
-GiB = 1 << 30
-CPU_DEFAULT_KV_BYTES = 1 * GiB
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What one request produced in one step: deltas, plus totals for usage reports."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    logprobs: list[float] | None = None
-
-
-@dataclass(slots=True)
-class _Request:
-    seq: Sequence
-    stream: object  # tokenizers.decoders.DecodeStream
-    text: str = ""  # decoded so far
-    sent: int = 0  # characters of text already returned
-    max_stop_len: int = 0
-    logprobs: list[float] = field(default_factory=list)
+__all__ = ["LLMEngine", "RequestOutput"]
 
 
 class LLMEngine:
@@ -57,12 +40,13 @@ class LLMEngine:
         self.config = config = Config(model=model or "", **kwargs)
         mx.random.seed(config.seed)  # unseeded sampling is reproducible per engine
         loaded = loader.load(model, config.dtype, config.quantize, config.quantize_group_size)
+        spec = loaded.model.spec
         self.model_name = loaded.name
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.dtype = loaded.dtype
-        model_len = loaded.model.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or model_len, model_len)
-        num_blocks = self._num_kv_blocks(loaded)
+        self.vocab_size = spec.vocab_size
+        self.max_model_len = min(config.max_model_len or spec.context_length, spec.context_length)
+        num_blocks = memory.num_kv_blocks(spec, config, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -71,42 +55,16 @@ class LLMEngine:
             config.max_num_seqs,
             config.max_num_batched_tokens,
             self.max_model_len,
-            self.tokenizer.eos_token_ids,
         )
         self.model_runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
-        self._async_scheduling = config.async_scheduling
-        if self._async_scheduling is None:
-            self._async_scheduling = mx.default_device() != mx.cpu
-        self.vocab_size = loaded.model.vocab_size
-        self._requests: dict[str, _Request] = {}
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.async_scheduling = config.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = mx.default_device() != mx.cpu
+        self.step_stats = StepStats()
         self._ids = itertools.count()
-        self._window: deque[tuple[float, float, int, int]] = deque(maxlen=64)
-        self.last_batch_size = 0
-        self.last_batch_tokens = 0
-        self.total_prompt_tokens = 0
-        self.total_output_tokens = 0
-
-    def _num_kv_blocks(self, loaded: loader.LoadedModel) -> int:
-        config = self.config
-        per_block = kv_bytes_per_block(loaded.model, config.block_size, self.dtype)
-        per_seq = -(-self.max_model_len // config.block_size)
-        if config.kv_cache_gb is not None:
-            num_blocks = int(config.kv_cache_gb * GiB) // per_block
-            if num_blocks < per_seq:
-                raise ValueError(
-                    f"kv_cache_gb={config.kv_cache_gb} holds {num_blocks} blocks of "
-                    f"{config.block_size} tokens, fewer than one {self.max_model_len}-token "
-                    f"sequence needs ({per_seq}); raise it or lower max_model_len"
-                )
-            return num_blocks
-        # Enough for every sequence at full length, but no more than a share of memory.
-        wanted = per_seq * config.max_num_seqs
-        affordable = int(backend.device_memory_bytes() * config.kv_cache_fraction) // per_block
-        if mx.default_device() == mx.cpu:
-            # The OS zero-fills every page of the pool at start-up (~1 GB/s here: 19 s for
-            # 6 GB); a CPU serves few sequences at once, and preemption covers the rest.
-            affordable = min(affordable, CPU_DEFAULT_KV_BYTES // per_block)
-        return max(per_seq, min(wanted, affordable))
+        # request id -> outputs not yet taken by the iterate() call that watches it
+        self._watched: dict[str, list[RequestOutput]] = {}
 
     # Requests -----------------------------------------------------------------------
 
@@ -116,47 +74,70 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Validate and queue a request; bad input raises ValueError before anything is
-        queued, so it can never disturb the running batch."""
+        """Validate and queue a request; bad input raises InvalidRequestError (a ValueError)
+        before anything is queued, so it can never disturb the running batch."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+            raise InvalidRequestError(
+                f"params must be SamplingParams, got {type(params).__name__}"
+            )
         token_ids = self._tokenize(prompt)
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt has {len(token_ids)} tokens; the model's context is "
                 f"{self.max_model_len} (max_model_len), leaving no room to generate"
             )
         seq_id = next(self._ids)
         request_id = str(seq_id) if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        if request_id in self.output_processor:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(seq_id, token_ids, params, request_id=request_id)
-        stop_len = max((len(s) for s in params.stop), default=0)
-        self._requests[request_id] = _Request(
-            seq, self.tokenizer.decode_stream(token_ids), max_stop_len=stop_len
-        )
+        self.output_processor.add(seq)
         self.scheduler.add(seq)
         return request_id
+
+    def add_requests(
+        self, prompts: list[str | list[int]], params: list[SamplingParams]
+    ) -> list[str]:
+        """Queue a batch, all or nothing: on a bad prompt the ones already queued are
+        aborted and the error is re-raised with `index` set to the bad prompt's."""
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                ids.append(self.add_request(prompt, p))
+        except InvalidRequestError as e:
+            for request_id in ids:
+                self.abort_request(request_id)
+            e.index = len(ids)
+            raise
+        return ids
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt is empty")
+                raise InvalidRequestError("prompt is empty", "prompt")
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError(
-                f"prompt must be a non-empty string or list of token ids, got {prompt!r}"
+            raise InvalidRequestError(
+                f"prompt must be a non-empty string or list of token ids, got {prompt!r}",
+                "prompt",
             )
         for t in prompt:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"prompt token {t!r} is not a token id in [0, {self.vocab_size})")
+                raise InvalidRequestError(
+                    f"prompt token {t!r} is not a token id in [0, {self.vocab_size})", "prompt"
+                )
         return list(prompt)
 
     def abort_request(self, request_id: str) -> None:
-        request = self._requests.pop(str(request_id), None)
-        if request is not None:
-            self.scheduler.finish(request.seq, "abort")
+        """End a request now and free its blocks; a no-op once it has finished. An
+        iterate() watching it yields its last output, with finish_reason "abort"."""
+        seq = self.output_processor.pop(str(request_id))
+        if seq is None:
+            return
+        self.scheduler.finish(seq, "abort")
+        if seq.request_id in self._watched:
+            self._watched[seq.request_id].append(self.output_processor.abort_output(seq))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -164,92 +145,81 @@ class LLMEngine:
     # The step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule, compute and sample one step; one output per request that sampled."""
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        decode_tokens = sum(
-            1 for item in batch if item.seq.num_computed_tokens >= item.seq.num_prompt_tokens
-        )
-        look_ahead = self._async_scheduling and self.scheduler.reserve_ahead(batch)
+        look_ahead = self.async_scheduling and self.scheduler.reserve_ahead(batch)
         tokens, logprobs = self.model_runner.run(batch, look_ahead)
         sampled = self.scheduler.postprocess(batch, tokens)
-        # Prompt tokens include recomputed ones after a preemption: work the step did.
-        prompt_tokens = sum(item.num_new_tokens for item in batch) - decode_tokens
-        self.last_batch_size = len(batch)
-        self.last_batch_tokens = sum(item.num_new_tokens for item in batch)
-        self.total_prompt_tokens += prompt_tokens
-        self.total_output_tokens += len(sampled)
-        self._window.append((start, time.perf_counter(), prompt_tokens, len(sampled)))
-        outputs = []
-        for i, seq in enumerate(sampled):
-            request = self._requests[seq.request_id]
-            if logprobs is not None:
-                request.logprobs.append(logprobs[i])
-            outputs.append(self._output(request))
+        self.step_stats.record(start, batch, len(sampled))  # before finish() frees blocks
+        outputs, finished = self.output_processor.process(sampled, logprobs)
+        for seq, reason in finished:
+            self.scheduler.finish(seq, reason)
+        for out in outputs:
+            if out.request_id in self._watched:
+                self._watched[out.request_id].append(out)
         return outputs
 
-    def _output(self, request: _Request) -> RequestOutput:
-        seq = request.seq
-        token = seq.token_ids[-1]
-        request.text += request.stream.step(self.tokenizer.tokenizer, token) or ""
-        finished = seq.is_finished
-        hits = []
-        if seq.params.stop:
-            # A stop string may straddle tokens: search from before the unsent text.
-            start = max(0, request.sent - request.max_stop_len + 1)
-            hits = [i for s in seq.params.stop if (i := request.text.find(s, start)) >= 0]
-        if hits:
-            request.text = request.text[: min(hits)]
-            self.scheduler.finish(seq, "stop")
-            finished = True
-        elif finished:
-            # The streaming decoder may still hold bytes of an incomplete character.
-            full = self.tokenizer.decode(seq.output_token_ids)
-            if full.startswith(request.text):
-                request.text = full
-        end = len(request.text) if finished else len(request.text) - self._held_back(request)
-        delta = request.text[request.sent : end]
-        request.sent = max(request.sent, end)
-        new_logprobs = None
-        if seq.params.logprobs:
-            new_logprobs = request.logprobs[-1:]
-        if finished:
-            self._requests.pop(seq.request_id, None)
-        return RequestOutput(
-            request_id=seq.request_id,
-            text=delta,
-            token_ids=[token],
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            logprobs=new_logprobs,
-        )
+    def iterate(self, request_ids: Iterable[str] | None = None) -> Iterator[list[RequestOutput]]:
+        """Step the engine and yield each step's outputs (a list, maybe empty: a step that
+        only prefilled) until the given requests have all finished, or with None until
+        the engine has nothing left to do, requests added meanwhile included.
 
-    @staticmethod
-    def _held_back(request: _Request) -> int:
-        """Length of the longest tail of the text that could begin a stop string."""
-        text = request.text
-        for n in range(min(request.max_stop_len - 1, len(text)), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in request.seq.params.stop):
-                return n
-        return 0
+        Every given request ends with exactly one finished output, an abort from anywhere
+        included. Closing the iterator early (break, an exception, Ctrl-C) aborts the
+        given requests that have not finished. Iterators over disjoint requests may be
+        interleaved: each gets its own requests' outputs whichever one stepped.
+        """
+        if request_ids is None:
+            yield from self._iterate_all()
+            return
+        pending = list(dict.fromkeys(str(r) for r in request_ids))
+        for request_id in pending:
+            if request_id not in self.output_processor:
+                raise InvalidRequestError(f"no unfinished request {request_id!r}")
+            if request_id in self._watched:
+                raise InvalidRequestError(f"request {request_id!r} is already being iterated")
+        mine = list(pending)
+        for request_id in mine:
+            self._watched[request_id] = []
+        try:
+            while pending:
+                if not any(self._watched[r] for r in pending):
+                    steps = self.step_stats.steps
+                    self.step()
+                    if self.step_stats.steps == steps and not any(
+                        self._watched[r] for r in pending
+                    ):
+                        # Our requests are queued (else an abort output would be here), yet
+                        # nothing could be scheduled: report it rather than spin.
+                        raise EngineStalledError(
+                            f"the engine cannot schedule {len(pending)} queued request(s)"
+                        )
+                outputs = [out for r in pending for out in self._watched[r]]
+                for request_id in pending:
+                    self._watched[request_id].clear()
+                done = {out.request_id for out in outputs if out.finished}
+                pending = [r for r in pending if r not in done]
+                yield outputs
+        finally:
+            for request_id in mine:
+                self._watched.pop(request_id, None)
+            for request_id in pending:
+                self.abort_request(request_id)
+
+    def _iterate_all(self) -> Iterator[list[RequestOutput]]:
+        while self.has_unfinished_requests():
+            yield self.step()
 
     # Introspection --------------------------------------------------------------------
 
     def stats(self) -> dict:
         blocks = self.block_manager.stats()
-        now = time.perf_counter()
-        recent = [w for w in self._window if now - w[1] < 5.0]
-        busy = sum(end - begin for begin, end, _, _ in recent)
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
-            "batch_size": self.last_batch_size,
-            "batch_tokens": self.last_batch_tokens,
             "kv_blocks_used": blocks.used,
             "kv_blocks_total": blocks.num_blocks,
             "kv_blocks_cached": blocks.cached,
@@ -259,9 +229,6 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "steps_ahead_used": self.model_runner.steps_ahead_used,
             "steps_ahead_dropped": self.model_runner.steps_ahead_dropped,
-            "prompt_tokens": self.total_prompt_tokens,
-            "output_tokens": self.total_output_tokens,
-            "prompt_tok_s": sum(w[2] for w in recent) / busy if busy else 0.0,
-            "generation_tok_s": sum(w[3] for w in recent) / busy if busy else 0.0,
+            **self.step_stats.snapshot(),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
         }

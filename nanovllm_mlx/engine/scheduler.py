@@ -27,13 +27,11 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
-        eos_token_ids: set[int],
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -101,9 +99,7 @@ class Scheduler:
                 return False
             if seq.params.repetition_penalty != 1.0:
                 return False
-            if seq.num_output_tokens + 1 >= seq.params.max_tokens:
-                return False
-            if seq.num_tokens + 1 >= self.max_model_len:
+            if seq.tokens_left(self.max_model_len) < 2:
                 return False
             needed += self.block_manager.blocks_needed(seq.num_tokens + 1) - len(seq.block_table)
         if needed > self.block_manager.num_free_blocks:
@@ -119,28 +115,21 @@ class Scheduler:
         self.num_preemptions += 1
 
     def postprocess(self, batch: list[ScheduledSeq], sampled: list[int]) -> list[Sequence]:
-        """Advance each scheduled sequence; append sampled tokens (one per sampling entry,
-        in batch order); return the sequences that sampled a token this step."""
+        """Advance each scheduled sequence and append the sampled tokens (one per sampling
+        entry, in batch order); return the sequences that sampled a token this step.
+        Whether a sequence ends is the output processor's decision, not the scheduler's."""
         samplers = [item for item in batch if item.samples]
         assert len(samplers) == len(sampled), "one sampled token per sampling sequence"
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit(item.seq)
         for item, token in zip(samplers, sampled):
-            seq = item.seq
-            seq.token_ids.append(token)
-            if token in seq.params.stop_token_ids:
-                self.finish(seq, "stop")
-            elif not seq.params.ignore_eos and token in self.eos_token_ids:
-                self.finish(seq, "stop")
-            elif seq.num_output_tokens >= seq.params.max_tokens:
-                self.finish(seq, "length")
-            elif seq.num_tokens >= self.max_model_len:
-                self.finish(seq, "length")
+            item.seq.token_ids.append(token)
         return [item.seq for item in samplers]
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Retire seq now (end of output, stop string, abort) and free its blocks."""
+        """Retire seq now and free its blocks; the reason comes from the output processor
+        (stop, length) or from an abort."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -32,7 +31,6 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: str | None = None
-    arrival_time: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
@@ -49,6 +47,13 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def tokens_left(self, max_model_len: int) -> int:
+        """How many more tokens this sequence may sample: the one place the length limits
+        (max_tokens, and the context) are applied."""
+        return min(
+            self.params.max_tokens - self.num_output_tokens, max_model_len - self.num_tokens
+        )
 
     @property
     def is_finished(self) -> bool:

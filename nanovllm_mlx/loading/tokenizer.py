@@ -29,6 +29,22 @@ def _token_content(token: object) -> str | None:
     return token if isinstance(token, str) else None
 
 
+class Detokenizer:
+    """Text of one request's output, a token at a time, never splitting a character.
+
+    A few prompt tokens give the stream the context that decoders such as SentencePiece's
+    need for the first word's leading space.
+    """
+
+    def __init__(self, tokenizer: HFTokenizer, prompt_ids: list[int]):
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(ids=prompt_ids[-4:], skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        """The text this token completes ("" while it holds part of a character)."""
+        return self._stream.step(self._tokenizer, token_id) or ""
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -46,10 +62,6 @@ class Tokenizer:
         self.chat_template = chat_template
         self.special_tokens = special_tokens or {}
         self._template: jinja2.Template | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     @property
     def has_chat_template(self) -> bool:
@@ -98,10 +110,9 @@ class Tokenizer:
         # The template writes BOS itself where the model wants one.
         return self.encode(text, add_special_tokens=self.chat_template is None)
 
-    def decode_stream(self, prompt_ids: list[int]) -> DecodeStream:
-        """A streaming decoder for one request's output; a few prompt tokens give it the
-        context that decoders such as SentencePiece's need for the first word's space."""
-        return DecodeStream(ids=prompt_ids[-4:], skip_special_tokens=True)
+    def detokenizer(self, prompt_ids: list[int]) -> Detokenizer:
+        """A streaming decoder for one request's output."""
+        return Detokenizer(self.tokenizer, prompt_ids)
 
     @classmethod
     def from_dir(cls, path: Path, config: dict) -> Tokenizer:

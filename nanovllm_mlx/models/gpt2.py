@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from nanovllm_mlx.attention.paged import AttentionMetadata, KVCache, paged_attention
+from nanovllm_mlx.attention.metadata import AttentionMetadata
+from nanovllm_mlx.attention.paged import KVCache, paged_attention
+from nanovllm_mlx.models.base import CausalLM, ModelSpec
 
 
 @dataclass(slots=True)
@@ -71,20 +73,21 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.spec = ModelSpec(
+            n_layers=args.n_layer,
+            n_kv_heads=args.n_head,
+            head_dim=args.n_embd // args.n_head,
+            context_length=args.n_positions,
+            vocab_size=args.vocab_size,
+        )
         self.wte = nn.Embedding(args.vocab_size, args.n_embd)
         self.wpe = nn.Embedding(args.n_positions, args.n_embd)
         self.h = [Block(args) for _ in range(args.n_layer)]
         self.ln_f = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
-
-    n_layers = property(lambda self: self.args.n_layer)
-    n_kv_heads = property(lambda self: self.args.n_head)
-    head_dim = property(lambda self: self.args.n_embd // self.args.n_head)
-    max_position_embeddings = property(lambda self: self.args.n_positions)
-    vocab_size = property(lambda self: self.args.vocab_size)
 
     def __call__(
         self,
@@ -101,8 +104,7 @@ class Model(nn.Module):
     def logits(self, hidden: mx.array) -> mx.array:
         return self.wte.as_linear(hidden)
 
-    @staticmethod
-    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map both Hub layouts (bare keys, Conv1D [in, out]) and transformers 5's
         `transformer.`-prefixed layout onto this module's names."""
         out = {}

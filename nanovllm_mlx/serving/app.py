@@ -654,13 +654,14 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         def snapshot(engine: LLMEngine) -> tuple[dict, dict]:
+            stats = engine.stats()
             counters = {
-                "steps": engine_thread.steps,
-                "step_sequences": engine_thread.step_sequences,
-                "peak_batch_size": engine_thread.peak_batch_size,
+                "steps": stats["steps"],
+                "step_sequences": stats["batch_sequences"],
+                "peak_batch_size": stats["peak_batch_size"],
                 "step_failures": engine_thread.step_failures,
             }
-            return engine.stats(), counters
+            return stats, counters
 
         stats, counters = await engine_thread.call(snapshot)
         return PlainTextResponse(

@@ -76,11 +76,7 @@ class EngineThread:
         self._ready = threading.Event()
         self._build_error: BaseException | None = None
         self._streams: dict[str, _Stream] = {}  # engine thread only
-        # Written by the engine thread only; read through call() for a consistent view.
-        self.steps = 0
-        self.step_sequences = 0
-        self.peak_batch_size = 0
-        self.step_failures = 0
+        self.step_failures = 0  # written by the engine thread only
 
     # Lifecycle ---------------------------------------------------------------------
 
@@ -191,22 +187,26 @@ class EngineThread:
                 self._ready.set()
                 return
         self._ready.set()
-        while True:
+        while self._wait_for_work():
             try:
-                if not self._iterate():
-                    break
+                self._run_steps()
             except Exception as e:
                 # A bug in this loop: never leave requests waiting on a dead thread.
                 logger.exception("engine thread error")
                 self._fail_all(EngineError(f"engine error: {e!r}"))
         self._fail_all(EngineError("the server is shutting down", status=503))
 
-    def _iterate(self) -> bool:
+    def _wait_for_work(self) -> bool:
+        """Sleep until there is a command or a request; run the commands. False: stop."""
         engine = self.engine
         assert engine is not None
         with self._cond:
             while not (self._commands or self._stopping or engine.has_unfinished_requests()):
                 self._cond.wait()
+        return self._run_commands()
+
+    def _run_commands(self) -> bool:
+        with self._cond:
             commands, self._commands = self._commands, []
             stopping = self._stopping
         for command in commands:
@@ -214,26 +214,26 @@ class EngineThread:
                 command()
             except Exception:
                 logger.exception("engine command failed")
-        if stopping:
-            return False
-        if engine.has_unfinished_requests():
-            self._step(engine)
-        return True
+        return not stopping
 
-    def _step(self, engine: LLMEngine) -> None:
-        work_before = engine.total_prompt_tokens + engine.total_output_tokens
+    def _run_steps(self) -> None:
+        """Steps until the engine is idle, running commands between steps."""
+        engine = self.engine
+        assert engine is not None
+        steps = engine.iterate()
         try:
-            outputs = engine.step()
+            for outputs in steps:
+                self._deliver(self._route(outputs))
+                if not self._run_commands():
+                    return
         except Exception as e:
             self.step_failures += 1
             logger.exception("engine step failed; failing %d request(s)", len(self._streams))
             self._fail_all(EngineError(f"engine step failed: {e!r}"))
-            return
-        # step() leaves last_batch_size stale when it had nothing to schedule.
-        if engine.total_prompt_tokens + engine.total_output_tokens != work_before:
-            self.steps += 1
-            self.step_sequences += engine.last_batch_size
-            self.peak_batch_size = max(self.peak_batch_size, engine.last_batch_size)
+        finally:
+            steps.close()
+
+    def _route(self, outputs: list[RequestOutput]) -> _Deliveries:
         deliveries: _Deliveries = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -242,7 +242,7 @@ class EngineThread:
             if out.finished:
                 del self._streams[out.request_id]
             deliveries.setdefault(stream.loop, []).append((stream.queue, out))
-        self._deliver(deliveries)
+        return deliveries
 
     def _fail_all(self, error: EngineError) -> None:
         engine = self.engine

@@ -1,0 +1,184 @@
+"""The pure-MLX attention backend: gather whole blocks, then fused SDPA or matmuls.
+
+It runs everywhere (CPU, Metal, CUDA) and is the reference the kernels are tested
+against. Gathering a block is one contiguous row of the pool (head-major layout), which
+MLX's gather copies with memcpy; each (head, sequence) pair then reads one contiguous
+[L, head_dim] matrix (the token-major layout cost 6-8x more on CPU at batch 32, measured
+in benchmarks/attention_layouts.py). Decode batches are read in up to MAX_GROUPS groups
+of similar context length, so that little of what is gathered is padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from nanovllm_mlx.attention.metadata import (
+    DecodeEntries,
+    PoolLayout,
+    PrefillEntries,
+    block_tables,
+)
+from nanovllm_mlx.attention.paged import KVCache
+
+MAX_GROUPS = 4  # decode length groups
+MIN_GROUP = 8  # sequences per group, at least
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    """Decode tokens [start, end) whose contexts are read together, padded to the longest."""
+
+    start: int
+    end: int
+    rows: mx.array  # pool rows of the sequences' blocks (PoolLayout.block_rows)
+    mask: mx.array | None  # [n, 1, L] key visible; None: all
+    length: int | None = None  # read only the first `length` keys (a one-sequence group)
+
+
+@dataclass(slots=True)
+class PrefillPlan:
+    q_index: mx.array  # [Bp, Lq] index into the prefill tokens
+    rows: mx.array  # [Hkv * Bp * nb] (PoolLayout.block_rows)
+    mask: mx.array  # [Bp, Lq, L]
+    out_index: mx.array  # [Tp] index into the flattened [Bp * Lq]
+
+
+def length_groups(context: np.ndarray, block_size: int) -> list[tuple[int, int]]:
+    """Split a decode batch, sorted by context length, into up to MAX_GROUPS runs of equal
+    size, merging neighbours that pad to the same number of blocks. Padding every sequence
+    to the longest wasted about half the gather path's reads for mixed lengths."""
+    n = len(context)
+    k = max(1, min(MAX_GROUPS, n // MIN_GROUP))
+    bounds = [n * i // k for i in range(k + 1)]
+    blocks = -(-context // block_size)
+    groups: list[tuple[int, int]] = []
+    for start, end in zip(bounds, bounds[1:]):
+        if groups and blocks[groups[-1][1] - 1] == blocks[end - 1]:
+            groups[-1] = (groups[-1][0], end)
+        else:
+            groups.append((start, end))
+    return groups
+
+
+def _decode_mask(context: np.ndarray, block_size: int) -> mx.array:
+    keys = np.arange(-(-int(context.max()) // block_size) * block_size)
+    return mx.array((keys[None, :] < context[:, None])[:, None, :])
+
+
+def _read(pool: mx.array, rows: mx.array, batch: int, block_size: int) -> mx.array:
+    """Whole blocks, one contiguous row each: gathering the same keys slot by slot was
+    5-6x slower on CPU (0.27 vs 0.06 ms for one sequence of 160 keys, 27 vs 4.2 ms for 32
+    of 512; 12 heads of 64)."""
+    n_kv, _, d = pool.shape
+    blocks = mx.take(pool.reshape(-1, block_size * d), rows, axis=0)
+    return blocks.reshape(n_kv, batch, -1, d)  # [Hkv, B, L, D]
+
+
+def gathered_attention(
+    q: mx.array,
+    cache: KVCache,
+    rows: mx.array,
+    mask: mx.array | None,
+    scale: float,
+    length: int | None = None,
+    fused: bool = False,
+) -> mx.array:
+    """q [B, Lq, H, D] over the keys in the blocks at rows (PoolLayout.block_rows) where
+    mask [B, Lq, L] (None: all of them; length: only the first length) -> [B, Lq, H, D].
+    fused: MLX's SDPA kernel (GPUs); otherwise two batched matmuls (CPU)."""
+    b, lq, n_heads, head_dim = q.shape
+    n_kv = cache.k.shape[0]
+    keys = _read(cache.k, rows, b, cache.block_size)
+    values = _read(cache.v, rows, b, cache.block_size)
+    if length is not None:
+        keys, values = keys[:, :, :length], values[:, :, :length]
+    if fused:
+        # The fused kernel never materializes the scores; it reads the strided view.
+        o = mx.fast.scaled_dot_product_attention(
+            q.transpose(0, 2, 1, 3),
+            keys.transpose(1, 0, 2, 3),
+            values.transpose(1, 0, 2, 3),
+            scale=scale,
+            mask=None if mask is None else mask[:, None],
+        )
+        return o.transpose(0, 2, 1, 3)
+    # Batched over (kv head, sequence), query heads of a group stacked as rows.
+    g = n_heads // n_kv
+    qh = q.reshape(b, lq, n_kv, g, head_dim).transpose(2, 0, 3, 1, 4)
+    qh = qh.reshape(n_kv, b, g * lq, head_dim) * scale
+    scores = (qh @ keys.swapaxes(-1, -2)).reshape(n_kv, b, g, lq, -1)
+    scores = scores.astype(mx.float32)
+    if mask is not None:
+        scores = mx.where(mask[None, :, None], scores, -mx.inf)
+    probs = mx.softmax(scores, axis=-1).astype(values.dtype).reshape(n_kv, b, g * lq, -1)
+    o = (probs @ values).reshape(n_kv, b, g, lq, head_dim)
+    return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, n_heads, head_dim)
+
+
+class GatherAttention:
+    """fused: use MLX's fused SDPA after the gather (GPUs); False on CPU, where two
+    matmuls over the gathered blocks are faster."""
+
+    name = "gather"
+
+    def __init__(self, fused: bool):
+        self.fused = fused
+
+    def plan_decode(self, entries: DecodeEntries, pool: PoolLayout) -> list[DecodeGroup]:
+        context = entries.context_lens
+        bs = pool.block_size
+        tables = block_tables(entries.block_tables, pool.num_table_blocks(int(context.max())))
+        return [
+            DecodeGroup(
+                start,
+                end,
+                pool.block_rows(tables[start:end, : pool.num_table_blocks(int(context[end - 1]))]),
+                _decode_mask(context[start:end], bs) if end - start > 1 else None,
+                int(context[start]) if end - start == 1 else None,
+            )
+            for start, end in length_groups(context, bs)
+        ]
+
+    def plan_prefill(self, entries: PrefillEntries, pool: PoolLayout) -> PrefillPlan:
+        lengths = entries.lengths
+        bp, lq = len(lengths), max(lengths)
+        q_index = np.zeros((bp, lq), dtype=np.int32)
+        # Padding queries sit at position 0 and see key 0, so no row is fully masked.
+        q_pos = np.zeros((bp, lq), dtype=np.int64)
+        out_index, offset = [], 0
+        for b, (start, n) in enumerate(zip(entries.starts, lengths)):
+            q_index[b, :n] = np.arange(offset, offset + n)
+            q_pos[b, :n] = np.arange(start, start + n)
+            out_index.append(np.arange(b * lq, b * lq + n))
+            offset += n
+        context = max(start + n for start, n in zip(entries.starts, lengths))
+        tables = block_tables(entries.block_tables, pool.num_table_blocks(context))
+        keys = np.arange(tables.shape[1] * pool.block_size)
+        return PrefillPlan(
+            q_index=mx.array(q_index),
+            rows=pool.block_rows(tables),
+            mask=mx.array(keys[None, None, :] <= q_pos[:, :, None]),
+            out_index=mx.array(np.concatenate(out_index).astype(np.int32)),
+        )
+
+    def decode(
+        self, q: mx.array, cache: KVCache, plan: list[DecodeGroup], scale: float
+    ) -> mx.array:
+        o = [
+            gathered_attention(
+                q[g.start : g.end, None], cache, g.rows, g.mask, scale, g.length, self.fused
+            )
+            for g in plan
+        ]
+        return o[0] if len(o) == 1 else mx.concatenate(o, axis=0)  # [Bd, 1, H, D]
+
+    def prefill(self, q: mx.array, cache: KVCache, plan: PrefillPlan, scale: float) -> mx.array:
+        bp, lq = plan.q_index.shape
+        n_heads, head_dim = q.shape[1:]
+        qp = q[plan.q_index] if bp > 1 else q[None]
+        o = gathered_attention(qp, cache, plan.rows, plan.mask, scale, fused=self.fused)
+        o = o.reshape(bp * lq, n_heads * head_dim)
+        return o[plan.out_index] if bp > 1 else o

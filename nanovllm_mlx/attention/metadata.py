@@ -1,0 +1,92 @@
+"""Where a step's K/V go and what each query may see: the metadata every attention
+backend shares, and the pool-row arithmetic behind it (one place for both).
+
+Pools are head-major, [n_kv_heads, num_blocks * block_size, head_dim] per layer: viewed
+as [n_kv_heads * slots, head_dim] a token's K/V row for head h is h * slots + slot, and
+viewed as [n_kv_heads * num_blocks, block_size * head_dim] a whole block is one row.
+Flat tokens are ordered decode tokens first (one per sequence), then the prefill chunks
+one sequence after another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import numpy as np
+
+if TYPE_CHECKING:
+    from nanovllm_mlx.attention.gather import PrefillPlan
+    from nanovllm_mlx.attention.paged import AttentionBackend
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLayout:
+    n_kv_heads: int
+    num_blocks: int
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads * self.num_blocks * self.block_size >= 2**31:
+            # Pool rows are int32 indices; this is ~256 GiB a pool, far past any device.
+            raise ValueError(f"KV pool of {self.num_blocks} blocks is too large to index")
+
+    def slots(self, block_table: list[int], start: int, end: int) -> np.ndarray:
+        """Cache slots of positions [start, end) of a sequence with this block table."""
+        pos = np.arange(start, end)
+        table = np.asarray(block_table, dtype=np.int64)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def write_rows(self, slots: np.ndarray) -> mx.array:
+        """[T] slots -> [T * Hkv] rows of the [Hkv * slots, D] view, token-major as a
+        step's k/v come out of the projections."""
+        heads = np.arange(self.n_kv_heads, dtype=np.int64) * (self.num_blocks * self.block_size)
+        return mx.array((slots[:, None] + heads).reshape(-1).astype(np.int32))
+
+    def block_rows(self, tables: np.ndarray) -> mx.array:
+        """[B, nb] block tables -> the rows holding those blocks in the
+        [Hkv * num_blocks, block_size * D] view, head by head."""
+        heads = np.arange(self.n_kv_heads, dtype=np.int32)[:, None, None] * self.num_blocks
+        return mx.array((heads + tables[None]).reshape(-1).astype(np.int32))
+
+    def num_table_blocks(self, context: int) -> int:
+        return -(-context // self.block_size)
+
+
+def block_tables(tables: list[list[int]], num_blocks: int) -> np.ndarray:
+    """Sequences' block tables as one [B, num_blocks] array. Padding entries point at
+    block 0; a mask (or the context length) hides them."""
+    out = np.zeros((len(tables), num_blocks), dtype=np.int32)
+    for i, table in enumerate(tables):
+        table = table[:num_blocks]
+        out[i, : len(table)] = table
+    return out
+
+
+@dataclass(slots=True)
+class DecodeEntries:
+    """The step's single-token entries, shortest context first."""
+
+    context_lens: np.ndarray  # [Bd] keys each query sees, its own included
+    block_tables: list[list[int]]
+
+
+@dataclass(slots=True)
+class PrefillEntries:
+    """The step's multi-token chunks, in flat order."""
+
+    starts: list[int]  # position of each chunk's first token
+    lengths: list[int]
+    block_tables: list[list[int]]
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """One step's attention inputs, built by its backend, read by every layer."""
+
+    backend: AttentionBackend
+    write_rows: mx.array  # [T * Hkv] pool row of each new K/V row (PoolLayout.write_rows)
+    num_decode: int  # the first num_decode flat tokens are single-token decodes
+    decode: Any = None  # the backend's plan for them
+    prefill: PrefillPlan | None = None

@@ -1,0 +1,49 @@
+"""What the engine relies on from a model; every architecture file implements this.
+
+The engine never looks inside a model: it sizes the KV pools from `spec`, calls the model
+on a step's flat tokens with the attention metadata, and asks for logits of the rows it
+samples. Checkpoint quirks (names, layouts, buffers) stay in each model's `sanitize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from nanovllm_mlx.attention.metadata import AttentionMetadata
+from nanovllm_mlx.attention.paged import KVCache
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    n_layers: int
+    n_kv_heads: int  # KV heads each layer's cache holds
+    head_dim: int
+    context_length: int  # longest sequence the model serves (positions, sliding window)
+    vocab_size: int  # rows of the logits, padding included
+
+
+class CausalLM(nn.Module):
+    """A decoder over a paged KV cache: hidden states of flat tokens, then logits."""
+
+    spec: ModelSpec
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        positions: mx.array,
+        caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> mx.array:
+        """input_ids, positions [T] (every sequence's new tokens, flat) -> hidden [T, D];
+        writes each layer's new K/V into its cache on the way."""
+        raise NotImplementedError
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Checkpoint tensor names and layouts -> this module's parameters."""
+        return weights
