@@ -5,21 +5,29 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-try:  # Typer >= 0.20 vendors its own Click
-    from typer._click.exceptions import ClickException
-except ImportError:  # older Typer runs on the click package
-    from click.exceptions import ClickException
-
 # Imported before anything else touches mlx: it loads a fast BLAS first on Linux.
 import nanovllm_mlx
 from cli import ui
+from cli.options import (
+    SAMPLING,
+    MaxTokens,
+    Model,
+    System,
+    Temperature,
+    Verbose,
+    engine_options,
+    sampling_options,
+)
 from nanovllm_mlx import SamplingParams
+
+# Typer (>= 0.20) vendors its own Click and exports some of its exceptions, not their base
+# class: reach that through one it does export, whichever Click is underneath.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 class _Group(TyperGroup):
@@ -90,109 +98,12 @@ def _root(
     """
 
 
-# Options shared by several commands -----------------------------------------------------
-
-ENGINE = "Engine"
-SAMPLING = "Sampling"
-
-Model = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Model directory, GGUF file or Hub repo id. Default: the engine's default model.",
-    ),
-]
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-Dtype = Annotated[
-    DType | None,
-    typer.Option(
-        help="Compute dtype (default auto: float32 on CPU, the checkpoint's on a GPU).",
-        rich_help_panel=ENGINE,
-    ),
-]
-MaxNumSeqs = Annotated[
-    int | None,
-    typer.Option(help="Most sequences in one batch.", rich_help_panel=ENGINE),
-]
-MaxNumBatchedTokens = Annotated[
-    int | None,
-    typer.Option(help="Most tokens computed in one step.", rich_help_panel=ENGINE),
-]
-KvCacheGb = Annotated[
-    float | None,
-    typer.Option(
-        "--kv-cache-gb",
-        help="KV cache size in GB (default: from device memory).",
-        rich_help_panel=ENGINE,
-    ),
-]
-MaxModelLen = Annotated[
-    int | None,
-    typer.Option(help="Context length cap (default: the model's).", rich_help_panel=ENGINE),
-]
-Quantize = Annotated[
-    int | None,
-    typer.Option(help="Quantize weights at load time to 4 or 8 bits.", rich_help_panel=ENGINE),
-]
-MaxTokens = Annotated[int, typer.Option(help="Most tokens to generate per answer.")]
-Temperature = Annotated[
-    float,
-    typer.Option(
-        "--temperature",
-        "--temp",
-        help="Sampling temperature; 0 is greedy.",
-        rich_help_panel=SAMPLING,
-    ),
-]
-TopP = Annotated[float, typer.Option(help="Nucleus sampling mass.", rich_help_panel=SAMPLING)]
-TopK = Annotated[
-    int, typer.Option(help="Sample from the k likeliest; 0: off.", rich_help_panel=SAMPLING)
-]
-MinP = Annotated[
-    float,
-    typer.Option(help="Drop tokens below min-p × the top probability.", rich_help_panel=SAMPLING),
-]
-Seed = Annotated[int | None, typer.Option(help="Sampling seed.", rich_help_panel=SAMPLING)]
-Stop = Annotated[
-    list[str] | None,
-    typer.Option(help="Stop at this string (repeatable).", rich_help_panel=SAMPLING),
-]
-System = Annotated[str | None, typer.Option(help="System message for the chat template.")]
-Verbose = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Print timings, memory and backend.")
-]
-
-
-ENGINE_OPTIONS = (
-    "dtype",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "kv_cache_gb",
-    "max_model_len",
-    "quantize",
-)
-
-
-def _engine_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    """The engine options of a command's locals() that were given on the command line: the
-    engine's own defaults stay authoritative for the rest."""
-    given = {k: options[k] for k in ENGINE_OPTIONS if options.get(k) is not None}
-    return {k: v.value if isinstance(v, Enum) else v for k, v in given.items()}
-
-
 # Commands ---------------------------------------------------------------------------------
 
 
 @app.command()
+@sampling_options
+@engine_options
 def ask(
     prompt: Annotated[
         list[str],
@@ -200,12 +111,10 @@ def ask(
     ],
     model: Model = None,
     max_tokens: MaxTokens = 256,
-    temperature: Temperature = 0.0,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
-    min_p: MinP = 0.0,
-    seed: Seed = None,
-    stop: Stop = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(help="Stop at this string (repeatable).", rich_help_panel=SAMPLING),
+    ] = None,
     chat: Annotated[
         bool | None,
         typer.Option(
@@ -216,14 +125,11 @@ def ask(
     ] = None,
     system: System = None,
     verbose: Verbose = False,
-    dtype: Dtype = None,
-    max_num_seqs: MaxNumSeqs = None,
-    kv_cache_gb: KvCacheGb = None,
-    max_model_len: MaxModelLen = None,
-    quantize: Quantize = None,
+    *,
+    engine: dict[str, Any],
+    sampling: dict[str, Any],
 ) -> None:
     """Answer prompts, streamed; several prompts run as one continuous batch."""
-    engine_kwargs = _engine_kwargs(locals())
     from cli.ask import run_ask
 
     prompts: list[str] = []
@@ -234,56 +140,36 @@ def ask(
             prompts.append(p)
     if not prompts:
         raise ValueError("no prompt given (stdin was empty)")
-    params = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        seed=seed,
-        max_tokens=max_tokens,
-        stop=list(stop or []),
-    )
+    params = SamplingParams(**sampling, max_tokens=max_tokens, stop=list(stop or []))
     out, err = ui.console(), ui.console(stderr=True)
-    llm = ui.load_llm(model, engine_kwargs, err)
+    llm = ui.load_llm(model, engine, err)
     use_chat = llm.tokenizer.has_chat_template if chat is None else chat
     run_ask(llm, prompts, params, use_chat, system, verbose, out, err)
 
 
 @app.command()
+@sampling_options
+@engine_options
 def chat(
     model: Model = None,
     max_tokens: MaxTokens = 512,
-    temperature: Temperature = 0.0,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
-    min_p: MinP = 0.0,
-    seed: Seed = None,
     system: System = None,
     verbose: Verbose = False,
-    dtype: Dtype = None,
-    max_num_seqs: MaxNumSeqs = None,
-    kv_cache_gb: KvCacheGb = None,
-    max_model_len: MaxModelLen = None,
-    quantize: Quantize = None,
+    *,
+    engine: dict[str, Any],
+    sampling: dict[str, Any],
 ) -> None:
     """Chat in the terminal: /reset, /stats, /exit; Ctrl-C stops an answer."""
-    engine_kwargs = _engine_kwargs(locals())
     from cli.chat import run_chat
 
-    params = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        seed=seed,
-        max_tokens=max_tokens,
-    )
+    params = SamplingParams(**sampling, max_tokens=max_tokens)
     out, err = ui.console(), ui.console(stderr=True)
-    llm = ui.load_llm(model, engine_kwargs, err)
+    llm = ui.load_llm(model, engine, err)
     run_chat(llm, params, system, verbose, out)
 
 
 @app.command()
+@engine_options
 def bench(
     model: Model = None,
     num_seqs: Annotated[int, typer.Option(help="Requests.")] = 256,
@@ -297,15 +183,10 @@ def bench(
         bool,
         typer.Option("--json", help="Print the results as one JSON line on stdout (last line)."),
     ] = False,
-    dtype: Dtype = None,
-    max_num_seqs: MaxNumSeqs = None,
-    max_num_batched_tokens: MaxNumBatchedTokens = None,
-    kv_cache_gb: KvCacheGb = None,
-    max_model_len: MaxModelLen = None,
-    quantize: Quantize = None,
+    *,
+    engine: dict[str, Any],
 ) -> None:
     """Throughput on nano-vllm's workload: random prompts, random lengths, EOS ignored."""
-    engine_kwargs = _engine_kwargs(locals())
     from cli.dashboard import Dashboard, summary_table
     from nanovllm_mlx.bench import make_workload, run_benchmark
 
@@ -316,12 +197,11 @@ def bench(
     for low, high, what in ((min_input, max_input, "input"), (min_output, max_output, "output")):
         if not 1 <= low <= high:
             raise ValueError(f"need 1 <= --min-{what} <= --max-{what}, got {low} and {high}")
-    llm = ui.load_llm(model, engine_kwargs, err)
-    engine = llm.engine
+    llm = ui.load_llm(model, engine, err)
     workload = make_workload(
-        num_seqs, min_input, max_input, min_output, max_output, seed, engine.vocab_size
+        num_seqs, min_input, max_input, min_output, max_output, seed, llm.engine.vocab_size
     )
-    title = f"nanovllm bench · {engine.model_name} · {num_seqs} requests"
+    title = f"nanovllm bench · {llm.engine.model_name} · {num_seqs} requests"
     # The dashboard is progress, not results: stderr, so stdout stays the results alone.
     with Dashboard(llm, err, title) as dashboard:
         result = run_benchmark(llm, workload, on_step=dashboard, temperature=temperature)
@@ -352,6 +232,7 @@ def download(
 
 
 @app.command()
+@engine_options
 def serve(
     model: Model = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -364,15 +245,10 @@ def serve(
         str | None,
         typer.Option(help="Model name clients use (default: the model directory's name)."),
     ] = None,
-    dtype: Dtype = None,
-    max_num_seqs: MaxNumSeqs = None,
-    max_num_batched_tokens: MaxNumBatchedTokens = None,
-    kv_cache_gb: KvCacheGb = None,
-    max_model_len: MaxModelLen = None,
-    quantize: Quantize = None,
+    *,
+    engine: dict[str, Any],
 ) -> None:
     """Serve an OpenAI-compatible API."""
-    engine_kwargs = _engine_kwargs(locals())
     from nanovllm_mlx.serving import app as server
 
     server.run_server(
@@ -381,7 +257,7 @@ def serve(
         port=port,
         api_key=api_key,
         **({"model_name": served_model_name} if served_model_name else {}),
-        **engine_kwargs,
+        **engine,
     )
 
 

@@ -1,0 +1,168 @@
+"""Options shared by several commands, declared once.
+
+A command asks for a group with a decorator (`@engine_options`, `@sampling_options`);
+the group's options are appended to its signature, so Typer shows and parses them like the
+command's own, and the command receives their values as one dict (`engine=`,
+`sampling=`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+
+ENGINE = "Engine"
+SAMPLING = "Sampling"
+
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model directory, GGUF file or Hub repo id. Default: the engine's default model.",
+    ),
+]
+MaxTokens = Annotated[int, typer.Option(help="Most tokens to generate per answer.")]
+Temperature = Annotated[
+    float,
+    typer.Option(
+        "--temperature",
+        "--temp",
+        help="Sampling temperature; 0 is greedy.",
+        rich_help_panel=SAMPLING,
+    ),
+]
+System = Annotated[str | None, typer.Option(help="System message for the chat template.")]
+Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Print timings, memory and backend.")
+]
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+# name -> (annotation, default) of each group's options, in --help order.
+ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "dtype": (
+        Annotated[
+            DType | None,
+            typer.Option(
+                help="Compute dtype (default auto: float32 on CPU, the checkpoint's on a GPU).",
+                rich_help_panel=ENGINE,
+            ),
+        ],
+        None,
+    ),
+    "max_num_seqs": (
+        Annotated[
+            int | None, typer.Option(help="Most sequences in one batch.", rich_help_panel=ENGINE)
+        ],
+        None,
+    ),
+    "max_num_batched_tokens": (
+        Annotated[
+            int | None,
+            typer.Option(help="Most tokens computed in one step.", rich_help_panel=ENGINE),
+        ],
+        None,
+    ),
+    "kv_cache_gb": (
+        Annotated[
+            float | None,
+            typer.Option(
+                "--kv-cache-gb",
+                help="KV cache size in GB (default: from device memory).",
+                rich_help_panel=ENGINE,
+            ),
+        ],
+        None,
+    ),
+    "max_model_len": (
+        Annotated[
+            int | None,
+            typer.Option(
+                help="Context length cap (default: the model's).", rich_help_panel=ENGINE
+            ),
+        ],
+        None,
+    ),
+    "quantize": (
+        Annotated[
+            int | None,
+            typer.Option(
+                help="Quantize weights at load time to 4 or 8 bits.", rich_help_panel=ENGINE
+            ),
+        ],
+        None,
+    ),
+}
+
+SAMPLING_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "temperature": (Temperature, 0.0),
+    "top_p": (
+        Annotated[float, typer.Option(help="Nucleus sampling mass.", rich_help_panel=SAMPLING)],
+        1.0,
+    ),
+    "top_k": (
+        Annotated[
+            int,
+            typer.Option(help="Sample from the k likeliest; 0: off.", rich_help_panel=SAMPLING),
+        ],
+        0,
+    ),
+    "min_p": (
+        Annotated[
+            float,
+            typer.Option(
+                help="Drop tokens below min-p × the top probability.", rich_help_panel=SAMPLING
+            ),
+        ],
+        0.0,
+    ),
+    "seed": (
+        Annotated[int | None, typer.Option(help="Sampling seed.", rich_help_panel=SAMPLING)],
+        None,
+    ),
+}
+
+
+def _with_group(
+    into: str, group: dict[str, tuple[Any, Any]], convert: Callable[[dict], dict]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)  # Typer needs real annotations
+        own = [p for p in sig.parameters.values() if p.name != into]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=d)
+            for name, (ann, d) in group.items()
+        ]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in group}
+            return fn(*args, **kwargs, **{into: convert(values)})
+
+        command.__signature__ = sig.replace(parameters=own + added)  # type: ignore[attr-defined]
+        return command
+
+    return decorate
+
+
+def _given_engine_options(values: dict[str, Any]) -> dict[str, Any]:
+    """Only the options given on the command line: the engine's own defaults stay
+    authoritative for the rest."""
+    given = {k: v for k, v in values.items() if v is not None}
+    return {k: v.value if isinstance(v, Enum) else v for k, v in given.items()}
+
+
+engine_options = _with_group("engine", ENGINE_OPTIONS, _given_engine_options)
+sampling_options = _with_group("sampling", SAMPLING_OPTIONS, dict)
