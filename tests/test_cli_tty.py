@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 
 import pexpect
 import pytest
+from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ">>> "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -20,9 +19,10 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX p
 
 
 def spawn(*args: str) -> pexpect.spawn:
+    argv = cli_argv(*args)
     child = pexpect.spawn(
-        sys.executable,
-        ["-m", "cli.main", *args],
+        argv[0],
+        argv[1:],
         cwd=str(REPO_ROOT),
         encoding="utf-8",
         dimensions=(40, 120),
@@ -51,7 +51,7 @@ LONG_QUESTION = (
 
 
 def test_chat_answers_reuses_the_prefix_and_exits(gpt2_tiny):
-    child = spawn("chat", "-m", str(gpt2_tiny), "--max-tokens", "12", "--kv-cache-gb", "0.05")
+    child = spawn("chat", "-m", str(gpt2_tiny), "--max-tokens", "12", *SMALL_KV_ARGS)
     child.expect_exact(PROMPT)
     assert "nanovllm chat" in plain(child.before)
 
@@ -85,7 +85,7 @@ def test_chat_answers_reuses_the_prefix_and_exits(gpt2_tiny):
 
 def test_chat_ctrl_c_stops_the_answer_not_the_chat(gpt2_tiny):
     # No token limit: the answer runs to the 512-token context, so Ctrl-C lands mid-answer.
-    child = spawn("chat", "-m", str(gpt2_tiny), "--max-tokens", "100000", "--kv-cache-gb", "0.05")
+    child = spawn("chat", "-m", str(gpt2_tiny), "--max-tokens", "100000", *SMALL_KV_ARGS)
     child.expect_exact(PROMPT)
     child.sendline("Tell me a story.")
     child.expect_exact("Tell me a story.")
@@ -110,7 +110,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(gpt2_tiny):
 
 def test_ask_live_view_on_a_terminal(gpt2_tiny):
     child = spawn(
-        "ask", "-m", str(gpt2_tiny), "--max-tokens", "40", "--kv-cache-gb", "0.05",
+        "ask", "-m", str(gpt2_tiny), "--max-tokens", "40", *SMALL_KV_ARGS,
         "first prompt", "second prompt",
     )  # fmt: skip
     child.expect(pexpect.EOF)

@@ -5,17 +5,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import SMALL_KV, check_parity
 
-import nanovllm_mlx.engine.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-SMALL = {"kv_cache_gb": 0.05}
 
 
 @pytest.fixture(scope="module")
 def llm(gpt2_tiny: Path) -> LLM:
-    return LLM(str(gpt2_tiny), max_num_seqs=64, **SMALL)
+    return LLM(str(gpt2_tiny), max_num_seqs=64, **SMALL_KV)
 
 
 def random_prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 60) -> list[list[int]]:
@@ -23,37 +22,12 @@ def random_prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 60) -> list[lis
     return [rng.integers(0, 50000, rng.integers(lo, hi)).tolist() for _ in range(n)]
 
 
-def capture_logits(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
-    seen: list[np.ndarray] = []
-    real = model_runner.sample
-
-    def spy(logits: mx.array, seqs, *args):
-        seen.append(np.array(logits.astype(mx.float32)))
-        return real(logits, seqs, *args)
-
-    monkeypatch.setattr(model_runner, "sample", spy)
-    return seen
-
-
 @pytest.mark.parametrize("layout", ["gpt2_tiny", "gpt2_tiny_hf5", "gpt2_tiny_sharded"])
 def test_logits_match_transformers_for_prefill_and_every_decode_step(
-    layout: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    layout: str, request: pytest.FixtureRequest
 ):
-    import torch
-    import transformers
-
-    path = request.getfixturevalue(layout)
-    llm = LLM(str(path), dtype="float32", **SMALL)
-    seen = capture_logits(monkeypatch)
     prompt = [464, 3139, 1748, 286, 4881, 318, 257, 1295, 11, 290, 340]
-    out = llm.generate([prompt], GREEDY)[0]
-    assert len(seen) == GREEDY.max_tokens
-    hf = transformers.GPT2LMHeadModel.from_pretrained(str(path)).eval()
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt + out["token_ids"]])).logits[0].numpy()
-    for i, logits in enumerate(seen):  # step 0 is the prefill, then each decode
-        np.testing.assert_allclose(logits[0], ref[len(prompt) - 1 + i], atol=1e-4, rtol=1e-4)
-    assert out["token_ids"] == ref[len(prompt) - 1 : -1].argmax(-1).tolist()
+    check_parity(request.getfixturevalue(layout), prompt, steps=GREEDY.max_tokens)
 
 
 def test_batched_greedy_equals_each_prompt_alone(llm: LLM):
@@ -72,10 +46,10 @@ def test_batched_greedy_equals_each_prompt_alone(llm: LLM):
 def test_shared_prefix_reuses_cached_blocks(gpt2_tiny: Path):
     prefix = random_prompts(1, seed=3, lo=200, hi=201)[0]
     first, second = prefix + [11, 12, 13], prefix + [21, 22]
-    cold = LLM(str(gpt2_tiny), enable_prefix_caching=False, **SMALL)
+    cold = LLM(str(gpt2_tiny), enable_prefix_caching=False, **SMALL_KV)
     expected = cold.generate([second], GREEDY)[0]["token_ids"]
 
-    warm = LLM(str(gpt2_tiny), **SMALL)
+    warm = LLM(str(gpt2_tiny), **SMALL_KV)
     warm.generate([first], GREEDY)
     before = warm.stats()["prompt_tokens"]
     out = warm.generate([second], GREEDY)[0]
@@ -102,7 +76,7 @@ def test_small_kv_pool_preempts_and_still_gives_the_same_outputs(gpt2_tiny: Path
 def test_chunked_prefill_gives_the_same_outputs(gpt2_tiny: Path, llm: LLM):
     prompts = random_prompts(6, seed=5, lo=40, hi=120)
     expected = [o["token_ids"] for o in llm.generate(prompts, GREEDY)]
-    chunked = LLM(str(gpt2_tiny), max_num_batched_tokens=32, **SMALL)
+    chunked = LLM(str(gpt2_tiny), max_num_batched_tokens=32, **SMALL_KV)
     assert [o["token_ids"] for o in chunked.generate(prompts, GREEDY)] == expected
 
 
@@ -304,17 +278,17 @@ def test_missing_model_dir(tmp_path: Path):
 
 def test_model_dir_without_weights(gpt2_no_weights: Path):
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        LLM(str(gpt2_no_weights), **SMALL)
+        LLM(str(gpt2_no_weights), **SMALL_KV)
 
 
 def test_model_dir_without_config(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        LLM(str(tmp_path), **SMALL)
+        LLM(str(tmp_path), **SMALL_KV)
 
 
 def test_corrupt_safetensors(gpt2_corrupt: Path):
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        LLM(str(gpt2_corrupt), **SMALL)
+        LLM(str(gpt2_corrupt), **SMALL_KV)
 
 
 def test_bad_engine_options(gpt2_tiny: Path):
@@ -340,7 +314,7 @@ def test_async_scheduling_gives_the_same_outputs(gpt2_tiny: Path):
     ]
     results = {}
     for flag in (False, True):
-        engine = LLM(str(gpt2_tiny), async_scheduling=flag, **SMALL).engine
+        engine = LLM(str(gpt2_tiny), async_scheduling=flag, **SMALL_KV).engine
         ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         outs: dict[str, list] = {i: [] for i in ids}
         steps = 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import make_fixtures
 import pytest
+from model_fixtures import cache
 
 # Exercises byte-level BPE edge cases: digits, multiple spaces, newlines, apostrophes, unicode.
 TRICKY = "In 2024, 12345 apples  cost $3.50!\n\n  Hello   world's café 😀\tend"
@@ -284,19 +285,19 @@ def test_qwen2_tiny(qwen2_tiny: Path) -> None:
 
 @pytest.fixture
 def scratch_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(make_fixtures, "FIXTURES_ROOT", tmp_path)
+    monkeypatch.setattr(cache, "FIXTURES_ROOT", tmp_path)
     return tmp_path
 
 
 def test_cache_reuses_and_rebuilds_on_recipe_change(scratch_root: Path) -> None:
-    d = make_fixtures.fixture_dir("gpt2-no-weights")
+    d = cache.fixture_dir("gpt2-no-weights")
     inode = d.stat().st_ino
-    assert make_fixtures.fixture_dir("gpt2-no-weights").stat().st_ino == inode  # cached
+    assert cache.fixture_dir("gpt2-no-weights").stat().st_ino == inode  # cached
 
     stamp = json.loads((d / "recipe.json").read_text())
     stamp["hash"] = "stale"
     (d / "recipe.json").write_text(json.dumps(stamp))
-    d2 = make_fixtures.fixture_dir("gpt2-no-weights")
+    d2 = cache.fixture_dir("gpt2-no-weights")
     assert d2 == d and d2.stat().st_ino != inode
     assert json.loads((d2 / "recipe.json").read_text())["hash"] != "stale"
     assert sorted(p.name for p in scratch_root.iterdir() if not p.name.endswith(".lock")) == [
@@ -309,7 +310,7 @@ def test_abandoned_scratch_dirs_are_cleaned_precisely(scratch_root: Path) -> Non
     other = scratch_root / ".tmp-gpt2-no-weights-x-ab12cd"  # a live build of another name
     killed.mkdir()
     other.mkdir()
-    d = make_fixtures.fixture_dir("gpt2-no-weights")
+    d = cache.fixture_dir("gpt2-no-weights")
     assert not killed.exists() and other.exists()
     assert oct(d.stat().st_mode & 0o777) == oct(0o755)
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in d.iterdir())

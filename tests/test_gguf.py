@@ -6,28 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import SMALL_KV, captured_logits, random_ids
 
-import nanovllm_mlx.engine.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.loading.gguf import reader as gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
-
-
-def capture_logits(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
-    seen: list[np.ndarray] = []
-    real = model_runner.sample
-
-    def spy(logits: mx.array, seqs, *args):
-        seen.append(np.array(logits.astype(mx.float32)))
-        return real(logits, seqs, *args)
-
-    monkeypatch.setattr(model_runner, "sample", spy)
-    return seen
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +80,7 @@ def test_chat_template_renders_and_matches_transformers(smol: LLM, hf_tokenizer)
     assert ids[0] == 1 and ids[1] != 1  # the template's own <|im_start|>, no extra BOS
 
 
-def test_logits_match_transformers_dequantized(
-    smol: LLM, smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_logits_match_transformers_dequantized(smol: LLM, smollm2_gguf: Path):
     """Our Q4_1/Q8_0 quantized matmuls vs transformers' float32 model dequantized from the
     same file: the same weights, so only float32 rounding differs. Measured: max abs diff
     7e-5 on logits up to ~28 in magnitude, top-1 equal at every step. Also proves the q/k
@@ -103,13 +88,14 @@ def test_logits_match_transformers_dequantized(
     import torch
     from transformers import AutoModelForCausalLM
 
-    seen = capture_logits(monkeypatch)
     prompt = smol.tokenizer.encode(
         "The capital city of France is Paris. The capital city of Italy is Rome. "
         "The capital of Japan is"
     )
-    out = smol.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    with captured_logits() as seen:
+        out = smol.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     tokens = out[0]["token_ids"]
+    assert len(seen) == 6  # the prefill and each decode, or the loop below checks nothing
     hf = AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
@@ -235,15 +221,14 @@ def write_gguf(
     return path
 
 
-def engine_logits(path: Path, prompt: list[int], monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
-    seen = capture_logits(monkeypatch)
-    llm = LLM(str(path), kv_cache_gb=0.05, dtype="float32")
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    monkeypatch.undo()
+def engine_logits(path: Path, prompt: list[int]) -> np.ndarray:
+    llm = LLM(str(path), dtype="float32", **SMALL_KV)
+    with captured_logits() as seen:
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     return np.concatenate(seen)
 
 
-PROMPT = np.random.default_rng(7).integers(0, 50000, 29).tolist()
+PROMPT = random_ids(29, seed=7)
 
 
 @pytest.mark.parametrize("fixture, arch", [("llama_tiny", "llama"), ("qwen2_tiny", "qwen2")])
@@ -252,14 +237,13 @@ def test_f32_gguf_equals_the_safetensors_checkpoint(
     arch: str,
     request: pytest.FixtureRequest,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ):
     """Names, config from metadata, q/k un-permutation (llama), biases (qwen2), tied or
     untied head and the GPT-2 tokenizer, all from the file alone."""
     model_dir = request.getfixturevalue(fixture)
     path = write_gguf(tmp_path / "m.gguf", model_dir, arch, gguf_tensors(model_dir, arch))
-    expected = engine_logits(model_dir, PROMPT, monkeypatch)
-    np.testing.assert_allclose(engine_logits(path, PROMPT, monkeypatch), expected, atol=1e-4)
+    expected = engine_logits(model_dir, PROMPT)
+    np.testing.assert_allclose(engine_logits(path, PROMPT), expected, atol=1e-4)
 
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -270,9 +254,7 @@ def test_f32_gguf_equals_the_safetensors_checkpoint(
         assert ours.encode(text) == reference.encode(text).ids, text
 
 
-def test_quantized_types_match_their_dequantized_values(
-    llama_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_quantized_types_match_their_dequantized_values(llama_tiny: Path, tmp_path: Path):
     """Q4_0, Q4_1 and Q8_0 tensors run through MLX's quantized matmul / embedding and give
     the logits of gguf-py's reference dequantization of the same blocks."""
     import gguf as gg
@@ -297,8 +279,8 @@ def test_quantized_types_match_their_dequantized_values(
     assert loaded.model.embed_tokens.bits == 8 and loaded.model.lm_head.bits == 4
     assert loaded.model.layers[0].self_attn.q_proj.group_size == 32
     np.testing.assert_allclose(
-        engine_logits(quantized, PROMPT, monkeypatch),
-        engine_logits(reference, PROMPT, monkeypatch),
+        engine_logits(quantized, PROMPT),
+        engine_logits(reference, PROMPT),
         atol=1e-4,
     )
 

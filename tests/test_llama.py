@@ -6,54 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
 import pytest
+from helpers import SMALL_KV, check_parity, random_ids
 
-import nanovllm_mlx.engine.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.loading.loader import build_model
 
 STEPS = 10
 GREEDY = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
-SMALL = {"kv_cache_gb": 0.05, "dtype": "float32"}
-
-
-def capture_logits(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
-    seen: list[np.ndarray] = []
-    real = model_runner.sample
-
-    def spy(logits: mx.array, seqs, *args):
-        seen.append(np.array(logits.astype(mx.float32)))
-        return real(logits, seqs, *args)
-
-    monkeypatch.setattr(model_runner, "sample", spy)
-    return seen
-
-
-def prompt_ids(n: int, seed: int = 0) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
-
-
-def check_parity(
-    path: Path, prompt: list[int], monkeypatch: pytest.MonkeyPatch, atol: float = 1e-4
-) -> None:
-    """Prefill and every decode step's logits within atol (+1e-4 relative) of transformers
-    on the whole sequence, and the same greedy tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    seen = capture_logits(monkeypatch)
-    out = LLM(str(path), **SMALL).generate([prompt], GREEDY)[0]
-    assert len(seen) == STEPS
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt + out["token_ids"]])).logits[0].numpy()
-    for step, logits in enumerate(seen):  # step 0 is the prefill
-        np.testing.assert_allclose(
-            logits[0], ref[len(prompt) - 1 + step], atol=atol, rtol=1e-4, err_msg=f"step {step}"
-        )
-    assert out["token_ids"] == ref[len(prompt) - 1 : -1].argmax(-1).tolist()
+SMALL = {**SMALL_KV, "dtype": "float32"}
 
 
 @pytest.mark.parametrize(
@@ -65,9 +26,9 @@ def check_parity(
     ],
 )
 def test_matches_transformers_prefill_and_decode(
-    fixture: str, length: int, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    fixture: str, length: int, request: pytest.FixtureRequest
 ):
-    check_parity(request.getfixturevalue(fixture), prompt_ids(length), monkeypatch)
+    check_parity(request.getfixturevalue(fixture), random_ids(length), STEPS)
 
 
 def _with_config(src: Path, dst: Path, **changes: object) -> Path:
@@ -87,21 +48,19 @@ def _with_config(src: Path, dst: Path, **changes: object) -> Path:
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
     ],
 )
-def test_rope_scaling_variants(
-    scaling: dict, llama_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_rope_scaling_variants(scaling: dict, llama_tiny: Path, tmp_path: Path):
     path = _with_config(llama_tiny, tmp_path / "model", rope_scaling=scaling)
     # YaRN scales attention logits by ~1.3 (its mscale squared): measured max abs diff
     # 1.2e-4 there against 5e-5 for the plain rotation, so it gets 2e-4.
     atol = 2e-4 if scaling["rope_type"] == "yarn" else 1e-4
-    check_parity(path, prompt_ids(200, seed=1), monkeypatch, atol)
+    check_parity(path, random_ids(200, seed=1), STEPS, atol)
 
 
 def test_batched_prompts_at_different_positions_match_alone(llama3_tiny: Path):
     # Rotary positions are per token: a decode at position 250 and a prefill chunk starting
     # at 0 share one step.
     llm = LLM(str(llama3_tiny), **SMALL)
-    prompts = [prompt_ids(n, seed=n) for n in (250, 3, 40, 1)]
+    prompts = [random_ids(n, seed=n) for n in (250, 3, 40, 1)]
     together = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, together):
         assert out["token_ids"] == llm.generate([prompt], GREEDY)[0]["token_ids"]
@@ -111,7 +70,7 @@ def test_mistral_sliding_window_caps_the_context(llama_tiny: Path, tmp_path: Pat
     path = _with_config(llama_tiny, tmp_path / "m", model_type="mistral", sliding_window=128)
     llm = LLM(str(path), **SMALL)
     assert llm.engine.max_model_len == 128
-    assert len(llm.generate([prompt_ids(20)], GREEDY)[0]["token_ids"]) == STEPS
+    assert len(llm.generate([random_ids(20)], GREEDY)[0]["token_ids"]) == STEPS
 
 
 @pytest.mark.parametrize(

@@ -9,28 +9,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from helpers import captured_logits, random_ids
 
-import nanovllm_mlx.engine.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.loading.quantize import save_quantized
 
 ONE = SamplingParams(temperature=0.0, max_tokens=1)
 SMALL = {"kv_cache_gb": 0.02, "dtype": "float32"}
-PROMPTS = [np.random.default_rng(n).integers(0, 50000, n).tolist() for n in (1, 5, 20, 60)]
+PROMPTS = [random_ids(n, seed=n) for n in (1, 5, 20, 60)]
 
 
-def logits_of(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+def logits_of(llm: LLM) -> np.ndarray:
     """Next-token logits of each of PROMPTS, [len(PROMPTS), vocab]."""
-    seen: list[np.ndarray] = []
-    real = model_runner.sample
-
-    def spy(logits: mx.array, seqs, *args):
-        seen.append(np.array(logits.astype(mx.float32)))
-        return real(logits, seqs, *args)
-
-    with monkeypatch.context() as m:
-        m.setattr(model_runner, "sample", spy)
+    with captured_logits() as seen:
         llm.generate(PROMPTS, ONE)
     return np.concatenate(seen)
 
@@ -44,9 +36,7 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_gpt2_computes_its_dequantized_weights(
-    bits: int, gpt2_tiny: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_quantized_gpt2_computes_its_dequantized_weights(bits: int, gpt2_tiny: Path):
     """The quantized model (tied head through QuantizedEmbedding.as_linear) gives the logits
     of the float model holding the dequantized weights, to float32 rounding; and its
     distance to the float32 model is the quantization noise, bounded below. Measured on
@@ -56,11 +46,11 @@ def test_quantized_gpt2_computes_its_dequantized_weights(
     quantized = LLM(str(gpt2_tiny), quantize=bits, quantize_group_size=64, **SMALL)
     layers = quantized_layers(quantized.engine.model_runner.model)
     assert {"wte", "h.0.attn.c_attn", "h.1.mlp.c_proj"} <= set(layers)
-    got = logits_of(quantized, monkeypatch)
+    got = logits_of(quantized)
 
     # No prefix caching: the second pass must recompute the K/V with the new weights.
     exact = LLM(str(gpt2_tiny), enable_prefix_caching=False, **SMALL)
-    float_logits = logits_of(exact, monkeypatch)
+    float_logits = logits_of(exact)
     exact.engine.model_runner.model.update(
         nn.utils.tree_unflatten(
             [
@@ -69,7 +59,7 @@ def test_quantized_gpt2_computes_its_dequantized_weights(
             ]
         )
     )
-    np.testing.assert_allclose(got, logits_of(exact, monkeypatch), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, logits_of(exact), atol=1e-4, rtol=1e-4)
 
     rel = np.linalg.norm(got - float_logits) / np.linalg.norm(float_logits)
     corr = np.corrcoef(got.ravel(), float_logits.ravel())[0, 1]
@@ -110,9 +100,7 @@ def test_nothing_quantizable_is_a_clear_error():
 
 
 @pytest.mark.parametrize("fixture", ["gpt2_tiny", "qwen2_tiny"])
-def test_save_quantized_round_trip(
-    fixture: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_save_quantized_round_trip(fixture: str, request: pytest.FixtureRequest, tmp_path: Path):
     src = request.getfixturevalue(fixture)
     dst = save_quantized(src, tmp_path / "q4", bits=4, group_size=32, dtype="float32")
     config = json.loads((dst / "config.json").read_text())
@@ -124,7 +112,7 @@ def test_save_quantized_round_trip(
     reloaded = LLM(str(dst), **SMALL)
     assert quantized_layers(reloaded.engine.model_runner.model)
     at_load = LLM(str(src), quantize=4, quantize_group_size=32, **SMALL)
-    np.testing.assert_array_equal(logits_of(reloaded, monkeypatch), logits_of(at_load, monkeypatch))
+    np.testing.assert_array_equal(logits_of(reloaded), logits_of(at_load))
     assert reloaded.tokenizer.encode("Hello world") == at_load.tokenizer.encode("Hello world")
 
     with pytest.raises(ValueError, match="already quantized"):

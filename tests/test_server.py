@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from helpers import SMALL_KV
 
 from nanovllm_mlx.serving.app import create_app
 
@@ -47,7 +48,7 @@ def serving(app) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def app(gpt2_tiny: Path):
-    return create_app(str(gpt2_tiny), kv_cache_gb=0.05)
+    return create_app(str(gpt2_tiny), **SMALL_KV)
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +346,7 @@ def test_engine_step_failure_is_a_500_and_serving_goes_on(app, client: openai.Op
 
 
 def test_api_key_required_and_accepted(gpt2_tiny: Path):
-    app = create_app(str(gpt2_tiny), api_key=API_KEY, kv_cache_gb=0.05, max_model_len=64)
+    app = create_app(str(gpt2_tiny), api_key=API_KEY, max_model_len=64, **SMALL_KV)
     with serving(app) as url:
         r = httpx.get(f"{url}/v1/models")
         error = r.json()["error"]

@@ -1,0 +1,162 @@
+"""Every fixture by name: its builder, its parameters, and the stamp whose hash decides
+when a cached directory is stale.
+
+Adding an architecture: a builder module next to llama.py / qwen2.py (usually a config
+field set plus a call to causal_lm.build_causal_lm), a parameter dict here and a Recipe in
+:func:`recipes`. The conftest gives every recipe a session fixture named after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import gpt2, llama, qwen2, weights
+from .tokenizer import GPT2_VOCAB
+
+# Bump when a builder's output changes for unchanged parameters (code changes are not hashed).
+FIXTURE_VERSION = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    build: Callable[[Path, dict[str, Any]], None]
+    params: dict[str, Any]
+    default: bool = True  # part of the default set built by main() / the session fixtures
+    uses_torch: bool = True  # False: skip importing torch/transformers (~3 s) for this one
+
+    def stamp(self) -> dict[str, Any]:
+        """Everything the output depends on, other than code (that is FIXTURE_VERSION)."""
+        return {
+            "name": self.name,
+            "fixture_version": FIXTURE_VERSION,
+            "params": self.params,
+            "init": weights.init_params() if self.uses_torch else None,
+        }
+
+    def digest(self) -> str:
+        blob = json.dumps(self.stamp(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_GPT2_TINY = {
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_positions": 512,
+    "vocab_size": GPT2_VOCAB,
+    "seed": 1234,
+}
+_GPT2_SMALL = {
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_positions": 1024,
+    "vocab_size": GPT2_VOCAB,
+    "seed": 124,
+}
+_LLAMA_TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "vocab_size": GPT2_VOCAB,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "seed": 4321,
+}
+_LLAMA3_TINY = {
+    **_LLAMA_TINY,
+    # Real Llama 3 theta; with head_dim 16 and original_max 256 the inverse frequencies hit
+    # all three llama3 branches (kept, smoothly interpolated, divided by factor).
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+    },
+    "tie_word_embeddings": True,
+    "seed": 5678,
+}
+# SmolLM2-135M's shape (30 layers, GQA 9/3, tied head) with random weights, for
+# benchmarks that must run where the real GGUF cannot be carried (the GPU machine).
+_SMOLLM2_SHAPE = {
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "seed": 135,
+}
+_QWEN2_TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    # Padded past the tokenizer (GPT-2 + 2 ChatML tokens = 50259) like Qwen's 151936 vs
+    # 151665; the padding rows are zero so a random model never argmaxes into them.
+    "vocab_size": 50304,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "seed": 8765,
+}
+
+
+def _transformers_version() -> str:
+    # save_pretrained output depends on it; metadata lookup avoids importing transformers.
+    return importlib.metadata.version("transformers")
+
+
+def recipes() -> dict[str, Recipe]:
+    tv = _transformers_version()
+    listed = [
+        Recipe("gpt2-tiny", gpt2.build_gpt2_hub, {**_GPT2_TINY, "verify": True}),
+        Recipe("gpt2-tiny-hf5", gpt2.build_gpt2_hf5, {**_GPT2_TINY, "transformers": tv}),
+        Recipe(
+            "gpt2-tiny-sharded",
+            gpt2.build_gpt2_sharded,
+            {**_GPT2_TINY, "max_shard_bytes": 2 * 1024 * 1024},
+        ),
+        Recipe("gpt2-corrupt", gpt2.build_gpt2_corrupt, {**_GPT2_TINY, "keep_bytes": 1000}),
+        Recipe("gpt2-no-weights", gpt2.build_gpt2_no_weights, dict(_GPT2_TINY), uses_torch=False),
+        Recipe("llama-tiny", llama.build_llama, {**_LLAMA_TINY, "transformers": tv}),
+        Recipe("llama3-tiny", llama.build_llama_classic, {**_LLAMA3_TINY, "transformers": tv}),
+        Recipe("qwen2-tiny", qwen2.build_qwen2, {**_QWEN2_TINY, "transformers": tv}),
+        Recipe(
+            "gpt2-small-shape",
+            gpt2.build_gpt2_hub,
+            {**_GPT2_SMALL, "verify": False},
+            default=False,
+        ),
+        Recipe(
+            "smollm2-135m-shape",
+            llama.build_llama,
+            {**_SMOLLM2_SHAPE, "transformers": tv},
+            default=False,
+        ),
+    ]
+    return {r.name: r for r in listed}
+
+
+def fixture_names(include_lazy: bool = False) -> list[str]:
+    return [n for n, r in recipes().items() if include_lazy or r.default]
