@@ -10,7 +10,9 @@ class Config:
     model: str = ""
     dtype: str = "auto"  # auto: float32 on CPU (fast BLAS), the checkpoint's dtype on a GPU
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    # Most tokens one step computes. None: measured at start-up, what the device prefills
+    # in ~0.25 s (engine/budget.py), at most 4096.
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None  # default: the model's context length
     block_size: int = 16
     kv_cache_gb: float | None = None  # default: derived from the device's memory
@@ -26,6 +28,8 @@ class Config:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
+            if value is None and name == "max_num_batched_tokens":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and (

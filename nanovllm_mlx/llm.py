@@ -44,7 +44,9 @@ class LLM:
             ids = self.engine.add_requests(prompts, params)
         except InvalidRequestError as e:
             raise InvalidRequestError(f"prompt {e.index}: {e}", e.param, e.code) from e
-        results = {i: {"text": "", "token_ids": [], "finish_reason": None} for i in ids}
+        results = {
+            i: {"text": "", "token_ids": [], "finish_reason": None, "error": None} for i in ids
+        }
         for outputs in self.engine.iterate(ids):
             for out in outputs:
                 result = results[out.request_id]
@@ -54,6 +56,7 @@ class LLM:
                     result["finish_reason"] = out.finish_reason
                     result["num_prompt_tokens"] = out.num_prompt_tokens
                     result["num_cached_tokens"] = out.num_cached_tokens
+                    result["error"] = out.error
         return [results[i] for i in ids]
 
     def stream(

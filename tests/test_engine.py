@@ -332,3 +332,50 @@ def test_async_scheduling_gives_the_same_outputs(gpt2_tiny: Path):
             assert stats["steps_ahead_used"] == stats["steps_ahead_dropped"] == 0
         assert stats["kv_blocks_used"] == 0
     assert results[True] == results[False]
+
+
+# Isolation: one request never fails the others ----------------------------------------
+
+
+def test_a_request_that_fails_the_step_fails_alone(llm: LLM, monkeypatch: pytest.MonkeyPatch):
+    import nanovllm_mlx.engine.model_runner as model_runner
+
+    prompts = random_prompts(7, seed=11)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    expected = [o["token_ids"] for o in llm.generate(prompts, params)]
+    # A fault tied to one sequence: sampling any batch holding it raises once it has
+    # 3 tokens. The engine must find it by retrying halves and fail it alone.
+    poison = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, seed=666)
+    real = model_runner.sample
+
+    def sample(logits, seqs, *args):
+        if any(s.params.seed == 666 and s.num_output_tokens >= 3 for s in seqs):
+            raise RuntimeError("injected fault")
+        return real(logits, seqs, *args)
+
+    monkeypatch.setattr(model_runner, "sample", sample)
+    outs = llm.generate(
+        prompts[:4] + [prompts[0]] + prompts[4:], [params] * 4 + [poison] + [params] * 3
+    )
+    bad = outs.pop(4)
+    assert bad["finish_reason"] == "error" and "injected fault" in bad["error"]
+    assert len(bad["token_ids"]) == 3
+    assert [o["token_ids"] for o in outs] == expected
+    assert all(o["finish_reason"] == "length" and o["error"] is None for o in outs)
+    stats = llm.stats()
+    assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
+
+
+def test_top_k_beyond_the_vocabulary_is_clamped(llm: LLM):
+    sampled = SamplingParams(temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
+    huge = SamplingParams(temperature=1.0, seed=5, max_tokens=8, ignore_eos=True, top_k=10**6)
+    want = llm.generate(["Hello"], sampled)[0]["token_ids"]
+    assert llm.generate(["Hello"], huge)[0]["token_ids"] == want
+    assert huge.top_k == 10**6  # the caller's params are not modified
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(llm: LLM):
+    with pytest.raises(ValueError, match="stop_token_ids") as e:
+        llm.engine.add_request("hi", SamplingParams(stop_token_ids=[llm.engine.vocab_size]))
+    assert e.value.param == "stop_token_ids"
+    assert not llm.engine.has_unfinished_requests()

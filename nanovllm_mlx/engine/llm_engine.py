@@ -11,13 +11,15 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import mlx.core as mx
 
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine import memory
 from nanovllm_mlx.engine.block_manager import BlockManager
+from nanovllm_mlx.engine.budget import PROBE_TOKENS, measure_step_budget
+from nanovllm_mlx.engine.isolation import run_isolating
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
 from nanovllm_mlx.engine.scheduler import Scheduler
@@ -50,13 +52,16 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
+        self.model_runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or measure_step_budget(
+            self.model_runner, max(config.max_num_seqs, PROBE_TOKENS), self.max_model_len
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
-            config.max_num_batched_tokens,
+            self.max_num_batched_tokens,
             self.max_model_len,
         )
-        self.model_runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.async_scheduling = config.async_scheduling
         if self.async_scheduling is None:
@@ -81,6 +86,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"params must be SamplingParams, got {type(params).__name__}"
             )
+        params = self._fit_params(params)
         token_ids = self._tokenize(prompt)
         if len(token_ids) >= self.max_model_len:
             raise ContextLengthError(
@@ -112,6 +118,19 @@ class LLMEngine:
             raise
         return ids
 
+    def _fit_params(self, params: SamplingParams) -> SamplingParams:
+        """What SamplingParams cannot check without the model: token ids against the
+        vocabulary, and top_k clamped to it (as vLLM does; a larger k means all tokens)."""
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"stop_token_ids {bad[:5]} are not token ids in [0, {self.vocab_size})",
+                "stop_token_ids",
+            )
+        if params.top_k > self.vocab_size:
+            params = replace(params, top_k=self.vocab_size)
+        return params
+
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
@@ -137,7 +156,7 @@ class LLMEngine:
             return
         self.scheduler.finish(seq, "abort")
         if seq.request_id in self._watched:
-            self._watched[seq.request_id].append(self.output_processor.abort_output(seq))
+            self._watched[seq.request_id].append(self.output_processor.ended_output(seq, "abort"))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -151,10 +170,14 @@ class LLMEngine:
         if not batch:
             return []
         look_ahead = self.async_scheduling and self.scheduler.reserve_ahead(batch)
-        tokens, logprobs = self.model_runner.run(batch, look_ahead)
-        sampled = self.scheduler.postprocess(batch, tokens)
-        self.step_stats.record(start, batch, len(sampled))  # before finish() frees blocks
-        outputs, finished = self.output_processor.process(sampled, logprobs)
+        ran = run_isolating(self.model_runner, batch, look_ahead)
+        sampled = self.scheduler.postprocess(ran.batch, ran.tokens)
+        self.step_stats.record(start, ran.batch, len(sampled))  # before finish() frees blocks
+        outputs, finished = self.output_processor.process(sampled, ran.logprobs)
+        for item, error in ran.failed:
+            self.output_processor.pop(item.seq.request_id)
+            outputs.append(self.output_processor.ended_output(item.seq, "error", error))
+            finished.append((item.seq, "error"))
         for seq, reason in finished:
             self.scheduler.finish(seq, reason)
         for out in outputs:
@@ -224,6 +247,7 @@ class LLMEngine:
             "kv_blocks_total": blocks.num_blocks,
             "kv_blocks_cached": blocks.cached,
             "block_size": self.config.block_size,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
             "prefix_hit_tokens": blocks.prefix_hit_tokens,
             "prefix_hit_rate": blocks.prefix_hit_rate,
             "preemptions": self.scheduler.num_preemptions,

@@ -134,6 +134,15 @@ class ModelRunner:
         sampling entry, in batch order. With look_ahead (an all-decode batch whose next
         step the scheduler has reserved blocks for), also launch the next step before
         waiting for this one."""
+        try:
+            return self._run(batch, look_ahead)
+        except BaseException:
+            self._ahead = None  # a launch fed by a failed step must never be used
+            raise
+
+    def _run(
+        self, batch: list[ScheduledSeq], look_ahead: bool
+    ) -> tuple[list[int], list[float] | None]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.key == _batch_key(batch, 0):
             launched = ahead.launched

@@ -1,8 +1,9 @@
 """Sampled tokens in, text deltas out; the one place that decides when a request ends.
 
 A request ends on a stop token id, on EOS (unless ignore_eos), on a stop string, or when
-it reaches max_tokens or the context length (Sequence.tokens_left); an abort ends it
-from outside. The scheduler only retires the sequences this module says are done.
+it reaches max_tokens or the context length (Sequence.tokens_left); an abort or an
+engine failure confined to it ends it from outside ("abort", "error"). The scheduler only
+retires the sequences this module says are done.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int
     logprobs: list[float] | None = None
+    error: str | None = None  # why the engine failed this request (finish_reason "error")
 
 
 def token_finish_reason(seq: Sequence, eos_token_ids: set[int], max_model_len: int) -> str | None:
@@ -80,25 +82,30 @@ class OutputProcessor:
             state = self._states[seq.request_id]
             if logprobs is not None:
                 state.logprobs.append(logprobs[i])
-            out = self._output(state)
+            try:
+                out = self._output(state)
+            except Exception as e:  # a detokenizer fault: this request's alone
+                out = self.ended_output(seq, "error", f"detokenizing failed: {e!r}")
             outputs.append(out)
             if out.finished:
                 del self._states[seq.request_id]
                 finished.append((seq, out.finish_reason))
         return outputs, finished
 
-    def abort_output(self, seq: Sequence) -> RequestOutput:
-        """The last output of a request ended from outside: no new text."""
+    def ended_output(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        """The last output of a request ended from outside (an abort, an engine failure
+        confined to it): no new text."""
         return RequestOutput(
             request_id=seq.request_id,
             text="",
             token_ids=[],
             finished=True,
-            finish_reason="abort",
+            finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=[] if seq.params.logprobs else None,
+            error=error,
         )
 
     def _output(self, state: _RequestState) -> RequestOutput:

@@ -45,7 +45,9 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
-        # Running sequences first, oldest first: decodes never wait behind new prompts.
+        # Running sequences first, oldest first: decodes never wait behind new prompts. (A
+        # prompt still being prefilled is always the newest: its chunk took what was left
+        # of the budget, so nothing was admitted after it.)
         scheduled: list[Sequence] = []
         queue = deque(self.running)
         while queue and budget > 0:

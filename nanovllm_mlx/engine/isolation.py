@@ -1,0 +1,68 @@
+"""A step that raises is narrowed down to the sequences that cause it.
+
+One request must never fail everyone: a parameter the sampler cannot handle, a prompt
+that trips a kernel. When the model runner raises on a batch, the batch is split in
+halves and each half is run again, recursively, until the sequences that fail alone are
+found; only those fail. A failure that no single sequence causes (one that only the whole
+batch hits) ends with every half succeeding, so nobody fails. Re-running writes the same
+K/V into the same slots, so the retries leave the cache as a clean run would.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.engine.scheduler import ScheduledSeq
+
+logger = logging.getLogger("nanovllm_mlx.engine")
+
+
+@dataclass(slots=True)
+class StepResult:
+    batch: list[ScheduledSeq]  # the entries that ran, in batch order
+    tokens: list[int]  # one per sampling entry of batch
+    logprobs: list[float] | None
+    failed: list[tuple[ScheduledSeq, str]] = field(default_factory=list)  # (entry, error)
+
+
+def run_isolating(runner: ModelRunner, batch: list[ScheduledSeq], look_ahead: bool) -> StepResult:
+    try:
+        tokens, logprobs = runner.run(batch, look_ahead)
+        return StepResult(batch, tokens, logprobs)
+    except Exception as e:
+        logger.warning("a step of %d sequences failed (%r); isolating the cause", len(batch), e)
+        result = _bisect(runner, batch, e)
+        for item, error in result.failed:
+            logger.error("request %s failed: %s", item.seq.request_id, error)
+        return result
+
+
+def _bisect(runner: ModelRunner, batch: list[ScheduledSeq], error: Exception) -> StepResult:
+    if len(batch) == 1:
+        message = f"the engine failed on this request: {error!r}"
+        return StepResult([], [], None, [(batch[0], message)])
+    mid = len(batch) // 2
+    parts = []
+    for half in (batch[:mid], batch[mid:]):
+        try:
+            tokens, logprobs = runner.run(half)
+            parts.append(StepResult(half, tokens, logprobs))
+        except Exception as e:
+            parts.append(_bisect(runner, half, e))
+    return _merge(parts)
+
+
+def _merge(parts: list[StepResult]) -> StepResult:
+    merged = StepResult([], [], None)
+    want_logprobs = any(p.logprobs is not None for p in parts)
+    logprobs: list[float] = []
+    for p in parts:
+        merged.batch += p.batch
+        merged.tokens += p.tokens
+        merged.failed += p.failed
+        # A half with no row asking for logprobs has none; its placeholders are never read.
+        logprobs += p.logprobs if p.logprobs is not None else [float("nan")] * len(p.tokens)
+    merged.logprobs = logprobs if want_logprobs else None
+    return merged
