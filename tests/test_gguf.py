@@ -12,7 +12,8 @@ from helpers import SMALL_KV, captured_logits, random_ids
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.loading import loader
-from nanovllm_mlx.loading.gguf import reader as gguf
+from nanovllm_mlx.loading.gguf import reader as gguf_reader
+from nanovllm_mlx.loading.gguf import tokenizer as gguf_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
 
@@ -247,8 +248,8 @@ def test_f32_gguf_equals_the_safetensors_checkpoint(
 
     from tokenizers import Tokenizer as HFTokenizer
 
-    weights, metadata = gguf.read_gguf(path)
-    ours = gguf.tokenizer_from_metadata(metadata, path)
+    weights, metadata = gguf_reader.read_gguf(path)
+    ours = gguf_tokenizer.tokenizer_from_metadata(metadata, path)
     reference = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
     for text in CORPUS:
         assert ours.encode(text) == reference.encode(text).ids, text

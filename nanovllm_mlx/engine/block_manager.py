@@ -32,7 +32,6 @@ class Block:
 class BlockStats:
     num_blocks: int
     used: int
-    free: int
     cached: int
     prefix_hit_tokens: int
     prefix_query_tokens: int
@@ -74,7 +73,6 @@ class BlockManager:
         return BlockStats(
             num_blocks=self.num_blocks,
             used=self.num_blocks - self.num_free_blocks,
-            free=self.num_free_blocks,
             cached=cached,
             prefix_hit_tokens=self.prefix_hit_tokens,
             prefix_query_tokens=self.prefix_query_tokens,

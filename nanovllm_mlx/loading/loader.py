@@ -9,8 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from nanovllm_mlx.loading import download
-from nanovllm_mlx.loading.gguf import reader as gguf
+from nanovllm_mlx.loading import download, gguf
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import gpt2, llama
 
@@ -196,10 +195,7 @@ def load_hf_dir(
 def load_gguf(
     path: Path, dtype: str = "auto", quantize: int | None = None, group_size: int = 64
 ) -> LoadedModel:
-    weights, metadata = gguf.read_gguf(path)
-    config = gguf.config_from_metadata(metadata, set(weights), path)
-    tokenizer = gguf.tokenizer_from_metadata(metadata, path)
-    weights = gguf.map_weights(weights, config)  # may add rope_freq_factors to config
+    weights, config, tokenizer = gguf.read_model(path)
     model = build_model(config)
     prequantized = any(k.endswith(".scales") for k in weights)
     quantize_like(model, weights, path)

@@ -1,0 +1,192 @@
+"""The tokenizer a GGUF file describes, rebuilt as a `tokenizers` Tokenizer.
+
+A GGUF carries the vocabulary (and merges for byte-level BPE, scores for SentencePiece),
+token types and the name of the pre-tokenizer; the regexes and normalizers that name
+stands for live in llama.cpp's source, so they are spelled out here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from nanovllm_mlx.loading.gguf.reader import metadata_value as _value
+from nanovllm_mlx.loading.tokenizer import Tokenizer
+
+# Pre-tokenizer split regexes by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp applies
+# them (one after the other, each splitting the pieces of the previous one). These are the
+# tokenizer.json regexes of the original models.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
+    "gpt2": [_GPT2_SPLIT],
+    "gpt-2": [_GPT2_SPLIT],
+    "mpt": [_GPT2_SPLIT],
+    "olmo": [_GPT2_SPLIT],
+    "jais": [_GPT2_SPLIT],
+    "phi-2": [_GPT2_SPLIT],
+    # StarCoder's family: every digit alone, then GPT-2's split.
+    "smollm": [r"\p{N}", _GPT2_SPLIT],
+    "starcoder": [r"\p{N}", _GPT2_SPLIT],
+    "refact": [r"\p{N}", _GPT2_SPLIT],
+    "command-r": [r"\p{N}", _GPT2_SPLIT],
+    "codeshell": [r"\p{N}", _GPT2_SPLIT],
+    "exaone": [r"\p{N}", _GPT2_SPLIT],
+    "minerva-7b": [r"\p{N}", _GPT2_SPLIT],
+    "llama3": [_LLAMA3_SPLIT],
+    "llama-v3": [_LLAMA3_SPLIT],
+    "llama-bpe": [_LLAMA3_SPLIT],
+    "falcon3": [_LLAMA3_SPLIT],
+    "dbrx": [_LLAMA3_SPLIT],
+    "smaug-bpe": [_LLAMA3_SPLIT],
+    "pixtral": [_LLAMA3_SPLIT],
+    "chatglm-bpe": [_LLAMA3_SPLIT],
+    "qwen2": [_QWEN2_SPLIT],
+    "deepseek-r1-qwen": [_QWEN2_SPLIT],
+    "stablelm2": [_QWEN2_SPLIT],
+    "megrez": [_QWEN2_SPLIT],
+}
+# Qwen2's tokenizer.json NFC-normalizes first (llama.cpp does not; the original does).
+_NFC = {"qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"}
+# Llama 3's tokenizer.json sets ignore_merges: a word already in the vocabulary is one token.
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe", "pixtral"}
+# Token texts llama.cpp treats as end of generation besides the EOS id.
+_END_OF_GENERATION = {
+    "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+    "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>",
+}  # fmt: skip
+CONTROL, USER_DEFINED, BYTE = 3, 4, 6
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table of byte-level BPE vocabularies."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _byte_level(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # A few converted vocabularies spell tokens in plain UTF-8: respell them byte-level.
+    vocab = {
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+        for i, t in enumerate(tokens)
+    }
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES, fuse_unk=False))
+    if pre in _NFC:
+        tok.normalizer = normalizers.NFC()
+    splits = PRE_TOKENIZER_SPLITS.get(pre, [_GPT2_SPLIT])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece(tokens: list[str], scores: list[float], add_prefix_space: bool) -> HFTokenizer:
+    """Llama/Mistral's SentencePiece BPE with byte fallback, built as transformers'
+    LlamaTokenizer builds it; a GGUF has no merges for it, so they are rebuilt from the
+    scores (a higher-scored piece merges first)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores):
+        local = [
+            (piece[:k], piece[k:])
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+        ]
+        local.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        merges += [(left, right, score) for left, right in local]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    tok = HFTokenizer(
+        models.BPE(vocab, [(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True)
+    )
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if add_prefix_space else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def tokenizer_from_metadata(metadata: dict, path: Path) -> Tokenizer:
+    """The tokenizer a GGUF describes: vocabulary, merges, special tokens, chat template."""
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ValueError(f"{path}: GGUF metadata holds no tokenizer (tokenizer.ggml.tokens)")
+    types = _value(metadata.get("tokenizer.ggml.token_type")) or [1] * len(tokens)
+    if kind == "gpt2":
+        merges = metadata.get("tokenizer.ggml.merges") or []
+        tok = _byte_level(tokens, merges, metadata.get("tokenizer.ggml.pre", "default"))
+        default_add_bos = False
+        spelled = set(_bytes_to_unicode().values())
+    elif kind == "llama":
+        scores = _value(metadata.get("tokenizer.ggml.scores")) or [0.0] * len(tokens)
+        prefix = metadata.get("tokenizer.ggml.add_space_prefix")
+        tok = _sentencepiece(tokens, scores, True if prefix is None else bool(_value(prefix)))
+        default_add_bos = True  # llama.cpp's default for SentencePiece vocabularies
+        spelled = None
+    else:
+        raise ValueError(
+            f"{path}: unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)"
+        )
+    # Control tokens (<|im_start|>...) match whole and are special; user-defined ones match
+    # whole but are ordinary text. A control token outside the byte alphabet is a llama.cpp
+    # mislabel that no text can produce; transformers skips those too.
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types)
+            if k == CONTROL and (spelled is None or set(t) <= spelled)
+        ]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types)
+            if k == USER_DEFINED
+        ]
+    )
+
+    def token_id(name: str) -> int | None:
+        value = _value(metadata.get(f"tokenizer.ggml.{name}"))
+        return value if isinstance(value, int) and 0 <= value < len(tokens) else None
+
+    bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
+    eos_ids = {eos, token_id("eot_token_id"), token_id("eom_token_id")} - {None}
+    eos_ids |= {i for i, t in enumerate(tokens) if types[i] == CONTROL and t in _END_OF_GENERATION}
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token")
+    add_bos = default_add_bos if add_bos is None else bool(_value(add_bos))
+    special = {
+        name: tokens[i]
+        for name, i in (
+            ("bos_token", bos),
+            ("eos_token", eos),
+            ("unk_token", token_id("unknown_token_id")),
+            ("pad_token", token_id("padding_token_id")),
+        )
+        if i is not None
+    }
+    template = metadata.get("tokenizer.chat_template")
+    return Tokenizer(tok, eos_ids, bos, add_bos, template, special)
