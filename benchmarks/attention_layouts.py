@@ -26,7 +26,7 @@ import mlx.core as mx
 # isort: on
 
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention.gather import _read, gathered_attention
+from nanovllm_mlx.attention.gather import gathered_attention, read_blocks
 from nanovllm_mlx.attention.metadata import PoolLayout
 from nanovllm_mlx.attention.paged import KVCache
 
@@ -97,7 +97,7 @@ def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> d
         "head-major gather+" + ("matmul" if mx.default_device() == mx.cpu else "sdpa"): head_matmul,
         "gather only": lambda: [token_gather(p) for p in token_major],
         "head-major slot gather": lambda: [mx.take(c.k, slots, axis=1) for c in head_major],
-        "head-major block gather": lambda: [_read(c.k, rows, b, bs) for c in head_major],
+        "head-major block gather": lambda: [read_blocks(c.k, rows, b, bs) for c in head_major],
         "dense (mlx-lm)": dense_sdpa,
     }
     if cuda_attention.available():
