@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import closing
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import closing, nullcontext
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 from rich.console import Console, Group
@@ -45,19 +45,44 @@ class Answer:
 
 def build_inputs(
     llm: LLM, prompts: list[str], use_chat: bool, system: str | None
-) -> list[str | list[int]]:
+) -> list[list[int]]:
     if not use_chat:
-        return list(prompts)
+        return [llm.tokenizer.encode(p) for p in prompts]
     head = [{"role": "system", "content": system}] if system else []
     return [llm.tokenizer.encode_chat([*head, {"role": "user", "content": p}]) for p in prompts]
 
 
-def drive(engine: LLMEngine, answers: list[Answer]) -> Iterator[tuple[Answer, str]]:
+def fit_max_tokens(
+    engine: LLMEngine, inputs: list[list[int]], params: SamplingParams
+) -> tuple[list[SamplingParams], list[str]]:
+    """One SamplingParams per prompt, max_tokens capped to the room its context leaves
+    (the engine would stop there anyway); notes saying so, for --verbose."""
+    fitted, notes = [], []
+    for i, ids in enumerate(inputs):
+        room = engine.max_model_len - len(ids)
+        if 0 < room < params.max_tokens:
+            fitted.append(replace(params, max_tokens=room))
+            which = f" for prompt {i + 1}" if len(inputs) > 1 else ""
+            notes.append(
+                f"max_tokens {params.max_tokens} capped to {room}{which}: the model's context "
+                f"is {engine.max_model_len} tokens and the prompt has {len(ids)}"
+            )
+        else:
+            fitted.append(params)  # a prompt that fills the context is the engine's error
+    return fitted, notes
+
+
+def drive(
+    engine: LLMEngine, answers: list[Answer], on_step: Callable[[], None] | None = None
+) -> Iterator[tuple[Answer, str]]:
     """Run the answers' requests to the end; yield (answer, displayable delta) as they
-    come. Leaving early (Ctrl-C, an error) aborts what is still running."""
+    come, and call on_step after every step. Leaving early (Ctrl-C, an error) aborts what
+    is still running."""
     by_id = {a.request_id: a for a in answers}
     with closing(engine.iterate(by_id)) as steps:
         for outputs in steps:
+            if on_step is not None:
+                on_step()
             now = time.perf_counter()
             for out in outputs:
                 answer = by_id[out.request_id]
@@ -76,12 +101,26 @@ def label(answer: Answer, total: int) -> str:
     return f"[{answer.index + 1}/{total}] {sanitize(answer.prompt)}"
 
 
-def stream_one(engine: LLMEngine, answer: Answer) -> None:
+def stream_one(engine: LLMEngine, answer: Answer, err: Console) -> None:
+    """The answer streamed to stdout; on a terminal, a spinner on stderr until the first
+    token says how far the prompt's prefill has got."""
     out = sys.stdout
-    for _, delta in drive(engine, [answer]):
-        if delta:
-            out.write(delta)
-            out.flush()
+    status = err.status("prefilling the prompt…", spinner="dots") if err.is_terminal else None
+
+    def show_progress() -> None:
+        progress = engine.progress(answer.request_id)
+        if status is not None and progress is not None and answer.first_token_at is None:
+            done, total = progress
+            status.update(f"prefilling the prompt: {done:,}/{total:,} tokens…")
+
+    with status or nullcontext():
+        for _, delta in drive(engine, [answer], show_progress):
+            if delta:
+                if status is not None:
+                    status.stop()  # the answer takes the terminal from here
+                    status = None
+                out.write(delta)
+                out.flush()
     out.write("\n")
     out.flush()
 
@@ -114,11 +153,18 @@ def live_view(engine: LLMEngine, answers: list[Answer], console: Console) -> Non
                 shown += 1
             now = time.perf_counter()
             if now - last >= REFRESH_S:
-                live.update(_render_live(answers[shown:], total, console), refresh=True)
+                live.update(_render_live(engine, answers[shown:], total, console), refresh=True)
                 last = now
 
 
-def _render_live(answers: list[Answer], total: int, console: Console) -> Group:
+def _waiting_state(engine: LLMEngine, answer: Answer) -> str:
+    progress = engine.progress(answer.request_id)
+    if progress is None or progress[0] == 0:
+        return "waiting"
+    return f"prefill {progress[0] / max(progress[1], 1):.0%}"
+
+
+def _render_live(engine: LLMEngine, answers: list[Answer], total: int, console: Console) -> Group:
     width = max(console.width - 4, 20)
     room = max(console.height // 2 - 1, 1)  # two lines per answer
     lines: list[Text] = []
@@ -128,7 +174,7 @@ def _render_live(answers: list[Answer], total: int, console: Console) -> Group:
             if answer.finished
             else f"{answer.num_output_tokens} tokens"
             if answer.first_token_at
-            else "waiting"
+            else _waiting_state(engine, answer)
         )
         head = Text(label(answer, total)[: width - len(state) - 3], style="bold cyan")
         head.append(f" · {state}", style="dim")
@@ -139,7 +185,14 @@ def _render_live(answers: list[Answer], total: int, console: Console) -> Group:
     return Group(*lines)
 
 
-def verbose_report(err: Console, answers: list[Answer], start: float, end: float) -> None:
+def verbose_report(
+    err: Console,
+    engine: LLMEngine,
+    answers: list[Answer],
+    start: float,
+    end: float,
+    notes: list[str],
+) -> None:
     """mlx-lm's summary lines; batch figures are totals over all requests."""
     prompt_tokens = sum(a.num_prompt_tokens for a in answers)
     cached = sum(a.num_cached_tokens for a in answers)
@@ -148,7 +201,9 @@ def verbose_report(err: Console, answers: list[Answer], start: float, end: float
     prefill_s = max(firsts) - start if firsts else 0.0
     decode_s = end - min(firsts) if firsts else 0.0
     prompt_tps = prompt_tokens / prefill_s if prefill_s > 0 else 0.0
-    gen_tps = output_tokens / decode_s if decode_s > 0 else 0.0
+    # Each answer's first token comes out of its prefill: the rate counts the others.
+    decode_tokens = output_tokens - len(firsts)
+    gen_tps = decode_tokens / decode_s if decode_s > 0 and decode_tokens > 0 else 0.0
     err.print("=" * 10)
     err.print(
         f"Prompt: {prompt_tokens} tokens, {prompt_tps:.3f} tokens-per-sec"
@@ -164,6 +219,14 @@ def verbose_report(err: Console, answers: list[Answer], start: float, end: float
         err.print(f"Time to first token: {firsts[0] - start:.3f} s")
     err.print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
     err.print(f"Backend: {backend.describe()}")
+    err.print(
+        f"Engine: {engine.model_name} ({engine.quantization}), "
+        f"{str(engine.dtype).removeprefix('mlx.core.')}, "
+        f"{engine.max_num_batched_tokens} tokens a step, "
+        f"{engine.stats()['kv_blocks_total']:,} KV blocks of {engine.config.block_size}"
+    )
+    for note in notes:
+        err.print(f"Note: {note}")
 
 
 def run_ask(
@@ -180,19 +243,20 @@ def run_ask(
     if use_chat and not llm.tokenizer.has_chat_template:
         params.stop = [*params.stop, FALLBACK_STOP]
     inputs = build_inputs(llm, prompts, use_chat, system)
+    fitted, notes = fit_max_tokens(engine, inputs, params)
     start = time.perf_counter()
     try:
-        ids = engine.add_requests(inputs, [params] * len(inputs))
+        ids = engine.add_requests(inputs, fitted)
     except InvalidRequestError as e:
         raise InvalidRequestError(
             f"prompt {e.index + 1}: {e}" if len(inputs) > 1 else str(e), e.param, e.code
         ) from e
     answers = [Answer(i, p, rid) for i, (p, rid) in enumerate(zip(prompts, ids))]
     if len(answers) == 1:
-        stream_one(engine, answers[0])
+        stream_one(engine, answers[0], err)
     elif out.is_terminal:
         live_view(engine, answers, out)
     else:
         print_in_order(engine, answers, out)
     if verbose:
-        verbose_report(err, answers, start, time.perf_counter())
+        verbose_report(err, engine, answers, start, time.perf_counter(), notes)

@@ -7,10 +7,13 @@ message is computed.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, nullcontext
+from dataclasses import replace
 from types import FrameType
 
 from rich.console import Console
@@ -32,24 +35,51 @@ HELP = (
 class StopFlag:
     """Turns SIGINT into a flag while an answer streams, so the engine is only ever
     interrupted between steps (a KeyboardInterrupt mid-step could leave it inconsistent).
-    A second Ctrl-C in the same answer raises KeyboardInterrupt as an escape hatch."""
+    A second Ctrl-C in the same answer raises KeyboardInterrupt as an escape hatch.
+
+    Presses are counted through a wakeup fd, one byte per signal: Python runs a handler
+    once for however many signals arrived during a long C call (an engine step), so two
+    quick presses used to count as one and the second never exited."""
 
     def __init__(self) -> None:
         self.hit = False
+        self.presses = 0
         self._previous: object = None
+        self._pipe: tuple[int, int] | None = None
+        self._previous_fd = -1
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.hit:
-            raise KeyboardInterrupt
+        arrived = 1
+        if self._pipe is not None:
+            try:
+                arrived = max(len(os.read(self._pipe[0], 64)), 1)
+            except BlockingIOError:
+                pass
+        self.presses += arrived
         self.hit = True
+        if self.presses >= 2:
+            raise KeyboardInterrupt
 
     def __enter__(self) -> StopFlag:
-        self.hit = False
+        self.hit, self.presses = False, 0
+        try:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._previous_fd = signal.set_wakeup_fd(w)
+            self._pipe = (r, w)
+        except (OSError, ValueError):  # not the main thread: count handler calls only
+            self._pipe = None
         self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         signal.signal(signal.SIGINT, self._previous)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_fd)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
 
 
 class ChatSession:
@@ -91,6 +121,13 @@ class ChatSession:
             except KeyboardInterrupt:
                 self.out.print("\n[dim](/exit or Ctrl-D to leave)[/]")
                 continue
+            except UnicodeDecodeError as e:
+                self.out.print(
+                    f"[bold red]error:[/] that line is not valid UTF-8 (byte "
+                    f"0x{e.object[e.start : e.start + 1].hex()}); set a UTF-8 locale "
+                    "(LANG=C.UTF-8) or type it again"
+                )
+                continue
             text = line.strip()
             if not text:
                 continue
@@ -108,6 +145,7 @@ class ChatSession:
         if name == "/reset":
             self.messages = list(self.head)
             self.turns = 0
+            self.last = {}
             self.out.print("[dim](conversation cleared)[/]")
         elif name == "/stats":
             self.show_stats()
@@ -121,7 +159,11 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             prompt = self.llm.tokenizer.encode_chat(self.messages)
-            request_id = self.engine.add_request(prompt, self.params)
+            room = self.engine.max_model_len - len(prompt)
+            params = self.params
+            if 0 < room < params.max_tokens:  # the engine would stop there anyway
+                params = replace(params, max_tokens=room)
+            request_id = self.engine.add_request(prompt, params)
         except ValueError as e:
             # Typically the conversation outgrew the context: keep the history as it was.
             self.messages.pop()
@@ -143,37 +185,53 @@ class ChatSession:
         cached = outputs_n = 0
         stopped = False
         write = sys.stdout.write
-        with StopFlag() as flag, closing(self.engine.iterate([request_id])) as steps:
+        status = (
+            self.out.status("prefilling the prompt…", spinner="dots")
+            if self.out.is_terminal
+            else None
+        )
+        with (
+            StopFlag() as flag,
+            quiet_ctrl_c(),
+            status or nullcontext(),
+            closing(self.engine.iterate([request_id])) as steps,
+        ):
             for outputs in steps:
                 for out in outputs:
                     if out.token_ids:
                         first = first or time.perf_counter()
                     cached, outputs_n = out.num_cached_tokens, out.num_output_tokens
                     delta = sanitize(out.text.lstrip() if not answer else out.text)
+                    if delta and status is not None:
+                        status.stop()  # the answer takes the terminal from here
+                        status = None
                     answer += delta
                     write(delta)
                     sys.stdout.flush()
                 if flag.hit:
                     stopped = True  # leaving the loop closes the iterator: an abort
                     break
+                if status is not None and (progress := self.engine.progress(request_id)):
+                    status.update(f"prefilling the prompt: {progress[0]:,}/{progress[1]:,} tokens…")
         write("\n")
         if stopped:
             self.out.print("[stopped]", style="dim", markup=False)
         end = time.perf_counter()
+        # The first token comes out of the prefill: the rate counts the ones after it.
         decode_s = end - first if first else 0.0
+        tok_s = (outputs_n - 1) / decode_s if outputs_n > 1 and decode_s > 0 else None
         self.last = {
             "prompt_tokens": prompt_tokens,
             "cached_tokens": cached,
             "output_tokens": outputs_n,
             "ttft_s": (first - start) if first else 0.0,
-            "tok_s": outputs_n / decode_s if decode_s > 0 else 0.0,
+            "tok_s": tok_s,
         }
         if self.verbose:
-            last = self.last
             self.out.print(
                 f"[dim]prompt {prompt_tokens} tokens ({cached} from cache) · "
-                f"{outputs_n} tokens · {last['tok_s']:.1f} tok/s · "
-                f"first token {last['ttft_s']:.3f} s[/]"
+                f"{_tokens(outputs_n)}{f' · {tok_s:.1f} tok/s' if tok_s else ''} · "
+                f"first token {self.last['ttft_s']:.3f} s[/]"
             )
         return answer.strip(), stopped
 
@@ -189,7 +247,8 @@ class ChatSession:
             ),
             (
                 "last answer",
-                f"{last.get('output_tokens', 0)} tokens, {last.get('tok_s', 0.0):.1f} tok/s",
+                _tokens(last.get("output_tokens", 0))
+                + (f", {last['tok_s']:.1f} tok/s" if last.get("tok_s") else ""),
             ),
             ("prefix_hit_rate", f"{s['prefix_hit_rate']:.1%}"),
             ("prefix_hit_tokens", str(s["prefix_hit_tokens"])),
@@ -210,6 +269,31 @@ class ChatSession:
         else:
             for key, value in rows:
                 self.out.print(f"{key}: {value}", markup=False)
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
+@contextmanager
+def quiet_ctrl_c() -> Iterator[None]:
+    """Stop the terminal echoing ^C into the answer being written (ECHOCTL off while an
+    answer streams); "[stopped]" says what happened instead."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):  # not a terminal, or Windows
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHOCTL
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def run_chat(

@@ -133,11 +133,12 @@ def ask(
     from cli.ask import run_ask
 
     prompts: list[str] = []
-    for p in prompt:
+    for i, p in enumerate(prompt, 1):
         if p == "-":
-            prompts += [line.strip() for line in sys.stdin if line.strip()]
+            text = ui.decode_input(sys.stdin.buffer.read(), "stdin")
+            prompts += [line.strip() for line in text.splitlines() if line.strip()]
         else:
-            prompts.append(p)
+            prompts.append(ui.check_argument(p, f"prompt {i}" if len(prompt) > 1 else "the prompt"))
     if not prompts:
         raise ValueError("no prompt given (stdin was empty)")
     params = SamplingParams(**sampling, max_tokens=max_tokens, stop=list(stop or []))

@@ -104,6 +104,19 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
         ],
         None,
     ),
+    "keep_quantized": (
+        Annotated[
+            bool | None,
+            typer.Option(
+                "--keep-quantized/--dequantize",
+                help="Keep a quantized model's weights quantized (default: on GPUs; on CPU "
+                "they are dequantized at load, where MLX's quantized matmul is slow).",
+                show_default=False,
+                rich_help_panel=ENGINE,
+            ),
+        ],
+        None,
+    ),
 }
 
 SAMPLING_OPTIONS: dict[str, tuple[Any, Any]] = {

@@ -113,3 +113,20 @@ def device_memory_bytes() -> int:
     except (AttributeError, RuntimeError, TypeError, ValueError):
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory_bytes() -> int:
+    """Memory a new allocation can still take without pushing the machine into swap or the
+    OOM killer: MemAvailable on a Linux CPU (it counts reclaimable page cache), the
+    device's memory less what MLX already holds on a GPU."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.cpu and sys.platform.startswith("linux"):
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    return max(device_memory_bytes() - mx.get_active_memory(), 0)

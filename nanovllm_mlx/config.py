@@ -20,6 +20,10 @@ class Config:
     enable_prefix_caching: bool = True
     quantize: int | None = None  # 4 or 8: quantize weights with MLX at load time
     quantize_group_size: int = 64
+    # Keep quantized checkpoints (GGUF, MLX-quantized) quantized. None: on GPUs, whose
+    # quantized kernels are the fast path; on CPU they are dequantized to the compute
+    # dtype at load (13x faster prefill for the default 4-bit model on 2 cores).
+    keep_quantized: bool | None = None
     seed: int = 0
     # Launch decode step t+1 before reading step t's tokens (see model_runner.py). None:
     # on a GPU only; on a 2-core CPU the overlap slowed decode 14% (29.1 vs 34.7 tok/s).

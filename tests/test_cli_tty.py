@@ -77,7 +77,9 @@ def test_chat_answers_reuses_the_prefix_and_exits(gpt2_tiny):
     child.expect_exact(PROMPT)
     child.sendline("/stats")
     child.expect_exact(PROMPT)
-    assert re.search(r"turns\s+0\b", plain(child.before))
+    after_reset = plain(child.before)
+    assert re.search(r"turns\s+0\b", after_reset)
+    assert re.search(r"last prompt\s+0 tokens", after_reset), after_reset  # forgotten too
 
     child.sendline("/exit")
     assert close(child) == 0

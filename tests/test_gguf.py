@@ -20,7 +20,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf: Path) -> LLM:
-    return LLM(str(smollm2_gguf), max_model_len=1024, kv_cache_gb=0.1)
+    # Kept quantized: these tests check MLX's quantized kernels on the real file (what Metal
+    # and CUDA run); the CPU's default dequantization is checked in test_first_run.py.
+    return LLM(str(smollm2_gguf), max_model_len=1024, kv_cache_gb=0.1, keep_quantized=True)
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +225,8 @@ def write_gguf(
 
 
 def engine_logits(path: Path, prompt: list[int]) -> np.ndarray:
-    llm = LLM(str(path), dtype="float32", **SMALL_KV)
+    # Quantized tensors stay quantized: MLX's quantized kernels are what is under test.
+    llm = LLM(str(path), dtype="float32", keep_quantized=True, **SMALL_KV)
     with captured_logits() as seen:
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     return np.concatenate(seen)
@@ -275,7 +278,7 @@ def test_quantized_types_match_their_dequantized_values(llama_tiny: Path, tmp_pa
     }
     reference = write_gguf(tmp_path / "ref.gguf", llama_tiny, "llama", dequantized)
 
-    loaded = loader.load(str(quantized), dtype="float32")
+    loaded = loader.load(str(quantized), dtype="float32", keep_quantized=True)
     assert type(loaded.model.embed_tokens).__name__ == "QuantizedEmbedding"
     assert loaded.model.embed_tokens.bits == 8 and loaded.model.lm_head.bits == 4
     assert loaded.model.layers[0].self_attn.q_proj.group_size == 32

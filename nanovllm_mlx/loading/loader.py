@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from nanovllm_mlx.loading import download, gguf
+from nanovllm_mlx.loading.quantize import dequantize_model, quantize_like, quantize_model
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import gpt2, llama
 
@@ -23,6 +24,11 @@ class LoadedModel:
     config: dict
     dtype: mx.Dtype
     name: str
+    quantization: str = "float"  # what loading did about quantization, for --verbose
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.nbytes for _, p in nn.utils.tree_flatten(self.model.parameters()))
 
 
 def resolve_dtype(dtype: str, config: dict) -> mx.Dtype:
@@ -73,47 +79,6 @@ def build_model(config: dict) -> nn.Module:
     )
 
 
-def quantizable(group_size: int):
-    """nn.quantize predicate: layers whose input width splits into whole groups; the rest
-    (a 50257-row embedding is fine, a 100-wide projection at group 64 is not) stay float."""
-
-    def predicate(path: str, module: nn.Module) -> bool:
-        return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
-
-    return predicate
-
-
-def quantize_model(model: nn.Module, bits: int, group_size: int) -> None:
-    """Quantize a float model in place for MLX's quantized matmul / embedding."""
-    predicate = quantizable(group_size)
-    if not any(predicate(p, m) for p, m in model.named_modules()):
-        raise ValueError(
-            f"no layer of this model has an input width divisible by quantize_group_size "
-            f"{group_size}: nothing to quantize"
-        )
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-
-
-def quantize_like(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
-    """Turn the layers stored quantized in `weights` (a `.scales` entry) into quantized
-    layers, with bits and group size read off the shapes, so load_weights can fill them.
-
-    One rule covers GGUF (group 32; Q8_0 embeddings next to Q4_1 matrices) and MLX
-    checkpoints, whose config "quantization" entry may also vary per layer."""
-
-    def params(path: str, module: nn.Module) -> dict | bool:
-        scales = weights.get(f"{path}.scales")
-        if scales is None or not hasattr(module, "to_quantized"):
-            return False
-        in_dims = module.weight.shape[-1]
-        packed = weights[f"{path}.weight"].shape[-1]
-        if in_dims % scales.shape[-1] or (packed * 32) % in_dims:
-            raise ValueError(f"quantized weight {path} in {source} does not fit the model")
-        return {"group_size": in_dims // scales.shape[-1], "bits": packed * 32 // in_dims}
-
-    nn.quantize(model, class_predicate=params)
-
-
 def load_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
     expected = {k for k, _ in nn.utils.tree_flatten(model.parameters())}
     missing = sorted(expected - weights.keys())
@@ -159,19 +124,36 @@ def _finish(
     quantize: int | None,
     group_size: int,
     prequantized: bool,
-) -> mx.Dtype:
+    keep_quantized: bool | None,
+) -> tuple[mx.Dtype, str]:
+    """Cast, quantize or dequantize as asked; returns the dtype and what was done to the
+    weights' quantization, in words for --verbose."""
     mx_dtype = resolve_dtype(dtype, config)
     cast(model, mx_dtype)
+    how = "float"
     if quantize:
         if prequantized:
             raise ValueError("the model's weights are already quantized: drop --quantize")
         quantize_model(model, quantize, group_size)
+        how = f"quantized to {quantize} bits at load"
+    elif prequantized:
+        if keep_quantized is None:
+            keep_quantized = mx.default_device() != mx.cpu
+        if keep_quantized:
+            how = "kept quantized"
+        else:
+            dequantize_model(model, mx_dtype)
+            how = f"dequantized to {str(mx_dtype).removeprefix('mlx.core.')} at load"
     mx.eval(model.parameters())
-    return mx_dtype
+    return mx_dtype, how
 
 
 def load_hf_dir(
-    path: Path, dtype: str = "auto", quantize: int | None = None, group_size: int = 64
+    path: Path,
+    dtype: str = "auto",
+    quantize: int | None = None,
+    group_size: int = 64,
+    keep_quantized: bool | None = None,
 ) -> LoadedModel:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
@@ -187,21 +169,29 @@ def load_hf_dir(
     if prequantized:
         quantize_like(model, weights, path)
     load_weights(model, weights, path)
-    mx_dtype = _finish(model, config, dtype, quantize, group_size, prequantized)
+    mx_dtype, how = _finish(
+        model, config, dtype, quantize, group_size, prequantized, keep_quantized
+    )
     tokenizer = Tokenizer.from_dir(path, config)
-    return LoadedModel(model, tokenizer, config, mx_dtype, path.name)
+    return LoadedModel(model, tokenizer, config, mx_dtype, path.name, how)
 
 
 def load_gguf(
-    path: Path, dtype: str = "auto", quantize: int | None = None, group_size: int = 64
+    path: Path,
+    dtype: str = "auto",
+    quantize: int | None = None,
+    group_size: int = 64,
+    keep_quantized: bool | None = None,
 ) -> LoadedModel:
     weights, config, tokenizer = gguf.read_model(path)
     model = build_model(config)
     prequantized = any(k.endswith(".scales") for k in weights)
     quantize_like(model, weights, path)
     load_weights(model, weights, path)
-    mx_dtype = _finish(model, config, dtype, quantize, group_size, prequantized)
-    return LoadedModel(model, tokenizer, config, mx_dtype, path.stem)
+    mx_dtype, how = _finish(
+        model, config, dtype, quantize, group_size, prequantized, keep_quantized
+    )
+    return LoadedModel(model, tokenizer, config, mx_dtype, path.stem, how)
 
 
 def load(
@@ -209,6 +199,7 @@ def load(
     dtype: str = "auto",
     quantize: int | None = None,
     group_size: int = 64,
+    keep_quantized: bool | None = None,
 ) -> LoadedModel:
     """A model by path (HF directory, .gguf file, or a directory holding one .gguf), by a
     name already downloaded to the models directory, or the default model for None."""
@@ -225,5 +216,5 @@ def load(
             raise ValueError(
                 f"{path} is a file but not a .gguf: give a .gguf file or a model directory"
             )
-        return load_gguf(path, dtype, quantize, group_size)
-    return load_hf_dir(path, dtype, quantize, group_size)
+        return load_gguf(path, dtype, quantize, group_size, keep_quantized)
+    return load_hf_dir(path, dtype, quantize, group_size, keep_quantized)

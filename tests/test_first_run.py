@@ -1,0 +1,171 @@
+"""What a new user hits first: a fast default model on the CPU, mistakes as one error line,
+context limits, a model named by Hub id, and a terminal that says what is happening during
+a long prefill and honours Ctrl-C promptly."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
+from typer.testing import CliRunner
+
+from cli.main import app
+from nanovllm_mlx import LLM, SamplingParams
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+ENV = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS")}
+# A prompt that fills most of SmolLM2's prefill at 32 tokens a step: ~1,000 tokens, many
+# steps, so Ctrl-C lands mid-prefill.
+LONG_PROMPT = " ".join(f"item {i} is a word;" for i in range(200))
+
+
+def run_cli(*args: str | bytes, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cli_argv(*args),  # type: ignore[arg-type]
+        cwd=REPO_ROOT,
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# The default model on a CPU ----------------------------------------------------------------
+
+
+def test_quantized_weights_are_dequantized_on_cpu_with_the_same_tokens(smollm2_gguf: Path):
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompt = "The capital city of France is"
+    fast = LLM(str(smollm2_gguf), max_model_len=256, kv_cache_gb=0.05)
+    kept = LLM(str(smollm2_gguf), max_model_len=256, kv_cache_gb=0.05, keep_quantized=True)
+    assert fast.engine.quantization == "dequantized to float32 at load"
+    assert kept.engine.quantization == "kept quantized"
+    assert (
+        fast.generate(prompt, greedy)[0]["token_ids"]
+        == kept.generate(prompt, greedy)[0]["token_ids"]
+    )
+
+
+# Mistakes are one line ----------------------------------------------------------------------
+
+
+def test_non_utf8_stdin_and_arguments_are_one_error_line(gpt2_tiny: Path):
+    model = ["ask", "-m", str(gpt2_tiny), "--max-tokens", "3", *SMALL_KV_ARGS]
+    one_error_line(run_cli(*model, "-", stdin=b"caf\xe9\n"), "stdin is not valid UTF-8", "iconv")
+    # Arguments the locale cannot decode reach Python as lone surrogates.
+    one_error_line(run_cli(*model, os.fsencode("caf") + b"\xe9"), "not valid UTF-8")
+    # A byte-order mark says how to read it: UTF-16 from a Windows pipe is fine.
+    utf16 = run_cli(*model, "-", stdin="hello\n".encode("utf-16"))
+    assert utf16.returncode == 0 and utf16.stdout.strip(), utf16.stderr
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_before_it_is_allocated(gpt2_tiny: Path):
+    started = time.monotonic()
+    proc = run_cli("ask", "-m", str(gpt2_tiny), "--kv-cache-gb", "100000", "hi")
+    one_error_line(proc, "the KV cache needs", "GiB", "lower --kv-cache-gb")
+    assert time.monotonic() - started < 60  # no 100 TB of zero-filling first
+
+
+def test_max_tokens_past_the_context_is_capped_and_said_in_verbose(gpt2_tiny: Path):
+    runner = CliRunner()
+    prompt = " ".join(["word"] * 480)  # GPT-2 tiny's context is 512 tokens
+    result = runner.invoke(
+        app,
+        ["ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "--max-tokens", "100000000", "--verbose",
+         prompt],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    note = re.search(
+        r"max_tokens 100000000 capped to (\d+): the model's context is 512", result.stderr
+    )
+    assert note, err
+    generated = re.search(r"Generation: (\d+) tokens", err)
+    assert generated and int(generated.group(1)) <= int(note.group(1))
+
+
+def test_a_hub_repo_id_is_downloaded_when_not_local(monkeypatch, gpt2_tiny: Path, tmp_path):
+    calls = []
+
+    def fake_download(name: str, output=None) -> Path:
+        calls.append(name)
+        return gpt2_tiny
+
+    monkeypatch.setattr("nanovllm_mlx.loading.download.download", fake_download)
+    monkeypatch.setenv("NANOVLLM_MODELS", str(tmp_path))  # nothing local by that name
+    result = CliRunner().invoke(
+        app, ["ask", "-m", "someorg/some-model", "--max-tokens", "4", *SMALL_KV_ARGS, "Hi"]
+    )
+    assert result.exit_code == 0, result.output
+    assert calls == ["someorg/some-model"] and result.stdout.strip()
+
+
+# The terminal during a long prefill -----------------------------------------------------------
+
+
+def spawn(*args: str) -> pexpect.spawn:
+    argv = cli_argv(*args)
+    return pexpect.spawn(
+        argv[0],
+        argv[1:],
+        cwd=str(REPO_ROOT),
+        encoding="utf-8",
+        dimensions=(40, 200),
+        timeout=120,
+        env={**ENV, "TERM": "xterm-256color"},
+    )
+
+
+def slow_prefill(smollm2_gguf: Path) -> list[str]:
+    # 32 tokens a step on the 30-layer default model: a ~1,000-token prompt takes many
+    # steps, each well under a second.
+    return ["-m", str(smollm2_gguf), "--max-num-batched-tokens", "32", "--max-model-len", "2048"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
+def test_ask_shows_prefill_progress_and_ctrl_c_ends_it_promptly(smollm2_gguf: Path):
+    child = spawn("ask", *slow_prefill(smollm2_gguf), "--no-chat", LONG_PROMPT)
+    child.expect(r"prefilling the prompt: [\d,]+/[\d,]+ tokens")
+    child.expect(r"prefilling the prompt: [\d,]+/[\d,]+ tokens")  # it moves on
+    child.sendintr()
+    sent = time.monotonic()
+    child.expect(pexpect.EOF, timeout=30)
+    waited = time.monotonic() - sent
+    child.close()
+    assert child.exitstatus == 130 and "Traceback" not in child.before
+    # Far less than the rest of the prefill: the interrupt is seen after the current step.
+    assert waited < 10, waited
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
+def test_chat_a_second_ctrl_c_during_a_prefill_exits(smollm2_gguf: Path):
+    child = spawn("chat", *slow_prefill(smollm2_gguf))
+    child.expect_exact(">>> ")
+    child.sendline(LONG_PROMPT[:3000])  # a terminal line holds at most 4,095 characters
+    child.expect(r"prefilling the prompt: [\d,]+/[\d,]+ tokens")
+    child.sendintr()
+    # A person's second press: a separate write to the terminal (two ^C in one write are
+    # one interrupt: the line discipline flushes its input on the first). Both may still
+    # land within one engine step, which used to count as one press.
+    time.sleep(0.1)
+    child.sendintr()
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    assert child.exitstatus == 130, ANSI.sub("", child.before or "")
