@@ -111,7 +111,6 @@ def create_app(
         title="nanovllm-mlx",
         summary="An OpenAI-compatible server for the nanovllm-mlx engine.",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.server = state
     app.state.engine_thread = engine_thread
@@ -155,6 +154,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # uvicorn says where it listens only for sockets it bound itself.
+        if self.started and sockets:
+            host, port = sockets[0].getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            logging.getLogger("uvicorn.error").info(
+                "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, port
+            )
+
+
 def serve(
     app: FastAPI,
     sock: socket.socket,
@@ -173,7 +184,7 @@ def serve(
         # Streams still running at shutdown get 5 s, then are cancelled (and aborted).
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    _Server(config).run(sockets=[sock])
 
 
 def run_server(

@@ -1,8 +1,10 @@
-"""HTTP hardening in front of every route: Host allowlist, API key, JSON content type, and
-admission when the waiting queue is full; plus JSON bodies parsed off the event loop.
+"""HTTP hardening in front of every route: Host allowlist, API key, JSON content type, body
+size, and admission when the waiting queue is full; plus JSON bodies parsed off the event
+loop.
 
-The body-size limit is FastAPI's own (`FastAPI(max_body_size=...)`), enforced while the body
-is read, Content-Length or chunked; its 413 is answered by the app's HTTPException handler.
+The body limit is checked on Content-Length before anything is read, and counted while a
+chunked body is read. (FastAPI's own `max_body_size` answers a declared oversized body with
+a plain-text 413 that replaces any JSON one, so it is not used.)
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanovllm_mlx.serving.errors import APIError
 from nanovllm_mlx.serving.settings import RETRY_AFTER_S, ServerSettings, normalize_host
@@ -32,7 +34,7 @@ class Guard:
     route should see: a foreign Host (421), a missing key (401), a POST that is not JSON
     (415: a cross-origin text/plain POST from a web page is never served), and new
     generation requests while the waiting queue is full (503, cheaply, before the body is
-    read). It also stamps each request's arrival time."""
+    read), and bodies over the size limit (413). It also stamps each request's arrival."""
 
     def __init__(
         self,
@@ -53,10 +55,25 @@ class Guard:
         scope.setdefault("state", {})["arrival"] = time.perf_counter()
         error = self.check(scope, Headers(scope=scope))
         if error is None:
-            await self.app(scope, receive, send)
+            await self.app(scope, self._limited(receive), send)
             return
         self.on_reject(error.status)
         await error.response()(scope, receive, send)
+
+    def _limited(self, receive: Receive) -> Receive:
+        limit, seen = self.settings.max_body_bytes, 0
+
+        async def receive_at_most() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # Raised into the route's body read; the app's handler answers it.
+                    raise HTTPException(413, _too_large(limit))
+            return message
+
+        return receive_at_most
 
     def check(self, scope: Scope, headers: Headers) -> APIError | None:
         settings, path = self.settings, scope["path"]
@@ -86,6 +103,9 @@ class Guard:
                     "send the body as JSON with `Content-Type: application/json`",
                     code="unsupported_media_type",
                 )
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > settings.max_body_bytes:
+                return APIError(413, _too_large(settings.max_body_bytes), code="body_too_large")
             if path in GENERATION_PATHS and self.queue_full():
                 return APIError(
                     503,
@@ -94,6 +114,10 @@ class Guard:
                     headers={"Retry-After": str(RETRY_AFTER_S)},
                 )
         return None
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than this server's limit of {limit:,} bytes (--max-body-mb)"
 
 
 class _ThreadedJSONRequest(Request):
