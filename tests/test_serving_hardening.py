@@ -165,9 +165,7 @@ def test_bad_completion_is_400(base_url: str, body: dict | str, param: str | Non
      '{"messages": []}', "\xff\xfe"],
 )  # fmt: skip
 def test_garbage_json_is_400(base_url: str, body: str):
-    r = httpx.post(
-        f"{base_url}/v1/chat/completions", content=body.encode("latin-1"), headers=JSON
-    )
+    r = httpx.post(f"{base_url}/v1/chat/completions", content=body.encode("latin-1"), headers=JSON)
     assert_error(r, 400)
 
 
@@ -205,9 +203,7 @@ def test_chat_without_max_tokens_takes_the_rest_of_the_context(base_url: str):
 def test_openapi_documents_the_request_bodies(base_url: str):
     spec = httpx.get(f"{base_url}/openapi.json").json()
     body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]
-    assert body["content"]["application/json"]["schema"]["$ref"].endswith(
-        "ChatCompletionRequest"
-    )
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
     schema = spec["components"]["schemas"]["CompletionRequest"]
     assert {"prompt", "max_tokens", "stream", "stop"} <= set(schema["properties"])
     assert httpx.get(f"{base_url}/docs").status_code == 200
