@@ -9,28 +9,15 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
-from test_server import metrics, serving, wait_for
+import test_server
+from test_server import metrics, wait_for
 
-from nanovllm_mlx.serving.app import create_app
-
+# The same module-scoped server fixtures as test_server's (a server of this module's own).
+app, base_url = test_server.app, test_server.base_url
 ABORTS = 'nanovllm_requests_finished_total{finish_reason="abort"}'
-
-
-@pytest.fixture(scope="module")
-def app(gpt2_tiny: Path):
-    return create_app(str(gpt2_tiny), kv_cache_gb=0.05)
-
-
-@pytest.fixture(scope="module")
-def base_url(app) -> Iterator[str]:
-    with serving(app) as url:
-        yield url
 
 
 async def abandon(url: str, path: str, body: dict, after: float) -> None:

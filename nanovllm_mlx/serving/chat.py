@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from fastapi import Request
@@ -29,6 +28,7 @@ from nanovllm_mlx.serving.protocol import (
     usage,
 )
 from nanovllm_mlx.serving.state import ServerState
+from nanovllm_mlx.serving.streaming import RendererBase
 
 
 def plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -50,17 +50,9 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[in
         raise bad_request(f"chat template failed: {e}", "messages") from e
 
 
-class ChatRenderer:
-    def __init__(self, state: ServerState, request_id: str, logprobs: bool):
-        self.state = state
-        self.id = request_id
-        self.created = int(time.time())
-        self.logprobs = logprobs
-
+class ChatRenderer(RendererBase):
     def _chunk(self, choices: list[ChatChunkChoice], **extra: object) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.state.model_name, choices=choices, **extra
-        )
+        return ChatCompletionChunk(**self.answer, choices=choices, **extra)
 
     def _logprobs(self, outputs: list[RequestOutput]) -> ChatLogprobs | None:
         if not self.logprobs:
@@ -68,7 +60,7 @@ class ChatRenderer:
         content = []
         for o in outputs:
             for token, lp in zip(o.token_ids, o.logprobs or []):
-                text = self.state.token_text(token)
+                text = self.token_text(token)
                 content.append(TokenLogprob(token=text, logprob=lp, bytes=list(text.encode())))
         return ChatLogprobs(content=content)
 
@@ -97,13 +89,7 @@ class ChatRenderer:
             logprobs=self._logprobs(outputs),
             finish_reason=last.finish_reason,
         )
-        return ChatCompletion(
-            id=self.id,
-            created=self.created,
-            model=self.state.model_name,
-            choices=[choice],
-            usage=usage(last),
-        )
+        return ChatCompletion(**self.answer, choices=[choice], usage=usage(last))
 
 
 async def create_chat_completion(
@@ -133,7 +119,7 @@ async def create_chat_completion(
         state.handle(request, request_id),
         prompt,
         params,
-        ChatRenderer(state, request_id, body.logprobs),
+        ChatRenderer(request_id, state.model_name, state.token_text, body.logprobs),
         stream=body.stream,
         include_usage=body.stream_options is not None and body.stream_options.include_usage,
         renames=renames,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from fastapi import Request
@@ -22,6 +21,7 @@ from nanovllm_mlx.serving.protocol import (
     usage,
 )
 from nanovllm_mlx.serving.state import ServerState
+from nanovllm_mlx.serving.streaming import RendererBase
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -42,23 +42,16 @@ def prompt_ids(prompt: Prompt, tokenizer: Tokenizer) -> list[int]:
     return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
 
 
-class CompletionRenderer:
-    def __init__(self, state: ServerState, request_id: str, logprobs: bool):
-        self.state = state
-        self.id = request_id
-        self.created = int(time.time())
-        self.logprobs = logprobs
-        self.offset = 0  # characters streamed so far, for text_offset
+class CompletionRenderer(RendererBase):
+    offset = 0  # characters streamed so far, for text_offset
 
     def _completion(self, choices: list[CompletionChoice], **extra: object) -> Completion:
-        return Completion(
-            id=self.id, created=self.created, model=self.state.model_name, choices=choices, **extra
-        )
+        return Completion(**self.answer, choices=choices, **extra)
 
     def _logprobs(self, outputs: list[RequestOutput], offset: int) -> CompletionLogprobs | None:
         if not self.logprobs:
             return None
-        tokens = [self.state.token_text(t) for o in outputs for t in o.token_ids]
+        tokens = [self.token_text(t) for o in outputs for t in o.token_ids]
         offsets = []
         for text in tokens:
             offsets.append(offset)
@@ -118,7 +111,7 @@ async def create_completion(
         state.handle(request, request_id),
         prompt,
         params,
-        CompletionRenderer(state, request_id, logprobs),
+        CompletionRenderer(request_id, state.model_name, state.token_text, logprobs),
         stream=body.stream,
         include_usage=body.stream_options is not None and body.stream_options.include_usage,
         renames={},

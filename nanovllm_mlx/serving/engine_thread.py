@@ -14,7 +14,6 @@ aborted before the next step.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -24,8 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
-from nanovllm_mlx.sampling_params import SamplingParams
 from nanovllm_mlx.serving.snapshot import EngineSnapshot
+from nanovllm_mlx.serving.ticket import Ticket, on_loops, put, settle
 
 logger = logging.getLogger("nanovllm_mlx.serving.engine_thread")
 
@@ -47,48 +46,6 @@ class QueueFull(EngineError):
         super().__init__(
             f"the server is at capacity: {limit} requests are already waiting; retry later", 503
         )
-
-
-class Ticket:
-    """One request handed to the engine thread; made on (and answered to) its event loop."""
-
-    __slots__ = ("request_id", "prompt", "params", "loop", "queue", "accepted")
-
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.params = params
-        self.loop = asyncio.get_running_loop()
-        # RequestOutputs until one is finished, or one EngineError.
-        self.queue: asyncio.Queue[RequestOutput | EngineError] = asyncio.Queue()
-        self.accepted: asyncio.Future[None] = self.loop.create_future()
-
-
-def _settle(items: list[tuple[Ticket, BaseException | None]]) -> None:
-    for ticket, error in items:
-        if ticket.accepted.done():  # abandoned meanwhile
-            continue
-        if error is None:
-            ticket.accepted.set_result(None)
-        else:
-            ticket.accepted.set_exception(error)
-
-
-def _put(items: list[tuple[Ticket, RequestOutput | EngineError]]) -> None:
-    for ticket, item in items:
-        ticket.queue.put_nowait(item)
-
-
-def _on_loops(fn: Callable[[list], None], items: list[tuple[Ticket, object]]) -> None:
-    """fn(items) on each items' event loop: one wake-up per loop, however many items."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for item in items:
-        by_loop.setdefault(item[0].loop, []).append(item)
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(fn, batch)
-        except RuntimeError:  # the loop is closed: nobody is waiting
-            pass
 
 
 def _wait_os_thread_exit(thread: threading.Thread, timeout: float = 1.0) -> None:
@@ -262,7 +219,7 @@ class EngineThread:
         with self._cond:
             self._adding = 0
             self._engine_waiting = len(engine.scheduler.waiting)
-        _on_loops(_settle, settled)
+        on_loops(settle, settled)
         return True
 
     def _step(self) -> None:
@@ -292,7 +249,7 @@ class EngineThread:
                 self._failed += out.finish_reason == "error"
             delivered.append((ticket, out))
         self._engine_waiting = len(engine.scheduler.waiting)
-        _on_loops(_put, delivered)
+        on_loops(put, delivered)
 
     def _fail_all(self, error: EngineError) -> None:
         engine = self.engine
@@ -306,11 +263,11 @@ class EngineThread:
             failed.append((ticket, error))
         self._failed += len(failed)
         self._live.clear()
-        _on_loops(_put, failed)
+        on_loops(put, failed)
         if error.status == 503:  # shutting down: refuse what was never added too
             with self._cond:
                 never_added, self._pending = list(self._pending.values()), {}
-            _on_loops(_settle, [(t, error) for t in never_added])
+            on_loops(settle, [(t, error) for t in never_added])
         if engine is not None and engine.has_unfinished_requests():
             logger.error("the engine still holds requests after all were failed")
 

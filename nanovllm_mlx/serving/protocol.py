@@ -127,6 +127,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
 
 
+# The answers list id, object, created, model in that order, as OpenAI's do (and as this
+# server always has): hence no shared base class for those fields.
 class Completion(BaseModel):
     """A /v1/completions answer, and each chunk of a streamed one."""
 

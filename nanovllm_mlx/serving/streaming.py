@@ -3,6 +3,7 @@ what differs between /v1/completions and /v1/chat/completions is the Renderer.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Protocol
 
@@ -34,6 +35,17 @@ class Renderer(Protocol):
     def response(self, outputs: list[RequestOutput]) -> BaseModel:
         """The whole answer of a request that is not streamed."""
         ...
+
+
+class RendererBase:
+    """What both endpoints' renderers know about the request they answer."""
+
+    def __init__(
+        self, request_id: str, model: str, token_text: Callable[[int], str], logprobs: bool
+    ):
+        self.answer = {"id": request_id, "created": int(time.time()), "model": model}
+        self.token_text = token_text
+        self.logprobs = logprobs
 
 
 def _event(chunk: BaseModel, include_usage: bool) -> bytes:
