@@ -256,7 +256,7 @@ def serve(
     max_waiting: Annotated[
         int,
         typer.Option(
-            min=0,
+            min=1,
             help="Requests waiting for the running batch beyond which new ones get a 503.",
             rich_help_panel=SERVER,
         ),

@@ -29,8 +29,8 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.max_waiting is not None and self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
         if self.max_body_bytes < 1:
