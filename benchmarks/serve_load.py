@@ -1,5 +1,11 @@
-"""Load test of the OpenAI-compatible server: requests/s, latency and TTFT percentiles at
-1, 8 and 64 concurrent streaming clients.
+"""Load test of the OpenAI-compatible server: requests/s, latency, TTFT and inter-token
+latency (ITL) percentiles at 1, 8, 64 and 128 concurrent streaming clients, plus two
+scenarios that show whether one client can hurt the others:
+
+- long: ITL of --long-streams running streams while a --long-prompt-tokens prompt arrives,
+  and that prompt's TTFT against the same length on an idle server;
+- storm: --storm-requests chat requests abandoned after --storm-after seconds, then a
+  follow-up request's latency against the same request on an idle server.
 
     python benchmarks/serve_load.py --model tests/.fixtures/gpt2-tiny
     python benchmarks/serve_load.py --url http://127.0.0.1:8000   # a server already running
@@ -16,19 +22,17 @@ import argparse
 import asyncio
 import json
 import os
-import random
-import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+from serve_client import Connection, Workload, one_request, run_level, scrape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,127 +73,11 @@ def start_server(model: str | None, engine_kwargs: dict, log: Path) -> tuple[sub
     raise SystemExit("server did not come up in 600 s")
 
 
-def scrape(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=60).text
-    return {
-        m.group(1): float(m.group(2))
-        for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)
-    }
-
-
-def sse_events(data: bytes) -> list[dict]:
-    events = []
-    for event in data.split(b"\n\n"):
-        if event.startswith(b"data: ") and event != b"data: [DONE]":
-            events.append(json.loads(event[6:]))
-    return events
-
-
-class Connection:
-    """A keep-alive HTTP/1.1 connection speaking just enough to stream one POST at a time.
-
-    httpx spends ~250 us of client CPU per streamed chunk; at 64 clients the load generator
-    then saturates before the server does. This costs a few tens of microseconds.
-    """
-
-    def __init__(self, url: str, headers: dict[str, str]):
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post_stream(self, path: str, body: bytes) -> tuple[int, AsyncIterator[bytes]]:
-        if self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        self.writer.write(
-            (
-                f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{self.head}"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            + body
-        )
-        status = int((await self.reader.readline()).split()[1])
-        headers = {}
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode().partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return status, self._body(headers)
-
-    async def _body(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
-        reader = self.reader
-        assert reader is not None
-        if "content-length" in headers:
-            yield await reader.readexactly(int(headers["content-length"]))
-            return
-        while size := int((await reader.readline()).strip() or b"0", 16):  # chunked
-            yield (await reader.readexactly(size + 2))[:-2]
-        await reader.readline()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-async def one_request(conn: Connection, body: dict) -> dict[str, float | int | bool]:
-    """One streamed request. Only the events up to the first token, and the last ones
-    (usage, or an error), are parsed, to keep the client cheap."""
-    start = time.perf_counter()
-    ttft = None
-    pending = b""  # not yet parsed: events before the first token, then the stream's tail
-    status, chunks = await conn.post_stream("/v1/completions", json.dumps(body).encode())
-    async for data in chunks:
-        if status != 200:
-            return {"ok": False}
-        pending += data
-        if ttft is None:
-            complete, _, pending = pending.rpartition(b"\n\n")
-            for event in sse_events(complete):
-                if "error" in event:
-                    ttft = -1.0
-                elif event["choices"] and event["choices"][0]["text"]:
-                    ttft = time.perf_counter() - start
-        else:
-            pending = pending[-8192:]
-    end = time.perf_counter() - start
-    # The tail may begin mid-event: parse from the first whole one.
-    last = sse_events(pending[pending.find(b"data: ") :])
-    if ttft == -1.0 or not last or "error" in last[-1] or not last[-1].get("usage"):
-        return {"ok": False}
-    tokens = last[-1]["usage"]["completion_tokens"]
-    return {"ok": True, "latency": end, "ttft": end if ttft is None else ttft, "tokens": tokens}
-
-
-async def run_level(
-    url: str, headers: dict[str, str], clients: int, bodies: list[dict], timeout: float
-) -> tuple[list[dict], float]:
-    queue = list(reversed(bodies))
-    results: list[dict] = []
-
-    async def worker() -> None:
-        conn = Connection(url, headers)
-        try:
-            while queue:
-                body = queue.pop()
-                try:
-                    results.append(await asyncio.wait_for(one_request(conn, body), timeout))
-                except (OSError, ValueError, IndexError, asyncio.TimeoutError):
-                    conn.close()  # its stream is in an unknown state
-                    results.append({"ok": False})
-        finally:
-            conn.close()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    return results, time.perf_counter() - start
-
-
 def summarize(clients: int, results: list[dict], wall: float, before: dict, after: dict) -> dict:
     ok = [r for r in results if r["ok"]]
     lat = np.array([r["latency"] for r in ok]) if ok else np.array([np.nan])
     ttft = np.array([r["ttft"] for r in ok]) if ok else np.array([np.nan])
+    itl = np.array([g for r in ok for g in r["itl"]] or [np.nan])
     steps = after["nanovllm_engine_steps_total"] - before["nanovllm_engine_steps_total"]
     seqs = (
         after["nanovllm_engine_step_sequences_total"]
@@ -207,13 +95,16 @@ def summarize(clients: int, results: list[dict], wall: float, before: dict, afte
         "latency_p99_s": float(np.percentile(lat, 99)),
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "itl_p50_s": float(np.percentile(itl, 50)),
+        "itl_p99_s": float(np.percentile(itl, 99)),
     }
 
 
 def table_header() -> str:
     head = (
         f"{'clients':>7} {'reqs':>5} {'err':>4} {'req/s':>7} {'out tok/s':>9} {'batch':>6} "
-        f"{'lat p50':>8} {'lat p99':>8} {'ttft p50':>8} {'ttft p99':>8}"
+        f"{'lat p50':>8} {'lat p99':>8} {'ttft p50':>8} {'ttft p99':>8} "
+        f"{'itl p50':>8} {'itl p99':>8}"
     )
     return f"{head}\n{'-' * len(head)}"
 
@@ -223,8 +114,115 @@ def table_row(r: dict) -> str:
         f"{r['clients']:>7} {r['requests']:>5} {r['errors']:>4} {r['requests_per_s']:>7.2f} "
         f"{r['output_tok_per_s']:>9.1f} {r['mean_batch']:>6.1f} "
         f"{r['latency_p50_s']:>7.3f}s {r['latency_p99_s']:>7.3f}s "
-        f"{r['ttft_p50_s']:>7.3f}s {r['ttft_p99_s']:>7.3f}s"
+        f"{r['ttft_p50_s']:>7.3f}s {r['ttft_p99_s']:>7.3f}s "
+        f"{r['itl_p50_s']:>7.3f}s {r['itl_p99_s']:>7.3f}s"
     )
+
+
+def percentiles(prefix: str, values: list[float]) -> dict[str, float]:
+    data = np.array(values or [np.nan])
+    return {f"{prefix}_p50_s": float(np.percentile(data, 50)),
+            f"{prefix}_p99_s": float(np.percentile(data, 99))}  # fmt: skip
+
+
+async def long_prompt(
+    url: str, headers: dict[str, str], work: Workload, args: argparse.Namespace, context: int
+) -> dict:
+    """ITL of running streams while a long prompt is prefilled, and its TTFT vs alone."""
+    length = min(args.long_prompt_tokens, context - 8)
+    stream_tokens = max(1, min(512, context - args.prompt_tokens - 1))
+    conn = Connection(url, headers)
+    alone = await one_request(conn, work.body(length, 4))
+    started = 0
+
+    def first() -> None:
+        nonlocal started
+        started += 1
+
+    streams = [
+        asyncio.create_task(
+            one_request(Connection(url, headers), work.body(args.prompt_tokens, stream_tokens),
+                        first)
+        )
+        for _ in range(args.long_streams)
+    ]  # fmt: skip
+    while started < args.long_streams and not any(t.done() for t in streams):
+        await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    loaded = await one_request(conn, work.body(length, 4))
+    t1 = t0 + loaded.get("ttft", 0.0)
+    results = await asyncio.gather(*streams)
+    conn.close()
+    # Gaps that overlap the long prompt's wait: the ones its prefill could have stretched.
+    gaps = [b - a for r in results if r["ok"] for a, b in zip(r["stamps"], r["stamps"][1:])
+            if a < t1 and b > t0]  # fmt: skip
+    ok = alone["ok"] and loaded["ok"] and all(r["ok"] for r in results)
+    return {
+        "scenario": "long",
+        "ok": ok,
+        "long_prompt_tokens": length,
+        "streams": args.long_streams,
+        "ttft_alone_s": alone.get("ttft", float("nan")),
+        "ttft_loaded_s": loaded.get("ttft", float("nan")),
+        "ttft_ratio": loaded.get("ttft", float("nan")) / alone.get("ttft", float("nan")),
+        **percentiles("itl_during", gaps),
+        **percentiles("itl_all", [g for r in results if r["ok"] for g in r["itl"]]),
+    }
+
+
+async def abandon_storm(
+    url: str, headers: dict[str, str], work: Workload, args: argparse.Namespace
+) -> dict:
+    """Follow-up latency after --storm-requests abandoned chat requests, vs idle."""
+    follow = work.body(args.prompt_tokens, 10)
+
+    async def latency() -> float:
+        conn = Connection(url, headers)
+        try:
+            r = await one_request(conn, dict(follow))
+        finally:
+            conn.close()
+        return r["latency"] if r["ok"] else float("nan")
+
+    idle = float(np.median([await latency() for _ in range(3)]))
+    parts = urlsplit(url)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+    async def abandoned(i: int) -> None:
+        body = json.dumps(
+            {
+                "model": work.model,
+                "max_tokens": 256,
+                "stream": True,
+                "messages": [{"role": "user", "content": f"Tell story {i}."}],
+            }
+        )
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.hostname}:"
+                     f"{parts.port}\r\n{head}Content-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())  # fmt: skip
+        await asyncio.sleep(args.storm_after)
+        writer.close()
+
+    before = scrape(url, headers)
+    await asyncio.gather(*(abandoned(i) for i in range(args.storm_requests)))
+    after_storm = await latency()
+    await asyncio.sleep(1.0)
+    left = scrape(url, headers)
+    return {
+        "scenario": "storm",
+        "ok": not np.isnan(after_storm),
+        "abandoned": args.storm_requests,
+        "idle_latency_s": idle,
+        "followup_latency_s": after_storm,
+        "ratio": after_storm / idle,
+        "abandoned_tokens": left["nanovllm_generation_tokens_total"]
+        - before["nanovllm_generation_tokens_total"]
+        - 10,
+        "left_running": left["nanovllm_requests_running"],
+        "left_waiting": left["nanovllm_requests_waiting"],
+        "left_kv_blocks": left["nanovllm_kv_blocks_used"],
+    }
 
 
 def main() -> None:
@@ -235,21 +233,25 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length")
-    parser.add_argument("--levels", default="1,8,64", help="concurrent clients per level")
+    parser.add_argument("--levels", default="1,8,64,128", help="concurrent clients per level")
+    parser.add_argument("--scenarios", default="levels,long,storm", help="which to run")
+    parser.add_argument("--long-prompt-tokens", type=int, default=2000, help="long scenario")
+    parser.add_argument("--long-streams", type=int, default=8, help="long scenario's streams")
+    parser.add_argument("--storm-requests", type=int, default=200, help="storm scenario")
+    parser.add_argument("--storm-after", type=float, default=0.5, help="seconds to abandon")
     parser.add_argument("--timeout", type=float, default=600, help="per-request timeout (s)")
     parser.add_argument("--kv-cache-gb", type=float, help="engine option, when starting one")
     parser.add_argument("--max-num-seqs", type=int, help="engine option, when starting one")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="engine option, likewise")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
     proc = None
     log = Path(tempfile.mkstemp(prefix="serve_load_", suffix=".log")[1])
-    engine_kwargs = {
-        k: v
-        for k, v in (("kv_cache_gb", args.kv_cache_gb), ("max_num_seqs", args.max_num_seqs))
-        if v is not None
-    }
+    options = ("kv_cache_gb", "max_num_seqs", "max_num_batched_tokens")
+    engine_kwargs = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
+    scenarios = set(args.scenarios.split(","))
     try:
         if args.url:
             url = args.url.rstrip("/")
@@ -257,42 +259,42 @@ def main() -> None:
             proc, url = start_server(args.model, engine_kwargs, log)
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
-        model = models.raise_for_status().json()["data"][0]["id"]
-        rng = random.Random(0)
+        card = models.raise_for_status().json()["data"][0]
+        work = Workload(card["id"])
 
         def body() -> dict:
-            return {
-                "model": model,
-                "prompt": [rng.randrange(10_000) for _ in range(args.prompt_tokens)],
-                "max_tokens": args.max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
+            return work.body(args.prompt_tokens, args.max_tokens)
 
         # Warm-up: first-call costs (graph building, allocations) are not load.
         asyncio.run(run_level(url, headers, 2, [body() for _ in range(2)], args.timeout))
-        rows = []
-        for clients in levels:
+        rows, extra = [], []
+        for clients in levels if "levels" in scenarios else []:
             bodies = [body() for _ in range(max(args.requests, clients))]
-            before = scrape(url)
+            before = scrape(url, headers)
             results, wall = asyncio.run(run_level(url, headers, clients, bodies, args.timeout))
-            rows.append(summarize(clients, results, wall, before, scrape(url)))
+            rows.append(summarize(clients, results, wall, before, scrape(url, headers)))
             if not args.json:
                 if len(rows) == 1:
                     print(table_header())
                 print(table_row(rows[-1]), flush=True)
+        if "long" in scenarios:
+            extra.append(asyncio.run(long_prompt(url, headers, work, args, card["max_model_len"])))
+        if "storm" in scenarios:
+            extra.append(asyncio.run(abandon_storm(url, headers, work, args)))
         if args.json:
             config = {
-                "model": model,
+                "model": card["id"],
                 "url": url if args.url else None,
                 "requests": args.requests,
                 "max_tokens": args.max_tokens,
                 "prompt_tokens": args.prompt_tokens,
                 "engine_kwargs": engine_kwargs,
             }
-            print(json.dumps({"config": config, "levels": rows}, indent=2))
+            print(json.dumps({"config": config, "levels": rows, "scenarios": extra}, indent=2))
+        else:
+            for result in extra:
+                print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in result.items()))  # fmt: skip
     finally:
         if proc is not None:
             proc.terminate()

@@ -232,34 +232,88 @@ def download(
     typer.echo(str(path))
 
 
+SERVER = "Server"
+
+
 @app.command()
 @engine_options
 def serve(
     model: Model = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")
+    ] = 8000,
     api_key: Annotated[
         str | None,
-        typer.Option(help="Require this bearer token.", envvar="NANOVLLM_API_KEY"),
+        typer.Option(
+            help="Require this bearer token on every endpoint but /health.",
+            envvar="NANOVLLM_API_KEY",
+        ),
     ] = None,
     served_model_name: Annotated[
         str | None,
         typer.Option(help="Model name clients use (default: the model directory's name)."),
     ] = None,
+    max_waiting: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Requests waiting for the running batch beyond which new ones get a 503.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 256,
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Abort a request still unanswered after this many seconds (504).",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    max_body_mb: Annotated[
+        float,
+        typer.Option(
+            min=0.001, help="Largest request body, in MB (413 beyond).", rich_help_panel=SERVER
+        ),
+    ] = 4.0,
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Host names (any port) to answer, repeatable or comma-separated; '*': any. "
+            "Default: localhost, 127.0.0.1 and [::1] when bound to loopback, else any.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live/--no-live",
+            help="A live panel on a terminal; --no-live (or stderr not a terminal): a stats "
+            "line every --log-interval seconds while busy.",
+            rich_help_panel=SERVER,
+        ),
+    ] = True,
+    log_interval: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds between stats lines.", rich_help_panel=SERVER),
+    ] = 10.0,
     *,
     engine: dict[str, Any],
 ) -> None:
     """Serve an OpenAI-compatible API."""
-    from nanovllm_mlx.serving import app as server
+    from cli.serve import run_serve
+    from nanovllm_mlx.serving.settings import ServerSettings, default_allowed_hosts
 
-    server.run_server(
-        model,
-        host=host,
-        port=port,
+    hosts = [h for item in allowed_hosts or [] for h in item.split(",") if h.strip()]
+    settings = ServerSettings(
         api_key=api_key,
-        **({"model_name": served_model_name} if served_model_name else {}),
-        **engine,
+        model_name=served_model_name,
+        max_waiting=max_waiting,
+        request_timeout=request_timeout,
+        max_body_bytes=max(1, int(max_body_mb * 2**20)),
+        allowed_hosts=tuple(hosts) if hosts else default_allowed_hosts(host),
     )
+    run_serve(model, host, port, settings, engine, live=live, log_interval=log_interval)
 
 
 if __name__ == "__main__":

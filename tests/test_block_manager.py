@@ -1,5 +1,7 @@
 """Block manager: allocation, sharing, freeing, hash reuse, exhaustion. No MLX."""
 
+import random
+
 import pytest
 
 from nanovllm_mlx.engine.block_manager import BlockManager, block_hash
@@ -171,3 +173,24 @@ def test_prefix_caching_can_be_disabled():
     b = seq(list(range(10)), 1)
     bm.allocate(b)
     assert b.num_cached_tokens == 0
+
+
+def test_the_cached_count_follows_every_operation():
+    """stats().cached is counted as blocks change, not recounted: check it against a
+    recount through a few hundred random allocations, commits, frees and evictions."""
+    rng = random.Random(0)
+    bm = BlockManager(24, BS)
+    live: list[Sequence] = []
+    prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(4)]
+    for i in range(400):
+        if live and (rng.random() < 0.45 or not bm.num_free_blocks):
+            bm.free(live.pop(rng.randrange(len(live))))
+        else:
+            tokens = rng.choice(prefixes)[: rng.randint(1, 12)] + [rng.randrange(50)]
+            s = seq(tokens, i)
+            if bm.can_allocate(s):
+                bm.allocate(s)
+                computed(bm, s)
+                live.append(s)
+        recount = sum(1 for b in bm.free_block_ids if bm.blocks[b].hash is not None)
+        assert bm.stats().cached == recount, i

@@ -239,29 +239,6 @@ def test_download_calls_the_engines_downloader(runner, monkeypatch, tmp_path):
     assert result.stdout.strip() == str(tmp_path / "model")
 
 
-def test_serve_passes_its_flags(runner, monkeypatch):
-    calls = []
-
-    def fake_run_server(model, **kwargs):
-        calls.append((model, kwargs))
-
-    monkeypatch.setattr("nanovllm_mlx.serving.app.run_server", fake_run_server)
-    result = invoke(
-        runner, "serve", "-m", "some/model", "--port", "9001", "--api-key", "k",
-        "--max-num-seqs", "8", "--dtype", "float16",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert calls == [
-        (
-            "some/model",
-            {
-                "host": "127.0.0.1", "port": 9001, "api_key": "k",
-                "max_num_seqs": 8, "dtype": "float16",
-            },
-        )
-    ]  # fmt: skip
-
-
 # The real process: exact stderr bytes, and plain output even when asked for colour --------
 
 

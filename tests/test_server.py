@@ -18,10 +18,11 @@ import pytest
 import uvicorn
 from helpers import SMALL_KV
 
-from nanovllm_mlx.serving.app import create_app
+from nanovllm_mlx.serving.app import ServerSettings, create_app
 
 MODEL = "gpt2-tiny"  # the fixture's directory name is the served model name
 API_KEY = "test-key-123"
+JSON = {"Content-Type": "application/json"}
 
 
 @contextlib.contextmanager
@@ -271,7 +272,7 @@ def test_bad_requests_leave_others_running(base_url: str, client: openai.OpenAI)
         running = pool.submit(stream)
         for endpoint, body, param in BAD_REQUESTS[:8]:
             content = body if isinstance(body, str) else json.dumps(body)
-            r = httpx.post(f"{base_url}/v1/{endpoint}", content=content, timeout=30)
+            r = httpx.post(f"{base_url}/v1/{endpoint}", content=content, headers=JSON, timeout=30)
             assert_error(r, 400, param)
         assert running.result(timeout=60) == ("length", 64)
 
@@ -346,7 +347,7 @@ def test_engine_step_failure_is_a_500_and_serving_goes_on(app, client: openai.Op
 
 
 def test_api_key_required_and_accepted(gpt2_tiny: Path):
-    app = create_app(str(gpt2_tiny), api_key=API_KEY, max_model_len=64, **SMALL_KV)
+    app = create_app(str(gpt2_tiny), ServerSettings(api_key=API_KEY), max_model_len=64, **SMALL_KV)
     with serving(app) as url:
         r = httpx.get(f"{url}/v1/models")
         error = r.json()["error"]
@@ -359,7 +360,12 @@ def test_api_key_required_and_accepted(gpt2_tiny: Path):
         with pytest.raises(openai.AuthenticationError):
             wrong.completions.create(model=MODEL, prompt="hi", max_tokens=2)
         assert httpx.get(f"{url}/health").status_code == 200
-        assert httpx.get(f"{url}/metrics").status_code == 200
+        # Everything else needs the key: metrics and the API's own description included.
+        for path in ("/metrics", "/docs", "/openapi.json"):
+            assert httpx.get(f"{url}{path}").status_code == 401, path
+        key = {"Authorization": f"Bearer {API_KEY}"}
+        assert httpx.get(f"{url}/metrics", headers=key).status_code == 200
+        assert httpx.get(f"{url}/openapi.json", headers=key).status_code == 200
 
         right = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
         # No max_tokens: a chat answer runs to the end of the (64-token) context.

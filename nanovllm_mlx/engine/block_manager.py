@@ -54,6 +54,9 @@ class BlockManager:
         # blocks keep their cached contents the longest (LRU eviction).
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        # Free blocks that still hold a reusable prefix, counted as they change: stats()
+        # runs after every server step, and walking 8k free blocks took ~0.5 ms.
+        self.num_cached_free = 0
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
 
@@ -69,11 +72,10 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def stats(self) -> BlockStats:
-        cached = sum(1 for b in self.free_block_ids if self.blocks[b].hash is not None)
         return BlockStats(
             num_blocks=self.num_blocks,
             used=self.num_blocks - self.num_free_blocks,
-            cached=cached,
+            cached=self.num_cached_free,
             prefix_hit_tokens=self.prefix_hit_tokens,
             prefix_query_tokens=self.prefix_query_tokens,
         )
@@ -112,6 +114,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
+                self.num_cached_free -= 1  # a hit always has its hash
             block.ref_count += 1
             seq.block_table.append(block_id)
             seq.block_hashes.append(h)
@@ -130,8 +133,10 @@ class BlockManager:
         del self.free_block_ids[block_id]
         block = self.blocks[block_id]
         # Reusing a cached block evicts its contents from the prefix cache.
-        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
-            del self.hash_to_block[block.hash]
+        if block.hash is not None:
+            self.num_cached_free -= 1
+            if self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
         block.hash = None
         block.token_ids = ()
         block.ref_count = 1
@@ -173,6 +178,7 @@ class BlockManager:
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
+                self.num_cached_free += block.hash is not None
         seq.block_table.clear()
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0

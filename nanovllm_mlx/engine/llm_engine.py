@@ -179,6 +179,10 @@ class LLMEngine:
             return None
         return min(seq.num_computed_tokens, seq.num_prompt_tokens), seq.num_prompt_tokens
 
+    def num_waiting(self) -> int:
+        """Requests queued and not yet admitted to the running batch (admission control)."""
+        return len(self.scheduler.waiting)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

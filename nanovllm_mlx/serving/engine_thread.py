@@ -1,88 +1,104 @@
 """One thread that owns an LLMEngine, driven from asyncio.
 
 The engine is not thread-safe, and MLX streams are thread-local (MLX >= 0.31.2), so one
-thread builds the engine and runs its add_request/step loop. The asyncio side never
-touches the engine: it posts commands (closures) that the thread runs between steps, and
-each request's outputs come back through `loop.call_soon_threadsafe` onto its own
+thread builds the engine and runs its step loop. The asyncio side never touches the engine:
+it hands requests over (a Ticket each), asks for aborts, and reads the snapshot the thread
+publishes; a request's outputs come back through `loop.call_soon_threadsafe` onto its own
 asyncio.Queue.
+
+At each step boundary the thread first applies the aborts asked for since the last one,
+then adds the requests handed over meanwhile. A request abandoned before its boundary is
+dropped from the hand-over queue, so the engine never sees it; one abandoned later is
+aborted before the next step.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
+import sys
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
-from nanovllm_mlx.sampling_params import SamplingParams
+from nanovllm_mlx.serving.snapshot import EngineSnapshot
+from nanovllm_mlx.serving.ticket import Ticket, on_loops, put, settle
 
 logger = logging.getLogger("nanovllm_mlx.serving.engine_thread")
 
-T = TypeVar("T")
-_Deliveries = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]]
+# Readers (/health, /metrics, the live view) need no more than 20 snapshots a second, and a
+# GPU step is a few ms: refreshed at most this often while busy (and always when idle).
+PUBLISH_EVERY_S = 0.05
 
 
 class EngineError(RuntimeError):
-    """The engine failed a request (500), or is not running (503)."""
+    """The engine failed a request (500), or is not running or too busy (503)."""
 
     def __init__(self, message: str, status: int = 500):
         super().__init__(message)
         self.status = status
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+class QueueFull(EngineError):
+    def __init__(self, limit: int):
+        super().__init__(
+            f"the server is at capacity: {limit} requests are already waiting; retry later", 503
+        )
 
 
-def _resolve(future: asyncio.Future, result: object, error: BaseException | None) -> None:
-    if future.done():  # the awaiting request was cancelled meanwhile
+def _wait_os_thread_exit(thread: threading.Thread, timeout: float = 1.0) -> None:
+    # join() returns before the OS thread has run its thread-local destructors. MLX's (of
+    # mx.random.seed, which the engine calls) abort the process ("terminate called without
+    # an active exception") if it exits meanwhile: wait until the thread is really gone.
+    tid = thread.native_id
+    if tid is None or not sys.platform.startswith("linux"):
+        time.sleep(0.05)
         return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-class _Stream:
-    """Where one request's outputs go: a queue on the loop that submitted it."""
-
-    __slots__ = ("loop", "queue")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput | EngineError] = asyncio.Queue()
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 class EngineThread:
-    """Runs pending commands, then one engine step; sleeps on a condition variable when
-    there is neither, so an idle server costs no CPU."""
+    """Steps the engine while it has work, applying hand-overs and aborts between steps;
+    sleeps on a condition variable otherwise, so an idle server costs no CPU."""
 
     def __init__(
         self,
         engine: LLMEngine | None = None,
         build: Callable[[], LLMEngine] | None = None,
+        max_waiting: int | None = None,
     ):
         if (engine is None) == (build is None):
             raise ValueError("give an engine or a function that builds one")
         self.engine = engine
+        self.max_waiting = max_waiting
         self._build = build
         self._cond = threading.Condition()
-        self._commands: list[Callable[[], None]] = []
+        self._pending: dict[str, Ticket] = {}  # handed over, not yet added
+        self._aborts: set[str] = set()
+        self._adding = 0  # taken from _pending, being added
+        self._engine_waiting = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._build_error: BaseException | None = None
-        self._streams: dict[str, _Stream] = {}  # engine thread only
-        self.step_failures = 0  # written by the engine thread only
+        # Engine thread only:
+        self._live: dict[str, Ticket] = {}
+        self._steps: Iterator[list[RequestOutput]] | None = None
+        self._published = 0.0
+        self.step_failures = 0
+        self._finished = 0
+        self._failed = 0
+        self._snapshot: EngineSnapshot | None = None
 
     # Lifecycle ---------------------------------------------------------------------
 
     def start(self) -> LLMEngine:
         """Start the thread (if not running) and wait until the engine is built; a load
-        error is raised here, in the caller's thread."""
+        error is raised here, in the caller's thread, once the engine thread is gone."""
         if self._thread is None or not self._thread.is_alive():
             self._stopping = False
             self._ready.clear()
@@ -90,6 +106,8 @@ class EngineThread:
             self._thread.start()
         self._ready.wait()
         if self._build_error is not None:
+            self._thread.join()
+            _wait_os_thread_exit(self._thread)
             raise self._build_error
         assert self.engine is not None
         return self.engine
@@ -99,8 +117,9 @@ class EngineThread:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
+            _wait_os_thread_exit(self._thread)
 
     @property
     def alive(self) -> bool:
@@ -108,72 +127,37 @@ class EngineThread:
 
     # Called from the asyncio side ----------------------------------------------------
 
-    def _post(self, command: Callable[[], None]) -> None:
+    def queued(self) -> int:
+        """Requests waiting for admission to the running batch (what max_waiting bounds)."""
+        return len(self._pending) + self._adding + self._engine_waiting
+
+    def full(self) -> bool:
+        return self.max_waiting is not None and self.queued() >= self.max_waiting
+
+    def submit(self, ticket: Ticket) -> None:
+        """Hand a request over; ticket.accepted resolves once the engine has taken it (or
+        with the engine's refusal). Raises QueueFull, or EngineError when not running."""
         with self._cond:
-            if self._stopping or self._thread is None or not self._thread.is_alive():
+            if not self.alive:
                 raise EngineError("the engine is not running", status=503)
-            self._commands.append(command)
+            if self.full():
+                assert self.max_waiting is not None
+                raise QueueFull(self.max_waiting)
+            self._pending[ticket.request_id] = ticket
             self._cond.notify()
 
-    async def submit(
-        self, request_id: str, prompt: list[int], params: SamplingParams
-    ) -> asyncio.Queue[RequestOutput | EngineError]:
-        """Add a request; returns its output queue once the engine has accepted it.
-
-        add_request runs in the engine thread and its ValueError (a bad prompt) is raised
-        here, so a bad request never reaches the running batch. The queue yields
-        RequestOutputs until one is finished, or an EngineError.
-        """
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop)
-        accepted: asyncio.Future[None] = loop.create_future()
-
-        def add() -> None:
-            assert self.engine is not None
-            try:
-                self.engine.add_request(prompt, params, request_id)
-            except Exception as e:
-                loop.call_soon_threadsafe(_resolve, accepted, None, e)
-                return
-            self._streams[request_id] = stream
-            loop.call_soon_threadsafe(_resolve, accepted, None, None)
-
-        self._post(add)
-        try:
-            await accepted
-        except asyncio.CancelledError:
-            self.abort(request_id)
-            raise
-        return stream.queue
-
     def abort(self, request_id: str) -> None:
-        """Drop a request and free its blocks; a no-op once it has finished."""
+        """Drop a request: never added if still handed over, else aborted (its blocks
+        freed) at the next step boundary; a no-op once it has finished."""
+        with self._cond:
+            if self._pending.pop(request_id, None) is None:
+                self._aborts.add(request_id)
+                self._cond.notify()
 
-        def abort() -> None:
-            assert self.engine is not None
-            self._streams.pop(request_id, None)
-            self.engine.abort_request(request_id)
-
-        try:
-            self._post(abort)
-        except EngineError:
-            pass  # stopping: everything in flight is being failed anyway
-
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """fn(engine), run in the engine thread between steps."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-
-        def run() -> None:
-            assert self.engine is not None
-            try:
-                result, error = fn(self.engine), None
-            except Exception as e:
-                result, error = None, e
-            loop.call_soon_threadsafe(_resolve, future, result, error)
-
-        self._post(run)
-        return await future
+    def snapshot(self) -> EngineSnapshot:
+        snap = self._snapshot
+        assert snap is not None, "the engine thread has not started"
+        return replace(snap, alive=self.alive, waiting=self.queued())
 
     # The thread ----------------------------------------------------------------------
 
@@ -186,84 +170,118 @@ class EngineThread:
                 self._build_error = e
                 self._ready.set()
                 return
+        self._publish()
         self._ready.set()
-        while self._wait_for_work():
-            try:
-                self._run_steps()
-            except Exception as e:
-                # A bug in this loop: never leave requests waiting on a dead thread.
-                logger.exception("engine thread error")
-                self._fail_all(EngineError(f"engine error: {e!r}"))
-        self._fail_all(EngineError("the server is shutting down", status=503))
-
-    def _wait_for_work(self) -> bool:
-        """Sleep until there is a command or a request; run the commands. False: stop."""
-        engine = self.engine
-        assert engine is not None
-        with self._cond:
-            while not (self._commands or self._stopping or engine.has_unfinished_requests()):
-                self._cond.wait()
-        return self._run_commands()
-
-    def _run_commands(self) -> bool:
-        with self._cond:
-            commands, self._commands = self._commands, []
-            stopping = self._stopping
-        for command in commands:
-            try:
-                command()
-            except Exception:
-                logger.exception("engine command failed")
-        return not stopping
-
-    def _run_steps(self) -> None:
-        """Steps until the engine is idle, running commands between steps."""
-        engine = self.engine
-        assert engine is not None
-        steps = engine.iterate()
         try:
-            for outputs in steps:
-                self._deliver(self._route(outputs))
-                if not self._run_commands():
-                    return
-        except Exception as e:
-            self.step_failures += 1
-            logger.exception("engine step failed; failing %d request(s)", len(self._streams))
-            self._fail_all(EngineError(f"engine step failed: {e!r}"))
+            while True:
+                try:
+                    if not self._boundary():
+                        return
+                    if self.engine.has_unfinished_requests():
+                        self._step()
+                    self._publish(force=not self.engine.has_unfinished_requests())
+                except Exception as e:
+                    # A bug in this loop: never leave requests waiting on a dead thread.
+                    logger.exception("engine thread error")
+                    self._fail_all(EngineError(f"engine error: {e!r}"))
         finally:
-            steps.close()
+            self._fail_all(EngineError("the server is shutting down", status=503))
+            self._steps = None
+            self._publish()
 
-    def _route(self, outputs: list[RequestOutput]) -> _Deliveries:
-        deliveries: _Deliveries = {}
+    def _boundary(self) -> bool:
+        """Wait for work, then apply aborts and add what was handed over. False: stop."""
+        engine = self.engine
+        assert engine is not None
+        with self._cond:
+            while not (
+                self._pending or self._aborts or self._stopping or engine.has_unfinished_requests()
+            ):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            aborts, self._aborts = self._aborts, set()
+            adds = list(self._pending.values())
+            self._pending.clear()
+            self._adding = len(adds)
+        for request_id in aborts:
+            self._live.pop(request_id, None)
+            engine.abort_request(request_id)
+        settled: list[tuple[Ticket, BaseException | None]] = []
+        for ticket in adds:
+            try:
+                engine.add_request(ticket.prompt, ticket.params, ticket.request_id)
+            except Exception as e:  # the engine's verdict on the request: the client's 400
+                settled.append((ticket, e))
+                continue
+            self._live[ticket.request_id] = ticket
+            settled.append((ticket, None))
+        with self._cond:
+            self._adding = 0
+            self._engine_waiting = engine.num_waiting()
+        on_loops(settle, settled)
+        return True
+
+    def _step(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        if self._steps is None:
+            self._steps = engine.iterate()
+        try:
+            outputs = next(self._steps)
+        except StopIteration:
+            self._steps = None
+            return
+        except Exception as e:
+            self._steps = None
+            self.step_failures += 1
+            logger.exception("engine step failed; failing %d request(s)", len(self._live))
+            self._fail_all(EngineError(f"engine step failed: {e!r}"))
+            return
+        delivered: list[tuple[Ticket, RequestOutput | EngineError]] = []
         for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
+            ticket = self._live.get(out.request_id)
+            if ticket is None:
                 continue
             if out.finished:
-                del self._streams[out.request_id]
-            deliveries.setdefault(stream.loop, []).append((stream.queue, out))
-        return deliveries
+                del self._live[out.request_id]
+                self._finished += 1
+                self._failed += out.finish_reason == "error"
+            delivered.append((ticket, out))
+        self._engine_waiting = engine.num_waiting()
+        on_loops(put, delivered)
 
     def _fail_all(self, error: EngineError) -> None:
         engine = self.engine
-        deliveries: _Deliveries = {}
-        for request_id, stream in self._streams.items():
+        failed: list[tuple[Ticket, RequestOutput | EngineError]] = []
+        for request_id, ticket in self._live.items():
             try:
                 if engine is not None:
                     engine.abort_request(request_id)
             except Exception:
                 logger.exception("abort of %s failed", request_id)
-            deliveries.setdefault(stream.loop, []).append((stream.queue, error))
-        self._streams.clear()
-        self._deliver(deliveries)
+            failed.append((ticket, error))
+        self._failed += len(failed)
+        self._live.clear()
+        on_loops(put, failed)
+        if error.status == 503:  # shutting down: refuse what was never added too
+            with self._cond:
+                never_added, self._pending = list(self._pending.values()), {}
+            on_loops(settle, [(t, error) for t in never_added])
         if engine is not None and engine.has_unfinished_requests():
             logger.error("the engine still holds requests after all were failed")
 
-    @staticmethod
-    def _deliver(deliveries: _Deliveries) -> None:
-        # One wake-up of the loop per step, however many requests got a token.
-        for loop, items in deliveries.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the loop is closed: nobody is waiting
-                pass
+    def _publish(self, force: bool = True) -> None:
+        now = time.monotonic()
+        if not force and now - self._published < PUBLISH_EVERY_S:
+            return
+        self._published = now
+        assert self.engine is not None
+        self._snapshot = EngineSnapshot.of(
+            self.engine.stats(),
+            time=now,
+            alive=self.alive,
+            step_failures=self.step_failures,
+            requests_finished=self._finished,
+            requests_failed=self._failed,
+        )

@@ -1,0 +1,236 @@
+"""The OpenAI API's request and response bodies as pydantic models (they are also /docs).
+
+Requests are strict, so `"max_tokens": "5"` or `5.0` is a 400 naming the field rather than a
+number guessed at, and ignore unknown fields as vLLM does; the known unsupported ones are
+refused by name (serving/prepare.py). Range checks are SamplingParams' and the engine's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+
+if TYPE_CHECKING:
+    from nanovllm_mlx.engine.llm_engine import RequestOutput
+
+# A request's stop strings are searched after every token it samples, in the engine
+# thread: bound them so that one request cannot slow the whole batch down.
+MAX_STOP_STRINGS = 32
+MAX_STOP_TOKEN_IDS = 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: str = Field(description='Only "text" for now; json_object and json_schema are refused.')
+    json_schema: dict[str, Any] | None = None
+
+
+class GenerationRequest(_Strict):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="-1 or 0: off.")
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    ignore_eos: bool = False
+    n: int | None = Field(None, description="Only 1.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    presence_penalty: float | None = Field(None, description="Refused unless 0.")
+    frequency_penalty: float | None = Field(None, description="Refused unless 0.")
+    logit_bias: dict[str, float] | None = Field(None, description="Refused unless empty.")
+    user: str | None = None
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="A string or token ids; a list may hold one of them (one prompt a request)."
+    )
+    logprobs: int | None = Field(None, description="Only 0: the sampled token's logprob.")
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, description="Only 0.")
+    tools: list[Any] | None = Field(None, description="Refused unless empty.")
+
+
+# Responses ---------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+def usage(out: RequestOutput) -> Usage:
+    """A request's usage from its last output (they carry running totals)."""
+    return Usage(
+        prompt_tokens=out.num_prompt_tokens,
+        completion_tokens=out.num_output_tokens,
+        total_tokens=out.num_prompt_tokens + out.num_output_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens),
+    )
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+# The answers list id, object, created, model in that order, as OpenAI's do (and as this
+# server always has): hence no shared base class for those fields.
+class Completion(BaseModel):
+    """A /v1/completions answer, and each chunk of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[Any] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI's deltas carry only what changed: {"content": "..."}, and {} at the end.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nanovllm-mlx"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in (
+        (400, "Invalid request: `param` names the field"),
+        (401, "Missing or wrong API key"),
+        (413, "Request body too large"),
+        (415, "Content-Type is not application/json"),
+        (500, "The engine failed this request"),
+        (503, "Too many requests waiting (see Retry-After), or the engine is not running"),
+        (504, "The request took longer than the server's --request-timeout"),
+    )
+}

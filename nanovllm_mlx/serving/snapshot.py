@@ -1,0 +1,55 @@
+"""The engine's state as the server shows it, published by the engine thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """The engine's state after a step, published for /health, /metrics and the live view
+    so that none of them ever waits for a step."""
+
+    time: float  # time.monotonic() when published
+    alive: bool
+    running: int
+    waiting: int  # in the engine's queue, plus handed over and not yet added
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_blocks_cached: int
+    prefix_hit_rate: float
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tok_s: float
+    generation_tok_s: float
+    batch_size: int
+    peak_batch_size: int
+    steps: int
+    step_sequences: int
+    preemptions: int
+    step_failures: int
+    requests_finished: int  # ended with a final output (errors included, aborts not)
+    requests_failed: int  # ended with finish_reason "error", or failed with their step
+
+    @classmethod
+    def of(cls, stats: dict[str, Any], **server: Any) -> EngineSnapshot:
+        """From engine.stats() and the engine thread's own counters."""
+        return cls(
+            running=stats["running"],
+            waiting=stats["waiting"],
+            kv_blocks_used=stats["kv_blocks_used"],
+            kv_blocks_total=stats["kv_blocks_total"],
+            kv_blocks_cached=stats["kv_blocks_cached"],
+            prefix_hit_rate=stats["prefix_hit_rate"],
+            prompt_tokens=stats["prompt_tokens"],
+            generation_tokens=stats["output_tokens"],
+            prompt_tok_s=stats["prompt_tok_s"],
+            generation_tok_s=stats["generation_tok_s"],
+            batch_size=stats["batch_size"],
+            peak_batch_size=stats["peak_batch_size"],
+            steps=stats["steps"],
+            step_sequences=stats["batch_sequences"],
+            preemptions=stats["preemptions"],
+            **server,
+        )

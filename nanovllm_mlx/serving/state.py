@@ -1,0 +1,48 @@
+"""What the endpoints of one app share: the engine thread, its model's facts, settings and
+metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import Request
+
+from nanovllm_mlx.serving.engine_thread import EngineThread
+from nanovllm_mlx.serving.errors import bad_request
+from nanovllm_mlx.serving.handle import RequestHandle
+from nanovllm_mlx.serving.metrics import ServingMetrics
+from nanovllm_mlx.serving.settings import ServerSettings
+
+
+class ServerState:
+    def __init__(self, engine_thread: EngineThread, settings: ServerSettings):
+        engine = engine_thread.start()
+        self.engine_thread = engine_thread
+        self.settings = settings
+        self.metrics = ServingMetrics(engine_thread.snapshot)
+        # Read-only after the engine is built, so safe to use off the engine thread.
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.vocab_size
+        self.max_model_len = engine.max_model_len
+        self.model_name = settings.model_name or engine.model_name
+        # The path the engine was loaded from also names the model.
+        self.model_aliases = {self.model_name, engine.model_name}
+        if engine.config.model:
+            self.model_aliases.add(engine.config.model)
+        self.created = int(time.time())
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_aliases:
+            raise bad_request(
+                f"the model `{model}` does not exist; this server serves `{self.model_name}`",
+                "model",
+                "model_not_found",
+            )
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def handle(self, request: Request, request_id: str) -> RequestHandle:
+        return RequestHandle(
+            self.engine_thread, self.metrics, request, request_id, self.settings.request_timeout
+        )
