@@ -7,6 +7,13 @@ ratio ours / mlx-lm:
   - batched output tok/s for the nano-vllm workload at each --batches size (random prompt
     and output lengths, EOS ignored by both engines)
 
+Fair by construction: both engines are warmed up the same way, and mlx-lm's batch_generate
+may decode and prefill as many sequences at once as we do (its completion_batch_size and
+prefill_batch_size are set to min(requests, --max-num-seqs); left at its defaults of 32 and
+8 it would measure its cap, not its engine). The single-stream figures are also given as a
+share of the weight-bandwidth bound (device bandwidth, measured in the same run, over the
+bytes of weights a decode step reads).
+
     python benchmarks/compare_mlx_lm.py --model tests/.fixtures/gpt2-small-shape
     python benchmarks/compare_mlx_lm.py --model M --dtype float16 --batches 8,32,128
 """
@@ -37,13 +44,13 @@ def ours_single(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, fl
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
-    engine.add_request(prompt, params)
+    request_id = engine.add_request(prompt, params)
     first = None
     n = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
+    for outputs in engine.iterate([request_id]):
+        for out in outputs:
             n += len(out.token_ids)
-            if first is None:
+            if first is None and out.token_ids:
                 first = time.perf_counter()
     end = time.perf_counter()
     return first - start, (n - 1) / (end - first)
@@ -73,15 +80,47 @@ def theirs_single(model, tokenizer, prompt: list[int], max_tokens: int) -> tuple
     return first - start, (n - 1) / (end - first)
 
 
-def theirs_batch(model, tokenizer, workload) -> float:
+def theirs_batch(model, tokenizer, workload, max_batch: int) -> float:
     from mlx_lm import batch_generate
 
     prompts = [ids for ids, _ in workload]
     max_tokens = [n for _, n in workload]
+    batch = min(len(prompts), max_batch)
     start = time.perf_counter()
-    result = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
+    result = batch_generate(
+        model,
+        tokenizer,
+        prompts,
+        max_tokens=max_tokens,
+        return_token_ids=True,
+        completion_batch_size=batch,
+        prefill_batch_size=batch,
+    )
     seconds = time.perf_counter() - start
     return sum(len(ids) for ids in result.token_ids) / seconds
+
+
+# the bound ------------------------------------------------------------------------------
+
+
+def device_bandwidth(gigabytes: float = 1.0) -> float:
+    """Bytes/s of a large elementwise op (read + write), median of 5."""
+    x = mx.zeros((int(gigabytes * 2**30) // 4,), dtype=mx.float32)
+    mx.eval(x)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        mx.eval(x + 1)
+        times.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / statistics.median(times[1:])
+
+
+def weight_bytes_per_token(llm: LLM) -> int:
+    """What one decode step must read: every weight once (an embedding lookup reads one
+    row, but a tied head reads the whole matrix, so counting it once is right)."""
+    from mlx.utils import tree_flatten
+
+    return sum(p.nbytes for _, p in tree_flatten(llm.engine.model_runner.model.parameters()))
 
 
 # driver -----------------------------------------------------------------------------------
@@ -94,7 +133,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds per figure")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--ttft-prompt-tokens", type=int, default=512)
-    ap.add_argument("--batches", default="8,32,128")
+    ap.add_argument("--batches", default="8,32,128,256")
     ap.add_argument("--batch-repeats", type=int, default=None, help="default: --repeats")
     ap.add_argument("--min-input", type=int, default=100)
     ap.add_argument("--max-input", type=int, default=1024)
@@ -107,14 +146,24 @@ def main() -> None:
         default="auto",
         help="launch decode steps one ahead (auto: on GPUs only)",
     )
+    ap.add_argument(
+        "--compile-decode",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run decode steps through mx.compile (auto: on GPUs only)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = ap.parse_args()
 
     from mlx_lm import load
 
-    overlap = {"auto": None, "on": True, "off": False}[args.async_scheduling]
+    choice = {"auto": None, "on": True, "off": False}
     llm = LLM(
-        args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, async_scheduling=overlap
+        args.model,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        async_scheduling=choice[args.async_scheduling],
+        compile_decode=choice[args.compile_decode],
     )
     model, tokenizer = load(args.model)
     model.set_dtype(DTYPES[args.dtype])
@@ -139,7 +188,7 @@ def main() -> None:
         theirs_single(model, tokenizer, prompt, 8)
     warm_batch = make_workload(8, 16, 64, 8, 16, seed=99, vocab_size=vocab)
     ours_batch(llm, warm_batch)
-    theirs_batch(model, tokenizer, warm_batch)
+    theirs_batch(model, tokenizer, warm_batch, args.max_num_seqs)
     for r in range(args.repeats):
         print(f"round {r + 1}/{args.repeats}", flush=True)
         _, ours_tps = ours_single(llm, short, args.decode_tokens)
@@ -165,11 +214,23 @@ def main() -> None:
             workload, _ = fit_workload(workload, llm.engine.max_model_len)
             print(f"batch {size}, round {r + 1}", flush=True)
             ours = ours_batch(llm, workload)
-            theirs = theirs_batch(model, tokenizer, workload)
+            theirs = theirs_batch(model, tokenizer, workload, args.max_num_seqs)
             record(f"output tok/s ({size} requests)", ours, theirs)
 
+    bandwidth = device_bandwidth()
+    weights = weight_bytes_per_token(llm)
+    bound = bandwidth / weights
     print()
     print(f"model {args.model}, dtype {args.dtype}, {nanovllm_mlx.backend.describe()}")
+    print(
+        f"mlx-lm batches: completion_batch_size = prefill_batch_size = min(requests, "
+        f"{args.max_num_seqs}); ours: max_num_seqs {args.max_num_seqs}, "
+        f"{llm.engine.max_num_batched_tokens} tokens a step"
+    )
+    print(
+        f"bandwidth {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e6:.0f} MB a token: "
+        f"single-stream bound {bound:,.0f} tok/s"
+    )
     print(f"{'figure':42} {'ours':>10} {'mlx-lm':>10} {'ratio':>7}")
     summary = {}
     for figure, entry in results.items():
@@ -177,9 +238,23 @@ def main() -> None:
         # For TTFT lower is better: report the speed-up the same way round as the others.
         ratio = theirs / ours if figure.startswith("TTFT") else ours / theirs
         summary[figure] = {"ours": ours, "mlx_lm": theirs, "ratio": ratio, "runs": entry}
-        print(f"{figure:42} {ours:10.3f} {theirs:10.3f} {ratio:6.2f}x")
+        share = ""
+        if figure.startswith("decode"):
+            share = f"   ({ours / bound:.1%} / {theirs / bound:.1%} of the bound)"
+        print(f"{figure:42} {ours:10.3f} {theirs:10.3f} {ratio:6.2f}x{share}")
     if args.json:
-        print(json.dumps({"model": args.model, "dtype": args.dtype, "figures": summary}))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "dtype": args.dtype,
+                    "bandwidth_gb_s": bandwidth / 1e9,
+                    "weight_bytes": weights,
+                    "single_stream_bound_tok_s": bound,
+                    "figures": summary,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

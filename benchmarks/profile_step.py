@@ -105,9 +105,11 @@ def main() -> None:
     ap.add_argument("--max-input", type=int, default=1024)
     ap.add_argument("--min-output", type=int, default=100)
     ap.add_argument("--max-output", type=int, default=1024)
+    ap.add_argument("--compile-decode", choices=["auto", "on", "off"], default="auto")
     args = ap.parse_args()
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=256)
+    compiled = {"auto": None, "on": True, "off": False}[args.compile_decode]
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=256, compile_decode=compiled)
     totals = instrument(llm)
     vocab = llm.engine.vocab_size
     short = [(i * 7919) % min(vocab, 10_000) for i in range(1, 33)]

@@ -28,6 +28,10 @@ class Config:
     # Launch decode step t+1 before reading step t's tokens (see model_runner.py). None:
     # on a GPU only; on a 2-core CPU the overlap slowed decode 14% (29.1 vs 34.7 tok/s).
     async_scheduling: bool | None = None
+    # Run all-decode steps through mx.compile, one trace per (batch, table width) bucket
+    # (engine/model_runner.py). None: on a GPU, where building a step's graph in Python is
+    # a third of a single stream's step; a CPU step is compute-bound and gains nothing.
+    compile_decode: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -15,7 +15,6 @@ this kernel against it on CUDA. NANOVLLM_PAGED_KERNEL=0 turns the kernel off.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import mlx.core as mx
@@ -35,7 +34,7 @@ _PARTIAL = """
     const int n_heads = gridDim.y, n_parts = gridDim.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ctx = context_lens[b];
-    const int part_size = params[0];
+    const int part_size = PART;
     const int start = part * part_size;
     const int end = min(start + part_size, ctx);
     const int nb = block_tables_shape[1];
@@ -130,7 +129,7 @@ def available() -> bool:
 def _kernels() -> tuple[object, object]:
     partial = mx.fast.cuda_kernel(
         name="paged_decode_partial",
-        input_names=["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale", "params"],
+        input_names=["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale"],
         output_names=["part_out", "part_m", "part_l"],
         source=_PARTIAL,
         ensure_row_contiguous=False,  # q is read through its strides; the rest is contiguous
@@ -145,12 +144,11 @@ def _kernels() -> tuple[object, object]:
 
 
 @lru_cache(maxsize=256)
-def _scalar(value: float | int, dtype: mx.Dtype) -> mx.array:
-    # One device array per distinct value: a fresh mx.array per layer and step would be
-    # an upload each time.
-    out = mx.array([value], dtype=dtype)
-    mx.eval(out)
-    return out
+def _scalar(value: float, dtype: mx.Dtype) -> mx.array:
+    # One device array per distinct value: a fresh mx.array per layer and step would be an
+    # upload each time. Created with its data (never lazy), so a compiled step traced on
+    # first use captures it as a constant.
+    return mx.array([value], dtype=dtype)
 
 
 def num_partitions(batch: int, n_heads: int, max_context: int) -> tuple[int, int]:
@@ -185,9 +183,10 @@ def paged_decode(
             block_tables,
             context_lens,
             _scalar(float(scale), mx.float32),
-            _scalar(size, mx.int32),
         ],
-        template=template + [("WARPS", WARPS)],
+        # The partition size is a compile-time constant: a compiled decode step is traced
+        # once per (batch, table width) bucket, and every value here derives from those.
+        template=template + [("WARPS", WARPS), ("PART", size)],
         grid=(32 * WARPS * parts, n_heads, b),
         threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(b, n_heads, parts, head_dim), (b, n_heads, parts), (b, n_heads, parts)],
@@ -204,34 +203,34 @@ def paged_decode(
     return out
 
 
-@dataclass(slots=True)
-class DecodePlan:
-    block_tables: mx.array  # [Bd, nb]
-    context_lens: mx.array  # [Bd]
-    max_context: int
-
-
 class CudaPagedAttention(GatherAttention):
-    """Decode through the kernel above; prefill through the gather path with fused SDPA."""
+    """Decode through the kernel above; prefill through the gather path with fused SDPA.
+
+    The decode plan is two arrays, its structure set by the batch size and the table width
+    alone: the same plan serves eager steps and a compiled step traced once per shape."""
 
     name = "cuda-paged"
 
     def __init__(self) -> None:
         super().__init__(fused=True)
 
-    def plan_decode(self, entries: DecodeEntries, pool: PoolLayout) -> DecodePlan:
-        max_context = int(entries.context_lens.max())
-        tables = block_tables(entries.block_tables, pool.num_table_blocks(max_context))
-        return DecodePlan(mx.array(tables), mx.array(entries.context_lens), max_context)
+    def plan_decode(self, entries: DecodeEntries, pool: PoolLayout) -> dict[str, mx.array]:
+        width = pool.num_table_blocks(int(entries.context_lens.max()))
+        return self.plan_decode_uniform(entries, pool, width)
 
-    def decode(self, q: mx.array, cache: KVCache, plan: DecodePlan, scale: float) -> mx.array:
+    def plan_decode_uniform(
+        self, entries: DecodeEntries, pool: PoolLayout, width: int
+    ) -> dict[str, mx.array]:
+        tables = block_tables(entries.block_tables, width)
+        return {"tables": mx.array(tables), "context": mx.array(entries.context_lens)}
+
+    def decode(
+        self, q: mx.array, cache: KVCache, plan: dict[str, mx.array], scale: float
+    ) -> mx.array:
+        tables = plan["tables"]
+        # Partitions cover the table's capacity (less than a block past the longest
+        # context): empty ones exit at once, and the count depends on shapes only.
+        capacity = tables.shape[1] * cache.block_size
         return paged_decode(
-            q,
-            cache.k,
-            cache.v,
-            plan.block_tables,
-            plan.context_lens,
-            cache.block_size,
-            scale,
-            plan.max_context,
+            q, cache.k, cache.v, tables, plan["context"], cache.block_size, scale, capacity
         )

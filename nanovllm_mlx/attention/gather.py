@@ -164,9 +164,27 @@ class GatherAttention:
             out_index=mx.array(np.concatenate(out_index).astype(np.int32)),
         )
 
+    def plan_decode_uniform(
+        self, entries: DecodeEntries, pool: PoolLayout, width: int
+    ) -> dict[str, mx.array]:
+        """One group over the whole batch, every table `width` blocks: a structure set by
+        the shapes alone, what a compiled decode step is traced with."""
+        tables = block_tables(entries.block_tables, width)
+        keys = np.arange(width * pool.block_size)
+        mask = keys[None, :] < entries.context_lens[:, None]
+        return {"rows": pool.block_rows(tables), "mask": mx.array(mask[:, None, :])}
+
     def decode(
-        self, q: mx.array, cache: KVCache, plan: list[DecodeGroup], scale: float
+        self,
+        q: mx.array,
+        cache: KVCache,
+        plan: list[DecodeGroup] | dict[str, mx.array],
+        scale: float,
     ) -> mx.array:
+        if isinstance(plan, dict):
+            return gathered_attention(
+                q[:, None], cache, plan["rows"], plan["mask"], scale, fused=self.fused
+            )
         o = [
             gathered_attention(
                 q[g.start : g.end, None], cache, g.rows, g.mask, scale, g.length, self.fused

@@ -54,13 +54,20 @@ class AttentionBackend(Protocol):
     """Reads of the paged cache: a metadata builder and the kernels that use it.
 
     A backend plans each step on the host (numpy in, MLX arrays out) and reads the pools
-    in the layers. Adding one (a Metal kernel, say) is a new module with these four
-    methods and a line in attention/__init__.py's select_backend.
+    in the layers. Adding one (a Metal kernel, say) is a new module with these methods and
+    a line in attention/__init__.py's select_backend.
     """
 
     name: str
 
     def plan_decode(self, entries: DecodeEntries, pool: PoolLayout) -> Any: ...
+
+    def plan_decode_uniform(
+        self, entries: DecodeEntries, pool: PoolLayout, width: int
+    ) -> dict[str, mx.array]:
+        """A decode plan of arrays alone whose shapes are set by the batch size and the
+        table width (`width` blocks each): what a compiled decode step takes."""
+        ...
 
     def plan_prefill(self, entries: PrefillEntries, pool: PoolLayout) -> Any: ...
 

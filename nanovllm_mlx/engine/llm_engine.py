@@ -61,7 +61,14 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.model_runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
+        on_gpu = mx.default_device() != mx.cpu
+        self.model_runner = ModelRunner(
+            loaded.model,
+            num_blocks,
+            config.block_size,
+            self.dtype,
+            compile_decode=on_gpu if config.compile_decode is None else config.compile_decode,
+        )
         self.max_num_batched_tokens = config.max_num_batched_tokens or measure_step_budget(
             self.model_runner, max(config.max_num_seqs, PROBE_TOKENS), self.max_model_len
         )
@@ -74,7 +81,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.async_scheduling = config.async_scheduling
         if self.async_scheduling is None:
-            self.async_scheduling = mx.default_device() != mx.cpu
+            self.async_scheduling = on_gpu
         self.step_stats = StepStats()
         self._ids = itertools.count()
         # request id -> outputs not yet taken by the iterate() call that watches it

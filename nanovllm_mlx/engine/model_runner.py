@@ -1,5 +1,11 @@
 """Turns a scheduled batch into MLX arrays, runs the model, samples: one mx.eval a step.
 
+An all-decode step can run through `mx.compile`: the forward is traced once per bucket of
+batch size and table width (engine/step_inputs.prepare_decode) and replayed after, so the
+Python that builds a step's graph runs once per bucket instead of once per token, and
+MLX fuses the elementwise ops between the kernels. The eager forward is the reference it
+is tested against.
+
 A decode step can also be launched one step ahead: its input tokens are the previous
 step's sampled tokens, still lazy on the device, so the device computes step t+1 while
 the host reads step t's tokens, detokenizes them and schedules again (mlx-lm's
@@ -12,77 +18,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-import numpy as np
 
 from nanovllm_mlx.attention import select_backend
-from nanovllm_mlx.attention.metadata import (
-    AttentionMetadata,
-    DecodeEntries,
-    PoolLayout,
-    PrefillEntries,
-)
-from nanovllm_mlx.attention.paged import AttentionBackend, KVCache, build_metadata
+from nanovllm_mlx.attention.metadata import AttentionMetadata, PoolLayout
+from nanovllm_mlx.attention.paged import AttentionBackend, KVCache
 from nanovllm_mlx.engine.sampler import sample
 from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.step_inputs import (
+    PreparedStep,
+    is_uniform_decode,
+    prepare,
+    prepare_decode,
+)
 from nanovllm_mlx.models.base import CausalLM
-
-
-@dataclass(slots=True)
-class PreparedStep:
-    input_ids: mx.array  # [T] flat tokens, decode entries first
-    positions: mx.array  # [T]
-    meta: AttentionMetadata
-    samplers: list[ScheduledSeq]  # entries that sample, in flat order
-    last_index: mx.array  # [len(samplers)] flat index of each sampler's last token
-
-
-def prepare(
-    batch: list[ScheduledSeq],
-    pool: PoolLayout,
-    backend: AttentionBackend,
-    ahead: mx.array | None = None,
-) -> PreparedStep:
-    """The step's arrays. With `ahead` (the lazy tokens sampled by the step launched just
-    before, for this same all-decode batch) this is the step after that one: every
-    sequence one position further, fed the token not yet read back."""
-    shift = 0 if ahead is None else 1
-    # Single-token entries (decodes, and prompts with one token left) share the cheap
-    # decode read; the rest form the prefill chunks. Decodes go shortest context first,
-    # which the gather path's length groups rely on.
-    decodes = [item for item in batch if item.num_new_tokens == 1]
-    decodes.sort(key=lambda item: item.seq.num_computed_tokens)
-    prefills = [item for item in batch if item.num_new_tokens > 1]
-    input_ids, positions, slots, last, samplers = [], [], [], [], []
-    offset = 0
-    for item in decodes + prefills:
-        seq, start = item.seq, item.seq.num_computed_tokens + shift
-        end = start + item.num_new_tokens
-        input_ids += seq.token_ids[start:end]
-        positions.append(np.arange(start, end))
-        slots.append(pool.slots(seq.block_table, start, end))
-        offset += item.num_new_tokens
-        if item.samples:
-            last.append(offset - 1)
-            samplers.append(item)
-    decode = prefill = None
-    if decodes:
-        context = [it.seq.num_computed_tokens + 1 + shift for it in decodes]
-        decode = DecodeEntries(
-            np.array(context, dtype=np.int32), [it.seq.block_table for it in decodes]
-        )
-    if prefills:
-        prefill = PrefillEntries(
-            [it.seq.num_computed_tokens for it in prefills],
-            [it.num_new_tokens for it in prefills],
-            [it.seq.block_table for it in prefills],
-        )
-    return PreparedStep(
-        input_ids=mx.array(input_ids, dtype=mx.int32) if ahead is None else ahead,
-        positions=mx.array(np.concatenate(positions).astype(np.int32)),
-        meta=build_metadata(backend, pool, np.concatenate(slots), decode, prefill),
-        samplers=samplers,
-        last_index=mx.array(last, dtype=mx.int32),
-    )
 
 
 class ModelRunner:
@@ -93,12 +41,18 @@ class ModelRunner:
         block_size: int,
         dtype: mx.Dtype,
         backend: AttentionBackend | None = None,
+        compile_decode: bool = False,
     ):
         self.model = model
         spec = model.spec
-        self.pool = PoolLayout(spec.n_kv_heads, num_blocks, block_size)
+        # One block past those the block manager hands out: the scratch block that the
+        # padding rows of a compiled decode step read and write.
+        self.scratch_block = num_blocks
+        self.pool = PoolLayout(spec.n_kv_heads, num_blocks + 1, block_size)
         self.backend = backend or select_backend()
-        shape = (spec.n_kv_heads, num_blocks * block_size, spec.head_dim)
+        self.compile_decode = compile_decode
+        self._compiled = mx.compile(self._decode_graph) if compile_decode else None
+        shape = (spec.n_kv_heads, (num_blocks + 1) * block_size, spec.head_dim)
         self.caches = [
             KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), block_size)
             for _ in range(spec.n_layers)
@@ -110,10 +64,41 @@ class ModelRunner:
 
     def forward(self, step: PreparedStep) -> mx.array | None:
         """Lazy logits of each sampling entry's last token (None when none samples)."""
+        if step.padded:
+            assert self._compiled is not None
+            pools = [(c.k, c.v) for c in self.caches]
+            logits, pools = self._compiled(
+                step.input_ids, step.positions, step.meta.write_rows, step.meta.decode, pools
+            )
+            for cache, (k, v) in zip(self.caches, pools):
+                cache.k, cache.v = k, v
+            return logits[: len(step.samplers)]
         hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
         if not step.samplers:
             return None
         return self.model.logits(hidden[step.last_index])
+
+    def _decode_graph(
+        self,
+        input_ids: mx.array,
+        positions: mx.array,
+        write_rows: mx.array,
+        plan: dict[str, mx.array],
+        pools: list[tuple[mx.array, mx.array]],
+    ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        """The decode forward as a function of arrays alone, for mx.compile: pools in, the
+        written pools out (the pools passed in have no other reference once the caller
+        rebinds them, so MLX still writes them in place)."""
+        bs = self.pool.block_size
+        caches = [KVCache(k, v, bs) for k, v in pools]
+        meta = AttentionMetadata(self.backend, write_rows, input_ids.shape[0], decode=plan)
+        hidden = self.model(input_ids, positions, caches, meta)
+        return self.model.logits(hidden), [(c.k, c.v) for c in caches]
+
+    def _prepare(self, batch: list[ScheduledSeq], ahead: mx.array | None = None) -> PreparedStep:
+        if self.compile_decode and is_uniform_decode(batch):
+            return prepare_decode(batch, self.pool, self.backend, self.scratch_block, ahead)
+        return prepare(batch, self.pool, self.backend, ahead)
 
     def _launch(self, step: PreparedStep, output_offset: int) -> _Launched:
         """Build the step's graph and start it on the device without waiting."""
@@ -149,9 +134,9 @@ class ModelRunner:
             self.steps_ahead_used += 1
         else:
             self.steps_ahead_dropped += ahead is not None
-            launched = self._launch(prepare(batch, self.pool, self.backend), 0)
+            launched = self._launch(self._prepare(batch), 0)
         if look_ahead:
-            step = prepare(batch, self.pool, self.backend, ahead=launched.tokens)
+            step = self._prepare(batch, ahead=launched.tokens)
             self._ahead = _Ahead(_batch_key(batch, 1), self._launch(step, 1))
         if launched.tokens is None:
             mx.eval([(c.k, c.v) for c in self.caches])

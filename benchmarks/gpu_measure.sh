@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Measurements on the GPU machine (the `device` tool), batched into few calls; each phase
+# logs to $OUT/<phase>.log. Stage MLX's CUDA build first (../shared/device/mlx-cuda-stage.sh:
+# its part a copied to /tmp/mlxstage in an earlier call); carry .device/b and .whl.
+#   bash benchmarks/gpu_measure.sh setup tests profile compare-gpt2
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD PYTHONUNBUFFERED=1
+GPT2=tests/.fixtures/gpt2-small-shape
+SMOL=tests/.fixtures/smollm2-135m-shape
+run() {  # name, seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*" | tee -a "$OUT/$name.log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
+  tail -n 25 "$OUT/$name.log"
+}
+for phase in "$@"; do
+  case $phase in
+    setup)
+      if [ ! -d /tmp/mlxsite/mlx ]; then
+        mkdir -p /tmp/mlxsite
+        cat /tmp/mlxstage/part.aa .device/b/part.ab | xz -d | tar -C /tmp/mlxsite -x
+      fi
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+      python3 -c 'import mlx.core as mx; print(mx.default_device(), mx.__version__)'
+      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+      run fixtures 300 python3 tests/make_fixtures.py gpt2-small-shape smollm2-135m-shape ;;
+    tests)
+      run tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
+        tests/test_compiled_decode.py ;;
+    profile)
+      for c in off on; do
+        run "profile-$c" 150 python3 benchmarks/profile_step.py --model $GPT2 --dtype float16 \
+          --batch 32 --compile-decode $c
+      done ;;
+    single-off)
+      for m in $GPT2 $SMOL; do
+        run single-off 200 python3 benchmarks/compare_mlx_lm.py --model $m --dtype float16 \
+          --repeats 3 --batches "" --compile-decode off
+      done ;;
+    compare-gpt2)
+      run compare-gpt2 420 python3 benchmarks/compare_mlx_lm.py --model $GPT2 --dtype float16 \
+        --repeats 3 --batch-repeats 1 --batches 8,32,128,256 --json ;;
+    compare-smol)
+      run compare-smol 420 python3 benchmarks/compare_mlx_lm.py --model $SMOL --dtype float16 \
+        --repeats 3 --batch-repeats 1 --batches 8,32,128,256 --json ;;
+    nanovllm)
+      run nanovllm 200 python3 benchmarks/throughput.py --model $GPT2 --dtype float16 ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done

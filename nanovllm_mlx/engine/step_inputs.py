@@ -1,0 +1,137 @@
+"""A scheduled batch as the arrays a step computes from: flat tokens, positions, and the
+attention metadata its backend builds (host-side numpy in, MLX arrays out).
+
+Two forms. `prepare` packs any batch (prefill chunks and decodes mixed) with no padding.
+`prepare_decode` packs an all-decode batch padded to a bucket of batch size and block-table
+width, so that a compiled decode step traces one graph per bucket instead of one per
+token; the padding rows read and write only the pool's scratch block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from nanovllm_mlx.attention.metadata import (
+    AttentionMetadata,
+    DecodeEntries,
+    PoolLayout,
+    PrefillEntries,
+)
+from nanovllm_mlx.attention.paged import AttentionBackend, build_metadata
+from nanovllm_mlx.engine.scheduler import ScheduledSeq
+
+
+@dataclass(slots=True)
+class PreparedStep:
+    input_ids: mx.array  # [T] flat tokens, decode entries first
+    positions: mx.array  # [T]
+    meta: AttentionMetadata
+    samplers: list[ScheduledSeq]  # entries that sample, in flat order
+    last_index: mx.array | None  # [len(samplers)] flat index of each sampler's last token
+    padded: bool = False  # prepare_decode's form: rows [0, len(samplers)) are the real ones
+
+
+def prepare(
+    batch: list[ScheduledSeq],
+    pool: PoolLayout,
+    backend: AttentionBackend,
+    ahead: mx.array | None = None,
+) -> PreparedStep:
+    """The step's arrays. With `ahead` (the lazy tokens sampled by the step launched just
+    before, for this same all-decode batch) this is the step after that one: every
+    sequence one position further, fed the token not yet read back."""
+    shift = 0 if ahead is None else 1
+    # Single-token entries (decodes, and prompts with one token left) share the cheap
+    # decode read; the rest form the prefill chunks. Decodes go shortest context first,
+    # which the gather path's length groups rely on.
+    decodes = [item for item in batch if item.num_new_tokens == 1]
+    decodes.sort(key=lambda item: item.seq.num_computed_tokens)
+    prefills = [item for item in batch if item.num_new_tokens > 1]
+    input_ids, positions, slots, last, samplers = [], [], [], [], []
+    offset = 0
+    for item in decodes + prefills:
+        seq, start = item.seq, item.seq.num_computed_tokens + shift
+        end = start + item.num_new_tokens
+        input_ids += seq.token_ids[start:end]
+        positions.append(np.arange(start, end))
+        slots.append(pool.slots(seq.block_table, start, end))
+        offset += item.num_new_tokens
+        if item.samples:
+            last.append(offset - 1)
+            samplers.append(item)
+    decode = prefill = None
+    if decodes:
+        context = [it.seq.num_computed_tokens + 1 + shift for it in decodes]
+        decode = DecodeEntries(
+            np.array(context, dtype=np.int32), [it.seq.block_table for it in decodes]
+        )
+    if prefills:
+        prefill = PrefillEntries(
+            [it.seq.num_computed_tokens for it in prefills],
+            [it.num_new_tokens for it in prefills],
+            [it.seq.block_table for it in prefills],
+        )
+    return PreparedStep(
+        input_ids=mx.array(input_ids, dtype=mx.int32) if ahead is None else ahead,
+        positions=mx.array(np.concatenate(positions).astype(np.int32)),
+        meta=build_metadata(backend, pool, np.concatenate(slots), decode, prefill),
+        samplers=samplers,
+        last_index=mx.array(last, dtype=mx.int32),
+    )
+
+
+def bucket(n: int) -> int:
+    """The next power of two: a few dozen traces cover every batch size and context a
+    server sees, and padding a decode batch costs little (its matmuls are bound by
+    reading the weights, not by the rows)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def is_uniform_decode(batch: list[ScheduledSeq]) -> bool:
+    """Every entry decodes one token and samples it: the batches prepare_decode packs."""
+    return all(item.num_new_tokens == 1 and item.samples for item in batch)
+
+
+def prepare_decode(
+    batch: list[ScheduledSeq],
+    pool: PoolLayout,
+    backend: AttentionBackend,
+    scratch_block: int,
+    ahead: mx.array | None = None,
+) -> PreparedStep:
+    """An all-decode batch padded to bucket(len(batch)) rows and tables of
+    bucket(longest table) blocks. Padding rows sit at position 0 of `scratch_block`, a
+    block the block manager never hands out. `ahead`: as for prepare."""
+    shift = 0 if ahead is None else 1
+    n = len(batch)
+    rows = bucket(n)
+    context = np.ones(rows, dtype=np.int32)
+    context[:n] = [item.seq.num_computed_tokens + 1 + shift for item in batch]
+    positions = context - 1
+    tables = [item.seq.block_table for item in batch] + [[scratch_block]] * (rows - n)
+    slots = np.full(rows, scratch_block * pool.block_size, dtype=np.int64)
+    for i, item in enumerate(batch):
+        slots[i] = pool.slots(item.seq.block_table, int(positions[i]), int(positions[i]) + 1)[0]
+    entries = DecodeEntries(context, tables)
+    width = bucket(pool.num_table_blocks(int(context.max())))
+    if ahead is None:
+        ids = [item.seq.token_ids[int(p)] for item, p in zip(batch, positions)]
+        input_ids = mx.array(ids + [0] * (rows - n), dtype=mx.int32)
+    else:
+        input_ids = ahead if rows == n else mx.concatenate([ahead, mx.zeros(rows - n, mx.int32)])
+    return PreparedStep(
+        input_ids=input_ids,
+        positions=mx.array(positions),
+        meta=AttentionMetadata(
+            backend=backend,
+            write_rows=pool.write_rows(slots),
+            num_decode=rows,
+            decode=backend.plan_decode_uniform(entries, pool, width),
+        ),
+        samplers=list(batch),
+        last_index=None,
+        padded=True,
+    )

@@ -1,0 +1,91 @@
+"""The compiled decode step (mx.compile, one trace per bucket) against the eager forward it
+replaces: same tokens, logits within float32 noise, look-ahead included, on CPU here and
+on CUDA on the GPU machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import SMALL_KV, captured_logits
+
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.attention.metadata import PoolLayout
+from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.step_inputs import bucket, prepare_decode
+
+
+def workload(n: int = 21, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 40000, rng.integers(1, 70)).tolist() for _ in range(n)]
+    params = [
+        SamplingParams(
+            temperature=0.0 if i % 3 else 0.9, seed=i, max_tokens=5 + 3 * i, ignore_eos=True
+        )
+        for i in range(n)
+    ]
+    return prompts, params
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_tiny", "llama_tiny"])
+@pytest.mark.parametrize("look_ahead", [False, True])
+def test_compiled_decode_matches_the_eager_forward(
+    fixture: str, look_ahead: bool, request: pytest.FixtureRequest
+):
+    path: Path = request.getfixturevalue(fixture)
+    prompts, params = workload()
+    runs = {}
+    for compiled in (False, True):
+        llm = LLM(
+            str(path),
+            compile_decode=compiled,
+            async_scheduling=look_ahead,
+            dtype="float32",
+            **SMALL_KV,
+        )
+        with captured_logits() as seen:
+            outs = llm.generate(prompts, params)
+        runs[compiled] = ([o["token_ids"] for o in outs], seen)
+        assert llm.stats()["kv_blocks_used"] == 0
+        if look_ahead:
+            assert llm.stats()["steps_ahead_used"] > 0
+    (eager_tokens, eager_logits), (compiled_tokens, compiled_logits) = runs[False], runs[True]
+    assert compiled_tokens == eager_tokens
+    # The same steps sample the same rows (in the runner's order, which may differ).
+    assert len(compiled_logits) == len(eager_logits)
+    for a, b in zip(eager_logits, compiled_logits):
+        np.testing.assert_allclose(np.sort(a, axis=0), np.sort(b, axis=0), atol=1e-4, rtol=1e-4)
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 127, 128, 129)] == [
+        1, 2, 4, 4, 8, 8, 16, 128, 128, 256,
+    ]  # fmt: skip
+
+
+def test_padding_rows_only_touch_the_scratch_block():
+    pool = PoolLayout(2, 33, 4)  # 32 blocks for the block manager, block 32 is scratch
+    seqs = [Sequence(i, list(range(n)), SamplingParams()) for i, n in enumerate((5, 9, 2))]
+    batch = []
+    for s, table in zip(seqs, ([3, 7], [1, 2, 30], [5])):
+        s.block_table, s.num_computed_tokens = table, s.num_tokens - 1
+        batch.append(ScheduledSeq(s, 1))
+    from nanovllm_mlx.attention.gather import GatherAttention
+
+    step = prepare_decode(batch, pool, GatherAttention(fused=False), scratch_block=32)
+    assert step.padded and step.input_ids.shape == (4,) and len(step.samplers) == 3
+    assert np.array(step.positions).tolist() == [4, 8, 1, 0]
+    rows = np.array(step.meta.write_rows).reshape(4, 2)  # token-major, 2 KV heads
+    slots = rows - np.arange(2) * 33 * 4
+    assert slots[:, 0].tolist() == [7 * 4 + 0, 30 * 4 + 0, 5 * 4 + 1, 32 * 4]
+    mask = np.array(step.meta.decode["mask"])[:, 0]
+    assert mask.shape == (4, 4 * 4)  # 3 blocks, bucketed to 4
+    assert mask.sum(axis=1).tolist() == [5, 9, 2, 1]
+
+
+def test_the_scratch_block_is_never_handed_out(gpt2_tiny: Path):
+    llm = LLM(str(gpt2_tiny), compile_decode=True, **SMALL_KV)
+    runner = llm.engine.model_runner
+    assert llm.stats()["kv_blocks_total"] == runner.scratch_block == runner.pool.num_blocks - 1
