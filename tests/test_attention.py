@@ -15,6 +15,8 @@ from nanovllm_mlx.engine.step_inputs import prepare
 from nanovllm_mlx.sampling_params import SamplingParams
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 1024
+# float32 matmuls on a GPU run in TF32 (~1e-3 relative); the CPU computes in full float32.
+TOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
 
 
 def dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
@@ -93,7 +95,7 @@ def test_paged_matches_dense(cases: list[tuple[int, int]], backend):
         qi, ki, vi, start, end = data[i]
         n = end - start
         np.testing.assert_allclose(
-            got[offset : offset + n], dense(qi[start:], ki, vi, start), atol=1e-5, rtol=1e-4
+            got[offset : offset + n], dense(qi[start:], ki, vi, start), atol=TOL, rtol=TOL
         )
         offset += n
     assert offset == got.shape[0]

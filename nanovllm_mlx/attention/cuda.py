@@ -34,7 +34,7 @@ _PARTIAL = """
     const int n_heads = gridDim.y, n_parts = gridDim.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ctx = context_lens[b];
-    const int part_size = PART;
+    const int part_size = params[0];
     const int start = part * part_size;
     const int end = min(start + part_size, ctx);
     const int nb = block_tables_shape[1];
@@ -129,7 +129,7 @@ def available() -> bool:
 def _kernels() -> tuple[object, object]:
     partial = mx.fast.cuda_kernel(
         name="paged_decode_partial",
-        input_names=["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale"],
+        input_names=["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale", "params"],
         output_names=["part_out", "part_m", "part_l"],
         source=_PARTIAL,
         ensure_row_contiguous=False,  # q is read through its strides; the rest is contiguous
@@ -144,7 +144,7 @@ def _kernels() -> tuple[object, object]:
 
 
 @lru_cache(maxsize=256)
-def _scalar(value: float, dtype: mx.Dtype) -> mx.array:
+def _scalar(value: float | int, dtype: mx.Dtype) -> mx.array:
     # One device array per distinct value: a fresh mx.array per layer and step would be an
     # upload each time. Created with its data (never lazy), so a compiled step traced on
     # first use captures it as a constant.
@@ -183,10 +183,11 @@ def paged_decode(
             block_tables,
             context_lens,
             _scalar(float(scale), mx.float32),
+            # A runtime input, not a template constant: every new value of a template
+            # compiles the kernel anew (NVRTC, ~1 s), and the size changes with the context.
+            _scalar(size, mx.int32),
         ],
-        # The partition size is a compile-time constant: a compiled decode step is traced
-        # once per (batch, table width) bucket, and every value here derives from those.
-        template=template + [("WARPS", WARPS), ("PART", size)],
+        template=template + [("WARPS", WARPS)],
         grid=(32 * WARPS * parts, n_heads, b),
         threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(b, n_heads, parts, head_dim), (b, n_heads, parts), (b, n_heads, parts)],

@@ -38,11 +38,11 @@ def measure_step_budget(
 ) -> int:
     """Tokens a step may compute so that it takes about TARGET_STEP_S here.
 
-    Two probes: a small prefill (run twice; the first pays for kernel compilation, which
-    every engine pays once anyway) bounds the cost per token; if that allows more than a
-    few hundred tokens, a prefill near the estimate separates the per-step overhead from
-    the per-token cost. Costs about 2 x TARGET_STEP_S on a slow device, milliseconds on a
-    GPU."""
+    Two probes, each run twice (the first run of a shape pays for kernel compilation,
+    which every engine pays once anyway): a small prefill bounds the cost per token; if
+    that allows more than a few dozen tokens, a prefill near the estimate separates the
+    per-step overhead from the per-token cost. Costs about 3 x TARGET_STEP_S on a slow
+    device, milliseconds on a GPU."""
     floor = min(floor, cap)
     if runner.pool.num_blocks * runner.pool.block_size < cap:
         cap = max(floor, runner.pool.num_blocks * runner.pool.block_size)
@@ -54,6 +54,7 @@ def measure_step_budget(
     if estimate > 4 * PROBE_TOKENS:
         # One sequence, so no longer than the context: positions past it are garbage.
         n = min(estimate, cap, max_model_len)
+        _prefill_seconds(runner, n)  # a new shape: kernels compile on its first run (GPU)
         large = _prefill_seconds(runner, n)
         per_token = max((large - small) / (n - PROBE_TOKENS), 1e-9)
         overhead = max(small - per_token * PROBE_TOKENS, 0.0)

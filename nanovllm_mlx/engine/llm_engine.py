@@ -285,6 +285,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "steps_ahead_used": self.model_runner.steps_ahead_used,
             "steps_ahead_dropped": self.model_runner.steps_ahead_dropped,
+            "compiled_buckets": len(self.model_runner.decode_buckets),
             **self.step_stats.snapshot(),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
         }

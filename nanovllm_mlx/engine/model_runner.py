@@ -52,6 +52,7 @@ class ModelRunner:
         self.backend = backend or select_backend()
         self.compile_decode = compile_decode
         self._compiled = mx.compile(self._decode_graph) if compile_decode else None
+        self.decode_buckets: set[tuple] = set()  # (batch, table width) shapes traced
         shape = (spec.n_kv_heads, (num_blocks + 1) * block_size, spec.head_dim)
         self.caches = [
             KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), block_size)
@@ -97,7 +98,9 @@ class ModelRunner:
 
     def _prepare(self, batch: list[ScheduledSeq], ahead: mx.array | None = None) -> PreparedStep:
         if self.compile_decode and is_uniform_decode(batch):
-            return prepare_decode(batch, self.pool, self.backend, self.scratch_block, ahead)
+            step = prepare_decode(batch, self.pool, self.backend, self.scratch_block, ahead)
+            self.decode_buckets.add(_bucket_key(step))
+            return step
         return prepare(batch, self.pool, self.backend, ahead)
 
     def _launch(self, step: PreparedStep, output_offset: int) -> _Launched:
@@ -171,3 +174,7 @@ def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple:
         (item.seq.seq_id, item.seq.num_computed_tokens + shift, item.num_new_tokens)
         for item in batch
     )
+
+
+def _bucket_key(step: PreparedStep) -> tuple:
+    return (step.input_ids.shape[0], *(a.shape for a in step.meta.decode.values()))
