@@ -69,6 +69,7 @@ def test_compiled_decode_matches_the_eager_forward(
             outs = llm.generate(prompts, params)
         runs[compiled] = ([o["token_ids"] for o in outs], seen)
         assert llm.stats()["kv_blocks_used"] == 0
+        assert (llm.stats()["compiled_buckets"] > 2) == compiled  # the batch's tail ran compiled
         if look_ahead:
             assert llm.stats()["steps_ahead_used"] > 0
     (eager_tokens, eager_logits), (compiled_tokens, compiled_logits) = runs[False], runs[True]
