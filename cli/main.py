@@ -24,6 +24,7 @@ from cli.options import (
     sampling_options,
 )
 from nanovllm_mlx import SamplingParams
+from nanovllm_mlx.parallel.channel import TensorParallelError
 
 # Typer (>= 0.20) vendors its own Click and exports some of its exceptions, not their base
 # class: reach that through one it does export, whichever Click is underneath.
@@ -61,7 +62,7 @@ class _Group(TyperGroup):
             # `nanovllm ask ... | head`: stop quietly; keep Python's exit-time flush silent.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, TensorParallelError) as e:
             # Bad option values, prompts too long, missing or corrupt models.
             ui.print_error(e)
             sys.exit(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any
@@ -104,6 +105,19 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
         ],
         None,
     ),
+    "tensor_parallel_size": (
+        Annotated[
+            int | None,
+            typer.Option(
+                "--tensor-parallel-size",
+                "-tp",
+                help="Split the model across this many processes (spawned on this host, "
+                "or the ranks of an mlx.launch).",
+                rich_help_panel=ENGINE,
+            ),
+        ],
+        None,
+    ),
     "keep_quantized": (
         Annotated[
             bool | None,
@@ -161,13 +175,27 @@ def _with_group(
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
-            values = {name: kwargs.pop(name) for name in group}
-            return fn(*args, **kwargs, **{into: convert(values)})
+            values = convert({name: kwargs.pop(name) for name in group})
+            if into == "engine":
+                serve_as_other_rank(kwargs.get("model"), values)
+            return fn(*args, **kwargs, **{into: values})
 
         command.__signature__ = sig.replace(parameters=own + added)  # type: ignore[attr-defined]
         return command
 
     return decorate
+
+
+def serve_as_other_rank(model: str | None, engine: dict[str, Any]) -> None:
+    """Under mlx.launch every rank runs the user's command; all but rank 0 serve the steps
+    rank 0 sends, before the command does anything of its own (binding a port, reading
+    stdin, printing), and then exit."""
+    if engine.get("tensor_parallel_size", 1) > 1:
+        from nanovllm_mlx.parallel import group, worker
+
+        rank = group.launched_rank()
+        if rank is not None and rank > 0:
+            sys.exit(worker.run(model, engine))
 
 
 def _given_engine_options(values: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli import ui
+from nanovllm_mlx.parallel.channel import TensorParallelError
 from nanovllm_mlx.serving.settings import ServerSettings
 from nanovllm_mlx.serving.snapshot import EngineSnapshot
 
@@ -239,5 +240,8 @@ def run_serve(
         else:
             with StatsLog(state, log_interval):
                 server.serve(app, sock, log_config=plain_log_config())
+        fatal = app.state.engine_thread.fatal
+        if fatal is not None:
+            raise TensorParallelError(fatal)  # the CLI's one error line, exit 1
     finally:
         sock.close()

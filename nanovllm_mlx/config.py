@@ -32,9 +32,14 @@ class Config:
     # (engine/model_runner.py). None: on a GPU, where building a step's graph in Python is
     # a third of a single stream's step; a CPU step is compute-bound and gains nothing.
     compile_decode: bool | None = None
+    # Processes that share the model (parallel/): its heads and MLP split across them.
+    tensor_parallel_size: int = 1
+    # A step that waits longer than this on the other ranks ends the run (a rank is stuck).
+    tp_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size")
+        for name in positive:
             value = getattr(self, name)
             if value is None and name == "max_num_batched_tokens":
                 continue
@@ -46,6 +51,8 @@ class Config:
             raise ValueError(
                 f"max_model_len must be a positive integer, got {self.max_model_len!r}"
             )
+        if not self.tp_timeout_s > 0:
+            raise ValueError(f"tp_timeout_s must be > 0, got {self.tp_timeout_s!r}")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
         if not 0 < self.kv_cache_fraction <= 0.95:

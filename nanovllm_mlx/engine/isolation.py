@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.parallel.channel import TensorParallelError
 
 logger = logging.getLogger("nanovllm_mlx.engine")
 
@@ -31,6 +32,8 @@ def run_isolating(runner: ModelRunner, batch: list[ScheduledSeq], look_ahead: bo
     try:
         tokens, logprobs = runner.run(batch, look_ahead)
         return StepResult(batch, tokens, logprobs)
+    except TensorParallelError:
+        raise  # a rank is gone: no request caused it, and no retry can succeed
     except Exception as e:
         logger.warning("a step of %d sequences failed (%r); isolating the cause", len(batch), e)
         result = _bisect(runner, batch, e)
@@ -49,6 +52,8 @@ def _bisect(runner: ModelRunner, batch: list[ScheduledSeq], error: Exception) ->
         try:
             tokens, logprobs = runner.run(half)
             parts.append(StepResult(half, tokens, logprobs))
+        except TensorParallelError:
+            raise
         except Exception as e:
             parts.append(_bisect(runner, half, e))
     return _merge(parts)

@@ -9,6 +9,7 @@ into text and decides which requests end, and the scheduler retires those. Every
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import fields, replace
@@ -28,9 +29,26 @@ from nanovllm_mlx.engine.stats import StepStats
 from nanovllm_mlx.errors import ContextLengthError, EngineStalledError, InvalidRequestError
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.loading.tokenizer import Tokenizer
+from nanovllm_mlx.models.base import ModelSpec
+from nanovllm_mlx.parallel.group import launched_rank
+from nanovllm_mlx.parallel.runner import TensorParallel, fingerprint
 from nanovllm_mlx.sampling_params import SamplingParams
 
 __all__ = ["LLMEngine", "RequestOutput"]
+
+
+def load_model(config: Config) -> loader.LoadedModel:
+    return loader.load(
+        config.model or None,
+        config.dtype,
+        config.quantize,
+        config.quantize_group_size,
+        config.keep_quantized,
+    )
+
+
+def max_model_len(config: Config, spec: ModelSpec) -> int:
+    return min(config.max_model_len or spec.context_length, spec.context_length)
 
 
 class LLMEngine:
@@ -40,17 +58,26 @@ class LLMEngine:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; valid: {sorted(names)}")
         self.config = config = Config(model=model or "", **kwargs)
+        self.parallel: TensorParallel | None = None
+        if config.tensor_parallel_size > 1:
+            if (launched := launched_rank()) is not None and launched > 0:
+                # Under mlx.launch every process runs the caller's program: this one is
+                # one of the other ranks, and serves steps until rank 0 stops.
+                from nanovllm_mlx.parallel import worker
+
+                sys.exit(worker.run(model, dict(kwargs)))
+            self.parallel = TensorParallel(config)
         mx.random.seed(config.seed)  # unseeded sampling is reproducible per engine
-        loaded = loader.load(
-            model, config.dtype, config.quantize, config.quantize_group_size, config.keep_quantized
-        )
+        loaded = load_model(config)
+        if self.parallel is not None:
+            self.parallel.shard(loaded)
         spec = loaded.model.spec
         self.model_name = loaded.name
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.dtype = loaded.dtype
         self.quantization = loaded.quantization  # what loading did, in words
         self.vocab_size = spec.vocab_size
-        self.max_model_len = min(config.max_model_len or spec.context_length, spec.context_length)
+        self.max_model_len = max_model_len(config, spec)
         num_blocks = memory.num_kv_blocks(spec, config, self.dtype, self.max_model_len)
         memory.check_fits(
             num_blocks,
@@ -62,13 +89,22 @@ class LLMEngine:
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         on_gpu = mx.default_device() != mx.cpu
-        self.model_runner = ModelRunner(
+        tp = self.parallel is not None
+        runner = ModelRunner(
             loaded.model,
             num_blocks,
             config.block_size,
             self.dtype,
-            compile_decode=on_gpu if config.compile_decode is None else config.compile_decode,
+            # Off under tensor parallelism (look-ahead too, below): the other ranks run the
+            # eager forward, and their collectives must match rank 0's one for one.
+            compile_decode=not tp
+            and (on_gpu if config.compile_decode is None else config.compile_decode),
+            collective=tp,
         )
+        if self.parallel is not None:
+            self.parallel.agree(fingerprint(loaded, config, self.max_model_len), num_blocks)
+            runner = self.parallel.wrap(runner)
+        self.model_runner = runner
         self.max_num_batched_tokens = config.max_num_batched_tokens or measure_step_budget(
             self.model_runner, max(config.max_num_seqs, PROBE_TOKENS), self.max_model_len
         )
@@ -80,8 +116,8 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.async_scheduling = config.async_scheduling
-        if self.async_scheduling is None:
-            self.async_scheduling = on_gpu
+        if self.async_scheduling is None or tp:
+            self.async_scheduling = on_gpu and not tp
         self.step_stats = StepStats()
         self._ids = itertools.count()
         # request id -> outputs not yet taken by the iterate() call that watches it
@@ -99,9 +135,7 @@ class LLMEngine:
         before anything is queued, so it can never disturb the running batch."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(
-                f"params must be SamplingParams, got {type(params).__name__}"
-            )
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
         params = self._fit_params(params)
         token_ids = self._tokenize(prompt)
         if len(token_ids) >= self.max_model_len:
@@ -267,6 +301,12 @@ class LLMEngine:
     def _iterate_all(self) -> Iterator[list[RequestOutput]]:
         while self.has_unfinished_requests():
             yield self.step()
+
+    def close(self) -> None:
+        """Release what outlives the object: the other ranks of a tensor-parallel engine
+        (otherwise stopped when the process exits)."""
+        if self.parallel is not None:
+            self.parallel.stop()
 
     # Introspection --------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ class ModelRunner:
         dtype: mx.Dtype,
         backend: AttentionBackend | None = None,
         compile_decode: bool = False,
+        collective: bool = False,
     ):
         self.model = model
         spec = model.spec
@@ -58,6 +59,11 @@ class ModelRunner:
         self.pool = PoolLayout(spec.n_kv_heads, num_blocks + 1, block_size)
         self.backend = backend or select_backend()
         self.compile_decode = compile_decode
+        # Tensor parallelism: the layers all_sum across ranks, and every rank must finish
+        # the same collectives in the same order whatever happens after (a sampler that
+        # raises on rank 0 must not leave the others waiting), so each forward is
+        # evaluated whole before anything else is built on it.
+        self.collective = collective
         self._compiled = mx.compile(self._decode_graph) if compile_decode else None
         self.decode_buckets: set[tuple] = set()  # (batch, table width) shapes traced
         shape = (spec.n_kv_heads, (num_blocks + 1) * block_size, spec.head_dim)
@@ -82,9 +88,18 @@ class ModelRunner:
                 cache.k, cache.v = k, v
             return logits[: len(step.samplers)]
         hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
+        if self.collective:
+            mx.eval(hidden, [(c.k, c.v) for c in self.caches])
         if not step.samplers:
             return None
         return self.model.logits(hidden[step.last_index])
+
+    def run_forward(self, batch: list[ScheduledSeq]) -> None:
+        """The step's forward and cache writes, without logits or sampling: what the other
+        ranks of a tensor-parallel group run while rank 0 samples."""
+        step = prepare(batch, self.pool, self.backend)
+        hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
+        mx.eval(hidden, [(c.k, c.v) for c in self.caches])
 
     def _decode_graph(
         self,

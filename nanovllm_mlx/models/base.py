@@ -47,3 +47,22 @@ class CausalLM(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Checkpoint tensor names and layouts -> this module's parameters."""
         return weights
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Keep this rank's part of the weights for tensor parallelism (attention heads and
+        MLP columns split across the group's ranks, all_sum after the output projections),
+        and update `spec` to the KV heads this rank's cache holds."""
+        raise ValueError(
+            f"tensor parallelism is not implemented for {type(self).__module__}: "
+            "run it with tensor_parallel_size 1"
+        )
+
+
+def check_divides(size: int, **counts: int) -> None:
+    """Sharding splits each of these counts across the ranks: they must divide."""
+    for name, count in counts.items():
+        if count % size:
+            raise ValueError(
+                f"tensor_parallel_size {size} does not divide the model's {name} ({count}): "
+                f"use a size that divides it"
+            )

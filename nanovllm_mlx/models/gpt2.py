@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 
 from nanovllm_mlx.attention.metadata import AttentionMetadata
 from nanovllm_mlx.attention.paged import KVCache, paged_attention
-from nanovllm_mlx.models.base import CausalLM, ModelSpec
+from nanovllm_mlx.models.base import CausalLM, ModelSpec, check_divides
 
 
 @dataclass(slots=True)
@@ -103,6 +104,20 @@ class Model(CausalLM):
 
     def logits(self, hidden: mx.array) -> mx.array:
         return self.wte.as_linear(hidden)
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        n = group.size()
+        check_divides(n, attention_heads=self.args.n_head, mlp_width=4 * self.args.n_embd)
+        for block in self.h:
+            attn, mlp = block.attn, block.mlp
+            # The fused projection holds q, k and v one after the other: each is split
+            # by heads, so a rank keeps its heads of all three.
+            attn.c_attn = shard_linear(attn.c_attn, "all-to-sharded", segments=3, group=group)
+            attn.c_proj = shard_linear(attn.c_proj, "sharded-to-all", group=group)
+            attn.n_head //= n
+            mlp.c_fc = shard_linear(mlp.c_fc, "all-to-sharded", group=group)
+            mlp.c_proj = shard_linear(mlp.c_proj, "sharded-to-all", group=group)
+        self.spec = replace(self.spec, n_kv_heads=self.spec.n_kv_heads // n)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map both Hub layouts (bare keys, Conv1D [in, out]) and transformers 5's

@@ -6,14 +6,15 @@ layout, grouped-query attention and a SwiGLU MLP. Qwen2 differs only by biases o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 
 from nanovllm_mlx.attention.metadata import AttentionMetadata
 from nanovllm_mlx.attention.paged import KVCache, paged_attention
-from nanovllm_mlx.models.base import CausalLM, ModelSpec
+from nanovllm_mlx.models.base import CausalLM, ModelSpec, check_divides
 from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq, rope_type
 
 
@@ -182,6 +183,30 @@ class Model(CausalLM):
         if self.args.tie_word_embeddings:
             return self.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        n, args = group.size(), self.args
+        check_divides(
+            n,
+            attention_heads=args.num_attention_heads,
+            kv_heads=args.num_key_value_heads,
+            intermediate_size=args.intermediate_size,
+        )
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            # Query and KV heads split alike, so each rank's query heads keep their group's
+            # KV heads (GQA).
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(
+                    attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group)
+                )
+            attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
+            attn.n_heads //= n
+            attn.n_kv_heads //= n
+            mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+            mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+            mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+        self.spec = replace(self.spec, n_kv_heads=self.spec.n_kv_heads // n)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Hub names (`model.` prefix) onto this module's; drop buffers and a tied head."""

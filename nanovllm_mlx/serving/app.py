@@ -184,7 +184,11 @@ def serve(
         # Streams still running at shutdown get 5 s, then are cancelled (and aborted).
         timeout_graceful_shutdown=5,
     )
-    _Server(config).run(sockets=[sock])
+    server = _Server(config)
+    # An engine that can never step again (a tensor-parallel rank died) ends the server;
+    # the caller reads engine_thread.fatal for the reason.
+    app.state.engine_thread.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run(sockets=[sock])
 
 
 def run_server(

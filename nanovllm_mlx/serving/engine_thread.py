@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
+from nanovllm_mlx.parallel.channel import TensorParallelError
 from nanovllm_mlx.serving.snapshot import EngineSnapshot
 from nanovllm_mlx.serving.ticket import Ticket, on_loops, put, settle
 
@@ -90,6 +91,8 @@ class EngineThread:
         self._steps: Iterator[list[RequestOutput]] | None = None
         self._published = 0.0
         self.step_failures = 0
+        self.fatal: str | None = None  # why the engine can never step again, if it cannot
+        self.on_fatal: Callable[[], None] | None = None  # ends the server (serving/app.serve)
         self._finished = 0
         self._failed = 0
         self._snapshot: EngineSnapshot | None = None
@@ -231,6 +234,18 @@ class EngineThread:
             outputs = next(self._steps)
         except StopIteration:
             self._steps = None
+            return
+        except TensorParallelError as e:
+            # A rank is gone: no step can run again. Fail what is in flight, stop being
+            # healthy, and end the server (its caller reports `fatal`).
+            self._steps = None
+            self.fatal = str(e)
+            logger.error("%s; stopping the server", e)
+            self._fail_all(EngineError(f"the engine stopped: {e}", status=503))
+            with self._cond:
+                self._stopping = True
+            if self.on_fatal is not None:
+                self.on_fatal()
             return
         except Exception as e:
             self._steps = None

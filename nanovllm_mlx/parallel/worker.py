@@ -1,0 +1,61 @@
+"""Ranks 1..N-1 of a tensor-parallel engine: load the model, hold a shard of its weights
+and of every layer's KV pool, and run the steps rank 0 describes, until it says stop.
+
+`python -m nanovllm_mlx.parallel.worker '{"model": ..., "options": {...}}'` is how rank 0
+spawns a local rank; under mlx.launch, the user's own command reaches `run` through
+LLMEngine (or the CLI) on every rank but 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx)
+from nanovllm_mlx.config import Config
+from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.parallel import group as groups
+from nanovllm_mlx.parallel.channel import Channel, TensorParallelError
+from nanovllm_mlx.parallel.records import STOP, Mirror, decode
+from nanovllm_mlx.parallel.runner import fingerprint
+
+
+def run(model: str | None, options: dict) -> int:
+    """Serve steps until rank 0 stops; the process's exit code."""
+    rank = groups.launched_rank()
+    try:
+        from nanovllm_mlx.engine.llm_engine import load_model, max_model_len
+
+        config = Config(model=model or "", **options)
+        groups.watch_parent()
+        group = groups.join(config.tensor_parallel_size, "NANOVLLM_TP_PARENT" in os.environ)
+        channel = Channel(group)
+        loaded = load_model(config)
+        loaded.model.shard(group)
+        context = max_model_len(config, loaded.model.spec)
+        channel.gather([fingerprint(loaded, config, context)])
+        (num_blocks,) = channel.broadcast(None)
+        if num_blocks == 0:
+            raise TensorParallelError("this rank's model, options or versions differ from rank 0's")
+        runner = ModelRunner(
+            loaded.model, num_blocks, config.block_size, loaded.dtype, collective=True
+        )
+        mirror = Mirror()
+        while True:
+            record = decode(channel.broadcast(None))
+            if record.kind == STOP:
+                return 0
+            runner.run_forward(mirror.batch(record))
+    except Exception as e:  # one line for rank 0 to quote
+        print(f"error: rank {rank}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 1
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[1])
+    return run(spec["model"], spec["options"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,274 @@
+"""Tensor parallelism: the step records (no MLX), the fused-qkv split, and 2-rank engines
+on loopback against the single-process engine, a killed or paused rank, and start-up
+mismatches. Engines run in child processes (tests/tp_scenarios.py): MLX keeps one
+distributed group per process. Every child has a hard timeout and spawned ranks exit
+with their rank 0 (parallel/group.watch_parent)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
+from mlx.nn.layers.distributed import shard_linear
+
+from nanovllm_mlx import LLM
+from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.parallel.records import STEP, Mirror, Record, Sender, decode, encode
+from nanovllm_mlx.sampling_params import SamplingParams
+
+SCENARIOS = Path(__file__).with_name("tp_scenarios.py")
+TIMEOUT = 240
+
+
+def scenario(name: str, model: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    proc = subprocess.run(
+        [sys.executable, str(SCENARIOS), name, str(model)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc, lines
+
+
+# The step records ---------------------------------------------------------------------------
+
+
+def test_records_round_trip_and_mirrors_follow_tables_through_preemption():
+    """Random steps over a few sequences whose tables grow, get replaced (preemption,
+    reallocation) or skip a step; the mirror must rebuild exactly what each step needs."""
+    rng = random.Random(0)
+    seqs = [
+        Sequence(i, [rng.randrange(1000) for _ in range(40)], SamplingParams()) for i in range(5)
+    ]
+    for s in seqs:
+        s.block_table = [rng.randrange(500)]
+    sender, mirror = Sender(), Mirror()
+    for _ in range(300):
+        batch = []
+        for s in rng.sample(seqs, rng.randint(1, len(seqs))):
+            if rng.random() < 0.15:  # preempted and back with other blocks, from scratch
+                s.block_table, s.num_computed_tokens = [rng.randrange(500)], 0
+            if rng.random() < 0.3:
+                s.block_table.append(rng.randrange(500))
+            if s.num_computed_tokens >= s.num_tokens:
+                s.token_ids.append(rng.randrange(1000))
+            n = rng.randint(1, s.num_tokens - s.num_computed_tokens)
+            batch.append(ScheduledSeq(s, n))
+        record = decode(encode(sender.record(batch)))
+        assert record.kind == STEP
+        mirrored = mirror.batch(record)
+        for item, copy in zip(batch, mirrored):
+            s, m = item.seq, copy.seq
+            start = s.num_computed_tokens
+            assert m.seq_id == s.seq_id and m.block_table == s.block_table
+            assert m.num_computed_tokens == start and copy.num_new_tokens == item.num_new_tokens
+            new = slice(start, start + item.num_new_tokens)
+            assert m.token_ids[new] == s.token_ids[new] and copy.samples == item.samples
+        for item in batch:  # the step ran
+            item.seq.num_computed_tokens += item.num_new_tokens
+    assert decode(encode(Record(STEP))).entries == []
+
+
+def test_a_bad_record_is_refused():
+    from nanovllm_mlx.parallel.records import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        decode([1, 2, 3])
+    good = encode(Sender().record([ScheduledSeq(Sequence(7, [1, 2, 3], SamplingParams()), 3)]))
+    with pytest.raises(ProtocolError, match="left over"):
+        decode(good + [0])
+
+
+# Sharding -------------------------------------------------------------------------------------
+
+
+class FakeGroup:
+    """What shard_linear asks of a group when it splits weights: its size and rank."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def test_fused_qkv_is_split_by_heads_within_each_segment():
+    embd, heads, n = 8, 4, 2
+    layer = nn.Linear(embd, 3 * embd)
+    w, b = np.array(layer.weight), np.array(layer.bias)
+    x = mx.random.normal((3, embd))
+    full = np.array(layer(x)).reshape(3, 3, heads, embd // heads)  # [T, q/k/v, head, d]
+    for rank in range(n):
+        part = shard_linear(layer, "all-to-sharded", segments=3, group=FakeGroup(rank, n))
+        mine = slice(rank * heads // n, (rank + 1) * heads // n)
+        want = full[:, :, mine].reshape(3, -1)  # this rank's heads of q, then of k, of v
+        np.testing.assert_allclose(np.array(part(x)), want, rtol=1e-5, atol=1e-6)
+        rows = np.concatenate(
+            [seg[rank * embd // n : (rank + 1) * embd // n] for seg in np.split(w, 3)]
+        )
+        np.testing.assert_array_equal(np.array(part.weight), rows)
+        assert np.array(part.bias).shape == (3 * embd // n,)
+    assert b.shape == (3 * embd,)
+
+
+# Engines on two ranks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_tiny", "llama_tiny"])
+def test_two_ranks_give_the_tokens_of_one(fixture: str, request: pytest.FixtureRequest):
+    proc, (result,) = scenario("equal", request.getfixturevalue(fixture))
+    assert proc.returncode == 0, proc.stderr
+    assert result["equal"], result
+    # The run had what it must survive: a small pool that preempts, cache hits.
+    assert result["blocks"][0] == result["blocks"][1] == 16
+    assert result["preemptions"][0] > 0 and result["prefix_hit_tokens"][0] > 0
+    assert result["kv_blocks_used"] == 0
+
+
+def test_a_killed_rank_ends_the_run_with_a_clear_error(gpt2_tiny: Path):
+    proc, (result,) = scenario("kill", gpt2_tiny)
+    assert proc.returncode == 1, proc.stderr
+    assert result["error"] == "TensorParallelError"
+    assert result["message"] == "tensor-parallel rank 1 was killed by signal 9"
+
+
+def test_a_paused_rank_ends_the_run_within_the_timeout(gpt2_tiny: Path):
+    proc, _ = scenario("pause", gpt2_tiny)  # tp_timeout_s=3
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tensor-parallel ranks stopped answering"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_ranks_that_disagree_are_refused_at_start_up(gpt2_tiny: Path):
+    proc, (refusal, exits) = scenario("mismatch", gpt2_tiny)
+    assert refusal["error"] == "TensorParallelError", proc.stderr
+    assert "rank(s) [1] loaded a different model, options or version" in refusal["message"]
+    assert exits == {"worker_exit": [1]}
+
+
+def test_a_size_that_does_not_divide_the_heads_is_refused(gpt2_tiny: Path):
+    code = (
+        "import nanovllm_mlx; from nanovllm_mlx import LLM\n"
+        f"LLM({str(gpt2_tiny)!r}, kv_cache_gb=0.02, tensor_parallel_size=3)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "ValueError: tensor_parallel_size 3 does not divide the model's attention_heads (4)" in (
+        proc.stderr
+    )
+
+
+def test_tensor_parallel_size_is_checked():
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM("unused", tensor_parallel_size=0)
+
+
+# The command line ------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    argv = cli_argv(*args)
+    if launcher:  # the launcher starts the interpreter itself (its --python)
+        argv = [*launcher, *argv[1:]]
+    return subprocess.run(
+        argv,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+
+def test_bench_runs_on_two_ranks(gpt2_tiny: Path):
+    proc = run_cli(
+        "bench", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "--tensor-parallel-size", "2",
+        "--num-seqs", "6", "--min-input", "8", "--max-input", "40", "--min-output", "4",
+        "--max-output", "16", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["num_seqs"] == 6 and result["output_tokens"] > 0
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed")
+def test_under_mlx_launch_every_rank_runs_the_command_and_rank_0_answers(gpt2_tiny: Path):
+    args = ["ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "--max-tokens", "10", "Hello there"]
+    alone = run_cli(*args)
+    assert alone.returncode == 0, alone.stderr
+    launch = ["mlx.launch", "--backend", "ring", "-n", "2", "--python", sys.executable]
+    proc = run_cli(*args, "-tp", "2", launcher=launch)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(alone.stdout.strip()), proc.stdout
+
+
+def test_serve_on_two_ranks_answers_then_ends_when_a_rank_dies(gpt2_tiny: Path):
+    import httpx
+    from tp_scenarios import children_of
+
+    with socket_port() as port:
+        argv = cli_argv(
+            "serve", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "-tp", "2", "--port", str(port),
+            "--no-live",
+        )  # fmt: skip
+        proc = subprocess.Popen(
+            argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        body = {"prompt": "Hello", "max_tokens": 8, "temperature": 0}
+        ok = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200, ok.text
+        (worker,) = children_of(proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        failed = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert failed.status_code == 503 and "rank 1 was killed" in failed.text, failed.text
+        assert proc.wait(timeout=60) == 1
+        err = proc.stderr.read()
+        assert (
+            err.strip().splitlines()[-1] == "error: tensor-parallel rank 1 was killed by signal 9"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def socket_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port

@@ -1,0 +1,128 @@
+"""Tensor-parallel scenarios, each run in a process of its own by test_tensor_parallel.py:
+MLX keeps one distributed group per process, and a scenario that kills or pauses a rank
+must not take the test runner with it. Prints one JSON line (or exits as the engine does).
+
+    python tests/tp_scenarios.py equal MODEL_DIR
+    python tests/tp_scenarios.py kill MODEL_DIR | pause MODEL_DIR | mismatch MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import nanovllm_mlx  # noqa: F401  (the fast BLAS before mlx)
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.engine import memory
+
+
+def workload(seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Mixed lengths (prefill and decode share steps), a shared 40-token prefix (prefix-
+    cache hits), greedy and seeded sampling."""
+    rng = np.random.default_rng(seed)
+    shared = rng.integers(0, 40000, 40).tolist()
+    prompts = [rng.integers(0, 40000, rng.integers(1, 70)).tolist() for _ in range(10)]
+    prompts += [shared + rng.integers(0, 40000, rng.integers(1, 9)).tolist() for _ in range(4)]
+    params = [
+        SamplingParams(
+            temperature=0.0 if i % 3 else 0.8, seed=i, max_tokens=8 + 5 * (i % 6), ignore_eos=True
+        )
+        for i in range(len(prompts))
+    ]
+    return prompts, params
+
+
+def equal(model: str) -> dict:
+    prompts, params = workload()
+    # A small pool (preemption) and a small step (chunked prefill). kv_cache_gb is per
+    # rank: half a rank's heads per block, so half the bytes give the same blocks.
+    options = {"max_model_len": 128, "max_num_batched_tokens": 32, "max_num_seqs": 8}
+    probe = LLM(model, kv_cache_gb=0.01, **options).engine
+    per_block = memory.kv_bytes_per_block(probe.model_runner.model.spec, 16, probe.dtype)
+    sixteen = 16 * per_block / 2**30  # 16 blocks of 16 tokens: ~3 of these sequences
+    one = LLM(model, kv_cache_gb=sixteen, **options)
+    first = [o["token_ids"] for o in one.generate(prompts, params)]
+    again = [o["token_ids"] for o in one.generate(prompts[-4:], params[-4:])]
+    two = LLM(model, kv_cache_gb=sixteen / 2, tensor_parallel_size=2, **options)
+    got_first = [o["token_ids"] for o in two.generate(prompts, params)]
+    got_again = [o["token_ids"] for o in two.generate(prompts[-4:], params[-4:])]
+    stats = {name: llm.stats() for name, llm in (("one", one), ("two", two))}
+    two.engine.close()
+    return {
+        "equal": got_first == first and got_again == again,
+        "blocks": [s["kv_blocks_total"] for s in stats.values()],
+        "preemptions": [s["preemptions"] for s in stats.values()],
+        "prefix_hit_tokens": [s["prefix_hit_tokens"] for s in stats.values()],
+        "kv_blocks_used": stats["two"]["kv_blocks_used"],
+    }
+
+
+def children_of(pid: int) -> list[int]:
+    me = str(pid)
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if fields.get("PPid", "").strip() == me:
+            pids.append(int(status.parent.name))
+    return pids
+
+
+def fault(model: str, how: str) -> None:
+    """Start a 2-rank engine, then kill or pause rank 1 in the middle of a long answer.
+    The engine must end with one error line, never hang."""
+    llm = LLM(model, kv_cache_gb=0.02, tensor_parallel_size=2, tp_timeout_s=3)
+    (worker,) = children_of(os.getpid())
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    stream = llm.stream("Once upon a time", params)
+    next(stream)
+    os.kill(worker, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    started = time.monotonic()
+    try:
+        for _ in stream:
+            pass
+    except Exception as e:  # a dead rank: the next collective fails at once
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
+        print(f"after {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(json.dumps({"error": None}))
+
+
+def mismatch(model: str) -> None:
+    """Rank 1 started with another context length than rank 0: refused at start-up."""
+    from nanovllm_mlx.parallel import group
+
+    children_, hostfile = group.spawn(
+        2, model, {"tensor_parallel_size": 2, "max_model_len": 64, "kv_cache_gb": 0.02}
+    )
+    os.environ.update({"MLX_RANK": "0", "MLX_HOSTFILE": hostfile})
+    try:
+        LLM(model, kv_cache_gb=0.02, tensor_parallel_size=2, max_model_len=128)
+    except Exception as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
+    finally:
+        for child in children_:
+            try:
+                child.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+        print(json.dumps({"worker_exit": [c.proc.returncode for c in children_]}), flush=True)
+
+
+if __name__ == "__main__":
+    name, model = sys.argv[1], sys.argv[2]
+    if name == "equal":
+        print(json.dumps(equal(model)))
+    elif name in ("kill", "pause"):
+        fault(model, name)
+    elif name == "mismatch":
+        mismatch(model)
