@@ -5,6 +5,7 @@ command line's argv. Import as ``from helpers import ...`` (conftest puts tests/
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,24 @@ def check_parity(path: Path, prompt: list[int], steps: int, atol: float = 1e-4) 
             logits[0], ref[len(prompt) - 1 + step], atol=atol, rtol=1e-4, err_msg=f"step {step}"
         )
     assert out["token_ids"] == ref[len(prompt) - 1 : -1].argmax(-1).tolist()
+
+
+def spawn_cli(*args: str, width: int = 120, timeout: float = 60) -> Any:
+    """The `nanovllm` command in a pseudo-terminal (pexpect), colours and all: what a
+    person at a terminal sees."""
+    import pexpect
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS")}
+    argv = cli_argv(*args)
+    return pexpect.spawn(
+        argv[0],
+        argv[1:],
+        cwd=str(REPO_ROOT),
+        encoding="utf-8",
+        dimensions=(40, width),
+        timeout=timeout,
+        env={**env, "TERM": "xterm-256color"},
+    )
 
 
 def cli_argv(*args: str) -> list[str]:

@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 
 import pexpect
 import pytest
-from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
+from helpers import SMALL_KV_ARGS, spawn_cli
 
 PROMPT = ">>> "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
-ENV = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS")}
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 
 
 def spawn(*args: str) -> pexpect.spawn:
-    argv = cli_argv(*args)
-    child = pexpect.spawn(
-        argv[0],
-        argv[1:],
-        cwd=str(REPO_ROOT),
-        encoding="utf-8",
-        dimensions=(40, 120),
-        timeout=60,
-        env={**ENV, "TERM": "xterm-256color"},
-    )
-    return child
+    return spawn_cli(*args)
 
 
 def plain(text: str) -> str:

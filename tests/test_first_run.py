@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
+from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv, spawn_cli
 from typer.testing import CliRunner
 
 from cli.main import app
 from nanovllm_mlx import LLM, SamplingParams
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-ENV = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS")}
 # A prompt that fills most of SmolLM2's prefill at 32 tokens a step: ~1,000 tokens, many
 # steps, so Ctrl-C lands mid-prefill.
 LONG_PROMPT = " ".join(f"item {i} is a word;" for i in range(200))
@@ -121,16 +120,7 @@ def test_a_hub_repo_id_is_downloaded_when_not_local(monkeypatch, gpt2_tiny: Path
 
 
 def spawn(*args: str) -> pexpect.spawn:
-    argv = cli_argv(*args)
-    return pexpect.spawn(
-        argv[0],
-        argv[1:],
-        cwd=str(REPO_ROOT),
-        encoding="utf-8",
-        dimensions=(40, 200),
-        timeout=120,
-        env={**ENV, "TERM": "xterm-256color"},
-    )
+    return spawn_cli(*args, width=200, timeout=120)
 
 
 def slow_prefill(smollm2_gguf: Path) -> list[str]:
