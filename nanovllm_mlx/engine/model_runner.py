@@ -108,6 +108,19 @@ class ModelRunner:
         self.steps_ahead_used = 0  # launched ahead and used
         self.steps_ahead_dropped = 0  # launched ahead, then the batch changed
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks' K/V, source to copy, in every layer's pools: the
+        copy-on-write of blocks that forked sequences share (BlockManager.take_copies).
+        All sources are read before any copy is written, so the pairs' order is free."""
+        table = np.array([[src for src, _ in pairs], [dst for _, dst in pairs]], dtype=np.int32)
+        src, dst = (self.pool.block_rows(table[i : i + 1]) for i in (0, 1))
+        for cache in self.caches:
+            for name in ("k", "v"):
+                pool = getattr(cache, name)
+                blocks = pool.reshape(self.pool.n_kv_heads * self.pool.num_blocks, -1)
+                blocks[dst] = blocks[src]
+                setattr(cache, name, blocks.reshape(pool.shape))
+
     def forward(self, step: PreparedStep) -> mx.array | None:
         """Lazy logits of each sampling entry's last token (None when none samples)."""
         hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
