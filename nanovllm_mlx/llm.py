@@ -62,7 +62,14 @@ class LLM:
         self, prompt: Prompt, sampling_params: SamplingParams | None = None
     ) -> Iterator[str]:
         """Yield text deltas of one prompt as they are generated; closing the generator
-        early aborts the request."""
+        early aborts the request. One choice: for n > 1, iterate the engine (outputs
+        carry their choice's index)."""
+        if sampling_params is not None and sampling_params.num_sequences > 1:
+            raise InvalidRequestError(
+                "stream() yields one choice's text: use generate(), or engine.iterate() "
+                "whose outputs carry their choice's index, for n > 1",
+                "n",
+            )
         request_id = self.engine.add_request(prompt, sampling_params)
         for outputs in self.engine.iterate([request_id]):
             for out in outputs:

@@ -306,3 +306,22 @@ def test_aborting_an_n4_request_frees_every_choice(llm: LLM):
         stats = llm.stats()
         assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
         assert stats["kv_blocks_shared"] == stats["kv_blocks_saved"] == 0
+
+
+def test_copy_blocks_copies_every_layer_and_reads_all_sources_first(llm: LLM):
+    import mlx.core as mx
+
+    runner = llm.engine.model_runner
+    bs = runner.pool.block_size
+    before = [np.array(c.k) for c in runner.caches]
+    saved_v = [np.array(c.v) for c in runner.caches]
+    for cache in runner.caches:  # blocks 3 and 5 get recognisable contents
+        cache.k[:, 3 * bs : 4 * bs] = 1.0
+        cache.k[:, 5 * bs : 6 * bs] = 2.0
+    runner.copy_blocks([(3, 5), (5, 3), (3, 7)])  # a swap, and 3 copied again
+    for cache, old, old_v in zip(runner.caches, before, saved_v):
+        k = np.array(cache.k)
+        assert (k[:, 5 * bs : 6 * bs] == 1.0).all() and (k[:, 3 * bs : 4 * bs] == 2.0).all()
+        assert (k[:, 7 * bs : 8 * bs] == 1.0).all()
+        np.testing.assert_array_equal(k[:, 8 * bs :], old[:, 8 * bs :])
+        cache.k, cache.v = mx.array(old), mx.array(old_v)  # leave the engine as it was

@@ -16,18 +16,16 @@ from dataclasses import fields
 import mlx.core as mx
 
 from nanovllm_mlx.config import Config
-from nanovllm_mlx.engine import memory, prompt_logprobs, requests
+from nanovllm_mlx.engine import memory, prompt_logprobs, requests, structured
 from nanovllm_mlx.engine.block_manager import BlockManager
 from nanovllm_mlx.engine.budget import PROBE_TOKENS, measure_step_budget
 from nanovllm_mlx.engine.isolation import StepResult, run_isolating
-from nanovllm_mlx.engine.logits_processors import masks_min_tokens, stop_ids
 from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
-from nanovllm_mlx.engine.scheduler import ScheduledSeq, Scheduler
+from nanovllm_mlx.engine.scheduler import Scheduler
 from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.engine.stats import StepStats
-from nanovllm_mlx.engine.structured import StructuredOutputs
 from nanovllm_mlx.errors import ContextLengthError, EngineStalledError, InvalidRequestError
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.loading.tokenizer import Tokenizer
@@ -75,7 +73,7 @@ class LLMEngine:
             self.max_model_len,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
-        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size)
+        self.structured = structured.StructuredOutputs(self.tokenizer, self.vocab_size)
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self.async_scheduling = config.async_scheduling
         if self.async_scheduling is None:
@@ -179,20 +177,23 @@ class LLMEngine:
         look_ahead = self.async_scheduling and self.scheduler.reserve_ahead(batch)
         if copies := self.block_manager.take_copies():
             self.model_runner.copy_blocks(copies)
-        self._set_masks(batch)
+        structured.set_masks(batch)
         to_run, failed = prompt_logprobs.run(self.model_runner, batch)
         computed = [item for item in to_run if item.num_new_tokens]
-        ran = run_isolating(self.model_runner, computed, look_ahead) if computed else None
-        ran = ran or StepResult([], [], None)
+        ran = (
+            run_isolating(self.model_runner, computed, look_ahead)
+            if computed
+            else StepResult([], [], None)
+        )
         passed_only = [item for item in to_run if not item.num_new_tokens]
         sampled = self.scheduler.postprocess(ran.batch + passed_only, ran.tokens)
         samples: list[RowSample | None] | None = ran.logprobs
         sampled, samples = self._fork(sampled, samples)
-        for seq in sampled:
-            if seq.constraint is not None:
-                seq.constraint.consume(seq.token_ids[-1])
+        structured.advance(sampled)
         failed += ran.failed
-        self._record(start, batch, failed, len(sampled))  # before finish() frees blocks
+        lost = {id(item.seq) for item, _ in failed}
+        ran_ok = [item for item in batch if id(item.seq) not in lost]
+        self.step_stats.record(start, ran_ok, len(sampled))  # before finish() frees blocks
         outputs, finished = self.output_processor.process(sampled, samples)
         for item, error in failed:
             outputs += self._end(item.seq.request_id, "error", error)
@@ -202,17 +203,6 @@ class LLMEngine:
             if out.request_id in self._watched:
                 self._watched[out.request_id].append(out)
         return outputs
-
-    def _set_masks(self, batch: list[ScheduledSeq]) -> None:
-        """Each constrained choice that samples this step gets its grammar's mask (and
-        choices to be forked off a row get theirs: they sample from it too)."""
-        for item in batch:
-            if not item.samples:
-                continue
-            for seq in [item.seq, *item.seq.forks]:
-                if seq.constraint is not None:
-                    hold = stop_ids(seq) if masks_min_tokens(seq) else []
-                    seq.token_mask = seq.constraint.mask(hold)
 
     def _fork(
         self, sampled: list[Sequence], samples: list[RowSample | None] | None
@@ -228,18 +218,6 @@ class LLMEngine:
                 sampled += self.scheduler.fork(seq, tokens)
                 samples += [record for _, record in sample.forks]
         return sampled, samples
-
-    def _record(
-        self,
-        start: float,
-        batch: list[ScheduledSeq],
-        failed: list[tuple[ScheduledSeq, str]],
-        num_sampled: int,
-    ) -> None:
-        lost = {id(item.seq) for item, _ in failed}
-        self.step_stats.record(
-            start, [item for item in batch if id(item.seq) not in lost], num_sampled
-        )
 
     def iterate(self, request_ids: Iterable[str] | None = None) -> Iterator[list[RequestOutput]]:
         """Step the engine and yield each step's outputs (a list, maybe empty: a step that

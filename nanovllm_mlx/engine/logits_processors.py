@@ -11,6 +11,7 @@ penalties, then the grammar's mask (a token it forbids stays forbidden whatever 
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from nanovllm_mlx.engine.sequence import Sequence
 
 NEG_INF = float("-inf")
+FORBIDDEN = 1e30  # subtracted from the logits of tokens a grammar forbids
 
 
 def process(logits: mx.array, seqs: list[Sequence], output_offset: int) -> mx.array:
@@ -120,7 +122,8 @@ def _penalty_entries(seqs: list[Sequence], vocab: int) -> tuple[list[int], list[
 
 def _token_masks(logits: mx.array, seqs: list[Sequence]) -> mx.array:
     """Grammar masks (numpy int32 bitmasks, bit t of word t // 32 set: token t allowed)
-    of the constrained rows; the other rows are left as they are."""
+    of the constrained rows; the other rows are left as they are. Bits are unpacked on
+    the host (numpy, ~0.2 ms for 32 rows) and sent as one uint8 array."""
     masks = [seq.token_mask for seq in seqs]
     if all(m is None for m in masks):
         return logits
@@ -130,7 +133,13 @@ def _token_masks(logits: mx.array, seqs: list[Sequence]) -> mx.array:
     for row, m in enumerate(masks):
         if m is not None:
             bitmask[row] = m
-    shifts = mx.arange(32, dtype=mx.int32)
-    bits = (mx.array(bitmask)[:, :, None] >> shifts) & 1
-    allowed = bits.reshape(rows, words * 32)[:, :vocab].astype(mx.bool_)
-    return mx.where(allowed, logits, NEG_INF)
+    allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    return _forbid(logits, mx.array(allowed))
+
+
+@partial(mx.compile, shapeless=True)
+def _forbid(logits: mx.array, allowed: mx.array) -> mx.array:
+    # Arithmetic rather than mx.where: on CPU where took 8.5 ms for 32 rows of a 50k
+    # vocabulary, this 0.9 ms, compiled into one pass. -1e30 is as forbidden as -inf
+    # for every filter and draw after it, and logprobs are taken before.
+    return logits - (1 - allowed.astype(logits.dtype)) * FORBIDDEN

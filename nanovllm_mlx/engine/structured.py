@@ -23,6 +23,9 @@ import llguidance
 import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
+from nanovllm_mlx.engine.logits_processors import masks_min_tokens, stop_ids
+from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
@@ -35,6 +38,25 @@ JSON_OPTIONS: dict[str, Any] = {
     "item_separator": ", ",
     "key_separator": ": ",
 }
+
+
+def set_masks(batch: list[ScheduledSeq]) -> None:
+    """Before a step: each constrained choice that samples in it gets its grammar's mask,
+    and so do the choices to be forked off a row (they sample from its logits too)."""
+    for item in batch:
+        if not item.samples:
+            continue
+        for seq in [item.seq, *item.seq.forks]:
+            if seq.constraint is not None:
+                hold = stop_ids(seq) if masks_min_tokens(seq) else []
+                seq.token_mask = seq.constraint.mask(hold)
+
+
+def advance(sampled: list[Sequence]) -> None:
+    """After a step: each constrained choice's grammar takes the token it sampled."""
+    for seq in sampled:
+        if seq.constraint is not None:
+            seq.constraint.consume(seq.token_ids[-1])
 
 
 class Constraint:

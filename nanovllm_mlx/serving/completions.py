@@ -116,7 +116,9 @@ class CompletionRenderer(RendererBase):
         if entry is None:
             return None
         top: dict[str, float] = {}
-        for t, lp in list(entry.items())[: self.top] + [(token, entry.get(token))]:
+        # A prompt position's entry holds its own token first: rank by logprob.
+        best = sorted(entry.items(), key=lambda item: -item[1])[: self.top]
+        for t, lp in best + [(token, entry.get(token))]:
             if lp is not None:
                 top.setdefault(self.token_text(t), lp)
         return top
