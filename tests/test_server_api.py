@@ -38,6 +38,19 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x - x.max()).sum()) - x.max()
 
 
+def greedy_chat(content: str, max_tokens: int, **extra: object) -> dict:
+    """A greedy chat request of exactly max_tokens tokens, with logprobs."""
+    return dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+        **extra,
+    )
+
+
 def test_n4_shares_the_prompt_and_equals_four_seeded_requests(base_url: str, client):
     prompt = random_ids(40, seed=2)  # two full blocks and a partial one
     kwargs = dict(
@@ -93,15 +106,7 @@ def test_cancelling_an_n4_stream_frees_every_choice(base_url: str, client):
 def test_chat_top_logprobs_match_a_full_log_softmax(app, client):
     tokenizer = app.state.engine_thread.engine.tokenizer
     with captured_logits() as seen:
-        r = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Spell it out."}],
-            max_tokens=5,
-            temperature=0,
-            logprobs=True,
-            top_logprobs=5,
-            extra_body={"ignore_eos": True},
-        )
+        r = client.chat.completions.create(**greedy_chat("Spell it out.", 5, top_logprobs=5))
     content = r.choices[0].logprobs.content
     assert len(content) == len(seen) == 5
     for entry, logits in zip(content, seen):
@@ -258,3 +263,36 @@ def test_bad_chat_requests_name_the_field(base_url: str, body: dict, param: str)
     r = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_streamed_logprobs_equal_the_whole_answers(client):
+    kwargs = greedy_chat("Stream with logprobs.", 6, top_logprobs=2, n=2)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert {c.choices[0].index for c in chunks if c.choices[0].delta.role} == {0, 1}
+    for choice in whole.choices:
+        streamed = [
+            entry
+            for c in chunks
+            if c.choices[0].index == choice.index and c.choices[0].logprobs
+            for entry in c.choices[0].logprobs.content
+        ]
+        assert [e.model_dump() for e in streamed] == [
+            e.model_dump() for e in choice.logprobs.content
+        ]
+        assert all(len(e.top_logprobs) == 2 for e in streamed)
+
+
+def test_admission_counts_every_choice_and_prompt(gpt2_tiny):
+    from nanovllm_mlx.serving.app import ServerSettings, create_app
+
+    app = create_app(str(gpt2_tiny), ServerSettings(max_waiting=3), max_model_len=64, **SMALL_KV)
+    with test_server.serving(app) as url:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/chat/completions", json={**chat, "n": 4}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        body = {"prompt": ["a", "b"], "n": 2, "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        r = httpx.post(f"{url}/v1/chat/completions", json={**chat, "n": 3}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 3

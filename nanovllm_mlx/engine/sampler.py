@@ -25,7 +25,8 @@ def wants_logprobs(seq: Sequence) -> bool:
 def _plain(seq: Sequence, output_offset: int) -> bool:
     """Greedy with nothing else to do. Spelled out field by field: this runs for every
     row of every step, and going through the helpers cost 1.4 us a row (0.36 ms for 256
-    rows) against 0.4 us so."""
+    rows), this 0.35 us. (best_of equal to n would not need logprobs: taking the slow
+    path for it is merely conservative.)"""
     p = seq.params
     return (
         p.temperature == 0.0

@@ -14,7 +14,7 @@ from nanovllm_mlx.engine.llm_engine import RequestOutput
 from nanovllm_mlx.engine.output_processor import merge_outputs
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
-from nanovllm_mlx.serving.errors import bad_request, invalid_request
+from nanovllm_mlx.serving.errors import invalid_request
 from nanovllm_mlx.serving.handle import answer
 from nanovllm_mlx.serving.prepare import check_room, refuse_unsupported, sampling_params
 from nanovllm_mlx.serving.protocol import (
@@ -171,13 +171,6 @@ async def create_completion(
     except InvalidRequestError as e:
         raise invalid_request(e, RENAMES) from None
     prompts = split_prompts(body.prompt)
-    width = len(prompts) * params.num_sequences
-    if state.settings.max_waiting is not None and width > state.settings.max_waiting:
-        raise bad_request(
-            f"{len(prompts)} prompts x {params.num_sequences} choices = {width} sequences, "
-            f"more than this server queues at once ({state.settings.max_waiting})",
-            "prompt",
-        )
     # Tokenizing long prompts takes a while: not on the event loop.
     ids = await run_in_threadpool(prompt_ids, prompts, state.tokenizer)
     if explicit is None:
