@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from nanovllm_mlx.engine.llm_engine import LLMEngine
+from nanovllm_mlx.engine.output_processor import RequestOutput, merge_outputs
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
@@ -25,7 +26,14 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[dict]:
-        """Run all prompts as one continuous batch; results come back in input order."""
+        """Run all prompts as one continuous batch; one result per prompt, in input order.
+
+        A result is a dict: "outputs", one dict per choice (params.n of them) with "text",
+        "token_ids", "finish_reason", "error" and, when asked for, "logprobs" and
+        "top_logprobs"; choice 0's fields again at the top level (so n=1 reads as
+        result["text"]); "num_prompt_tokens", "num_cached_tokens", and "prompt_logprobs"
+        when asked for.
+        """
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
@@ -44,26 +52,24 @@ class LLM:
             ids = self.engine.add_requests(prompts, params)
         except InvalidRequestError as e:
             raise InvalidRequestError(f"prompt {e.index}: {e}", e.param, e.code) from e
-        results = {
-            i: {"text": "", "token_ids": [], "finish_reason": None, "error": None} for i in ids
-        }
-        for outputs in self.engine.iterate(ids):
-            for out in outputs:
-                result = results[out.request_id]
-                result["text"] += out.text
-                result["token_ids"] += out.token_ids
-                if out.finished:
-                    result["finish_reason"] = out.finish_reason
-                    result["num_prompt_tokens"] = out.num_prompt_tokens
-                    result["num_cached_tokens"] = out.num_cached_tokens
-                    result["error"] = out.error
-        return [results[i] for i in ids]
+        outputs: dict[str, dict[int, list[RequestOutput]]] = {i: {} for i in ids}
+        for step in self.engine.iterate(ids):
+            for out in step:
+                outputs[out.request_id].setdefault(out.index, []).append(out)
+        return [_result(outputs[i]) for i in ids]
 
     def stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None
     ) -> Iterator[str]:
         """Yield text deltas of one prompt as they are generated; closing the generator
-        early aborts the request."""
+        early aborts the request. One choice: for n > 1, iterate the engine (outputs
+        carry their choice's index)."""
+        if sampling_params is not None and sampling_params.num_sequences > 1:
+            raise InvalidRequestError(
+                "stream() yields one choice's text: use generate(), or engine.iterate() "
+                "whose outputs carry their choice's index, for n > 1",
+                "n",
+            )
         request_id = self.engine.add_request(prompt, sampling_params)
         for outputs in self.engine.iterate([request_id]):
             for out in outputs:
@@ -78,3 +84,31 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+
+def _result(choices: dict[int, list[RequestOutput]]) -> dict:
+    merged = [merge_outputs(choices[i]) for i in sorted(choices)]
+    outputs = []
+    for out in merged:
+        choice: dict = {
+            "index": out.index,
+            "text": out.text,
+            "token_ids": out.token_ids,
+            "finish_reason": out.finish_reason,
+            "error": out.error,
+        }
+        if out.logprobs is not None:
+            choice["logprobs"] = out.logprobs
+        if out.top_logprobs is not None:
+            choice["top_logprobs"] = out.top_logprobs
+        outputs.append(choice)
+    first = merged[0]
+    result = {
+        **{k: v for k, v in outputs[0].items() if k != "index"},
+        "outputs": outputs,
+        "num_prompt_tokens": first.num_prompt_tokens,
+        "num_cached_tokens": first.num_cached_tokens,
+    }
+    if first.prompt_logprobs is not None:
+        result["prompt_logprobs"] = first.prompt_logprobs
+    return result

@@ -223,10 +223,10 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "hello " * 600}, "prompt"),  # longer than the 512 context
     ("chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}, "messages"),
     ("completions", {"prompt": [1, 2, 10**9]}, "prompt"),  # not a token id: engine refuses
-    ("completions", {"prompt": ["one", "two"]}, "prompt"),
+    ("completions", {"prompt": ["one", ""]}, "prompt"),  # one bad prompt of several
     ("completions", {"model": "gpt-4", "prompt": "hi"}, "model"),
-    ("completions", {"prompt": "hi", "n": 2}, "n"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ("completions", {"prompt": "hi", "n": 0}, "n"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 1000}, "n"),
 ]
 
 

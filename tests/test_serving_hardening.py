@@ -132,7 +132,7 @@ def test_loopback_hosts_are_served(base_url: str, host: str):
 
 BAD = [
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "hi", "response_format": {"type": "xml"}}, "response_format"),
     ({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {}}}, None),
     ({"prompt": "hi", "stop_token_ids": [50257]}, "stop_token_ids"),
     ({"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
@@ -147,9 +147,32 @@ BAD = [
     ({"prompt": "hi", "stop": ["."] * 100}, "stop"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": "hi", "logprobs": 5}, "logprobs"),
-    ({"prompt": "hi", "frequency_penalty": 0.5}, "frequency_penalty"),
-]
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "hi", "echo": True, "logprobs": -1}, "logprobs"),
+    ({"prompt": "hi", "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"prompt": "hi", "presence_penalty": -3}, "presence_penalty"),
+    ({"prompt": "hi", "logit_bias": {"the": 5}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"50257": 5}}, "logit_bias"),  # outside the vocabulary
+    ({"prompt": "hi", "logit_bias": {"-1": 5}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": "x"}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias"),
+    ({"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"prompt": "hi", "n": 129}, "n"),
+    ({"prompt": "hi", "n": 3, "best_of": 2}, "best_of"),
+    ({"prompt": "hi", "n": 1, "best_of": 2, "stream": True}, "best_of"),
+    ({"prompt": "hi", "suffix": "end"}, "suffix"),
+    ({"prompt": ["a"] * 300}, "prompt"),  # more sequences than the server queues
+    (
+        {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}},
+        "response_format",
+    ),  # unsatisfiable: llguidance says so
+    (
+        {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "wrong"}}}},
+        "response_format",
+    ),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("body", "param"), BAD)

@@ -140,6 +140,7 @@ def test_two_ranks_give_the_tokens_of_one(fixture: str, request: pytest.FixtureR
     proc, (result,) = scenario("equal", request.getfixturevalue(fixture))
     assert proc.returncode == 0, proc.stderr
     assert result["equal"], result
+    assert result["forks_equal"] and result["prompt_logprobs_close"], result
     # The run had what it must survive: a small pool that preempts, cache hits.
     assert result["blocks"][0] == result["blocks"][1] == 16
     assert result["preemptions"][0] > 0 and result["prefix_hit_tokens"][0] > 0

@@ -39,6 +39,36 @@ def workload(seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
     return prompts, params
 
 
+def extras(seed: int = 1) -> tuple[list[list[int]], list[SamplingParams]]:
+    """What runs beside the step on rank 0: forks with copy-on-write (n > 1, a prompt that
+    ends inside a block) and the prompt-logprobs pass (echo)."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 40000, n).tolist() for n in (21, 37)]
+    params = [
+        SamplingParams(temperature=0.9, seed=7, n=3, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.0, prompt_logprobs=2, max_tokens=4, ignore_eos=True),
+    ]
+    return prompts, params
+
+
+def choices(outs: list[dict]) -> list:
+    return [
+        ([c["token_ids"] for c in o["outputs"]], o.get("prompt_logprobs") is not None)
+        for o in outs
+    ]
+
+
+def logprobs_close(a: list[dict | None], b: list[dict | None]) -> bool:
+    """Per prompt position, the same tokens with logprobs within float32 noise (the ranks
+    add their partial sums in another order than one process does)."""
+    if len(a) != len(b) or a[0] is not None or b[0] is not None:
+        return False
+    return all(
+        x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-3 for t in x)
+        for x, y in zip(a[1:], b[1:])
+    )
+
+
 def equal(model: str) -> dict:
     prompts, params = workload()
     # A small pool (preemption) and a small step (chunked prefill). kv_cache_gb is per
@@ -50,13 +80,20 @@ def equal(model: str) -> dict:
     one = LLM(model, kv_cache_gb=sixteen, **options)
     first = [o["token_ids"] for o in one.generate(prompts, params)]
     again = [o["token_ids"] for o in one.generate(prompts[-4:], params[-4:])]
+    more = extras()
+    forked = one.generate(*more)
     two = LLM(model, kv_cache_gb=sixteen / 2, tensor_parallel_size=2, **options)
     got_first = [o["token_ids"] for o in two.generate(prompts, params)]
     got_again = [o["token_ids"] for o in two.generate(prompts[-4:], params[-4:])]
+    got_forked = two.generate(*more)
     stats = {name: llm.stats() for name, llm in (("one", one), ("two", two))}
     two.engine.close()
     return {
         "equal": got_first == first and got_again == again,
+        "forks_equal": choices(got_forked) == choices(forked),
+        "prompt_logprobs_close": logprobs_close(
+            forked[1]["prompt_logprobs"], got_forked[1]["prompt_logprobs"]
+        ),
         "blocks": [s["kv_blocks_total"] for s in stats.values()],
         "preemptions": [s["preemptions"] for s in stats.values()],
         "prefix_hit_tokens": [s["prefix_hit_tokens"] for s in stats.values()],

@@ -1,4 +1,10 @@
-"""KV-cache block accounting with hash-chained prefix caching. Plain Python, no MLX."""
+"""KV-cache block accounting with hash-chained prefix caching. Plain Python, no MLX.
+
+Blocks are reference-counted: a prefix-cache hit or a fork (the choices of an n > 1
+request) shares a block instead of computing it again. A sequence about to write into a
+block it shares gets its own copy first (copy-on-write): the block manager picks the copy
+and queues (source, copy) for the engine, which copies the K/V before the step runs.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +41,10 @@ class BlockStats:
     cached: int
     prefix_hit_tokens: int
     prefix_query_tokens: int
+    shared: int = 0  # blocks held by more than one sequence now
+    saved: int = 0  # blocks sharing saves now: references beyond each block's first
+    forked: int = 0  # block references shared by forks so far
+    copied: int = 0  # blocks copied on write so far
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -59,6 +69,11 @@ class BlockManager:
         self.num_cached_free = 0
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
+        self.num_shared = 0
+        self.num_saved = 0
+        self.num_forked = 0
+        self.num_copied = 0
+        self._copies: list[tuple[int, int]] = []  # (source, copy) not yet taken
 
     @property
     def num_blocks(self) -> int:
@@ -78,7 +93,28 @@ class BlockManager:
             cached=self.num_cached_free,
             prefix_hit_tokens=self.prefix_hit_tokens,
             prefix_query_tokens=self.prefix_query_tokens,
+            shared=self.num_shared,
+            saved=self.num_saved,
+            forked=self.num_forked,
+            copied=self.num_copied,
         )
+
+    def _share(self, block: Block) -> None:
+        """One more reference to a block in use. Counted as references change: stats()
+        runs after every server step, and walking every block would cost ~0.5 ms there."""
+        block.ref_count += 1
+        self.num_saved += 1
+        self.num_shared += block.ref_count == 2
+
+    def _release(self, block: Block) -> None:
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block.block_id} freed twice"
+        if block.ref_count == 0:
+            self.free_block_ids[block.block_id] = None
+            self.num_cached_free += block.hash is not None
+            return
+        self.num_saved -= 1
+        self.num_shared -= block.ref_count == 1
 
     def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
         """(block_id, hash) of the longest run of cached full blocks at the start of seq.
@@ -86,7 +122,7 @@ class BlockManager:
         The block holding the last token is never taken from the cache: that token must be
         computed to produce logits, even when the whole prompt was seen before.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.prompt_logprobs_pending:
             return []
         hits: list[tuple[int, int]] = []
         prev: int | None = None
@@ -115,7 +151,9 @@ class BlockManager:
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
                 self.num_cached_free -= 1  # a hit always has its hash
-            block.ref_count += 1
+                block.ref_count = 1
+            else:
+                self._share(block)
             seq.block_table.append(block_id)
             seq.block_hashes.append(h)
         for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
@@ -142,15 +180,57 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
+    def blocks_to_write(self, seq: Sequence, num_tokens: int | None = None) -> int:
+        """Free blocks append_slots(seq, num_tokens) takes: new ones, and copies of shared
+        blocks the tokens from seq.num_computed_tokens on would be written into."""
+        wanted = seq.num_tokens if num_tokens is None else num_tokens
+        return self.blocks_needed(wanted) - len(seq.block_table) + len(self._shared_writes(seq))
+
+    def _shared_writes(self, seq: Sequence) -> list[int]:
+        """Block-table indices of shared blocks that this sequence's next write would hit:
+        at most the block holding its first uncomputed token (a fork's partial last
+        prompt block), since every later block is its own."""
+        i = seq.num_computed_tokens // self.block_size
+        if i < len(seq.block_table) and self.blocks[seq.block_table[i]].ref_count > 1:
+            return [i]
+        return []
+
     def can_append(self, seq: Sequence) -> bool:
-        return self.blocks_needed(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
+        return self.blocks_to_write(seq) <= self.num_free_blocks
 
     def append_slots(self, seq: Sequence, num_tokens: int | None = None) -> None:
         """Grow seq's block table to cover all its tokens (decode adds one token a step),
-        or num_tokens of them when the scheduler reserves room for a step ahead."""
+        or num_tokens of them when the scheduler reserves room for a step ahead; a shared
+        block about to be written is replaced by a copy first (see take_copies)."""
+        for i in self._shared_writes(seq):
+            source = self.blocks[seq.block_table[i]]
+            copy = self._take_free_block()
+            self._release(source)
+            seq.block_table[i] = copy
+            self._copies.append((source.block_id, copy))
+            self.num_copied += 1
         wanted = seq.num_tokens if num_tokens is None else num_tokens
         for _ in range(self.blocks_needed(wanted) - len(seq.block_table)):
             seq.block_table.append(self._take_free_block())
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """(source, copy) block pairs queued since the last call. The engine copies their
+        K/V before running the step that writes the copies: sources are still held by
+        another sequence, so no step can reuse them in between."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give child every block of parent, shared: a choice of an n > 1 request starts
+        from its prompt's K/V instead of computing them again."""
+        assert not child.block_table, f"sequence {child.seq_id} already has blocks"
+        for block_id in parent.block_table:
+            self._share(self.blocks[block_id])
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        self.num_forked += len(parent.block_table)
 
     def commit(self, seq: Sequence) -> None:
         """Publish the hashes of full blocks whose K/V are now computed.
@@ -173,12 +253,7 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         # Tail blocks are freed first so they are evicted before the shared prefix blocks.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                self.free_block_ids[block_id] = None
-                self.num_cached_free += block.hash is not None
+            self._release(self.blocks[block_id])
         seq.block_table.clear()
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0

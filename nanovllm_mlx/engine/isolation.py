@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.scheduler import ScheduledSeq
 from nanovllm_mlx.parallel.channel import TensorParallelError
@@ -24,7 +25,7 @@ logger = logging.getLogger("nanovllm_mlx.engine")
 class StepResult:
     batch: list[ScheduledSeq]  # the entries that ran, in batch order
     tokens: list[int]  # one per sampling entry of batch
-    logprobs: list[float] | None
+    logprobs: list[RowSample | None] | None  # what the sampler read back for each, if any
     failed: list[tuple[ScheduledSeq, str]] = field(default_factory=list)  # (entry, error)
 
 
@@ -62,12 +63,12 @@ def _bisect(runner: ModelRunner, batch: list[ScheduledSeq], error: Exception) ->
 def _merge(parts: list[StepResult]) -> StepResult:
     merged = StepResult([], [], None)
     want_logprobs = any(p.logprobs is not None for p in parts)
-    logprobs: list[float] = []
+    logprobs: list[RowSample | None] = []
     for p in parts:
         merged.batch += p.batch
         merged.tokens += p.tokens
         merged.failed += p.failed
-        # A half with no row asking for logprobs has none; its placeholders are never read.
-        logprobs += p.logprobs if p.logprobs is not None else [float("nan")] * len(p.tokens)
+        # A half with no row asking for extras has none: no row of it reads them.
+        logprobs += p.logprobs if p.logprobs is not None else [None] * len(p.tokens)
     merged.logprobs = logprobs if want_logprobs else None
     return merged

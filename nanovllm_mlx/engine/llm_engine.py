@@ -12,15 +12,16 @@ import itertools
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import mlx.core as mx
 
 from nanovllm_mlx.config import Config
-from nanovllm_mlx.engine import memory
+from nanovllm_mlx.engine import memory, prompt_logprobs, requests, structured
 from nanovllm_mlx.engine.block_manager import BlockManager
 from nanovllm_mlx.engine.budget import PROBE_TOKENS, measure_step_budget
-from nanovllm_mlx.engine.isolation import run_isolating
+from nanovllm_mlx.engine.isolation import StepResult, run_isolating
+from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
 from nanovllm_mlx.engine.scheduler import Scheduler
@@ -115,6 +116,8 @@ class LLMEngine:
             self.max_model_len,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.structured = structured.StructuredOutputs(self.tokenizer, self.vocab_size)
+        self._eos = frozenset(self.tokenizer.eos_token_ids)
         self.async_scheduling = config.async_scheduling
         if self.async_scheduling is None or tp:
             self.async_scheduling = on_gpu and not tp
@@ -131,36 +134,43 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Validate and queue a request; bad input raises InvalidRequestError (a ValueError)
-        before anything is queued, so it can never disturb the running batch."""
+        """Validate and queue a request (params.n choices of it, or best_of); bad input
+        raises InvalidRequestError (a ValueError) before anything is queued, so it can
+        never disturb the running batch."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        params = self._fit_params(params)
-        token_ids = self._tokenize(prompt)
+        params = requests.fit_params(params, self.vocab_size, self.config.max_num_seqs)
+        token_ids = requests.tokenize(self.tokenizer, prompt, self.vocab_size)
         if len(token_ids) >= self.max_model_len:
             raise ContextLengthError(
                 f"prompt has {len(token_ids)} tokens; the model's context is "
                 f"{self.max_model_len} (max_model_len), leaving no room to generate"
             )
-        seq_id = next(self._ids)
-        request_id = str(seq_id) if request_id is None else str(request_id)
+        seq_ids = [next(self._ids) for _ in range(params.num_sequences)]
+        request_id = str(seq_ids[0]) if request_id is None else str(request_id)
         if request_id in self.output_processor:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(seq_id, token_ids, params, request_id=request_id)
-        self.output_processor.add(seq)
-        self.scheduler.add(seq)
+        seqs = requests.sequences(
+            seq_ids, request_id, token_ids, params, self.structured, self._eos
+        )
+        self.output_processor.add(seqs)
+        self.scheduler.add(seqs[0])
         return request_id
 
     def add_requests(
-        self, prompts: list[str | list[int]], params: list[SamplingParams]
+        self,
+        prompts: list[str | list[int]],
+        params: list[SamplingParams],
+        request_ids: list[str] | None = None,
     ) -> list[str]:
         """Queue a batch, all or nothing: on a bad prompt the ones already queued are
         aborted and the error is re-raised with `index` set to the bad prompt's."""
         ids: list[str] = []
+        names = request_ids or [None] * len(prompts)
         try:
-            for prompt, p in zip(prompts, params, strict=True):
-                ids.append(self.add_request(prompt, p))
+            for prompt, p, name in zip(prompts, params, names, strict=True):
+                ids.append(self.add_request(prompt, p, name))
         except InvalidRequestError as e:
             for request_id in ids:
                 self.abort_request(request_id)
@@ -168,49 +178,20 @@ class LLMEngine:
             raise
         return ids
 
-    def _fit_params(self, params: SamplingParams) -> SamplingParams:
-        """What SamplingParams cannot check without the model: token ids against the
-        vocabulary, and top_k clamped to it (as vLLM does; a larger k means all tokens)."""
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"stop_token_ids {bad[:5]} are not token ids in [0, {self.vocab_size})",
-                "stop_token_ids",
-            )
-        if params.top_k > self.vocab_size:
-            params = replace(params, top_k=self.vocab_size)
-        return params
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        """End a request now and free its blocks; a no-op once it has finished. Returns
+        the last output of each choice it ends (finish_reason "abort"), which an
+        iterate() watching it yields too."""
+        return self._end(str(request_id), "abort")
 
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty", "prompt")
-            try:
-                return self.tokenizer.encode(prompt)
-            except TypeError as e:  # lone surrogates: bytes that were never UTF-8
-                message = f"prompt is not valid Unicode text ({e})"
-                raise InvalidRequestError(message, "prompt") from None
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise InvalidRequestError(
-                f"prompt must be a non-empty string or list of token ids, got {prompt!r}",
-                "prompt",
-            )
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise InvalidRequestError(
-                    f"prompt token {t!r} is not a token id in [0, {self.vocab_size})", "prompt"
-                )
-        return list(prompt)
-
-    def abort_request(self, request_id: str) -> None:
-        """End a request now and free its blocks; a no-op once it has finished. An
-        iterate() watching it yields its last output, with finish_reason "abort"."""
-        seq = self.output_processor.pop(str(request_id))
-        if seq is None:
-            return
-        self.scheduler.finish(seq, "abort")
-        if seq.request_id in self._watched:
-            self._watched[seq.request_id].append(self.output_processor.ended_output(seq, "abort"))
+    def _end(self, request_id: str, reason: str, error: str | None = None) -> list[RequestOutput]:
+        """End every choice of a request now, free their blocks; their last outputs."""
+        seqs, outputs = self.output_processor.end(request_id, reason, error)
+        for seq in seqs:
+            self.scheduler.finish(seq, reason)
+        if request_id in self._watched:
+            self._watched[request_id] += outputs
+        return outputs
 
     def progress(self, request_id: str) -> tuple[int, int] | None:
         """(prompt tokens computed so far, prompt tokens) of an unfinished request, for
@@ -221,8 +202,9 @@ class LLMEngine:
         return min(seq.num_computed_tokens, seq.num_prompt_tokens), seq.num_prompt_tokens
 
     def num_waiting(self) -> int:
-        """Requests queued and not yet admitted to the running batch (admission control)."""
-        return len(self.scheduler.waiting)
+        """Sequences queued and not yet admitted to the running batch, every choice of a
+        request counted (admission control)."""
+        return self.scheduler.num_waiting()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -230,20 +212,34 @@ class LLMEngine:
     # The step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, compute and sample one step; one output per request that sampled."""
+        """Schedule, compute and sample one step; one output per choice that sampled."""
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         look_ahead = self.async_scheduling and self.scheduler.reserve_ahead(batch)
-        ran = run_isolating(self.model_runner, batch, look_ahead)
-        sampled = self.scheduler.postprocess(ran.batch, ran.tokens)
-        self.step_stats.record(start, ran.batch, len(sampled))  # before finish() frees blocks
-        outputs, finished = self.output_processor.process(sampled, ran.logprobs)
-        for item, error in ran.failed:
-            self.output_processor.pop(item.seq.request_id)
-            outputs.append(self.output_processor.ended_output(item.seq, "error", error))
-            finished.append((item.seq, "error"))
+        if copies := self.block_manager.take_copies():
+            self.model_runner.copy_blocks(copies)
+        structured.set_masks(batch)
+        to_run, failed = prompt_logprobs.run(self.model_runner, batch)
+        computed = [item for item in to_run if item.num_new_tokens]
+        ran = (
+            run_isolating(self.model_runner, computed, look_ahead)
+            if computed
+            else StepResult([], [], None)
+        )
+        passed_only = [item for item in to_run if not item.num_new_tokens]
+        sampled = self.scheduler.postprocess(ran.batch + passed_only, ran.tokens)
+        samples: list[RowSample | None] | None = ran.logprobs
+        sampled, samples = self._fork(sampled, samples)
+        structured.advance(sampled)
+        failed += ran.failed
+        lost = {id(item.seq) for item, _ in failed}
+        ran_ok = [item for item in batch if id(item.seq) not in lost]
+        self.step_stats.record(start, ran_ok, len(sampled))  # before finish() frees blocks
+        outputs, finished = self.output_processor.process(sampled, samples)
+        for item, error in failed:
+            outputs += self._end(item.seq.request_id, "error", error)
         for seq, reason in finished:
             self.scheduler.finish(seq, reason)
         for out in outputs:
@@ -251,12 +247,28 @@ class LLMEngine:
                 self._watched[out.request_id].append(out)
         return outputs
 
+    def _fork(
+        self, sampled: list[Sequence], samples: list[RowSample | None] | None
+    ) -> tuple[list[Sequence], list[RowSample | None] | None]:
+        """Fork the choices off the requests that sampled their first token: they join
+        this step's sampled sequences with the tokens drawn for them."""
+        if samples is None:
+            return sampled, samples
+        sampled, samples = list(sampled), list(samples)
+        for seq, sample in list(zip(sampled, samples)):
+            if seq.forks and sample is not None:
+                tokens = [token for token, _ in sample.forks]
+                sampled += self.scheduler.fork(seq, tokens)
+                samples += [record for _, record in sample.forks]
+        return sampled, samples
+
     def iterate(self, request_ids: Iterable[str] | None = None) -> Iterator[list[RequestOutput]]:
         """Step the engine and yield each step's outputs (a list, maybe empty: a step that
         only prefilled) until the given requests have all finished, or with None until
         the engine has nothing left to do, requests added meanwhile included.
 
-        Every given request ends with exactly one finished output, an abort from anywhere
+        Every choice of a given request ends with exactly one finished output, and the
+        request with exactly one request_finished output, an abort from anywhere
         included. Closing the iterator early (break, an exception, Ctrl-C) aborts the
         given requests that have not finished. Iterators over disjoint requests may be
         interleaved: each gets its own requests' outputs whichever one stepped.
@@ -289,7 +301,7 @@ class LLMEngine:
                 outputs = [out for r in pending for out in self._watched[r]]
                 for request_id in pending:
                     self._watched[request_id].clear()
-                done = {out.request_id for out in outputs if out.finished}
+                done = {out.request_id for out in outputs if out.request_finished}
                 pending = [r for r in pending if r not in done]
                 yield outputs
         finally:
@@ -318,6 +330,10 @@ class LLMEngine:
             "kv_blocks_used": blocks.used,
             "kv_blocks_total": blocks.num_blocks,
             "kv_blocks_cached": blocks.cached,
+            "kv_blocks_shared": blocks.shared,
+            "kv_blocks_saved": blocks.saved,
+            "kv_blocks_forked": blocks.forked,
+            "kv_blocks_copied": blocks.copied,
             "block_size": self.config.block_size,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "prefix_hit_tokens": blocks.prefix_hit_tokens,
@@ -326,6 +342,8 @@ class LLMEngine:
             "steps_ahead_used": self.model_runner.steps_ahead_used,
             "steps_ahead_dropped": self.model_runner.steps_ahead_dropped,
             "compiled_buckets": len(self.model_runner.decode_buckets),
+            "grammar_masks": self.structured.masks,
+            "grammar_mask_s": self.structured.mask_seconds,
             **self.step_stats.snapshot(),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
         }

@@ -18,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from nanovllm_mlx.attention import select_backend
 from nanovllm_mlx.attention.metadata import AttentionMetadata, PoolLayout
 from nanovllm_mlx.attention.paged import AttentionBackend, KVCache
+from nanovllm_mlx.engine.logprobs import RowSample, SampleExtras
 from nanovllm_mlx.engine.sampler import sample
 from nanovllm_mlx.engine.scheduler import ScheduledSeq
 from nanovllm_mlx.engine.step_inputs import (
@@ -76,6 +78,19 @@ class ModelRunner:
         self.steps_ahead_used = 0  # launched ahead and used
         self.steps_ahead_dropped = 0  # launched ahead, then the batch changed
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks' K/V, source to copy, in every layer's pools: the
+        copy-on-write of blocks that forked sequences share (BlockManager.take_copies).
+        All sources are read before any copy is written, so the pairs' order is free."""
+        table = np.array([[src for src, _ in pairs], [dst for _, dst in pairs]], dtype=np.int32)
+        src, dst = (self.pool.block_rows(table[i : i + 1]) for i in (0, 1))
+        for cache in self.caches:
+            for name in ("k", "v"):
+                pool = getattr(cache, name)
+                blocks = pool.reshape(self.pool.n_kv_heads * self.pool.num_blocks, -1)
+                blocks[dst] = blocks[src]
+                setattr(cache, name, blocks.reshape(pool.shape))
+
     def forward(self, step: PreparedStep) -> mx.array | None:
         """Lazy logits of each sampling entry's last token (None when none samples)."""
         if step.padded:
@@ -93,6 +108,15 @@ class ModelRunner:
         if not step.samplers:
             return None
         return self.model.logits(hidden[step.last_index])
+
+    def all_logits(self, item: ScheduledSeq) -> mx.array:
+        """The logits of every token of one entry (not only its last), its K/V written:
+        the prompt-logprobs pass (engine/prompt_logprobs.py). Evaluated whole, as every
+        forward that a tensor-parallel group runs together must be."""
+        step = prepare([item], self.pool, self.backend)
+        hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
+        mx.eval(hidden, [(c.k, c.v) for c in self.caches])
+        return self.model.logits(hidden)
 
     def run_forward(self, batch: list[ScheduledSeq]) -> None:
         """The step's forward and cache writes, without logits or sampling: what the other
@@ -139,7 +163,7 @@ class ModelRunner:
 
     def run(
         self, batch: list[ScheduledSeq], look_ahead: bool = False
-    ) -> tuple[list[int], list[float] | None]:
+    ) -> tuple[list[int], list[RowSample] | None]:
         """Compute this step's tokens; return the sampled token (and logprob) of each
         sampling entry, in batch order. With look_ahead (an all-decode batch whose next
         step the scheduler has reserved blocks for), also launch the next step before
@@ -152,7 +176,7 @@ class ModelRunner:
 
     def _run(
         self, batch: list[ScheduledSeq], look_ahead: bool
-    ) -> tuple[list[int], list[float] | None]:
+    ) -> tuple[list[int], list[RowSample] | None]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.key == _batch_key(batch, 0):
             launched = ahead.launched
@@ -182,7 +206,7 @@ class ModelRunner:
 class _Launched:
     step: PreparedStep
     tokens: mx.array | None  # lazy, in the step's sampler order
-    logprobs: mx.array | None
+    logprobs: SampleExtras | None  # lazy; tolist() reads it back, one RowSample a row
 
 
 @dataclass(slots=True)

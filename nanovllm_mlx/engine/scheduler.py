@@ -1,4 +1,5 @@
-"""Continuous batching: every step admits, chunks, preempts and retires. Plain Python."""
+"""Continuous batching: every step admits, chunks, preempts, forks and retires. Plain
+Python."""
 
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def num_waiting(self) -> int:
+        """Sequences waiting for admission, each request's choices counted."""
+        return sum(seq.width for seq in self.waiting)
+
+    def _slots(self) -> int:
+        # A running request whose choices are not forked yet holds their slots already.
+        return sum(seq.width for seq in self.running)
+
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
@@ -66,10 +75,12 @@ class Scheduler:
                 budget -= n
         self.running = scheduled + list(queue)
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        slots = self._slots()
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+            if slots + seq.width > self.max_num_seqs or not self.block_manager.can_allocate(seq):
                 break
+            slots += seq.width
             self.waiting.popleft()
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
@@ -88,22 +99,23 @@ class Scheduler:
         no waiting request could be admitted, and there are blocks for all of them. An
         EOS, stop string or abort still changes the batch; the model runner then drops
         the launched step (its cache writes only touch slots past the sequences' ends).
-        A repetition penalty needs this step's token, so it turns the look-ahead off.
+        Penalties over past tokens and grammars need this step's token, so they turn the
+        look-ahead off, as do copies of shared blocks still to make.
         """
         if not batch or len(batch) != len(self.running):
             return False
-        if self.waiting and len(self.running) < self.max_num_seqs:
+        if self.waiting and self._slots() + self.waiting[0].width <= self.max_num_seqs:
             return False
         needed = 0
         for item in batch:
             seq = item.seq
             if item.num_new_tokens != 1 or not item.samples:
                 return False
-            if seq.params.repetition_penalty != 1.0:
+            if seq.params.needs_history or seq.forks:
                 return False
             if seq.tokens_left(self.max_model_len) < 2:
                 return False
-            needed += self.block_manager.blocks_needed(seq.num_tokens + 1) - len(seq.block_table)
+            needed += self.block_manager.blocks_to_write(seq, seq.num_tokens + 1)
         if needed > self.block_manager.num_free_blocks:
             return False
         for item in batch:
@@ -129,6 +141,25 @@ class Scheduler:
             item.seq.token_ids.append(token)
         return [item.seq for item in samplers]
 
+    def fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
+        """Fork parent's other choices off it once its prompt is computed: each shares
+        all of parent's blocks, starts running with its own first token (sampled in the
+        same step from the same logits), and copies the partial last block on its first
+        write. Call after postprocess has appended parent's own first token."""
+        children, parent.forks = parent.forks, []
+        assert len(children) == len(first_tokens), "one first token per forked choice"
+        for child, token in zip(children, first_tokens):
+            self.block_manager.fork(parent, child)
+            child.token_ids = parent.token_ids[: parent.num_prompt_tokens] + [token]
+            child.prompt_logprobs = parent.prompt_logprobs
+            child.prompt_logprobs_pending = False
+            child.status = SequenceStatus.RUNNING
+        # Right after parent, as old as it: a prompt admitted after parent in the same
+        # step may still be prefilling, and the oldest sequences are scheduled first.
+        at = self.running.index(parent) + 1
+        self.running[at:at] = children
+        return children
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire seq now and free its blocks; the reason comes from the output processor
         (stop, length) or from an abort."""
@@ -137,7 +168,10 @@ class Scheduler:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.block_manager.free(seq)
-        else:
+        elif seq in self.waiting:  # else a choice not forked off yet: it holds nothing
             self.waiting.remove(seq)
+        for child in seq.forks:  # they end with the prompt they were waiting for
+            self.finish(child, reason)
+        seq.forks = []
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

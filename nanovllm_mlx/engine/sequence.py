@@ -2,8 +2,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import TYPE_CHECKING, Any
 
 from nanovllm_mlx.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nanovllm_mlx.engine.structured import Constraint
 
 
 class SequenceStatus(Enum):
@@ -14,10 +18,14 @@ class SequenceStatus(Enum):
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One request's tokens and its place in the KV cache.
+    """One choice of a request: its tokens and its place in the KV cache.
 
     Tokens [0, num_computed_tokens) have their K/V in the cache. A sequence samples a new
     token in the step whose chunk brings num_computed_tokens up to num_tokens.
+
+    A request with n > 1 choices is one sequence (choice 0) that holds the others in
+    `forks` until its prompt is computed; they are forked off it in the step that samples
+    its first token, sharing its blocks (Scheduler.fork).
     """
 
     seq_id: int
@@ -31,10 +39,27 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: str | None = None
+    index: int = 0  # which choice of its request
+    eos_token_ids: frozenset[int] = frozenset()  # the model's, for min_tokens
+    forks: list[Sequence] = field(default_factory=list)  # choices 1.. not yet forked off
+    constraint: Constraint | None = None  # structured output: the grammar's state
+    token_mask: Any = None  # this step's allowed tokens (numpy bitmask) when constrained
+    # Prompt logprobs are computed by a pass that needs every prompt token's logits, so
+    # no prefix-cache hit may skip them until that pass is done.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs_pending: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
         self.num_prompt_tokens = len(self.token_ids)
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * self.num_prompt_tokens
+            self.prompt_logprobs_pending = self.num_prompt_tokens > 1
+
+    @property
+    def width(self) -> int:
+        """Running slots this sequence takes once its forks are forked off."""
+        return 1 + len(self.forks)
 
     @property
     def num_tokens(self) -> int:
@@ -51,9 +76,7 @@ class Sequence:
     def tokens_left(self, max_model_len: int) -> int:
         """How many more tokens this sequence may sample: the one place the length limits
         (max_tokens, and the context) are applied."""
-        return min(
-            self.params.max_tokens - self.num_output_tokens, max_model_len - self.num_tokens
-        )
+        return min(self.params.max_tokens - self.num_output_tokens, max_model_len - self.num_tokens)
 
     @property
     def is_finished(self) -> bool:

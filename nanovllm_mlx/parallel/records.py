@@ -21,7 +21,7 @@ from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
 
 MAGIC = 0x4E564C4D  # "NVLM": a record that starts otherwise is a protocol error
-STEP, STOP = 1, 2
+STEP, STOP, COPY = 1, 2, 3  # run a forward; exit; copy blocks (forks' copy-on-write)
 _PARAMS = SamplingParams(temperature=0.0)  # workers never sample; prepare() needs one
 
 
@@ -43,9 +43,12 @@ class Entry:
 class Record:
     kind: int
     entries: list[Entry] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # COPY: (source, copy)
 
 
 def encode(record: Record) -> list[int]:
+    if record.kind == COPY:
+        return [MAGIC, COPY, len(record.copies), *(b for pair in record.copies for b in pair)]
     out = [MAGIC, record.kind, len(record.entries)]
     for e in record.entries:
         out += [e.seq_id, e.start, len(e.token_ids), int(e.samples), e.table_from, len(e.blocks)]
@@ -57,6 +60,10 @@ def encode(record: Record) -> list[int]:
 def decode(data: list[int]) -> Record:
     if len(data) < 3 or data[0] != MAGIC:
         raise ProtocolError(f"not a step record (starts {data[:3]})")
+    if data[1] == COPY:
+        if len(data) != 3 + 2 * data[2]:
+            raise ProtocolError(f"a copy record of {len(data)} ints for {data[2]} copies")
+        return Record(COPY, copies=list(zip(data[3::2], data[4::2])))
     record, pos = Record(data[1]), 3
     for _ in range(data[2]):
         seq_id, start, n, samples, table_from, n_blocks = data[pos : pos + 6]

@@ -14,20 +14,22 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
+from typing import TypeVar
 
 import mlx.core as mx
 import xxhash
 
 import nanovllm_mlx
 from nanovllm_mlx.config import Config
+from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.scheduler import ScheduledSeq
 from nanovllm_mlx.loading.loader import LoadedModel
 from nanovllm_mlx.parallel import group as groups
 from nanovllm_mlx.parallel.channel import Channel, TensorParallelError
-from nanovllm_mlx.parallel.records import STOP, Record, Sender, encode
+from nanovllm_mlx.parallel.records import COPY, STOP, Record, Sender, encode
 
 
 def fingerprint(loaded: LoadedModel, config: Config, max_model_len: int) -> int:
@@ -139,6 +141,7 @@ class TensorParallel:
 
 
 _started = False
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -167,13 +170,29 @@ class ParallelRunner:
 
     def run(
         self, batch: list[ScheduledSeq], look_ahead: bool = False
-    ) -> tuple[list[int], list[float] | None]:
+    ) -> tuple[list[int], list[RowSample] | None]:
         # No look-ahead: a step launched ahead would need this step's tokens on every
         # rank before rank 0 has read them.
+        return self._together(
+            self.sender.record(batch), lambda: self.runner.run(batch, False)
+        )
+
+    def all_logits(self, item: ScheduledSeq) -> mx.array:
+        return self._together(self.sender.record([item]), lambda: self.runner.all_logits(item))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        self._together(Record(COPY, copies=pairs), lambda: self.runner.copy_blocks(pairs))
+
+    def _together(self, record: Record, run: Callable[[], T]) -> T:
+        """Tell the other ranks, then do the same here: a rank that is gone is the run's
+        end, not a request's."""
         try:
             with self.tp.watchdog.busy():
-                self.tp.channel.broadcast(encode(self.sender.record(batch)))
-                return self.runner.run(batch, False)
+                self.tp.channel.broadcast(encode(record))
+                result = run()
+                if record.kind == COPY:
+                    mx.eval([(c.k, c.v) for c in self.runner.caches])
+                return result
         except TensorParallelError as e:
             raise self.tp.failed(e) from None
         except RuntimeError as e:

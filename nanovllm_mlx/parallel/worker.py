@@ -12,12 +12,14 @@ import json
 import os
 import sys
 
-import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx)
+# The package's __init__ (run first, as for any module of it) loads the fast BLAS.
+import mlx.core as mx
+
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.parallel import group as groups
 from nanovllm_mlx.parallel.channel import Channel, TensorParallelError
-from nanovllm_mlx.parallel.records import STOP, Mirror, decode
+from nanovllm_mlx.parallel.records import COPY, STOP, Mirror, decode
 from nanovllm_mlx.parallel.runner import fingerprint
 
 
@@ -46,7 +48,11 @@ def run(model: str | None, options: dict) -> int:
             record = decode(channel.broadcast(None))
             if record.kind == STOP:
                 return 0
-            runner.run_forward(mirror.batch(record))
+            if record.kind == COPY:
+                runner.copy_blocks(record.copies)
+                mx.eval([(c.k, c.v) for c in runner.caches])
+            else:
+                runner.run_forward(mirror.batch(record))
     except Exception as e:  # one line for rank 0 to quote
         print(f"error: rank {rank}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 1

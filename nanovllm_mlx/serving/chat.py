@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from nanovllm_mlx.engine.llm_engine import RequestOutput
+from nanovllm_mlx.engine.output_processor import merge_outputs
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.serving.errors import bad_request, invalid_request
@@ -25,7 +26,7 @@ from nanovllm_mlx.serving.protocol import (
     ChatMessage,
     Delta,
     TokenLogprob,
-    usage,
+    TopLogprob,
 )
 from nanovllm_mlx.serving.state import ServerState
 from nanovllm_mlx.serving.streaming import RendererBase
@@ -54,42 +55,62 @@ class ChatRenderer(RendererBase):
     def _chunk(self, choices: list[ChatChunkChoice], **extra: object) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.answer, choices=choices, **extra)
 
+    def _entry(self, token: int, logprob: float) -> TopLogprob:
+        text = self.token_text(token)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
     def _logprobs(self, outputs: list[RequestOutput]) -> ChatLogprobs | None:
         if not self.logprobs:
             return None
         content = []
         for o in outputs:
-            for token, lp in zip(o.token_ids, o.logprobs or []):
-                text = self.token_text(token)
-                content.append(TokenLogprob(token=text, logprob=lp, bytes=list(text.encode())))
+            tops = o.top_logprobs or [{} for _ in o.token_ids]
+            for token, lp, top in zip(o.token_ids, o.logprobs or [], tops):
+                entry = self._entry(token, lp)
+                content.append(
+                    TokenLogprob(
+                        **entry.model_dump(),
+                        top_logprobs=[self._entry(t, v) for t, v in top.items()],
+                    )
+                )
         return ChatLogprobs(content=content)
 
     def start(self) -> list[ChatCompletionChunk]:
-        return [self._chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))])]
+        return [
+            self._chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            for i in range(self.n)
+        ]
 
     def deltas(self, batch: list[RequestOutput]) -> list[ChatCompletionChunk]:
         chunks = []
-        text = "".join(o.text for o in batch)
-        if text or self.logprobs:
-            choice = ChatChunkChoice(delta=Delta(content=text), logprobs=self._logprobs(batch))
-            chunks.append(self._chunk([choice]))
-        last = batch[-1]
-        if last.finished:
-            end = ChatChunkChoice(delta=Delta(), finish_reason=last.finish_reason)
-            chunks.append(self._chunk([end]))
+        for index, outputs in self.by_choice(batch).items():
+            text = "".join(o.text for o in outputs)
+            if text or self.logprobs:
+                delta = Delta(content=text)
+                choice = ChatChunkChoice(index=index, delta=delta, logprobs=self._logprobs(outputs))
+                chunks.append(self._chunk([choice]))
+            last = outputs[-1]
+            if last.finished:
+                end = ChatChunkChoice(index=index, delta=Delta(), finish_reason=last.finish_reason)
+                chunks.append(self._chunk([end]))
         return chunks
 
-    def usage_chunk(self, last: RequestOutput) -> ChatCompletionChunk:
-        return self._chunk([], usage=usage(last))
+    def usage_chunk(self) -> ChatCompletionChunk:
+        return self._chunk([], usage=self.usage())
 
     def response(self, outputs: list[RequestOutput]) -> ChatCompletion:
-        last = outputs[-1]
-        choice = ChatChoice(
-            message=AssistantMessage(content="".join(o.text for o in outputs)),
-            logprobs=self._logprobs(outputs),
-            finish_reason=last.finish_reason,
-        )
-        return ChatCompletion(**self.answer, choices=[choice], usage=usage(last))
+        choices = []
+        for index, outs in self.by_choice(outputs).items():
+            merged = merge_outputs(outs)
+            choices.append(
+                ChatChoice(
+                    index=index,
+                    message=AssistantMessage(content=merged.text),
+                    logprobs=self._logprobs([merged]),
+                    finish_reason=merged.finish_reason,
+                )
+            )
+        return ChatCompletion(**self.answer, choices=choices, usage=self.usage())
 
 
 async def create_chat_completion(
@@ -100,11 +121,13 @@ async def create_chat_completion(
     explicit, param = body.max_completion_tokens, "max_completion_tokens"
     if explicit is None:
         explicit, param = body.max_tokens, "max_tokens"
-    renames = {"prompt": "messages", "max_tokens": param}
+    renames = {"prompt": "messages", "max_tokens": param, "json_schema": "response_format"}
     try:
         # Without max_tokens: the rest of the context, known once the prompt is.
-        max_tokens = 1 if explicit is None else explicit
-        params = sampling_params(body, max_tokens, body.logprobs)
+        max_tokens = state.max_model_len if explicit is None else explicit
+        params = sampling_params(
+            body, max_tokens, body.logprobs, top_logprobs=body.top_logprobs or 0
+        )
     except InvalidRequestError as e:
         raise invalid_request(e, renames) from None
     messages = plain_messages(body.messages)
@@ -112,14 +135,19 @@ async def create_chat_completion(
     prompt = await run_in_threadpool(encode_chat, state.tokenizer, messages)
     if explicit is None:
         params.max_tokens = max(1, state.max_model_len - len(prompt))
+        params.min_tokens = min(params.min_tokens, params.max_tokens)
     else:
         check_room(len(prompt), explicit, state.max_model_len, "messages", param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    handle = state.handle(request, request_id, 1)
+    renderer = ChatRenderer(
+        request_id, state.model_name, state.token_text, body.logprobs, handle.engine_ids, params.n
+    )
     return await answer(
-        state.handle(request, request_id),
-        prompt,
+        handle,
+        [prompt],
         params,
-        ChatRenderer(request_id, state.model_name, state.token_text, body.logprobs),
+        renderer,
         stream=body.stream,
         include_usage=body.stream_options is not None and body.stream_options.include_usage,
         renames=renames,

@@ -80,13 +80,14 @@ class EngineThread:
         self._cond = threading.Condition()
         self._pending: dict[str, Ticket] = {}  # handed over, not yet added
         self._aborts: set[str] = set()
-        self._adding = 0  # taken from _pending, being added
+        self._adding = 0  # sequences of the tickets taken from _pending, being added
         self._engine_waiting = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._build_error: BaseException | None = None
-        # Engine thread only:
+        # Engine thread only: live tickets by their id, and by their engine requests' ids.
+        self._tickets: dict[str, Ticket] = {}
         self._live: dict[str, Ticket] = {}
         self._steps: Iterator[list[RequestOutput]] | None = None
         self._published = 0.0
@@ -131,8 +132,10 @@ class EngineThread:
     # Called from the asyncio side ----------------------------------------------------
 
     def queued(self) -> int:
-        """Requests waiting for admission to the running batch (what max_waiting bounds)."""
-        return len(self._pending) + self._adding + self._engine_waiting
+        """Sequences waiting for admission to the running batch, every choice of every
+        prompt counted (what max_waiting bounds)."""
+        pending = sum(t.width for t in list(self._pending.values()))
+        return pending + self._adding + self._engine_waiting
 
     def full(self) -> bool:
         return self.max_waiting is not None and self.queued() >= self.max_waiting
@@ -206,18 +209,26 @@ class EngineThread:
             aborts, self._aborts = self._aborts, set()
             adds = list(self._pending.values())
             self._pending.clear()
-            self._adding = len(adds)
+            self._adding = sum(t.width for t in adds)
         for request_id in aborts:
-            self._live.pop(request_id, None)
-            engine.abort_request(request_id)
+            ticket = self._tickets.pop(request_id, None)
+            if ticket is not None and ticket.failed:  # one prompt failed: the rest is dropped
+                self._finished += 1
+                self._failed += 1
+            for engine_id in [] if ticket is None else ticket.engine_ids:
+                self._live.pop(engine_id, None)
+                engine.abort_request(engine_id)  # every choice of it
         settled: list[tuple[Ticket, BaseException | None]] = []
         for ticket in adds:
             try:
-                engine.add_request(ticket.prompt, ticket.params, ticket.request_id)
+                params = [ticket.params] * len(ticket.prompts)
+                engine.add_requests(ticket.prompts, params, ticket.engine_ids)
             except Exception as e:  # the engine's verdict on the request: the client's 400
                 settled.append((ticket, e))
                 continue
-            self._live[ticket.request_id] = ticket
+            self._tickets[ticket.request_id] = ticket
+            for engine_id in ticket.engine_ids:
+                self._live[engine_id] = ticket
             settled.append((ticket, None))
         with self._cond:
             self._adding = 0
@@ -258,10 +269,14 @@ class EngineThread:
             ticket = self._live.get(out.request_id)
             if ticket is None:
                 continue
-            if out.finished:
+            ticket.failed |= out.finished and out.finish_reason == "error"
+            if out.request_finished:
                 del self._live[out.request_id]
-                self._finished += 1
-                self._failed += out.finish_reason == "error"
+                ticket.unfinished -= 1
+                if not ticket.unfinished:
+                    self._tickets.pop(ticket.request_id, None)
+                    self._finished += 1
+                    self._failed += ticket.failed
             delivered.append((ticket, out))
         self._engine_waiting = engine.num_waiting()
         on_loops(put, delivered)
@@ -269,14 +284,16 @@ class EngineThread:
     def _fail_all(self, error: EngineError) -> None:
         engine = self.engine
         failed: list[tuple[Ticket, RequestOutput | EngineError]] = []
-        for request_id, ticket in self._live.items():
-            try:
-                if engine is not None:
-                    engine.abort_request(request_id)
-            except Exception:
-                logger.exception("abort of %s failed", request_id)
+        for ticket in self._tickets.values():
+            for engine_id in ticket.engine_ids:
+                try:
+                    if engine is not None:
+                        engine.abort_request(engine_id)
+                except Exception:
+                    logger.exception("abort of %s failed", engine_id)
             failed.append((ticket, error))
         self._failed += len(failed)
+        self._tickets.clear()
         self._live.clear()
         on_loops(put, failed)
         if error.status == 503:  # shutting down: refuse what was never added too

@@ -20,7 +20,7 @@ from nanovllm_mlx.engine.llm_engine import RequestOutput
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.sampling_params import SamplingParams
 from nanovllm_mlx.serving.engine_thread import EngineError, EngineThread, QueueFull
-from nanovllm_mlx.serving.errors import APIError, ClientGone, invalid_request
+from nanovllm_mlx.serving.errors import APIError, ClientGone, bad_request, invalid_request
 from nanovllm_mlx.serving.metrics import ServingMetrics
 from nanovllm_mlx.serving.settings import RETRY_AFTER_S
 from nanovllm_mlx.serving.streaming import EventStream, Renderer, sse_events
@@ -50,11 +50,16 @@ class RequestHandle:
         request: Request,
         request_id: str,
         timeout: float | None,
+        num_prompts: int = 1,
     ):
         self.engine_thread = engine_thread
         self.metrics = metrics
         self.request = request
         self.request_id = request_id
+        # One engine request per prompt; a single prompt's is the request's own id.
+        self.engine_ids = (
+            [request_id] if num_prompts == 1 else [f"{request_id}-{i}" for i in range(num_prompts)]
+        )
         self.arrival: float = getattr(request.state, "arrival", time.perf_counter())
         self.timeout = timeout
         self.ticket: Ticket | None = None
@@ -63,12 +68,20 @@ class RequestHandle:
         self._last_token: float | None = None
 
     async def start(
-        self, prompt: list[int], params: SamplingParams, renames: dict[str, str]
+        self, prompts: list[list[int]], params: SamplingParams, renames: dict[str, str]
     ) -> None:
         """Hand the request over and wait until the engine has taken it. Raises the
         engine's refusal as a 400 (parameters named as the endpoint names them), a 503,
         a 504 on timeout, or ClientGone."""
-        self.ticket = ticket = Ticket(self.request_id, prompt, params)
+        self.ticket = ticket = Ticket(self.request_id, prompts, params, self.engine_ids)
+        limit = self.engine_thread.max_waiting
+        if limit is not None and ticket.width > limit:  # it could never be queued whole
+            self.done = True
+            raise bad_request(
+                f"{len(prompts)} prompt(s) x {params.num_sequences} choice(s) = {ticket.width} "
+                f"sequences, more than this server queues at once ({limit}, --max-waiting)",
+                "n" if len(prompts) == 1 else "prompt",
+            )
         try:
             self.engine_thread.submit(ticket)
         except QueueFull as e:
@@ -83,7 +96,10 @@ class RequestHandle:
         except InvalidRequestError as e:
             self.done = True  # never added: nothing to abort or count
             self._stop_watching()
-            raise invalid_request(e, renames) from None
+            error = invalid_request(e, renames)
+            if e.index is not None and len(prompts) > 1:
+                error.message = f"prompt {e.index}: {error.message}"
+            raise error from None
         except EngineError as e:  # the server is shutting down
             self._end("error")
             raise APIError(e.status, str(e)) from None
@@ -98,6 +114,7 @@ class RequestHandle:
         the client left."""
         assert self.ticket is not None
         queue = self.ticket.queue
+        unfinished = set(self.engine_ids)
         while True:
             items = [await queue.get()]
             while not queue.empty():
@@ -110,17 +127,20 @@ class RequestHandle:
                     self._end("error")
                     raise APIError(item.status, str(item))
                 if item.finished and item.finish_reason == "error":
-                    self._end("error")
+                    self._end("error")  # and its other prompts, if any, are aborted
                     # The engine ended this request alone; the rest of the batch goes on.
                     message = getattr(item, "error", None) or "the engine failed this request"
                     raise APIError(500, message, code="engine_error")
+                if item.request_finished:
+                    unfinished.discard(item.request_id)
                 outputs.append(item)
             self._observe_tokens(outputs)
-            last = outputs[-1] if outputs else None
-            if last is not None and last.finished:
-                self._end(last.finish_reason or "stop")  # before the yield: it may not resume
+            if outputs and not unfinished:
+                self._end(
+                    outputs[-1].finish_reason or "stop"
+                )  # before the yield: it may not resume
             yield outputs
-            if last is not None and last.finished:
+            if not unfinished:
                 return
 
     async def collect(self) -> list[RequestOutput]:
@@ -159,8 +179,9 @@ class RequestHandle:
             self.metrics.latency.observe(time.perf_counter() - self.arrival)
             return
         assert self.ticket is not None
-        if reason != "error":
-            self.engine_thread.abort(self.request_id)
+        # After an error too: the engine ended the failed prompt's request alone, and the
+        # request's other prompts must not run on (a no-op for what has finished).
+        self.engine_thread.abort(self.request_id)
         if error is not None:
             if not self.ticket.accepted.done():
                 self.ticket.accepted.set_exception(error)
@@ -188,7 +209,7 @@ class RequestHandle:
 
 async def answer(
     handle: RequestHandle,
-    prompt: list[int],
+    prompts: list[list[int]],
     params: SamplingParams,
     renderer: Renderer,
     *,
@@ -197,7 +218,7 @@ async def answer(
     renames: dict[str, str],
 ) -> Response:
     """Run the request and answer it: server-sent events, or one JSON body."""
-    await handle.start(prompt, params, renames)
+    await handle.start(prompts, params, renames)
     if stream:
         return EventStream(sse_events(handle.batches(), renderer, include_usage), handle.close)
     try:

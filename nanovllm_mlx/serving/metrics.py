@@ -36,6 +36,16 @@ _GAUGES = (
         "kv_blocks_cached",
     ),
     (
+        "nanovllm_kv_blocks_shared",
+        "KV blocks held by more than one sequence (forked choices, prefix-cache hits).",
+        "kv_blocks_shared",
+    ),
+    (
+        "nanovllm_kv_blocks_saved",
+        "KV blocks that sharing saves now: references beyond each shared block's first.",
+        "kv_blocks_saved",
+    ),
+    (
         "nanovllm_prefix_cache_hit_rate",
         "Share of prompt tokens served from the prefix cache.",
         "prefix_hit_rate",
@@ -52,6 +62,16 @@ _COUNTERS = (
     ),
     ("nanovllm_generation_tokens", "Tokens generated.", "generation_tokens"),
     ("nanovllm_preemptions", "Sequences preempted.", "preemptions"),
+    (
+        "nanovllm_kv_blocks_forked",
+        "KV block references shared by forked choices (n > 1) instead of computed again.",
+        "kv_blocks_forked",
+    ),
+    (
+        "nanovllm_kv_blocks_copied",
+        "Shared KV blocks copied on write (a forked choice's partial last prompt block).",
+        "kv_blocks_copied",
+    ),
     ("nanovllm_engine_steps", "Engine steps.", "steps"),
     (
         "nanovllm_engine_step_sequences",

@@ -1,11 +1,14 @@
 """A validated request body to what the engine takes: sampling parameters and checks the
-engine does not make itself (features this server lacks, stop ids, room in the context).
+engine does not make itself (features this server lacks, OpenAI's rules between fields,
+room in the context).
 
 Range checks stay SamplingParams' and prompt checks the engine's: their InvalidRequestError
 names the parameter, and the app's handlers turn it into the 400.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from nanovllm_mlx.sampling_params import SamplingParams
 from nanovllm_mlx.serving.errors import bad_request
@@ -17,39 +20,58 @@ from nanovllm_mlx.serving.protocol import (
 
 
 def refuse_unsupported(body: GenerationRequest) -> None:
-    if body.n is not None and body.n != 1:
-        raise bad_request("only n=1 is supported", "n")
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise bad_request(
-            f"response_format type {body.response_format.type!r} is not supported yet: only "
-            '{"type": "text"}; structured output (json_object, json_schema) is not available '
-            "on this server",
-            "response_format",
-        )
-    unsupported: dict[str, object] = {
-        "presence_penalty": body.presence_penalty not in (None, 0, 0.0),
-        "frequency_penalty": body.frequency_penalty not in (None, 0, 0.0),
-        "logit_bias": bool(body.logit_bias),
-    }
+    unsupported: dict[str, object] = {}
     if isinstance(body, CompletionRequest):
-        unsupported |= {
-            "echo": body.echo,
-            "suffix": bool(body.suffix),
-            "best_of": body.best_of not in (None, 1),
-            "logprobs": body.logprobs not in (None, 0),
-        }
+        unsupported["suffix"] = bool(body.suffix)
+        if body.stream and (body.best_of or 1) > (body.n or 1):
+            raise bad_request(
+                "best_of > n cannot be streamed: choices are ranked at the end", "best_of"
+            )
     if isinstance(body, ChatCompletionRequest):
-        unsupported |= {"tools": bool(body.tools), "top_logprobs": bool(body.top_logprobs)}
+        unsupported["tools"] = bool(body.tools)
+        if body.top_logprobs and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     for name, used in unsupported.items():
         if used:
-            hint = " (only the sampled token's logprob is available)" if "logprobs" in name else ""
-            raise bad_request(f"{name} is not supported by this server{hint}", name)
+            raise bad_request(f"{name} is not supported by this server", name)
+
+
+def _json_schema(body: GenerationRequest) -> dict[str, Any] | None:
+    """response_format as the engine's json_schema: OpenAI's json_object is any object."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise bad_request(
+            'response_format of type "json_schema" needs json_schema.schema', "response_format"
+        )
+    return fmt.json_schema.schema_
+
+
+def _logit_bias(body: GenerationRequest) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids spelled as strings."""
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            bias[int(key)] = value
+        except ValueError:
+            raise bad_request(
+                f"logit_bias key {key[:40]!r} is not a token id", "logit_bias"
+            ) from None
+    return bias
 
 
 def sampling_params(
-    body: GenerationRequest, max_tokens: int, logprobs: bool
+    body: GenerationRequest,
+    max_tokens: int,
+    logprobs: bool,
+    top_logprobs: int = 0,
+    prompt_logprobs: int | None = None,
+    best_of: int | None = None,
 ) -> SamplingParams:
     """SamplingParams from the body, OpenAI's defaults where a field is absent."""
     top_k = body.top_k
@@ -59,12 +81,21 @@ def sampling_params(
         top_k=0 if top_k is None or top_k == -1 else top_k,  # vLLM spells "off" as -1
         min_p=0.0 if body.min_p is None else body.min_p,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=_logit_bias(body),
         seed=body.seed,
         max_tokens=max_tokens,
+        min_tokens=body.min_tokens or 0,
         stop=[] if body.stop is None else body.stop,
         stop_token_ids=body.stop_token_ids or [],
         ignore_eos=body.ignore_eos,
+        n=1 if body.n is None else body.n,
+        best_of=best_of,
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
+        json_schema=_json_schema(body),
     )
     return params
 

@@ -7,7 +7,7 @@ refused by name (serving/prepare.py). Range checks are SamplingParams' and the e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -17,13 +17,12 @@ from pydantic import (
     model_serializer,
 )
 
-if TYPE_CHECKING:
-    from nanovllm_mlx.engine.llm_engine import RequestOutput
-
 # A request's stop strings are searched after every token it samples, in the engine
 # thread: bound them so that one request cannot slow the whole batch down.
 MAX_STOP_STRINGS = 32
 MAX_STOP_TOKEN_IDS = 1024
+# A bias is one scatter entry per row per step: bounded like the stop ids.
+MAX_LOGIT_BIAS = 1024
 
 
 class _Strict(BaseModel):
@@ -34,9 +33,21 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: str = Field(description='Only "text" for now; json_object and json_schema are refused.')
-    json_schema: dict[str, Any] | None = None
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text, json_object (any JSON object) or json_schema (output that "
+        "validates against json_schema.schema); constrained with llguidance."
+    )
+    json_schema: JsonSchemaFormat | None = None
 
 
 class GenerationRequest(_Strict):
@@ -51,21 +62,25 @@ class GenerationRequest(_Strict):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
-    n: int | None = Field(None, description="Only 1.")
+    n: int | None = Field(None, description="Choices (1-128), forked after one prefill.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    presence_penalty: float | None = Field(None, description="Refused unless 0.")
-    frequency_penalty: float | None = Field(None, description="Refused unless 0.")
-    logit_bias: dict[str, float] | None = Field(None, description="Refused unless empty.")
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = Field(
+        None, description="Token id (as a string) to a bias, clamped to [-100, 100]."
+    )
+    min_tokens: int | None = None
     user: str | None = None
 
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
-        description="A string or token ids; a list may hold one of them (one prompt a request)."
+        description="A string or token ids, or a list of several: they run as one batch, "
+        "choice index = prompt index * n + choice."
     )
-    logprobs: int | None = Field(None, description="Only 0: the sampled token's logprob.")
+    logprobs: int | None = Field(None, description="Top logprobs per token (0-20).")
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -85,7 +100,7 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, description="Only 0.")
+    top_logprobs: int | None = Field(None, description="0-20; needs logprobs.")
     tools: list[Any] | None = Field(None, description="Refused unless empty.")
 
 
@@ -103,20 +118,19 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
-def usage(out: RequestOutput) -> Usage:
-    """A request's usage from its last output (they carry running totals)."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
     return Usage(
-        prompt_tokens=out.num_prompt_tokens,
-        completion_tokens=out.num_output_tokens,
-        total_tokens=out.num_prompt_tokens + out.num_output_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: None = None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
@@ -140,11 +154,17 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
 class TokenLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
-    top_logprobs: list[Any] = []
+    top_logprobs: list[TopLogprob] = []
 
 
 class ChatLogprobs(BaseModel):

@@ -31,6 +31,11 @@ class EngineSnapshot:
     step_failures: int
     requests_finished: int  # ended with a final output (errors included, aborts not)
     requests_failed: int  # ended with finish_reason "error", or failed with their step
+    # Sharing: blocks shared and saved now, forked and copied on write so far.
+    kv_blocks_shared: int = 0
+    kv_blocks_saved: int = 0
+    kv_blocks_forked: int = 0
+    kv_blocks_copied: int = 0
 
     @classmethod
     def of(cls, stats: dict[str, Any], **server: Any) -> EngineSnapshot:
@@ -41,6 +46,10 @@ class EngineSnapshot:
             kv_blocks_used=stats["kv_blocks_used"],
             kv_blocks_total=stats["kv_blocks_total"],
             kv_blocks_cached=stats["kv_blocks_cached"],
+            kv_blocks_shared=stats["kv_blocks_shared"],
+            kv_blocks_saved=stats["kv_blocks_saved"],
+            kv_blocks_forked=stats["kv_blocks_forked"],
+            kv_blocks_copied=stats["kv_blocks_copied"],
             prefix_hit_rate=stats["prefix_hit_rate"],
             prompt_tokens=stats["prompt_tokens"],
             generation_tokens=stats["output_tokens"],

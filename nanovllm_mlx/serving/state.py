@@ -42,7 +42,12 @@ class ServerState:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def handle(self, request: Request, request_id: str) -> RequestHandle:
+    def handle(self, request: Request, request_id: str, num_prompts: int = 1) -> RequestHandle:
         return RequestHandle(
-            self.engine_thread, self.metrics, request, request_id, self.settings.request_timeout
+            self.engine_thread,
+            self.metrics,
+            request,
+            request_id,
+            self.settings.request_timeout,
+            num_prompts,
         )

@@ -15,18 +15,45 @@ if TYPE_CHECKING:
 
 
 class Ticket:
-    """One request handed to the engine thread; made on (and answered to) its event loop."""
+    """One request handed to the engine thread; made on (and answered to) its event loop.
+    It may hold several prompts: each is an engine request of its own (engine_ids), all
+    added together or none."""
 
-    __slots__ = ("request_id", "prompt", "params", "loop", "queue", "accepted")
+    __slots__ = (
+        "request_id",
+        "prompts",
+        "params",
+        "engine_ids",
+        "unfinished",
+        "failed",
+        "loop",
+        "queue",
+        "accepted",
+    )
 
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams):
+    def __init__(
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        engine_ids: list[str],
+    ):
         self.request_id = request_id
-        self.prompt = prompt
+        self.prompts = prompts
         self.params = params
+        self.engine_ids = engine_ids
+        # Engine thread only: engine requests not finished, and whether one failed.
+        self.unfinished = len(engine_ids)
+        self.failed = False
         self.loop = asyncio.get_running_loop()
         # RequestOutputs until one is finished, or one EngineError.
         self.queue: asyncio.Queue[RequestOutput | EngineError] = asyncio.Queue()
         self.accepted: asyncio.Future[None] = self.loop.create_future()
+
+    @property
+    def width(self) -> int:
+        """Sequences it queues: every choice of every prompt (admission control)."""
+        return len(self.prompts) * self.params.num_sequences
 
 
 def settle(items: list[tuple[Ticket, BaseException | None]]) -> None:
