@@ -9,106 +9,42 @@ into text and decides which requests end, and the scheduler retires those. Every
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import fields
 
 import mlx.core as mx
 
-from nanovllm_mlx.config import Config
-from nanovllm_mlx.engine import memory, prompt_logprobs, requests, structured
-from nanovllm_mlx.engine.block_manager import BlockManager
-from nanovllm_mlx.engine.budget import PROBE_TOKENS, measure_step_budget
+from nanovllm_mlx.engine import prompt_logprobs, requests, setup, structured
 from nanovllm_mlx.engine.isolation import StepResult, run_isolating
+from nanovllm_mlx.engine.iteration import Watchers
 from nanovllm_mlx.engine.logprobs import RowSample
-from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
-from nanovllm_mlx.engine.scheduler import Scheduler
+from nanovllm_mlx.engine.scheduler import ScheduledSeq, Scheduler
 from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.engine.stats import StepStats
-from nanovllm_mlx.errors import ContextLengthError, EngineStalledError, InvalidRequestError
-from nanovllm_mlx.loading import loader
+from nanovllm_mlx.errors import ContextLengthError, InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
-from nanovllm_mlx.models.base import ModelSpec
-from nanovllm_mlx.parallel.group import launched_rank
-from nanovllm_mlx.parallel.runner import TensorParallel, fingerprint
 from nanovllm_mlx.sampling_params import SamplingParams
 
 __all__ = ["LLMEngine", "RequestOutput"]
 
 
-def load_model(config: Config) -> loader.LoadedModel:
-    return loader.load(
-        config.model or None,
-        config.dtype,
-        config.quantize,
-        config.quantize_group_size,
-        config.keep_quantized,
-    )
-
-
-def max_model_len(config: Config, spec: ModelSpec) -> int:
-    return min(config.max_model_len or spec.context_length, spec.context_length)
-
-
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs: object):
-        names = {f.name for f in fields(Config)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {unknown}; valid: {sorted(names)}")
-        self.config = config = Config(model=model or "", **kwargs)
-        self.parallel: TensorParallel | None = None
-        if config.tensor_parallel_size > 1:
-            if (launched := launched_rank()) is not None and launched > 0:
-                # Under mlx.launch every process runs the caller's program: this one is
-                # one of the other ranks, and serves steps until rank 0 stops.
-                from nanovllm_mlx.parallel import worker
-
-                sys.exit(worker.run(model, dict(kwargs)))
-            self.parallel = TensorParallel(config)
-        mx.random.seed(config.seed)  # unseeded sampling is reproducible per engine
-        loaded = load_model(config)
-        if self.parallel is not None:
-            self.parallel.shard(loaded)
-        spec = loaded.model.spec
-        self.model_name = loaded.name
-        self.tokenizer: Tokenizer = loaded.tokenizer
-        self.dtype = loaded.dtype
-        self.quantization = loaded.quantization  # what loading did, in words
+        self.config = config = setup.make_config(model, kwargs)
+        parts = setup.build(config)
+        spec = parts.loaded.model.spec
+        self.model_name = parts.loaded.name
+        self.tokenizer: Tokenizer = parts.loaded.tokenizer
+        self.dtype = parts.loaded.dtype
+        self.quantization = parts.loaded.quantization  # what loading did, in words
         self.vocab_size = spec.vocab_size
-        self.max_model_len = max_model_len(config, spec)
-        num_blocks = memory.num_kv_blocks(spec, config, self.dtype, self.max_model_len)
-        memory.check_fits(
-            num_blocks,
-            memory.kv_bytes_per_block(spec, config.block_size, self.dtype),
-            loaded.weight_bytes,
-            config.block_size,
-        )
-        self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
-        )
-        on_gpu = mx.default_device() != mx.cpu
-        tp = self.parallel is not None
-        runner = ModelRunner(
-            loaded.model,
-            num_blocks,
-            config.block_size,
-            self.dtype,
-            # Off under tensor parallelism (look-ahead too, below): the other ranks run the
-            # eager forward, and their collectives must match rank 0's one for one.
-            compile_decode=not tp
-            and (on_gpu if config.compile_decode is None else config.compile_decode),
-            collective=tp,
-        )
-        if self.parallel is not None:
-            self.parallel.agree(fingerprint(loaded, config, self.max_model_len), num_blocks)
-            runner = self.parallel.wrap(runner)
-        self.model_runner = runner
-        self.max_num_batched_tokens = config.max_num_batched_tokens or measure_step_budget(
-            self.model_runner, max(config.max_num_seqs, PROBE_TOKENS), self.max_model_len
-        )
+        self.max_model_len = parts.max_model_len
+        self.parallel = parts.parallel
+        self.block_manager = parts.block_manager
+        self.model_runner = parts.runner
+        self.max_num_batched_tokens = parts.max_num_batched_tokens
+        self.async_scheduling = parts.async_scheduling
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -118,13 +54,9 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.structured = structured.StructuredOutputs(self.tokenizer, self.vocab_size)
         self._eos = frozenset(self.tokenizer.eos_token_ids)
-        self.async_scheduling = config.async_scheduling
-        if self.async_scheduling is None or tp:
-            self.async_scheduling = on_gpu and not tp
         self.step_stats = StepStats()
         self._ids = itertools.count()
-        # request id -> outputs not yet taken by the iterate() call that watches it
-        self._watched: dict[str, list[RequestOutput]] = {}
+        self._watchers = Watchers()
 
     # Requests -----------------------------------------------------------------------
 
@@ -189,8 +121,7 @@ class LLMEngine:
         seqs, outputs = self.output_processor.end(request_id, reason, error)
         for seq in seqs:
             self.scheduler.finish(seq, reason)
-        if request_id in self._watched:
-            self._watched[request_id] += outputs
+        self._watchers.deliver(outputs)
         return outputs
 
     def progress(self, request_id: str) -> tuple[int, int] | None:
@@ -217,6 +148,24 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        ran = self._compute(batch)
+        sampled = self.scheduler.postprocess(ran.batch, ran.tokens)
+        sampled, samples = self._fork(sampled, ran.logprobs)
+        structured.advance(sampled)
+        self.step_stats.record(start, ran.batch, len(sampled))  # before finish() frees blocks
+        outputs, finished = self.output_processor.process(sampled, samples)
+        for item, error in ran.failed:
+            outputs += self._end(item.seq.request_id, "error", error)
+        for seq, reason in finished:
+            self.scheduler.finish(seq, reason)
+        self._watchers.deliver(outputs)
+        return outputs
+
+    def _compute(self, batch: list[ScheduledSeq]) -> StepResult:
+        """The step on the device: forks' block copies first, grammar masks, the prompt
+        logprobs pass, then the batch's forward and sampling, failures isolated. The
+        result's batch is what ran, in order; entries whose chunk the prompt-logprobs
+        pass used up entirely come last: they sample nothing but still advance."""
         look_ahead = self.async_scheduling and self.scheduler.reserve_ahead(batch)
         if copies := self.block_manager.take_copies():
             self.model_runner.copy_blocks(copies)
@@ -228,24 +177,9 @@ class LLMEngine:
             if computed
             else StepResult([], [], None)
         )
-        passed_only = [item for item in to_run if not item.num_new_tokens]
-        sampled = self.scheduler.postprocess(ran.batch + passed_only, ran.tokens)
-        samples: list[RowSample | None] | None = ran.logprobs
-        sampled, samples = self._fork(sampled, samples)
-        structured.advance(sampled)
-        failed += ran.failed
-        lost = {id(item.seq) for item, _ in failed}
-        ran_ok = [item for item in batch if id(item.seq) not in lost]
-        self.step_stats.record(start, ran_ok, len(sampled))  # before finish() frees blocks
-        outputs, finished = self.output_processor.process(sampled, samples)
-        for item, error in failed:
-            outputs += self._end(item.seq.request_id, "error", error)
-        for seq, reason in finished:
-            self.scheduler.finish(seq, reason)
-        for out in outputs:
-            if out.request_id in self._watched:
-                self._watched[out.request_id].append(out)
-        return outputs
+        ran.batch += [item for item in to_run if not item.num_new_tokens]
+        ran.failed += failed
+        return ran
 
     def _fork(
         self, sampled: list[Sequence], samples: list[RowSample | None] | None
@@ -276,39 +210,18 @@ class LLMEngine:
         if request_ids is None:
             yield from self._iterate_all()
             return
-        pending = list(dict.fromkeys(str(r) for r in request_ids))
-        for request_id in pending:
-            if request_id not in self.output_processor:
-                raise InvalidRequestError(f"no unfinished request {request_id!r}")
-            if request_id in self._watched:
-                raise InvalidRequestError(f"request {request_id!r} is already being iterated")
-        mine = list(pending)
-        for request_id in mine:
-            self._watched[request_id] = []
-        try:
-            while pending:
-                if not any(self._watched[r] for r in pending):
-                    steps = self.step_stats.steps
-                    self.step()
-                    if self.step_stats.steps == steps and not any(
-                        self._watched[r] for r in pending
-                    ):
-                        # Our requests are queued (else an abort output would be here), yet
-                        # nothing could be scheduled: report it rather than spin.
-                        raise EngineStalledError(
-                            f"the engine cannot schedule {len(pending)} queued request(s)"
-                        )
-                outputs = [out for r in pending for out in self._watched[r]]
-                for request_id in pending:
-                    self._watched[request_id].clear()
-                done = {out.request_id for out in outputs if out.request_finished}
-                pending = [r for r in pending if r not in done]
-                yield outputs
-        finally:
-            for request_id in mine:
-                self._watched.pop(request_id, None)
-            for request_id in pending:
-                self.abort_request(request_id)
+
+        def step() -> bool:
+            steps = self.step_stats.steps
+            self.step()
+            return self.step_stats.steps != steps
+
+        yield from self._watchers.iterate(
+            [str(r) for r in request_ids],
+            self.output_processor.__contains__,
+            step,
+            self.abort_request,
+        )
 
     def _iterate_all(self) -> Iterator[list[RequestOutput]]:
         while self.has_unfinished_requests():

@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.engine.setup import load_model, max_model_len
 from nanovllm_mlx.parallel import group as groups
 from nanovllm_mlx.parallel.channel import Channel, TensorParallelError
 from nanovllm_mlx.parallel.records import COPY, STOP, Mirror, decode
@@ -27,8 +28,6 @@ def run(model: str | None, options: dict) -> int:
     """Serve steps until rank 0 stops; the process's exit code."""
     rank = groups.launched_rank()
     try:
-        from nanovllm_mlx.engine.llm_engine import load_model, max_model_len
-
         config = Config(model=model or "", **options)
         groups.watch_parent()
         group = groups.join(config.tensor_parallel_size, "NANOVLLM_TP_PARENT" in os.environ)

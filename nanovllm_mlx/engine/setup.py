@@ -1,0 +1,103 @@
+"""Building an engine's parts from its options: the model (sharded under tensor
+parallelism), the KV pool sized and checked against memory, the model runner and the
+step budget. What LLMEngine does once, before its first request."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+
+from nanovllm_mlx.config import Config
+from nanovllm_mlx.engine import memory
+from nanovllm_mlx.engine.block_manager import BlockManager
+from nanovllm_mlx.engine.budget import PROBE_TOKENS, measure_step_budget
+from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.loading import loader
+from nanovllm_mlx.models.base import ModelSpec
+from nanovllm_mlx.parallel.group import launched_rank
+from nanovllm_mlx.parallel.runner import ParallelRunner, TensorParallel, fingerprint
+
+
+def load_model(config: Config) -> loader.LoadedModel:
+    return loader.load(
+        config.model or None,
+        config.dtype,
+        config.quantize,
+        config.quantize_group_size,
+        config.keep_quantized,
+    )
+
+
+def max_model_len(config: Config, spec: ModelSpec) -> int:
+    return min(config.max_model_len or spec.context_length, spec.context_length)
+
+
+def make_config(model: str | None, kwargs: dict[str, object]) -> Config:
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ValueError(f"unknown engine option(s) {unknown}; valid: {sorted(names)}")
+    return Config(model=model or "", **kwargs)
+
+
+@dataclass(slots=True)
+class Parts:
+    loaded: loader.LoadedModel
+    max_model_len: int
+    block_manager: BlockManager
+    runner: ModelRunner | ParallelRunner
+    max_num_batched_tokens: int
+    async_scheduling: bool
+    parallel: TensorParallel | None
+
+
+def build(config: Config) -> Parts:
+    parallel = None
+    if config.tensor_parallel_size > 1:
+        if (rank := launched_rank()) is not None and rank > 0:
+            # Under mlx.launch every process runs the caller's program: this one is one of
+            # the other ranks, and serves steps until rank 0 stops.
+            from nanovllm_mlx.parallel import worker
+
+            options = {f.name: getattr(config, f.name) for f in fields(Config)}
+            sys.exit(worker.run(options.pop("model") or None, options))
+        parallel = TensorParallel(config)
+    mx.random.seed(config.seed)  # unseeded sampling is reproducible per engine
+    loaded = load_model(config)
+    if parallel is not None:
+        parallel.shard(loaded)
+    spec, dtype = loaded.model.spec, loaded.dtype
+    context = max_model_len(config, spec)
+    num_blocks = memory.num_kv_blocks(spec, config, dtype, context)
+    per_block = memory.kv_bytes_per_block(spec, config.block_size, dtype)
+    memory.check_fits(num_blocks, per_block, loaded.weight_bytes, config.block_size)
+    on_gpu, tp = mx.default_device() != mx.cpu, parallel is not None
+    runner: ModelRunner | ParallelRunner = ModelRunner(
+        loaded.model,
+        num_blocks,
+        config.block_size,
+        dtype,
+        # Off under tensor parallelism (look-ahead too, below): the other ranks run the
+        # eager forward, and their collectives must match rank 0's one for one.
+        compile_decode=not tp
+        and (on_gpu if config.compile_decode is None else config.compile_decode),
+        collective=tp,
+    )
+    if parallel is not None:
+        parallel.agree(fingerprint(loaded, config, context), num_blocks)
+        runner = parallel.wrap(runner)
+    budget = config.max_num_batched_tokens or measure_step_budget(
+        runner, max(config.max_num_seqs, PROBE_TOKENS), context
+    )
+    look_ahead = on_gpu if config.async_scheduling is None else config.async_scheduling
+    return Parts(
+        loaded=loaded,
+        max_model_len=context,
+        block_manager=BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+        runner=runner,
+        max_num_batched_tokens=budget,
+        async_scheduling=look_ahead and not tp,
+        parallel=parallel,
+    )
