@@ -309,19 +309,20 @@ def _tiny_gguf(path: Path, arch: str = "llama", raw_type: object = None) -> Path
 
 
 def test_unsupported_architecture(tmp_path: Path):
-    path = _tiny_gguf(tmp_path / "phi.gguf", arch="phi3")
-    with pytest.raises(ValueError, match=r"phi\.gguf: unsupported GGUF architecture 'phi3'"):
+    path = _tiny_gguf(tmp_path / "mamba.gguf", arch="mamba")
+    with pytest.raises(ValueError, match=r"mamba\.gguf: unsupported GGUF architecture 'mamba'"):
         loader.load(str(path))
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0", "IQ4_NL"])
+@pytest.mark.parametrize("name", ["IQ4_NL", "IQ2_XS", "TQ1_0", "Q8_1"])
 def test_unsupported_quantization_type(name: str, tmp_path: Path):
-    # mx.load would silently widen Q4_K/Q6_K to float16 and fail on Q5_0 with a C++ message.
     import gguf as gg
 
     path = _tiny_gguf(tmp_path / "k.gguf", raw_type=gg.GGMLQuantizationType[name])
     with pytest.raises(
-        ValueError, match=rf"k\.gguf: unsupported GGUF quantization type\(s\) {name}"
+        ValueError,
+        match=rf"k\.gguf: unsupported GGUF quantization type\(s\) {name} \(e\.g\. tensor "
+        rf"token_embd\.weight is {name}\)",
     ):
         loader.load(str(path))
 
