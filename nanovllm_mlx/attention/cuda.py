@@ -36,7 +36,10 @@ _PARTIAL = """
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ctx = context_lens[b];
     const int part_size = params[0];
-    const int start = part * part_size;
+    // A sliding-window layer (params[1] = W > 0) reads only keys [ctx - W, ctx); the
+    // partitions tile that span, so blocks before it (maybe freed) are never touched.
+    const int lo = params[1] > 0 ? max(0, ctx - params[1]) : 0;
+    const int start = lo + part * part_size;
     const int end = min(start + part_size, ctx);
     const int nb = block_tables_shape[1];
     const long slots = k_pool_shape[1];
@@ -153,6 +156,13 @@ def _scalar(value: float | int, dtype: mx.Dtype) -> mx.array:
     return out
 
 
+@lru_cache(maxsize=256)
+def _params(part_size: int, window: int) -> mx.array:
+    out = mx.array([part_size, window], dtype=mx.int32)
+    mx.eval(out)
+    return out
+
+
 def num_partitions(batch: int, n_heads: int, max_context: int) -> tuple[int, int]:
     """(partitions per sequence, tokens per partition) for a decode batch."""
     wanted = max(1, -(-TARGET_BLOCKS // (batch * n_heads)))
@@ -170,11 +180,14 @@ def paged_decode(
     block_size: int,
     scale: float,
     max_context: int,
+    window: int | None = None,
 ) -> mx.array:
-    """q [B, H, D] against each sequence's context_lens[b] keys -> [B, H, D]."""
+    """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
+    them for a sliding-window layer) -> [B, H, D]."""
     b, n_heads, head_dim = q.shape
     n_kv = k_pool.shape[0]
-    parts, size = num_partitions(b, n_heads, max_context)
+    span = max_context if window is None else min(max_context, window)
+    parts, size = num_partitions(b, n_heads, span)
     partial, merge = _kernels()
     template = [("T", q.dtype), ("D", head_dim), ("BS", block_size), ("G", n_heads // n_kv)]
     part_out, part_m, part_l = partial(
@@ -185,7 +198,7 @@ def paged_decode(
             block_tables,
             context_lens,
             _scalar(float(scale), mx.float32),
-            _scalar(size, mx.int32),
+            _params(size, window or 0),
         ],
         template=template + [("WARPS", WARPS)],
         grid=(32 * WARPS * parts, n_heads, b),
@@ -209,6 +222,7 @@ class DecodePlan:
     block_tables: mx.array  # [Bd, nb]
     context_lens: mx.array  # [Bd]
     max_context: int
+    window: int | None = None
 
 
 class CudaPagedAttention(GatherAttention):
@@ -219,10 +233,12 @@ class CudaPagedAttention(GatherAttention):
     def __init__(self) -> None:
         super().__init__(fused=True)
 
-    def plan_decode(self, entries: DecodeEntries, pool: PoolLayout) -> DecodePlan:
+    def plan_decode(
+        self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
+    ) -> DecodePlan:
         max_context = int(entries.context_lens.max())
         tables = block_tables(entries.block_tables, pool.num_table_blocks(max_context))
-        return DecodePlan(mx.array(tables), mx.array(entries.context_lens), max_context)
+        return DecodePlan(mx.array(tables), mx.array(entries.context_lens), max_context, window)
 
     def decode(self, q: mx.array, cache: KVCache, plan: DecodePlan, scale: float) -> mx.array:
         return paged_decode(
@@ -234,4 +250,5 @@ class CudaPagedAttention(GatherAttention):
             cache.block_size,
             scale,
             plan.max_context,
+            plan.window,
         )

@@ -50,7 +50,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or spec.context_length, spec.context_length)
         num_blocks = memory.num_kv_blocks(spec, config, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
+            num_blocks, config.block_size, config.enable_prefix_caching, spec.sliding_window
         )
         self.model_runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
         self.max_num_batched_tokens = config.max_num_batched_tokens or measure_step_budget(

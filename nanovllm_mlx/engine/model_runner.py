@@ -41,6 +41,7 @@ def prepare(
     pool: PoolLayout,
     backend: AttentionBackend,
     ahead: mx.array | None = None,
+    windows: tuple[int | None, ...] = (None,),
 ) -> PreparedStep:
     """The step's arrays. With `ahead` (the lazy tokens sampled by the step launched just
     before, for this same all-decode batch) this is the step after that one: every
@@ -79,7 +80,7 @@ def prepare(
     return PreparedStep(
         input_ids=mx.array(input_ids, dtype=mx.int32) if ahead is None else ahead,
         positions=mx.array(np.concatenate(positions).astype(np.int32)),
-        meta=build_metadata(backend, pool, np.concatenate(slots), decode, prefill),
+        meta=build_metadata(backend, pool, np.concatenate(slots), decode, prefill, windows),
         samplers=samplers,
         last_index=mx.array(last, dtype=mx.int32),
     )
@@ -98,6 +99,7 @@ class ModelRunner:
         spec = model.spec
         self.pool = PoolLayout(spec.n_kv_heads, num_blocks, block_size)
         self.backend = backend or select_backend()
+        self.windows = spec.attention_windows
         shape = (spec.n_kv_heads, num_blocks * block_size, spec.head_dim)
         self.caches = [
             KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), block_size)
@@ -149,9 +151,10 @@ class ModelRunner:
             self.steps_ahead_used += 1
         else:
             self.steps_ahead_dropped += ahead is not None
-            launched = self._launch(prepare(batch, self.pool, self.backend), 0)
+            step = prepare(batch, self.pool, self.backend, windows=self.windows)
+            launched = self._launch(step, 0)
         if look_ahead:
-            step = prepare(batch, self.pool, self.backend, ahead=launched.tokens)
+            step = prepare(batch, self.pool, self.backend, launched.tokens, self.windows)
             self._ahead = _Ahead(_batch_key(batch, 1), self._launch(step, 1))
         if launched.tokens is None:
             mx.eval([(c.k, c.v) for c in self.caches])

@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from nanovllm_mlx.attention.metadata import AttentionMetadata
 from nanovllm_mlx.attention.paged import KVCache, paged_attention
-from nanovllm_mlx.models.base import CausalLM, ModelSpec
+from nanovllm_mlx.models.base import CausalLM, ModelSpec, layer_windows
 from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq, rope_type
 
 
@@ -36,7 +36,9 @@ class ModelArgs:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None
-    use_sliding_window: bool = True
+    use_sliding_window: bool | None = None  # None: Mistral slides, Qwen2 does not
+    max_window_layers: int = 0
+    layer_types: list[str] | None = None
     # GGUF files of Llama 3.1+ carry their rescaled frequencies as divisors instead of the
     # rope_scaling parameters they were computed from (tensor rope_freqs.weight).
     rope_freq_factors: list[float] | None = field(default=None, repr=False)
@@ -77,18 +79,32 @@ class ModelArgs:
         return self.attention_bias or self.model_type == "qwen2"
 
     @property
-    def context_length(self) -> int:
-        # Within the window, sliding-window attention equals full attention; capping the
-        # context there keeps every sequence inside it rather than attending too far.
-        window = self.sliding_window if self.use_sliding_window else None
-        if window and window < self.max_position_embeddings:
-            return window
-        return self.max_position_embeddings
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """transformers' rule: Mistral slides on every layer when it has a window; Qwen2
+        only with use_sliding_window, from layer max_window_layers on."""
+        types = self.layer_types
+        sliding = self.use_sliding_window
+        if sliding is None:
+            sliding = self.model_type == "mistral"
+        if types is None and sliding and self.sliding_window:
+            first = self.max_window_layers if self.model_type == "qwen2" else 0
+            types = [
+                "sliding_attention" if i >= first else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        return layer_windows(types, self.sliding_window, self.max_position_embeddings)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, rope: RotaryEmbedding, attention_factor: float):
+    def __init__(
+        self,
+        args: ModelArgs,
+        rope: RotaryEmbedding,
+        attention_factor: float,
+        window: int | None = None,
+    ):
         super().__init__()
+        self.window = window
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = hd = args.head_dim
@@ -109,7 +125,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(t, self.n_kv_heads, 1, self.head_dim)
         v = self.v_proj(x).reshape(t, self.n_kv_heads, self.head_dim)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale))
+        return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale, self.window))
 
 
 class MLP(nn.Module):
@@ -125,10 +141,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, rope: RotaryEmbedding, attention_factor: float):
+    def __init__(
+        self,
+        args: ModelArgs,
+        rope: RotaryEmbedding,
+        attention_factor: float,
+        window: int | None = None,
+    ):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.self_attn = Attention(args, rope, attention_factor)
+        self.self_attn = Attention(args, rope, attention_factor, window)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.mlp = MLP(args)
 
@@ -143,12 +165,14 @@ class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        windows = args.layer_windows or (None,) * args.num_hidden_layers
         self.spec = ModelSpec(
             n_layers=args.num_hidden_layers,
             n_kv_heads=args.num_key_value_heads,
             head_dim=args.head_dim,
-            context_length=args.context_length,
+            context_length=args.max_position_embeddings,
             vocab_size=args.vocab_size,
+            layer_windows=windows,
         )
         inv_freq, attention_factor = rope_inv_freq(
             args.head_dim,
@@ -159,9 +183,7 @@ class Model(CausalLM):
         )
         rope = RotaryEmbedding(args.head_dim, inv_freq)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [
-            DecoderLayer(args, rope, attention_factor) for _ in range(args.num_hidden_layers)
-        ]
+        self.layers = [DecoderLayer(args, rope, attention_factor, w) for w in windows]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
