@@ -5,7 +5,6 @@ from enum import Enum, auto
 
 from nanovllm_mlx.sampling_params import SamplingParams
 
-
 # A block-table entry whose block was freed because it left every layer's sliding window
 # (the block manager frees them; attention reads start past them).
 NULL_BLOCK = -1
