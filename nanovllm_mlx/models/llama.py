@@ -2,11 +2,13 @@
 
 One decoder for the family: RMSNorm, rotary embeddings in the Hugging Face "rotate half"
 layout, grouped-query attention and a SwiGLU MLP. Qwen2 differs only by biases on q/k/v.
+Architectures built on this decoder (qwen3.py, mixtral.py, qwen3_moe.py) subclass its
+ModelArgs and Attention and override Model.make_layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,7 +47,8 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict) -> ModelArgs:
-        args = cls(**{k: config[k] for k in cls.__slots__ if config.get(k) is not None})
+        names = [f.name for f in fields(cls)]
+        args = cls(**{k: config[k] for k in names if config.get(k) is not None})
         # transformers 5 writes rope_parameters (theta and scaling in one dict) instead of
         # the top-level rope_theta + rope_scaling of 4.x configs; accept both.
         rope = config.get("rope_parameters")
@@ -80,14 +83,15 @@ class ModelArgs:
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
-        """transformers' rule: Mistral slides on every layer when it has a window; Qwen2
-        only with use_sliding_window, from layer max_window_layers on."""
+        """transformers' rule: Mistral, Mixtral and Phi-3 slide on every layer when they have a
+        window; the Qwens only with use_sliding_window, from layer max_window_layers on."""
         types = self.layer_types
+        every_layer = self.model_type in ("mistral", "mixtral", "phi3")
         sliding = self.use_sliding_window
         if sliding is None:
-            sliding = self.model_type == "mistral"
+            sliding = every_layer
         if types is None and sliding and self.sliding_window:
-            first = self.max_window_layers if self.model_type == "qwen2" else 0
+            first = 0 if every_layer else self.max_window_layers
             types = [
                 "sliding_attention" if i >= first else "full_attention"
                 for i in range(self.num_hidden_layers)
@@ -124,14 +128,20 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(t, self.n_heads, 1, self.head_dim)
         k = self.k_proj(x).reshape(t, self.n_kv_heads, 1, self.head_dim)
         v = self.v_proj(x).reshape(t, self.n_kv_heads, self.head_dim)
+        q, k = self.norm_qk(q, k)
         q, k = self.rope(q, positions), self.rope(k, positions)
         return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale, self.window))
 
+    def norm_qk(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
+        """[T, H, 1, D] queries and keys before the rotation; Qwen3 normalizes them."""
+        return q, k
+
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, hidden: int | None = None):
         super().__init__()
-        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        dim, bias = args.hidden_size, args.mlp_bias
+        hidden = hidden or args.intermediate_size
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
@@ -141,18 +151,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(
-        self,
-        args: ModelArgs,
-        rope: RotaryEmbedding,
-        attention_factor: float,
-        window: int | None = None,
-    ):
+    def __init__(self, args: ModelArgs, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.self_attn = Attention(args, rope, attention_factor, window)
+        self.self_attn = self_attn
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = mlp
 
     def __call__(
         self, x: mx.array, positions: mx.array, cache: KVCache, meta: AttentionMetadata
@@ -174,6 +178,17 @@ class Model(CausalLM):
             vocab_size=args.vocab_size,
             layer_windows=windows,
         )
+        rope, attention_factor = self.make_rope(args)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [
+            self.make_layer(i, args, rope, attention_factor, w) for i, w in enumerate(windows)
+        ]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def make_rope(self, args: ModelArgs) -> tuple[RotaryEmbedding, float]:
+        """The rotation every layer shares, and its attention factor (YaRN's mscale)."""
         inv_freq, attention_factor = rope_inv_freq(
             args.head_dim,
             args.rope_theta,
@@ -181,12 +196,17 @@ class Model(CausalLM):
             args.max_position_embeddings,
             args.rope_freq_factors,
         )
-        rope = RotaryEmbedding(args.head_dim, inv_freq)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, rope, attention_factor, w) for w in windows]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        return RotaryEmbedding(args.head_dim, inv_freq), attention_factor
+
+    def make_layer(
+        self,
+        index: int,
+        args: ModelArgs,
+        rope: RotaryEmbedding,
+        attention_factor: float,
+        window: int | None,
+    ) -> DecoderLayer:
+        return DecoderLayer(args, Attention(args, rope, attention_factor, window), MLP(args))
 
     def __call__(
         self,
