@@ -49,3 +49,61 @@ def test_unsupported_gemma_softcapping_is_a_clear_error(gemma3_tiny: Path):
     config = json.loads((gemma3_tiny / "config.json").read_text())
     with pytest.raises(ValueError, match="soft-capping"):
         build_model({**config, "attn_logit_softcapping": 50.0})
+
+
+@pytest.mark.parametrize("fixture", ["mixtral_tiny", "qwen3_moe_tiny"])
+def test_quantized_experts_compute_their_dequantized_weights(
+    fixture: str, request: pytest.FixtureRequest
+):
+    """--quantize 4 turns the stacked experts into QuantizedSwitchLinear (gather_qmm); the
+    logits equal those of the float model holding the dequantized weights."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from helpers import captured_logits
+
+    from nanovllm_mlx import SamplingParams
+    from nanovllm_mlx.models.switch import QuantizedSwitchLinear
+
+    path = request.getfixturevalue(fixture)
+    small = {"kv_cache_gb": 0.02, "dtype": "float32", "enable_prefix_caching": False}
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    quantized = LLM(str(path), quantize=4, quantize_group_size=32, **small)
+    model = quantized.engine.model_runner.model
+    layers = {
+        p: m
+        for p, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))
+    }
+    assert sum(isinstance(m, QuantizedSwitchLinear) for m in layers.values()) >= 3
+    with captured_logits() as seen:
+        quantized.generate(PROMPTS, one)
+    exact = LLM(str(path), **small)
+    exact.engine.model_runner.model.update(
+        nn.utils.tree_unflatten(
+            [
+                (f"{p}.weight", mx.dequantize(m.weight, m.scales, m.biases, 32, 4))
+                for p, m in layers.items()
+            ]
+        )
+    )
+    with captured_logits() as want:
+        exact.generate(PROMPTS, one)
+    np.testing.assert_allclose(np.concatenate(seen), np.concatenate(want), atol=1e-4)
+
+
+def test_cli_ask_quantized_moe(mixtral_tiny: Path):
+    import subprocess
+
+    from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
+
+    argv = cli_argv("ask", "--quantize", "4", "-m", str(mixtral_tiny), "--no-chat")
+    result = subprocess.run(
+        [*argv, *SMALL_KV_ARGS, "--max-tokens", "4", "Hello there"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()

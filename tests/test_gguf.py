@@ -176,9 +176,11 @@ def write_gguf(
     arch: str,
     tensors: dict[str, np.ndarray],
     quant: dict[str, object] | None = None,
+    extra: dict[str, int | float] | None = None,
 ) -> Path:
-    """A GGUF with the fixture's config and GPT-2 tokenizer as metadata; tensors named in
-    `quant` are stored in that GGMLQuantizationType."""
+    """A GGUF with the fixture's config and GPT-2 tokenizer as metadata (plus `extra`
+    {arch}.KEY entries: ints as uint32, floats as float32); tensors named in `quant` are
+    stored in that GGMLQuantizationType."""
     import gguf as gg
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -201,9 +203,12 @@ def write_gguf(
     w.add_head_count_kv(config["num_key_value_heads"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
+    for key, value in (extra or {}).items():
+        add = w.add_float32 if isinstance(value, float) else w.add_uint32
+        add(f"{arch}.{key}", value)
     w.add_vocab_size(config["vocab_size"])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "gpt-2")
+    w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

@@ -67,16 +67,25 @@ def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> 
         config.update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=used)
     elif arch == "qwen3moe":
         # llama.cpp renormalizes the top-k weights of every Qwen3-MoE (norm_topk_prob).
+        # A layer without a router is a dense one (mlp_only_layers).
+        dense = [
+            i
+            for i in range(config["num_hidden_layers"])
+            if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names
+        ]
         config.update(
             num_experts=experts,
             num_experts_per_tok=used,
             moe_intermediate_size=key("expert_feed_forward_length"),
             norm_topk_prob=True,
+            mlp_only_layers=dense,
         )
     elif arch == "gemma3":
         layers = config["num_hidden_layers"]
         config.update(
             sliding_window=key("attention.sliding_window", 4096),
+            # Five sliding layers to a global one unless the file says otherwise.
+            sliding_window_pattern=key("attention.sliding_window_pattern", 6),
             # llama.cpp's rule: 27B (62 layers) scales queries by hidden / heads, the
             # others by head_dim; the file does not say.
             query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
