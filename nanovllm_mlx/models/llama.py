@@ -178,11 +178,10 @@ class Model(CausalLM):
             vocab_size=args.vocab_size,
             layer_windows=windows,
         )
-        rope, attention_factor = self.make_rope(args)
+        # Not parameters: plain attributes, which loading and casting never touch.
+        self.rope, self.attention_factor = self.make_rope(args)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [
-            self.make_layer(i, args, rope, attention_factor, w) for i, w in enumerate(windows)
-        ]
+        self.layers = [self.make_layer(i, w) for i, w in enumerate(windows)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -198,15 +197,13 @@ class Model(CausalLM):
         )
         return RotaryEmbedding(args.head_dim, inv_freq), attention_factor
 
-    def make_layer(
-        self,
-        index: int,
-        args: ModelArgs,
-        rope: RotaryEmbedding,
-        attention_factor: float,
-        window: int | None,
-    ) -> DecoderLayer:
-        return DecoderLayer(args, Attention(args, rope, attention_factor, window), MLP(args))
+    def make_layer(self, index: int, window: int | None) -> DecoderLayer:
+        """Layer `index`, attending over `window` keys (None: all); subclasses swap in
+        their attention and MLP."""
+        return DecoderLayer(self.args, self.attention(window), MLP(self.args))
+
+    def attention(self, window: int | None) -> Attention:
+        return Attention(self.args, self.rope, self.attention_factor, window)
 
     def __call__(
         self,

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from nanovllm_mlx.models import llama
-from nanovllm_mlx.models.rope import RotaryEmbedding
 from nanovllm_mlx.models.switch import SparseMoE, split_fused_experts, stack_experts
 
 # Hub names of an expert's projections -> ours.
@@ -23,14 +22,8 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Model(llama.Model):
-    def make_layer(
-        self,
-        index: int,
-        args: llama.ModelArgs,
-        rope: RotaryEmbedding,
-        attention_factor: float,
-        window: int | None,
-    ) -> llama.DecoderLayer:
+    def make_layer(self, index: int, window: int | None) -> llama.DecoderLayer:
+        args = self.args
         assert isinstance(args, ModelArgs)
         moe = SparseMoE(
             args.hidden_size,
@@ -39,7 +32,7 @@ class Model(llama.Model):
             args.num_experts_per_tok,
             normalize=True,
         )
-        return llama.DecoderLayer(args, llama.Attention(args, rope, attention_factor, window), moe)
+        return llama.DecoderLayer(args, self.attention(window), moe)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Hub layout (block_sparse_moe, experts one by one as w1/w2/w3) or transformers

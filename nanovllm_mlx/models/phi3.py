@@ -156,14 +156,6 @@ class Model(llama.Model):
             return PartialScaled(rope, args.rotary_dims, args.head_dim, factor), 1.0
         return rope, factor
 
-    def make_layer(
-        self,
-        index: int,
-        args: llama.ModelArgs,
-        rope: RotaryEmbedding,
-        attention_factor: float,
-        window: int | None,
-    ) -> llama.DecoderLayer:
-        assert isinstance(args, ModelArgs)
-        attn = Attention(args, rope, attention_factor, window)
-        return llama.DecoderLayer(args, attn, MLP(args))
+    def make_layer(self, index: int, window: int | None) -> llama.DecoderLayer:
+        attn = Attention(self.args, self.rope, self.attention_factor, window)
+        return llama.DecoderLayer(self.args, attn, MLP(self.args))

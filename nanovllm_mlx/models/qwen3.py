@@ -34,13 +34,5 @@ class Attention(llama.Attention):
 
 
 class Model(llama.Model):
-    def make_layer(
-        self,
-        index: int,
-        args: llama.ModelArgs,
-        rope: RotaryEmbedding,
-        attention_factor: float,
-        window: int | None,
-    ) -> llama.DecoderLayer:
-        attn = Attention(args, rope, attention_factor, window)
-        return llama.DecoderLayer(args, attn, llama.MLP(args))
+    def attention(self, window: int | None) -> Attention:
+        return Attention(self.args, self.rope, self.attention_factor, window)

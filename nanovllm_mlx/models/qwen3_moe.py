@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from nanovllm_mlx.models import llama, qwen3
-from nanovllm_mlx.models.rope import RotaryEmbedding
 from nanovllm_mlx.models.switch import SparseMoE, split_fused_experts, stack_experts
 
 _EXPERT_NAMES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
@@ -33,19 +32,12 @@ class ModelArgs(llama.ModelArgs):
         )
 
 
-class Model(llama.Model):
-    def make_layer(
-        self,
-        index: int,
-        args: llama.ModelArgs,
-        rope: RotaryEmbedding,
-        attention_factor: float,
-        window: int | None,
-    ) -> llama.DecoderLayer:
+class Model(qwen3.Model):
+    def make_layer(self, index: int, window: int | None) -> llama.DecoderLayer:
+        args = self.args
         assert isinstance(args, ModelArgs)
-        attn = qwen3.Attention(args, rope, attention_factor, window)
         if not args.is_sparse(index):
-            return llama.DecoderLayer(args, attn, llama.MLP(args))
+            return llama.DecoderLayer(args, self.attention(window), llama.MLP(args))
         moe = SparseMoE(
             args.hidden_size,
             args.moe_intermediate_size,
@@ -53,7 +45,7 @@ class Model(llama.Model):
             args.num_experts_per_tok,
             normalize=args.norm_topk_prob,
         )
-        return llama.DecoderLayer(args, attn, moe)
+        return llama.DecoderLayer(args, self.attention(window), moe)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Experts one by one (the Hub layout) or fused (transformers 5) -> stacked."""

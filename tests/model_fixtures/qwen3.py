@@ -8,15 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .causal_lm import build_causal_lm, decoder_config_fields
-from .tokenizer import (
-    EOT_ID,
-    GPT2_VOCAB,
-    IM_END,
-    IM_START,
-    TOKENIZER_FILES_JSON,
-    qwen2_tokenizer_config,
-    write_tokenizer,
-)
+from .qwen2 import write_qwen_tokenizer
+from .tokenizer import EOT_ID, GPT2_VOCAB
 
 
 def _qwen3_config(p: dict[str, Any], model_type: str, arch: str) -> dict[str, Any]:
@@ -55,13 +48,7 @@ def _build(out: Path, p: dict[str, Any], model_type: str, arch: str) -> None:
         generation_config={"bos_token_id": EOT_ID, "eos_token_id": [EOT_ID + 2, EOT_ID]},
         real_vocab=GPT2_VOCAB + 2,
     )
-    write_tokenizer(
-        out,
-        files=TOKENIZER_FILES_JSON,
-        config=qwen2_tokenizer_config(p["max_position_embeddings"]),
-        flavour="qwen2",
-        extra_special=(IM_START, IM_END),
-    )
+    write_qwen_tokenizer(out, p)
 
 
 def build_qwen3(out: Path, p: dict[str, Any]) -> None:

@@ -178,6 +178,36 @@ _PHI3_TINY = {
 }
 
 
+# Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
+_GEMMA3_270M_SHAPE = {
+    **_GEMMA3_TINY,
+    "hidden_size": 640,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "intermediate_size": 2048,
+    "vocab_size": 262144,
+    "max_position_embeddings": 32768,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "seed": 270,
+}
+_QWEN3_0_6B_SHAPE = {
+    **_QWEN3_TINY,
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 3072,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "seed": 600,
+}
+
+
 def _transformers_version() -> str:
     # save_pretrained output depends on it; metadata lookup avoids importing transformers.
     return importlib.metadata.version("transformers")
@@ -209,6 +239,18 @@ def recipes() -> dict[str, Recipe]:
             "gpt2-small-shape",
             gpt2.build_gpt2_hub,
             {**_GPT2_SMALL, "verify": False},
+            default=False,
+        ),
+        Recipe(
+            "gemma3-270m-shape",
+            gemma3.build_gemma3,
+            {**_GEMMA3_270M_SHAPE, "transformers": tv},
+            default=False,
+        ),
+        Recipe(
+            "qwen3-0.6b-shape",
+            qwen3.build_qwen3,
+            {**_QWEN3_0_6B_SHAPE, "transformers": tv},
             default=False,
         ),
         Recipe(
