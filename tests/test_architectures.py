@@ -27,6 +27,7 @@ PROMPTS = [random_ids(n, seed=n) for n in (70, 5, 1, 37)]
         "mixtral_tiny",  # Hub layout w1/w2/w3 experts, untied head
         "gemma3_tiny",  # 2 sliding (32) : 1 global layers, GeGLU, scaled embeddings
         "phi3_tiny",  # fused qkv/gate_up, LongRoPE (short factors), partial rotary, window 48
+        "granitemoe_tiny",  # fused Hub experts, Granite's four multipliers, tied head
     ],
 )
 def test_batched_run_matches_transformers(fixture: str, request: pytest.FixtureRequest):
@@ -51,7 +52,7 @@ def test_unsupported_gemma_softcapping_is_a_clear_error(gemma3_tiny: Path):
         build_model({**config, "attn_logit_softcapping": 50.0})
 
 
-@pytest.mark.parametrize("fixture", ["mixtral_tiny", "qwen3_moe_tiny"])
+@pytest.mark.parametrize("fixture", ["mixtral_tiny", "qwen3_moe_tiny", "granitemoe_tiny"])
 def test_quantized_experts_compute_their_dequantized_weights(
     fixture: str, request: pytest.FixtureRequest
 ):

@@ -81,6 +81,7 @@ SHORT_NAMES = {
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "phi-4-mini": "microsoft/Phi-4-mini-instruct",
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    "granite-moe-1b": "ibm-granite/granite-3.1-1b-a400m-instruct",
 }
 # Enough for the engine: config, weights, tokenizer and chat template; no PyTorch/ONNX copies.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.jinja"]

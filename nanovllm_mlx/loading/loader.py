@@ -11,7 +11,16 @@ import mlx.nn as nn
 
 from nanovllm_mlx.loading import download, gguf
 from nanovllm_mlx.loading.tokenizer import Tokenizer
-from nanovllm_mlx.models import gemma3, gpt2, llama, mixtral, phi3, qwen3, qwen3_moe
+from nanovllm_mlx.models import (
+    gemma3,
+    gpt2,
+    granitemoe,
+    llama,
+    mixtral,
+    phi3,
+    qwen3,
+    qwen3_moe,
+)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -73,6 +82,7 @@ ARCHITECTURES = {
     "phi3": phi3,
     "mixtral": mixtral,
     "qwen3_moe": qwen3_moe,
+    "granitemoe": granitemoe,
 }
 
 

@@ -212,10 +212,13 @@ class Model(CausalLM):
         caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> mx.array:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, positions, cache, meta)
         return self.norm(x)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        return self.embed_tokens(input_ids)
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:

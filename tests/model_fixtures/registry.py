@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import gemma3, gpt2, llama, mixtral, phi3, qwen2, qwen3, weights
+from . import gemma3, gpt2, granitemoe, llama, mixtral, phi3, qwen2, qwen3, weights
 from .tokenizer import GPT2_VOCAB
 
 # Bump when a builder's output changes for unchanged parameters (code changes are not hashed).
@@ -149,6 +149,17 @@ _MIXTRAL_TINY = {
     "rope_theta": 1000000.0,
     "seed": 8722,
 }
+_GRANITEMOE_TINY = {
+    **_MIXTRAL_TINY,
+    "tie_word_embeddings": True,
+    # Granite's multipliers, kept where random logits stay well separated (the real 1B's
+    # are 12, 1/64, 0.22 and 6).
+    "embedding_multiplier": 12.0,
+    "attention_multiplier": 0.125,
+    "residual_multiplier": 0.5,
+    "logits_scaling": 2.0,
+    "seed": 4004,
+}
 # Gemma 3 270M's structure at toy size: 1 KV head of head_dim larger than hidden/heads,
 # five sliding layers then a global one (6 layers), a 32-token window.
 _GEMMA3_TINY = {
@@ -234,6 +245,11 @@ def recipes() -> dict[str, Recipe]:
         ),
         Recipe("mixtral-tiny", mixtral.build_mixtral, {**_MIXTRAL_TINY, "transformers": tv}),
         Recipe("gemma3-tiny", gemma3.build_gemma3, {**_GEMMA3_TINY, "transformers": tv}),
+        Recipe(
+            "granitemoe-tiny",
+            granitemoe.build_granitemoe,
+            {**_GRANITEMOE_TINY, "transformers": tv},
+        ),
         Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
         Recipe(
             "gpt2-small-shape",
