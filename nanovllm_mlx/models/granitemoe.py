@@ -11,12 +11,11 @@ import mlx.core as mx
 
 from nanovllm_mlx.attention.metadata import AttentionMetadata
 from nanovllm_mlx.attention.paged import KVCache
-from nanovllm_mlx.models import llama
-from nanovllm_mlx.models.switch import SparseMoE, split_fused_experts
+from nanovllm_mlx.models import llama, mixtral
 
 
 @dataclass(slots=True)
-class ModelArgs(llama.ModelArgs):
+class ModelArgs(mixtral.ModelArgs):
     model_type: str = "granitemoe"
     num_local_experts: int = 32
     num_experts_per_tok: int = 8
@@ -35,24 +34,17 @@ class DecoderLayer(llama.DecoderLayer):
         return x + self.mlp(self.post_attention_layernorm(x)) * m
 
 
-class Model(llama.Model):
+class Model(mixtral.Model):
+    layer_class = DecoderLayer
+
     def attention(self, window: int | None) -> llama.Attention:
         attn = super().attention(window)
         attn.scale = self.args.attention_multiplier
         return attn
 
     def make_layer(self, index: int, window: int | None) -> llama.DecoderLayer:
-        args = self.args
-        assert isinstance(args, ModelArgs)
-        moe = SparseMoE(
-            args.hidden_size,
-            args.intermediate_size,
-            args.num_local_experts,
-            args.num_experts_per_tok,
-            normalize=True,
-        )
-        layer = DecoderLayer(args, self.attention(window), moe)
-        layer.residual_multiplier = args.residual_multiplier
+        layer = super().make_layer(index, window)
+        layer.residual_multiplier = self.args.residual_multiplier
         return layer
 
     def embed(self, input_ids: mx.array) -> mx.array:
@@ -74,4 +66,4 @@ class Model(llama.Model):
             elif key.endswith(".mlp.output_linear.weight"):
                 key = key.replace(".mlp.output_linear.weight", ".mlp.experts.down_proj")
             out[key] = value
-        return super().sanitize(split_fused_experts(out))
+        return super().sanitize(out)

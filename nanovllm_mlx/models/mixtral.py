@@ -22,6 +22,8 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Model(llama.Model):
+    layer_class = llama.DecoderLayer
+
     def make_layer(self, index: int, window: int | None) -> llama.DecoderLayer:
         args = self.args
         assert isinstance(args, ModelArgs)
@@ -32,7 +34,7 @@ class Model(llama.Model):
             args.num_experts_per_tok,
             normalize=True,
         )
-        return llama.DecoderLayer(args, self.attention(window), moe)
+        return self.layer_class(args, self.attention(window), moe)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Hub layout (block_sparse_moe, experts one by one as w1/w2/w3) or transformers
