@@ -17,8 +17,6 @@ from nanovllm_mlx.models import llama, mixtral
 @dataclass(slots=True)
 class ModelArgs(mixtral.ModelArgs):
     model_type: str = "granitemoe"
-    num_local_experts: int = 32
-    num_experts_per_tok: int = 8
     embedding_multiplier: float = 1.0
     attention_multiplier: float = 1.0  # the softmax scale, in place of head_dim ** -0.5
     residual_multiplier: float = 1.0
