@@ -27,6 +27,14 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# o200k's split (GPT-4o; Phi-4-mini's vocabulary): case runs, contractions attached.
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
     "gpt2": [_GPT2_SPLIT],
     "gpt-2": [_GPT2_SPLIT],
@@ -54,6 +62,8 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
     "deepseek-r1-qwen": [_QWEN2_SPLIT],
     "stablelm2": [_QWEN2_SPLIT],
     "megrez": [_QWEN2_SPLIT],
+    "gpt-4o": [_GPT4O_SPLIT],
+    "llama4": [_GPT4O_SPLIT],
 }
 # Qwen2's tokenizer.json NFC-normalizes first (llama.cpp does not; the original does).
 _NFC = {"qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"}
