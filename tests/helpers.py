@@ -52,6 +52,54 @@ def captured_logits() -> Iterator[list[np.ndarray]]:
         yield seen
 
 
+@contextlib.contextmanager
+def captured_logits_by_seq() -> Iterator[dict[int, list[np.ndarray]]]:
+    """Like captured_logits, but each sequence's rows apart: seq_id -> the logits of every
+    token it sampled, in order (a batched run's rows come in the engine's own order)."""
+    seen: dict[int, list[np.ndarray]] = {}
+    real = model_runner.sample
+
+    def spy(logits: mx.array, seqs: list, *args: Any, **kwargs: Any) -> Any:
+        rows = np.array(logits.astype(mx.float32))
+        for seq, row in zip(seqs, rows):
+            seen.setdefault(seq.seq_id, []).append(row)
+        return real(logits, seqs, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(model_runner, "sample", spy)
+        yield seen
+
+
+def check_batched_parity(
+    path: Path, prompts: list[list[int]], steps: int, atol: float = 1e-4, **engine: Any
+) -> None:
+    """check_parity for several prompts run as one continuous batch (engine: options such
+    as a small max_num_batched_tokens, so prefills are chunked and share steps with
+    decodes): every sequence's prefill and decode logits, and its greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(str(path), dtype="float32", **{**SMALL_KV, **engine})
+    greedy = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    with captured_logits_by_seq() as seen:
+        outs = llm.generate(prompts, greedy)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    assert sorted(seen) == list(range(len(prompts)))  # seq ids follow the prompts' order
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt + out["token_ids"]])).logits[0].numpy()
+        assert len(seen[i]) == steps
+        for step, logits in enumerate(seen[i]):
+            np.testing.assert_allclose(
+                logits,
+                ref[len(prompt) - 1 + step],
+                atol=atol,
+                rtol=1e-4,
+                err_msg=f"prompt {i}, step {step}",
+            )
+        assert out["token_ids"] == ref[len(prompt) - 1 : -1].argmax(-1).tolist(), f"prompt {i}"
+
+
 def check_parity(path: Path, prompt: list[int], steps: int, atol: float = 1e-4) -> None:
     """The engine in float32 against transformers on the whole sequence: the prefill's and
     every decode step's logits within atol (+1e-4 relative), and the same greedy tokens."""

@@ -7,7 +7,7 @@ import pytest
 
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention.gather import GatherAttention, gathered_attention, length_groups
-from nanovllm_mlx.attention.metadata import PoolLayout
+from nanovllm_mlx.attention.metadata import NULL_BLOCK, PoolLayout
 from nanovllm_mlx.attention.paged import KVCache, paged_attention
 from nanovllm_mlx.engine.scheduler import ScheduledSeq
 from nanovllm_mlx.engine.sequence import Sequence
@@ -19,17 +19,21 @@ H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 1024
 TOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
 
 
-def dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
-    """Causal attention of queries at positions start.. over keys 0..; GQA by repetition."""
+def dense(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None = None
+) -> np.ndarray:
+    """Causal attention of queries at positions start.. over keys 0.. (the last `window`
+    of them); GQA by repetition."""
     rep = H // HKV
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
     out = np.empty((q.shape[0], H, D), dtype=np.float64)
     for i in range(q.shape[0]):
         p = start + i
-        s = np.einsum("hd,thd->ht", q[i], k[: p + 1]) / np.sqrt(D)
+        lo = 0 if window is None else max(0, p - window + 1)
+        s = np.einsum("hd,thd->ht", q[i], k[lo : p + 1]) / np.sqrt(D)
         w = np.exp(s - s.max(-1, keepdims=True))
         w /= w.sum(-1, keepdims=True)
-        out[i] = np.einsum("ht,thd->hd", w, v[: p + 1])
+        out[i] = np.einsum("ht,thd->hd", w, v[lo : p + 1])
     return out.reshape(q.shape[0], H * D)
 
 
@@ -58,7 +62,10 @@ def dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray
     ],
     ids=["gather-matmul", "gather-sdpa", "cuda-kernel"],
 )
-def test_paged_matches_dense(cases: list[tuple[int, int]], backend):
+@pytest.mark.parametrize("window", [None, 5, 9])
+def test_paged_matches_dense(cases: list[tuple[int, int]], backend, window: int | None):
+    """window: a sliding-window layer's read; the blocks before each sequence's first
+    visible key are NULL_BLOCK in its table, as after the block manager freed them."""
     if backend == "cuda":
         backend = cuda_attention.CudaPagedAttention()
     rng = np.random.default_rng(0)
@@ -77,9 +84,12 @@ def test_paged_matches_dense(cases: list[tuple[int, int]], backend):
             slot = seq.block_table[p // BS] * BS + p % BS
             cache.k[:, slot] = mx.array(k[p])
             cache.v[:, slot] = mx.array(v[p])
+        if window is not None:
+            for b in range(max(0, start - window + 1) // BS):
+                seq.block_table[b] = NULL_BLOCK
         batch.append(ScheduledSeq(seq, end - start))
         data.append((q, k, v, start, end))
-    step = prepare(batch, PoolLayout(HKV, NUM_BLOCKS, BS), backend)
+    step = prepare(batch, PoolLayout(HKV, NUM_BLOCKS, BS), backend, windows=(window,))
     # Flat order: single-token entries first, shortest context first, then the others in
     # batch order.
     order = [i for i, it in enumerate(batch) if it.num_new_tokens == 1]
@@ -88,14 +98,19 @@ def test_paged_matches_dense(cases: list[tuple[int, int]], backend):
     q = np.concatenate([data[i][0][data[i][3] :] for i in order])
     k = np.concatenate([data[i][1][data[i][3] :] for i in order])
     v = np.concatenate([data[i][2][data[i][3] :] for i in order])
-    out = paged_attention(mx.array(q), mx.array(k), mx.array(v), cache, step.meta, D**-0.5)
+    out = paged_attention(
+        mx.array(q), mx.array(k), mx.array(v), cache, step.meta, D**-0.5, window
+    )
     mx.eval(out)
     got, offset = np.array(out), 0
     for i in order:
         qi, ki, vi, start, end = data[i]
         n = end - start
         np.testing.assert_allclose(
-            got[offset : offset + n], dense(qi[start:], ki, vi, start), atol=TOL, rtol=TOL
+            got[offset : offset + n],
+            dense(qi[start:], ki, vi, start, window),
+            atol=TOL,
+            rtol=TOL,
         )
         offset += n
     assert offset == got.shape[0]
@@ -125,7 +140,10 @@ def test_decode_partitions_cover_every_token_once(batch: int, context: int):
 @pytest.mark.skipif(not cuda_attention.available(), reason="needs MLX's CUDA backend")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", [(12, 12, 64), (8, 2, 128), (9, 3, 64)])
-def test_cuda_decode_kernel_matches_gather_path(dtype, n_heads: int, n_kv: int, head_dim: int):
+@pytest.mark.parametrize("window", [None, 100])
+def test_cuda_decode_kernel_matches_gather_path(
+    dtype, n_heads: int, n_kv: int, head_dim: int, window: int | None
+):
     rng = np.random.default_rng(1)
     bs, num_blocks = 16, 512
     contexts = [1, 15, 16, 17, 300, 1024, 5, 700]
@@ -150,8 +168,11 @@ def test_cuda_decode_kernel_matches_gather_path(dtype, n_heads: int, n_kv: int, 
         bs,
         scale,
         max(contexts),
+        window,
     )
-    mask = (np.arange(nb * bs)[None, :] < np.array(contexts)[:, None])[:, None, :]
+    keys, ctx = np.arange(nb * bs)[None, :], np.array(contexts)[:, None]
+    mask = (keys < ctx) & (keys >= (0 if window is None else ctx - window))
+    mask = mask[:, None, :]
     with mx.stream(mx.cpu):
         cpu_cache = KVCache(cache.k.astype(mx.float32), cache.v.astype(mx.float32), bs)
         want = gathered_attention(

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from nanovllm_mlx.engine.block_manager import BlockManager, block_hash
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.sequence import NULL_BLOCK, Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
 
 BS = 4
@@ -194,3 +194,77 @@ def test_the_cached_count_follows_every_operation():
                 live.append(s)
         recount = sum(1 for b in bm.free_block_ids if bm.blocks[b].hash is not None)
         assert bm.stats().cached == recount, i
+
+
+# ------------------------------------------------------------------ sliding windows
+
+
+def advance(bm: BlockManager, s: Sequence, n: int) -> int:
+    """n more tokens computed, as postprocess does: commit, then free what left the window."""
+    s.num_computed_tokens += n
+    bm.commit(s)
+    return bm.free_out_of_window(s)
+
+
+def test_blocks_out_of_every_window_are_freed_as_the_sequence_advances():
+    bm = BlockManager(16, BS, sliding_window=6)
+    s = seq(list(range(20)))
+    bm.allocate(s)
+    table = list(s.block_table)
+    # After 9 tokens the next query (position 9) sees keys 4..9: block 0 (keys 0-3) is out.
+    assert advance(bm, s, 9) == 1
+    assert s.block_table[0] == NULL_BLOCK and s.block_table[1:] == table[1:]
+    assert bm.num_free_blocks == 16 - 5 + 1
+    assert advance(bm, s, 0) == 0  # nothing new: idempotent
+    # Position 20 sees 15..20: blocks 0-2 (keys 0-11) are out, block 3 (12-15) is not.
+    assert advance(bm, s, 11) == 2
+    assert s.block_table[:3] == [NULL_BLOCK] * 3 and s.block_table[3:] == table[3:]
+    bm.free(s)
+    assert bm.num_free_blocks == 16 and s.num_freed_blocks == 0
+
+
+def test_a_window_wider_than_the_sequence_frees_nothing_and_no_window_never_frees():
+    for window in (None, 64):
+        bm = BlockManager(16, BS, sliding_window=window)
+        s = seq(list(range(40)))
+        bm.allocate(s)
+        assert advance(bm, s, 40) == 0 and NULL_BLOCK not in s.block_table
+
+
+def test_freed_window_blocks_stay_valid_prefix_cache_entries_until_reused():
+    bm = BlockManager(16, BS, sliding_window=4)
+    a = seq(list(range(13)), 0)
+    bm.allocate(a)
+    advance(bm, a, 13)  # position 13 sees 10..13: blocks 0 and 1 freed, hashes kept
+    assert a.block_table[:2] == [NULL_BLOCK] * 2
+    # Another request with the same prompt reuses their K/V (still in the pool).
+    b = seq(list(range(13)), 1)
+    bm.allocate(b)
+    assert b.num_cached_tokens == 12 and b.block_table[2] == a.block_table[2]
+    bm.free(b)
+    bm.free(a)
+    # Once a freed block is handed to other data, the chain through it is gone.
+    c = seq([99] * 56, 2)  # 14 blocks: every free block but the last two freed
+    bm.allocate(c)
+    bm.free(c)
+    d = seq(list(range(13)), 3)
+    bm.allocate(d)
+    assert d.num_cached_tokens == 0
+
+
+def test_chunked_prefill_frees_between_chunks_and_preemption_resets():
+    bm = BlockManager(32, BS, sliding_window=5)
+    s = seq(list(range(40)))
+    bm.allocate(s)
+    assert advance(bm, s, 16) == 3  # the next chunk starts at 16 and needs keys from 12
+    assert advance(bm, s, 16) == 4
+    assert s.num_freed_blocks == 7
+    bm.free(s)  # preempted: recomputed from scratch later
+    assert bm.num_free_blocks == 32 and s.block_table == []
+    bm.allocate(s)
+    assert NULL_BLOCK not in s.block_table and s.num_freed_blocks == 0
+
+
+def test_sliding_window_must_be_positive():
+    with pytest.raises(ValueError, match="sliding_window"):
+        BlockManager(4, BS, sliding_window=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -123,10 +124,11 @@ def spawn(*args: str) -> pexpect.spawn:
     return spawn_cli(*args, width=200, timeout=120)
 
 
-def slow_prefill(smollm2_gguf: Path) -> list[str]:
+def slow_prefill(smollm2_gguf: Path, step_tokens: int = 32) -> list[str]:
     # 32 tokens a step on the 30-layer default model: a ~1,000-token prompt takes many
     # steps, each well under a second.
-    return ["-m", str(smollm2_gguf), "--max-num-batched-tokens", "32", "--max-model-len", "2048"]
+    return ["-m", str(smollm2_gguf), "--max-num-batched-tokens", str(step_tokens),
+            "--max-model-len", "2048"]  # fmt: skip
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
@@ -146,16 +148,16 @@ def test_ask_shows_prefill_progress_and_ctrl_c_ends_it_promptly(smollm2_gguf: Pa
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 def test_chat_a_second_ctrl_c_during_a_prefill_exits(smollm2_gguf: Path):
-    child = spawn("chat", *slow_prefill(smollm2_gguf))
+    child = spawn("chat", *slow_prefill(smollm2_gguf, step_tokens=256))
     child.expect_exact(">>> ")
     child.sendline(LONG_PROMPT[:3000])  # a terminal line holds at most 4,095 characters
     child.expect(r"prefilling the prompt: [\d,]+/[\d,]+ tokens")
-    child.sendintr()
-    # A person's second press: a separate write to the terminal (two ^C in one write are
-    # one interrupt: the line discipline flushes its input on the first). Both may still
-    # land within one engine step, which used to count as one press.
-    time.sleep(0.1)
-    child.sendintr()
+    # Two presses 50 ms apart, as the signals a terminal sends: both land within one
+    # engine step (~2 s at this step size), which used to count as one press. (Two at
+    # once would be one: the kernel merges a signal still pending.)
+    os.kill(child.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.kill(child.pid, signal.SIGINT)
     child.expect(pexpect.EOF, timeout=30)
     child.close()
     assert child.exitstatus == 130, ANSI.sub("", child.before or "")

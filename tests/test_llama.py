@@ -66,11 +66,48 @@ def test_batched_prompts_at_different_positions_match_alone(llama3_tiny: Path):
         assert out["token_ids"] == llm.generate([prompt], GREEDY)[0]["token_ids"]
 
 
-def test_mistral_sliding_window_caps_the_context(llama_tiny: Path, tmp_path: Path):
-    path = _with_config(llama_tiny, tmp_path / "m", model_type="mistral", sliding_window=128)
-    llm = LLM(str(path), **SMALL)
-    assert llm.engine.max_model_len == 128
-    assert len(llm.generate([random_ids(20)], GREEDY)[0]["token_ids"]) == STEPS
+def _mistral(llama_tiny: Path, tmp_path: Path, window: int = 32) -> Path:
+    return _with_config(
+        llama_tiny,
+        tmp_path / "mistral",
+        model_type="mistral",
+        architectures=["MistralForCausalLM"],
+        sliding_window=window,
+    )
+
+
+def test_mistral_sliding_window_matches_transformers_past_the_window(
+    llama_tiny: Path, tmp_path: Path
+):
+    # An 80-token prompt, 2.5 windows long: every layer must stop attending 32 keys back.
+    path = _mistral(llama_tiny, tmp_path)
+    check_parity(path, random_ids(80), STEPS)
+    assert LLM(str(path), **SMALL).engine.max_model_len == 512  # no cap at the window
+
+
+def test_mistral_frees_the_blocks_that_leave_the_window(llama_tiny: Path, tmp_path: Path):
+    """Chunked prefill and decode free what no layer can see; the output is the same as
+    with every block kept (a window as wide as the context), and a repeated prompt still
+    hits the prefix cache."""
+    path = _mistral(llama_tiny, tmp_path)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompt = random_ids(200, seed=3)
+    llm = LLM(str(path), max_num_batched_tokens=64, **SMALL)
+    engine = llm.engine
+    assert engine.block_manager.sliding_window == 32
+    engine.add_request(prompt, params)
+    used, tokens = [], []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += out.token_ids
+        used.append(engine.block_manager.stats().used)
+    # 13 blocks at admission, 2 of them freed after the first 64-token chunk; while
+    # decoding, the window's 32 keys span at most 3 blocks.
+    assert used[0] == 11 and max(used[4:]) <= 3, used
+    again = llm.generate([prompt], params)[0]
+    assert again["token_ids"] == tokens and again["num_cached_tokens"] > 0
+    full = _mistral(llama_tiny, tmp_path / "full", window=4096)  # wider than the context
+    assert LLM(str(full), **SMALL).generate([prompt], params)[0]["token_ids"] != tokens
 
 
 @pytest.mark.parametrize(

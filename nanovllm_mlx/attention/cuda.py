@@ -15,6 +15,7 @@ this kernel against it on CUDA. NANOVLLM_PAGED_KERNEL=0 turns the kernel off.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import mlx.core as mx
@@ -35,7 +36,10 @@ _PARTIAL = """
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ctx = context_lens[b];
     const int part_size = params[0];
-    const int start = part * part_size;
+    // A sliding-window layer (params[1] = W > 0) reads only keys [ctx - W, ctx); the
+    // partitions tile that span, so blocks before it (maybe freed) are never touched.
+    const int lo = params[1] > 0 ? max(0, ctx - params[1]) : 0;
+    const int start = lo + part * part_size;
     const int end = min(start + part_size, ctx);
     const int nb = block_tables_shape[1];
     const long slots = k_pool_shape[1];
@@ -151,6 +155,14 @@ def _scalar(value: float | int, dtype: mx.Dtype) -> mx.array:
     return mx.array([value], dtype=dtype)
 
 
+@lru_cache(maxsize=256)
+def _params(part_size: int, window: int) -> mx.array:
+    # Runtime inputs, not template constants: every new value of a template compiles the
+    # kernel anew (NVRTC, ~1 s), and the partition size changes with the context. Created
+    # with its data, like _scalar, so that a compiled step may capture it.
+    return mx.array([part_size, window], dtype=mx.int32)
+
+
 def num_partitions(batch: int, n_heads: int, max_context: int) -> tuple[int, int]:
     """(partitions per sequence, tokens per partition) for a decode batch."""
     wanted = max(1, -(-TARGET_BLOCKS // (batch * n_heads)))
@@ -168,11 +180,14 @@ def paged_decode(
     block_size: int,
     scale: float,
     max_context: int,
+    window: int | None = None,
 ) -> mx.array:
-    """q [B, H, D] against each sequence's context_lens[b] keys -> [B, H, D]."""
+    """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
+    them for a sliding-window layer) -> [B, H, D]."""
     b, n_heads, head_dim = q.shape
     n_kv = k_pool.shape[0]
-    parts, size = num_partitions(b, n_heads, max_context)
+    span = max_context if window is None else min(max_context, window)
+    parts, size = num_partitions(b, n_heads, span)
     partial, merge = _kernels()
     template = [("T", q.dtype), ("D", head_dim), ("BS", block_size), ("G", n_heads // n_kv)]
     part_out, part_m, part_l = partial(
@@ -183,9 +198,7 @@ def paged_decode(
             block_tables,
             context_lens,
             _scalar(float(scale), mx.float32),
-            # A runtime input, not a template constant: every new value of a template
-            # compiles the kernel anew (NVRTC, ~1 s), and the size changes with the context.
-            _scalar(size, mx.int32),
+            _params(size, window or 0),
         ],
         template=template + [("WARPS", WARPS)],
         grid=(32 * WARPS * parts, n_heads, b),
@@ -204,20 +217,32 @@ def paged_decode(
     return out
 
 
+@dataclass(slots=True)
+class DecodePlan:
+    block_tables: mx.array  # [Bd, nb]
+    context_lens: mx.array  # [Bd]
+    max_context: int
+    window: int | None = None
+
+
+
 class CudaPagedAttention(GatherAttention):
     """Decode through the kernel above; prefill through the gather path with fused SDPA.
 
-    The decode plan is two arrays, its structure set by the batch size and the table width
-    alone: the same plan serves eager steps and a compiled step traced once per shape."""
+    An eager step's plan knows its longest context and its window; a compiled step's
+    (plan_decode_uniform) is two arrays whose shapes alone set everything, as a trace must."""
 
     name = "cuda-paged"
 
     def __init__(self) -> None:
         super().__init__(fused=True)
 
-    def plan_decode(self, entries: DecodeEntries, pool: PoolLayout) -> dict[str, mx.array]:
-        width = pool.num_table_blocks(int(entries.context_lens.max()))
-        return self.plan_decode_uniform(entries, pool, width)
+    def plan_decode(
+        self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
+    ) -> DecodePlan:
+        max_context = int(entries.context_lens.max())
+        tables = block_tables(entries.block_tables, pool.num_table_blocks(max_context))
+        return DecodePlan(mx.array(tables), mx.array(entries.context_lens), max_context, window)
 
     def plan_decode_uniform(
         self, entries: DecodeEntries, pool: PoolLayout, width: int
@@ -226,12 +251,21 @@ class CudaPagedAttention(GatherAttention):
         return {"tables": mx.array(tables), "context": mx.array(entries.context_lens)}
 
     def decode(
-        self, q: mx.array, cache: KVCache, plan: dict[str, mx.array], scale: float
+        self, q: mx.array, cache: KVCache, plan: DecodePlan | dict[str, mx.array], scale: float
     ) -> mx.array:
-        tables = plan["tables"]
-        # Partitions cover the table's capacity (less than a block past the longest
-        # context): empty ones exit at once, and the count depends on shapes only.
-        capacity = tables.shape[1] * cache.block_size
+        if isinstance(plan, dict):
+            # Partitions cover the table's capacity (less than a block past the longest
+            # context): empty ones exit at once, and the count depends on shapes only.
+            tables = plan["tables"]
+            plan = DecodePlan(tables, plan["context"], tables.shape[1] * cache.block_size)
         return paged_decode(
-            q, cache.k, cache.v, tables, plan["context"], cache.block_size, scale, capacity
+            q,
+            cache.k,
+            cache.v,
+            plan.block_tables,
+            plan.context_lens,
+            cache.block_size,
+            scale,
+            plan.max_context,
+            plan.window,
         )

@@ -20,6 +20,8 @@ from nanovllm_mlx.attention.metadata import (
     PoolLayout,
     PrefillEntries,
     block_tables,
+    decode_spans,
+    first_visible_key,
 )
 from nanovllm_mlx.attention.paged import KVCache
 
@@ -63,9 +65,9 @@ def length_groups(context: np.ndarray, block_size: int) -> list[tuple[int, int]]
     return groups
 
 
-def _decode_mask(context: np.ndarray, block_size: int) -> mx.array:
-    keys = np.arange(-(-int(context.max()) // block_size) * block_size)
-    return mx.array((keys[None, :] < context[:, None])[:, None, :])
+def _decode_mask(lo: np.ndarray, hi: np.ndarray, block_size: int) -> mx.array:
+    keys = np.arange(-(-int(hi.max()) // block_size) * block_size)
+    return mx.array(((keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]))[:, None])
 
 
 def read_blocks(pool: mx.array, rows: mx.array, batch: int, block_size: int) -> mx.array:
@@ -127,40 +129,54 @@ class GatherAttention:
     def __init__(self, fused: bool):
         self.fused = fused
 
-    def plan_decode(self, entries: DecodeEntries, pool: PoolLayout) -> list[DecodeGroup]:
-        context = entries.context_lens
+    def plan_decode(
+        self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
+    ) -> list[DecodeGroup]:
         bs = pool.block_size
-        tables = block_tables(entries.block_tables, pool.num_table_blocks(int(context.max())))
-        return [
-            DecodeGroup(
-                start,
-                end,
-                pool.block_rows(tables[start:end, : pool.num_table_blocks(int(context[end - 1]))]),
-                _decode_mask(context[start:end], bs) if end - start > 1 else None,
-                int(context[start]) if end - start == 1 else None,
-            )
-            for start, end in length_groups(context, bs)
-        ]
+        spans = decode_spans(entries.context_lens, bs, window)
+        tables = block_tables(
+            entries.block_tables, pool.num_table_blocks(int(spans.hi.max())), spans.first_block
+        )
+        groups = []
+        for start, end in length_groups(spans.hi, bs):
+            lo, hi = spans.lo[start:end], spans.hi[start:end]
+            # One sequence that sees all its keys reads the first `length` of them, unmasked.
+            whole = end - start == 1 and lo[0] == 0
+            rows = pool.block_rows(tables[start:end, : pool.num_table_blocks(int(hi.max()))])
+            mask = None if whole else _decode_mask(lo, hi, bs)
+            groups.append(DecodeGroup(start, end, rows, mask, int(hi[0]) if whole else None))
+        return groups
 
-    def plan_prefill(self, entries: PrefillEntries, pool: PoolLayout) -> PrefillPlan:
+    def plan_prefill(
+        self, entries: PrefillEntries, pool: PoolLayout, window: int | None = None
+    ) -> PrefillPlan:
         lengths = entries.lengths
         bp, lq = len(lengths), max(lengths)
+        bs = pool.block_size
+        starts = np.array(entries.starts, dtype=np.int64)
+        # Each chunk is read from the block holding its first query's first visible key.
+        first = first_visible_key(starts, window) // bs
+        base = first * bs
         q_index = np.zeros((bp, lq), dtype=np.int32)
-        # Padding queries sit at position 0 and see key 0, so no row is fully masked.
+        # Padding queries repeat the chunk's last position, so no row is fully masked.
         q_pos = np.zeros((bp, lq), dtype=np.int64)
         out_index, offset = [], 0
         for b, (start, n) in enumerate(zip(entries.starts, lengths)):
             q_index[b, :n] = np.arange(offset, offset + n)
             q_pos[b, :n] = np.arange(start, start + n)
+            q_pos[b, n:] = start + n - 1
             out_index.append(np.arange(b * lq, b * lq + n))
             offset += n
-        context = max(start + n for start, n in zip(entries.starts, lengths))
-        tables = block_tables(entries.block_tables, pool.num_table_blocks(context))
-        keys = np.arange(tables.shape[1] * pool.block_size)
+        context = int((starts + np.array(lengths) - base).max())
+        tables = block_tables(entries.block_tables, pool.num_table_blocks(context), first)
+        keys = base[:, None, None] + np.arange(tables.shape[1] * bs)[None, None, :]
+        mask = keys <= q_pos[:, :, None]
+        if window is not None:
+            mask &= keys > q_pos[:, :, None] - window
         return PrefillPlan(
             q_index=mx.array(q_index),
             rows=pool.block_rows(tables),
-            mask=mx.array(keys[None, None, :] <= q_pos[:, :, None]),
+            mask=mx.array(mask),
             out_index=mx.array(np.concatenate(out_index).astype(np.int32)),
         )
 

@@ -6,19 +6,32 @@ as [n_kv_heads * slots, head_dim] a token's K/V row for head h is h * slots + sl
 viewed as [n_kv_heads * num_blocks, block_size * head_dim] a whole block is one row.
 Flat tokens are ordered decode tokens first (one per sequence), then the prefill chunks
 one sequence after another.
+
+A sliding-window layer (window W) lets the query at position p see keys (p - W, p]. Its
+reads start at the block holding the first visible key, so blocks before it are never read
+(and may have been freed: block tables then hold NULL_BLOCK there).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
+from nanovllm_mlx.engine.sequence import NULL_BLOCK  # noqa: F401  (re-exported for backends)
+
 if TYPE_CHECKING:
     from nanovllm_mlx.attention.gather import PrefillPlan
     from nanovllm_mlx.attention.paged import AttentionBackend
+
+
+def first_visible_key(position: np.ndarray, window: int | None) -> np.ndarray:
+    """The first key position a query at `position` sees: 0, or position - W + 1."""
+    if window is None:
+        return np.zeros_like(position)
+    return np.maximum(position - window + 1, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +67,34 @@ class PoolLayout:
         return -(-context // self.block_size)
 
 
-def block_tables(tables: list[list[int]], num_blocks: int) -> np.ndarray:
-    """Sequences' block tables as one [B, num_blocks] array. Padding entries point at
-    block 0; a mask (or the context length) hides them."""
+def block_tables(
+    tables: list[list[int]], num_blocks: int, first: np.ndarray | None = None
+) -> np.ndarray:
+    """Sequences' block tables as one [B, num_blocks] array, sequence i's starting at its
+    block first[i] (default 0). Padding and freed (NULL_BLOCK) entries point at block 0; a
+    mask (or the context length) hides them."""
     out = np.zeros((len(tables), num_blocks), dtype=np.int32)
     for i, table in enumerate(tables):
-        table = table[:num_blocks]
+        table = table[0 if first is None else int(first[i]) :][:num_blocks]
         out[i, : len(table)] = table
-    return out
+    return np.maximum(out, 0)
+
+
+@dataclass(slots=True)
+class KeySpans:
+    """What each query row reads, relative to the first block read for its sequence."""
+
+    first_block: np.ndarray  # [B] table index of the first block read
+    lo: np.ndarray  # [B] first visible key, counted from that block's first slot
+    hi: np.ndarray  # [B] one past the last key (decode: the context length), likewise
+
+
+def decode_spans(context_lens: np.ndarray, block_size: int, window: int | None) -> KeySpans:
+    """Keys of decode queries at positions context - 1: all of them, or the last W."""
+    lo = first_visible_key(context_lens - 1, window)
+    first = lo // block_size
+    base = first * block_size
+    return KeySpans(first, lo - base, context_lens - base)
 
 
 @dataclass(slots=True)
@@ -88,5 +121,12 @@ class AttentionMetadata:
     backend: AttentionBackend
     write_rows: mx.array  # [T * Hkv] pool row of each new K/V row (PoolLayout.write_rows)
     num_decode: int  # the first num_decode flat tokens are single-token decodes
-    decode: Any = None  # the backend's plan for them
+    decode: Any = None  # the backend's plan for them (full attention)
     prefill: PrefillPlan | None = None
+    # window -> (decode plan, prefill plan) for the sliding-window layers' reads
+    windowed: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+
+    def plans(self, window: int | None) -> tuple[Any, Any]:
+        if window is None:
+            return self.decode, self.prefill
+        return self.windowed[window]

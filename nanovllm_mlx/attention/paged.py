@@ -60,16 +60,21 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def plan_decode(self, entries: DecodeEntries, pool: PoolLayout) -> Any: ...
+    def plan_decode(
+        self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
+    ) -> Any: ...
 
     def plan_decode_uniform(
         self, entries: DecodeEntries, pool: PoolLayout, width: int
     ) -> dict[str, mx.array]:
         """A decode plan of arrays alone whose shapes are set by the batch size and the
-        table width (`width` blocks each): what a compiled decode step takes."""
+        table width (`width` blocks each), full attention: what a compiled decode step
+        takes (models with sliding windows run eager)."""
         ...
 
-    def plan_prefill(self, entries: PrefillEntries, pool: PoolLayout) -> Any: ...
+    def plan_prefill(
+        self, entries: PrefillEntries, pool: PoolLayout, window: int | None = None
+    ) -> Any: ...
 
     def decode(self, q: mx.array, cache: KVCache, plan: Any, scale: float) -> mx.array:
         """q [Bd, H, D] -> [Bd, H, D] (or any shape of the same size in that order)"""
@@ -86,32 +91,51 @@ def build_metadata(
     slots: np.ndarray,
     decode: DecodeEntries | None,
     prefill: PrefillEntries | None,
+    windows: tuple[int | None, ...] = (None,),
 ) -> AttentionMetadata:
-    """slots: [T] the cache slot of every flat token, in flat order."""
+    """slots: [T] the cache slot of every flat token, in flat order. windows: the distinct
+    attention windows of the model's layers (None: full attention), one plan each."""
+
+    def plans(window: int | None) -> tuple[Any, Any]:
+        return (
+            None if decode is None else backend.plan_decode(decode, pool, window),
+            None if prefill is None else backend.plan_prefill(prefill, pool, window),
+        )
+
+    full = plans(None) if None in windows else (None, None)
     return AttentionMetadata(
         backend=backend,
         write_rows=pool.write_rows(slots),
         num_decode=0 if decode is None else len(decode.context_lens),
-        decode=None if decode is None else backend.plan_decode(decode, pool),
-        prefill=None if prefill is None else backend.plan_prefill(prefill, pool),
+        decode=full[0],
+        prefill=full[1],
+        windowed={w: plans(w) for w in windows if w is not None},
     )
 
 
 def paged_attention(
-    q: mx.array, k: mx.array, v: mx.array, cache: KVCache, meta: AttentionMetadata, scale: float
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    cache: KVCache,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
 ) -> mx.array:
     """q [T, H, D], k/v [T, Hkv, D] of this step's tokens -> output [T, H * D].
 
-    Writes k/v into the cache first, then reads each sequence's whole context back through
-    its block table, so a chunk sees its cached prefix, earlier chunks and itself alike.
+    Writes k/v into the cache first, then reads each sequence's context back through its
+    block table (all of it, or its last `window` keys), so a chunk sees its cached prefix,
+    earlier chunks and itself alike.
     """
     t, n_heads, head_dim = q.shape
     cache.write(k, v, meta.write_rows)
+    decode_plan, prefill_plan = meta.plans(window)
     outputs = []
     d = meta.num_decode
     if d:
-        o = meta.backend.decode(q[:d], cache, meta.decode, scale)
+        o = meta.backend.decode(q[:d], cache, decode_plan, scale)
         outputs.append(o.reshape(d, n_heads * head_dim))
     if d < t:
-        outputs.append(meta.backend.prefill(q[d:], cache, meta.prefill, scale))
+        outputs.append(meta.backend.prefill(q[d:], cache, prefill_plan, scale))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)

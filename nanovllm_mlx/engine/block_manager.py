@@ -4,6 +4,11 @@ Blocks are reference-counted: a prefix-cache hit or a fork (the choices of an n 
 request) shares a block instead of computing it again. A sequence about to write into a
 block it shares gets its own copy first (copy-on-write): the block manager picks the copy
 and queues (source, copy) for the engine, which copies the K/V before the step runs.
+
+For a model whose every layer attends over a sliding window (Mistral, Phi-3), the blocks
+that fall out of the window of a sequence's next query are freed as it advances, as vLLM
+does: their table entries become NULL_BLOCK, and attention never reads them. A model with
+any full-attention layer (Gemma 3) keeps all its blocks.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.sequence import NULL_BLOCK, Sequence
 
 
 def block_hash(token_ids: list[int], prev_hash: int | None) -> int:
@@ -54,10 +59,19 @@ class BlockStats:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Insertion-ordered: blocks freed longest ago are reused first, so recently freed
@@ -224,13 +238,15 @@ class BlockManager:
         """Give child every block of parent, shared: a choice of an n > 1 request starts
         from its prompt's K/V instead of computing them again."""
         assert not child.block_table, f"sequence {child.seq_id} already has blocks"
-        for block_id in parent.block_table:
+        held = [block_id for block_id in parent.block_table if block_id != NULL_BLOCK]
+        for block_id in held:
             self._share(self.blocks[block_id])
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_cached_tokens = parent.num_cached_tokens
-        self.num_forked += len(parent.block_table)
+        child.num_freed_blocks = parent.num_freed_blocks
+        self.num_forked += len(held)
 
     def commit(self, seq: Sequence) -> None:
         """Publish the hashes of full blocks whose K/V are now computed.
@@ -250,10 +266,32 @@ class BlockManager:
             self.hash_to_block[h] = block.block_id
             seq.block_hashes.append(h)
 
+    def free_out_of_window(self, seq: Sequence) -> int:
+        """Free the blocks no query of seq can see any more: those wholly before the window
+        of its next position (num_computed_tokens). Returns how many were freed. Only for
+        an all-sliding model; the rest of the table keeps its indices.
+
+        Call after commit(): a freed block's hash is already published, and it stays in the
+        prefix cache (its K/V are what any sequence with this prefix computes there)."""
+        if self.sliding_window is None:
+            return 0
+        first_key = seq.num_computed_tokens - self.sliding_window + 1
+        end = min(max(first_key, 0) // self.block_size, len(seq.block_table))
+        for i in range(seq.num_freed_blocks, end):
+            # It keeps its hash: its K/V stay valid for any sequence with the same prefix
+            # until the block is reused.
+            self._release(self.blocks[seq.block_table[i]])
+            seq.block_table[i] = NULL_BLOCK
+        freed = max(0, end - seq.num_freed_blocks)
+        seq.num_freed_blocks = max(seq.num_freed_blocks, end)
+        return freed
+
     def free(self, seq: Sequence) -> None:
         # Tail blocks are freed first so they are evicted before the shared prefix blocks.
         for block_id in reversed(seq.block_table):
-            self._release(self.blocks[block_id])
+            if block_id != NULL_BLOCK:
+                self._release(self.blocks[block_id])
         seq.block_table.clear()
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
+        seq.num_freed_blocks = 0

@@ -60,7 +60,10 @@ class ModelRunner:
         self.scratch_block = num_blocks
         self.pool = PoolLayout(spec.n_kv_heads, num_blocks + 1, block_size)
         self.backend = backend or select_backend()
-        self.compile_decode = compile_decode
+        self.windows = spec.attention_windows  # one attention plan per distinct window
+        # A compiled step's plan is full attention (plan_decode_uniform): sliding-window
+        # models run eager.
+        self.compile_decode = compile_decode and self.windows == (None,)
         # Tensor parallelism: the layers all_sum across ranks, and every rank must finish
         # the same collectives in the same order whatever happens after (a sampler that
         # raises on rank 0 must not leave the others waiting), so each forward is
@@ -113,7 +116,7 @@ class ModelRunner:
         """The logits of every token of one entry (not only its last), its K/V written:
         the prompt-logprobs pass (engine/prompt_logprobs.py). Evaluated whole, as every
         forward that a tensor-parallel group runs together must be."""
-        step = prepare([item], self.pool, self.backend)
+        step = prepare([item], self.pool, self.backend, windows=self.windows)
         hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
         mx.eval(hidden, [(c.k, c.v) for c in self.caches])
         return self.model.logits(hidden)
@@ -121,7 +124,7 @@ class ModelRunner:
     def run_forward(self, batch: list[ScheduledSeq]) -> None:
         """The step's forward and cache writes, without logits or sampling: what the other
         ranks of a tensor-parallel group run while rank 0 samples."""
-        step = prepare(batch, self.pool, self.backend)
+        step = prepare(batch, self.pool, self.backend, windows=self.windows)
         hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
         mx.eval(hidden, [(c.k, c.v) for c in self.caches])
 
@@ -147,7 +150,7 @@ class ModelRunner:
             step = prepare_decode(batch, self.pool, self.backend, self.scratch_block, ahead)
             self.decode_buckets.add(_bucket_key(step))
             return step
-        return prepare(batch, self.pool, self.backend, ahead)
+        return prepare(batch, self.pool, self.backend, ahead, self.windows)
 
     def _launch(self, step: PreparedStep, output_offset: int) -> _Launched:
         """Build the step's graph and start it on the device without waiting."""

@@ -137,6 +137,7 @@ class Scheduler:
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit(item.seq)
+            self.block_manager.free_out_of_window(item.seq)
         for item, token in zip(samplers, sampled):
             item.seq.token_ids.append(token)
         return [item.seq for item in samplers]

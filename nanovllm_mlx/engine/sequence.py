@@ -9,6 +9,10 @@ from nanovllm_mlx.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from nanovllm_mlx.engine.structured import Constraint
 
+# A block-table entry whose block was freed because it left every layer's sliding window
+# (the block manager frees them; attention reads start past them).
+NULL_BLOCK = -1
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -36,6 +40,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    # Leading block-table entries freed because they left every layer's sliding window.
+    num_freed_blocks: int = 0
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: str | None = None

@@ -95,7 +95,9 @@ def build(config: Config) -> Parts:
     return Parts(
         loaded=loaded,
         max_model_len=context,
-        block_manager=BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+        block_manager=BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, spec.sliding_window
+        ),
         runner=runner,
         max_num_batched_tokens=budget,
         async_scheduling=look_ahead and not tp,

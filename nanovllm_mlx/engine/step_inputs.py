@@ -39,10 +39,12 @@ def prepare(
     pool: PoolLayout,
     backend: AttentionBackend,
     ahead: mx.array | None = None,
+    windows: tuple[int | None, ...] = (None,),
 ) -> PreparedStep:
-    """The step's arrays. With `ahead` (the lazy tokens sampled by the step launched just
-    before, for this same all-decode batch) this is the step after that one: every
-    sequence one position further, fed the token not yet read back."""
+    """The step's arrays; `windows`: the model's distinct attention windows (None: full
+    attention), one attention plan each. With `ahead` (the lazy tokens sampled by the
+    step launched just before, for this same all-decode batch) this is the step after
+    that one: every sequence one position further, fed the token not yet read back."""
     shift = 0 if ahead is None else 1
     # Single-token entries (decodes, and prompts with one token left) share the cheap
     # decode read; the rest form the prefill chunks. Decodes go shortest context first,
@@ -77,7 +79,7 @@ def prepare(
     return PreparedStep(
         input_ids=mx.array(input_ids, dtype=mx.int32) if ahead is None else ahead,
         positions=mx.array(np.concatenate(positions).astype(np.int32)),
-        meta=build_metadata(backend, pool, np.concatenate(slots), decode, prefill),
+        meta=build_metadata(backend, pool, np.concatenate(slots), decode, prefill, windows),
         samplers=samplers,
         last_index=mx.array(last, dtype=mx.int32),
     )

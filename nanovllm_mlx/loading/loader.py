@@ -12,7 +12,16 @@ import mlx.nn as nn
 from nanovllm_mlx.loading import download, gguf
 from nanovllm_mlx.loading.quantize import dequantize_model, quantize_like, quantize_model
 from nanovllm_mlx.loading.tokenizer import Tokenizer
-from nanovllm_mlx.models import gpt2, llama
+from nanovllm_mlx.models import (
+    gemma3,
+    gpt2,
+    granitemoe,
+    llama,
+    mixtral,
+    phi3,
+    qwen3,
+    qwen3_moe,
+)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -67,16 +76,31 @@ def read_safetensors(path: Path) -> tuple[dict[str, mx.array], bool]:
     return weights, formats == {"mlx"}
 
 
+# config.json's model_type -> the module holding its ModelArgs and Model.
+ARCHITECTURES = {
+    "gpt2": gpt2,
+    "llama": llama,
+    "mistral": llama,
+    "qwen2": llama,
+    "qwen3": qwen3,
+    "gemma3": gemma3,  # the multimodal checkpoint: its text model only
+    "gemma3_text": gemma3,
+    "phi3": phi3,
+    "mixtral": mixtral,
+    "qwen3_moe": qwen3_moe,
+    "granitemoe": granitemoe,
+}
+
+
 def build_model(config: dict) -> nn.Module:
     """The architecture named by config.json's model_type, with random weights."""
     model_type = config.get("model_type")
-    if model_type == "gpt2":
-        return gpt2.Model(gpt2.ModelArgs.from_dict(config))
-    if model_type in ("llama", "mistral", "qwen2"):
-        return llama.Model(llama.ModelArgs.from_dict(config))
-    raise ValueError(
-        f"unsupported model_type {model_type!r} (supported: gpt2, llama, mistral, qwen2)"
-    )
+    module = ARCHITECTURES.get(model_type)
+    if module is None:
+        raise ValueError(
+            f"unsupported model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})"
+        )
+    return module.Model(module.ModelArgs.from_dict(config))
 
 
 def load_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:

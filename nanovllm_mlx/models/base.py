@@ -21,8 +21,38 @@ class ModelSpec:
     n_layers: int
     n_kv_heads: int  # KV heads each layer's cache holds
     head_dim: int
-    context_length: int  # longest sequence the model serves (positions, sliding window)
+    context_length: int  # longest sequence the model serves (positions)
     vocab_size: int  # rows of the logits, padding included
+    # Per layer: its sliding window W (the query at p sees keys (p - W, p]) or None for
+    # full attention; empty: every layer is full.
+    layer_windows: tuple[int | None, ...] = ()
+
+    @property
+    def attention_windows(self) -> tuple[int | None, ...]:
+        """The distinct windows, one attention plan each per step."""
+        return tuple(dict.fromkeys(self.layer_windows)) if self.layer_windows else (None,)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """W when every layer slides (blocks older than the widest window can be freed),
+        else None."""
+        windows = self.attention_windows
+        return None if None in windows else max(windows)
+
+
+def layer_windows(
+    layer_types: list[str] | None, sliding_window: int | None, context_length: int
+) -> tuple[int | None, ...]:
+    """Per-layer windows from transformers' layer_types ("sliding_attention" or
+    "full_attention"). A window that covers the whole context is full attention."""
+    if not layer_types:
+        return ()
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"unsupported attention layer type(s) {sorted(unknown)}")
+    if sliding_window is None or sliding_window >= context_length:
+        return tuple(None for _ in layer_types)
+    return tuple(sliding_window if t == "sliding_attention" else None for t in layer_types)
 
 
 class CausalLM(nn.Module):

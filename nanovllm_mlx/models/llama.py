@@ -2,11 +2,13 @@
 
 One decoder for the family: RMSNorm, rotary embeddings in the Hugging Face "rotate half"
 layout, grouped-query attention and a SwiGLU MLP. Qwen2 differs only by biases on q/k/v.
+Architectures built on this decoder (qwen3.py, mixtral.py, qwen3_moe.py) subclass its
+ModelArgs and Attention and override Model.make_layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,7 +16,7 @@ from mlx.nn.layers.distributed import shard_linear
 
 from nanovllm_mlx.attention.metadata import AttentionMetadata
 from nanovllm_mlx.attention.paged import KVCache, paged_attention
-from nanovllm_mlx.models.base import CausalLM, ModelSpec, check_divides
+from nanovllm_mlx.models.base import CausalLM, ModelSpec, check_divides, layer_windows
 from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq, rope_type
 
 
@@ -37,14 +39,17 @@ class ModelArgs:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None
-    use_sliding_window: bool = True
+    use_sliding_window: bool | None = None  # None: Mistral slides, Qwen2 does not
+    max_window_layers: int = 0
+    layer_types: list[str] | None = None
     # GGUF files of Llama 3.1+ carry their rescaled frequencies as divisors instead of the
     # rope_scaling parameters they were computed from (tensor rope_freqs.weight).
     rope_freq_factors: list[float] | None = field(default=None, repr=False)
 
     @classmethod
     def from_dict(cls, config: dict) -> ModelArgs:
-        args = cls(**{k: config[k] for k in cls.__slots__ if config.get(k) is not None})
+        names = [f.name for f in fields(cls)]
+        args = cls(**{k: config[k] for k in names if config.get(k) is not None})
         # transformers 5 writes rope_parameters (theta and scaling in one dict) instead of
         # the top-level rope_theta + rope_scaling of 4.x configs; accept both.
         rope = config.get("rope_parameters")
@@ -78,18 +83,33 @@ class ModelArgs:
         return self.attention_bias or self.model_type == "qwen2"
 
     @property
-    def context_length(self) -> int:
-        # Within the window, sliding-window attention equals full attention; capping the
-        # context there keeps every sequence inside it rather than attending too far.
-        window = self.sliding_window if self.use_sliding_window else None
-        if window and window < self.max_position_embeddings:
-            return window
-        return self.max_position_embeddings
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """transformers' rule: Mistral, Mixtral and Phi-3 slide on every layer when they have a
+        window; the Qwens only with use_sliding_window, from layer max_window_layers on."""
+        types = self.layer_types
+        every_layer = self.model_type in ("mistral", "mixtral", "phi3")
+        sliding = self.use_sliding_window
+        if sliding is None:
+            sliding = every_layer
+        if types is None and sliding and self.sliding_window:
+            first = 0 if every_layer else self.max_window_layers
+            types = [
+                "sliding_attention" if i >= first else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        return layer_windows(types, self.sliding_window, self.max_position_embeddings)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, rope: RotaryEmbedding, attention_factor: float):
+    def __init__(
+        self,
+        args: ModelArgs,
+        rope: RotaryEmbedding,
+        attention_factor: float,
+        window: int | None = None,
+    ):
         super().__init__()
+        self.window = window
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = hd = args.head_dim
@@ -109,14 +129,20 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(t, self.n_heads, 1, self.head_dim)
         k = self.k_proj(x).reshape(t, self.n_kv_heads, 1, self.head_dim)
         v = self.v_proj(x).reshape(t, self.n_kv_heads, self.head_dim)
+        q, k = self.norm_qk(q, k)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale))
+        return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale, self.window))
+
+    def norm_qk(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
+        """[T, H, 1, D] queries and keys before the rotation; Qwen3 normalizes them."""
+        return q, k
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, hidden: int | None = None):
         super().__init__()
-        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        dim, bias = args.hidden_size, args.mlp_bias
+        hidden = hidden or args.intermediate_size
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
@@ -126,12 +152,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, rope: RotaryEmbedding, attention_factor: float):
+    def __init__(self, args: ModelArgs, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.self_attn = Attention(args, rope, attention_factor)
+        self.self_attn = self_attn
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = mlp
 
     def __call__(
         self, x: mx.array, positions: mx.array, cache: KVCache, meta: AttentionMetadata
@@ -144,13 +170,25 @@ class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        windows = args.layer_windows or (None,) * args.num_hidden_layers
         self.spec = ModelSpec(
             n_layers=args.num_hidden_layers,
             n_kv_heads=args.num_key_value_heads,
             head_dim=args.head_dim,
-            context_length=args.context_length,
+            context_length=args.max_position_embeddings,
             vocab_size=args.vocab_size,
+            layer_windows=windows,
         )
+        # Not parameters: plain attributes, which loading and casting never touch.
+        self.rope, self.attention_factor = self.make_rope(args)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [self.make_layer(i, w) for i, w in enumerate(windows)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def make_rope(self, args: ModelArgs) -> tuple[RotaryEmbedding, float]:
+        """The rotation every layer shares, and its attention factor (YaRN's mscale)."""
         inv_freq, attention_factor = rope_inv_freq(
             args.head_dim,
             args.rope_theta,
@@ -158,14 +196,15 @@ class Model(CausalLM):
             args.max_position_embeddings,
             args.rope_freq_factors,
         )
-        rope = RotaryEmbedding(args.head_dim, inv_freq)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [
-            DecoderLayer(args, rope, attention_factor) for _ in range(args.num_hidden_layers)
-        ]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        return RotaryEmbedding(args.head_dim, inv_freq), attention_factor
+
+    def make_layer(self, index: int, window: int | None) -> DecoderLayer:
+        """Layer `index`, attending over `window` keys (None: all); subclasses swap in
+        their attention and MLP."""
+        return DecoderLayer(self.args, self.attention(window), MLP(self.args))
+
+    def attention(self, window: int | None) -> Attention:
+        return Attention(self.args, self.rope, self.attention_factor, window)
 
     def __call__(
         self,
@@ -174,10 +213,13 @@ class Model(CausalLM):
         caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> mx.array:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, positions, cache, meta)
         return self.norm(x)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        return self.embed_tokens(input_ids)
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
@@ -194,6 +236,13 @@ class Model(CausalLM):
         )
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            if not (isinstance(attn, Attention) and type(mlp) is MLP):
+                # Fused projections (Phi-3) and experts (Mixtral, Qwen3-MoE) split otherwise.
+                raise ValueError(
+                    f"tensor parallelism is not implemented for {type(self).__module__}'s "
+                    f"{type(attn).__name__} / {type(mlp).__name__} layers: run it with "
+                    "tensor_parallel_size 1"
+                )
             # Query and KV heads split alike, so each rank's query heads keep their group's
             # KV heads (GQA).
             for name in ("q_proj", "k_proj", "v_proj"):

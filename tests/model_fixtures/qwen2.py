@@ -46,6 +46,11 @@ def build_qwen2(out: Path, p: dict[str, Any]) -> None:
         },
         real_vocab=GPT2_VOCAB + 2,
     )
+    write_qwen_tokenizer(out, p)
+
+
+def write_qwen_tokenizer(out: Path, p: dict[str, Any]) -> None:
+    """GPT-2's BPE behind Qwen2's pre-tokenizer, with ChatML tokens (Qwen2, Qwen3)."""
     write_tokenizer(
         out,
         files=TOKENIZER_FILES_JSON,

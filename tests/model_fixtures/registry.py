@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import gpt2, llama, qwen2, weights
+from . import gemma3, gpt2, granitemoe, llama, mixtral, phi3, qwen2, qwen3, weights
 from .tokenizer import GPT2_VOCAB
 
 # Bump when a builder's output changes for unchanged parameters (code changes are not hashed).
@@ -122,6 +122,103 @@ _QWEN2_TINY = {
 }
 
 
+_QWEN3_TINY = {
+    **_QWEN2_TINY,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-6,
+    "seed": 3303,
+}
+_QWEN3_MOE_TINY = {
+    **_QWEN3_TINY,
+    # 4 experts, top 2, renormalized (Qwen3-30B-A3B's norm_topk_prob); layer 1 dense, as
+    # mlp_only_layers allows.
+    "num_hidden_layers": 3,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [1],
+    "seed": 3330,
+}
+_MIXTRAL_TINY = {
+    **_LLAMA_TINY,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "intermediate_size": 64,
+    "rope_theta": 1000000.0,
+    "seed": 8722,
+}
+_GRANITEMOE_TINY = {
+    **_MIXTRAL_TINY,
+    "tie_word_embeddings": True,
+    # Granite's multipliers, kept where random logits stay well separated (the real 1B's
+    # are 12, 1/64, 0.22 and 6).
+    "embedding_multiplier": 12.0,
+    "attention_multiplier": 0.125,
+    "residual_multiplier": 0.5,
+    "logits_scaling": 2.0,
+    "seed": 4004,
+}
+# Gemma 3 270M's structure at toy size: 1 KV head of head_dim larger than hidden/heads,
+# five sliding layers then a global one (6 layers), a 32-token window.
+_GEMMA3_TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "intermediate_size": 128,
+    "vocab_size": 50304,
+    "max_position_embeddings": 512,
+    "query_pre_attn_scalar": 32,
+    "sliding_window": 32,
+    "sliding_window_pattern": 3,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "tie_word_embeddings": True,
+    "seed": 2703,
+}
+_PHI3_TINY = {
+    **_LLAMA_TINY,
+    "num_key_value_heads": 4,
+    "partial_rotary_factor": 0.75,
+    "original_max_position_embeddings": 256,
+    "sliding_window": 48,
+    "seed": 3141,
+}
+
+
+# Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
+_GEMMA3_270M_SHAPE = {
+    **_GEMMA3_TINY,
+    "hidden_size": 640,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "intermediate_size": 2048,
+    "vocab_size": 262144,
+    "max_position_embeddings": 32768,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "seed": 270,
+}
+_QWEN3_0_6B_SHAPE = {
+    **_QWEN3_TINY,
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 3072,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "seed": 600,
+}
+
+
 def _transformers_version() -> str:
     # save_pretrained output depends on it; metadata lookup avoids importing transformers.
     return importlib.metadata.version("transformers")
@@ -142,10 +239,34 @@ def recipes() -> dict[str, Recipe]:
         Recipe("llama-tiny", llama.build_llama, {**_LLAMA_TINY, "transformers": tv}),
         Recipe("llama3-tiny", llama.build_llama_classic, {**_LLAMA3_TINY, "transformers": tv}),
         Recipe("qwen2-tiny", qwen2.build_qwen2, {**_QWEN2_TINY, "transformers": tv}),
+        Recipe("qwen3-tiny", qwen3.build_qwen3, {**_QWEN3_TINY, "transformers": tv}),
+        Recipe(
+            "qwen3-moe-tiny", qwen3.build_qwen3_moe, {**_QWEN3_MOE_TINY, "transformers": tv}
+        ),
+        Recipe("mixtral-tiny", mixtral.build_mixtral, {**_MIXTRAL_TINY, "transformers": tv}),
+        Recipe("gemma3-tiny", gemma3.build_gemma3, {**_GEMMA3_TINY, "transformers": tv}),
+        Recipe(
+            "granitemoe-tiny",
+            granitemoe.build_granitemoe,
+            {**_GRANITEMOE_TINY, "transformers": tv},
+        ),
+        Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
         Recipe(
             "gpt2-small-shape",
             gpt2.build_gpt2_hub,
             {**_GPT2_SMALL, "verify": False},
+            default=False,
+        ),
+        Recipe(
+            "gemma3-270m-shape",
+            gemma3.build_gemma3,
+            {**_GEMMA3_270M_SHAPE, "transformers": tv},
+            default=False,
+        ),
+        Recipe(
+            "qwen3-0.6b-shape",
+            qwen3.build_qwen3,
+            {**_QWEN3_0_6B_SHAPE, "transformers": tv},
             default=False,
         ),
         Recipe(

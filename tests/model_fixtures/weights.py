@@ -76,6 +76,9 @@ def randomize_(model: Any, seed: int) -> None:
                     p.copy_(noise * BIAS_STD if p_name == "bias" else 1 + noise * NORM_JITTER)
                 elif isinstance(mod, torch.nn.Embedding) or mod is out_emb:
                     p.copy_(noise * (LOGIT_STD / math.sqrt(hidden)))
+                elif p.ndim == 3:  # stacked experts [experts, out, in] (MoE models)
+                    gain = OUT_PROJ_GAIN if p_name == "down_proj" else MATRIX_GAIN
+                    p.copy_(noise * (gain / math.sqrt(p.shape[-1])))
                 else:  # Conv1D stores [in, out], nn.Linear [out, in]
                     fan_in = p.shape[0] if isinstance(mod, Conv1D) else p.shape[1]
                     gain = OUT_PROJ_GAIN if mod_name.endswith(OUT_PROJ_NAMES) else MATRIX_GAIN
@@ -118,7 +121,10 @@ def check_greedy_robust(name: str, model: Any, ids: torch.Tensor) -> None:
     import copy
 
     logits = _logits(model, ids)
-    exact = _logits(copy.deepcopy(model).double(), ids)
+    double = copy.deepcopy(model).double()
+    if getattr(double.config, "_experts_implementation", None) not in (None, "eager"):
+        double.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    exact = _logits(double, ids)
     flips = (logits.argmax(-1) != exact.argmax(-1)).sum().item()
     noise = (logits.double() - exact).abs().max().item()
     if flips:

@@ -18,7 +18,5 @@ def read_model(path: Path) -> tuple[dict[str, mx.array], dict, Tokenizer]:
     weights, metadata = read_gguf(path)
     config = config_from_metadata(metadata, set(weights), path)
     tokenizer = tokenizer_from_metadata(metadata, path)
-    weights, freq_factors = map_weights(weights, config)
-    if freq_factors is not None:
-        config = {**config, "rope_freq_factors": freq_factors}
-    return weights, config, tokenizer
+    weights, extra = map_weights(weights, config)
+    return weights, {**config, **extra}, tokenizer

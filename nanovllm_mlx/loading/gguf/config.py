@@ -6,11 +6,19 @@ from pathlib import Path
 
 from nanovllm_mlx.loading.gguf.reader import metadata_value as _value
 
-ARCHITECTURES = ("llama", "qwen2")
+# general.architecture -> the HF model_type it loads as (llama with experts is Mixtral).
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3moe": "qwen3_moe",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+}
 
 
 def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> dict:
-    """An HF config.json equivalent for the llama and qwen2 architectures."""
+    """An HF config.json equivalent for the architectures in ARCHITECTURES."""
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(
@@ -35,13 +43,14 @@ def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> 
         vocab = len(tokens) if tokens else None
     if vocab is None:
         raise ValueError(f"{path}: GGUF metadata gives no vocabulary size")
+    head_dim = key("attention.key_length", hidden // heads)
     config = {
-        "model_type": arch,
+        "model_type": ARCHITECTURES[arch],
         "hidden_size": hidden,
         "num_hidden_layers": key("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": key("attention.head_count_kv", heads),
-        "head_dim": key("attention.key_length", hidden // heads),
+        "head_dim": head_dim,
         "intermediate_size": key("feed_forward_length"),
         "vocab_size": vocab,
         "max_position_embeddings": key("context_length", 2048),
@@ -53,15 +62,60 @@ def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> 
         "bos_token_id": _value(metadata.get("tokenizer.ggml.bos_token_id")),
         "eos_token_id": _value(metadata.get("tokenizer.ggml.eos_token_id")),
     }
-    scaling = key("rope.scaling.type")
-    if scaling in ("linear", "yarn"):
-        config["rope_scaling"] = {
-            "rope_type": scaling,
-            "factor": key("rope.scaling.factor"),
-            "original_max_position_embeddings": key(
+    experts, used = key("expert_count", 0), key("expert_used_count", 0)
+    if arch == "llama" and experts:
+        config.update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=used)
+    elif arch == "qwen3moe":
+        # llama.cpp renormalizes the top-k weights of every Qwen3-MoE (norm_topk_prob).
+        # A layer without a router is a dense one (mlp_only_layers).
+        dense = [
+            i
+            for i in range(config["num_hidden_layers"])
+            if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names
+        ]
+        config.update(
+            num_experts=experts,
+            num_experts_per_tok=used,
+            moe_intermediate_size=key("expert_feed_forward_length"),
+            norm_topk_prob=True,
+            mlp_only_layers=dense,
+        )
+    elif arch == "gemma3":
+        layers = config["num_hidden_layers"]
+        config.update(
+            sliding_window=key("attention.sliding_window", 4096),
+            # Five sliding layers to a global one unless the file says otherwise.
+            sliding_window_pattern=key("attention.sliding_window_pattern", 6),
+            # llama.cpp's rule: 27B (62 layers) scales queries by hidden / heads, the
+            # others by head_dim; the file does not say.
+            query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
+            torch_dtype="bfloat16",  # Gemma overflows float16 activations
+        )
+    elif arch == "phi3":
+        rotary = key("rope.dimension_count", head_dim)
+        config.update(
+            partial_rotary_factor=rotary / head_dim,
+            sliding_window=key("attention.sliding_window"),
+            original_max_position_embeddings=key(
                 "rope.scaling.original_context_length", config["max_position_embeddings"]
             ),
-        }
-    elif scaling not in (None, "none"):
-        raise ValueError(f"{path}: unsupported GGUF rope scaling type {scaling!r}")
+        )
+    config.update(_rope_scaling(arch, key, config, path))
     return config
+
+
+def _rope_scaling(arch: str, key, config: dict, path: Path) -> dict:
+    scaling = key("rope.scaling.type")
+    if scaling in ("linear", "yarn"):
+        return {
+            "rope_scaling": {
+                "rope_type": scaling,
+                "factor": key("rope.scaling.factor"),
+                "original_max_position_embeddings": key(
+                    "rope.scaling.original_context_length", config["max_position_embeddings"]
+                ),
+            }
+        }
+    if scaling not in (None, "none"):
+        raise ValueError(f"{path}: unsupported GGUF rope scaling type {scaling!r}")
+    return {}

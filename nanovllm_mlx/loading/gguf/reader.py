@@ -1,9 +1,10 @@
-"""Reading a GGUF file (llama.cpp's format): its header, its tensors and metadata.
+"""Reading a GGUF file (llama.cpp's format): its metadata and its tensors.
 
-`mx.load` reads GGUF natively and keeps Q4_0, Q4_1 and Q8_0 tensors quantized, as MLX
-affine triples (weight uint32, scales, biases) with group size 32. Other quantization types
-it either dequantizes to float16 or cannot read, so this module checks each tensor's type in
-the file header first and refuses those with a clear message.
+`mx.load` reads GGUF, but only keeps Q4_0/Q4_1/Q8_0 quantized and fails on a file holding
+a K-quant (`gguf_tensor_to_f16 failed` on gemma-3-270m-q4_k_m.gguf). So the header is
+parsed here and every tensor is read from a memory map of the file through its offset;
+loading/gguf/quants.py turns the blocks into MLX arrays. A file is checked whole (types,
+extents) before any tensor is read, so a bad one fails with one clear message.
 """
 
 from __future__ import annotations
@@ -13,32 +14,31 @@ import struct
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
-# ggml_type id -> (name, weights per block, bytes per block) for the types we accept.
-SUPPORTED_TYPES = {
-    0: ("F32", 1, 4),
-    1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    8: ("Q8_0", 32, 34),
-    30: ("BF16", 1, 2),  # mx.load widens it to float16
-}
-# Names only, for error messages.
-OTHER_TYPES = {
-    6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
-    14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
-    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
-    27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
-}  # fmt: skip
+from nanovllm_mlx.loading.gguf import quants
 
-# GGUF metadata value types: struct format of the fixed-size ones; 8 is string, 9 array.
+# Metadata value types: struct format of the fixed-size ones; 8 is string, 9 array.
 _SCALARS = {
     0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d",
 }  # fmt: skip
+_NUMPY = {
+    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
+}  # fmt: skip
+# Names of the types this reader refuses, for its error message.
+OTHER_TYPES = {
+    9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+    27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}  # fmt: skip
+SUPPORTED = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
+
+TensorInfo = tuple[int, tuple[int, ...], int]  # ggml type, dims (innermost first), offset
 
 
 class _Header:
-    """The parts of a GGUF header that mx.load does not report: tensor types and extents."""
+    """Metadata (values as plain Python) and tensor infos of a GGUF file."""
 
     def __init__(self, buf: bytes | mmap.mmap):
         self._buf = buf
@@ -53,16 +53,15 @@ class _Header:
         self._pos += size
         return values
 
-    def _skip(self, n: int) -> None:
+    def _take(self, n: int) -> bytes:
         if self._pos + n > len(self._buf):
             raise EOFError
-        self._pos += n
+        start, self._pos = self._pos, self._pos + n
+        return bytes(self._buf[start : self._pos])
 
     def _string(self) -> str:
         (n,) = self._unpack("Q")
-        start = self._pos
-        self._skip(n)
-        return bytes(self._buf[start : self._pos]).decode("utf-8", errors="replace")
+        return self._take(n).decode("utf-8", errors="replace")
 
     def _value(self, kind: int) -> object:
         if kind in _SCALARS:
@@ -71,12 +70,11 @@ class _Header:
             return self._string()
         if kind == 9:
             item, count = self._unpack("IQ")
-            if item in _SCALARS:
-                self._skip(struct.calcsize("<" + _SCALARS[item]) * count)
-            else:
-                for _ in range(count):
-                    self._value(item)
-            return None
+            if item in _NUMPY:
+                # One read for a 262k-entry score table instead of a struct call per entry.
+                size = np.dtype(_NUMPY[item]).itemsize
+                return np.frombuffer(self._take(size * count), _NUMPY[item]).tolist()
+            return [self._value(item) for _ in range(count)]
         raise ValueError(f"unknown metadata value type {kind}")
 
     def _parse(self) -> None:
@@ -87,14 +85,15 @@ class _Header:
         if version not in (2, 3):
             raise ValueError(f"unsupported GGUF version {version} (supported: 2, 3)")
         n_tensors, n_kv = self._unpack("QQ")
-        alignment = 32
+        self.metadata: dict[str, object] = {}
         for _ in range(n_kv):
             key = self._string()
             (kind,) = self._unpack("I")
-            value = self._value(kind)
-            if key == "general.alignment" and isinstance(value, int) and value > 0:
-                alignment = value
-        self.tensors: dict[str, tuple[int, tuple[int, ...], int]] = {}
+            self.metadata[key] = self._value(kind)
+        alignment = self.metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0:
+            alignment = 32
+        self.tensors: dict[str, TensorInfo] = {}
         for _ in range(n_tensors):
             name = self._string()
             (n_dims,) = self._unpack("I")
@@ -104,58 +103,83 @@ class _Header:
         self.data_start = -(-self._pos // alignment) * alignment
 
 
-def _check_file(path: Path) -> dict[str, tuple[int, tuple[int, ...], int]]:
-    """Tensor types and sizes from the header; ValueError naming the file on any problem."""
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            header = _Header(buf)
-    except EOFError:
-        raise ValueError(f"{path}: truncated GGUF file (the header ends early)") from None
-    except (ValueError, struct.error, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt GGUF file: {e}") from None
+def _count(dims: tuple[int, ...]) -> int:
+    count = 1
+    for d in dims:
+        count *= d
+    return count
+
+
+def _check(path: Path, header: _Header, size: int) -> None:
     unsupported = {
         name: OTHER_TYPES.get(kind, f"type {kind}")
-        for name, (kind, _, _) in header.tensors.items()
-        if kind not in SUPPORTED_TYPES
+        for name, (kind, dims, _) in header.tensors.items()
+        if quants.tensor_bytes(kind, _count(dims)) is None
     }
     if unsupported:
         kinds = sorted(set(unsupported.values()))
         example = next(iter(unsupported))
         raise ValueError(
             f"{path}: unsupported GGUF quantization type(s) {', '.join(kinds)} "
-            f"(e.g. tensor {example}); MLX keeps only Q4_0, Q4_1 and Q8_0 quantized "
-            "(and reads F32/F16/BF16): use a Q4_0/Q4_1/Q8_0 file, or the safetensors "
-            "checkpoint with --quantize 4|8"
+            f"(e.g. tensor {example} is {unsupported[example]}); supported: {SUPPORTED}. "
+            "Use a file in one of those, or the safetensors checkpoint with --quantize 4|8"
         )
-    size = path.stat().st_size
     for name, (kind, dims, offset) in header.tensors.items():
-        _, block, block_bytes = SUPPORTED_TYPES[kind]
-        count = 1
-        for d in dims:
-            count *= d
-        end = header.data_start + offset + count // block * block_bytes
+        end = header.data_start + offset + quants.tensor_bytes(kind, _count(dims))
         if end > size:
             raise ValueError(
                 f"{path}: truncated GGUF file: tensor {name} ends at byte {end}, "
                 f"the file has {size} (incomplete download?)"
             )
-    return header.tensors
+        block = 1 if kind in quants.FLOATS else 32
+        if dims[0] % block:
+            raise ValueError(
+                f"{path}: tensor {name} rows of {dims[0]} do not split into {block}-weight "
+                f"blocks of its type {quants.type_name(kind)}"
+            )
+
+
+def _read_tensors(buf: mmap.mmap, header: _Header) -> dict[str, mx.array]:
+    # Its own function so that no numpy view of the map outlives it (the map cannot close
+    # while one exists); mx.array copies what it is given.
+    data = np.frombuffer(buf, dtype=np.uint8)
+    weights: dict[str, mx.array] = {}
+    for name, (kind, dims, offset) in header.tensors.items():
+        start = header.data_start + offset
+        raw = data[start : start + quants.tensor_bytes(kind, _count(dims))]
+        value = quants.to_mlx(kind, raw, tuple(reversed(dims)))
+        if isinstance(value, tuple):
+            stem = name.removesuffix(".weight")
+            for suffix, part in zip(("weight", "scales", "biases"), value):
+                weights[f"{stem}.{suffix}"] = part
+        else:
+            weights[name] = value
+    mx.eval(list(weights.values()))
+    return weights
 
 
 def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
-    """All tensors (quantized ones as weight/scales/biases) and the metadata of a GGUF."""
+    """All tensors and the metadata of a GGUF file. A quantized tensor NAME.weight comes
+    back as NAME.weight (packed uint32), NAME.scales and NAME.biases, MLX's layout."""
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
-    _check_file(path)
-    try:
-        weights, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # MLX raises RuntimeError/ValueError with a C++ message
-        raise ValueError(f"{path}: cannot read GGUF file: {e}") from None
-    return weights, metadata
+    if path.stat().st_size == 0:  # mmap refuses an empty file with a message naming none
+        raise ValueError(f"{path}: truncated GGUF file (the header ends early)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            header = _Header(buf)
+        except EOFError:
+            raise ValueError(f"{path}: truncated GGUF file (the header ends early)") from None
+        except (ValueError, struct.error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt GGUF file: {e}") from None
+        _check(path, header, len(buf))
+        weights = _read_tensors(buf, header)
+    return weights, header.metadata
 
 
 def metadata_value(v: object) -> object:
-    """Metadata scalars come back from mx.load as 0-d arrays, arrays as mx arrays."""
+    """A metadata value as plain Python (mx.load once returned 0-d arrays; kept for
+    callers that pass values from elsewhere)."""
     if isinstance(v, mx.array):
         return v.item() if v.ndim == 0 else v.tolist()
     return v

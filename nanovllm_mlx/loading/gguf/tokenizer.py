@@ -27,6 +27,14 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# o200k's split (GPT-4o; Phi-4-mini's vocabulary): case runs, contractions attached.
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
     "gpt2": [_GPT2_SPLIT],
     "gpt-2": [_GPT2_SPLIT],
@@ -54,6 +62,8 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
     "deepseek-r1-qwen": [_QWEN2_SPLIT],
     "stablelm2": [_QWEN2_SPLIT],
     "megrez": [_QWEN2_SPLIT],
+    "gpt-4o": [_GPT4O_SPLIT],
+    "llama4": [_GPT4O_SPLIT],
 }
 # Qwen2's tokenizer.json NFC-normalizes first (llama.cpp does not; the original does).
 _NFC = {"qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"}
@@ -65,6 +75,23 @@ _END_OF_GENERATION = {
     "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>",
 }  # fmt: skip
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6
+GEMMA = ("gemma", "gemma2", "gemma3")
+# Gemma's turn format: "model" for the assistant, a system prompt folded into the first
+# user turn (Gemma has no system role).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + ns.system + message['content'] | trim"
+    " + '<end_of_turn>\n' }}"
+    "{%- set ns.system = '' -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -101,10 +128,10 @@ def _byte_level(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
     return tok
 
 
-def _sentencepiece(tokens: list[str], scores: list[float], add_prefix_space: bool) -> HFTokenizer:
-    """Llama/Mistral's SentencePiece BPE with byte fallback, built as transformers'
-    LlamaTokenizer builds it; a GGUF has no merges for it, so they are rebuilt from the
-    scores (a higher-scored piece merges first)."""
+def _bpe_from_scores(tokens: list[str], scores: list[float]) -> models.BPE:
+    """SentencePiece BPE with byte fallback; a GGUF has no merges for it, so they are
+    rebuilt from the vocabulary: every split of a piece into two pieces, the pieces with
+    higher scores merging first (ties: longer left part, then longer right part)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for piece, score in zip(tokens, scores):
@@ -116,17 +143,44 @@ def _sentencepiece(tokens: list[str], scores: list[float], add_prefix_space: boo
         local.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
         merges += [(left, right, score) for left, right in local]
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    tok = HFTokenizer(
-        models.BPE(vocab, [(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True)
+    return models.BPE(
+        vocab, [(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True
     )
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if add_prefix_space else "never", split=False
-    )
+
+
+def _sentencepiece(
+    tokens: list[str], scores: list[float], add_prefix_space: bool, family: str
+) -> HFTokenizer:
+    """SentencePiece vocabularies as transformers builds them from a GGUF, by family:
+
+    - llama (Llama 2, Mistral): spaces -> "▁" by a Metaspace pre-tokenizer, with a prefix
+      space unless add_space_prefix is false;
+    - phi3: the same through a normalizer (Prepend + Replace), which differs only on text
+      that starts with a space;
+    - gemma: no prefix space, and merges ordered by the vocabulary's order, not its scores
+      (Gemma's scores do not follow its merge order)."""
+    prefix = add_prefix_space and family != "gemma"
+    if family == "gemma":
+        scores = [-float(i) for i in range(len(tokens))]
+    tok = HFTokenizer(_bpe_from_scores(tokens, scores))
+    if family == "llama":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+        )
+    else:
+        steps = [normalizers.Prepend("▁")] if prefix else []
+        tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix_space:
+    if prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(steps)
     return tok
+
+
+def _respell_spaces(tokens: list[str]) -> list[str]:
+    """Gemma files store the tokens of two or more spaces as spaces, where its vocabulary
+    spells them with "▁"."""
+    return ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
 
 
 def tokenizer_from_metadata(metadata: dict, path: Path) -> Tokenizer:
@@ -142,15 +196,21 @@ def tokenizer_from_metadata(metadata: dict, path: Path) -> Tokenizer:
         default_add_bos = False
         spelled = set(_bytes_to_unicode().values())
     elif kind == "llama":
+        arch = metadata.get("general.architecture", "llama")
+        family = "gemma" if arch in GEMMA else "phi3" if arch == "phi3" else "llama"
+        if family == "gemma":
+            tokens = _respell_spaces(tokens)
         scores = _value(metadata.get("tokenizer.ggml.scores")) or [0.0] * len(tokens)
         prefix = metadata.get("tokenizer.ggml.add_space_prefix")
-        tok = _sentencepiece(tokens, scores, True if prefix is None else bool(_value(prefix)))
+        prefix = True if prefix is None else bool(_value(prefix))
+        tok = _sentencepiece(tokens, scores, prefix, family)
         default_add_bos = True  # llama.cpp's default for SentencePiece vocabularies
         spelled = None
     else:
         raise ValueError(
             f"{path}: unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)"
         )
+    vocab = set(tokens)
     # Control tokens (<|im_start|>...) match whole and are special; user-defined ones match
     # whole but are ordinary text. A control token outside the byte alphabet is a llama.cpp
     # mislabel that no text can produce; transformers skips those too.
@@ -161,11 +221,13 @@ def tokenizer_from_metadata(metadata: dict, path: Path) -> Tokenizer:
             if k == CONTROL and (spelled is None or set(t) <= spelled)
         ]
     )
+    # Respelled vocabularies (Gemma's) no longer hold some of the file's spellings.
+    original = metadata.get("tokenizer.ggml.tokens")
     tok.add_tokens(
         [
             AddedToken(t, special=False, normalized=False)
-            for t, k in zip(tokens, types)
-            if k == USER_DEFINED
+            for t, k in zip(original, types)
+            if k == USER_DEFINED and t in vocab
         ]
     )
 
@@ -189,4 +251,6 @@ def tokenizer_from_metadata(metadata: dict, path: Path) -> Tokenizer:
         if i is not None
     }
     template = metadata.get("tokenizer.chat_template")
+    if template is None and metadata.get("general.architecture") in GEMMA:
+        template = GEMMA_CHAT_TEMPLATE  # base-model files carry none; llama.cpp's default too
     return Tokenizer(tok, eos_ids, bos, add_bos, template, special)

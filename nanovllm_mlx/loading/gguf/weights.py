@@ -1,4 +1,4 @@
-"""GGUF tensor names and layouts onto models/llama.py's parameters."""
+"""GGUF tensor names and layouts onto our models' parameters."""
 
 from __future__ import annotations
 
@@ -14,12 +14,28 @@ _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",  # Phi-3's fused projection
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the experts' router
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
+# Gemma 3 wraps both sub-blocks in two norms; llama.cpp's ffn_norm is its third.
+_GEMMA3_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_PHI3_NAMES = {"ffn_up": "mlp.gate_up_proj"}  # gate and up fused, gate first
+# Models whose q/k rows llama.cpp permutes (its Llama converter; Mixtral goes through it).
+_PERMUTED = ("llama", "mistral", "mixtral")
 
 
 def _unpermute(x: mx.array, n_heads: int) -> mx.array:
@@ -31,22 +47,37 @@ def _unpermute(x: mx.array, n_heads: int) -> mx.array:
     return x.reshape(n_heads, rows // n_heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
+def _block_names(model_type: str) -> dict[str, str]:
+    if model_type == "gemma3_text":
+        return {**_BLOCK_NAMES, **_GEMMA3_NAMES}
+    if model_type == "phi3":
+        return {**_BLOCK_NAMES, **_PHI3_NAMES}
+    return _BLOCK_NAMES
+
+
 def map_weights(
     weights: dict[str, mx.array], config: dict
-) -> tuple[dict[str, mx.array], list[float] | None]:
-    """GGUF tensor names onto models/llama.py's, with HF row order for llama's q and k; and
-    the RoPE frequency factors, which Llama 3.1+ files store as a tensor (rope_freqs)."""
+) -> tuple[dict[str, mx.array], dict]:
+    """GGUF tensor names onto our models', with HF row order for llama's q and k; and the
+    config entries some files store as tensors: Llama 3.1+'s RoPE frequency factors
+    (rope_freqs), Phi-3's LongRoPE factors (rope_factors_short/long)."""
     out: dict[str, mx.array] = {}
-    freq_factors = None
-    permuted = config["model_type"] == "llama"
+    extra: dict = {}
+    model_type = config["model_type"]
+    names = _block_names(model_type)
+    permuted = model_type in _PERMUTED
     for name, value in weights.items():
         if name == "rope_freqs.weight":
-            freq_factors = value.astype(mx.float32).tolist()
+            extra["rope_freq_factors"] = value.astype(mx.float32).tolist()
+            continue
+        if name in ("rope_factors_short.weight", "rope_factors_long.weight"):
+            kind = name.split("_")[2].split(".")[0]  # short or long
+            extra[f"{kind}_factor"] = value.astype(mx.float32).tolist()
             continue
         stem, _, suffix = name.rpartition(".")  # suffix: weight, bias, scales or biases
         parts = stem.split(".")
-        if parts[0] == "blk" and len(parts) == 3 and parts[2] in _BLOCK_NAMES:
-            target = f"layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
+        if parts[0] == "blk" and len(parts) == 3 and parts[2] in names:
+            target = f"layers.{parts[1]}.{names[parts[2]]}"
             if permuted and parts[2] == "attn_q":
                 value = _unpermute(value, config["num_attention_heads"])
             elif permuted and parts[2] == "attn_k":
@@ -54,6 +85,15 @@ def map_weights(
         elif stem in _GGUF_NAMES:
             target = _GGUF_NAMES[stem]
         else:
-            raise ValueError(f"unexpected GGUF tensor {name!r} for a {config['model_type']} model")
+            raise ValueError(f"unexpected GGUF tensor {name!r} for a {model_type} model")
         out[f"{target}.{suffix}"] = value
-    return out, freq_factors
+    if "short_factor" in extra or "long_factor" in extra:
+        long = extra.pop("long_factor", None)
+        short = extra.pop("short_factor", long)
+        extra["rope_scaling"] = {
+            "rope_type": "longrope",
+            "short_factor": short,
+            "long_factor": long or short,
+            "original_max_position_embeddings": config.get("original_max_position_embeddings"),
+        }
+    return out, extra

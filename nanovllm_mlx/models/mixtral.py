@@ -1,0 +1,47 @@
+"""Mixtral in MLX: the Mistral decoder with a sparse mixture of SwiGLU experts in place of
+the MLP (softmax router, top-k renormalized), experts through models/switch.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from nanovllm_mlx.models import llama
+from nanovllm_mlx.models.switch import SparseMoE, split_fused_experts, stack_experts
+
+# Hub names of an expert's projections -> ours.
+_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+@dataclass(slots=True)
+class ModelArgs(llama.ModelArgs):
+    model_type: str = "mixtral"
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+
+
+class Model(llama.Model):
+    layer_class = llama.DecoderLayer
+
+    def make_layer(self, index: int, window: int | None) -> llama.DecoderLayer:
+        args = self.args
+        assert isinstance(args, ModelArgs)
+        moe = SparseMoE(
+            args.hidden_size,
+            args.intermediate_size,
+            args.num_local_experts,
+            args.num_experts_per_tok,
+            normalize=True,
+        )
+        return self.layer_class(args, self.attention(window), moe)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Hub layout (block_sparse_moe, experts one by one as w1/w2/w3) or transformers
+        5's fused experts -> ours (mlp.experts.{gate,up,down}_proj, stacked)."""
+        weights = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in weights.items()}
+        weights = split_fused_experts(weights)
+        for i in range(self.args.num_hidden_layers):
+            prefix = f"model.layers.{i}.mlp.experts"
+            weights = stack_experts(weights, prefix, self.args.num_local_experts, _EXPERT_NAMES)
+        return super().sanitize(weights)

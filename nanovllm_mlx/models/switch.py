@@ -1,0 +1,152 @@
+"""Mixture-of-experts layers: a top-k router and the experts' SwiGLU, every expert's weights
+in one [experts, out, in] array run with MLX's gather matmuls (mx.gather_mm, and
+mx.gather_qmm once quantized), so a step costs one matmul per projection whatever the
+routing, not a loop over experts."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# At this many (token, expert) pairs a step sorts them by expert first: gather_mm then
+# reads each expert's weights once for a run of rows instead of once per row.
+SORT_AT = 64
+
+
+class SwitchLinear(nn.Module):
+    """num_experts linear maps in_dims -> out_dims, each row through its chosen ones."""
+
+    def __init__(self, in_dims: int, out_dims: int, num_experts: int):
+        super().__init__()
+        bound = 1 / math.sqrt(in_dims)
+        self.weight = mx.random.uniform(-bound, bound, (num_experts, out_dims, in_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        """x [N, 1, 1, in] or [N, k, 1, in], indices [N, k] -> [N, k, 1, out]."""
+        return mx.gather_mm(
+            x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+        )
+
+    def to_quantized(
+        self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_: object
+    ) -> QuantizedSwitchLinear:
+        """nn.quantize's hook: experts quantize like any other linear layer."""
+        num_experts, out_dims, in_dims = self.weight.shape
+        layer = QuantizedSwitchLinear(in_dims, out_dims, num_experts, group_size, bits)
+        layer.weight, layer.scales, layer.biases = mx.quantize(self.weight, group_size, bits)
+        return layer
+
+
+class QuantizedSwitchLinear(nn.Module):
+    def __init__(
+        self, in_dims: int, out_dims: int, num_experts: int, group_size: int = 64, bits: int = 4
+    ):
+        super().__init__()
+        self.group_size, self.bits = group_size, bits
+        self.weight, self.scales, self.biases = mx.quantize(
+            mx.zeros((num_experts, out_dims, in_dims)), group_size, bits
+        )
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            sorted_indices=sorted_indices,
+        )
+
+
+class SwitchGLU(nn.Module):
+    """The experts' down(silu(gate(x)) * up(x)), weights [experts, out, in]."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = SwitchLinear(dim, hidden, num_experts)
+        self.up_proj = SwitchLinear(dim, hidden, num_experts)
+        self.down_proj = SwitchLinear(hidden, dim, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x [N, D], indices [N, k] -> [N, k, D]: each token through each of its experts."""
+        n, k = indices.shape
+        order = None
+        if n * k >= SORT_AT:
+            flat = indices.flatten()
+            order = mx.argsort(flat)
+            # One row per (token, expert) pair, grouped by expert.
+            x = x[order // k][:, None, None]
+            idx = flat[order][:, None]
+        else:
+            x, idx = x[:, None, None], indices
+        sort = order is not None
+        h = nn.silu(self.gate_proj(x, idx, sort)) * self.up_proj(x, idx, sort)
+        y = self.down_proj(h, idx, sort).squeeze(-2)
+        if order is None:
+            return y
+        inverse = mx.argsort(order)
+        return y.squeeze(1)[inverse].reshape(n, k, -1)
+
+
+def route(logits: mx.array, k: int, normalize: bool) -> tuple[mx.array, mx.array]:
+    """Router logits [N, E] -> (expert indices [N, k], weights [N, k]): softmax over all
+    experts in float32, the k largest, renormalized to sum to 1 if `normalize` (Mixtral
+    always, Qwen3-MoE with norm_topk_prob). Top-k of the logits then a softmax over them,
+    Granite's order, is the same thing."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k]
+    weights = mx.take_along_axis(probs, indices, axis=-1)
+    if normalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return indices, weights
+
+
+class SparseMoE(nn.Module):
+    """A router (`gate`) over num_experts SwiGLU experts, each token through its top k."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, k: int, normalize: bool):
+        super().__init__()
+        self.k, self.normalize = k, normalize
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = SwitchGLU(dim, hidden, num_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = route(self.gate(x), self.k, self.normalize)
+        y = self.experts(x, mx.stop_gradient(indices))
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+def stack_experts(
+    weights: dict[str, mx.array], prefix: str, num_experts: int, names: dict[str, str]
+) -> dict[str, mx.array]:
+    """Hub checkpoints store experts one by one ({prefix}.{e}.{name}.weight); stack each
+    projection into one [experts, out, in] array under {prefix}.{ours}.weight. names: the
+    checkpoint's projection names -> ours (gate_proj, up_proj, down_proj)."""
+    out = dict(weights)
+    for theirs, ours in names.items():
+        keys = [f"{prefix}.{e}.{theirs}.weight" for e in range(num_experts)]
+        if keys[0] not in out:
+            continue
+        out[f"{prefix}.{ours}.weight"] = mx.stack([out.pop(key) for key in keys])
+    return out
+
+
+def split_fused_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """transformers 5 keeps experts fused in memory: {prefix}.gate_up_proj [E, 2F, D] and
+    {prefix}.down_proj [E, D, F] (no .weight); -> ours, stacked per projection."""
+    out = {}
+    for key, value in weights.items():
+        if key.endswith(".experts.gate_up_proj"):
+            prefix = key.removesuffix(".gate_up_proj")
+            gate, up = mx.split(value, 2, axis=1)
+            out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = gate, up
+        elif key.endswith(".experts.down_proj"):
+            out[f"{key}.weight"] = value
+        else:
+            out[key] = value
+    return out
