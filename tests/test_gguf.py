@@ -283,7 +283,7 @@ def test_quantized_types_match_their_dequantized_values(llama_tiny: Path, tmp_pa
     }
     reference = write_gguf(tmp_path / "ref.gguf", llama_tiny, "llama", dequantized)
 
-    loaded = loader.load(str(quantized), dtype="float32", keep_quantized=True)
+    loaded = loader.load(str(quantized), loader.LoadOptions(dtype="float32", keep_quantized=True))
     assert type(loaded.model.embed_tokens).__name__ == "QuantizedEmbedding"
     assert loaded.model.embed_tokens.bits == 8 and loaded.model.lm_head.bits == 4
     assert loaded.model.layers[0].self_attn.q_proj.group_size == 32

@@ -217,6 +217,33 @@ def test_bench_runs_on_two_ranks(gpt2_tiny: Path):
     assert result["num_seqs"] == 6 and result["output_tokens"] > 0
 
 
+def test_a_size_that_does_not_divide_is_one_error_line_and_leaves_no_rank(gpt2_tiny: Path):
+    """Both ranks fail the same check; the user sees rank 0's line alone, not the
+    transport's lines about the sockets of the rank that went away."""
+    from tp_scenarios import children_of
+
+    argv = cli_argv("ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "-tp", "3", "Hi")
+    proc = subprocess.Popen(
+        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        spawned: set[int] = set()
+        while proc.poll() is None:
+            spawned |= set(children_of(proc.pid))
+            time.sleep(0.1)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and out == ""
+    assert err.splitlines() == [
+        "error: tensor_parallel_size 3 does not divide the model's attention_heads (4): "
+        "use a size that divides it"
+    ], err
+    assert spawned, "the ranks were never seen"
+    assert not [pid for pid in spawned if Path(f"/proc/{pid}").exists()]  # none left behind
+
+
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed")
 def test_under_mlx_launch_every_rank_runs_the_command_and_rank_0_answers(gpt2_tiny: Path):
     args = ["ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "--max-tokens", "10", "Hello there"]

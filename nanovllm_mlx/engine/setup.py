@@ -21,13 +21,10 @@ from nanovllm_mlx.parallel.runner import ParallelRunner, TensorParallel, fingerp
 
 
 def load_model(config: Config) -> loader.LoadedModel:
-    return loader.load(
-        config.model or None,
-        config.dtype,
-        config.quantize,
-        config.quantize_group_size,
-        config.keep_quantized,
+    options = loader.LoadOptions(
+        config.dtype, config.quantize, config.quantize_group_size, config.keep_quantized
     )
+    return loader.load(config.model or None, options)
 
 
 def max_model_len(config: Config, spec: ModelSpec) -> int:
@@ -64,6 +61,15 @@ def build(config: Config) -> Parts:
             options = {f.name: getattr(config, f.name) for f in fields(Config)}
             sys.exit(worker.run(options.pop("model") or None, options))
         parallel = TensorParallel(config)
+    try:
+        return _assemble(config, parallel)
+    except BaseException:
+        if parallel is not None:
+            parallel.abort()  # the caller reports the error; the other ranks end quietly
+        raise
+
+
+def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     mx.random.seed(config.seed)  # unseeded sampling is reproducible per engine
     loaded = load_model(config)
     if parallel is not None:

@@ -26,6 +26,16 @@ from nanovllm_mlx.models import (
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """What to do with the weights on the way in (the engine options that concern loading)."""
+
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on a GPU
+    quantize: int | None = None  # quantize float weights to this many bits
+    group_size: int = 64
+    keep_quantized: bool | None = None  # None: keep on a GPU, dequantize on CPU
+
+
 @dataclass(slots=True)
 class LoadedModel:
     model: nn.Module
@@ -142,24 +152,19 @@ def read_config(path: Path) -> dict:
 
 
 def _finish(
-    model: nn.Module,
-    config: dict,
-    dtype: str,
-    quantize: int | None,
-    group_size: int,
-    prequantized: bool,
-    keep_quantized: bool | None,
+    model: nn.Module, config: dict, options: LoadOptions, prequantized: bool
 ) -> tuple[mx.Dtype, str]:
     """Cast, quantize or dequantize as asked; returns the dtype and what was done to the
     weights' quantization, in words for --verbose."""
-    mx_dtype = resolve_dtype(dtype, config)
+    mx_dtype = resolve_dtype(options.dtype, config)
     cast(model, mx_dtype)
     how = "float"
-    if quantize:
+    keep_quantized = options.keep_quantized
+    if options.quantize:
         if prequantized:
             raise ValueError("the model's weights are already quantized: drop --quantize")
-        quantize_model(model, quantize, group_size)
-        how = f"quantized to {quantize} bits at load"
+        quantize_model(model, options.quantize, options.group_size)
+        how = f"quantized to {options.quantize} bits at load"
     elif prequantized:
         if keep_quantized is None:
             keep_quantized = mx.default_device() != mx.cpu
@@ -172,13 +177,7 @@ def _finish(
     return mx_dtype, how
 
 
-def load_hf_dir(
-    path: Path,
-    dtype: str = "auto",
-    quantize: int | None = None,
-    group_size: int = 64,
-    keep_quantized: bool | None = None,
-) -> LoadedModel:
+def load_hf_dir(path: Path, options: LoadOptions) -> LoadedModel:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     config = read_config(path)
@@ -193,38 +192,22 @@ def load_hf_dir(
     if prequantized:
         quantize_like(model, weights, path)
     load_weights(model, weights, path)
-    mx_dtype, how = _finish(
-        model, config, dtype, quantize, group_size, prequantized, keep_quantized
-    )
+    mx_dtype, how = _finish(model, config, options, prequantized)
     tokenizer = Tokenizer.from_dir(path, config)
     return LoadedModel(model, tokenizer, config, mx_dtype, path.name, how)
 
 
-def load_gguf(
-    path: Path,
-    dtype: str = "auto",
-    quantize: int | None = None,
-    group_size: int = 64,
-    keep_quantized: bool | None = None,
-) -> LoadedModel:
+def load_gguf(path: Path, options: LoadOptions) -> LoadedModel:
     weights, config, tokenizer = gguf.read_model(path)
     model = build_model(config)
     prequantized = any(k.endswith(".scales") for k in weights)
     quantize_like(model, weights, path)
     load_weights(model, weights, path)
-    mx_dtype, how = _finish(
-        model, config, dtype, quantize, group_size, prequantized, keep_quantized
-    )
+    mx_dtype, how = _finish(model, config, options, prequantized)
     return LoadedModel(model, tokenizer, config, mx_dtype, path.stem, how)
 
 
-def load(
-    model: str | None = None,
-    dtype: str = "auto",
-    quantize: int | None = None,
-    group_size: int = 64,
-    keep_quantized: bool | None = None,
-) -> LoadedModel:
+def load(model: str | None = None, options: LoadOptions = LoadOptions()) -> LoadedModel:
     """A model by path (HF directory, .gguf file, or a directory holding one .gguf), by a
     name already downloaded to the models directory, or the default model for None."""
     path = download.resolve(model)
@@ -240,5 +223,5 @@ def load(
             raise ValueError(
                 f"{path} is a file but not a .gguf: give a .gguf file or a model directory"
             )
-        return load_gguf(path, dtype, quantize, group_size, keep_quantized)
-    return load_hf_dir(path, dtype, quantize, group_size, keep_quantized)
+        return load_gguf(path, options)
+    return load_hf_dir(path, options)

@@ -110,7 +110,8 @@ def save_quantized(
         raise FileExistsError(f"{dst} exists and is not empty")
     from nanovllm_mlx.loading import loader  # loader builds on this module
 
-    loaded = loader.load_hf_dir(src, dtype=dtype, quantize=bits, group_size=group_size)
+    options = loader.LoadOptions(dtype=dtype, quantize=bits, group_size=group_size)
+    loaded = loader.load_hf_dir(src, options)
     weights = dict(nn.utils.tree_flatten(loaded.model.parameters()))
     dst.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})

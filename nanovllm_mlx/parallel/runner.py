@@ -101,6 +101,23 @@ class TensorParallel:
                 "options and the same nanovllm-mlx and MLX versions"
             )
 
+    def abort(self) -> None:
+        """End the spawned ranks after a start-up error on rank 0 (a size that does not
+        divide the heads, say), which the caller then reports in one line. No STOP: the
+        others may be anywhere but in a collective. MLX's transport writes a line per
+        closed socket to this process's stderr as they die; those go to /dev/null."""
+        self.stopped = True
+        self.watchdog.stopping = True
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+                groups.kill(self.children)
+                time.sleep(0.3)  # the transport's threads notice the closed sockets
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
     def failed(self, error: Exception) -> TensorParallelError:
         """The error to end the run with: which rank died and how, when a spawned one did
         (the transport notices first; the watchdog knows which)."""

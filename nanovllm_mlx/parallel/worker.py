@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 # The package's __init__ (run first, as for any module of it) loads the fast BLAS.
 import mlx.core as mx
@@ -23,10 +24,16 @@ from nanovllm_mlx.parallel.channel import Channel, TensorParallelError
 from nanovllm_mlx.parallel.records import COPY, STOP, Mirror, decode
 from nanovllm_mlx.parallel.runner import fingerprint
 
+# A spawned rank that fails at start-up waits this long before exiting: rank 0 usually
+# fails the same way (the same model, the same check) and reports it in one line; a rank
+# that exits first fills rank 0's terminal with the transport's closed-socket lines.
+STARTUP_GRACE_S = 3.0
+
 
 def run(model: str | None, options: dict) -> int:
     """Serve steps until rank 0 stops; the process's exit code."""
     rank = groups.launched_rank()
+    started = False
     try:
         config = Config(model=model or "", **options)
         groups.watch_parent()
@@ -43,6 +50,7 @@ def run(model: str | None, options: dict) -> int:
             loaded.model, num_blocks, config.block_size, loaded.dtype, collective=True
         )
         mirror = Mirror()
+        started = True
         while True:
             record = decode(channel.broadcast(None))
             if record.kind == STOP:
@@ -54,6 +62,8 @@ def run(model: str | None, options: dict) -> int:
                 runner.run_forward(mirror.batch(record))
     except Exception as e:  # one line for rank 0 to quote
         print(f"error: rank {rank}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        if not started and "NANOVLLM_TP_PARENT" in os.environ:
+            time.sleep(STARTUP_GRACE_S)
         return 1
 
 
