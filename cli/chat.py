@@ -283,8 +283,11 @@ def quiet_ctrl_c() -> Iterator[None]:
         import termios
 
         fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):  # not a terminal, or Windows
+        # termios.error is not an OSError: a pipe on stdin raised it (ENOTTY) out of chat.
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError, AttributeError):  # Windows, a closed stdin
+        saved = None
+    if saved is None:
         yield
         return
     quiet = list(saved)

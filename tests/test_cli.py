@@ -123,6 +123,22 @@ def test_ask_seed_makes_sampling_reproducible(runner, gpt2_tiny):
     assert a.stdout == b.stdout
 
 
+# chat ------------------------------------------------------------------------------------
+
+
+def test_chat_reads_a_pipe(gpt2_tiny):
+    """A script piping turns into chat: no terminal to configure (tcgetattr raised out of
+    chat once), answers and the /stats table on stdout, exit 0 at /exit."""
+    script = "Hello there\nAnd then?\n/stats\n/exit\n"
+    proc = subprocess.run(
+        cli_argv("chat", "-m", str(gpt2_tiny), "--max-tokens", "8", *SMALL_KV_ARGS),
+        cwd=REPO_ROOT, input=script, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "turns: 2" in proc.stdout and "prefix_hit_tokens:" in proc.stdout, proc.stdout
+
+
 # bench -----------------------------------------------------------------------------------
 
 BENCH = ["--num-seqs", "4", "--min-input", "8", "--max-input", "32"]
