@@ -9,19 +9,25 @@ from nanovllm_mlx.engine import budget
 
 
 class FakeRunner:
-    """Prefill costs `overhead + tokens * per_token` seconds of a fake clock."""
+    """Prefill of n tokens after c cached ones costs `overhead + n * (per_token + c *
+    per_key)` seconds of a fake clock."""
 
-    def __init__(self, overhead: float, per_token: float, num_blocks: int = 4096):
+    def __init__(
+        self, overhead: float, per_token: float, num_blocks: int = 4096, per_key: float = 0.0
+    ):
         self.pool = PoolLayout(1, num_blocks, 16)
-        self.overhead, self.per_token = overhead, per_token
+        self.overhead, self.per_token, self.per_key = overhead, per_token, per_key
         self.now = 0.0
         self.calls: list[int] = []
+        self.contexts: list[int] = []
 
     def run(self, batch, look_ahead: bool = False):
-        n = batch[0].num_new_tokens
-        assert batch[0].seq.block_table == list(range(-(-n // 16)))
+        n, seq = batch[0].num_new_tokens, batch[0].seq
+        c = seq.num_computed_tokens
+        assert seq.block_table == list(range(-(-(c + n) // 16))) and seq.num_tokens == c + n
         self.calls.append(n)
-        self.now += self.overhead + n * self.per_token
+        self.contexts.append(c)
+        self.now += self.overhead + n * (self.per_token + c * self.per_key)
         return [0], None
 
 
@@ -37,25 +43,41 @@ def fake(monkeypatch: pytest.MonkeyPatch):
 
 def test_a_slow_device_gets_what_it_prefills_in_the_target_time(fake):
     runner = fake(overhead=0.010, per_token=0.001)  # 1,000 tok/s, 10 ms a step
-    got = budget.measure_step_budget(runner, 16, 4096)
+    got = budget.measure_step_budget(runner, 16, 4096).tokens
     assert got == pytest.approx((budget.TARGET_STEP_S - 0.010) / 0.001, abs=2)
     assert runner.calls[:2] == [budget.PROBE_TOKENS] * 2  # warm-up, then the probe
 
 
 def test_a_fast_device_gets_the_cap_and_a_very_slow_one_the_floor(fake):
-    assert budget.measure_step_budget(fake(0.001, 1e-7), 64, 8192) == budget.DEFAULT_CAP
+    assert budget.measure_step_budget(fake(0.001, 1e-7), 64, 8192).tokens == budget.DEFAULT_CAP
     very_slow = fake(overhead=0.5, per_token=0.05)
-    assert budget.measure_step_budget(very_slow, 64, 8192) == 64
-    assert len(very_slow.calls) == 2  # no second probe: one small prefill said enough
+    assert budget.measure_step_budget(very_slow, 64, 8192).tokens == 64
+    # No second probe (one small prefill said enough); then the key-cost probe.
+    assert very_slow.calls == [16] * 3 and very_slow.contexts == [0, 0, 496]
 
 
 def test_the_budget_never_exceeds_the_pool(fake):
     small_pool = fake(0.001, 1e-7, num_blocks=20)  # 320 slots
-    assert budget.measure_step_budget(small_pool, 16, 8192) == 320
+    assert budget.measure_step_budget(small_pool, 16, 8192) == budget.StepBudget(320)
 
 
 def test_the_probe_stays_inside_the_context(fake):
     # Positions past the context would read garbage embeddings into the KV pool.
     runner = fake(0.001, 1e-6)
     got = budget.measure_step_budget(runner, 16, max_model_len=300)
-    assert max(runner.calls) <= 300 and got == budget.DEFAULT_CAP
+    assert max(runner.calls) <= 300 and got == budget.StepBudget(budget.DEFAULT_CAP)
+
+
+def test_a_time_bound_budget_measures_what_cached_keys_cost(fake):
+    # A token after c cached keys costs 1 + c / 500 tokens' time: key_cost 0.002.
+    runner = fake(overhead=0.0, per_token=0.001, per_key=0.001 / 500)
+    got = budget.measure_step_budget(runner, 16, 4096)
+    assert got.tokens == 250 and got.key_cost == pytest.approx(0.002, rel=1e-6)
+    assert max(c + n for c, n in zip(runner.contexts, runner.calls)) <= budget.KEY_PROBE_CONTEXT
+    # Where the cap binds, a step is short anyway: no key-cost probe, tokens alone.
+    fast = fake(0.001, 1e-7, per_key=1e-9)
+    assert budget.measure_step_budget(fast, 16, 4096) == budget.StepBudget(budget.DEFAULT_CAP)
+    assert set(fast.contexts) == {0}
+    # Nor where the context is too short to probe.
+    short = fake(0.0, 0.001, per_key=1e-6)
+    assert budget.measure_step_budget(short, 16, max_model_len=70).key_cost == 0.0

@@ -87,6 +87,49 @@ def test_chunked_prefill_respects_the_token_budget():
     assert a.num_computed_tokens == 20
 
 
+def test_late_prompt_chunks_are_cut_by_the_keys_they_read():
+    # key_cost 0.01: a token after 100 cached ones costs 2, after 300 costs 4.
+    sched = make(num_blocks=256, max_num_seqs=8, max_tokens_step=40, max_model_len=1024)
+    sched.key_cost = 0.01
+    d = add(sched, 4, max_tokens=400, seq_id=0)
+    step(sched)
+    a = add(sched, 500, seq_id=1)
+    chunks = []
+    while not a.num_output_tokens:
+        context = a.num_computed_tokens
+        batch = step(sched)
+        assert batch[0].seq is d and batch[0].num_new_tokens == 1  # the decode rides along
+        n = batch[1].num_new_tokens
+        chunks.append((context, n))
+        if a.num_computed_tokens < 500:  # a cut chunk fills the budget, rounded down
+            assert n == max(1, int(39 / (1 + 0.01 * context)))
+        check_invariants(sched)
+    assert chunks[:3] == [(0, 39), (39, 28), (67, 23)]
+    assert chunks[-1][1] <= 10 and a.num_computed_tokens == 500
+    # With no key cost the same prompt goes in equal chunks, as the budget alone allows.
+    plain = make(num_blocks=256, max_tokens_step=40, max_model_len=1024)
+    b = add(plain, 500, seq_id=2)
+    sizes = []
+    while not b.num_output_tokens:
+        sizes.append(step(plain)[0].num_new_tokens)
+    assert sizes == [40] * 12 + [20]
+
+
+def test_a_decode_batch_is_never_cut_by_the_key_cost():
+    sched = make(num_blocks=1024, max_num_seqs=8, max_tokens_step=8, max_model_len=1024)
+    sched.key_cost = 1.0  # absurd: one cached key costs as much as a token
+    seqs = [add(sched, 30, max_tokens=400, seq_id=i) for i in range(8)]
+    while not all(s.num_output_tokens for s in seqs):
+        decoding = [s for s in sched.running if s.num_output_tokens]
+        batch = step(sched)
+        assert batch and all(item.num_new_tokens >= 1 for item in batch)  # always progress
+        # Every decode rides in every step, before the one prompt chunk (cut to a token).
+        assert [i.seq for i in batch if i.num_new_tokens == 1][: len(decoding)] == decoding
+        assert sum(i.num_new_tokens > 1 for i in batch) <= 1
+    batch = step(sched)
+    assert len(batch) == 8 and all(i.num_new_tokens == 1 for i in batch)
+
+
 def test_decodes_are_scheduled_before_new_prefills_and_budget_is_shared():
     sched = make(max_tokens_step=10)
     a = add(sched, 4, max_tokens=10, seq_id=0)

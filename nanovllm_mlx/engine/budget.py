@@ -5,12 +5,15 @@ decode waits for the whole step it rides in, and an abort or a Ctrl-C is seen on
 it. A fixed 4,096-token budget made a 2,000-token prompt one 145 s step on a 2-core CPU
 (every running stream froze that long), while a GPU computes it in milliseconds. So the
 budget is what the device prefills in about TARGET_STEP_S, between a floor that keeps
-decode batches whole and the configured cap.
+decode batches whole and the configured cap. Where time bounds it, a third probe measures
+what attending to cached keys adds to a prompt token's cost, so that late chunks of a long
+prompt are cut shorter and keep the step near its target (Scheduler._chunk).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.scheduler import ScheduledSeq
@@ -20,14 +23,28 @@ from nanovllm_mlx.sampling_params import SamplingParams
 TARGET_STEP_S = 0.25  # a step this long keeps streams smooth and Ctrl-C prompt
 DEFAULT_CAP = 4096  # GPUs reach it: beyond, prefill throughput gains little
 PROBE_TOKENS = 16
+# Cached keys behind the key-cost probe's tokens. On 2 CPU cores (SmolLM2-135M, float32)
+# 16 tokens took 0.185 s after no keys, 0.264 s after 496 and 0.351 s after 1,008: linear,
+# so one probe of 0.26 s at start-up gives the slope.
+KEY_PROBE_CONTEXT = 512
 
 
-def _prefill_seconds(runner: ModelRunner, n: int) -> float:
-    """Time of one n-token prefill step. It writes K/V into the first blocks of the pool,
-    which hold nothing yet (nothing is cached before the first request)."""
+@dataclass(frozen=True, slots=True)
+class StepBudget:
+    tokens: int  # a step's budget, in tokens at no context
+    key_cost: float = 0.0  # what each cached key adds to a prompt token's cost, in tokens
+
+
+def _prefill_seconds(runner: ModelRunner, n: int, context: int = 0) -> float:
+    """Time of one n-token prefill step after `context` cached tokens. It writes K/V into
+    the first blocks of the pool, which hold nothing yet (nothing is cached before the
+    first request); the context's keys are those blocks' zeros, which cost the same."""
     bs = runner.pool.block_size
-    seq = Sequence(-1, [1] * n, SamplingParams(temperature=0.0), request_id="budget-probe")
-    seq.block_table = list(range(-(-n // bs)))
+    seq = Sequence(
+        -1, [1] * (context + n), SamplingParams(temperature=0.0), request_id="budget-probe"
+    )
+    seq.block_table = list(range(-(-(context + n) // bs)))
+    seq.num_computed_tokens = context
     t0 = time.perf_counter()
     runner.run([ScheduledSeq(seq, n)])
     return time.perf_counter() - t0
@@ -35,21 +52,24 @@ def _prefill_seconds(runner: ModelRunner, n: int) -> float:
 
 def measure_step_budget(
     runner: ModelRunner, floor: int, max_model_len: int, cap: int = DEFAULT_CAP
-) -> int:
+) -> StepBudget:
     """Tokens a step may compute so that it takes about TARGET_STEP_S here.
 
-    Two probes, each run twice (the first run of a shape pays for kernel compilation,
-    which every engine pays once anyway): a small prefill bounds the cost per token; if
-    that allows more than a few dozen tokens, a prefill near the estimate separates the
-    per-step overhead from the per-token cost. Costs about 3 x TARGET_STEP_S on a slow
-    device, milliseconds on a GPU."""
+    Probes run twice each (the first run of a shape pays for kernel compilation, which
+    every engine pays once anyway): a small prefill bounds the cost per token; if that
+    allows more than a few dozen tokens, a prefill near the estimate separates the
+    per-step overhead from the per-token cost. If the budget is then below the cap (time
+    binds it), the small prefill once more after KEY_PROBE_CONTEXT cached tokens gives
+    the key cost. Costs about 4 x TARGET_STEP_S on a slow device, milliseconds on a GPU."""
     floor = min(floor, cap)
-    if runner.pool.num_blocks * runner.pool.block_size < cap:
-        cap = max(floor, runner.pool.num_blocks * runner.pool.block_size)
+    slots = runner.pool.num_blocks * runner.pool.block_size
+    if slots < cap:
+        cap = max(floor, slots)
     if max_model_len <= 4 * PROBE_TOKENS:
-        return max(floor, min(cap, max_model_len))
+        return StepBudget(max(floor, min(cap, max_model_len)))
     _prefill_seconds(runner, PROBE_TOKENS)
     small = _prefill_seconds(runner, PROBE_TOKENS)
+    per_token = small / PROBE_TOKENS  # overhead included: an upper bound
     estimate = int(TARGET_STEP_S / max(small, 1e-9) * PROBE_TOKENS)
     if estimate > 4 * PROBE_TOKENS:
         # One sequence, so no longer than the context: positions past it are garbage.
@@ -59,4 +79,11 @@ def measure_step_budget(
         per_token = max((large - small) / (n - PROBE_TOKENS), 1e-9)
         overhead = max(small - per_token * PROBE_TOKENS, 0.0)
         estimate = int(max(TARGET_STEP_S - overhead, 0.0) / per_token)
-    return max(floor, min(cap, estimate))
+    tokens = max(floor, min(cap, estimate))
+    context = min(KEY_PROBE_CONTEXT, max_model_len, slots) - PROBE_TOKENS
+    if tokens >= cap or context < 4 * PROBE_TOKENS:
+        return StepBudget(tokens)
+    # Run once: its kernels are the small probe's, already built, at other sizes.
+    late = _prefill_seconds(runner, PROBE_TOKENS, context)
+    key_cost = max(late - small, 0.0) / (PROBE_TOKENS * context * max(per_token, 1e-9))
+    return StepBudget(tokens, key_cost)

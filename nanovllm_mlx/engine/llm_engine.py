@@ -43,13 +43,14 @@ class LLMEngine:
         self.parallel = parts.parallel
         self.block_manager = parts.block_manager
         self.model_runner = parts.runner
-        self.max_num_batched_tokens = parts.max_num_batched_tokens
+        self.max_num_batched_tokens = parts.budget.tokens
         self.async_scheduling = parts.async_scheduling
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
             self.max_num_batched_tokens,
             self.max_model_len,
+            key_cost=parts.budget.key_cost,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.structured = structured.StructuredOutputs(self.tokenizer, self.vocab_size)
@@ -249,6 +250,7 @@ class LLMEngine:
             "kv_blocks_copied": blocks.copied,
             "block_size": self.config.block_size,
             "max_num_batched_tokens": self.max_num_batched_tokens,
+            "step_key_cost": self.scheduler.key_cost,
             "prefix_hit_tokens": blocks.prefix_hit_tokens,
             "prefix_hit_rate": blocks.prefix_hit_rate,
             "preemptions": self.scheduler.num_preemptions,

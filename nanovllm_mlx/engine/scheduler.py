@@ -28,11 +28,17 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        key_cost: float = 0.0,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        # What each cached key a prompt token attends to adds to its cost, in tokens
+        # (engine/budget.py measures it where the budget is bound by time; 0: a step's
+        # budget counts tokens alone). Decodes always count 1, so the budget's floor
+        # keeps every decode batch whole.
+        self.key_cost = key_cost
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -69,10 +75,10 @@ class Scheduler:
                     break
             else:
                 self.block_manager.append_slots(seq)
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                n, cost = self._chunk(seq, budget)
                 batch.append(ScheduledSeq(seq, n))
                 scheduled.append(seq)
-                budget -= n
+                budget -= cost
         self.running = scheduled + list(queue)
 
         slots = self._slots()
@@ -84,11 +90,26 @@ class Scheduler:
             self.waiting.popleft()
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n, cost = self._chunk(seq, budget)
             batch.append(ScheduledSeq(seq, n))
             self.running.append(seq)
-            budget -= n
+            budget -= cost
         return batch
+
+    def _chunk(self, seq: Sequence, budget: float) -> tuple[int, float]:
+        """The tokens seq computes this step and what they cost of the budget. A chunk
+        cut short takes the whole rest of the budget, so nothing is scheduled after it.
+
+        A prompt chunk of n tokens after c cached ones costs n * (1 + key_cost * c): each
+        token also reads the cached keys (keys within the chunk are in the budget's own
+        measurement). Measured on 2 CPU cores (SmolLM2-135M, float32), a 2,000-token
+        prompt prefilled at 150 tok/s at its start and 91 tok/s on average; counting
+        tokens alone, its late chunks made the steps of 8 streams sharing them twice as
+        long as the early ones (inter-token latency p50 0.72 s, p99 1.13 s)."""
+        left = seq.num_tokens - seq.num_computed_tokens
+        per_token = 1.0 if left == 1 else 1.0 + self.key_cost * seq.num_computed_tokens
+        n = max(1, min(left, int(budget / per_token)))
+        return n, (n * per_token if n == left else budget)
 
     def reserve_ahead(self, batch: list[ScheduledSeq]) -> bool:
         """Whether the step after this one can be launched before this one's tokens are

@@ -12,7 +12,7 @@ import mlx.core as mx
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine import memory
 from nanovllm_mlx.engine.block_manager import BlockManager
-from nanovllm_mlx.engine.budget import PROBE_TOKENS, measure_step_budget
+from nanovllm_mlx.engine.budget import PROBE_TOKENS, StepBudget, measure_step_budget
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.models.base import ModelSpec
@@ -45,7 +45,7 @@ class Parts:
     max_model_len: int
     block_manager: BlockManager
     runner: ModelRunner | ParallelRunner
-    max_num_batched_tokens: int
+    budget: StepBudget
     async_scheduling: bool
     parallel: TensorParallel | None
 
@@ -94,9 +94,10 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     if parallel is not None:
         parallel.agree(fingerprint(loaded, config, context), num_blocks)
         runner = parallel.wrap(runner)
-    budget = config.max_num_batched_tokens or measure_step_budget(
-        runner, max(config.max_num_seqs, PROBE_TOKENS), context
-    )
+    if config.max_num_batched_tokens:  # as given: tokens alone, whatever their context
+        budget = StepBudget(config.max_num_batched_tokens)
+    else:
+        budget = measure_step_budget(runner, max(config.max_num_seqs, PROBE_TOKENS), context)
     look_ahead = on_gpu if config.async_scheduling is None else config.async_scheduling
     return Parts(
         loaded=loaded,
@@ -105,7 +106,7 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
             num_blocks, config.block_size, config.enable_prefix_caching, spec.sliding_window
         ),
         runner=runner,
-        max_num_batched_tokens=budget,
+        budget=budget,
         async_scheduling=look_ahead and not tp,
         parallel=parallel,
     )
