@@ -26,6 +26,7 @@ _CANDIDATES = [
 ]
 
 blas_in_use: str = "platform default"
+_blas_threads: list = []  # the loaded BLAS's thread-count setters
 
 
 def _mkl_paths() -> list[str]:
@@ -80,13 +81,33 @@ def load_fast_blas() -> str:
         if path.startswith("/") and not os.path.exists(path):
             continue
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
         blas_in_use = path
+        _blas_threads.extend(
+            getattr(lib, name)
+            for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads")
+            if hasattr(lib, name)
+        )
         return blas_in_use
     blas_in_use = "bundled reference BLAS (slow: install libopenblas0-pthread or `pip install mkl`)"
     return blas_in_use
+
+
+def set_blas_threads(n: int) -> None:
+    """Limit the loaded BLAS to n threads, where it says how (OpenBLAS, MKL)."""
+    for setter in _blas_threads:
+        setter(ctypes.c_int(n))
+
+
+def cpus_each(processes: int) -> int:
+    """This machine's cores (those this process may use) shared among `processes`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    return max(1, cores // processes)
 
 
 def describe() -> str:

@@ -13,10 +13,16 @@ class FakeRunner:
     per_key)` seconds of a fake clock."""
 
     def __init__(
-        self, overhead: float, per_token: float, num_blocks: int = 4096, per_key: float = 0.0
+        self,
+        overhead: float,
+        per_token: float,
+        num_blocks: int = 4096,
+        per_key: float = 0.0,
+        window: int | None = None,
     ):
         self.pool = PoolLayout(1, num_blocks, 16)
         self.overhead, self.per_token, self.per_key = overhead, per_token, per_key
+        self.window = window
         self.now = 0.0
         self.calls: list[int] = []
         self.contexts: list[int] = []
@@ -27,7 +33,8 @@ class FakeRunner:
         assert seq.block_table == list(range(-(-(c + n) // 16))) and seq.num_tokens == c + n
         self.calls.append(n)
         self.contexts.append(c)
-        self.now += self.overhead + n * (self.per_token + c * self.per_key)
+        keys = c if self.window is None else min(c, self.window)
+        self.now += self.overhead + n * (self.per_token + keys * self.per_key)
         return [0], None
 
 
@@ -81,3 +88,10 @@ def test_a_time_bound_budget_measures_what_cached_keys_cost(fake):
     # Nor where the context is too short to probe.
     short = fake(0.0, 0.001, per_key=1e-6)
     assert budget.measure_step_budget(short, 16, max_model_len=70).key_cost == 0.0
+
+
+def test_the_key_cost_is_per_key_a_sliding_window_layer_reads(fake):
+    # Every layer slides over 100 keys: the probe after 496 reads 100 per token.
+    runner = fake(overhead=0.0, per_token=0.001, per_key=0.001 / 500, window=100)
+    got = budget.measure_step_budget(runner, 16, 4096, layer_windows=(100, 100))
+    assert got.key_cost == pytest.approx(0.002, rel=1e-6)

@@ -5,7 +5,7 @@ here as the engine applies it, so these tests need no tokenizer or model."""
 
 from nanovllm_mlx.engine.block_manager import BlockManager
 from nanovllm_mlx.engine.output_processor import token_finish_reason
-from nanovllm_mlx.engine.scheduler import Scheduler
+from nanovllm_mlx.engine.scheduler import Scheduler, keys_read
 from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.sampling_params import SamplingParams
 
@@ -113,6 +113,35 @@ def test_late_prompt_chunks_are_cut_by_the_keys_they_read():
     while not b.num_output_tokens:
         sizes.append(step(plain)[0].num_new_tokens)
     assert sizes == [40] * 12 + [20]
+
+
+def test_sliding_window_layers_bound_the_keys_a_chunk_pays_for():
+    assert keys_read(1000, ()) == 1000
+    assert keys_read(1000, (100, 100, None, 100)) == (3 * 100 + 1000) / 4
+    assert keys_read(50, (100, None)) == 50
+    sched = make(num_blocks=256, max_tokens_step=40, max_model_len=1024)
+    sched.key_cost, sched.layer_windows = 0.01, (100, 100)  # every layer slides
+    a = add(sched, 600, seq_id=0)
+    sizes = []
+    while not a.num_output_tokens:
+        sizes.append(step(sched)[0].num_new_tokens)
+    assert sizes[:2] == [40, 28] and set(sizes[4:-1]) == {20}  # past the window: 40 / 2
+
+
+def test_a_prompt_admitted_behind_a_long_one_pays_for_its_padding():
+    # A long prompt's last chunk ends with budget left: the next prompt shares the step,
+    # and the prefill read pads it to the long one's context, so it is charged that.
+    sched = make(num_blocks=256, max_tokens_step=40, max_model_len=1024)
+    sched.key_cost = 0.01
+    a = add(sched, 299, seq_id=0)
+    while a.num_computed_tokens < 294:
+        step(sched)
+    assert a.num_computed_tokens == 294
+    b = add(sched, 30, seq_id=1)
+    batch = step(sched)
+    # a's last 5 tokens after 294 keys cost 5 * 3.94 = 19.7 of 40; b's tokens are charged
+    # 3.94 each too, not 1: 20.3 left buys 5 (alone at no context they would be 20).
+    assert [(i.seq, i.num_new_tokens) for i in batch] == [(a, 5), (b, 5)]
 
 
 def test_a_decode_batch_is_never_cut_by_the_key_cost():

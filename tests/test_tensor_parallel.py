@@ -48,6 +48,45 @@ def scenario(name: str, model: Path) -> tuple[subprocess.CompletedProcess, list[
     return proc, lines
 
 
+# Local ranks share the cores -------------------------------------------------------------
+
+
+def test_local_ranks_split_the_cores_among_their_blas_threads(monkeypatch):
+    from nanovllm_mlx import backend
+    from nanovllm_mlx.parallel import group
+
+    started, limited = [], []
+
+    class FakePopen:
+        def __init__(self, argv, env, **kwargs):
+            started.append(env)
+
+    monkeypatch.setattr(group.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(backend, "set_blas_threads", limited.append)
+    monkeypatch.setattr(backend, "cpus_each", lambda n: 8 // n)  # an 8-core machine
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    group.spawn(4, "m", {})
+    assert limited == [2] and len(started) == 3  # rank 0 here, ranks 1-3 spawned
+    assert all(env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2" for env in started)
+    # A count the user set is theirs: passed on as it is, and this process left alone.
+    started.clear()
+    limited.clear()
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    group.spawn(2, "m", {})
+    assert limited == [] and started[0]["OPENBLAS_NUM_THREADS"] == "3"
+    assert "MKL_NUM_THREADS" not in started[0]
+
+
+def test_the_blas_thread_setter_is_found_for_the_loaded_library():
+    from nanovllm_mlx import backend
+
+    if "openblas" not in backend.blas_in_use and "mkl" not in backend.blas_in_use:
+        pytest.skip(f"no OpenBLAS or MKL loaded ({backend.blas_in_use})")
+    assert backend._blas_threads  # openblas_set_num_threads or MKL_Set_Num_Threads
+    assert backend.cpus_each(1) >= 1 and backend.cpus_each(10**6) == 1
+
+
 # The step records ---------------------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ class LLMEngine:
             self.max_num_batched_tokens,
             self.max_model_len,
             key_cost=parts.budget.key_cost,
+            layer_windows=spec.layer_windows,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.structured = structured.StructuredOutputs(self.tokenizer, self.vocab_size)

@@ -21,6 +21,16 @@ class ScheduledSeq:
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
+def keys_read(context: int, layer_windows: tuple[int | None, ...]) -> float:
+    """Cached keys a token after `context` ones reads, averaged over the layers: a
+    sliding-window layer reads at most its window."""
+    if not layer_windows:
+        return float(context)
+    return sum(context if w is None else min(context, w) for w in layer_windows) / len(
+        layer_windows
+    )
+
+
 class Scheduler:
     def __init__(
         self,
@@ -29,6 +39,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         key_cost: float = 0.0,
+        layer_windows: tuple[int | None, ...] = (),
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -37,11 +48,14 @@ class Scheduler:
         # What each cached key a prompt token attends to adds to its cost, in tokens
         # (engine/budget.py measures it where the budget is bound by time; 0: a step's
         # budget counts tokens alone). Decodes always count 1, so the budget's floor
-        # keeps every decode batch whole.
+        # keeps every decode batch whole. layer_windows: each layer's sliding window (None:
+        # full attention; empty: all full), which bound the keys a token reads.
         self.key_cost = key_cost
+        self.layer_windows = layer_windows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._widest = 0.0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -60,6 +74,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
+        self._widest = 0.0  # the most cached keys a prompt chunk of this step reads
         # Running sequences first, oldest first: decodes never wait behind new prompts. (A
         # prompt still being prefilled is always the newest: its chunk took what was left
         # of the budget, so nothing was admitted after it.)
@@ -100,14 +115,20 @@ class Scheduler:
         """The tokens seq computes this step and what they cost of the budget. A chunk
         cut short takes the whole rest of the budget, so nothing is scheduled after it.
 
-        A prompt chunk of n tokens after c cached ones costs n * (1 + key_cost * c): each
-        token also reads the cached keys (keys within the chunk are in the budget's own
-        measurement). Measured on 2 CPU cores (SmolLM2-135M, float32), a 2,000-token
-        prompt prefilled at 150 tok/s at its start and 91 tok/s on average; counting
-        tokens alone, its late chunks made the steps of 8 streams sharing them twice as
-        long as the early ones (inter-token latency p50 0.72 s, p99 1.13 s)."""
+        A prompt chunk of n tokens costs n * (1 + key_cost * keys), keys being the cached
+        keys each of its tokens reads (keys_read; those within the chunk are in the
+        budget's own measurement), and at least the most that an earlier prompt chunk of
+        the step reads: the prefill read pads every chunk of a step to the widest.
+        Measured on 2 CPU cores (SmolLM2-135M, float32), a 2,000-token prompt prefilled
+        at 150 tok/s at its start and 91 tok/s on average; counting tokens alone, its late
+        chunks made the steps of 8 streams sharing them twice as long as the early ones
+        (inter-token latency p50 0.72 s, p99 1.13 s)."""
         left = seq.num_tokens - seq.num_computed_tokens
-        per_token = 1.0 if left == 1 else 1.0 + self.key_cost * seq.num_computed_tokens
+        if left == 1:
+            return 1, 1.0
+        keys = max(keys_read(seq.num_computed_tokens, self.layer_windows), self._widest)
+        self._widest = keys
+        per_token = 1.0 + self.key_cost * keys
         n = max(1, min(left, int(budget / per_token)))
         return n, (n * per_token if n == left else budget)
 

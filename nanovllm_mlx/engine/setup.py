@@ -97,7 +97,12 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     if config.max_num_batched_tokens:  # as given: tokens alone, whatever their context
         budget = StepBudget(config.max_num_batched_tokens)
     else:
-        budget = measure_step_budget(runner, max(config.max_num_seqs, PROBE_TOKENS), context)
+        budget = measure_step_budget(
+            runner,
+            max(config.max_num_seqs, PROBE_TOKENS),
+            context,
+            layer_windows=spec.layer_windows,
+        )
     look_ahead = on_gpu if config.async_scheduling is None else config.async_scheduling
     return Parts(
         loaded=loaded,
