@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 
 from nanovllm_mlx.attention.metadata import PoolLayout
@@ -59,8 +60,10 @@ def test_a_fast_device_gets_the_cap_and_a_very_slow_one_the_floor(fake):
     assert budget.measure_step_budget(fake(0.001, 1e-7), 64, 8192).tokens == budget.DEFAULT_CAP
     very_slow = fake(overhead=0.5, per_token=0.05)
     assert budget.measure_step_budget(very_slow, 64, 8192).tokens == 64
-    # No second probe (one small prefill said enough); then the key-cost probe.
-    assert very_slow.calls == [16] * 3 and very_slow.contexts == [0, 0, 496]
+    # No second probe (one small prefill said enough); then the key-cost probe, once on a
+    # CPU, twice (the first may build kernels) elsewhere.
+    runs = 1 if mx.default_device() == mx.cpu else 2
+    assert very_slow.calls == [16] * (2 + runs) and very_slow.contexts == [0, 0] + [496] * runs
 
 
 def test_the_budget_never_exceeds_the_pool(fake):
