@@ -138,37 +138,62 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-_LAYER_NAMES = {
+_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
+    "self_attn.qkv_proj": "attn_qkv",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
+    "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused gate and up
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
 }
+_GEMMA_NAMES = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+_EXPERTS = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up"}
+_EXPERTS["down_proj"] = "down"
 
 
 def gguf_tensors(model_dir: Path, arch: str) -> dict[str, np.ndarray]:
-    """An HF Llama/Qwen2 checkpoint under llama.cpp's names, q/k permuted for llama."""
+    """An HF checkpoint under llama.cpp's names: q/k permuted for llama, experts stacked,
+    Gemma's norms stored as 1 + w."""
     from safetensors.numpy import load_file
 
     config = json.loads((model_dir / "config.json").read_text())
+    names = {**_NAMES, **_GEMMA_NAMES} if arch == "gemma3" else _NAMES
+    experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     out = {}
     for key, value in load_file(str(model_dir / "model.safetensors")).items():
+        value = value.astype(np.float32)
         stem, _, suffix = key.removeprefix("model.").rpartition(".")
+        stem = stem.replace("block_sparse_moe", "mlp")
         if stem.startswith("layers."):
             _, n, rest = stem.split(".", 2)
-            name = f"blk.{n}.{_LAYER_NAMES[rest]}"
+            if ".experts." in rest:  # mlp.experts.E.w1 -> stacked ffn_gate_exps
+                _, _, e, proj = rest.split(".")
+                experts.setdefault((n, _EXPERTS[proj]), {})[int(e)] = value
+                continue
+            name = f"blk.{n}.{names[rest]}"
             if arch == "llama" and rest == "self_attn.q_proj":
                 value = _permute(value, config["num_attention_heads"])
             elif arch == "llama" and rest == "self_attn.k_proj":
                 value = _permute(value, config["num_key_value_heads"])
         else:
             name = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[stem]
-        out[f"{name}.{suffix}"] = value.astype(np.float32)
+        if arch == "gemma3" and name.endswith("norm"):
+            value = value + 1.0  # llama.cpp stores Gemma's norms as 1 + w
+        out[f"{name}.{suffix}"] = value
+    for (n, proj), by_expert in experts.items():
+        out[f"blk.{n}.ffn_{proj}_exps.weight"] = np.stack([by_expert[e] for e in sorted(by_expert)])
     return out
 
 

@@ -11,62 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import random_ids
-from test_gguf import _permute, engine_logits, write_gguf
-
-_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.qkv_proj": "attn_qkv",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused gate and up
-    "mlp.down_proj": "ffn_down",
-    "mlp.gate": "ffn_gate_inp",
-}
-_GEMMA_NAMES = {
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-}
-_EXPERTS = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up"}
-_EXPERTS["down_proj"] = "down"
-
-
-def _tensors(model_dir: Path, arch: str, config: dict) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    names = {**_NAMES, **_GEMMA_NAMES} if arch == "gemma3" else _NAMES
-    experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    out = {}
-    for key, value in load_file(str(model_dir / "model.safetensors")).items():
-        value = value.astype(np.float32)
-        stem, _, suffix = key.removeprefix("model.").rpartition(".")
-        stem = stem.replace("block_sparse_moe", "mlp")
-        if stem.startswith("layers."):
-            _, n, rest = stem.split(".", 2)
-            if ".experts." in rest:  # mlp.experts.E.w1 -> stacked ffn_gate_exps
-                _, _, e, proj = rest.split(".")
-                experts.setdefault((n, _EXPERTS[proj]), {})[int(e)] = value
-                continue
-            name = f"blk.{n}.{names[rest]}"
-            if arch == "llama" and rest == "self_attn.q_proj":
-                value = _permute(value, config["num_attention_heads"])
-            elif arch == "llama" and rest == "self_attn.k_proj":
-                value = _permute(value, config["num_key_value_heads"])
-        else:
-            name = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[stem]
-        if arch == "gemma3" and name.endswith("norm"):
-            value = value + 1.0  # llama.cpp stores Gemma's norms as 1 + w
-        out[f"{name}.{suffix}"] = value
-    for (n, proj), by_expert in experts.items():
-        out[f"blk.{n}.ffn_{proj}_exps.weight"] = np.stack([by_expert[e] for e in sorted(by_expert)])
-    return out
+from test_gguf import engine_logits, gguf_tensors, write_gguf
 
 
 def _phi3_rope(config: dict, tensors: dict[str, np.ndarray]) -> dict[str, int | float]:
@@ -119,7 +64,7 @@ def test_gguf_equals_the_safetensors_checkpoint(
 
     model_dir = request.getfixturevalue(fixture)
     config = json.loads((model_dir / "config.json").read_text())
-    tensors = _tensors(model_dir, arch, config)
+    tensors = gguf_tensors(model_dir, arch)
     extra = _extra(arch, config, tensors)
     # Experts in Q8_0 (kept quantized, 3-D triples through gather_qmm) against the same
     # values in float on the safetensors side would differ: float32 experts here, and the
