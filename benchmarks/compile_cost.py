@@ -5,7 +5,11 @@ engine runs the same-shaped workload twice: cold (every decode bucket it meets i
 on first use) and warm (the same lengths, other tokens: no prefix-cache hit, no new
 bucket). cold - warm, less the same difference eager (first-use kernels and allocation,
 paid by both), is what the traces cost; warm compiled against warm eager is what
-compiling saves once traced.
+compiling saves once traced. On CUDA, MLX builds a compiled graph's fused kernels on first
+use and caches them in the process and on disk (/tmp/mlx/<version>/ptx), so the kernel
+build shows only in the first compiled setting of a run on a fresh cache (481 ms a bucket
+on an H200, benchmarks/logs/h200_compile_cost_gpt2_small_f16_v7.log); the later settings
+measure tracing alone.
 
     python benchmarks/compile_cost.py --model tests/.fixtures/gpt2-small-shape \\
         --dtype float16 --requests 8,32
