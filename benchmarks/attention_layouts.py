@@ -4,13 +4,20 @@ Variants, all over the same random pools and scattered block tables:
   token-major gather+sdpa   pools [slots, H, D], gather by block table, masked SDPA (v0.1)
   head-major gather+matmul  pools [H, slots, D], gather, matmuls (the CPU path)
   head-major gather+sdpa    pools [H, slots, D], gather, masked SDPA (GPU prefill path)
-  cuda kernel               reads the pools through the block table (CUDA decode path)
+  cuda kernel               reads the pools through the block table (CUDA decode path):
+                            a thread block per group of query heads sharing a KV head
+  cuda kernel, head blocks  the same kernel with a thread block per query head (before
+                            round three: each KV row read once per query head)
+  contiguous slice+sdpa     SDPA straight over a slice of the head-major pool, as a
+                            sequence whose blocks are contiguous could be read (no gather)
   gather only               the token-major gather alone
   head-major slot gather    head-major K gather slot by slot (the read before v0.3)
   head-major block gather   head-major K gather block by block (the read now)
   dense (mlx-lm)            SDPA over a contiguous [B, H, L, D] cache, no paging
 
     python benchmarks/attention_layouts.py 1x512 32x1024 128x1024 --dtype float16
+    python benchmarks/attention_layouts.py 1x8192 --heads 32 --kv-heads 8 --dim 128 \
+        --layers 32 --dtype float16      (Llama 3 8B's attention)
 """
 
 from __future__ import annotations
@@ -41,7 +48,10 @@ def bench(fn, layers: int) -> float:
     return sorted(samples)[3]
 
 
-def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> dict[str, float]:
+def measure(
+    b: int, ctx: int, h: int, hkv: int, d: int, dtype: mx.Dtype, layers: int
+) -> dict[str, float]:
+    """h query heads over hkv KV heads (grouped-query attention when hkv < h)."""
     bs, scale = 16, d**-0.5
     nb = -(-ctx // bs)
     n = b * nb + 8
@@ -50,17 +60,18 @@ def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> d
     context = mx.full((b,), ctx, dtype=mx.int32)
     mask = mx.arange(nb * bs)[None, None, :] < context[:, None, None]  # [B, 1, L]
     q = mx.random.normal((b, h, d)).astype(dtype)
-    token_major = [mx.random.normal((n * bs, h, d)).astype(dtype) for _ in range(layers)]
+    token_major = [mx.random.normal((n * bs, hkv, d)).astype(dtype) for _ in range(layers)]
     head_major = [
-        KVCache(*(mx.random.normal((h, n * bs, d)).astype(dtype),) * 2, bs) for _ in range(layers)
+        KVCache(*(mx.random.normal((hkv, n * bs, d)).astype(dtype),) * 2, bs)
+        for _ in range(layers)
     ]
-    dense = [mx.random.normal((b, h, nb * bs, d)).astype(dtype) for _ in range(layers)]
-    rows = PoolLayout(h, n, bs).block_rows(np.array(tables))
+    dense = [mx.random.normal((b, hkv, nb * bs, d)).astype(dtype) for _ in range(layers)]
+    rows = PoolLayout(hkv, n, bs).block_rows(np.array(tables))
     mx.eval(tables, slots, rows, mask, q, token_major, [(c.k, c.v) for c in head_major], dense)
 
     def token_gather(p: mx.array) -> mx.array:
-        blocks = p.reshape(n, bs, h, d)[tables]
-        return blocks.reshape(b, nb * bs, h, d).transpose(0, 2, 1, 3)
+        blocks = p.reshape(n, bs, hkv, d)[tables]
+        return blocks.reshape(b, nb * bs, hkv, d).transpose(0, 2, 1, 3)
 
     def token_sdpa() -> list[mx.array]:
         return [
@@ -81,9 +92,30 @@ def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> d
         with mx.stream(mx.default_device()):
             return head_path()
 
-    def kernel() -> list[mx.array]:
+    def kernel(group: int | None = None, unroll: int = cuda_attention.UNROLL) -> list[mx.array]:
         return [
-            cuda_attention.paged_decode(q, c.k, c.v, tables, context, bs, scale, ctx)
+            cuda_attention.paged_decode(
+                q, c.k, c.v, tables, context, bs, scale, ctx, group=group, unroll=unroll
+            )
+            for c in head_major
+        ]
+
+    def contiguous_slice() -> list[mx.array]:
+        # Sequence i's keys as rows [i * L, (i + 1) * L) of every head: a strided view of
+        # the pool, [1, Hkv, L, D] per sequence.
+        length = nb * bs
+        return [
+            mx.concatenate(
+                [
+                    mx.fast.scaled_dot_product_attention(
+                        q[i : i + 1, :, None],
+                        c.k[None, :, i * length : i * length + ctx],
+                        c.v[None, :, i * length : i * length + ctx],
+                        scale=scale,
+                    )
+                    for i in range(b)
+                ]
+            )
             for c in head_major
         ]
 
@@ -99,9 +131,12 @@ def measure(b: int, ctx: int, h: int, d: int, dtype: mx.Dtype, layers: int) -> d
         "head-major slot gather": lambda: [mx.take(c.k, slots, axis=1) for c in head_major],
         "head-major block gather": lambda: [read_blocks(c.k, rows, b, bs) for c in head_major],
         "dense (mlx-lm)": dense_sdpa,
+        "contiguous slice+sdpa": contiguous_slice,
     }
     if cuda_attention.available():
         variants["cuda kernel"] = kernel
+        variants["cuda kernel, unroll 1"] = lambda: kernel(unroll=1)
+        variants["cuda kernel, head blocks"] = lambda: kernel(group=1, unroll=1)
     return {name: bench(fn, layers) for name, fn in variants.items()}
 
 
@@ -110,14 +145,16 @@ def main() -> None:
     ap.add_argument("shapes", nargs="+", help="BATCHxCONTEXT")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=12)
     args = ap.parse_args()
     for spec in args.shapes:
         b, ctx = (int(x) for x in spec.split("x"))
-        res = measure(b, ctx, args.heads, args.dim, getattr(mx, args.dtype), args.layers)
+        hkv = args.kv_heads or args.heads
+        res = measure(b, ctx, args.heads, hkv, args.dim, getattr(mx, args.dtype), args.layers)
         cells = ", ".join(f"{k} {v:.3f}" for k, v in res.items())
-        print(f"B={b} ctx={ctx} {args.dtype}: {cells}", flush=True)
+        print(f"B={b} ctx={ctx} H={args.heads}/{hkv} {args.dtype}: {cells}", flush=True)
 
 
 if __name__ == "__main__":

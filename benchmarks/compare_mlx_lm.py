@@ -2,20 +2,28 @@
 
 Runs each figure alternately (ours, theirs, ours, theirs, ...) and prints medians and the
 ratio ours / mlx-lm:
-  - single-stream decode tok/s (greedy, --decode-tokens tokens after a short prompt)
-  - time to first token for a --ttft-prompt-token prompt
+  - the first request after loading: its decode tok/s, before anything warmed either up
+  - single-stream decode tok/s (greedy, --decode-tokens tokens) after a prompt of each of
+    --contexts tokens
+  - time to first token for a prompt of each of --ttft tokens
   - batched output tok/s for the nano-vllm workload at each --batches size (random prompt
     and output lengths, EOS ignored by both engines)
 
-Fair by construction: both engines are warmed up the same way, and mlx-lm's batch_generate
-may decode and prefill as many sequences at once as we do (its completion_batch_size and
-prefill_batch_size are set to min(requests, --max-num-seqs); left at its defaults of 32 and
-8 it would measure its cap, not its engine). The single-stream figures are also given as a
-share of the weight-bandwidth bound (device bandwidth, measured in the same run, over the
-bytes of weights a decode step reads).
+Fair by construction: both engines are warmed up the same way, MLX's buffer cache is
+emptied (mx.clear_cache) each time the other engine takes over, and mlx-lm's
+batch_generate may decode as many sequences at once as we do (completion_batch_size =
+min(requests, --max-num-seqs)) and prefill --mlx-lm-prefill-batch prompts at once (default
+min(requests, --max-num-seqs); at 8B and 2k-token prompts 32 of them at once do not fit in
+80 GB, so such runs set 8, mlx-lm's own default, and the output says so). Every prompt is
+new to our prefix cache. The single-stream figures are also given as a share of the
+weight-bandwidth bound (device bandwidth, measured in the same run, over the bytes of
+weights a decode step reads).
 
     python benchmarks/compare_mlx_lm.py --model tests/.fixtures/gpt2-small-shape
     python benchmarks/compare_mlx_lm.py --model M --dtype float16 --batches 8,32,128
+    python benchmarks/compare_mlx_lm.py --model tests/.fixtures/llama3-8b-q4 --dtype float16 \
+        --contexts 32,2048,8192,32768 --ttft 4096,16384 --batches 8,64 --min-input 256 \
+        --max-input 2048 --min-output 128 --max-output 256 --mlx-lm-prefill-batch 8
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ def theirs_single(model, tokenizer, prompt: list[int], max_tokens: int) -> tuple
     return first - start, (n - 1) / (end - first)
 
 
-def theirs_batch(model, tokenizer, workload, max_batch: int) -> float:
+def theirs_batch(model, tokenizer, workload, max_batch: int, prefill_batch: int | None) -> float:
     from mlx_lm import batch_generate
 
     prompts = [ids for ids, _ in workload]
@@ -94,7 +102,7 @@ def theirs_batch(model, tokenizer, workload, max_batch: int) -> float:
         max_tokens=max_tokens,
         return_token_ids=True,
         completion_batch_size=batch,
-        prefill_batch_size=batch,
+        prefill_batch_size=min(batch, prefill_batch or batch),
     )
     seconds = time.perf_counter() - start
     return sum(len(ids) for ids in result.token_ids) / seconds
@@ -135,13 +143,19 @@ def weight_bytes_per_token(llm: LLM) -> int:
 # driver -----------------------------------------------------------------------------------
 
 
+def prompt_of(length: int, salt: int, vocab: int) -> list[int]:
+    """A deterministic prompt; a new salt shares no block with earlier prompts."""
+    return [(i * 7919 + salt * 104729) % min(vocab, 10_000) for i in range(1, length + 1)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True, help="HF-layout model directory")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds per figure")
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--ttft-prompt-tokens", type=int, default=512)
+    ap.add_argument("--contexts", default="32", help="prompt lengths before decode tok/s")
+    ap.add_argument("--ttft", default="512", help="prompt lengths whose TTFT is measured")
     ap.add_argument("--batches", default="8,32,128,256")
     ap.add_argument("--batch-repeats", type=int, default=None, help="default: --repeats")
     ap.add_argument("--min-input", type=int, default=100)
@@ -149,6 +163,9 @@ def main() -> None:
     ap.add_argument("--min-output", type=int, default=100)
     ap.add_argument("--max-output", type=int, default=1024)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--mlx-lm-prefill-batch", type=int, default=None)
+    ap.add_argument("--kv-cache-gb", type=float, default=None, help="ours; default: the engine's")
+    ap.add_argument("--max-model-len", type=int, default=None, help="ours; default: the model's")
     ap.add_argument(
         "--async-scheduling",
         choices=["auto", "on", "off"],
@@ -166,16 +183,24 @@ def main() -> None:
 
     from mlx_lm import load
 
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    ttfts = [int(c) for c in args.ttft.split(",") if c]
     choice = {"auto": None, "on": True, "off": False}
+    t0 = time.perf_counter()
     llm = LLM(
         args.model,
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        kv_cache_gb=args.kv_cache_gb,
         async_scheduling=choice[args.async_scheduling],
         compile_decode=choice[args.compile_decode],
     )
+    ours_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
     model, tokenizer = load(args.model)
     model.set_dtype(DTYPES[args.dtype])
+    theirs_load = time.perf_counter() - t0
     tokenizer.eos_token_ids = []  # both engines ignore EOS, as in nano-vllm's bench
     vocab = llm.engine.vocab_size
 
@@ -187,26 +212,35 @@ def main() -> None:
         entry["mlx_lm"].append(theirs)
         print(f"  {figure}: ours {ours:.3f}  mlx-lm {theirs:.3f}", flush=True)
 
-    short = [(i * 7919) % min(vocab, 10_000) for i in range(1, 33)]
-    long = [(i * 7919) % min(vocab, 10_000) for i in range(1, args.ttft_prompt_tokens + 1)]
-    # Warm both up (kernel compilation, allocator) before anything is timed: a short and a
-    # long prompt, and a small batch.
-    warm = long[::-1]  # shares no block with the timed prompts: no prefix-cache hit
-    for prompt in (short, warm):
-        ours_single(llm, prompt, 8)
-        theirs_single(model, tokenizer, prompt, 8)
+    def both_single(prompt: list[int], tokens: int) -> tuple[tuple[float, float], ...]:
+        ours = ours_single(llm, prompt, tokens)
+        mx.clear_cache()
+        theirs = theirs_single(model, tokenizer, prompt, tokens)
+        mx.clear_cache()
+        return ours, theirs
+
+    record("load s", ours_load, theirs_load)
+    # The first request after loading, before any warm-up: what a user's first answer gets.
+    first = both_single(prompt_of(32, 0, vocab), args.decode_tokens)
+    record("decode tok/s (first request)", first[0][1], first[1][1])
+    # Warm both up (kernel compilation, allocator) before anything else is timed.
+    for length in (32, min(2048, max(contexts + ttfts))):
+        both_single(prompt_of(length, 1, vocab), 8)
     warm_batch = make_workload(8, 16, 64, 8, 16, seed=99, vocab_size=vocab)
     ours_batch(llm, warm_batch)
-    theirs_batch(model, tokenizer, warm_batch, args.max_num_seqs)
+    theirs_batch(model, tokenizer, warm_batch, args.max_num_seqs, args.mlx_lm_prefill_batch)
+    mx.clear_cache()
+    salt = 2
     for r in range(args.repeats):
         print(f"round {r + 1}/{args.repeats}", flush=True)
-        _, ours_tps = ours_single(llm, short, args.decode_tokens)
-        _, theirs_tps = theirs_single(model, tokenizer, short, args.decode_tokens)
-        record("decode tok/s (1 stream)", ours_tps, theirs_tps)
-        ours_ttft, _ = ours_single(llm, long, 1 + 1)
-        theirs_ttft, _ = theirs_single(model, tokenizer, long, 1 + 1)
-        record(f"TTFT s ({args.ttft_prompt_tokens}-token prompt)", ours_ttft, theirs_ttft)
-        long = [(t + 1) % min(vocab, 10_000) for t in long]  # no prefix-cache hits
+        for length in contexts:
+            salt += 1
+            ours, theirs = both_single(prompt_of(length, salt, vocab), args.decode_tokens)
+            record(f"decode tok/s (1 stream, {length}-token prompt)", ours[1], theirs[1])
+        for length in ttfts:
+            salt += 1
+            ours, theirs = both_single(prompt_of(length, salt, vocab), 2)
+            record(f"TTFT s ({length}-token prompt)", ours[0], theirs[0])
 
     for size in [int(b) for b in args.batches.split(",") if b]:
         for r in range(args.batch_repeats or args.repeats):
@@ -223,7 +257,11 @@ def main() -> None:
             workload, _ = fit_workload(workload, llm.engine.max_model_len)
             print(f"batch {size}, round {r + 1}", flush=True)
             ours = ours_batch(llm, workload)
-            theirs = theirs_batch(model, tokenizer, workload, args.max_num_seqs)
+            mx.clear_cache()
+            theirs = theirs_batch(
+                model, tokenizer, workload, args.max_num_seqs, args.mlx_lm_prefill_batch
+            )
+            mx.clear_cache()
             record(f"output tok/s ({size} requests)", ours, theirs)
 
     bandwidth = device_bandwidth()
@@ -232,9 +270,12 @@ def main() -> None:
     print()
     print(f"model {args.model}, dtype {args.dtype}, {nanovllm_mlx.backend.describe()}")
     print(
-        f"mlx-lm batches: completion_batch_size = prefill_batch_size = min(requests, "
-        f"{args.max_num_seqs}); ours: max_num_seqs {args.max_num_seqs}, "
-        f"{llm.engine.max_num_batched_tokens} tokens a step"
+        f"mlx-lm batches: completion_batch_size = min(requests, {args.max_num_seqs}), "
+        f"prefill_batch_size = min(requests, {args.mlx_lm_prefill_batch or args.max_num_seqs}); "
+        f"ours: max_num_seqs {args.max_num_seqs}, "
+        f"{llm.engine.max_num_batched_tokens} tokens a step, "
+        f"{llm.engine.model_runner.pool.num_blocks} KV blocks of "
+        f"{llm.engine.model_runner.pool.block_size}"
     )
     print(
         f"bandwidth {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e6:.0f} MB a token: "
@@ -245,7 +286,8 @@ def main() -> None:
     for figure, entry in results.items():
         ours, theirs = statistics.median(entry["ours"]), statistics.median(entry["mlx_lm"])
         # For TTFT lower is better: report the speed-up the same way round as the others.
-        ratio = theirs / ours if figure.startswith("TTFT") else ours / theirs
+        lower_better = figure.startswith(("TTFT", "load"))
+        ratio = theirs / ours if lower_better else ours / theirs
         summary[figure] = {"ours": ours, "mlx_lm": theirs, "ratio": ratio, "runs": entry}
         share = ""
         if figure.startswith("decode"):

@@ -7,8 +7,13 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD PYTHONUNBUFFERED=1
-GPT2=tests/.fixtures/gpt2-small-shape
-SMOL=tests/.fixtures/smollm2-135m-shape
+# Fixtures are built under /tmp (the 8B one is 4.5 GB): paths the device tool carries
+# replace what is in the working tree there, /tmp stays while the machine is warm.
+export NANOVLLM_MLX_FIXTURES=${NANOVLLM_MLX_FIXTURES:-/tmp/fx}
+GPT2=$NANOVLLM_MLX_FIXTURES/gpt2-small-shape
+SMOL=$NANOVLLM_MLX_FIXTURES/smollm2-135m-shape
+L8B=$NANOVLLM_MLX_FIXTURES/llama3-8b-q4
+L8B_SHAPE="--heads 32 --kv-heads 8 --dim 128 --layers 32 --dtype float16"
 run() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
@@ -30,6 +35,32 @@ for phase in "$@"; do
       python3 -c 'import mlx.core as mx; print(mx.default_device(), mx.__version__)'
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       run fixtures 300 python3 tests/make_fixtures.py gpt2-small-shape smollm2-135m-shape ;;
+    setup-8b)
+      if [ ! -d /tmp/mlxsite/mlx ]; then
+        mkdir -p /tmp/mlxsite
+        cat /tmp/mlxstage/part.aa .device/b/part.ab | xz -d | tar -C /tmp/mlxsite -x
+      fi
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+      run fixtures 300 python3 tests/make_fixtures.py llama3-8b-q4 ;;
+    tests-cuda)
+      run tests-cuda 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py \
+        tests/test_compiled_decode.py ;;
+    layouts-8b)
+      run layouts-8b 300 python3 benchmarks/attention_layouts.py 1x2048 1x8192 1x32768 \
+        8x2048 64x1024 $L8B_SHAPE ;;
+    probe-8b)
+      run probe-8b 500 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 ;;
+    compare-8b-single)
+      run compare-8b-single 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
+        --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --batches "" \
+        --json ;;
+    compare-8b-batch)
+      run compare-8b-batch 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
+        --dtype float16 --contexts 32 --ttft 512 --repeats 1 --batches 8,64 \
+        --batch-repeats 2 --min-input 256 --max-input 2048 --min-output 128 \
+        --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
     tests)
       run tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
         tests/test_compiled_decode.py ;;

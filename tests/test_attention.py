@@ -139,10 +139,16 @@ def test_decode_partitions_cover_every_token_once(batch: int, context: int):
 
 @pytest.mark.skipif(not cuda_attention.available(), reason="needs MLX's CUDA backend")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(12, 12, 64), (8, 2, 128), (9, 3, 64)])
+@pytest.mark.parametrize(
+    "n_heads,n_kv,head_dim",
+    # Llama 3 (4 query heads a block), 16 to 1 (two blocks a KV head), Gemma 3's 256-wide
+    # heads, a group of 3, and no grouping.
+    [(12, 12, 64), (32, 8, 128), (16, 1, 128), (4, 1, 256), (9, 3, 64), (7, 7, 80)],
+)
 @pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize("unroll", [1, 2, 3])
 def test_cuda_decode_kernel_matches_gather_path(
-    dtype, n_heads: int, n_kv: int, head_dim: int, window: int | None
+    dtype, n_heads: int, n_kv: int, head_dim: int, window: int | None, unroll: int
 ):
     rng = np.random.default_rng(1)
     bs, num_blocks = 16, 512
@@ -169,6 +175,7 @@ def test_cuda_decode_kernel_matches_gather_path(
         scale,
         max(contexts),
         window,
+        unroll=unroll,
     )
     keys, ctx = np.arange(nb * bs)[None, :], np.array(contexts)[:, None]
     mask = (keys < ctx) & (keys >= (0 if window is None else ctx - window))
@@ -185,3 +192,16 @@ def test_cuda_decode_kernel_matches_gather_path(
         mx.eval(want)
     tol = 1e-4 if dtype == mx.float32 else 2e-2
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    "n_heads,n_kv,head_dim,want",
+    [(32, 8, 128, 4), (16, 1, 128, 8), (16, 1, 64, 16), (4, 1, 256, 4), (12, 12, 64, 1),
+     (9, 3, 64, 3), (8, 1, 256, 4), (28, 4, 128, 7)],
+)
+def test_a_cuda_block_serves_the_query_heads_of_one_kv_head(
+    n_heads: int, n_kv: int, head_dim: int, want: int
+):
+    got = cuda_attention.heads_per_block(n_heads, n_kv, head_dim)
+    assert got == want
+    assert (n_heads // n_kv) % got == 0  # never two KV heads in one block

@@ -121,3 +121,21 @@ def test_save_quantized_round_trip(fixture: str, request: pytest.FixtureRequest,
         save_quantized(src, dst)
     with pytest.raises(ValueError, match="overwrite its source"):
         save_quantized(src, src)
+
+
+def test_an_mlx_community_checkpoint_loads_quantized_and_computes_its_weights(
+    llama_q4_tiny: Path,
+):
+    """The layout `mlx_lm.convert -q` writes (sharded with an index, packed uint32 weights,
+    float16 scales and biases, `quantization` in the config), as the 8B benchmark fixture
+    has it: kept quantized, every projection and the embedding are 4-bit layers of group 64,
+    and the logits are those of the float model holding the dequantized weights."""
+    kept = LLM(str(llama_q4_tiny), keep_quantized=True, **SMALL)
+    layers = quantized_layers(kept.engine.model_runner.model)
+    assert {"embed_tokens", "lm_head", "layers.1.self_attn.k_proj", "layers.0.mlp.down_proj"} <= (
+        set(layers)
+    )
+    assert {(m.bits, m.group_size) for m in layers.values()} == {(4, 64)}
+    dequantized = LLM(str(llama_q4_tiny), keep_quantized=False, **SMALL)
+    assert not quantized_layers(dequantized.engine.model_runner.model)
+    np.testing.assert_allclose(logits_of(kept), logits_of(dequantized), atol=1e-4, rtol=1e-4)

@@ -27,12 +27,17 @@ from nanovllm_mlx.attention.paged import KVCache
 WARPS = 4
 TARGET_BLOCKS = 512  # enough thread blocks to fill an H100's 132 SMs a few times over
 MIN_PARTITION = 32  # tokens; smaller partitions cost more to merge than they save
+UNROLL = 2  # keys a warp reads before reducing: two rows in flight instead of one
+MAX_GROUP_FLOATS = 32  # query heads a block serves x floats a lane holds per head
 
 _PARTIAL = """
     const float NEG_INF = -__int_as_float(0x7f800000);
     constexpr int PL = (D + 31) / 32;
-    const int part = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int n_heads = gridDim.y, n_parts = gridDim.x;
+    // One thread block serves GB query heads that share a KV head (grouped-query
+    // attention): each key and value row is read once for all of them, where a block per
+    // query head read it G times (4x at Llama 3's 32/8 heads).
+    const int part = blockIdx.x, h0 = blockIdx.y * GB, b = blockIdx.z;
+    const int n_heads = gridDim.y * GB, n_parts = gridDim.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ctx = context_lens[b];
     const int part_size = params[0];
@@ -43,57 +48,84 @@ _PARTIAL = """
     const int end = min(start + part_size, ctx);
     const int nb = block_tables_shape[1];
     const long slots = k_pool_shape[1];
-    const int kvh = h / G;
-    const float sc = scale[0];
-    // q may be a strided view (GPT-2 slices it out of the fused qkv projection).
-    const T* q_row = q + (long)b * q_strides[0] + (long)h * q_strides[1];
+    const int kvh = h0 / G;
+    // Scores in base 2 (exp2f is one instruction); the merge works in the same base.
+    const float sc = scale[0] * 1.4426950408889634f;
     const T* k_base = k_pool + (long)kvh * slots * D;
     const T* v_base = v_pool + (long)kvh * slots * D;
     const int* table = block_tables + (long)b * nb;
-    float qv[PL], acc[PL];
-    for (int i = 0; i < PL; ++i) {
-        const int d = lane + 32 * i;
-        qv[i] = d < D ? static_cast<float>(q_row[d * q_strides[2]]) * sc : 0.f;
-        acc[i] = 0.f;
-    }
-    float m = NEG_INF, l = 0.f;
-    for (int t = start + warp; t < end; t += WARPS) {
-        const long slot = (long)table[t / BS] * BS + (t % BS);
-        const T* k_row = k_base + slot * D;
-        const T* v_row = v_base + slot * D;
-        float s = 0.f;
+    float qv[GB][PL], acc[GB][PL], m[GB], l[GB];
+    for (int g = 0; g < GB; ++g) {
+        // q may be a strided view (GPT-2 slices it out of the fused qkv projection).
+        const T* q_row = q + (long)b * q_strides[0] + (long)(h0 + g) * q_strides[1];
         for (int i = 0; i < PL; ++i) {
             const int d = lane + 32 * i;
-            if (d < D) s += qv[i] * static_cast<float>(k_row[d]);
+            qv[g][i] = d < D ? static_cast<float>(q_row[d * q_strides[2]]) * sc : 0.f;
+            acc[g][i] = 0.f;
         }
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        const float m_new = fmaxf(m, s);
-        const float c = expf(m - m_new), p = expf(s - m_new);
-        l = l * c + p;
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+    }
+    // Each warp takes U consecutive keys at a time (neighbouring rows of one block).
+    for (int t0 = start + warp * U; t0 < end; t0 += WARPS * U) {
+        float kr[U][PL], s[U][GB];
+        for (int u = 0; u < U; ++u) {
+            const int t = t0 + u;
+            const long slot = t < end ? (long)table[t / BS] * BS + (t % BS) : 0;
+            const T* k_row = k_base + slot * D;
+            for (int i = 0; i < PL; ++i) {
+                const int d = lane + 32 * i;
+                kr[u][i] = (t < end && d < D) ? static_cast<float>(k_row[d]) : 0.f;
+            }
+        }
+        for (int u = 0; u < U; ++u)
+            for (int g = 0; g < GB; ++g) {
+                float x = 0.f;
+                for (int i = 0; i < PL; ++i) x += qv[g][i] * kr[u][i];
+                s[u][g] = x;
+            }
+        for (int o = 16; o > 0; o >>= 1)
+            for (int u = 0; u < U; ++u)
+                for (int g = 0; g < GB; ++g) s[u][g] += __shfl_xor_sync(0xffffffff, s[u][g], o);
+        for (int u = 0; u < U; ++u) {
+            const int t = t0 + u;
+            if (t >= end) break;
+            const T* v_row = v_base + ((long)table[t / BS] * BS + (t % BS)) * D;
+            float vr[PL];
+            for (int i = 0; i < PL; ++i) {
+                const int d = lane + 32 * i;
+                vr[i] = d < D ? static_cast<float>(v_row[d]) : 0.f;
+            }
+            for (int g = 0; g < GB; ++g) {
+                const float m_new = fmaxf(m[g], s[u][g]);
+                const float c = exp2f(m[g] - m_new), p = exp2f(s[u][g] - m_new);
+                l[g] = l[g] * c + p;
+                for (int i = 0; i < PL; ++i) acc[g][i] = acc[g][i] * c + p * vr[i];
+                m[g] = m_new;
+            }
+        }
+    }
+    __shared__ float s_m[WARPS][GB], s_l[WARPS][GB], s_acc[WARPS][GB][D];
+    for (int g = 0; g < GB; ++g) {
+        if (lane == 0) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
         for (int i = 0; i < PL; ++i) {
             const int d = lane + 32 * i;
-            if (d < D) acc[i] = acc[i] * c + p * static_cast<float>(v_row[d]);
+            if (d < D) s_acc[warp][g][d] = acc[g][i];
         }
-        m = m_new;
-    }
-    __shared__ float s_m[WARPS], s_l[WARPS], s_acc[WARPS][D];
-    if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
-    for (int i = 0; i < PL; ++i) {
-        const int d = lane + 32 * i;
-        if (d < D) s_acc[warp][d] = acc[i];
     }
     __syncthreads();
-    float m_all = NEG_INF;
-    for (int w = 0; w < WARPS; ++w) m_all = fmaxf(m_all, s_m[w]);
-    const long row = ((long)b * n_heads + h) * n_parts + part;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int j = threadIdx.x; j < GB * D; j += blockDim.x) {
+        const int g = j / D, d = j % D;
+        float m_all = NEG_INF;
+        for (int w = 0; w < WARPS; ++w) m_all = fmaxf(m_all, s_m[w][g]);
         float l_all = 0.f, o = 0.f;
         for (int w = 0; w < WARPS; ++w) {
-            if (s_m[w] == NEG_INF) continue;
-            const float e = expf(s_m[w] - m_all);
-            l_all += s_l[w] * e;
-            o += s_acc[w][d] * e;
+            if (s_m[w][g] == NEG_INF) continue;
+            const float e = exp2f(s_m[w][g] - m_all);
+            l_all += s_l[w][g] * e;
+            o += s_acc[w][g][d] * e;
         }
+        const long row = ((long)b * n_heads + h0 + g) * n_parts + part;
         part_out[row * D + d] = o;
         if (d == 0) { part_m[row] = m_all; part_l[row] = l_all; }
     }
@@ -110,7 +142,7 @@ _MERGE = """
     for (int p = 0; p < n_parts; ++p) {
         const float mp = part_m[base + p];
         if (mp == NEG_INF) continue;
-        const float e = expf(mp - m_all);
+        const float e = exp2f(mp - m_all);
         l_all += part_l[base + p] * e;
         o += part_out[(base + p) * D + d] * e;
     }
@@ -163,9 +195,19 @@ def _params(part_size: int, window: int) -> mx.array:
     return mx.array([part_size, window], dtype=mx.int32)
 
 
-def num_partitions(batch: int, n_heads: int, max_context: int) -> tuple[int, int]:
-    """(partitions per sequence, tokens per partition) for a decode batch."""
-    wanted = max(1, -(-TARGET_BLOCKS // (batch * n_heads)))
+def heads_per_block(n_heads: int, n_kv: int, head_dim: int) -> int:
+    """Query heads one thread block serves: the largest divisor of the group size whose
+    queries and accumulators still fit in registers (GB x head_dim / 32 floats each)."""
+    group = n_heads // n_kv
+    per_lane = -(-head_dim // 32)
+    fits = [d for d in range(1, group + 1) if group % d == 0 and d * per_lane <= MAX_GROUP_FLOATS]
+    return max(fits, default=1)
+
+
+def num_partitions(batch: int, n_blocks: int, max_context: int) -> tuple[int, int]:
+    """(partitions per sequence, tokens per partition) for a decode batch whose every
+    sequence needs n_blocks thread blocks per partition."""
+    wanted = max(1, -(-TARGET_BLOCKS // (batch * n_blocks)))
     parts = max(1, min(wanted, -(-max_context // MIN_PARTITION)))
     size = -(-max_context // parts)
     return -(-max_context // size), size
@@ -181,13 +223,17 @@ def paged_decode(
     scale: float,
     max_context: int,
     window: int | None = None,
+    group: int | None = None,
+    unroll: int = UNROLL,
 ) -> mx.array:
     """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
-    them for a sliding-window layer) -> [B, H, D]."""
+    them for a sliding-window layer) -> [B, H, D]. group (query heads a thread block
+    serves; default heads_per_block) and unroll are there for benchmarks to compare."""
     b, n_heads, head_dim = q.shape
     n_kv = k_pool.shape[0]
+    gb = group or heads_per_block(n_heads, n_kv, head_dim)
     span = max_context if window is None else min(max_context, window)
-    parts, size = num_partitions(b, n_heads, span)
+    parts, size = num_partitions(b, n_heads // gb, span)
     partial, merge = _kernels()
     template = [("T", q.dtype), ("D", head_dim), ("BS", block_size), ("G", n_heads // n_kv)]
     part_out, part_m, part_l = partial(
@@ -200,8 +246,8 @@ def paged_decode(
             _scalar(float(scale), mx.float32),
             _params(size, window or 0),
         ],
-        template=template + [("WARPS", WARPS)],
-        grid=(32 * WARPS * parts, n_heads, b),
+        template=template + [("GB", gb), ("U", unroll), ("WARPS", WARPS)],
+        grid=(32 * WARPS * parts, n_heads // gb, b),
         threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(b, n_heads, parts, head_dim), (b, n_heads, parts), (b, n_heads, parts)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
@@ -223,7 +269,6 @@ class DecodePlan:
     context_lens: mx.array  # [Bd]
     max_context: int
     window: int | None = None
-
 
 
 class CudaPagedAttention(GatherAttention):

@@ -16,7 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import gemma3, gpt2, granitemoe, llama, mixtral, phi3, qwen2, qwen3, weights
+from . import (
+    gemma3,
+    gpt2,
+    granitemoe,
+    llama,
+    mixtral,
+    mlx_community,
+    phi3,
+    qwen2,
+    qwen3,
+    weights,
+)
 from .tokenizer import GPT2_VOCAB
 
 # Bump when a builder's output changes for unchanged parameters (code changes are not hashed).
@@ -219,6 +230,40 @@ _QWEN3_0_6B_SHAPE = {
 }
 
 
+# mlx-community's 4-bit layout (group 64), built with MLX alone: a toy one the suite loads,
+# and Llama 3.1 8B's shape (32 layers, GQA 32/8, 14336-wide MLP, 128k vocabulary; 4.5 GB),
+# what most Mac users run.
+_LLAMA_Q4_TINY = {
+    **_LLAMA3_TINY,
+    "num_attention_heads": 8,
+    "head_dim": 8,
+    "tie_word_embeddings": False,
+    "vocab_size": 50304,
+    "bits": 4,
+    "group_size": 64,
+    "seed": 6404,
+}
+_LLAMA3_8B_Q4 = {
+    **_LLAMA_Q4_TINY,
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "seed": 8008,
+}
+
+
 def _transformers_version() -> str:
     # save_pretrained output depends on it; metadata lookup avoids importing transformers.
     return importlib.metadata.version("transformers")
@@ -251,6 +296,19 @@ def recipes() -> dict[str, Recipe]:
             {**_GRANITEMOE_TINY, "transformers": tv},
         ),
         Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
+        Recipe(
+            "llama-q4-tiny",
+            mlx_community.build_llama_quantized,
+            _LLAMA_Q4_TINY,
+            uses_torch=False,
+        ),
+        Recipe(
+            "llama3-8b-q4",
+            mlx_community.build_llama_quantized,
+            _LLAMA3_8B_Q4,
+            default=False,
+            uses_torch=False,
+        ),
         Recipe(
             "gpt2-small-shape",
             gpt2.build_gpt2_hub,
