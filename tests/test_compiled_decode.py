@@ -112,3 +112,31 @@ def test_the_scratch_block_is_never_handed_out(gpt2_tiny: Path):
     llm = LLM(str(gpt2_tiny), compile_decode=True, **SMALL_KV)
     runner = llm.engine.model_runner
     assert llm.stats()["kv_blocks_total"] == runner.scratch_block == runner.pool.num_blocks - 1
+
+
+def test_the_start_up_warm_up_traces_a_bucket_and_touches_only_the_scratch_block(
+    gpt2_tiny: Path,
+):
+    """GPUs run it inside LLM(); here it is called by hand. Afterwards the one-sequence
+    bucket is traced, every pool differs from before in the scratch block's rows alone,
+    and the engine answers exactly as one that never warmed up."""
+    prompts, params = workload(n=6)
+    cold = LLM(str(gpt2_tiny), compile_decode=True, dtype="float32", **SMALL_KV)
+    want = [o["token_ids"] for o in cold.generate(prompts, params)]
+
+    llm = LLM(str(gpt2_tiny), compile_decode=True, dtype="float32", **SMALL_KV)
+    runner = llm.engine.model_runner
+    runner.caches[0].k = mx.random.normal(runner.caches[0].k.shape)  # no zeros to hide in
+    before = [(np.array(c.k), np.array(c.v)) for c in runner.caches]
+    runner.warm_up()
+    assert len(runner.decode_buckets) == 1 and next(iter(runner.decode_buckets))[0] == 1
+    bs, scratch = runner.pool.block_size, runner.scratch_block
+    outside = np.ones(runner.pool.num_blocks * bs, dtype=bool)
+    outside[scratch * bs : (scratch + 1) * bs] = False
+    changed = False
+    for (k0, v0), cache in zip(before, runner.caches):
+        for old, new in ((k0, np.array(cache.k)), (v0, np.array(cache.v))):
+            np.testing.assert_array_equal(old[:, outside], new[:, outside])
+            changed |= not np.array_equal(old, new)
+    assert changed  # the warm-up did write (into the scratch block)
+    assert [o["token_ids"] for o in llm.generate(prompts, params)] == want

@@ -91,6 +91,8 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
         and (on_gpu if config.compile_decode is None else config.compile_decode),
         collective=tp,
     )
+    if on_gpu and not tp:
+        runner.warm_up()
     if parallel is not None:
         parallel.agree(fingerprint(loaded, config, context), num_blocks)
         runner = parallel.wrap(runner)
