@@ -1,8 +1,8 @@
 """What a single stream's decode speed depends on, one factor at a time, on one model.
 
 Part 1: our single-stream decode tok/s (greedy, median of --repeats) after a short and a
-long prompt, for every combination of KV pool size (--pools, GB), compiled or eager decode
-and (on CUDA) the paged decode kernel on or off, each engine built fresh.
+long prompt, for each of --configs: KV pool size (GB), compiled or eager decode, the CUDA
+paged decode kernel on or off, and the one-step look-ahead on or off; each engine fresh.
 Part 2: the KV cache write alone (one token into every layer's K and V pools, as a decode
 step does) for the same pool sizes: a write that copies the pool instead of scattering
 into it in place shows here as time growing with the pool.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import os
 import statistics
 import time
@@ -47,14 +46,15 @@ def decode_rate(llm: LLM, prompt: list[int], tokens: int) -> float:
 
 
 def engine_grid(args: argparse.Namespace) -> None:
-    kernels = ["on", "off"] if cuda.available() else ["off"]
     contexts = [int(c) for c in args.contexts.split(",")]
-    print(f"{'pool GB':>8} {'compiled':>8} {'kernel':>6} " + " ".join(
+    print(f"{'pool GB':>8} {'compiled':>8} {'kernel':>6} {'ahead':>6} " + " ".join(
         f"{f'after {c}':>12}" for c in contexts
     ))
-    for pool, compiled, kernel in itertools.product(
-        [float(p) for p in args.pools.split(",")], ["on", "off"], kernels
-    ):
+    for config in args.configs.split(","):
+        pool_gb, compiled, kernel, ahead = config.split(":")
+        pool = float(pool_gb)
+        if kernel == "on" and not cuda.available():
+            continue
         os.environ["NANOVLLM_PAGED_KERNEL"] = "1" if kernel == "on" else "0"
         cuda.available.cache_clear()
         llm = LLM(
@@ -63,6 +63,7 @@ def engine_grid(args: argparse.Namespace) -> None:
             kv_cache_gb=pool,
             max_model_len=max(contexts) + args.decode_tokens + 16,
             compile_decode=compiled == "on",
+            async_scheduling=ahead == "on",
         )
         vocab = llm.engine.vocab_size
         cells = []
@@ -80,7 +81,7 @@ def engine_grid(args: argparse.Namespace) -> None:
             cells.append(statistics.median(rates))
         backend = llm.engine.model_runner.backend.name
         print(
-            f"{pool:8.1f} {compiled:>8} {kernel:>6} "
+            f"{pool:8.1f} {compiled:>8} {kernel:>6} {ahead:>6} "
             + " ".join(f"{c:12.1f}" for c in cells)
             + f"   ({backend})",
             flush=True,
@@ -126,7 +127,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--pools", default="2.5,20")
+    ap.add_argument("--pools", default="2.5,20", help="part 2's pool sizes (GB)")
+    ap.add_argument(
+        "--configs",
+        default="2.5:on:on:on,20:on:on:on,20:off:on:on,20:on:off:on,20:off:off:on,20:on:on:off",
+        help="part 1's engines, pool GB:compiled:kernel:look-ahead, comma-separated",
+    )
     ap.add_argument("--contexts", default="32,8192")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
