@@ -44,6 +44,8 @@ def dense(
         [(7, 8)],  # one decode
         [(0, 5), (3, 4), (16, 17), (4, 13), (0, 1), (9, 30)],  # mixed batch
         [(8, 12), (12, 20)],  # chunks after cached prefixes, at block boundaries
+        [(5, 30)],  # one chunk after a cached prefix (SDPA's causal mode on GPUs)
+        [(16, 40), (3, 4), (9, 10)],  # decodes and one chunk
         # 34 decodes of mixed lengths, read in length groups, and a prompt
         [(c - 1, c) for c in [1 + (i * 37) % 97 for i in range(34)]] + [(0, 6)],
         # 20 decodes with tied lengths (two groups) and a chunk after a cached prefix

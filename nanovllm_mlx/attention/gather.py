@@ -44,8 +44,9 @@ class DecodeGroup:
 class PrefillPlan:
     q_index: mx.array  # [Bp, Lq] index into the prefill tokens
     rows: mx.array  # [Hkv * Bp * nb] (PoolLayout.block_rows)
-    mask: mx.array  # [Bp, Lq, L]
+    mask: mx.array | None  # [Bp, Lq, L]; None: causal over the first `length` keys
     out_index: mx.array  # [Tp] index into the flattened [Bp * Lq]
+    length: int | None = None  # one chunk of full attention: the keys it sees
 
 
 def length_groups(context: np.ndarray, block_size: int) -> list[tuple[int, int]]:
@@ -87,10 +88,13 @@ def gathered_attention(
     scale: float,
     length: int | None = None,
     fused: bool = False,
+    causal: bool = False,
 ) -> mx.array:
     """q [B, Lq, H, D] over the keys in the blocks at rows (PoolLayout.block_rows) where
     mask [B, Lq, L] (None: all of them; length: only the first length) -> [B, Lq, H, D].
-    fused: MLX's SDPA kernel (GPUs); otherwise two batched matmuls (CPU)."""
+    fused: MLX's SDPA kernel (GPUs); otherwise two batched matmuls (CPU). causal (fused,
+    no mask): the queries are the last Lq of the `length` keys, each seeing those up to
+    its own, which SDPA's causal mode does without a mask array."""
     b, lq, n_heads, head_dim = q.shape
     n_kv = cache.k.shape[0]
     keys = read_blocks(cache.k, rows, b, cache.block_size)
@@ -104,7 +108,7 @@ def gathered_attention(
             keys.transpose(1, 0, 2, 3),
             values.transpose(1, 0, 2, 3),
             scale=scale,
-            mask=None if mask is None else mask[:, None],
+            mask="causal" if causal else None if mask is None else mask[:, None],
         )
         return o.transpose(0, 2, 1, 3)
     # Batched over (kv head, sequence), query heads of a group stacked as rows.
@@ -169,6 +173,17 @@ class GatherAttention:
             offset += n
         context = int((starts + np.array(lengths) - base).max())
         tables = block_tables(entries.block_tables, pool.num_table_blocks(context), first)
+        if self.fused and bp == 1 and window is None:
+            # One chunk of full attention: its keys are exactly [0, start + n), the chunk's
+            # own last, so SDPA's causal mode applies. A [Lq, L] mask array costs its own
+            # bytes and, where the fused kernel takes no mask arrays, the unfused path.
+            return PrefillPlan(
+                q_index=mx.array(q_index),
+                rows=pool.block_rows(tables),
+                mask=None,
+                out_index=mx.array(np.concatenate(out_index).astype(np.int32)),
+                length=context,
+            )
         keys = base[:, None, None] + np.arange(tables.shape[1] * bs)[None, None, :]
         mask = keys <= q_pos[:, :, None]
         if window is not None:
@@ -213,6 +228,9 @@ class GatherAttention:
         bp, lq = plan.q_index.shape
         n_heads, head_dim = q.shape[1:]
         qp = q[plan.q_index] if bp > 1 else q[None]
-        o = gathered_attention(qp, cache, plan.rows, plan.mask, scale, fused=self.fused)
+        causal = plan.length is not None
+        o = gathered_attention(
+            qp, cache, plan.rows, plan.mask, scale, plan.length, self.fused, causal
+        )
         o = o.reshape(bp * lq, n_heads * head_dim)
         return o[plan.out_index] if bp > 1 else o
