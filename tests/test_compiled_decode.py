@@ -140,3 +140,21 @@ def test_the_start_up_warm_up_traces_a_bucket_and_touches_only_the_scratch_block
             changed |= not np.array_equal(old, new)
     assert changed  # the warm-up did write (into the scratch block)
     assert [o["token_ids"] for o in llm.generate(prompts, params)] == want
+
+
+def test_the_warm_up_keeps_compiling_only_where_it_measured_faster(gpt2_tiny: Path):
+    llm = LLM(str(gpt2_tiny), compile_decode=True, dtype="float32", **SMALL_KV)
+    runner = llm.engine.model_runner
+    runner.warm_up(choose=True)
+    assert runner.compile_ms is not None
+    compiled_ms, eager_ms = runner.compile_ms
+    assert compiled_ms > 0 and eager_ms > 0
+    assert llm.stats()["compile_decode"] == (compiled_ms < eager_ms)
+    prompts, params = workload(n=4)
+    outs = llm.generate(prompts, params)  # whichever way it chose, it answers
+    assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
+
+    eager = LLM(str(gpt2_tiny), compile_decode=False, dtype="float32", **SMALL_KV)
+    eager.engine.model_runner.warm_up(choose=True)  # nothing to choose between
+    assert eager.engine.model_runner.compile_ms is None
+    assert not eager.stats()["compile_decode"]

@@ -258,6 +258,7 @@ class LLMEngine:
             "steps_ahead_used": self.model_runner.steps_ahead_used,
             "steps_ahead_dropped": self.model_runner.steps_ahead_dropped,
             "compiled_buckets": len(self.model_runner.decode_buckets),
+            "compile_decode": self.model_runner.compile_decode,
             "grammar_masks": self.structured.masks,
             "grammar_mask_s": self.structured.mask_seconds,
             **self.step_stats.snapshot(),

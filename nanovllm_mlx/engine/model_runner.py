@@ -15,6 +15,7 @@ is safe (reserve_ahead); a launch whose batch then changes is simply dropped.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -42,6 +43,7 @@ from nanovllm_mlx.sampling_params import SamplingParams
 # new (batch, width) bucket costs a trace (~90 ms) while a wide step is bound by the device,
 # not by the Python that builds it.
 COMPILE_MAX_BATCH = 8
+WARM_UP_RUNS = 5  # steps timed each way when the start-up chooses whether to compile
 
 
 class ModelRunner:
@@ -73,6 +75,7 @@ class ModelRunner:
         self.collective = collective
         self._compiled = mx.compile(self._decode_graph) if compile_decode else None
         self.decode_buckets: set[tuple] = set()  # (batch, table width) shapes traced
+        self.compile_ms: tuple[float, float] | None = None  # warm_up's (compiled, eager) step
         shape = (spec.n_kv_heads, (num_blocks + 1) * block_size, spec.head_dim)
         self.caches = [
             KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), block_size)
@@ -147,20 +150,42 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, caches, meta)
         return self.model.logits(hidden), [(c.k, c.v) for c in caches]
 
-    def warm_up(self) -> None:
+    def warm_up(self, choose: bool = False) -> None:
         """One decode step on the scratch block, compiled (when enabled) and eager, so that
         what a first request would wait for happens at start-up, as vLLM captures its
         graphs there: the compiled step's trace and, on CUDA, the NVRTC builds of its fused
         kernels and of the decode kernel (a first request decoded at 15-46 tok/s on an
         H200 where later ones ran at ~100, 8B 4-bit). Writes only the scratch block,
-        which no sequence owns."""
+        which no sequence owns.
+
+        choose: then time WARM_UP_RUNS more single-stream steps each way and keep
+        compiling only if it was the faster. Compiling saves host time (GPT-2 small's step
+        2.64 vs 3.71 ms on an H200), but an 8B 4-bit step took 9.5 ms compiled against
+        8.05 eager there (benchmarks/profile_step.py): which wins depends on the model and
+        the device, so it is measured, as the step budget is."""
         seq = Sequence(-1, [0], SamplingParams(temperature=0.0), request_id="warm-up")
         seq.block_table = [self.scratch_block]
         batch = [ScheduledSeq(seq, 1)]
-        eager = prepare(batch, self.pool, self.backend, None, self.windows)
-        for step in [self._prepare(batch), eager] if self.compile_decode else [eager]:
-            launched = self._launch(step, 0)
-            mx.eval(launched.tokens, [(c.k, c.v) for c in self.caches])
+
+        def timed(compiled: bool, runs: int) -> float:
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                if compiled:
+                    step = self._prepare(batch)
+                else:
+                    step = prepare(batch, self.pool, self.backend, None, self.windows)
+                launched = self._launch(step, 0)
+                mx.eval(launched.tokens, [(c.k, c.v) for c in self.caches])
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        ways = [True, False] if self.compile_decode else [False]
+        for compiled in ways:
+            timed(compiled, 1)
+        if choose and len(ways) == 2:
+            self.compile_ms = tuple(1e3 * timed(c, WARM_UP_RUNS) for c in ways)
+            self.compile_decode = self.compile_ms[0] < self.compile_ms[1]
 
     def _prepare(self, batch: list[ScheduledSeq], ahead: mx.array | None = None) -> PreparedStep:
         if self.compile_decode and len(batch) <= COMPILE_MAX_BATCH and is_uniform_decode(batch):

@@ -92,7 +92,7 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
         collective=tp,
     )
     if on_gpu and not tp:
-        runner.warm_up()
+        runner.warm_up(choose=config.compile_decode is None)
     if parallel is not None:
         parallel.agree(fingerprint(loaded, config, context), num_blocks)
         runner = parallel.wrap(runner)
