@@ -45,21 +45,22 @@ for phase in "$@"; do
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       run fixtures 300 python3 tests/make_fixtures.py llama3-8b-q4 ;;
     tests-cuda)
-      run tests-cuda 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py \
-        tests/test_compiled_decode.py ;;
+      run tests-cuda 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py ;;
     layouts-8b)
-      run layouts-8b 300 python3 benchmarks/attention_layouts.py 1x2048 1x8192 1x32768 \
-        8x2048 64x1024 $L8B_SHAPE ;;
+      run layouts-8b 200 python3 benchmarks/attention_layouts.py 1x2048 1x8192 1x32768 \
+        8x2048 $L8B_SHAPE ;;
     probe-8b)
-      run probe-8b 500 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 ;;
+      run probe-8b 330 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
+        --repeats 2 --decode-tokens 64 \
+        --configs 2.5:on:on:on,20:on:on:on,20:off:on:on,20:off:off:on,20:on:off:on ;;
     compare-8b-single)
       run compare-8b-single 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --batches "" \
-        --json ;;
+        --decode-tokens 64 --json ;;
     compare-8b-batch)
       run compare-8b-batch 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
         --dtype float16 --contexts 32 --ttft 512 --repeats 1 --batches 8,64 \
-        --batch-repeats 2 --min-input 256 --max-input 2048 --min-output 128 \
+        --batch-repeats 1 --min-input 256 --max-input 2048 --min-output 128 \
         --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
     tests)
       run tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
