@@ -275,7 +275,10 @@ def main() -> None:
         f"ours: max_num_seqs {args.max_num_seqs}, "
         f"{llm.engine.max_num_batched_tokens} tokens a step, "
         f"{llm.engine.model_runner.pool.num_blocks} KV blocks of "
-        f"{llm.engine.model_runner.pool.block_size}"
+        f"{llm.engine.model_runner.pool.block_size}, decode "
+        f"{'compiled' if llm.stats()['compile_decode'] else 'eager'} "
+        f"(start-up timing, compiled/eager ms: {llm.engine.model_runner.compile_ms}), "
+        f"attention {llm.engine.model_runner.backend.name}"
     )
     print(
         f"bandwidth {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e6:.0f} MB a token: "
