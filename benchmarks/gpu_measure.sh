@@ -52,7 +52,7 @@ for phase in "$@"; do
     probe-8b)
       run probe-8b 330 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
         --repeats 2 --decode-tokens 64 \
-        --configs 2.5:on:on:on,20:on:on:on,20:off:on:on,20:off:off:on,20:on:off:on ;;
+        --configs 2.5:on:on:on,20:on:on:on,20:on:on:off,20:off:on:on,20:off:off:on,20:on:off:on ;;
     compare-8b-single)
       run compare-8b-single 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --batches "" \
