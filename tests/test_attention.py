@@ -65,13 +65,18 @@ def dense(
     ids=["gather-matmul", "gather-sdpa", "cuda-kernel"],
 )
 @pytest.mark.parametrize("window", [None, 5, 9])
-def test_paged_matches_dense(cases: list[tuple[int, int]], backend, window: int | None):
+@pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "contiguous"])
+def test_paged_matches_dense(
+    cases: list[tuple[int, int]], backend, window: int | None, contiguous: bool
+):
     """window: a sliding-window layer's read; the blocks before each sequence's first
-    visible key are NULL_BLOCK in its table, as after the block manager freed them."""
+    visible key are NULL_BLOCK in its table, as after the block manager freed them.
+    contiguous: each sequence's blocks are consecutive (the gather path's SDPA then reads
+    a lone sequence's keys in place); scattered: a random permutation."""
     if backend == "cuda":
         backend = cuda_attention.CudaPagedAttention()
     rng = np.random.default_rng(0)
-    free = list(rng.permutation(NUM_BLOCKS))  # scattered, non-contiguous blocks
+    free = list(range(NUM_BLOCKS))[::-1] if contiguous else list(rng.permutation(NUM_BLOCKS))
     cache = KVCache(mx.zeros((HKV, NUM_BLOCKS * BS, D)), mx.zeros((HKV, NUM_BLOCKS * BS, D)), BS)
     batch, data = [], []
     for i, (start, end) in enumerate(cases):
@@ -92,6 +97,11 @@ def test_paged_matches_dense(cases: list[tuple[int, int]], backend, window: int 
         batch.append(ScheduledSeq(seq, end - start))
         data.append((q, k, v, start, end))
     step = prepare(batch, PoolLayout(HKV, NUM_BLOCKS, BS), backend, windows=(window,))
+    decode_plan = step.meta.plans(window)[0]
+    if contiguous and isinstance(backend, GatherAttention) and backend.fused and decode_plan:
+        if not isinstance(backend, cuda_attention.CudaPagedAttention):
+            lone = [g for g in decode_plan if g.end - g.start == 1]
+            assert all(g.offset is not None for g in lone)  # read in place, not gathered
     # Flat order: single-token entries first, shortest context first, then the others in
     # batch order.
     order = [i for i, it in enumerate(batch) if it.num_new_tokens == 1]

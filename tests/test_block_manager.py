@@ -268,3 +268,35 @@ def test_chunked_prefill_frees_between_chunks_and_preemption_resets():
 def test_sliding_window_must_be_positive():
     with pytest.raises(ValueError, match="sliding_window"):
         BlockManager(4, BS, sliding_window=0)
+
+
+def test_a_growing_sequence_takes_the_block_after_its_last_when_free_and_uncached():
+    """A lone stream (the gather backend reads its keys in place when its blocks are
+    consecutive) keeps a consecutive table although LRU order would hand it another
+    block; a free successor that still holds a cached prefix is left alone: nothing is
+    evicted out of LRU order."""
+    bm = BlockManager(8, BS)
+    other = seq(list(range(100, 103)), 1)
+    bm.allocate(other)  # block 0
+    bm.free(other)  # LRU order now 1..7, then 0
+    lone = seq(list(range(3)), 0)
+    bm.allocate(lone)  # block 1
+    gap = seq(list(range(200, 203)), 2)
+    bm.allocate(gap)  # block 2
+    bm.free(gap)  # LRU order: 3..7, 0, 2
+    for _ in range(2):
+        lone.token_ids.extend([7] * BS)
+        bm.append_slots(lone)
+    assert lone.block_table == [1, 2, 3]  # 2 out of LRU order, then 3
+
+    bm = BlockManager(6, BS)
+    grow = seq([9, 9, 9], 0)
+    bm.allocate(grow)  # block 0
+    cached = seq(list(range(8)), 1)
+    bm.allocate(cached)  # blocks 1 and 2
+    computed(bm, cached)
+    bm.free(cached)  # free, both holding a cached prefix
+    grow.token_ids.extend([7] * BS)
+    bm.append_slots(grow)
+    assert grow.block_table == [0, 3]  # not 1: that would evict a cached prefix
+    assert bm.blocks[1].hash is not None and bm.blocks[2].hash is not None

@@ -35,9 +35,19 @@ class DecodeGroup:
 
     start: int
     end: int
-    rows: mx.array  # pool rows of the sequences' blocks (PoolLayout.block_rows)
+    rows: mx.array | None  # pool rows of the sequences' blocks (PoolLayout.block_rows)
     mask: mx.array | None  # [n, 1, L] key visible; None: all
     length: int | None = None  # read only the first `length` keys (a one-sequence group)
+    # One sequence whose visible keys sit in consecutive blocks: they are pool slots
+    # [offset, offset + length) of every head, read in place (no gather).
+    offset: int | None = None
+
+
+def contiguous_start(table: np.ndarray) -> int | None:
+    """The first block of a table whose blocks are consecutive, else None."""
+    if len(table) > 1 and np.any(np.diff(table) != 1):
+        return None
+    return int(table[0])
 
 
 @dataclass(slots=True)
@@ -124,6 +134,17 @@ def gathered_attention(
     return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, n_heads, head_dim)
 
 
+def sliced_attention(
+    q: mx.array, cache: KVCache, offset: int, length: int | None, scale: float
+) -> mx.array:
+    """q [1, 1, H, D] over pool slots [offset, offset + length) of every head, through
+    fused SDPA on strided views of the pools: nothing is copied."""
+    end = offset + (length or 0)
+    keys, values = cache.k[None, :, offset:end], cache.v[None, :, offset:end]
+    o = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), keys, values, scale=scale)
+    return o.transpose(0, 2, 1, 3)
+
+
 class GatherAttention:
     """fused: use MLX's fused SDPA after the gather (GPUs); False on CPU, where two
     matmuls over the gathered blocks are faster."""
@@ -144,6 +165,14 @@ class GatherAttention:
         groups = []
         for start, end in length_groups(spans.hi, bs):
             lo, hi = spans.lo[start:end], spans.hi[start:end]
+            if self.fused and end - start == 1:
+                # SDPA reads a strided slice of the pool in place (on Metal its one-query
+                # kernel takes the pool's head stride as it is); a gather copies every key.
+                first = contiguous_start(tables[start, : pool.num_table_blocks(int(hi[0]))])
+                if first is not None:
+                    offset = first * bs + int(lo[0])
+                    groups.append(DecodeGroup(start, end, None, None, int(hi[0] - lo[0]), offset))
+                    continue
             # One sequence that sees all its keys reads the first `length` of them, unmasked.
             whole = end - start == 1 and lo[0] == 0
             rows = pool.block_rows(tables[start:end, : pool.num_table_blocks(int(hi.max()))])
@@ -217,7 +246,9 @@ class GatherAttention:
                 q[:, None], cache, plan["rows"], plan["mask"], scale, fused=self.fused
             )
         o = [
-            gathered_attention(
+            sliced_attention(q[g.start : g.end, None], cache, g.offset, g.length, scale)
+            if g.offset is not None
+            else gathered_attention(
                 q[g.start : g.end, None], cache, g.rows, g.mask, scale, g.length, self.fused
             )
             for g in plan

@@ -58,6 +58,10 @@ class BlockStats:
         )
 
 
+def _last(table: list[int]) -> int | None:
+    return table[-1] if table and table[-1] != NULL_BLOCK else None
+
+
 class BlockManager:
     def __init__(
         self,
@@ -171,17 +175,26 @@ class BlockManager:
             seq.block_table.append(block_id)
             seq.block_hashes.append(h)
         for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
-            seq.block_table.append(self._take_free_block())
+            seq.block_table.append(self._take_free_block(_last(seq.block_table)))
         cached = len(hits) * self.block_size
         seq.num_cached_tokens = cached
         seq.num_computed_tokens = cached
         self.prefix_hit_tokens += cached
         self.prefix_query_tokens += seq.num_tokens
 
-    def _take_free_block(self) -> int:
+    def _take_free_block(self, after: int | None = None) -> int:
+        """A free block, the one freed longest ago; but when `after` (the block the new
+        one follows in a table) has a free successor that holds no cached prefix, that
+        one, out of LRU order and evicting nothing: a sequence whose blocks are
+        consecutive has its keys read in place by the gather backend's SDPA instead of
+        copied every step (attention/gather.py)."""
         if not self.free_block_ids:
             raise RuntimeError("out of KV cache blocks")
-        block_id = next(iter(self.free_block_ids))
+        nxt = None if after is None else after + 1
+        if nxt in self.free_block_ids and self.blocks[nxt].hash is None:
+            block_id = nxt
+        else:
+            block_id = next(iter(self.free_block_ids))
         del self.free_block_ids[block_id]
         block = self.blocks[block_id]
         # Reusing a cached block evicts its contents from the prefix cache.
@@ -225,7 +238,7 @@ class BlockManager:
             self.num_copied += 1
         wanted = seq.num_tokens if num_tokens is None else num_tokens
         for _ in range(self.blocks_needed(wanted) - len(seq.block_table)):
-            seq.block_table.append(self._take_free_block())
+            seq.block_table.append(self._take_free_block(_last(seq.block_table)))
 
     def take_copies(self) -> list[tuple[int, int]]:
         """(source, copy) block pairs queued since the last call. The engine copies their
