@@ -51,12 +51,17 @@ for phase in "$@"; do
         8x2048 $L8B_SHAPE ;;
     probe-8b)
       run probe-8b 330 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
-        --repeats 2 --decode-tokens 64 \
-        --configs 2.5:on:on:on,20:on:on:on,20:on:on:off,20:off:on:on,20:off:off:on,20:on:off:on ;;
+        --repeats 1 --decode-tokens 64 \
+        --configs 2.5:on:on:on,20:on:on:on,20:off:on:on,20:on:on:off,20:off:off:on,20:on:off:on ;;
     compare-8b-single)
       run compare-8b-single 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --batches "" \
         --decode-tokens 64 --json ;;
+    compare-8b)
+      run compare-8b 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
+        --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --decode-tokens 64 \
+        --batches 8,64 --batch-repeats 1 --min-input 256 --max-input 2048 --min-output 128 \
+        --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
     compare-8b-batch)
       run compare-8b-batch 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
         --dtype float16 --contexts 32 --ttft 512 --repeats 1 --batches 8,64 \
