@@ -13,7 +13,7 @@ from helpers import SMALL_KV, captured_logits
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention.metadata import PoolLayout
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.plan import ScheduledSeq
 from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.engine.step_inputs import bucket, prepare_decode
 

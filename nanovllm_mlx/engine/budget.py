@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.scheduler import ScheduledSeq, keys_read
+from nanovllm_mlx.engine.plan import ScheduledSeq
+from nanovllm_mlx.engine.scheduler import keys_read
 from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
 

@@ -19,7 +19,8 @@ from nanovllm_mlx.engine.isolation import StepResult, run_isolating
 from nanovllm_mlx.engine.iteration import Watchers
 from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
-from nanovllm_mlx.engine.scheduler import ScheduledSeq, Scheduler
+from nanovllm_mlx.engine.plan import ScheduledSeq
+from nanovllm_mlx.engine.scheduler import Scheduler
 from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.engine.stats import StepStats
 from nanovllm_mlx.errors import ContextLengthError, InvalidRequestError
@@ -258,8 +259,8 @@ class LLMEngine:
             "steps_ahead_used": self.model_runner.steps_ahead_used,
             "steps_ahead_dropped": self.model_runner.steps_ahead_dropped,
             "compiled_buckets": len(self.model_runner.decode_buckets),
-            "grammar_masks": self.structured.masks,
-            "grammar_mask_s": self.structured.mask_seconds,
+            "grammar_masks": self.structured.counter.masks,
+            "grammar_mask_s": self.structured.counter.seconds,
             **self.step_stats.snapshot(),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
         }

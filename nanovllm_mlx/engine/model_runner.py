@@ -24,8 +24,8 @@ from nanovllm_mlx.attention import select_backend
 from nanovllm_mlx.attention.metadata import AttentionMetadata, PoolLayout
 from nanovllm_mlx.attention.paged import AttentionBackend, KVCache
 from nanovllm_mlx.engine.logprobs import RowSample, SampleExtras
+from nanovllm_mlx.engine.plan import ScheduledSeq
 from nanovllm_mlx.engine.sampler import sample
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
 from nanovllm_mlx.engine.step_inputs import (
     PreparedStep,
     is_uniform_decode,

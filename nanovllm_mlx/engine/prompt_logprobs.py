@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from nanovllm_mlx.engine.logprobs import log_softmax, top_n
 from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.plan import ScheduledSeq
 from nanovllm_mlx.engine.sequence import Sequence
 
 # Logits rows per forward of the pass: 256 x 50k float32 is ~51 MB, where a 4,096-token

@@ -4,21 +4,10 @@ Python."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from nanovllm_mlx.engine.block_manager import BlockManager
+from nanovllm_mlx.engine.plan import ScheduledSeq
 from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass(slots=True)
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int  # tokens whose K/V this step computes, from seq.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the sequence's end, so its last logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 def keys_read(context: int, layer_windows: tuple[int | None, ...]) -> float:

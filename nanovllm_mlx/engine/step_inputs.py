@@ -21,7 +21,7 @@ from nanovllm_mlx.attention.metadata import (
     PrefillEntries,
 )
 from nanovllm_mlx.attention.paged import AttentionBackend, build_metadata
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.plan import ScheduledSeq
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.plan import ScheduledSeq
 from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
 

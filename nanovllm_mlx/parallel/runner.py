@@ -25,7 +25,7 @@ import nanovllm_mlx
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.plan import ScheduledSeq
 from nanovllm_mlx.loading.loader import LoadedModel
 from nanovllm_mlx.parallel import group as groups
 from nanovllm_mlx.parallel.channel import Channel, TensorParallelError
