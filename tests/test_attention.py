@@ -7,8 +7,8 @@ import pytest
 
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention.gather import GatherAttention, gathered_attention, length_groups
-from nanovllm_mlx.attention.metadata import NULL_BLOCK, PoolLayout
-from nanovllm_mlx.attention.paged import KVCache, paged_attention
+from nanovllm_mlx.attention.metadata import NULL_BLOCK, KVCache, PoolLayout
+from nanovllm_mlx.attention.paged import paged_attention
 from nanovllm_mlx.engine.plan import ScheduledSeq
 from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.engine.step_inputs import prepare

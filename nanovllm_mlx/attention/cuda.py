@@ -21,8 +21,7 @@ from functools import cache, lru_cache
 import mlx.core as mx
 
 from nanovllm_mlx.attention.gather import GatherAttention
-from nanovllm_mlx.attention.metadata import DecodeEntries, PoolLayout, block_tables
-from nanovllm_mlx.attention.paged import KVCache
+from nanovllm_mlx.attention.metadata import DecodeEntries, KVCache, PoolLayout, block_tables
 
 WARPS = 4
 TARGET_BLOCKS = 512  # enough thread blocks to fill an H100's 132 SMs a few times over

@@ -17,13 +17,13 @@ import numpy as np
 
 from nanovllm_mlx.attention.metadata import (
     DecodeEntries,
+    KVCache,
     PoolLayout,
     PrefillEntries,
     block_tables,
     decode_spans,
     first_visible_key,
 )
-from nanovllm_mlx.attention.paged import KVCache
 
 MAX_GROUPS = 4  # decode length groups
 MIN_GROUP = 8  # sequences per group, at least

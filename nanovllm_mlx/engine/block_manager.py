@@ -1,4 +1,4 @@
-"""KV-cache block accounting with hash-chained prefix caching. Plain Python, no MLX.
+"""KV-cache block accounting with hash-chained prefix caching. Plain Python, no MLX arrays.
 
 Blocks are reference-counted: a prefix-cache hit or a fork (the choices of an n > 1
 request) shares a block instead of computing it again. A sequence about to write into a
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from nanovllm_mlx.engine.sequence import NULL_BLOCK, Sequence
+from nanovllm_mlx.attention.metadata import NULL_BLOCK
+from nanovllm_mlx.engine.sequence import Sequence
 
 
 def block_hash(token_ids: list[int], prev_hash: int | None) -> int:

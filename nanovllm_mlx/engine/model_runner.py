@@ -21,8 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from nanovllm_mlx.attention import select_backend
-from nanovllm_mlx.attention.metadata import AttentionMetadata, PoolLayout
-from nanovllm_mlx.attention.paged import AttentionBackend, KVCache
+from nanovllm_mlx.attention.metadata import AttentionBackend, AttentionMetadata, KVCache, PoolLayout
 from nanovllm_mlx.engine.logprobs import RowSample, SampleExtras
 from nanovllm_mlx.engine.plan import ScheduledSeq
 from nanovllm_mlx.engine.sampler import sample

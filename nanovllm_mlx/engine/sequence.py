@@ -9,10 +9,6 @@ from nanovllm_mlx.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from nanovllm_mlx.engine.constraint import Constraint
 
-# A block-table entry whose block was freed because it left every layer's sliding window
-# (the block manager frees them; attention reads start past them).
-NULL_BLOCK = -1
-
 
 class SequenceStatus(Enum):
     WAITING = auto()

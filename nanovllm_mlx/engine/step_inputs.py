@@ -15,12 +15,13 @@ import mlx.core as mx
 import numpy as np
 
 from nanovllm_mlx.attention.metadata import (
+    AttentionBackend,
     AttentionMetadata,
     DecodeEntries,
     PoolLayout,
     PrefillEntries,
 )
-from nanovllm_mlx.attention.paged import AttentionBackend, build_metadata
+from nanovllm_mlx.attention.paged import build_metadata
 from nanovllm_mlx.engine.plan import ScheduledSeq
 
 
