@@ -25,28 +25,13 @@ from dataclasses import replace
 from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
 from nanovllm_mlx.parallel.channel import TensorParallelError
 from nanovllm_mlx.serving.snapshot import EngineSnapshot
-from nanovllm_mlx.serving.ticket import Ticket, on_loops, put, settle
+from nanovllm_mlx.serving.ticket import EngineError, QueueFull, Ticket, on_loops, put, settle
 
 logger = logging.getLogger("nanovllm_mlx.serving.engine_thread")
 
 # Readers (/health, /metrics, the live view) need no more than 20 snapshots a second, and a
 # GPU step is a few ms: refreshed at most this often while busy (and always when idle).
 PUBLISH_EVERY_S = 0.05
-
-
-class EngineError(RuntimeError):
-    """The engine failed a request (500), or is not running or too busy (503)."""
-
-    def __init__(self, message: str, status: int = 500):
-        super().__init__(message)
-        self.status = status
-
-
-class QueueFull(EngineError):
-    def __init__(self, limit: int):
-        super().__init__(
-            f"the server is at capacity: {limit} requests are already waiting; retry later", 503
-        )
 
 
 def _wait_os_thread_exit(thread: threading.Thread, timeout: float = 1.0) -> None:

@@ -19,12 +19,12 @@ from fastapi.responses import Response
 from nanovllm_mlx.engine.llm_engine import RequestOutput
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.sampling_params import SamplingParams
-from nanovllm_mlx.serving.engine_thread import EngineError, EngineThread, QueueFull
+from nanovllm_mlx.serving.engine_thread import EngineThread
 from nanovllm_mlx.serving.errors import APIError, ClientGone, bad_request, invalid_request
 from nanovllm_mlx.serving.metrics import ServingMetrics
 from nanovllm_mlx.serving.settings import RETRY_AFTER_S
 from nanovllm_mlx.serving.streaming import EventStream, Renderer, sse_events
-from nanovllm_mlx.serving.ticket import Ticket
+from nanovllm_mlx.serving.ticket import EngineError, QueueFull, Ticket
 
 
 class _End:

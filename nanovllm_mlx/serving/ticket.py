@@ -1,17 +1,29 @@
-"""A request handed from an event loop to the engine thread, and how the thread answers it:
-always on the request's own loop, in one wake-up per loop however many requests."""
+"""A request handed from an event loop to the engine thread, and how the thread answers it
+(outputs, or an EngineError): always on the request's own loop, in one wake-up per loop
+however many requests."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from nanovllm_mlx.engine.llm_engine import RequestOutput
 from nanovllm_mlx.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from nanovllm_mlx.serving.engine_thread import EngineError
+
+class EngineError(RuntimeError):
+    """The engine failed a request (500), or is not running or too busy (503)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+class QueueFull(EngineError):
+    def __init__(self, limit: int):
+        super().__init__(
+            f"the server is at capacity: {limit} requests are already waiting; retry later", 503
+        )
 
 
 class Ticket:
