@@ -228,6 +228,17 @@ def test_tensor_parallel_size_is_checked():
         LLM("unused", tensor_parallel_size=0)
 
 
+def test_an_engine_on_another_rank_is_refused_not_turned_into_a_worker(monkeypatch):
+    """Roles are decided at the entry points (LLM, the CLI): LLMEngine's constructor on a
+    rank above 0 says so instead of serving steps and never returning."""
+    from nanovllm_mlx import LLMEngine
+    from nanovllm_mlx.errors import TensorParallelError
+
+    monkeypatch.setenv("MLX_RANK", "1")
+    with pytest.raises(TensorParallelError, match="rank 1 of a tensor-parallel group"):
+        LLMEngine("unused", tensor_parallel_size=2)
+
+
 # The command line ------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.plan import ScheduledSeq
-from nanovllm_mlx.parallel.channel import TensorParallelError
+from nanovllm_mlx.errors import TensorParallelError
 
 logger = logging.getLogger("nanovllm_mlx.engine")
 

@@ -4,7 +4,6 @@ step budget. What LLMEngine does once, before its first request."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, fields
 
 import mlx.core as mx
@@ -14,6 +13,7 @@ from nanovllm_mlx.engine import memory
 from nanovllm_mlx.engine.block_manager import BlockManager
 from nanovllm_mlx.engine.budget import PROBE_TOKENS, StepBudget, measure_step_budget
 from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.models.base import ModelSpec
 from nanovllm_mlx.parallel.group import launched_rank
@@ -54,12 +54,13 @@ def build(config: Config) -> Parts:
     parallel = None
     if config.tensor_parallel_size > 1:
         if (rank := launched_rank()) is not None and rank > 0:
-            # Under mlx.launch every process runs the caller's program: this one is one of
-            # the other ranks, and serves steps until rank 0 stops.
-            from nanovllm_mlx.parallel import worker
-
-            options = {f.name: getattr(config, f.name) for f in fields(Config)}
-            sys.exit(worker.run(options.pop("model") or None, options))
+            # The entry points (LLM, the CLI's commands) serve rank 0's steps on the other
+            # ranks before anything else; an engine is rank 0's alone.
+            raise TensorParallelError(
+                f"this process is rank {rank} of a tensor-parallel group: only rank 0 builds "
+                "an engine; the others serve its steps (start them through nanovllm_mlx.LLM "
+                "or the nanovllm command, or call parallel.worker.serve_other_rank first)"
+            )
         parallel = TensorParallel(config)
     try:
         return _assemble(config, parallel)

@@ -21,15 +21,16 @@ from typing import TypeVar
 import mlx.core as mx
 import xxhash
 
-import nanovllm_mlx
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.model_runner import ModelRunner
 from nanovllm_mlx.engine.plan import ScheduledSeq
+from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.loading.loader import LoadedModel
 from nanovllm_mlx.parallel import group as groups
-from nanovllm_mlx.parallel.channel import Channel, TensorParallelError
+from nanovllm_mlx.parallel.channel import Channel
 from nanovllm_mlx.parallel.records import COPY, STOP, Record, Sender, encode
+from nanovllm_mlx.version import __version__
 
 
 def fingerprint(loaded: LoadedModel, config: Config, max_model_len: int) -> int:
@@ -43,7 +44,7 @@ def fingerprint(loaded: LoadedModel, config: Config, max_model_len: int) -> int:
             "block_size": config.block_size,
             "max_model_len": max_model_len,
             "tensor_parallel_size": config.tensor_parallel_size,
-            "nanovllm": nanovllm_mlx.__version__,
+            "nanovllm": __version__,
             "mlx": mx.__version__,
         },
         sort_keys=True,

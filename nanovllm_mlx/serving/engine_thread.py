@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
-from nanovllm_mlx.parallel.channel import TensorParallelError
+from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.serving.snapshot import EngineSnapshot
 from nanovllm_mlx.serving.ticket import EngineError, QueueFull, Ticket, on_loops, put, settle
 
