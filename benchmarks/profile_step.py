@@ -43,7 +43,7 @@ def instrument(llm: LLM) -> dict[str, dict[str, float]]:
         return wrapper
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine.scheduler.postprocess = timed("postprocess", engine.scheduler.postprocess)
+    engine.scheduler.update = timed("postprocess", engine.scheduler.update)
     mr.prepare = timed("prepare", mr.prepare)
     runner.forward = timed("build", runner.forward)
     mr.sample = timed("build", mr.sample)

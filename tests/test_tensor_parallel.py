@@ -118,7 +118,7 @@ def test_records_round_trip_and_mirrors_follow_tables_through_preemption():
             s, m = item.seq, copy.seq
             start = s.num_computed_tokens
             assert m.seq_id == s.seq_id and m.block_table == s.block_table
-            assert m.num_computed_tokens == start and copy.num_new_tokens == item.num_new_tokens
+            assert copy.start == start and copy.num_new_tokens == item.num_new_tokens
             new = slice(start, start + item.num_new_tokens)
             assert m.token_ids[new] == s.token_ids[new] and copy.samples == item.samples
         for item in batch:  # the step ran

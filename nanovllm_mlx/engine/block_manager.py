@@ -157,8 +157,9 @@ class BlockManager:
         in_use = sum(1 for block_id, _ in hits if self.blocks[block_id].ref_count > 0)
         return self.blocks_needed(seq.num_tokens) - in_use <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give seq blocks for all its tokens, sharing cached prefix blocks."""
+    def allocate(self, seq: Sequence) -> int:
+        """Give seq blocks for all its tokens, sharing cached prefix blocks; returns how
+        many of its tokens those hold (the scheduler's to count as computed)."""
         assert not seq.block_table, f"sequence {seq.seq_id} already has blocks"
         hits = self._cached_prefix(seq)
         for block_id, h in hits:
@@ -175,9 +176,9 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
         cached = len(hits) * self.block_size
         seq.num_cached_tokens = cached
-        seq.num_computed_tokens = cached
         self.prefix_hit_tokens += cached
         self.prefix_query_tokens += seq.num_tokens
+        return cached
 
     def _take_free_block(self) -> int:
         if not self.free_block_ids:
@@ -244,7 +245,6 @@ class BlockManager:
             self._share(self.blocks[block_id])
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
-        child.num_computed_tokens = parent.num_computed_tokens
         child.num_cached_tokens = parent.num_cached_tokens
         child.num_freed_blocks = parent.num_freed_blocks
         self.num_forked += len(held)
@@ -294,5 +294,4 @@ class BlockManager:
                 self._release(self.blocks[block_id])
         seq.block_table.clear()
         seq.block_hashes.clear()
-        seq.num_computed_tokens = 0
         seq.num_freed_blocks = 0

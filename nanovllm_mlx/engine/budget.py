@@ -48,9 +48,8 @@ def _prefill_seconds(runner: ModelRunner, n: int, context: int = 0) -> float:
         -1, [1] * (context + n), SamplingParams(temperature=0.0), request_id="budget-probe"
     )
     seq.block_table = list(range(-(-(context + n) // bs)))
-    seq.num_computed_tokens = context
     t0 = time.perf_counter()
-    runner.run([ScheduledSeq(seq, n)])
+    runner.run([ScheduledSeq(seq, n, start=context)])
     return time.perf_counter() - t0
 
 

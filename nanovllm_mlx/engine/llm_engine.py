@@ -1,9 +1,10 @@
 """The engine: requests in, one scheduled and computed step at a time, outputs out.
 
-A step, as in nano-vllm: the scheduler picks what to compute, the model runner computes
-it and samples, the scheduler advances the sequences, the output processor turns tokens
-into text and decides which requests end, and the scheduler retires those. Every caller
-(LLM, the CLI, the benchmark, the server's engine thread) drives it through `iterate`.
+A step, as in vLLM v1: the scheduler plans it (StepPlan), the runner computes it and
+samples (StepResult), the scheduler moves the sequences on (StepUpdate), the output
+processor turns tokens into text and decides which requests end, and the scheduler
+retires those. Every caller (LLM, the CLI, the benchmark, the server's engine thread)
+drives it through `iterate`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ from collections.abc import Iterable, Iterator
 
 import mlx.core as mx
 
-from nanovllm_mlx.engine import prompt_logprobs, requests, setup, structured
-from nanovllm_mlx.engine.isolation import StepResult, run_isolating
+from nanovllm_mlx.engine import requests, setup, structured
+from nanovllm_mlx.engine.execute import execute
 from nanovllm_mlx.engine.iteration import Watchers
-from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
-from nanovllm_mlx.engine.plan import ScheduledSeq
+from nanovllm_mlx.engine.plan import ScheduledSeq, StepUpdate
 from nanovllm_mlx.engine.scheduler import Scheduler
-from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.engine.stats import StepStats
 from nanovllm_mlx.errors import ContextLengthError, InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
@@ -45,7 +44,6 @@ class LLMEngine:
         self.block_manager = parts.block_manager
         self.model_runner = parts.runner
         self.max_num_batched_tokens = parts.budget.tokens
-        self.async_scheduling = parts.async_scheduling
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -53,6 +51,7 @@ class LLMEngine:
             self.max_model_len,
             key_cost=parts.budget.key_cost,
             layer_windows=spec.layer_windows,
+            look_ahead=parts.async_scheduling,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.structured = structured.StructuredOutputs(self.tokenizer, self.vocab_size)
@@ -146,58 +145,33 @@ class LLMEngine:
     # The step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, compute and sample one step; one output per choice that sampled."""
+        """Schedule, compute and sample one step; one output per choice that sampled (or
+        ended)."""
+        return self._step() or []
+
+    def _step(self) -> list[RequestOutput] | None:
+        """One step's outputs, or None when there was nothing to schedule."""
         start = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        ran = self._compute(batch)
-        sampled = self.scheduler.postprocess(ran.batch, ran.tokens)
-        sampled, samples = self._fork(sampled, ran.logprobs)
-        structured.advance(sampled)
-        self.step_stats.record(start, ran.batch, len(sampled))  # before finish() frees blocks
-        outputs, finished = self.output_processor.process(sampled, samples)
-        for item, error in ran.failed:
+        plan = self.scheduler.schedule()
+        if not plan.batch:
+            return None
+        result = execute(self.model_runner, plan)
+        update = self.scheduler.update(plan, result)
+        self.step_stats.record(start, update.ran, len(update.sampled))
+        return self._outputs(update, result.failed)
+
+    def _outputs(
+        self, update: StepUpdate, failed: list[tuple[ScheduledSeq, str]]
+    ) -> list[RequestOutput]:
+        """Text and finish decisions for the sequences that sampled, errors for the
+        requests the step failed; retire who ends."""
+        outputs, finished = self.output_processor.process(update.sampled, update.samples)
+        for item, error in failed:
             outputs += self._end(item.seq.request_id, "error", error)
         for seq, reason in finished:
             self.scheduler.finish(seq, reason)
         self._watchers.deliver(outputs)
         return outputs
-
-    def _compute(self, batch: list[ScheduledSeq]) -> StepResult:
-        """The step on the device: forks' block copies first, grammar masks, the prompt
-        logprobs pass, then the batch's forward and sampling, failures isolated. The
-        result's batch is what ran, in order; entries whose chunk the prompt-logprobs
-        pass used up entirely come last: they sample nothing but still advance."""
-        look_ahead = self.async_scheduling and self.scheduler.reserve_ahead(batch)
-        if copies := self.block_manager.take_copies():
-            self.model_runner.copy_blocks(copies)
-        structured.set_masks(batch)
-        to_run, failed = prompt_logprobs.run(self.model_runner, batch)
-        computed = [item for item in to_run if item.num_new_tokens]
-        ran = (
-            run_isolating(self.model_runner, computed, look_ahead)
-            if computed
-            else StepResult([], [], None)
-        )
-        ran.batch += [item for item in to_run if not item.num_new_tokens]
-        ran.failed += failed
-        return ran
-
-    def _fork(
-        self, sampled: list[Sequence], samples: list[RowSample | None] | None
-    ) -> tuple[list[Sequence], list[RowSample | None] | None]:
-        """Fork the choices off the requests that sampled their first token: they join
-        this step's sampled sequences with the tokens drawn for them."""
-        if samples is None:
-            return sampled, samples
-        sampled, samples = list(sampled), list(samples)
-        for seq, sample in list(zip(sampled, samples)):
-            if seq.forks and sample is not None:
-                tokens = [token for token, _ in sample.forks]
-                sampled += self.scheduler.fork(seq, tokens)
-                samples += [record for _, record in sample.forks]
-        return sampled, samples
 
     def iterate(self, request_ids: Iterable[str] | None = None) -> Iterator[list[RequestOutput]]:
         """Step the engine and yield each step's outputs (a list, maybe empty: a step that
@@ -214,15 +188,10 @@ class LLMEngine:
             yield from self._iterate_all()
             return
 
-        def step() -> bool:
-            steps = self.step_stats.steps
-            self.step()
-            return self.step_stats.steps != steps
-
         yield from self._watchers.iterate(
             [str(r) for r in request_ids],
             self.output_processor.__contains__,
-            step,
+            lambda: self._step() is not None,
             self.abort_request,
         )
 

@@ -192,7 +192,7 @@ class ModelRunner:
         if launched.tokens is None:
             mx.eval([(c.k, c.v) for c in self.caches])
             return [], None
-        # Back to batch order, which is what the scheduler's postprocess expects.
+        # Back to batch order, which is what the scheduler's update expects.
         samplers = launched.step.samplers
         rank = {item.seq.seq_id: i for i, item in enumerate(samplers)}
         order = [rank[item.seq.seq_id] for item in batch if item.samples]
@@ -219,7 +219,7 @@ class _Ahead:
 
 def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple:
     return tuple(
-        (item.seq.seq_id, item.seq.num_computed_tokens + shift, item.num_new_tokens)
+        (item.seq.seq_id, item.start + shift, item.num_new_tokens)
         for item in batch
     )
 

@@ -40,25 +40,25 @@ def run(
         if not seq.prompt_logprobs_pending:
             remaining.append(item)
             continue
-        start = seq.num_computed_tokens
+        start = item.start
         stop = min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)
         try:
-            while seq.num_computed_tokens < stop:
-                _forward(runner, seq, min(MAX_ROWS, stop - seq.num_computed_tokens))
+            for at in range(start, stop, MAX_ROWS):
+                _forward(runner, seq, at, min(MAX_ROWS, stop - at))
         except Exception as e:
             failed.append((item, f"the engine failed on this request's prompt logprobs: {e!r}"))
             continue
         if stop == seq.num_prompt_tokens - 1:
             seq.prompt_logprobs_pending = False
-        remaining.append(ScheduledSeq(seq, item.num_new_tokens - (stop - start)))
+        remaining.append(ScheduledSeq(seq, item.num_new_tokens - (stop - start), start=stop))
     return remaining, failed
 
 
-def _forward(runner: ModelRunner, seq: Sequence, count: int) -> None:
-    """Compute tokens [num_computed_tokens, + count) of seq (their K/V into its blocks)
-    and the logprobs of the prompt tokens they predict; advance num_computed_tokens."""
-    start = seq.num_computed_tokens
-    logprobs = log_softmax(runner.all_logits(ScheduledSeq(seq, count)))
+def _forward(runner: ModelRunner, seq: Sequence, start: int, count: int) -> None:
+    """Compute tokens [start, start + count) of seq (their K/V into its blocks) and the
+    logprobs of the prompt tokens they predict. The sequence's progress is the
+    scheduler's to advance, once the step is done."""
+    logprobs = log_softmax(runner.all_logits(ScheduledSeq(seq, count, start=start)))
     targets = mx.array(seq.token_ids[start + 1 : start + count + 1], dtype=mx.int32)
     chosen = mx.take_along_axis(logprobs, targets[:, None], axis=-1).squeeze(-1)
     n = seq.params.prompt_logprobs or 0
@@ -73,4 +73,3 @@ def _forward(runner: ModelRunner, seq: Sequence, count: int) -> None:
         if n:
             entry |= {t: v for t, v in zip(ids_list[j], values_list[j]) if t != token}
         seq.prompt_logprobs[start + 1 + j] = entry
-    seq.num_computed_tokens += count

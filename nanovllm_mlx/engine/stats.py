@@ -23,13 +23,9 @@ class StepStats:
         self.total_output_tokens = 0
 
     def record(self, start: float, batch: list[ScheduledSeq], num_sampled: int) -> None:
-        """A step that ran `batch` (already advanced by Scheduler.postprocess)."""
+        """A step that ran `batch`."""
         tokens = sum(item.num_new_tokens for item in batch)
-        decode_tokens = sum(
-            1
-            for item in batch
-            if item.seq.num_computed_tokens - item.num_new_tokens >= item.seq.num_prompt_tokens
-        )
+        decode_tokens = sum(1 for item in batch if item.start >= item.seq.num_prompt_tokens)
         # Prompt tokens include recomputed ones after a preemption: work the step did.
         prompt_tokens = tokens - decode_tokens
         self.steps += 1

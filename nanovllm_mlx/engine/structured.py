@@ -23,7 +23,6 @@ import llguidance
 from nanovllm_mlx.engine.constraint import Constraint, MaskCounter
 from nanovllm_mlx.engine.logits_processors import masks_min_tokens, stop_ids
 from nanovllm_mlx.engine.plan import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
@@ -48,13 +47,6 @@ def set_masks(batch: list[ScheduledSeq]) -> None:
             if seq.constraint is not None:
                 hold = stop_ids(seq) if masks_min_tokens(seq) else []
                 seq.token_mask = seq.constraint.mask(hold)
-
-
-def advance(sampled: list[Sequence]) -> None:
-    """After a step: each constrained choice's grammar takes the token it sampled."""
-    for seq in sampled:
-        if seq.constraint is not None:
-            seq.constraint.consume(seq.token_ids[-1])
 
 
 class StructuredOutputs:
