@@ -379,3 +379,20 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused(llm: LLM):
         llm.engine.add_request("hi", SamplingParams(stop_token_ids=[llm.engine.vocab_size]))
     assert e.value.param == "stop_token_ids"
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_max_tokens_none_is_the_rest_of_the_context_and_more_is_cut_to_it(gpt2_tiny: Path):
+    llm = LLM(str(gpt2_tiny), max_model_len=32, **SMALL_KV)
+    prompt = list(range(100, 110))
+    greedy = {"temperature": 0.0, "ignore_eos": True}
+    rest, over, held = llm.generate(
+        [prompt] * 3,
+        [
+            SamplingParams(max_tokens=None, **greedy),
+            SamplingParams(max_tokens=500, **greedy),
+            SamplingParams(max_tokens=None, min_tokens=400, **greedy),  # cut with it
+        ],
+    )
+    assert rest["finish_reason"] == over["finish_reason"] == held["finish_reason"] == "length"
+    assert len(rest["token_ids"]) == 22 and over["token_ids"] == rest["token_ids"]
+    assert len(held["token_ids"]) == 22

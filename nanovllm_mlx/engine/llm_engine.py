@@ -22,7 +22,7 @@ from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
 from nanovllm_mlx.engine.plan import ScheduledSeq, StepUpdate
 from nanovllm_mlx.engine.scheduler import Scheduler
 from nanovllm_mlx.engine.stats import StepStats
-from nanovllm_mlx.errors import ContextLengthError, InvalidRequestError
+from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
 
@@ -74,13 +74,10 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        params = requests.fit_params(params, self.vocab_size, self.config.max_num_seqs)
         token_ids = requests.tokenize(self.tokenizer, prompt, self.vocab_size)
-        if len(token_ids) >= self.max_model_len:
-            raise ContextLengthError(
-                f"prompt has {len(token_ids)} tokens; the model's context is "
-                f"{self.max_model_len} (max_model_len), leaving no room to generate"
-            )
+        params = requests.fit_params(
+            params, self.vocab_size, self.config.max_num_seqs, len(token_ids), self.max_model_len
+        )
         seq_ids = [next(self._ids) for _ in range(params.num_sequences)]
         request_id = str(seq_ids[0]) if request_id is None else str(request_id)
         if request_id in self.output_processor:

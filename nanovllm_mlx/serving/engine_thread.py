@@ -25,7 +25,15 @@ from dataclasses import replace
 from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
 from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.serving.snapshot import EngineSnapshot
-from nanovllm_mlx.serving.ticket import EngineError, QueueFull, Ticket, on_loops, put, settle
+from nanovllm_mlx.serving.ticket import (
+    EngineError,
+    QueueFull,
+    Ticket,
+    TooWide,
+    on_loops,
+    put,
+    settle,
+)
 
 logger = logging.getLogger("nanovllm_mlx.serving.engine_thread")
 
@@ -127,7 +135,12 @@ class EngineThread:
 
     def submit(self, ticket: Ticket) -> None:
         """Hand a request over; ticket.accepted resolves once the engine has taken it (or
-        with the engine's refusal). Raises QueueFull, or EngineError when not running."""
+        with the engine's refusal). The one admission decision: raises TooWide for a
+        request the queue could never hold, QueueFull while it is full (the guard asks
+        full() too, to refuse before reading a body), EngineError when not running."""
+        limit = self.max_waiting
+        if limit is not None and ticket.width > limit:
+            raise TooWide(len(ticket.prompts), ticket.params.num_sequences, limit)
         with self._cond:
             if not self.alive:
                 raise EngineError("the engine is not running", status=503)

@@ -26,6 +26,20 @@ class QueueFull(EngineError):
         )
 
 
+class TooWide(EngineError):
+    """A request of more sequences than the queue holds: it could never be queued whole,
+    so it is the request's fault (400), not the server's load."""
+
+    def __init__(self, num_prompts: int, num_sequences: int, limit: int):
+        width = num_prompts * num_sequences
+        super().__init__(
+            f"{num_prompts} prompt(s) x {num_sequences} choice(s) = {width} sequences, more "
+            f"than this server queues at once ({limit}, --max-waiting)",
+            400,
+        )
+        self.param = "n" if num_prompts == 1 else "prompt"
+
+
 class Ticket:
     """One request handed to the engine thread; made on (and answered to) its event loop.
     It may hold several prompts: each is an engine request of its own (engine_ids), all
