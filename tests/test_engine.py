@@ -354,6 +354,12 @@ def test_a_request_that_fails_the_step_fails_alone(llm: LLM, monkeypatch: pytest
         return real(logits, seqs, *args)
 
     monkeypatch.setattr(model_runner, "sample", sample)
+    ids = llm.engine.add_requests(
+        prompts[:4] + [prompts[0]] + prompts[4:], [params] * 4 + [poison] + [params] * 3
+    )
+    seen = [out for step in llm.engine.iterate(ids) for out in step]
+    # Every request ends with exactly one finished output, the failed one included.
+    assert sorted(out.request_id for out in seen if out.finished) == sorted(ids)
     outs = llm.generate(
         prompts[:4] + [prompts[0]] + prompts[4:], [params] * 4 + [poison] + [params] * 3
     )

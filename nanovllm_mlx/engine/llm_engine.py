@@ -113,14 +113,16 @@ class LLMEngine:
         """End a request now and free its blocks; a no-op once it has finished. Returns
         the last output of each choice it ends (finish_reason "abort"), which an
         iterate() watching it yields too."""
-        return self._end(str(request_id), "abort")
+        outputs = self._end(str(request_id), "abort")
+        self._watchers.deliver(outputs)
+        return outputs
 
     def _end(self, request_id: str, reason: str, error: str | None = None) -> list[RequestOutput]:
-        """End every choice of a request now, free their blocks; their last outputs."""
+        """End every choice of a request now, free their blocks; their last outputs (the
+        caller delivers them to the iterators, once)."""
         seqs, outputs = self.output_processor.end(request_id, reason, error)
         for seq in seqs:
             self.scheduler.finish(seq, reason)
-        self._watchers.deliver(outputs)
         return outputs
 
     def progress(self, request_id: str) -> tuple[int, int] | None:
