@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.bench import fit_workload, make_workload
-from nanovllm_mlx.engine import model_runner as mr
+from nanovllm_mlx.engine.runner import model_runner as mr
 
 PHASES = ("schedule", "prepare", "build", "eval", "postprocess", "other")
 

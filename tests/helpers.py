@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import nanovllm_mlx.engine.model_runner as model_runner
+import nanovllm_mlx.engine.runner.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

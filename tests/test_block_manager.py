@@ -5,8 +5,8 @@ import random
 import pytest
 
 from nanovllm_mlx.attention.metadata import NULL_BLOCK
-from nanovllm_mlx.engine.block_manager import BlockManager, block_hash
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.block_manager import BlockManager, block_hash
+from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
 
 BS = 4

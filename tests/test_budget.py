@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from nanovllm_mlx.attention.metadata import PoolLayout
-from nanovllm_mlx.engine import budget
+from nanovllm_mlx.engine.runner import budget
 
 
 class FakeRunner:

@@ -120,8 +120,8 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm: LLM):
 
 def test_sampling_follows_the_distribution(llm: LLM):
     # With temperature 1 the first token's empirical frequencies track softmax(logits).
-    import nanovllm_mlx.engine.sampler as sampler
-    from nanovllm_mlx.engine.sequence import Sequence
+    import nanovllm_mlx.engine.sample.sampler as sampler
+    from nanovllm_mlx.engine.core.sequence import Sequence
 
     logits = mx.array([[2.0, 1.0, 0.0, -1.0]] * 4000)
     seqs = [Sequence(i, [0], SamplingParams(temperature=1.0)) for i in range(4000)]
@@ -338,7 +338,7 @@ def test_async_scheduling_gives_the_same_outputs(gpt2_tiny: Path):
 
 
 def test_a_request_that_fails_the_step_fails_alone(llm: LLM, monkeypatch: pytest.MonkeyPatch):
-    import nanovllm_mlx.engine.model_runner as model_runner
+    import nanovllm_mlx.engine.runner.model_runner as model_runner
 
     prompts = random_prompts(7, seed=11)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)

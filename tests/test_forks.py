@@ -5,11 +5,11 @@ import random
 
 from test_scheduler import EOS, check_invariants
 
-from nanovllm_mlx.engine.block_manager import BlockManager, block_hash
+from nanovllm_mlx.engine.core.block_manager import BlockManager, block_hash
+from nanovllm_mlx.engine.core.plan import StepResult
+from nanovllm_mlx.engine.core.scheduler import Scheduler
+from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.engine.output_processor import token_finish_reason
-from nanovllm_mlx.engine.plan import StepResult
-from nanovllm_mlx.engine.scheduler import Scheduler
-from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.sampling_params import SamplingParams
 
 BS = 4

@@ -3,11 +3,11 @@
 Which sequences end is the output processor's token rule (token_finish_reason), applied
 here as the engine applies it, so these tests need no tokenizer or model."""
 
-from nanovllm_mlx.engine.block_manager import BlockManager
+from nanovllm_mlx.engine.core.block_manager import BlockManager
+from nanovllm_mlx.engine.core.plan import StepPlan, StepResult
+from nanovllm_mlx.engine.core.scheduler import Scheduler, keys_read
+from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.engine.output_processor import token_finish_reason
-from nanovllm_mlx.engine.plan import StepPlan, StepResult
-from nanovllm_mlx.engine.scheduler import Scheduler, keys_read
-from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.sampling_params import SamplingParams
 
 EOS = 0

@@ -27,8 +27,8 @@ from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
 from mlx.nn.layers.distributed import shard_linear
 
 from nanovllm_mlx import LLM
-from nanovllm_mlx.engine.plan import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.parallel.records import STEP, Mirror, Record, Sender, decode, encode
 from nanovllm_mlx.sampling_params import SamplingParams
 

@@ -15,12 +15,13 @@ from collections.abc import Iterable, Iterator
 
 import mlx.core as mx
 
-from nanovllm_mlx.engine import requests, setup, structured
-from nanovllm_mlx.engine.execute import execute
+from nanovllm_mlx.engine import requests, setup
+from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepUpdate
+from nanovllm_mlx.engine.core.scheduler import Scheduler
 from nanovllm_mlx.engine.iteration import Watchers
 from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
-from nanovllm_mlx.engine.plan import ScheduledSeq, StepUpdate
-from nanovllm_mlx.engine.scheduler import Scheduler
+from nanovllm_mlx.engine.runner.execute import execute
+from nanovllm_mlx.engine.sample import structured
 from nanovllm_mlx.engine.stats import StepStats
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer

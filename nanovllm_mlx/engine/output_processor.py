@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from nanovllm_mlx.engine.logprobs import RowSample
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.sample.logprobs import RowSample
 from nanovllm_mlx.loading.tokenizer import Detokenizer, Tokenizer
 
 

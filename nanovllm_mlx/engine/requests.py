@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from nanovllm_mlx.engine.sequence import Sequence
-from nanovllm_mlx.engine.structured import StructuredOutputs
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.sample.structured import StructuredOutputs
 from nanovllm_mlx.errors import ContextLengthError, InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SEED_RANGE, SamplingParams

@@ -9,10 +9,10 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 
 from nanovllm_mlx.config import Config
-from nanovllm_mlx.engine import memory
-from nanovllm_mlx.engine.block_manager import BlockManager
-from nanovllm_mlx.engine.budget import PROBE_TOKENS, StepBudget, measure_step_budget
-from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.engine.core.block_manager import BlockManager
+from nanovllm_mlx.engine.runner import memory
+from nanovllm_mlx.engine.runner.budget import PROBE_TOKENS, StepBudget, measure_step_budget
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
 from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.models.base import ModelSpec

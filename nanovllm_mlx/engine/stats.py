@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from nanovllm_mlx.engine.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
 
 WINDOW_S = 5.0  # prompt/generation tok/s are averaged over the steps of the last 5 s
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nanovllm_mlx.engine.plan import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
 
 MAGIC = 0x4E564C4D  # "NVLM": a record that starts otherwise is a protocol error

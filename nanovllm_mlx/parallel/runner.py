@@ -22,9 +22,9 @@ import mlx.core as mx
 import xxhash
 
 from nanovllm_mlx.config import Config
-from nanovllm_mlx.engine.logprobs import RowSample
-from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.sample.logprobs import RowSample
 from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.loading.loader import LoadedModel
 from nanovllm_mlx.parallel import group as groups

@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 
 from nanovllm_mlx.config import Config
-from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
 from nanovllm_mlx.engine.setup import load_model, max_model_len
 from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.parallel import group as groups

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import xxhash
 
 from nanovllm_mlx.attention.metadata import NULL_BLOCK
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.sequence import Sequence
 
 
 def block_hash(token_ids: list[int], prev_hash: int | None) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.sequence import Sequence
 
 if TYPE_CHECKING:
-    from nanovllm_mlx.engine.logprobs import RowSample
+    from nanovllm_mlx.engine.sample.logprobs import RowSample
 
 
 @dataclass(slots=True)
@@ -47,7 +47,7 @@ class StepPlan:
 
 @dataclass(slots=True)
 class StepResult:
-    """What the runner computed for a plan (engine/execute.py). Every entry of the plan
+    """What the runner computed for a plan (engine/runner/execute.py). Every entry of the plan
     ran but those in `failed`, which the engine ends with the error."""
 
     tokens: list[int]  # one per sampling entry that ran, in plan order

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from nanovllm_mlx.engine.block_manager import BlockManager
-from nanovllm_mlx.engine.plan import ScheduledSeq, StepPlan, StepResult, StepUpdate
-from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
+from nanovllm_mlx.engine.core.block_manager import BlockManager
+from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepPlan, StepResult, StepUpdate
+from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
-    from nanovllm_mlx.engine.logprobs import RowSample
+    from nanovllm_mlx.engine.sample.logprobs import RowSample
 
 
 def keys_read(context: int, layer_windows: tuple[int | None, ...]) -> float:
@@ -44,7 +44,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         # What each cached key a prompt token attends to adds to its cost, in tokens
-        # (engine/budget.py measures it where the budget is bound by time; 0: a step's
+        # (engine/runner/budget.py measures it where the budget is bound by time; 0: a step's
         # budget counts tokens alone). Decodes always count 1, so the budget's floor
         # keeps every decode batch whole. layer_windows: each layer's sliding window (None:
         # full attention; empty: all full), which bound the keys a token reads.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from nanovllm_mlx.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from nanovllm_mlx.engine.constraint import Constraint
+    from nanovllm_mlx.engine.sample.constraint import Constraint
 
 
 class SequenceStatus(Enum):

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.plan import ScheduledSeq
-from nanovllm_mlx.engine.scheduler import keys_read
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.scheduler import keys_read
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
 from nanovllm_mlx.sampling_params import SamplingParams
 
 TARGET_STEP_S = 0.25  # a step this long keeps streams smooth and Ctrl-C prompt

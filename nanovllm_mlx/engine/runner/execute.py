@@ -3,10 +3,11 @@ then the batch's forward and sampling, failures narrowed down to their requests.
 
 from __future__ import annotations
 
-from nanovllm_mlx.engine import prompt_logprobs, structured
-from nanovllm_mlx.engine.isolation import run_isolating
-from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.plan import StepPlan, StepResult
+from nanovllm_mlx.engine.core.plan import StepPlan, StepResult
+from nanovllm_mlx.engine.runner import prompt_logprobs
+from nanovllm_mlx.engine.runner.isolation import run_isolating
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.sample import structured
 
 
 def execute(runner: ModelRunner, plan: StepPlan) -> StepResult:

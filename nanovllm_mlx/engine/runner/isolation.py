@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 
-from nanovllm_mlx.engine.logprobs import RowSample
-from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.plan import ScheduledSeq, StepResult
+from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepResult
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.sample.logprobs import RowSample
 from nanovllm_mlx.errors import TensorParallelError
 
 logger = logging.getLogger("nanovllm_mlx.engine")

@@ -22,15 +22,15 @@ import numpy as np
 
 from nanovllm_mlx.attention import select_backend
 from nanovllm_mlx.attention.metadata import AttentionBackend, AttentionMetadata, KVCache, PoolLayout
-from nanovllm_mlx.engine.logprobs import RowSample, SampleExtras
-from nanovllm_mlx.engine.plan import ScheduledSeq
-from nanovllm_mlx.engine.sampler import sample
-from nanovllm_mlx.engine.step_inputs import (
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.runner.step_inputs import (
     PreparedStep,
     is_uniform_decode,
     prepare,
     prepare_decode,
 )
+from nanovllm_mlx.engine.sample.logprobs import RowSample, SampleExtras
+from nanovllm_mlx.engine.sample.sampler import sample
 from nanovllm_mlx.models.base import CausalLM
 
 # Decode batches up to this size run compiled. Measured on an H200 (GPT-2 small, float16,
@@ -113,7 +113,7 @@ class ModelRunner:
 
     def all_logits(self, item: ScheduledSeq) -> mx.array:
         """The logits of every token of one entry (not only its last), its K/V written:
-        the prompt-logprobs pass (engine/prompt_logprobs.py). Evaluated whole, as every
+        the prompt-logprobs pass (engine/runner/prompt_logprobs.py). Evaluated whole, as every
         forward that a tensor-parallel group runs together must be."""
         step = prepare([item], self.pool, self.backend, windows=self.windows)
         hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)

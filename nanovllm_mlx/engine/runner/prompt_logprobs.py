@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from nanovllm_mlx.engine.logprobs import log_softmax, top_n
-from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.plan import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.sample.logprobs import log_softmax, top_n
 
 # Logits rows per forward of the pass: 256 x 50k float32 is ~51 MB, where a 4,096-token
 # chunk would be ~820 MB.

@@ -22,7 +22,7 @@ from nanovllm_mlx.attention.metadata import (
     PrefillEntries,
 )
 from nanovllm_mlx.attention.paged import build_metadata
-from nanovllm_mlx.engine.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
 
 
 @dataclass(slots=True)

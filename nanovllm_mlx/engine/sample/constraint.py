@@ -1,5 +1,5 @@
 """One constrained choice's place in its grammar (llguidance's matcher), and the count of
-masks its engine computed. Apart from the grammar compiler (engine/structured.py) so that
+masks its engine computed. Apart from the grammar compiler (engine/sample/structured.py) so that
 a Sequence can hold one without importing the compiler."""
 
 from __future__ import annotations

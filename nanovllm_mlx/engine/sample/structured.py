@@ -20,9 +20,9 @@ from typing import Any
 
 import llguidance
 
-from nanovllm_mlx.engine.constraint import Constraint, MaskCounter
-from nanovllm_mlx.engine.logits_processors import masks_min_tokens, stop_ids
-from nanovllm_mlx.engine.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.sample.constraint import Constraint, MaskCounter
+from nanovllm_mlx.engine.sample.logits_processors import masks_min_tokens, stop_ids
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
