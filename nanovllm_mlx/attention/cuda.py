@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from typing import Any
 
 import mlx.core as mx
 
@@ -129,7 +130,7 @@ def available() -> bool:
 
 
 @cache
-def _kernels() -> tuple[object, object]:
+def _kernels() -> tuple[Any, Any]:
     partial = mx.fast.cuda_kernel(
         name="paged_decode_partial",
         input_names=["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale", "params"],
@@ -205,6 +206,7 @@ def paged_decode(
         output_shapes=[(b, n_heads, parts, head_dim), (b, n_heads, parts), (b, n_heads, parts)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
     )
+    out: mx.array
     (out,) = merge(
         inputs=[part_out, part_m, part_l],
         template=[("T", q.dtype), ("D", head_dim)],
@@ -236,7 +238,9 @@ class CudaPagedAttention(GatherAttention):
     def __init__(self) -> None:
         super().__init__(fused=True)
 
-    def plan_decode(
+    # Its decode plans are its own, not the gather path's: each backend's plans are opaque
+    # to everything but itself, so these overrides narrow what GatherAttention declares.
+    def plan_decode(  # type: ignore[override]
         self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
     ) -> DecodePlan:
         max_context = int(entries.context_lens.max())
@@ -249,7 +253,7 @@ class CudaPagedAttention(GatherAttention):
         tables = block_tables(entries.block_tables, width)
         return {"tables": mx.array(tables), "context": mx.array(entries.context_lens)}
 
-    def decode(
+    def decode(  # type: ignore[override]
         self, q: mx.array, cache: KVCache, plan: DecodePlan | dict[str, mx.array], scale: float
     ) -> mx.array:
         if isinstance(plan, dict):

@@ -32,7 +32,8 @@ def first_visible_key(position: np.ndarray, window: int | None) -> np.ndarray:
     """The first key position a query at `position` sees: 0, or position - W + 1."""
     if window is None:
         return np.zeros_like(position)
-    return np.maximum(position - window + 1, 0)
+    first: np.ndarray = np.maximum(position - window + 1, 0)
+    return first
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import mlx.core as mx
 
@@ -99,7 +100,7 @@ class LLMEngine:
         """Queue a batch, all or nothing: on a bad prompt the ones already queued are
         aborted and the error is re-raised with `index` set to the bad prompt's."""
         ids: list[str] = []
-        names = request_ids or [None] * len(prompts)
+        names: list[str | None] = list(request_ids) if request_ids else [None] * len(prompts)
         try:
             for prompt, p, name in zip(prompts, params, names, strict=True):
                 ids.append(self.add_request(prompt, p, name))
@@ -207,7 +208,7 @@ class LLMEngine:
 
     # Introspection --------------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         blocks = self.block_manager.stats()
         return {
             "running": len(self.scheduler.running),

@@ -5,6 +5,7 @@ step budget. What LLMEngine does once, before its first request."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import mlx.core as mx
 
@@ -13,11 +14,12 @@ from nanovllm_mlx.engine.core.block_manager import BlockManager
 from nanovllm_mlx.engine.runner import memory
 from nanovllm_mlx.engine.runner.budget import PROBE_TOKENS, StepBudget, measure_step_budget
 from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.runner.protocol import Runner
 from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.models.base import ModelSpec
 from nanovllm_mlx.parallel.group import launched_rank
-from nanovllm_mlx.parallel.runner import ParallelRunner, TensorParallel, fingerprint
+from nanovllm_mlx.parallel.runner import TensorParallel, fingerprint
 
 
 def load_model(config: Config) -> loader.LoadedModel:
@@ -31,7 +33,7 @@ def max_model_len(config: Config, spec: ModelSpec) -> int:
     return min(config.max_model_len or spec.context_length, spec.context_length)
 
 
-def make_config(model: str | None, kwargs: dict[str, object]) -> Config:
+def make_config(model: str | None, kwargs: dict[str, Any]) -> Config:
     names = {f.name for f in fields(Config)}
     unknown = sorted(set(kwargs) - names)
     if unknown:
@@ -44,7 +46,7 @@ class Parts:
     loaded: loader.LoadedModel
     max_model_len: int
     block_manager: BlockManager
-    runner: ModelRunner | ParallelRunner
+    runner: Runner
     budget: StepBudget
     async_scheduling: bool
     parallel: TensorParallel | None
@@ -81,7 +83,7 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     per_block = memory.kv_bytes_per_block(spec, config.block_size, dtype)
     memory.check_fits(num_blocks, per_block, loaded.weight_bytes, config.block_size)
     on_gpu, tp = mx.default_device() != mx.cpu, parallel is not None
-    runner: ModelRunner | ParallelRunner = ModelRunner(
+    model_runner = ModelRunner(
         loaded.model,
         num_blocks,
         config.block_size,
@@ -92,9 +94,10 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
         and (on_gpu if config.compile_decode is None else config.compile_decode),
         collective=tp,
     )
+    runner: Runner = model_runner
     if parallel is not None:
         parallel.agree(fingerprint(loaded, config, context), num_blocks)
-        runner = parallel.wrap(runner)
+        runner = parallel.wrap(model_runner)
     if config.max_num_batched_tokens:  # as given: tokens alone, whatever their context
         budget = StepBudget(config.max_num_batched_tokens)
     else:

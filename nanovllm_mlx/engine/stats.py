@@ -37,7 +37,7 @@ class StepStats:
         self.total_output_tokens += num_sampled
         self._window.append((start, time.perf_counter(), prompt_tokens, num_sampled))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, float]:
         now = time.perf_counter()
         recent = [w for w in self._window if now - w[1] < WINDOW_S]
         busy = sum(end - begin for begin, end, _, _ in recent)

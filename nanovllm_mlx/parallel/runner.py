@@ -16,11 +16,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import xxhash
 
+from nanovllm_mlx.attention.metadata import PoolLayout
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.runner.model_runner import ModelRunner
@@ -188,7 +189,7 @@ class ParallelRunner:
 
     def run(
         self, batch: list[ScheduledSeq], look_ahead: bool = False
-    ) -> tuple[list[int], list[RowSample] | None]:
+    ) -> tuple[list[int], list[RowSample | None] | None]:
         # No look-ahead: a step launched ahead would need this step's tokens on every
         # rank before rank 0 has read them.
         return self._together(
@@ -218,6 +219,20 @@ class ParallelRunner:
                 raise self.tp.failed(e) from None
             raise
 
-    def __getattr__(self, name: str) -> object:
-        # Everything else (pool, counters, the model) is the wrapped runner's.
-        return getattr(self.runner, name)
+    # What the engine reads of a runner besides the step (engine/runner/protocol.py): the
+    # wrapped runner's, named one by one so that the type checker sees them.
+    @property
+    def pool(self) -> PoolLayout:
+        return self.runner.pool
+
+    @property
+    def steps_ahead_used(self) -> int:
+        return self.runner.steps_ahead_used
+
+    @property
+    def steps_ahead_dropped(self) -> int:
+        return self.runner.steps_ahead_dropped
+
+    @property
+    def decode_buckets(self) -> set[tuple[Any, ...]]:
+        return self.runner.decode_buckets

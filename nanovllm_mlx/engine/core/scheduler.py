@@ -77,7 +77,7 @@ class Scheduler:
         return StepPlan(batch, self.block_manager.take_copies(), look_ahead)
 
     def _batch(self) -> list[ScheduledSeq]:
-        budget = self.max_num_batched_tokens
+        budget: float = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         widest = 0.0  # the most cached keys a prompt chunk of this step reads
         # Running sequences first, oldest first: decodes never wait behind new prompts. (A

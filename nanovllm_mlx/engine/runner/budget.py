@@ -20,7 +20,7 @@ import mlx.core as mx
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.scheduler import keys_read
 from nanovllm_mlx.engine.core.sequence import Sequence
-from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.runner.protocol import Runner
 from nanovllm_mlx.sampling_params import SamplingParams
 
 TARGET_STEP_S = 0.25  # a step this long keeps streams smooth and Ctrl-C prompt
@@ -38,7 +38,7 @@ class StepBudget:
     key_cost: float = 0.0  # what each cached key adds to a prompt token's cost, in tokens
 
 
-def _prefill_seconds(runner: ModelRunner, n: int, context: int = 0) -> float:
+def _prefill_seconds(runner: Runner, n: int, context: int = 0) -> float:
     """Time of one n-token prefill step after `context` cached tokens. It writes K/V into
     the first blocks of the pool, which hold nothing anyone reads (nothing is cached
     before the first request); the context's keys are whatever earlier probes left
@@ -54,7 +54,7 @@ def _prefill_seconds(runner: ModelRunner, n: int, context: int = 0) -> float:
 
 
 def measure_step_budget(
-    runner: ModelRunner,
+    runner: Runner,
     floor: int,
     max_model_len: int,
     cap: int = DEFAULT_CAP,

@@ -6,11 +6,11 @@ from __future__ import annotations
 from nanovllm_mlx.engine.core.plan import StepPlan, StepResult
 from nanovllm_mlx.engine.runner import prompt_logprobs
 from nanovllm_mlx.engine.runner.isolation import run_isolating
-from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.runner.protocol import Runner
 from nanovllm_mlx.engine.sample import structured
 
 
-def execute(runner: ModelRunner, plan: StepPlan) -> StepResult:
+def execute(runner: Runner, plan: StepPlan) -> StepResult:
     """Compute the plan's tokens. The sequences are not advanced here: the scheduler's
     update does that from the plan and this result."""
     if plan.copies:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 
 from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepResult
-from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.runner.protocol import Runner
 from nanovllm_mlx.engine.sample.logprobs import RowSample
 from nanovllm_mlx.errors import TensorParallelError
 
 logger = logging.getLogger("nanovllm_mlx.engine")
 
 
-def run_isolating(runner: ModelRunner, batch: list[ScheduledSeq], look_ahead: bool) -> StepResult:
+def run_isolating(runner: Runner, batch: list[ScheduledSeq], look_ahead: bool) -> StepResult:
     """The batch's tokens, one per sampling entry that did not fail, in batch order."""
     try:
         tokens, logprobs = runner.run(batch, look_ahead)
@@ -35,7 +35,7 @@ def run_isolating(runner: ModelRunner, batch: list[ScheduledSeq], look_ahead: bo
         return result
 
 
-def _bisect(runner: ModelRunner, batch: list[ScheduledSeq], error: Exception) -> StepResult:
+def _bisect(runner: Runner, batch: list[ScheduledSeq], error: Exception) -> StepResult:
     if len(batch) == 1:
         message = f"the engine failed on this request: {error!r}"
         return StepResult([], None, [(batch[0], message)])

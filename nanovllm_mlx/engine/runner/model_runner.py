@@ -16,6 +16,7 @@ is safe (reserve_ahead); a launch whose batch then changes is simply dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -69,7 +70,7 @@ class ModelRunner:
         # evaluated whole before anything else is built on it.
         self.collective = collective
         self._compiled = mx.compile(self._decode_graph) if compile_decode else None
-        self.decode_buckets: set[tuple] = set()  # (batch, table width) shapes traced
+        self.decode_buckets: set[tuple[Any, ...]] = set()  # (batch, table width) shapes traced
         shape = (spec.n_kv_heads, (num_blocks + 1) * block_size, spec.head_dim)
         self.caches = [
             KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), block_size)
@@ -156,16 +157,18 @@ class ModelRunner:
         logits = self.forward(step)
         cache_arrays = [(c.k, c.v) for c in self.caches]
         if logits is None:
-            mx.async_eval(cache_arrays)
+            mx.async_eval(cache_arrays)  # type: ignore[no-untyped-call]
             return _Launched(step, None, None)
         seqs = [item.seq for item in step.samplers]
         tokens, logprobs = sample(logits, seqs, output_offset)
-        mx.async_eval(tokens, cache_arrays, [] if logprobs is None else logprobs)
+        mx.async_eval(  # type: ignore[no-untyped-call]
+            tokens, cache_arrays, [] if logprobs is None else logprobs
+        )
         return _Launched(step, tokens, logprobs)
 
     def run(
         self, batch: list[ScheduledSeq], look_ahead: bool = False
-    ) -> tuple[list[int], list[RowSample] | None]:
+    ) -> tuple[list[int], list[RowSample | None] | None]:
         """Compute this step's tokens; return the sampled token (and logprob) of each
         sampling entry, in batch order. With look_ahead (an all-decode batch whose next
         step the scheduler has reserved blocks for), also launch the next step before
@@ -178,7 +181,7 @@ class ModelRunner:
 
     def _run(
         self, batch: list[ScheduledSeq], look_ahead: bool
-    ) -> tuple[list[int], list[RowSample] | None]:
+    ) -> tuple[list[int], list[RowSample | None] | None]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.key == _batch_key(batch, 0):
             launched = ahead.launched
@@ -196,7 +199,7 @@ class ModelRunner:
         samplers = launched.step.samplers
         rank = {item.seq.seq_id: i for i, item in enumerate(samplers)}
         order = [rank[item.seq.seq_id] for item in batch if item.samples]
-        token_list = launched.tokens.tolist()
+        token_list = cast(list[int], launched.tokens.tolist())
         tokens_out = [token_list[i] for i in order]
         if launched.logprobs is None:
             return tokens_out, None
@@ -213,16 +216,16 @@ class _Launched:
 
 @dataclass(slots=True)
 class _Ahead:
-    key: tuple  # the batch, as _batch_key, this launch is the right step for
+    key: tuple[Any, ...]  # the batch, as _batch_key, this launch is the right step for
     launched: _Launched
 
 
-def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple:
+def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple[Any, ...]:
     return tuple(
         (item.seq.seq_id, item.start + shift, item.num_new_tokens)
         for item in batch
     )
 
 
-def _bucket_key(step: PreparedStep) -> tuple:
+def _bucket_key(step: PreparedStep) -> tuple[Any, ...]:
     return (step.input_ids.shape[0], *(a.shape for a in step.meta.decode.values()))

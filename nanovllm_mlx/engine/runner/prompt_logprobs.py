@@ -15,11 +15,13 @@ sequence allocates no cached blocks until its pass is done (Sequence.prompt_logp
 
 from __future__ import annotations
 
+from typing import cast
+
 import mlx.core as mx
 
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
-from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.runner.protocol import Runner
 from nanovllm_mlx.engine.sample.logprobs import log_softmax, top_n
 
 # Logits rows per forward of the pass: 256 x 50k float32 is ~51 MB, where a 4,096-token
@@ -28,7 +30,7 @@ MAX_ROWS = 256
 
 
 def run(
-    runner: ModelRunner, batch: list[ScheduledSeq]
+    runner: Runner, batch: list[ScheduledSeq]
 ) -> tuple[list[ScheduledSeq], list[tuple[ScheduledSeq, str]]]:
     """Run the pass for the entries whose sequences still need prompt logprobs; return
     the entries as the step should run them (what is left of their chunks, possibly
@@ -54,7 +56,7 @@ def run(
     return remaining, failed
 
 
-def _forward(runner: ModelRunner, seq: Sequence, start: int, count: int) -> None:
+def _forward(runner: Runner, seq: Sequence, start: int, count: int) -> None:
     """Compute tokens [start, start + count) of seq (their K/V into its blocks) and the
     logprobs of the prompt tokens they predict. The sequence's progress is the
     scheduler's to advance, once the step is done."""
@@ -64,9 +66,9 @@ def _forward(runner: ModelRunner, seq: Sequence, start: int, count: int) -> None
     n = seq.params.prompt_logprobs or 0
     ids, values = top_n(logprobs, n) if n else (None, None)
     mx.eval(chosen, ids, values)
-    chosen_list = chosen.tolist()
-    ids_list = [] if ids is None else ids.tolist()
-    values_list = [] if values is None else values.tolist()
+    chosen_list = cast(list[float], chosen.tolist())
+    ids_list = [] if ids is None else cast(list[list[int]], ids.tolist())
+    values_list = [] if values is None else cast(list[list[float]], values.tolist())
     assert seq.prompt_logprobs is not None
     for j, token in enumerate(seq.token_ids[start + 1 : start + count + 1]):
         entry = {token: chosen_list[j]}

@@ -37,7 +37,7 @@ class Constraint:
         start = time.perf_counter()
         bitmask = allocate_token_bitmask(1, self.counter.vocab_size)
         fill_next_token_bitmask(self.matcher, bitmask, 0)
-        row = bitmask[0]
+        row: np.ndarray = bitmask[0]
         if hold_back:
             ids = np.asarray(hold_back, dtype=np.int64)
             held = row.view(np.uint32).copy()

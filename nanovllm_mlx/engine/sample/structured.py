@@ -16,7 +16,7 @@ batch holding one (SamplingParams.needs_history).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import llguidance
 
@@ -27,10 +27,13 @@ from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # JSON as json.dumps writes it: ", " and ": " and no other whitespace. With flexible
 # whitespace a small model can emit blanks without end (a failure vLLM's users report);
 # this layout is also the one models have seen most.
-JSON_OPTIONS: dict[str, Any] = {
+JSON_OPTIONS: JsonCompileOptions = {
     "whitespace_flexible": False,
     "item_separator": ", ",
     "key_separator": ": ",
