@@ -49,7 +49,7 @@ def instrument(llm: LLM) -> dict[str, dict[str, float]]:
     mr.sample = timed("build", mr.sample)
     real_eval = mx.eval
     mr.mx.eval = timed("eval", real_eval)
-    step = engine.step
+    step = engine._step  # the step every iterate() runs
 
     def profiled_step():
         current.clear()
@@ -69,7 +69,7 @@ def instrument(llm: LLM) -> dict[str, dict[str, float]]:
         bucket["tokens"] += counters.last_batch_tokens
         return out
 
-    engine.step = profiled_step
+    engine._step = profiled_step
     return totals
 
 

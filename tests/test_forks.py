@@ -3,7 +3,7 @@ write of the partial last block, preemption, prefix caching. Plain Python, no ML
 
 import random
 
-from test_scheduler import EOS, check_invariants
+from helpers import EOS, check_invariants
 
 from nanovllm_mlx.engine.core.block_manager import BlockManager, block_hash
 from nanovllm_mlx.engine.core.plan import StepResult

@@ -3,14 +3,14 @@
 Which sequences end is the output processor's token rule (token_finish_reason), applied
 here as the engine applies it, so these tests need no tokenizer or model."""
 
+from helpers import EOS, check_invariants
+
 from nanovllm_mlx.engine.core.block_manager import BlockManager
 from nanovllm_mlx.engine.core.plan import StepPlan, StepResult
 from nanovllm_mlx.engine.core.scheduler import Scheduler, keys_read
 from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.engine.output_processor import token_finish_reason
 from nanovllm_mlx.sampling_params import SamplingParams
-
-EOS = 0
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens_step=64, max_model_len=256):
@@ -40,23 +40,6 @@ def step(sched: Scheduler, token: int = 5):
     plan = sched.schedule()
     advance(sched, plan, [token for item in plan.batch if item.samples])
     return plan.batch
-
-
-def check_invariants(sched: Scheduler) -> None:
-    bm = sched.block_manager
-    refs = [0] * bm.num_blocks
-    for s in sched.running:
-        assert s.status is SequenceStatus.RUNNING
-        # The slot of the token sampled last step is allocated when it is scheduled.
-        needed = bm.blocks_needed(s.num_tokens)
-        assert needed - 1 <= len(s.block_table) <= needed
-        for b in s.block_table:
-            refs[b] += 1
-    for s in sched.waiting:
-        assert s.block_table == []
-    for b in bm.blocks:
-        assert b.ref_count == refs[b.block_id]
-        assert (b.ref_count == 0) == (b.block_id in bm.free_block_ids)
 
 
 def test_requests_join_and_leave_every_step():

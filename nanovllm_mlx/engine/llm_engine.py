@@ -198,7 +198,7 @@ class LLMEngine:
 
     def _iterate_all(self) -> Iterator[list[RequestOutput]]:
         while self.has_unfinished_requests():
-            yield self.step()
+            yield self._step() or []
 
     def close(self) -> None:
         """Release what outlives the object: the other ranks of a tensor-parallel engine
