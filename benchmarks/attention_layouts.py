@@ -34,8 +34,7 @@ import mlx.core as mx
 
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention.gather import gathered_attention, read_blocks
-from nanovllm_mlx.attention.metadata import PoolLayout
-from nanovllm_mlx.attention.paged import KVCache
+from nanovllm_mlx.attention.metadata import KVCache, PoolLayout
 
 
 def bench(fn, layers: int) -> float:

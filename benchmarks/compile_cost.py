@@ -25,7 +25,7 @@ import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it firs
 
 from nanovllm_mlx import LLM
 from nanovllm_mlx.bench import make_workload, run_benchmark
-from nanovllm_mlx.engine import model_runner
+from nanovllm_mlx.engine.runner import model_runner
 
 
 def shifted(workload: list, vocab: int) -> list:

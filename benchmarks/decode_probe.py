@@ -27,8 +27,7 @@ import mlx.core as mx
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda
-from nanovllm_mlx.attention.metadata import PoolLayout
-from nanovllm_mlx.attention.paged import KVCache
+from nanovllm_mlx.attention.metadata import KVCache, PoolLayout
 
 
 def decode_rate(llm: LLM, prompt: list[int], tokens: int) -> float:

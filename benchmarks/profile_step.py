@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.bench import fit_workload, make_workload
-from nanovllm_mlx.engine import model_runner as mr
+from nanovllm_mlx.engine.runner import model_runner as mr
 
 PHASES = ("schedule", "prepare", "build", "eval", "postprocess", "other")
 
@@ -43,13 +43,13 @@ def instrument(llm: LLM) -> dict[str, dict[str, float]]:
         return wrapper
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine.scheduler.postprocess = timed("postprocess", engine.scheduler.postprocess)
+    engine.scheduler.update = timed("postprocess", engine.scheduler.update)
     mr.prepare = timed("prepare", mr.prepare)
     runner.forward = timed("build", runner.forward)
     mr.sample = timed("build", mr.sample)
     real_eval = mx.eval
     mr.mx.eval = timed("eval", real_eval)
-    step = engine.step
+    step = engine._step  # the step every iterate() runs
 
     def profiled_step():
         current.clear()
@@ -69,7 +69,7 @@ def instrument(llm: LLM) -> dict[str, dict[str, float]]:
         bucket["tokens"] += counters.last_batch_tokens
         return out
 
-    engine.step = profiled_step
+    engine._step = profiled_step
     return totals
 
 

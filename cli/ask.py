@@ -15,6 +15,7 @@ from rich.text import Text
 
 from cli.ui import sanitize
 from nanovllm_mlx import LLM, LLMEngine, SamplingParams, backend
+from nanovllm_mlx.engine import requests
 from nanovllm_mlx.errors import InvalidRequestError
 
 REFRESH_S = 0.1  # the live view redraws at most 10 times a second, between engine steps
@@ -59,7 +60,7 @@ def fit_max_tokens(
     (the engine would stop there anyway); notes saying so, for --verbose."""
     fitted, notes = [], []
     for i, ids in enumerate(inputs):
-        room = engine.max_model_len - len(ids)
+        room = requests.room(len(ids), engine.max_model_len)
         if 0 < room < params.max_tokens:
             fitted.append(replace(params, max_tokens=room))
             which = f" for prompt {i + 1}" if len(inputs) > 1 else ""

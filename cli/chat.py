@@ -23,6 +23,7 @@ from rich.table import Table
 from cli.ask import FALLBACK_STOP
 from cli.ui import sanitize
 from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.engine import requests
 
 PROMPT = ">>> "
 HELP = (
@@ -159,7 +160,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             prompt = self.llm.tokenizer.encode_chat(self.messages)
-            room = self.engine.max_model_len - len(prompt)
+            room = requests.room(len(prompt), self.engine.max_model_len)
             params = self.params
             if 0 < room < params.max_tokens:  # the engine would stop there anyway
                 params = replace(params, max_tokens=room)

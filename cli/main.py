@@ -24,7 +24,7 @@ from cli.options import (
     sampling_options,
 )
 from nanovllm_mlx import SamplingParams
-from nanovllm_mlx.parallel.channel import TensorParallelError
+from nanovllm_mlx.errors import TensorParallelError
 
 # Typer (>= 0.20) vendors its own Click and exports some of its exceptions, not their base
 # class: reach that through one it does export, whichever Click is underneath.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any
@@ -190,12 +189,9 @@ def serve_as_other_rank(model: str | None, engine: dict[str, Any]) -> None:
     """Under mlx.launch every rank runs the user's command; all but rank 0 serve the steps
     rank 0 sends, before the command does anything of its own (binding a port, reading
     stdin, printing), and then exit."""
-    if engine.get("tensor_parallel_size", 1) > 1:
-        from nanovllm_mlx.parallel import group, worker
+    from nanovllm_mlx.parallel import worker
 
-        rank = group.launched_rank()
-        if rank is not None and rank > 0:
-            sys.exit(worker.run(model, engine))
+    worker.serve_other_rank(model, engine)
 
 
 def _given_engine_options(values: dict[str, Any]) -> dict[str, Any]:

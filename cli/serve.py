@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli import ui
-from nanovllm_mlx.parallel.channel import TensorParallelError
+from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.serving.settings import ServerSettings
 from nanovllm_mlx.serving.snapshot import EngineSnapshot
 

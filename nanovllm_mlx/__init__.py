@@ -9,6 +9,6 @@ backend.keep_freed_memory()
 from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput  # noqa: E402
 from nanovllm_mlx.llm import LLM  # noqa: E402
 from nanovllm_mlx.sampling_params import SamplingParams  # noqa: E402
+from nanovllm_mlx.version import __version__ as __version__  # noqa: E402
 
 __all__ = ["LLM", "LLMEngine", "RequestOutput", "SamplingParams"]
-__version__ = "0.1.0"

@@ -11,7 +11,7 @@ class Config:
     dtype: str = "auto"  # auto: float32 on CPU (fast BLAS), the checkpoint's dtype on a GPU
     max_num_seqs: int = 64
     # Most tokens one step computes. None: measured at start-up, what the device prefills
-    # in ~0.25 s (engine/budget.py), at most 4096.
+    # in ~0.25 s (engine/runner/budget.py), at most 4096.
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None  # default: the model's context length
     block_size: int = 16
@@ -29,7 +29,7 @@ class Config:
     # on a GPU only; on a 2-core CPU the overlap slowed decode 14% (29.1 vs 34.7 tok/s).
     async_scheduling: bool | None = None
     # Run all-decode steps through mx.compile, one trace per (batch, table width) bucket
-    # (engine/model_runner.py). None: on a GPU, where building a step's graph in Python is
+    # (engine/runner/model_runner.py). None: on a GPU, where building a step's graph in Python is
     # a third of a single stream's step; a CPU step is compute-bound and gains nothing.
     compile_decode: bool | None = None
     # Processes that share the model (parallel/): its heads and MLP split across them.

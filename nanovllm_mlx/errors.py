@@ -32,3 +32,7 @@ class ContextLengthError(InvalidRequestError):
 class EngineStalledError(RuntimeError):
     """The engine has requests it can make no progress on: a bug, reported instead of a
     silent spin."""
+
+
+class TensorParallelError(RuntimeError):
+    """A rank died, stopped answering or disagreed: the run cannot go on."""

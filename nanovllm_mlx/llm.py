@@ -8,6 +8,7 @@ from nanovllm_mlx.engine.llm_engine import LLMEngine
 from nanovllm_mlx.engine.output_processor import RequestOutput, merge_outputs
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
+from nanovllm_mlx.parallel import worker
 from nanovllm_mlx.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -15,6 +16,9 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: object):
+        # Under mlx.launch, the other ranks of a tensor-parallel engine serve rank 0's
+        # steps here and end the process; only rank 0 goes on to build the engine.
+        worker.serve_other_rank(model, kwargs)
         self.engine = LLMEngine(model, **kwargs)
 
     @property

@@ -70,7 +70,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
-    max_tokens: int = 64
+    max_tokens: int | None = 64  # None: the rest of the context (LLMEngine resolves it)
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many are out
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -108,9 +108,10 @@ class SamplingParams:
                 )
             setattr(self, name, value)
         self.logit_bias = _logit_bias(self.logit_bias)
-        self.max_tokens = _count("max_tokens", self.max_tokens, 1)
+        if self.max_tokens is not None:
+            self.max_tokens = _count("max_tokens", self.max_tokens, 1)
         self.min_tokens = _count("min_tokens", self.min_tokens, 0)
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _bad(
                 "min_tokens", f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
             )

@@ -1,22 +1,32 @@
-"""Helpers shared by the test modules: the logits spy, prompt builders, engine sizes and the
-command line's argv. Import as ``from helpers import ...`` (conftest puts tests/ on the path).
+"""Helpers shared by the test modules: the logits spy, prompt builders, engine sizes, the
+command line's argv, the server run for real, and the scheduler's invariants. Import as
+``from helpers import ...`` (conftest puts tests/ on the path); no test module imports
+another (GGUF writing is in gguf_files.py, fixtures in conftest.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
+import uvicorn
 
-import nanovllm_mlx.engine.model_runner as model_runner
+import nanovllm_mlx.engine.runner.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.engine.core.scheduler import Scheduler
+from nanovllm_mlx.engine.core.sequence import SequenceStatus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,3 +154,81 @@ def cli_argv(*args: str) -> list[str]:
     puts the working directory first on sys.path, so this checkout's code runs, not an
     installed copy."""
     return [sys.executable, "-m", "cli.main", *args]
+
+
+# The server, run for real (uvicorn on a loopback port) ------------------------------
+
+MODEL = "gpt2-tiny"  # the fixture's directory name is the served model name
+JSON = {"Content-Type": "application/json"}
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve app on 127.0.0.1 (a port bound here, so no race for it) until the block ends."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "server did not stop"
+
+
+def metrics(base_url: str) -> dict[str, float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)
+    }
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+# The scheduler with a fake model ------------------------------------------------------
+
+EOS = 0  # the token id the scheduler tests treat as end of sequence
+
+
+def check_invariants(sched: Scheduler) -> None:
+    bm = sched.block_manager
+    refs = [0] * bm.num_blocks
+    for s in sched.running:
+        assert s.status is SequenceStatus.RUNNING
+        # The slot of the token sampled last step is allocated when it is scheduled.
+        needed = bm.blocks_needed(s.num_tokens)
+        assert needed - 1 <= len(s.block_table) <= needed
+        for b in s.block_table:
+            refs[b] += 1
+    for s in sched.waiting:
+        assert s.block_table == []
+    for b in bm.blocks:
+        assert b.ref_count == refs[b.block_id]
+        assert (b.ref_count == 0) == (b.block_id in bm.free_block_ids)

@@ -7,11 +7,11 @@ import pytest
 
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention.gather import GatherAttention, gathered_attention, length_groups
-from nanovllm_mlx.attention.metadata import NULL_BLOCK, PoolLayout
-from nanovllm_mlx.attention.paged import KVCache, paged_attention
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
-from nanovllm_mlx.engine.step_inputs import prepare
+from nanovllm_mlx.attention.metadata import NULL_BLOCK, KVCache, PoolLayout
+from nanovllm_mlx.attention.paged import paged_attention
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.runner.step_inputs import prepare
 from nanovllm_mlx.sampling_params import SamplingParams
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 1024

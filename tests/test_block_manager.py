@@ -4,8 +4,9 @@ import random
 
 import pytest
 
-from nanovllm_mlx.engine.block_manager import BlockManager, block_hash
-from nanovllm_mlx.engine.sequence import NULL_BLOCK, Sequence
+from nanovllm_mlx.attention.metadata import NULL_BLOCK
+from nanovllm_mlx.engine.core.block_manager import BlockManager, block_hash
+from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
 
 BS = 4
@@ -16,7 +17,7 @@ def seq(tokens: list[int], seq_id: int = 0) -> Sequence:
 
 
 def computed(bm: BlockManager, s: Sequence) -> Sequence:
-    """Pretend a step computed all of s's tokens, as the scheduler's postprocess does."""
+    """Pretend a step computed all of s's tokens, as the scheduler's update does."""
     s.num_computed_tokens = s.num_tokens
     bm.commit(s)
     return s
@@ -26,10 +27,9 @@ def test_allocate_covers_all_tokens_and_free_returns_blocks():
     bm = BlockManager(10, BS)
     s = seq(list(range(10)))
     assert bm.can_allocate(s)
-    bm.allocate(s)
+    assert bm.allocate(s) == 0  # no cached prefix: nothing computed yet
     assert len(s.block_table) == 3 and len(set(s.block_table)) == 3
     assert bm.num_free_blocks == 7
-    assert s.num_computed_tokens == 0
     bm.free(s)
     assert bm.num_free_blocks == 10 and s.block_table == []
 
@@ -45,10 +45,10 @@ def test_shared_prefix_is_reused_with_reference_counts():
     bm.allocate(a)
     computed(bm, a)
     b = seq(list(range(8)) + [99, 98, 97], 1)
-    bm.allocate(b)
+    assert bm.allocate(b) == 8
     assert b.block_table[:2] == a.block_table[:2]
     assert b.block_table[2] != a.block_table[2]
-    assert b.num_cached_tokens == 8 and b.num_computed_tokens == 8
+    assert b.num_cached_tokens == 8
     assert bm.blocks[a.block_table[0]].ref_count == 2
     bm.free(a)
     assert bm.blocks[b.block_table[0]].ref_count == 1
@@ -75,10 +75,10 @@ def test_last_token_is_always_computed_even_on_a_full_hit():
     bm.allocate(a)
     computed(bm, a)
     b = seq(list(range(8)), 1)
-    bm.allocate(b)
+    cached = bm.allocate(b)
     # Both blocks are cached, but the block holding the last token is recomputed.
-    assert b.num_cached_tokens == 4
-    assert b.num_tokens - b.num_computed_tokens >= 1
+    assert b.num_cached_tokens == cached == 4
+    assert b.num_tokens - cached >= 1
 
 
 def test_freed_blocks_keep_their_hash_until_reallocated():
@@ -200,7 +200,8 @@ def test_the_cached_count_follows_every_operation():
 
 
 def advance(bm: BlockManager, s: Sequence, n: int) -> int:
-    """n more tokens computed, as postprocess does: commit, then free what left the window."""
+    """n more tokens computed, as the scheduler's update does: commit, then free what left the
+    window."""
     s.num_computed_tokens += n
     bm.commit(s)
     return bm.free_out_of_window(s)

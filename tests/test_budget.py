@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from nanovllm_mlx.attention.metadata import PoolLayout
-from nanovllm_mlx.engine import budget
+from nanovllm_mlx.engine.runner import budget
 
 
 class FakeRunner:
@@ -30,7 +30,7 @@ class FakeRunner:
 
     def run(self, batch, look_ahead: bool = False):
         n, seq = batch[0].num_new_tokens, batch[0].seq
-        c = seq.num_computed_tokens
+        c = batch[0].start
         assert seq.block_table == list(range(-(-(c + n) // 16))) and seq.num_tokens == c + n
         self.calls.append(n)
         self.contexts.append(c)

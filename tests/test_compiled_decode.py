@@ -13,9 +13,9 @@ from helpers import SMALL_KV, captured_logits
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention.metadata import PoolLayout
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
-from nanovllm_mlx.engine.step_inputs import bucket, prepare_decode
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.runner.step_inputs import bucket, prepare_decode
 
 
 def workload(n: int = 21, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:

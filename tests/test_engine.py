@@ -120,8 +120,8 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm: LLM):
 
 def test_sampling_follows_the_distribution(llm: LLM):
     # With temperature 1 the first token's empirical frequencies track softmax(logits).
-    import nanovllm_mlx.engine.sampler as sampler
-    from nanovllm_mlx.engine.sequence import Sequence
+    import nanovllm_mlx.engine.sample.sampler as sampler
+    from nanovllm_mlx.engine.core.sequence import Sequence
 
     logits = mx.array([[2.0, 1.0, 0.0, -1.0]] * 4000)
     seqs = [Sequence(i, [0], SamplingParams(temperature=1.0)) for i in range(4000)]
@@ -338,7 +338,7 @@ def test_async_scheduling_gives_the_same_outputs(gpt2_tiny: Path):
 
 
 def test_a_request_that_fails_the_step_fails_alone(llm: LLM, monkeypatch: pytest.MonkeyPatch):
-    import nanovllm_mlx.engine.model_runner as model_runner
+    import nanovllm_mlx.engine.runner.model_runner as model_runner
 
     prompts = random_prompts(7, seed=11)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -354,6 +354,12 @@ def test_a_request_that_fails_the_step_fails_alone(llm: LLM, monkeypatch: pytest
         return real(logits, seqs, *args)
 
     monkeypatch.setattr(model_runner, "sample", sample)
+    ids = llm.engine.add_requests(
+        prompts[:4] + [prompts[0]] + prompts[4:], [params] * 4 + [poison] + [params] * 3
+    )
+    seen = [out for step in llm.engine.iterate(ids) for out in step]
+    # Every request ends with exactly one finished output, the failed one included.
+    assert sorted(out.request_id for out in seen if out.finished) == sorted(ids)
     outs = llm.generate(
         prompts[:4] + [prompts[0]] + prompts[4:], [params] * 4 + [poison] + [params] * 3
     )
@@ -379,3 +385,20 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused(llm: LLM):
         llm.engine.add_request("hi", SamplingParams(stop_token_ids=[llm.engine.vocab_size]))
     assert e.value.param == "stop_token_ids"
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_max_tokens_none_is_the_rest_of_the_context_and_more_is_cut_to_it(gpt2_tiny: Path):
+    llm = LLM(str(gpt2_tiny), max_model_len=32, **SMALL_KV)
+    prompt = list(range(100, 110))
+    greedy = {"temperature": 0.0, "ignore_eos": True}
+    rest, over, held = llm.generate(
+        [prompt] * 3,
+        [
+            SamplingParams(max_tokens=None, **greedy),
+            SamplingParams(max_tokens=500, **greedy),
+            SamplingParams(max_tokens=None, min_tokens=400, **greedy),  # cut with it
+        ],
+    )
+    assert rest["finish_reason"] == over["finish_reason"] == held["finish_reason"] == "length"
+    assert len(rest["token_ids"]) == 22 and over["token_ids"] == rest["token_ids"]
+    assert len(held["token_ids"]) == 22

@@ -336,3 +336,12 @@ def test_concurrent_builds(tmp_path: Path) -> None:
     d = tmp_path / "gpt2-no-weights"
     assert json.loads((d / "recipe.json").read_text())["name"] == "gpt2-no-weights"
     assert (d / "vocab.json").stat().st_size == 1042301
+
+
+def test_every_recipe_has_its_session_fixture():
+    """conftest.py declares one fixture per recipe, by hand: none may be missing."""
+    import conftest
+    from model_fixtures import registry
+
+    for name in registry.fixture_names(include_lazy=True):
+        assert callable(getattr(conftest, name.replace("-", "_").replace(".", "_"), None)), name

@@ -3,12 +3,13 @@ write of the partial last block, preemption, prefix caching. Plain Python, no ML
 
 import random
 
-from test_scheduler import EOS, check_invariants
+from helpers import EOS, check_invariants
 
-from nanovllm_mlx.engine.block_manager import BlockManager, block_hash
+from nanovllm_mlx.engine.core.block_manager import BlockManager, block_hash
+from nanovllm_mlx.engine.core.plan import StepResult
+from nanovllm_mlx.engine.core.scheduler import Scheduler
+from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.engine.output_processor import token_finish_reason
-from nanovllm_mlx.engine.scheduler import Scheduler
-from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.sampling_params import SamplingParams
 
 BS = 4
@@ -32,10 +33,10 @@ def make(num_blocks: int = 64, max_num_seqs: int = 16, budget: int = 64) -> Sche
 
 def step(sched: Scheduler, rng: random.Random | None = None) -> list[tuple[int, int]]:
     """One engine step with a fake model: forks as the engine does; the copies queued."""
-    batch = sched.schedule()
-    copies = sched.block_manager.take_copies()
+    plan = sched.schedule()
     draw = (lambda: rng.randrange(1, 50)) if rng else (lambda: 7)
-    sampled = sched.postprocess(batch, [draw() for item in batch if item.samples])
+    tokens = [draw() for item in plan.batch if item.samples]
+    sampled = sched.update(plan, StepResult(tokens, None)).sampled
     for seq in list(sampled):
         if seq.forks:
             sampled += sched.fork(seq, [draw() for _ in seq.forks])
@@ -45,7 +46,7 @@ def step(sched: Scheduler, rng: random.Random | None = None) -> list[tuple[int, 
             sched.finish(seq, reason)
     check_invariants(sched)
     check_hashes(sched)
-    return copies
+    return plan.copies
 
 
 def check_hashes(sched: Scheduler) -> None:
@@ -114,8 +115,8 @@ def test_forked_choices_are_scheduled_right_after_their_parent():
     sched.add(long)
     step(sched)  # a's whole prompt (8) and 4 tokens of long's
     assert sched.running == [a[0], a[1], a[2], long]
-    batch = sched.schedule()
-    assert [item.seq for item in batch] == [a[0], a[1], a[2], long]
+    plan = sched.schedule()
+    assert [item.seq for item in plan.batch] == [a[0], a[1], a[2], long]
 
 
 def test_preempted_choices_recompute_and_everything_frees():
@@ -165,7 +166,7 @@ def test_no_step_ahead_while_choices_are_to_be_forked():
     sched = make()
     seqs = request([1], n=2)  # a one-token prompt is a "decode" that samples and forks
     sched.add(seqs[0])
-    batch = sched.schedule()
+    batch = sched.schedule().batch
     assert batch[0].num_new_tokens == 1 and batch[0].samples
     assert not sched.reserve_ahead(batch)
 

@@ -253,7 +253,7 @@ def test_logits_match_transformers_on_the_dequantized_weights(gemma3_gguf: Path)
 
 @pytest.mark.slow
 def test_tokenizer_matches_transformers_gguf_loader(gemma: LLM, gemma3_gguf: Path):
-    from test_gguf import CORPUS
+    from gguf_files import CORPUS
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf_files import engine_logits, gguf_tensors, write_gguf
 from helpers import random_ids
-from test_gguf import engine_logits, gguf_tensors, write_gguf
 
 
 def _phi3_rope(config: dict, tensors: dict[str, np.ndarray]) -> dict[str, int | float]:
@@ -93,7 +93,7 @@ def test_sentencepiece_families_match_transformers(arch: str, gemma3_gguf: Path,
     import mmap
 
     import gguf as gg
-    from test_gguf import CORPUS
+    from gguf_files import CORPUS
     from transformers import AutoTokenizer
 
     from nanovllm_mlx.loading.gguf import reader

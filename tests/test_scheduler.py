@@ -3,13 +3,14 @@
 Which sequences end is the output processor's token rule (token_finish_reason), applied
 here as the engine applies it, so these tests need no tokenizer or model."""
 
-from nanovllm_mlx.engine.block_manager import BlockManager
-from nanovllm_mlx.engine.output_processor import token_finish_reason
-from nanovllm_mlx.engine.scheduler import Scheduler, keys_read
-from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
-from nanovllm_mlx.sampling_params import SamplingParams
+from helpers import EOS, check_invariants
 
-EOS = 0
+from nanovllm_mlx.engine.core.block_manager import BlockManager
+from nanovllm_mlx.engine.core.plan import StepPlan, StepResult
+from nanovllm_mlx.engine.core.scheduler import Scheduler, keys_read
+from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
+from nanovllm_mlx.engine.output_processor import token_finish_reason
+from nanovllm_mlx.sampling_params import SamplingParams
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens_step=64, max_model_len=256):
@@ -27,35 +28,18 @@ def add(sched: Scheduler, n_prompt: int, max_tokens: int = 4, seq_id: int = 0, *
     return s
 
 
-def advance(sched: Scheduler, batch, sampled: list[int]) -> None:
-    """Postprocess, then retire what the engine's finish rule ends."""
-    for seq in sched.postprocess(batch, sampled):
+def advance(sched: Scheduler, plan: StepPlan, sampled: list[int]) -> None:
+    """The step's update, then retire what the engine's finish rule ends."""
+    for seq in sched.update(plan, StepResult(sampled, None)).sampled:
         reason = token_finish_reason(seq, {EOS}, sched.max_model_len)
         if reason is not None:
             sched.finish(seq, reason)
 
 
 def step(sched: Scheduler, token: int = 5):
-    batch = sched.schedule()
-    advance(sched, batch, [token for item in batch if item.samples])
-    return batch
-
-
-def check_invariants(sched: Scheduler) -> None:
-    bm = sched.block_manager
-    refs = [0] * bm.num_blocks
-    for s in sched.running:
-        assert s.status is SequenceStatus.RUNNING
-        # The slot of the token sampled last step is allocated when it is scheduled.
-        needed = bm.blocks_needed(s.num_tokens)
-        assert needed - 1 <= len(s.block_table) <= needed
-        for b in s.block_table:
-            refs[b] += 1
-    for s in sched.waiting:
-        assert s.block_table == []
-    for b in bm.blocks:
-        assert b.ref_count == refs[b.block_id]
-        assert (b.ref_count == 0) == (b.block_id in bm.free_block_ids)
+    plan = sched.schedule()
+    advance(sched, plan, [token for item in plan.batch if item.samples])
+    return plan.batch
 
 
 def test_requests_join_and_leave_every_step():
@@ -265,32 +249,32 @@ def test_reserve_ahead_only_for_a_steady_decode_batch():
     b = add(sched, 6, max_tokens=3, seq_id=1)
     batch = step(sched)  # both prefill: nothing to look ahead of
     assert not sched.reserve_ahead(batch)
-    batch = sched.schedule()  # both decode; a's next token (position 4) needs a new block
-    assert [i.num_new_tokens for i in batch] == [1, 1]
+    plan = sched.schedule()  # both decode; a's next token (position 4) needs a new block
+    assert [i.num_new_tokens for i in plan.batch] == [1, 1]
     blocks = len(a.block_table)
-    assert sched.reserve_ahead(batch)
+    assert sched.reserve_ahead(plan.batch)
     assert len(a.block_table) == blocks + 1 == sched.block_manager.blocks_needed(a.num_tokens + 1)
-    advance(sched, batch, [5, 5])
-    batch = sched.schedule()  # the reserved block is used, not allocated twice
+    advance(sched, plan, [5, 5])
+    plan = sched.schedule()  # the reserved block is used, not allocated twice
     assert len(a.block_table) == blocks + 1
-    assert not sched.reserve_ahead(batch)  # b samples its last token this step
-    advance(sched, batch, [5, 5])
+    assert not sched.reserve_ahead(plan.batch)  # b samples its last token this step
+    advance(sched, plan, [5, 5])
     assert b.is_finished
     add(sched, 2, seq_id=2)
-    batch = sched.schedule()
-    assert not sched.reserve_ahead(batch)  # a new request joins this step
-    advance(sched, batch, [5, 5])
-    batch = sched.schedule()
-    assert sched.reserve_ahead(batch)
+    plan = sched.schedule()
+    assert not sched.reserve_ahead(plan.batch)  # a new request joins this step
+    advance(sched, plan, [5, 5])
+    plan = sched.schedule()
+    assert sched.reserve_ahead(plan.batch)
     a.params.repetition_penalty = 1.2  # needs this step's token to sample the next
-    assert not sched.reserve_ahead(batch)
+    assert not sched.reserve_ahead(plan.batch)
 
 
 def test_reserved_blocks_are_freed_with_the_sequence():
     sched = make(num_blocks=8, block_size=4)
     a = add(sched, 4, max_tokens=10, seq_id=0)
     step(sched)
-    batch = sched.schedule()
-    assert sched.reserve_ahead(batch)
-    advance(sched, batch, [EOS])  # finishes on EOS after the reservation
+    plan = sched.schedule()
+    assert sched.reserve_ahead(plan.batch)
+    advance(sched, plan, [EOS])  # finishes on EOS after the reservation
     assert a.is_finished and sched.block_manager.num_free_blocks == 8

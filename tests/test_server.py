@@ -2,94 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from helpers import SMALL_KV
+from helpers import JSON, MODEL, SMALL_KV, assert_error, metrics, serving, wait_for
 
 from nanovllm_mlx.serving.app import ServerSettings, create_app
 
-MODEL = "gpt2-tiny"  # the fixture's directory name is the served model name
 API_KEY = "test-key-123"
-JSON = {"Content-Type": "application/json"}
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """Serve app on 127.0.0.1 (a port bound here, so no race for it) until the block ends."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive(), "server did not stop"
-
-
-@pytest.fixture(scope="module")
-def app(gpt2_tiny: Path):
-    return create_app(str(gpt2_tiny), **SMALL_KV)
-
-
-@pytest.fixture(scope="module")
-def base_url(app) -> Iterator[str]:
-    with serving(app) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url: str) -> openai.OpenAI:
-    # No retries: a 500 must surface, not be retried into a success.
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def metrics(base_url: str) -> dict[str, float]:
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    return {
-        m.group(1): float(m.group(2))
-        for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)
-    }
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["type"] == "invalid_request_error"
-    if param is not None:
-        assert error["param"] == param
-    return error
 
 
 # Answers -----------------------------------------------------------------------------
@@ -320,22 +244,22 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer(base_url: str):
 
 def test_engine_step_failure_is_a_500_and_serving_goes_on(app, client: openai.OpenAI, base_url):
     engine = app.state.engine_thread.engine
-    real_step = engine.step
+    real_step = engine._step
 
     def failing_step():
-        engine.step = real_step  # fail once
+        engine._step = real_step  # fail once
         raise RuntimeError("injected step failure")
 
-    engine.step = failing_step
+    engine._step = failing_step
     try:
         with pytest.raises(openai.InternalServerError) as info:
             client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
         assert info.value.body["type"] == "server_error"
-        engine.step = failing_step
+        engine._step = failing_step
         with pytest.raises(openai.APIError, match="injected"):
             list(client.completions.create(model=MODEL, prompt="hi", max_tokens=4, stream=True))
     finally:
-        engine.step = real_step
+        engine._step = real_step
     r = client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
     assert r.usage.completion_tokens >= 1
     after = metrics(base_url)

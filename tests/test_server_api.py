@@ -10,14 +10,11 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
-import test_server
-from helpers import SMALL_KV, captured_logits, random_ids
-from test_server import MODEL, metrics, wait_for
+from helpers import MODEL, SMALL_KV, captured_logits, metrics, random_ids, serving, wait_for
 
 from nanovllm_mlx import LLM, SamplingParams
 
 # The same module-scoped server fixtures as test_server's (a server of this module's own).
-app, base_url, client = test_server.app, test_server.base_url, test_server.client
 FORKED = "nanovllm_kv_blocks_forked_total"
 COPIED = "nanovllm_kv_blocks_copied_total"
 ABORTS = 'nanovllm_requests_finished_total{finish_reason="abort"}'
@@ -287,7 +284,7 @@ def test_admission_counts_every_choice_and_prompt(gpt2_tiny):
     from nanovllm_mlx.serving.app import ServerSettings, create_app
 
     app = create_app(str(gpt2_tiny), ServerSettings(max_waiting=3), max_model_len=64, **SMALL_KV)
-    with test_server.serving(app) as url:
+    with serving(app) as url:
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         r = httpx.post(f"{url}/v1/chat/completions", json={**chat, "n": 4}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text

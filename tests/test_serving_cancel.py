@@ -12,11 +12,9 @@ import time
 from urllib.parse import urlsplit
 
 import httpx
-import test_server
-from test_server import metrics, wait_for
+from helpers import metrics, wait_for
 
 # The same module-scoped server fixtures as test_server's (a server of this module's own).
-app, base_url = test_server.app, test_server.base_url
 ABORTS = 'nanovllm_requests_finished_total{finish_reason="abort"}'
 
 
@@ -85,19 +83,19 @@ def test_request_abandoned_before_the_engine_took_it_is_never_added(app, base_ur
     engine = app.state.engine_thread.engine
     added: list[str] = []
     busy = threading.Event()
-    real_add, real_step = engine.add_request, engine.step
+    real_add, real_step = engine.add_request, engine._step
 
     def add_request(prompt, params=None, request_id=None):
         added.append(str(request_id))
         return real_add(prompt, params, request_id)
 
-    def slow_step() -> list:
+    def slow_step() -> list | None:
         if busy.is_set():
             busy.clear()
             time.sleep(1.0)  # one long step: what a big prefill does to the engine thread
         return real_step()
 
-    engine.add_request, engine.step = add_request, slow_step
+    engine.add_request, engine._step = add_request, slow_step
     before = metrics(base_url)
     try:
         busy.set()
@@ -110,7 +108,7 @@ def test_request_abandoned_before_the_engine_took_it_is_never_added(app, base_ur
             storm(base_url, 20, 0.2)  # all gone while the long step runs
             blocker.join(30)
     finally:
-        engine.add_request, engine.step = real_add, real_step
+        engine.add_request, engine._step = real_add, real_step
     assert len(added) == 1, added  # only the blocker: the abandoned 20 never reached it
     assert wait_for(lambda: metrics(base_url)[ABORTS] - before[ABORTS] == 20)
     assert metrics(base_url)["nanovllm_requests_waiting"] == 0

@@ -131,6 +131,9 @@ def test_stats_line_is_vllm_shaped():
     )
 
 
+GENERATED = re.compile(r"Avg generation throughput: [1-9][\d.]* tokens/s")
+
+
 def test_piped_serve_logs_stats_lines(gpt2_tiny: Path):
     proc = subprocess.Popen(
         serve_cmd("-m", str(gpt2_tiny), "--port", "0", "--kv-cache-gb", "0.05",
@@ -147,12 +150,17 @@ def test_piped_serve_logs_stats_lines(gpt2_tiny: Path):
         body = {"prompt": "hi", "max_tokens": 60, "ignore_eos": True}
         r = httpx.post(f"http://127.0.0.1:{match.group(1)}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200
-        time.sleep(0.6)
+        # A line comes every 0.2 s: read them until one has seen the tokens, not a fixed wait.
+        deadline = time.monotonic() + 30
+        for line in proc.stderr:
+            lines.append(line)
+            if GENERATED.search(line) or time.monotonic() > deadline:
+                break
     finally:
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=30)
-    stats = [line for line in rest.splitlines() if "Avg prompt throughput" in line]
-    assert stats and re.search(r"Avg generation throughput: [1-9][\d.]* tokens/s", "".join(stats))
+    stats = [line for line in lines + rest.splitlines() if "Avg prompt throughput" in line]
+    assert stats and GENERATED.search("".join(stats))
     assert "Running: " in stats[0] and "KV cache usage: " in stats[0]
     assert proc.returncode in (0, 130) and "terminate called" not in rest, rest
 

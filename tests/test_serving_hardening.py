@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
-from test_server import JSON, MODEL, assert_error, metrics, serving, wait_for
+from helpers import JSON, MODEL, assert_error, metrics, serving, wait_for
 
 from nanovllm_mlx.serving import guard
 from nanovllm_mlx.serving.app import ServerSettings, create_app
@@ -269,13 +269,13 @@ def test_full_queue_is_503_with_retry_after(gpt2_tiny: Path):
     settings = ServerSettings(max_waiting=1)
     app = create_app(str(gpt2_tiny), settings, kv_cache_gb=0.05, max_num_seqs=1)
     engine = app.state.engine_thread.engine
-    real_step = engine.step
+    real_step = engine._step
 
-    def slow_step() -> list:
+    def slow_step() -> list | None:
         time.sleep(0.02)  # 480 tokens take ~10 s: the queue stays full while we look
         return real_step()
 
-    engine.step = slow_step
+    engine._step = slow_step
     long = {"prompt": "Go on:", "max_tokens": 480, "ignore_eos": True, "stream": True}
     with serving(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=long) as running:

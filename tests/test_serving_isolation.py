@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
-from test_server import MODEL, metrics, serving, wait_for
+from helpers import MODEL, metrics, serving, wait_for
 
-import nanovllm_mlx.engine.model_runner as model_runner
+import nanovllm_mlx.engine.runner.model_runner as model_runner
 from nanovllm_mlx.serving.app import create_app
 
 POISON_SEED = 4242

@@ -27,8 +27,8 @@ from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
 from mlx.nn.layers.distributed import shard_linear
 
 from nanovllm_mlx import LLM
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.parallel.records import STEP, Mirror, Record, Sender, decode, encode
 from nanovllm_mlx.sampling_params import SamplingParams
 
@@ -118,7 +118,7 @@ def test_records_round_trip_and_mirrors_follow_tables_through_preemption():
             s, m = item.seq, copy.seq
             start = s.num_computed_tokens
             assert m.seq_id == s.seq_id and m.block_table == s.block_table
-            assert m.num_computed_tokens == start and copy.num_new_tokens == item.num_new_tokens
+            assert copy.start == start and copy.num_new_tokens == item.num_new_tokens
             new = slice(start, start + item.num_new_tokens)
             assert m.token_ids[new] == s.token_ids[new] and copy.samples == item.samples
         for item in batch:  # the step ran
@@ -226,6 +226,17 @@ def test_a_size_that_does_not_divide_the_heads_is_refused(gpt2_tiny: Path):
 def test_tensor_parallel_size_is_checked():
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM("unused", tensor_parallel_size=0)
+
+
+def test_an_engine_on_another_rank_is_refused_not_turned_into_a_worker(monkeypatch):
+    """Roles are decided at the entry points (LLM, the CLI): LLMEngine's constructor on a
+    rank above 0 says so instead of serving steps and never returning."""
+    from nanovllm_mlx import LLMEngine
+    from nanovllm_mlx.errors import TensorParallelError
+
+    monkeypatch.setenv("MLX_RANK", "1")
+    with pytest.raises(TensorParallelError, match="rank 1 of a tensor-parallel group"):
+        LLMEngine("unused", tensor_parallel_size=2)
 
 
 # The command line ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 
 import nanovllm_mlx  # noqa: F401  (the fast BLAS before mlx)
 from nanovllm_mlx import LLM, SamplingParams
-from nanovllm_mlx.engine import memory
+from nanovllm_mlx.engine.runner import memory
 
 
 def workload(seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:

@@ -6,7 +6,7 @@ import mlx.core as mx
 
 from nanovllm_mlx.attention import cuda
 from nanovllm_mlx.attention.gather import GatherAttention
-from nanovllm_mlx.attention.paged import AttentionBackend
+from nanovllm_mlx.attention.metadata import AttentionBackend
 
 
 def select_backend() -> AttentionBackend:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from typing import Any
 
 import mlx.core as mx
 
 from nanovllm_mlx.attention.gather import GatherAttention
-from nanovllm_mlx.attention.metadata import DecodeEntries, PoolLayout, block_tables
-from nanovllm_mlx.attention.paged import KVCache
+from nanovllm_mlx.attention.metadata import DecodeEntries, KVCache, PoolLayout, block_tables
 
 WARPS = 4
 TARGET_BLOCKS = 512  # enough thread blocks to fill an H100's 132 SMs a few times over
@@ -162,7 +162,7 @@ def available() -> bool:
 
 
 @cache
-def _kernels() -> tuple[object, object]:
+def _kernels() -> tuple[Any, Any]:
     partial = mx.fast.cuda_kernel(
         name="paged_decode_partial",
         input_names=["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale", "params"],
@@ -252,6 +252,7 @@ def paged_decode(
         output_shapes=[(b, n_heads, parts, head_dim), (b, n_heads, parts), (b, n_heads, parts)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
     )
+    out: mx.array
     (out,) = merge(
         inputs=[part_out, part_m, part_l],
         template=[("T", q.dtype), ("D", head_dim)],
@@ -282,7 +283,9 @@ class CudaPagedAttention(GatherAttention):
     def __init__(self) -> None:
         super().__init__(fused=True)
 
-    def plan_decode(
+    # Its decode plans are its own, not the gather path's: each backend's plans are opaque
+    # to everything but itself, so these overrides narrow what GatherAttention declares.
+    def plan_decode(  # type: ignore[override]
         self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
     ) -> DecodePlan:
         max_context = int(entries.context_lens.max())
@@ -295,7 +298,7 @@ class CudaPagedAttention(GatherAttention):
         tables = block_tables(entries.block_tables, width)
         return {"tables": mx.array(tables), "context": mx.array(entries.context_lens)}
 
-    def decode(
+    def decode(  # type: ignore[override]
         self, q: mx.array, cache: KVCache, plan: DecodePlan | dict[str, mx.array], scale: float
     ) -> mx.array:
         if isinstance(plan, dict):

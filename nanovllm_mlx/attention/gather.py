@@ -17,13 +17,13 @@ import numpy as np
 
 from nanovllm_mlx.attention.metadata import (
     DecodeEntries,
+    KVCache,
     PoolLayout,
     PrefillEntries,
     block_tables,
     decode_spans,
     first_visible_key,
 )
-from nanovllm_mlx.attention.paged import KVCache
 
 MAX_GROUPS = 4  # decode length groups
 MIN_GROUP = 8  # sequences per group, at least
@@ -245,14 +245,14 @@ class GatherAttention:
             return gathered_attention(
                 q[:, None], cache, plan["rows"], plan["mask"], scale, fused=self.fused
             )
-        o = [
-            sliced_attention(q[g.start : g.end, None], cache, g.offset, g.length, scale)
-            if g.offset is not None
-            else gathered_attention(
-                q[g.start : g.end, None], cache, g.rows, g.mask, scale, g.length, self.fused
-            )
-            for g in plan
-        ]
+        o = []
+        for g in plan:
+            qg = q[g.start : g.end, None]
+            if g.offset is not None:
+                o.append(sliced_attention(qg, cache, g.offset, g.length, scale))
+            else:
+                assert g.rows is not None  # a group is read in place or gathered
+                o.append(gathered_attention(qg, cache, g.rows, g.mask, scale, g.length, self.fused))
         return o[0] if len(o) == 1 else mx.concatenate(o, axis=0)  # [Bd, 1, H, D]
 
     def prefill(self, q: mx.array, cache: KVCache, plan: PrefillPlan, scale: float) -> mx.array:

@@ -1,5 +1,8 @@
-"""Where a step's K/V go and what each query may see: the metadata every attention
-backend shares, and the pool-row arithmetic behind it (one place for both).
+"""The attention interface, at the bottom of attention/: where a step's K/V go and what
+each query may see (the metadata every backend shares, and the pool-row arithmetic
+behind it, one place for both), a layer's KV pools (KVCache), and what a backend provides
+(AttentionBackend). The engine and the models import this; the backends' plans are
+theirs alone, opaque to everything else.
 
 Pools are head-major, [n_kv_heads, num_blocks * block_size, head_dim] per layer: viewed
 as [n_kv_heads * slots, head_dim] a token's K/V row for head h is h * slots + slot, and
@@ -15,23 +18,22 @@ reads start at the block holding the first visible key, so blocks before it are 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
 
-from nanovllm_mlx.engine.sequence import NULL_BLOCK  # noqa: F401  (re-exported for backends)
-
-if TYPE_CHECKING:
-    from nanovllm_mlx.attention.gather import PrefillPlan
-    from nanovllm_mlx.attention.paged import AttentionBackend
+# A block-table entry whose block was freed because it left every layer's sliding window
+# (the block manager frees them; attention reads start past them).
+NULL_BLOCK = -1
 
 
 def first_visible_key(position: np.ndarray, window: int | None) -> np.ndarray:
     """The first key position a query at `position` sees: 0, or position - W + 1."""
     if window is None:
         return np.zeros_like(position)
-    return np.maximum(position - window + 1, 0)
+    first: np.ndarray = np.maximum(position - window + 1, 0)
+    return first
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,68 @@ class PrefillEntries:
 
 
 @dataclass(slots=True)
+class KVCache:
+    """One layer's K and V pools, [n_kv_heads, num_blocks * block_size, head_dim] each.
+
+    A separate pool per layer, and no other references to it, lets MLX scatter into the
+    buffer in place instead of copying it every step.
+    """
+
+    k: mx.array
+    v: mx.array
+    block_size: int
+
+    def write(self, k: mx.array, v: mx.array, rows: mx.array) -> None:
+        """k/v [T, Hkv, D] into the rows given by PoolLayout.write_rows.
+
+        One Scatter per pool, in place when MLX can donate the buffer, which it does as the
+        pool has no other reference (decode speed does not depend on the pool's size).
+        pool[:, slots] = ... is ten ops per write, and on a GPU each op is host time in a
+        single-stream decode step."""
+        head_dim = k.shape[-1]
+        for name, new in (("k", k), ("v", v)):
+            pool = getattr(self, name)
+            flat = pool.reshape(-1, head_dim)
+            flat[rows] = new.reshape(-1, head_dim)
+            setattr(self, name, flat.reshape(pool.shape))
+
+
+class AttentionBackend(Protocol):
+    """Reads of the paged cache: a metadata builder and the kernels that use it.
+
+    A backend plans each step on the host (numpy in, MLX arrays out) and reads the pools
+    in the layers. Adding one (a Metal kernel, say) is a new module with these methods and
+    a line in attention/__init__.py's select_backend.
+    """
+
+    name: str
+
+    def plan_decode(
+        self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
+    ) -> Any: ...
+
+    def plan_decode_uniform(
+        self, entries: DecodeEntries, pool: PoolLayout, width: int
+    ) -> dict[str, mx.array]:
+        """A decode plan of arrays alone whose shapes are set by the batch size and the
+        table width (`width` blocks each), full attention: what a compiled decode step
+        takes (models with sliding windows run eager)."""
+        ...
+
+    def plan_prefill(
+        self, entries: PrefillEntries, pool: PoolLayout, window: int | None = None
+    ) -> Any: ...
+
+    def decode(self, q: mx.array, cache: KVCache, plan: Any, scale: float) -> mx.array:
+        """q [Bd, H, D] -> [Bd, H, D] (or any shape of the same size in that order)"""
+        ...
+
+    def prefill(self, q: mx.array, cache: KVCache, plan: Any, scale: float) -> mx.array:
+        """q [Tp, H, D] -> [Tp, H * D]"""
+        ...
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """One step's attention inputs, built by its backend, read by every layer."""
 
@@ -122,7 +186,7 @@ class AttentionMetadata:
     write_rows: mx.array  # [T * Hkv] pool row of each new K/V row (PoolLayout.write_rows)
     num_decode: int  # the first num_decode flat tokens are single-token decodes
     decode: Any = None  # the backend's plan for them (full attention)
-    prefill: PrefillPlan | None = None
+    prefill: Any = None  # the backend's plan for the prefill chunks
     # window -> (decode plan, prefill plan) for the sliding-window layers' reads
     windowed: dict[int, tuple[Any, Any]] = field(default_factory=dict)
 

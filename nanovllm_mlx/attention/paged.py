@@ -1,4 +1,5 @@
-"""Paged attention, the entry point every model layer calls.
+"""Paged attention, the entry point every model layer calls, and the step's metadata built
+through the chosen backend.
 
 Every op here is lazy; the model runner evaluates the whole step (all layers' cache
 writes and the sampled tokens) with one `mx.eval`. Tokens of all sequences in a step are
@@ -9,80 +10,19 @@ prefill read. Which backend that is was decided once, at start-up (attention/__i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from nanovllm_mlx.attention.metadata import (
+    AttentionBackend,
     AttentionMetadata,
     DecodeEntries,
+    KVCache,
     PoolLayout,
     PrefillEntries,
 )
-
-
-@dataclass(slots=True)
-class KVCache:
-    """One layer's K and V pools, [n_kv_heads, num_blocks * block_size, head_dim] each.
-
-    A separate pool per layer, and no other references to it, lets MLX scatter into the
-    buffer in place instead of copying it every step.
-    """
-
-    k: mx.array
-    v: mx.array
-    block_size: int
-
-    def write(self, k: mx.array, v: mx.array, rows: mx.array) -> None:
-        """k/v [T, Hkv, D] into the rows given by PoolLayout.write_rows.
-
-        One Scatter per pool, in place when MLX can donate the buffer, which it does as the
-        pool has no other reference (decode speed does not depend on the pool's size).
-        pool[:, slots] = ... is ten ops per write, and on a GPU each op is host time in a
-        single-stream decode step."""
-        head_dim = k.shape[-1]
-        for name, new in (("k", k), ("v", v)):
-            pool = getattr(self, name)
-            flat = pool.reshape(-1, head_dim)
-            flat[rows] = new.reshape(-1, head_dim)
-            setattr(self, name, flat.reshape(pool.shape))
-
-
-class AttentionBackend(Protocol):
-    """Reads of the paged cache: a metadata builder and the kernels that use it.
-
-    A backend plans each step on the host (numpy in, MLX arrays out) and reads the pools
-    in the layers. Adding one (a Metal kernel, say) is a new module with these methods and
-    a line in attention/__init__.py's select_backend.
-    """
-
-    name: str
-
-    def plan_decode(
-        self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
-    ) -> Any: ...
-
-    def plan_decode_uniform(
-        self, entries: DecodeEntries, pool: PoolLayout, width: int
-    ) -> dict[str, mx.array]:
-        """A decode plan of arrays alone whose shapes are set by the batch size and the
-        table width (`width` blocks each), full attention: what a compiled decode step
-        takes (models with sliding windows run eager)."""
-        ...
-
-    def plan_prefill(
-        self, entries: PrefillEntries, pool: PoolLayout, window: int | None = None
-    ) -> Any: ...
-
-    def decode(self, q: mx.array, cache: KVCache, plan: Any, scale: float) -> mx.array:
-        """q [Bd, H, D] -> [Bd, H, D] (or any shape of the same size in that order)"""
-        ...
-
-    def prefill(self, q: mx.array, cache: KVCache, plan: Any, scale: float) -> mx.array:
-        """q [Tp, H, D] -> [Tp, H * D]"""
-        ...
 
 
 def build_metadata(

@@ -1,9 +1,10 @@
 """The engine: requests in, one scheduled and computed step at a time, outputs out.
 
-A step, as in nano-vllm: the scheduler picks what to compute, the model runner computes
-it and samples, the scheduler advances the sequences, the output processor turns tokens
-into text and decides which requests end, and the scheduler retires those. Every caller
-(LLM, the CLI, the benchmark, the server's engine thread) drives it through `iterate`.
+A step, as in vLLM v1: the scheduler plans it (StepPlan), the runner computes it and
+samples (StepResult), the scheduler moves the sequences on (StepUpdate), the output
+processor turns tokens into text and decides which requests end, and the scheduler
+retires those. Every caller (LLM, the CLI, the benchmark, the server's engine thread)
+drives it through `iterate`.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import mlx.core as mx
 
-from nanovllm_mlx.engine import prompt_logprobs, requests, setup, structured
-from nanovllm_mlx.engine.isolation import StepResult, run_isolating
+from nanovllm_mlx.engine import requests, setup
+from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepUpdate
+from nanovllm_mlx.engine.core.scheduler import Scheduler
 from nanovllm_mlx.engine.iteration import Watchers
-from nanovllm_mlx.engine.logprobs import RowSample
 from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
-from nanovllm_mlx.engine.scheduler import ScheduledSeq, Scheduler
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.runner.execute import execute
+from nanovllm_mlx.engine.sample import structured
 from nanovllm_mlx.engine.stats import StepStats
-from nanovllm_mlx.errors import ContextLengthError, InvalidRequestError
+from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
 
@@ -44,7 +46,6 @@ class LLMEngine:
         self.block_manager = parts.block_manager
         self.model_runner = parts.runner
         self.max_num_batched_tokens = parts.budget.tokens
-        self.async_scheduling = parts.async_scheduling
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -52,6 +53,7 @@ class LLMEngine:
             self.max_model_len,
             key_cost=parts.budget.key_cost,
             layer_windows=spec.layer_windows,
+            look_ahead=parts.async_scheduling,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.structured = structured.StructuredOutputs(self.tokenizer, self.vocab_size)
@@ -74,13 +76,10 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        params = requests.fit_params(params, self.vocab_size, self.config.max_num_seqs)
         token_ids = requests.tokenize(self.tokenizer, prompt, self.vocab_size)
-        if len(token_ids) >= self.max_model_len:
-            raise ContextLengthError(
-                f"prompt has {len(token_ids)} tokens; the model's context is "
-                f"{self.max_model_len} (max_model_len), leaving no room to generate"
-            )
+        params = requests.fit_params(
+            params, self.vocab_size, self.config.max_num_seqs, len(token_ids), self.max_model_len
+        )
         seq_ids = [next(self._ids) for _ in range(params.num_sequences)]
         request_id = str(seq_ids[0]) if request_id is None else str(request_id)
         if request_id in self.output_processor:
@@ -101,7 +100,7 @@ class LLMEngine:
         """Queue a batch, all or nothing: on a bad prompt the ones already queued are
         aborted and the error is re-raised with `index` set to the bad prompt's."""
         ids: list[str] = []
-        names = request_ids or [None] * len(prompts)
+        names: list[str | None] = list(request_ids) if request_ids else [None] * len(prompts)
         try:
             for prompt, p, name in zip(prompts, params, names, strict=True):
                 ids.append(self.add_request(prompt, p, name))
@@ -116,14 +115,16 @@ class LLMEngine:
         """End a request now and free its blocks; a no-op once it has finished. Returns
         the last output of each choice it ends (finish_reason "abort"), which an
         iterate() watching it yields too."""
-        return self._end(str(request_id), "abort")
+        outputs = self._end(str(request_id), "abort")
+        self._watchers.deliver(outputs)
+        return outputs
 
     def _end(self, request_id: str, reason: str, error: str | None = None) -> list[RequestOutput]:
-        """End every choice of a request now, free their blocks; their last outputs."""
+        """End every choice of a request now, free their blocks; their last outputs (the
+        caller delivers them to the iterators, once)."""
         seqs, outputs = self.output_processor.end(request_id, reason, error)
         for seq in seqs:
             self.scheduler.finish(seq, reason)
-        self._watchers.deliver(outputs)
         return outputs
 
     def progress(self, request_id: str) -> tuple[int, int] | None:
@@ -145,58 +146,33 @@ class LLMEngine:
     # The step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, compute and sample one step; one output per choice that sampled."""
+        """Schedule, compute and sample one step; one output per choice that sampled (or
+        ended)."""
+        return self._step() or []
+
+    def _step(self) -> list[RequestOutput] | None:
+        """One step's outputs, or None when there was nothing to schedule."""
         start = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        ran = self._compute(batch)
-        sampled = self.scheduler.postprocess(ran.batch, ran.tokens)
-        sampled, samples = self._fork(sampled, ran.logprobs)
-        structured.advance(sampled)
-        self.step_stats.record(start, ran.batch, len(sampled))  # before finish() frees blocks
-        outputs, finished = self.output_processor.process(sampled, samples)
-        for item, error in ran.failed:
+        plan = self.scheduler.schedule()
+        if not plan.batch:
+            return None
+        result = execute(self.model_runner, plan)
+        update = self.scheduler.update(plan, result)
+        self.step_stats.record(start, update.ran, len(update.sampled))
+        return self._outputs(update, result.failed)
+
+    def _outputs(
+        self, update: StepUpdate, failed: list[tuple[ScheduledSeq, str]]
+    ) -> list[RequestOutput]:
+        """Text and finish decisions for the sequences that sampled, errors for the
+        requests the step failed; retire who ends."""
+        outputs, finished = self.output_processor.process(update.sampled, update.samples)
+        for item, error in failed:
             outputs += self._end(item.seq.request_id, "error", error)
         for seq, reason in finished:
             self.scheduler.finish(seq, reason)
         self._watchers.deliver(outputs)
         return outputs
-
-    def _compute(self, batch: list[ScheduledSeq]) -> StepResult:
-        """The step on the device: forks' block copies first, grammar masks, the prompt
-        logprobs pass, then the batch's forward and sampling, failures isolated. The
-        result's batch is what ran, in order; entries whose chunk the prompt-logprobs
-        pass used up entirely come last: they sample nothing but still advance."""
-        look_ahead = self.async_scheduling and self.scheduler.reserve_ahead(batch)
-        if copies := self.block_manager.take_copies():
-            self.model_runner.copy_blocks(copies)
-        structured.set_masks(batch)
-        to_run, failed = prompt_logprobs.run(self.model_runner, batch)
-        computed = [item for item in to_run if item.num_new_tokens]
-        ran = (
-            run_isolating(self.model_runner, computed, look_ahead)
-            if computed
-            else StepResult([], [], None)
-        )
-        ran.batch += [item for item in to_run if not item.num_new_tokens]
-        ran.failed += failed
-        return ran
-
-    def _fork(
-        self, sampled: list[Sequence], samples: list[RowSample | None] | None
-    ) -> tuple[list[Sequence], list[RowSample | None] | None]:
-        """Fork the choices off the requests that sampled their first token: they join
-        this step's sampled sequences with the tokens drawn for them."""
-        if samples is None:
-            return sampled, samples
-        sampled, samples = list(sampled), list(samples)
-        for seq, sample in list(zip(sampled, samples)):
-            if seq.forks and sample is not None:
-                tokens = [token for token, _ in sample.forks]
-                sampled += self.scheduler.fork(seq, tokens)
-                samples += [record for _, record in sample.forks]
-        return sampled, samples
 
     def iterate(self, request_ids: Iterable[str] | None = None) -> Iterator[list[RequestOutput]]:
         """Step the engine and yield each step's outputs (a list, maybe empty: a step that
@@ -213,21 +189,16 @@ class LLMEngine:
             yield from self._iterate_all()
             return
 
-        def step() -> bool:
-            steps = self.step_stats.steps
-            self.step()
-            return self.step_stats.steps != steps
-
         yield from self._watchers.iterate(
             [str(r) for r in request_ids],
             self.output_processor.__contains__,
-            step,
+            lambda: self._step() is not None,
             self.abort_request,
         )
 
     def _iterate_all(self) -> Iterator[list[RequestOutput]]:
         while self.has_unfinished_requests():
-            yield self.step()
+            yield self._step() or []
 
     def close(self) -> None:
         """Release what outlives the object: the other ranks of a tensor-parallel engine
@@ -237,7 +208,7 @@ class LLMEngine:
 
     # Introspection --------------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         blocks = self.block_manager.stats()
         return {
             "running": len(self.scheduler.running),
@@ -259,8 +230,8 @@ class LLMEngine:
             "steps_ahead_dropped": self.model_runner.steps_ahead_dropped,
             "compiled_buckets": len(self.model_runner.decode_buckets),
             "compile_decode": self.model_runner.compile_decode,
-            "grammar_masks": self.structured.masks,
-            "grammar_mask_s": self.structured.mask_seconds,
+            "grammar_masks": self.structured.counter.masks,
+            "grammar_mask_s": self.structured.counter.seconds,
             **self.step_stats.snapshot(),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
         }

@@ -13,9 +13,10 @@ then the n with the highest mean token logprob are given out, indexed by rank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from nanovllm_mlx.engine.logprobs import RowSample
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.sample.logprobs import RowSample
 from nanovllm_mlx.loading.tokenizer import Detokenizer, Tokenizer
 
 
@@ -45,7 +46,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     """One choice's outputs, in order, as one: deltas joined, totals from the last."""
     first, last = outputs[0], outputs[-1]
 
-    def joined(name: str) -> list | None:
+    def joined(name: str) -> list[Any] | None:
         parts = [getattr(o, name) for o in outputs]
         return None if all(p is None for p in parts) else [x for p in parts if p for x in p]
 

@@ -5,17 +5,31 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from nanovllm_mlx.engine.sequence import Sequence
-from nanovllm_mlx.engine.structured import StructuredOutputs
-from nanovllm_mlx.errors import InvalidRequestError
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.sample.structured import StructuredOutputs
+from nanovllm_mlx.errors import ContextLengthError, InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SEED_RANGE, SamplingParams
 
 
-def fit_params(params: SamplingParams, vocab_size: int, max_num_seqs: int) -> SamplingParams:
-    """What SamplingParams cannot check without the model: token ids against the
-    vocabulary, top_k clamped to it (as vLLM does; a larger k means all tokens), and the
-    choices against the batch they must fit in together."""
+def room(num_tokens: int, max_model_len: int) -> int:
+    """The tokens the context leaves after num_tokens: the one place it is computed."""
+    return max_model_len - num_tokens
+
+
+def fit_params(
+    params: SamplingParams,
+    vocab_size: int,
+    max_num_seqs: int,
+    num_prompt_tokens: int,
+    max_model_len: int,
+) -> SamplingParams:
+    """What SamplingParams cannot check without the model and the prompt: token ids
+    against the vocabulary, top_k clamped to it (as vLLM does; a larger k means all
+    tokens), the choices against the batch they must fit in together, and max_tokens
+    resolved against the context: None is the rest of it, and more than the rest is cut
+    to it (generation would stop there anyway), min_tokens with it. A prompt that leaves
+    no room is refused."""
     for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
         bad = [t for t in ids if t >= vocab_size]
         if bad:
@@ -31,6 +45,14 @@ def fit_params(params: SamplingParams, vocab_size: int, max_num_seqs: int) -> Sa
         )
     if params.top_k > vocab_size:
         params = replace(params, top_k=vocab_size)
+    left = room(num_prompt_tokens, max_model_len)
+    if left <= 0:
+        raise ContextLengthError(
+            f"prompt has {num_prompt_tokens} tokens; the model's context is "
+            f"{max_model_len} (max_model_len), leaving no room to generate"
+        )
+    if params.max_tokens is None or params.max_tokens > left:
+        params = replace(params, max_tokens=left, min_tokens=min(params.min_tokens, left))
     return params
 
 

@@ -4,20 +4,22 @@ step budget. What LLMEngine does once, before its first request."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, fields
+from typing import Any
 
 import mlx.core as mx
 
 from nanovllm_mlx.config import Config
-from nanovllm_mlx.engine import memory
-from nanovllm_mlx.engine.block_manager import BlockManager
-from nanovllm_mlx.engine.budget import PROBE_TOKENS, StepBudget, measure_step_budget
-from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.engine.core.block_manager import BlockManager
+from nanovllm_mlx.engine.runner import memory
+from nanovllm_mlx.engine.runner.budget import PROBE_TOKENS, StepBudget, measure_step_budget
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.runner.protocol import Runner
+from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.models.base import ModelSpec
 from nanovllm_mlx.parallel.group import launched_rank
-from nanovllm_mlx.parallel.runner import ParallelRunner, TensorParallel, fingerprint
+from nanovllm_mlx.parallel.runner import TensorParallel, fingerprint
 
 
 def load_model(config: Config) -> loader.LoadedModel:
@@ -31,7 +33,7 @@ def max_model_len(config: Config, spec: ModelSpec) -> int:
     return min(config.max_model_len or spec.context_length, spec.context_length)
 
 
-def make_config(model: str | None, kwargs: dict[str, object]) -> Config:
+def make_config(model: str | None, kwargs: dict[str, Any]) -> Config:
     names = {f.name for f in fields(Config)}
     unknown = sorted(set(kwargs) - names)
     if unknown:
@@ -44,7 +46,7 @@ class Parts:
     loaded: loader.LoadedModel
     max_model_len: int
     block_manager: BlockManager
-    runner: ModelRunner | ParallelRunner
+    runner: Runner
     budget: StepBudget
     async_scheduling: bool
     parallel: TensorParallel | None
@@ -54,12 +56,13 @@ def build(config: Config) -> Parts:
     parallel = None
     if config.tensor_parallel_size > 1:
         if (rank := launched_rank()) is not None and rank > 0:
-            # Under mlx.launch every process runs the caller's program: this one is one of
-            # the other ranks, and serves steps until rank 0 stops.
-            from nanovllm_mlx.parallel import worker
-
-            options = {f.name: getattr(config, f.name) for f in fields(Config)}
-            sys.exit(worker.run(options.pop("model") or None, options))
+            # The entry points (LLM, the CLI's commands) serve rank 0's steps on the other
+            # ranks before anything else; an engine is rank 0's alone.
+            raise TensorParallelError(
+                f"this process is rank {rank} of a tensor-parallel group: only rank 0 builds "
+                "an engine; the others serve its steps (start them through nanovllm_mlx.LLM "
+                "or the nanovllm command, or call parallel.worker.serve_other_rank first)"
+            )
         parallel = TensorParallel(config)
     try:
         return _assemble(config, parallel)
@@ -80,7 +83,7 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     per_block = memory.kv_bytes_per_block(spec, config.block_size, dtype)
     memory.check_fits(num_blocks, per_block, loaded.weight_bytes, config.block_size)
     on_gpu, tp = mx.default_device() != mx.cpu, parallel is not None
-    runner: ModelRunner | ParallelRunner = ModelRunner(
+    model_runner = ModelRunner(
         loaded.model,
         num_blocks,
         config.block_size,
@@ -92,10 +95,11 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
         collective=tp,
     )
     if on_gpu and not tp:
-        runner.warm_up(choose=config.compile_decode is None)
+        model_runner.warm_up(choose=config.compile_decode is None)
+    runner: Runner = model_runner
     if parallel is not None:
         parallel.agree(fingerprint(loaded, config, context), num_blocks)
-        runner = parallel.wrap(runner)
+        runner = parallel.wrap(model_runner)
     if config.max_num_batched_tokens:  # as given: tokens alone, whatever their context
         budget = StepBudget(config.max_num_batched_tokens)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
 
 WINDOW_S = 5.0  # prompt/generation tok/s are averaged over the steps of the last 5 s
 
@@ -23,13 +23,9 @@ class StepStats:
         self.total_output_tokens = 0
 
     def record(self, start: float, batch: list[ScheduledSeq], num_sampled: int) -> None:
-        """A step that ran `batch` (already advanced by Scheduler.postprocess)."""
+        """A step that ran `batch`."""
         tokens = sum(item.num_new_tokens for item in batch)
-        decode_tokens = sum(
-            1
-            for item in batch
-            if item.seq.num_computed_tokens - item.num_new_tokens >= item.seq.num_prompt_tokens
-        )
+        decode_tokens = sum(1 for item in batch if item.start >= item.seq.num_prompt_tokens)
         # Prompt tokens include recomputed ones after a preemption: work the step did.
         prompt_tokens = tokens - decode_tokens
         self.steps += 1
@@ -41,7 +37,7 @@ class StepStats:
         self.total_output_tokens += num_sampled
         self._window.append((start, time.perf_counter(), prompt_tokens, num_sampled))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, float]:
         now = time.perf_counter()
         recent = [w for w in self._window if now - w[1] < WINDOW_S]
         busy = sum(end - begin for begin, end, _, _ in recent)

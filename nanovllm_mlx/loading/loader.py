@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from nanovllm_mlx.loading import download, gguf
-from nanovllm_mlx.loading.quantize import dequantize_model, quantize_like, quantize_model
+from nanovllm_mlx.loading.quantization import dequantize_model, quantize_like, quantize_model
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import (
     gemma3,

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from nanovllm_mlx.attention.metadata import AttentionMetadata
-from nanovllm_mlx.attention.paged import KVCache
+from nanovllm_mlx.attention.metadata import AttentionMetadata, KVCache
 
 
 @dataclass(frozen=True, slots=True)

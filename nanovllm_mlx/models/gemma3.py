@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from nanovllm_mlx.attention.metadata import AttentionMetadata
-from nanovllm_mlx.attention.paged import KVCache, paged_attention
+from nanovllm_mlx.attention.metadata import AttentionMetadata, KVCache
+from nanovllm_mlx.attention.paged import paged_attention
 from nanovllm_mlx.models.base import CausalLM, ModelSpec, layer_windows
 from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq, rope_type
 

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from nanovllm_mlx.attention.metadata import AttentionMetadata
-from nanovllm_mlx.attention.paged import KVCache
+from nanovllm_mlx.attention.metadata import AttentionMetadata, KVCache
 from nanovllm_mlx.models import llama, mixtral
 
 

@@ -20,8 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from nanovllm_mlx.attention.metadata import AttentionMetadata
-from nanovllm_mlx.attention.paged import KVCache, paged_attention
+from nanovllm_mlx.attention.metadata import AttentionMetadata, KVCache
+from nanovllm_mlx.attention.paged import paged_attention
 from nanovllm_mlx.models import llama
 from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-
-class TensorParallelError(RuntimeError):
-    """A rank died, stopped answering or disagreed: the run cannot go on."""
+from nanovllm_mlx.errors import TensorParallelError
 
 
 class Channel:

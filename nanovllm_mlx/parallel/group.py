@@ -29,7 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from nanovllm_mlx import backend
-from nanovllm_mlx.parallel.channel import TensorParallelError
+from nanovllm_mlx.errors import TensorParallelError
 
 POLL_S = 0.2
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.sampling_params import SamplingParams
 
 MAGIC = 0x4E564C4D  # "NVLM": a record that starts otherwise is a protocol error
@@ -88,7 +88,7 @@ class Sender:
         entries, tables = [], {}
         for item in batch:
             seq = item.seq
-            start = seq.num_computed_tokens
+            start = item.start
             table = list(seq.block_table)
             sent = self._tables.get(seq.seq_id)
             keep = len(sent) if sent is not None and table[: len(sent)] == sent else 0
@@ -131,8 +131,7 @@ class Mirror:
             if not e.samples:
                 tokens.append(0)  # a chunk that does not reach the end: as on rank 0
             seq.token_ids = tokens
-            seq.num_computed_tokens = e.start
             seqs[e.seq_id] = seq
-            batch.append(ScheduledSeq(seq, len(e.token_ids)))
+            batch.append(ScheduledSeq(seq, len(e.token_ids), start=e.start))
         self._seqs = seqs
         return batch

@@ -16,20 +16,22 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import xxhash
 
-import nanovllm_mlx
+from nanovllm_mlx.attention.metadata import PoolLayout
 from nanovllm_mlx.config import Config
-from nanovllm_mlx.engine.logprobs import RowSample
-from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
+from nanovllm_mlx.engine.sample.logprobs import RowSample
+from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.loading.loader import LoadedModel
 from nanovllm_mlx.parallel import group as groups
-from nanovllm_mlx.parallel.channel import Channel, TensorParallelError
+from nanovllm_mlx.parallel.channel import Channel
 from nanovllm_mlx.parallel.records import COPY, STOP, Record, Sender, encode
+from nanovllm_mlx.version import __version__
 
 
 def fingerprint(loaded: LoadedModel, config: Config, max_model_len: int) -> int:
@@ -43,7 +45,7 @@ def fingerprint(loaded: LoadedModel, config: Config, max_model_len: int) -> int:
             "block_size": config.block_size,
             "max_model_len": max_model_len,
             "tensor_parallel_size": config.tensor_parallel_size,
-            "nanovllm": nanovllm_mlx.__version__,
+            "nanovllm": __version__,
             "mlx": mx.__version__,
         },
         sort_keys=True,
@@ -187,7 +189,7 @@ class ParallelRunner:
 
     def run(
         self, batch: list[ScheduledSeq], look_ahead: bool = False
-    ) -> tuple[list[int], list[RowSample] | None]:
+    ) -> tuple[list[int], list[RowSample | None] | None]:
         # No look-ahead: a step launched ahead would need this step's tokens on every
         # rank before rank 0 has read them.
         return self._together(
@@ -217,6 +219,24 @@ class ParallelRunner:
                 raise self.tp.failed(e) from None
             raise
 
-    def __getattr__(self, name: str) -> object:
-        # Everything else (pool, counters, the model) is the wrapped runner's.
-        return getattr(self.runner, name)
+    # What the engine reads of a runner besides the step (engine/runner/protocol.py): the
+    # wrapped runner's, named one by one so that the type checker sees them.
+    @property
+    def pool(self) -> PoolLayout:
+        return self.runner.pool
+
+    @property
+    def steps_ahead_used(self) -> int:
+        return self.runner.steps_ahead_used
+
+    @property
+    def steps_ahead_dropped(self) -> int:
+        return self.runner.steps_ahead_dropped
+
+    @property
+    def decode_buckets(self) -> set[tuple[Any, ...]]:
+        return self.runner.decode_buckets
+
+    @property
+    def compile_decode(self) -> bool:
+        return self.runner.compile_decode

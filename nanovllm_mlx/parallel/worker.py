@@ -3,7 +3,7 @@ and of every layer's KV pool, and run the steps rank 0 describes, until it says 
 
 `python -m nanovllm_mlx.parallel.worker '{"model": ..., "options": {...}}'` is how rank 0
 spawns a local rank; under mlx.launch, the user's own command reaches `run` through
-LLMEngine (or the CLI) on every rank but 0.
+serve_other_rank, which the entry points (LLM, the CLI's commands) call first.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 # The package's __init__ (run first, as for any module of it) loads the fast BLAS.
 import mlx.core as mx
 
 from nanovllm_mlx.config import Config
-from nanovllm_mlx.engine.model_runner import ModelRunner
+from nanovllm_mlx.engine.runner.model_runner import ModelRunner
 from nanovllm_mlx.engine.setup import load_model, max_model_len
+from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.parallel import group as groups
-from nanovllm_mlx.parallel.channel import Channel, TensorParallelError
+from nanovllm_mlx.parallel.channel import Channel
 from nanovllm_mlx.parallel.records import COPY, STOP, Mirror, decode
 from nanovllm_mlx.parallel.runner import fingerprint
 
@@ -28,6 +30,17 @@ from nanovllm_mlx.parallel.runner import fingerprint
 # fails the same way (the same model, the same check) and reports it in one line; a rank
 # that exits first fills rank 0's terminal with the transport's closed-socket lines.
 STARTUP_GRACE_S = 3.0
+
+
+def serve_other_rank(model: str | None, options: dict[str, Any]) -> None:
+    """Under mlx.launch every rank runs the caller's program: on every rank but 0 of a
+    tensor-parallel engine, serve the steps rank 0 sends, then end the process. Returns on
+    rank 0 and without tensor parallelism. Entry points call it before doing anything of
+    their own (binding a port, reading stdin, printing)."""
+    if options.get("tensor_parallel_size", 1) > 1:
+        rank = groups.launched_rank()
+        if rank is not None and rank > 0:
+            sys.exit(run(model, options))
 
 
 def run(model: str | None, options: dict) -> int:

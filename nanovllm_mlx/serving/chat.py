@@ -123,20 +123,16 @@ async def create_chat_completion(
         explicit, param = body.max_tokens, "max_tokens"
     renames = {"prompt": "messages", "max_tokens": param, "json_schema": "response_format"}
     try:
-        # Without max_tokens: the rest of the context, known once the prompt is.
-        max_tokens = state.max_model_len if explicit is None else explicit
+        # Without max_tokens: the rest of the context (None), which the engine resolves.
         params = sampling_params(
-            body, max_tokens, body.logprobs, top_logprobs=body.top_logprobs or 0
+            body, explicit, body.logprobs, top_logprobs=body.top_logprobs or 0
         )
     except InvalidRequestError as e:
         raise invalid_request(e, renames) from None
     messages = plain_messages(body.messages)
     # The chat template and the tokenizer take a while on long chats: not on the event loop.
     prompt = await run_in_threadpool(encode_chat, state.tokenizer, messages)
-    if explicit is None:
-        params.max_tokens = max(1, state.max_model_len - len(prompt))
-        params.min_tokens = min(params.min_tokens, params.max_tokens)
-    else:
+    if explicit is not None:
         check_room(len(prompt), explicit, state.max_model_len, "messages", param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     handle = state.handle(request, request_id, 1)

@@ -173,10 +173,7 @@ async def create_completion(
     prompts = split_prompts(body.prompt)
     # Tokenizing long prompts takes a while: not on the event loop.
     ids = await run_in_threadpool(prompt_ids, prompts, state.tokenizer)
-    if explicit is None:
-        room = min(state.max_model_len - len(p) for p in ids)
-        params.max_tokens = max(1, min(DEFAULT_MAX_TOKENS, room))
-    else:
+    if explicit is not None:  # else the default, which the engine cuts to each prompt's room
         for p in ids:
             check_room(len(p), max_tokens, state.max_model_len, "prompt", "max_tokens")
     request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -23,30 +23,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput
-from nanovllm_mlx.parallel.channel import TensorParallelError
+from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.serving.snapshot import EngineSnapshot
-from nanovllm_mlx.serving.ticket import Ticket, on_loops, put, settle
+from nanovllm_mlx.serving.ticket import (
+    EngineError,
+    QueueFull,
+    Ticket,
+    TooWide,
+    on_loops,
+    put,
+    settle,
+)
 
 logger = logging.getLogger("nanovllm_mlx.serving.engine_thread")
 
 # Readers (/health, /metrics, the live view) need no more than 20 snapshots a second, and a
 # GPU step is a few ms: refreshed at most this often while busy (and always when idle).
 PUBLISH_EVERY_S = 0.05
-
-
-class EngineError(RuntimeError):
-    """The engine failed a request (500), or is not running or too busy (503)."""
-
-    def __init__(self, message: str, status: int = 500):
-        super().__init__(message)
-        self.status = status
-
-
-class QueueFull(EngineError):
-    def __init__(self, limit: int):
-        super().__init__(
-            f"the server is at capacity: {limit} requests are already waiting; retry later", 503
-        )
 
 
 def _wait_os_thread_exit(thread: threading.Thread, timeout: float = 1.0) -> None:
@@ -142,7 +135,12 @@ class EngineThread:
 
     def submit(self, ticket: Ticket) -> None:
         """Hand a request over; ticket.accepted resolves once the engine has taken it (or
-        with the engine's refusal). Raises QueueFull, or EngineError when not running."""
+        with the engine's refusal). The one admission decision: raises TooWide for a
+        request the queue could never hold, QueueFull while it is full (the guard asks
+        full() too, to refuse before reading a body), EngineError when not running."""
+        limit = self.max_waiting
+        if limit is not None and ticket.width > limit:
+            raise TooWide(len(ticket.prompts), ticket.params.num_sequences, limit)
         with self._cond:
             if not self.alive:
                 raise EngineError("the engine is not running", status=503)

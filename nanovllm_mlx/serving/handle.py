@@ -19,12 +19,12 @@ from fastapi.responses import Response
 from nanovllm_mlx.engine.llm_engine import RequestOutput
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.sampling_params import SamplingParams
-from nanovllm_mlx.serving.engine_thread import EngineError, EngineThread, QueueFull
+from nanovllm_mlx.serving.engine_thread import EngineThread
 from nanovllm_mlx.serving.errors import APIError, ClientGone, bad_request, invalid_request
 from nanovllm_mlx.serving.metrics import ServingMetrics
 from nanovllm_mlx.serving.settings import RETRY_AFTER_S
 from nanovllm_mlx.serving.streaming import EventStream, Renderer, sse_events
-from nanovllm_mlx.serving.ticket import Ticket
+from nanovllm_mlx.serving.ticket import EngineError, QueueFull, Ticket, TooWide
 
 
 class _End:
@@ -74,16 +74,11 @@ class RequestHandle:
         engine's refusal as a 400 (parameters named as the endpoint names them), a 503,
         a 504 on timeout, or ClientGone."""
         self.ticket = ticket = Ticket(self.request_id, prompts, params, self.engine_ids)
-        limit = self.engine_thread.max_waiting
-        if limit is not None and ticket.width > limit:  # it could never be queued whole
-            self.done = True
-            raise bad_request(
-                f"{len(prompts)} prompt(s) x {params.num_sequences} choice(s) = {ticket.width} "
-                f"sequences, more than this server queues at once ({limit}, --max-waiting)",
-                "n" if len(prompts) == 1 else "prompt",
-            )
         try:
             self.engine_thread.submit(ticket)
+        except TooWide as e:
+            self.done = True
+            raise bad_request(str(e), e.param) from None
         except QueueFull as e:
             raise APIError(
                 503, str(e), code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nanovllm_mlx.engine.requests import room
 from nanovllm_mlx.sampling_params import SamplingParams
 from nanovllm_mlx.serving.errors import bad_request
 from nanovllm_mlx.serving.protocol import (
@@ -67,7 +68,7 @@ def _logit_bias(body: GenerationRequest) -> dict[int, float]:
 
 def sampling_params(
     body: GenerationRequest,
-    max_tokens: int,
+    max_tokens: int | None,
     logprobs: bool,
     top_logprobs: int = 0,
     prompt_logprobs: int | None = None,
@@ -106,7 +107,7 @@ def check_room(
     """Refuse max_tokens beyond the room the prompt leaves, as vLLM does. A prompt that
     leaves no room at all is the engine's to refuse."""
     total = num_prompt_tokens + max_tokens
-    if num_prompt_tokens < max_model_len < total:
+    if 0 < room(num_prompt_tokens, max_model_len) < max_tokens:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {num_prompt_tokens} + {max_tokens} = {total} tokens "

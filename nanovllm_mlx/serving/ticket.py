@@ -1,17 +1,43 @@
-"""A request handed from an event loop to the engine thread, and how the thread answers it:
-always on the request's own loop, in one wake-up per loop however many requests."""
+"""A request handed from an event loop to the engine thread, and how the thread answers it
+(outputs, or an EngineError): always on the request's own loop, in one wake-up per loop
+however many requests."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from nanovllm_mlx.engine.llm_engine import RequestOutput
 from nanovllm_mlx.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from nanovllm_mlx.serving.engine_thread import EngineError
+
+class EngineError(RuntimeError):
+    """The engine failed a request (500), or is not running or too busy (503)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+class QueueFull(EngineError):
+    def __init__(self, limit: int):
+        super().__init__(
+            f"the server is at capacity: {limit} requests are already waiting; retry later", 503
+        )
+
+
+class TooWide(EngineError):
+    """A request of more sequences than the queue holds: it could never be queued whole,
+    so it is the request's fault (400), not the server's load."""
+
+    def __init__(self, num_prompts: int, num_sequences: int, limit: int):
+        width = num_prompts * num_sequences
+        super().__init__(
+            f"{num_prompts} prompt(s) x {num_sequences} choice(s) = {width} sequences, more "
+            f"than this server queues at once ({limit}, --max-waiting)",
+            400,
+        )
+        self.param = "n" if num_prompts == 1 else "prompt"
 
 
 class Ticket:

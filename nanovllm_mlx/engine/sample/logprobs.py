@@ -10,7 +10,7 @@ thinks of a token, whatever the request then did to pick it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import mlx.core as mx
 
@@ -59,7 +59,7 @@ class SampleExtras(NamedTuple):
     forks: list[tuple[int, int]]
 
     def tolist(self) -> list[RowSample]:
-        tokens = self.tokens.tolist()
+        tokens = cast(list[int], self.tokens.tolist())
         chosen = _read(self.chosen)
         top_ids, top_values = _read(self.top_ids), _read(self.top_values)
         records = []

@@ -15,13 +15,14 @@ import mlx.core as mx
 import numpy as np
 
 from nanovllm_mlx.attention.metadata import (
+    AttentionBackend,
     AttentionMetadata,
     DecodeEntries,
     PoolLayout,
     PrefillEntries,
 )
-from nanovllm_mlx.attention.paged import AttentionBackend, build_metadata
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
+from nanovllm_mlx.attention.paged import build_metadata
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
 
 
 @dataclass(slots=True)
@@ -50,12 +51,12 @@ def prepare(
     # decode read; the rest form the prefill chunks. Decodes go shortest context first,
     # which the gather path's length groups rely on.
     decodes = [item for item in batch if item.num_new_tokens == 1]
-    decodes.sort(key=lambda item: item.seq.num_computed_tokens)
+    decodes.sort(key=lambda item: item.start)
     prefills = [item for item in batch if item.num_new_tokens > 1]
     input_ids, positions, slots, last, samplers = [], [], [], [], []
     offset = 0
     for item in decodes + prefills:
-        seq, start = item.seq, item.seq.num_computed_tokens + shift
+        seq, start = item.seq, item.start + shift
         end = start + item.num_new_tokens
         input_ids += seq.token_ids[start:end]
         positions.append(np.arange(start, end))
@@ -66,13 +67,13 @@ def prepare(
             samplers.append(item)
     decode = prefill = None
     if decodes:
-        context = [it.seq.num_computed_tokens + 1 + shift for it in decodes]
+        context = [it.start + 1 + shift for it in decodes]
         decode = DecodeEntries(
             np.array(context, dtype=np.int32), [it.seq.block_table for it in decodes]
         )
     if prefills:
         prefill = PrefillEntries(
-            [it.seq.num_computed_tokens for it in prefills],
+            [it.start for it in prefills],
             [it.num_new_tokens for it in prefills],
             [it.seq.block_table for it in prefills],
         )
@@ -111,7 +112,7 @@ def prepare_decode(
     n = len(batch)
     rows = bucket(n)
     context = np.ones(rows, dtype=np.int32)
-    context[:n] = [item.seq.num_computed_tokens + 1 + shift for item in batch]
+    context[:n] = [item.start + 1 + shift for item in batch]
     positions = context - 1
     tables = [item.seq.block_table for item in batch] + [[scratch_block]] * (rows - n)
     slots = np.full(rows, scratch_block * pool.block_size, dtype=np.int64)

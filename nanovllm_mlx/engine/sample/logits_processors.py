@@ -16,7 +16,7 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.sequence import Sequence
 
 NEG_INF = float("-inf")
 FORBIDDEN = 1e30  # subtracted from the logits of tokens a grammar forbids
@@ -73,7 +73,7 @@ def _bias_entries(
             index.append(base + token)
             values.append(bias)
         # A constrained row's grammar mask holds its stop ids back instead (see
-        # engine/structured.py): only it knows whether anything else is allowed.
+        # engine/sample/structured.py): only it knows whether anything else is allowed.
         if seq.token_mask is None and masks_min_tokens(seq, output_offset):
             ids = stop_ids(seq)
             index += [base + t for t in ids]

@@ -1,4 +1,4 @@
-"""KV-cache block accounting with hash-chained prefix caching. Plain Python, no MLX.
+"""KV-cache block accounting with hash-chained prefix caching. Plain Python, no MLX arrays.
 
 Blocks are reference-counted: a prefix-cache hit or a fork (the choices of an n > 1
 request) shares a block instead of computing it again. A sequence about to write into a
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from nanovllm_mlx.engine.sequence import NULL_BLOCK, Sequence
+from nanovllm_mlx.attention.metadata import NULL_BLOCK
+from nanovllm_mlx.engine.core.sequence import Sequence
 
 
 def block_hash(token_ids: list[int], prev_hash: int | None) -> int:
@@ -160,8 +161,9 @@ class BlockManager:
         in_use = sum(1 for block_id, _ in hits if self.blocks[block_id].ref_count > 0)
         return self.blocks_needed(seq.num_tokens) - in_use <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give seq blocks for all its tokens, sharing cached prefix blocks."""
+    def allocate(self, seq: Sequence) -> int:
+        """Give seq blocks for all its tokens, sharing cached prefix blocks; returns how
+        many of its tokens those hold (the scheduler's to count as computed)."""
         assert not seq.block_table, f"sequence {seq.seq_id} already has blocks"
         hits = self._cached_prefix(seq)
         for block_id, h in hits:
@@ -178,9 +180,9 @@ class BlockManager:
             seq.block_table.append(self._take_free_block(_last(seq.block_table)))
         cached = len(hits) * self.block_size
         seq.num_cached_tokens = cached
-        seq.num_computed_tokens = cached
         self.prefix_hit_tokens += cached
         self.prefix_query_tokens += seq.num_tokens
+        return cached
 
     def _take_free_block(self, after: int | None = None) -> int:
         """A free block, the one freed longest ago; but when `after` (the block the new
@@ -256,7 +258,6 @@ class BlockManager:
             self._share(self.blocks[block_id])
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
-        child.num_computed_tokens = parent.num_computed_tokens
         child.num_cached_tokens = parent.num_cached_tokens
         child.num_freed_blocks = parent.num_freed_blocks
         self.num_forked += len(held)
@@ -306,5 +307,4 @@ class BlockManager:
                 self._release(self.blocks[block_id])
         seq.block_table.clear()
         seq.block_hashes.clear()
-        seq.num_computed_tokens = 0
         seq.num_freed_blocks = 0

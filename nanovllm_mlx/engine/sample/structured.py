@@ -16,24 +16,24 @@ batch holding one (SamplingParams.needs_history).
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import llguidance
-import numpy as np
-from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-from nanovllm_mlx.engine.logits_processors import masks_min_tokens, stop_ids
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.sample.constraint import Constraint, MaskCounter
+from nanovllm_mlx.engine.sample.logits_processors import masks_min_tokens, stop_ids
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # JSON as json.dumps writes it: ", " and ": " and no other whitespace. With flexible
 # whitespace a small model can emit blanks without end (a failure vLLM's users report);
 # this layout is also the one models have seen most.
-JSON_OPTIONS: dict[str, Any] = {
+JSON_OPTIONS: JsonCompileOptions = {
     "whitespace_flexible": False,
     "item_separator": ", ",
     "key_separator": ": ",
@@ -52,55 +52,6 @@ def set_masks(batch: list[ScheduledSeq]) -> None:
                 seq.token_mask = seq.constraint.mask(hold)
 
 
-def advance(sampled: list[Sequence]) -> None:
-    """After a step: each constrained choice's grammar takes the token it sampled."""
-    for seq in sampled:
-        if seq.constraint is not None:
-            seq.constraint.consume(seq.token_ids[-1])
-
-
-class Constraint:
-    """One choice's place in its grammar."""
-
-    __slots__ = ("matcher", "outputs")
-
-    def __init__(self, matcher: llguidance.LLMatcher, outputs: StructuredOutputs):
-        self.matcher = matcher
-        self.outputs = outputs
-
-    def mask(self, hold_back: list[int]) -> np.ndarray:
-        """The tokens allowed next, int32 bitmask [ceil(vocab / 32)]. hold_back: stop
-        tokens that min_tokens keeps out, unless the grammar allows nothing else (then
-        the grammar wins: its output is complete)."""
-        start = time.perf_counter()
-        bitmask = allocate_token_bitmask(1, self.outputs.vocab_size)
-        fill_next_token_bitmask(self.matcher, bitmask, 0)
-        row = bitmask[0]
-        if hold_back:
-            ids = np.asarray(hold_back, dtype=np.int64)
-            held = row.view(np.uint32).copy()
-            np.bitwise_and.at(held, ids // 32, ~(np.uint32(1) << (ids % 32).astype(np.uint32)))
-            if held.any():
-                row = held.view(np.int32)
-        self.outputs.mask_seconds += time.perf_counter() - start
-        self.outputs.masks += 1
-        return row
-
-    def consume(self, token: int) -> None:
-        self.matcher.consume_token(token)
-
-    @property
-    def done(self) -> bool:
-        """The grammar is complete: nothing but EOS may follow."""
-        return self.matcher.is_stopped() and not self.matcher.is_error()
-
-    @property
-    def error(self) -> str | None:
-        if not self.matcher.is_error():
-            return None
-        return self.matcher.get_error() or "the grammar's matcher failed"
-
-
 class StructuredOutputs:
     """The engine's grammar compiler: one llguidance tokenizer, built on first use (~0.5 s
     for a 50k vocabulary), then a matcher per constrained choice."""
@@ -110,8 +61,7 @@ class StructuredOutputs:
         # The mask covers the model's rows, and the tokenizer's if it has more.
         self.vocab_size = max(vocab_size, tokenizer.tokenizer.get_vocab_size(True))
         self._lltokenizer: llguidance.LLTokenizer | None = None
-        self.masks = 0  # computed so far, and the host time they took
-        self.mask_seconds = 0.0
+        self.counter = MaskCounter(self.vocab_size)
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         if self._lltokenizer is None:
@@ -132,7 +82,8 @@ class StructuredOutputs:
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequestError(f"{name} cannot be used: {matcher.get_error()}", name)
-        return [Constraint(matcher if i == 0 else matcher.deep_copy(), self) for i in range(count)]
+        copies = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
+        return [Constraint(m, self.counter) for m in copies]
 
 
 def _grammar(params: SamplingParams) -> tuple[str, str]:

@@ -1,24 +1,21 @@
 """Continuous batching: every step admits, chunks, preempts, forks and retires. Plain
-Python."""
+Python.
+
+The scheduler is the one writer of a sequence's progress (num_computed_tokens): it plans
+a step (schedule), and once the step's tokens are in it moves the sequences on (update);
+the block manager only returns counts."""
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from nanovllm_mlx.engine.block_manager import BlockManager
-from nanovllm_mlx.engine.sequence import Sequence, SequenceStatus
+from nanovllm_mlx.engine.core.block_manager import BlockManager
+from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepPlan, StepResult, StepUpdate
+from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
 
-
-@dataclass(slots=True)
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int  # tokens whose K/V this step computes, from seq.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the sequence's end, so its last logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+if TYPE_CHECKING:
+    from nanovllm_mlx.engine.sample.logprobs import RowSample
 
 
 def keys_read(context: int, layer_windows: tuple[int | None, ...]) -> float:
@@ -40,18 +37,20 @@ class Scheduler:
         max_model_len: int,
         key_cost: float = 0.0,
         layer_windows: tuple[int | None, ...] = (),
+        look_ahead: bool = False,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         # What each cached key a prompt token attends to adds to its cost, in tokens
-        # (engine/budget.py measures it where the budget is bound by time; 0: a step's
+        # (engine/runner/budget.py measures it where the budget is bound by time; 0: a step's
         # budget counts tokens alone). Decodes always count 1, so the budget's floor
         # keeps every decode batch whole. layer_windows: each layer's sliding window (None:
         # full attention; empty: all full), which bound the keys a token reads.
         self.key_cost = key_cost
         self.layer_windows = layer_windows
+        self.look_ahead = look_ahead  # plan launches ahead where safe (reserve_ahead)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -70,8 +69,15 @@ class Scheduler:
         # A running request whose choices are not forked yet holds their slots already.
         return sum(seq.width for seq in self.running)
 
-    def schedule(self) -> list[ScheduledSeq]:
-        budget = self.max_num_batched_tokens
+    def schedule(self) -> StepPlan:
+        """The next step: its batch, the block copies to make first, and whether the step
+        after it may be launched before this one is read back."""
+        batch = self._batch()
+        look_ahead = self.look_ahead and self.reserve_ahead(batch)
+        return StepPlan(batch, self.block_manager.take_copies(), look_ahead)
+
+    def _batch(self) -> list[ScheduledSeq]:
+        budget: float = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         widest = 0.0  # the most cached keys a prompt chunk of this step reads
         # Running sequences first, oldest first: decodes never wait behind new prompts. (A
@@ -102,7 +108,7 @@ class Scheduler:
                 break
             slots += seq.width
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            seq.num_computed_tokens = self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             n, cost, widest = self._chunk(seq, budget, widest)
             batch.append(ScheduledSeq(seq, n))
@@ -164,34 +170,62 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+        self._free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: list[ScheduledSeq], sampled: list[int]) -> list[Sequence]:
-        """Advance each scheduled sequence and append the sampled tokens (one per sampling
-        entry, in batch order); return the sequences that sampled a token this step.
-        Whether a sequence ends is the output processor's decision, not the scheduler's."""
-        samplers = [item for item in batch if item.samples]
-        assert len(samplers) == len(sampled), "one sampled token per sampling sequence"
-        for item in batch:
-            item.seq.num_computed_tokens += item.num_new_tokens
+    def _free(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+
+    def update(self, plan: StepPlan, result: StepResult) -> StepUpdate:
+        """After the step (vLLM's update_from_output): advance every entry of the plan that
+        ran, append the sampled tokens (one per sampling entry, in plan order), publish
+        the blocks they filled, fork the choices off requests that sampled their first
+        token, and feed each constrained choice's grammar its token. Whether a sequence
+        ends is the output processor's decision, not the scheduler's."""
+        failed = {item.seq for item, _ in result.failed}
+        ran = [item for item in plan.batch if item.seq not in failed]
+        samplers = [item for item in ran if item.samples]
+        assert len(samplers) == len(result.tokens), "one sampled token per sampling sequence"
+        for item in ran:
+            item.seq.num_computed_tokens = item.start + item.num_new_tokens
             self.block_manager.commit(item.seq)
             self.block_manager.free_out_of_window(item.seq)
-        for item, token in zip(samplers, sampled):
+        for item, token in zip(samplers, result.tokens):
             item.seq.token_ids.append(token)
-        return [item.seq for item in samplers]
+        sampled, samples = self._fork_sampled([item.seq for item in samplers], result.logprobs)
+        for seq in sampled:
+            if seq.constraint is not None:
+                seq.constraint.consume(seq.token_ids[-1])
+        return StepUpdate(ran, sampled, samples)
+
+    def _fork_sampled(
+        self, sampled: list[Sequence], samples: list[RowSample | None] | None
+    ) -> tuple[list[Sequence], list[RowSample | None] | None]:
+        """Fork the choices off the requests that sampled their first token: they join the
+        step's sampled sequences with the tokens drawn for them (the sampler draws a
+        fork's first token only when it reads extras back, so samples is None otherwise)."""
+        if samples is None:
+            return sampled, samples
+        sampled, samples = list(sampled), list(samples)
+        for seq, sample in list(zip(sampled, samples)):
+            if seq.forks and sample is not None:
+                sampled += self.fork(seq, [token for token, _ in sample.forks])
+                samples += [record for _, record in sample.forks]
+        return sampled, samples
 
     def fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
         """Fork parent's other choices off it once its prompt is computed: each shares
         all of parent's blocks, starts running with its own first token (sampled in the
         same step from the same logits), and copies the partial last block on its first
-        write. Call after postprocess has appended parent's own first token."""
+        write. Call after update has appended parent's own first token."""
         children, parent.forks = parent.forks, []
         assert len(children) == len(first_tokens), "one first token per forked choice"
         for child, token in zip(children, first_tokens):
             self.block_manager.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
             child.token_ids = parent.token_ids[: parent.num_prompt_tokens] + [token]
             child.prompt_logprobs = parent.prompt_logprobs
             child.prompt_logprobs_pending = False
@@ -209,7 +243,7 @@ class Scheduler:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            self.block_manager.free(seq)
+            self._free(seq)
         elif seq in self.waiting:  # else a choice not forked off yet: it holds nothing
             self.waiting.remove(seq)
         for child in seq.forks:  # they end with the prompt they were waiting for

@@ -17,23 +17,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
 
 from nanovllm_mlx.attention import select_backend
-from nanovllm_mlx.attention.metadata import AttentionMetadata, PoolLayout
-from nanovllm_mlx.attention.paged import AttentionBackend, KVCache
-from nanovllm_mlx.engine.logprobs import RowSample, SampleExtras
-from nanovllm_mlx.engine.sampler import sample
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
-from nanovllm_mlx.engine.sequence import Sequence
-from nanovllm_mlx.engine.step_inputs import (
+from nanovllm_mlx.attention.metadata import AttentionBackend, AttentionMetadata, KVCache, PoolLayout
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.runner.step_inputs import (
     PreparedStep,
     is_uniform_decode,
     prepare,
     prepare_decode,
 )
+from nanovllm_mlx.engine.sample.logprobs import RowSample, SampleExtras
+from nanovllm_mlx.engine.sample.sampler import sample
 from nanovllm_mlx.models.base import CausalLM
 from nanovllm_mlx.sampling_params import SamplingParams
 
@@ -74,7 +74,7 @@ class ModelRunner:
         # evaluated whole before anything else is built on it.
         self.collective = collective
         self._compiled = mx.compile(self._decode_graph) if compile_decode else None
-        self.decode_buckets: set[tuple] = set()  # (batch, table width) shapes traced
+        self.decode_buckets: set[tuple[Any, ...]] = set()  # (batch, table width) shapes traced
         self.compile_ms: tuple[float, float] | None = None  # warm_up's (compiled, eager) step
         shape = (spec.n_kv_heads, (num_blocks + 1) * block_size, spec.head_dim)
         self.caches = [
@@ -119,7 +119,7 @@ class ModelRunner:
 
     def all_logits(self, item: ScheduledSeq) -> mx.array:
         """The logits of every token of one entry (not only its last), its K/V written:
-        the prompt-logprobs pass (engine/prompt_logprobs.py). Evaluated whole, as every
+        the prompt-logprobs pass (engine/runner/prompt_logprobs.py). Evaluated whole, as every
         forward that a tensor-parallel group runs together must be."""
         step = prepare([item], self.pool, self.backend, windows=self.windows)
         hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
@@ -184,8 +184,9 @@ class ModelRunner:
         for compiled in ways:
             timed(compiled, 1)
         if choose and len(ways) == 2:
-            self.compile_ms = tuple(1e3 * timed(c, WARM_UP_RUNS) for c in ways)
-            self.compile_decode = self.compile_ms[0] < self.compile_ms[1]
+            compiled_ms, eager_ms = (1e3 * timed(c, WARM_UP_RUNS) for c in ways)
+            self.compile_ms = (compiled_ms, eager_ms)
+            self.compile_decode = compiled_ms < eager_ms
 
     def _prepare(self, batch: list[ScheduledSeq], ahead: mx.array | None = None) -> PreparedStep:
         if self.compile_decode and len(batch) <= COMPILE_MAX_BATCH and is_uniform_decode(batch):
@@ -199,16 +200,18 @@ class ModelRunner:
         logits = self.forward(step)
         cache_arrays = [(c.k, c.v) for c in self.caches]
         if logits is None:
-            mx.async_eval(cache_arrays)
+            mx.async_eval(cache_arrays)  # type: ignore[no-untyped-call]
             return _Launched(step, None, None)
         seqs = [item.seq for item in step.samplers]
         tokens, logprobs = sample(logits, seqs, output_offset)
-        mx.async_eval(tokens, cache_arrays, [] if logprobs is None else logprobs)
+        mx.async_eval(  # type: ignore[no-untyped-call]
+            tokens, cache_arrays, [] if logprobs is None else logprobs
+        )
         return _Launched(step, tokens, logprobs)
 
     def run(
         self, batch: list[ScheduledSeq], look_ahead: bool = False
-    ) -> tuple[list[int], list[RowSample] | None]:
+    ) -> tuple[list[int], list[RowSample | None] | None]:
         """Compute this step's tokens; return the sampled token (and logprob) of each
         sampling entry, in batch order. With look_ahead (an all-decode batch whose next
         step the scheduler has reserved blocks for), also launch the next step before
@@ -221,7 +224,7 @@ class ModelRunner:
 
     def _run(
         self, batch: list[ScheduledSeq], look_ahead: bool
-    ) -> tuple[list[int], list[RowSample] | None]:
+    ) -> tuple[list[int], list[RowSample | None] | None]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.key == _batch_key(batch, 0):
             launched = ahead.launched
@@ -235,11 +238,11 @@ class ModelRunner:
         if launched.tokens is None:
             mx.eval([(c.k, c.v) for c in self.caches])
             return [], None
-        # Back to batch order, which is what the scheduler's postprocess expects.
+        # Back to batch order, which is what the scheduler's update expects.
         samplers = launched.step.samplers
         rank = {item.seq.seq_id: i for i, item in enumerate(samplers)}
         order = [rank[item.seq.seq_id] for item in batch if item.samples]
-        token_list = launched.tokens.tolist()
+        token_list = cast(list[int], launched.tokens.tolist())
         tokens_out = [token_list[i] for i in order]
         if launched.logprobs is None:
             return tokens_out, None
@@ -256,16 +259,16 @@ class _Launched:
 
 @dataclass(slots=True)
 class _Ahead:
-    key: tuple  # the batch, as _batch_key, this launch is the right step for
+    key: tuple[Any, ...]  # the batch, as _batch_key, this launch is the right step for
     launched: _Launched
 
 
-def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple:
+def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple[Any, ...]:
     return tuple(
-        (item.seq.seq_id, item.seq.num_computed_tokens + shift, item.num_new_tokens)
+        (item.seq.seq_id, item.start + shift, item.num_new_tokens)
         for item in batch
     )
 
 
-def _bucket_key(step: PreparedStep) -> tuple:
+def _bucket_key(step: PreparedStep) -> tuple[Any, ...]:
     return (step.input_ids.shape[0], *(a.shape for a in step.meta.decode.values()))

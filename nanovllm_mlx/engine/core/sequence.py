@@ -7,11 +7,7 @@ from typing import TYPE_CHECKING, Any
 from nanovllm_mlx.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from nanovllm_mlx.engine.structured import Constraint
-
-# A block-table entry whose block was freed because it left every layer's sliding window
-# (the block manager frees them; attention reads start past them).
-NULL_BLOCK = -1
+    from nanovllm_mlx.engine.sample.constraint import Constraint
 
 
 class SequenceStatus(Enum):
@@ -82,7 +78,9 @@ class Sequence:
     def tokens_left(self, max_model_len: int) -> int:
         """How many more tokens this sequence may sample: the one place the length limits
         (max_tokens, and the context) are applied."""
-        return min(self.params.max_tokens - self.num_output_tokens, max_model_len - self.num_tokens)
+        max_tokens = self.params.max_tokens
+        assert max_tokens is not None, "LLMEngine resolves max_tokens=None (fit_params)"
+        return min(max_tokens - self.num_output_tokens, max_model_len - self.num_tokens)
 
     @property
     def is_finished(self) -> bool:

@@ -11,28 +11,20 @@ K/V into the same slots, so the retries leave the cache as a clean run would.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
-from nanovllm_mlx.engine.logprobs import RowSample
-from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.scheduler import ScheduledSeq
-from nanovllm_mlx.parallel.channel import TensorParallelError
+from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepResult
+from nanovllm_mlx.engine.runner.protocol import Runner
+from nanovllm_mlx.engine.sample.logprobs import RowSample
+from nanovllm_mlx.errors import TensorParallelError
 
 logger = logging.getLogger("nanovllm_mlx.engine")
 
 
-@dataclass(slots=True)
-class StepResult:
-    batch: list[ScheduledSeq]  # the entries that ran, in batch order
-    tokens: list[int]  # one per sampling entry of batch
-    logprobs: list[RowSample | None] | None  # what the sampler read back for each, if any
-    failed: list[tuple[ScheduledSeq, str]] = field(default_factory=list)  # (entry, error)
-
-
-def run_isolating(runner: ModelRunner, batch: list[ScheduledSeq], look_ahead: bool) -> StepResult:
+def run_isolating(runner: Runner, batch: list[ScheduledSeq], look_ahead: bool) -> StepResult:
+    """The batch's tokens, one per sampling entry that did not fail, in batch order."""
     try:
         tokens, logprobs = runner.run(batch, look_ahead)
-        return StepResult(batch, tokens, logprobs)
+        return StepResult(tokens, logprobs)
     except TensorParallelError:
         raise  # a rank is gone: no request caused it, and no retry can succeed
     except Exception as e:
@@ -43,16 +35,16 @@ def run_isolating(runner: ModelRunner, batch: list[ScheduledSeq], look_ahead: bo
         return result
 
 
-def _bisect(runner: ModelRunner, batch: list[ScheduledSeq], error: Exception) -> StepResult:
+def _bisect(runner: Runner, batch: list[ScheduledSeq], error: Exception) -> StepResult:
     if len(batch) == 1:
         message = f"the engine failed on this request: {error!r}"
-        return StepResult([], [], None, [(batch[0], message)])
+        return StepResult([], None, [(batch[0], message)])
     mid = len(batch) // 2
     parts = []
     for half in (batch[:mid], batch[mid:]):
         try:
             tokens, logprobs = runner.run(half)
-            parts.append(StepResult(half, tokens, logprobs))
+            parts.append(StepResult(tokens, logprobs))
         except TensorParallelError:
             raise
         except Exception as e:
@@ -61,11 +53,10 @@ def _bisect(runner: ModelRunner, batch: list[ScheduledSeq], error: Exception) ->
 
 
 def _merge(parts: list[StepResult]) -> StepResult:
-    merged = StepResult([], [], None)
+    merged = StepResult([], None)
     want_logprobs = any(p.logprobs is not None for p in parts)
     logprobs: list[RowSample | None] = []
     for p in parts:
-        merged.batch += p.batch
         merged.tokens += p.tokens
         merged.failed += p.failed
         # A half with no row asking for extras has none: no row of it reads them.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from nanovllm_mlx.engine import logits_processors
-from nanovllm_mlx.engine.logprobs import SampleExtras, log_softmax, top_n
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.sample import logits_processors
+from nanovllm_mlx.engine.sample.logprobs import SampleExtras, log_softmax, top_n
 
 
 def _row_key(seed: int, position: int) -> mx.array:

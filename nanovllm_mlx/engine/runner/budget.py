@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from nanovllm_mlx.engine.model_runner import ModelRunner
-from nanovllm_mlx.engine.scheduler import ScheduledSeq, keys_read
-from nanovllm_mlx.engine.sequence import Sequence
+from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.engine.core.scheduler import keys_read
+from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.runner.protocol import Runner
 from nanovllm_mlx.sampling_params import SamplingParams
 
 TARGET_STEP_S = 0.25  # a step this long keeps streams smooth and Ctrl-C prompt
@@ -37,7 +38,7 @@ class StepBudget:
     key_cost: float = 0.0  # what each cached key adds to a prompt token's cost, in tokens
 
 
-def _prefill_seconds(runner: ModelRunner, n: int, context: int = 0) -> float:
+def _prefill_seconds(runner: Runner, n: int, context: int = 0) -> float:
     """Time of one n-token prefill step after `context` cached tokens. It writes K/V into
     the first blocks of the pool, which hold nothing anyone reads (nothing is cached
     before the first request); the context's keys are whatever earlier probes left
@@ -47,14 +48,13 @@ def _prefill_seconds(runner: ModelRunner, n: int, context: int = 0) -> float:
         -1, [1] * (context + n), SamplingParams(temperature=0.0), request_id="budget-probe"
     )
     seq.block_table = list(range(-(-(context + n) // bs)))
-    seq.num_computed_tokens = context
     t0 = time.perf_counter()
-    runner.run([ScheduledSeq(seq, n)])
+    runner.run([ScheduledSeq(seq, n, start=context)])
     return time.perf_counter() - t0
 
 
 def measure_step_budget(
-    runner: ModelRunner,
+    runner: Runner,
     floor: int,
     max_model_len: int,
     cap: int = DEFAULT_CAP,
