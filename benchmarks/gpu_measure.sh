@@ -43,12 +43,13 @@ for phase in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-      run fixtures 300 python3 tests/make_fixtures.py llama3-8b-q4 ;;
+      run fixtures 120 python3 tests/make_fixtures.py llama3-8b-q4 ;;
     tests-cuda)
-      run tests-cuda 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py ;;
+      run tests-cuda 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py \
+        -k "not bfloat16 and not float32" ;;
     layouts-8b)
-      run layouts-8b 200 python3 benchmarks/attention_layouts.py 1x2048 1x8192 1x32768 \
-        8x2048 $L8B_SHAPE ;;
+      run layouts-8b 80 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
+        $L8B_SHAPE ;;
     probe-8b)
       run probe-8b 330 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
         --repeats 1 --decode-tokens 64 \
@@ -58,7 +59,7 @@ for phase in "$@"; do
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --batches "" \
         --decode-tokens 64 --json ;;
     compare-8b)
-      run compare-8b 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
+      run compare-8b 300 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --decode-tokens 64 \
         --batches 8,64 --batch-repeats 1 --min-input 256 --max-input 2048 --min-output 128 \
         --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
