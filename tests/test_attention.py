@@ -150,7 +150,9 @@ def test_decode_partitions_cover_every_token_once(batch: int, context: int):
 
 
 @pytest.mark.skipif(not cuda_attention.available(), reason="needs MLX's CUDA backend")
-@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize(
+    "dtype", [mx.float32, mx.float16, mx.bfloat16], ids=["float32", "float16", "bfloat16"]
+)
 @pytest.mark.parametrize(
     "n_heads,n_kv,head_dim",
     # Llama 3 (4 query heads a block), 16 to 1 (two blocks a KV head), Gemma 3's 256-wide
