@@ -224,6 +224,7 @@ def run_serve(
     # Before the model loads: a bad or busy port is one error line, at once.
     sock = server.bind_socket(host, port)
     try:
+        ui.blas_notice(err)
         name = model or "the default model"
         if err.is_terminal:
             with err.status(f"Loading {escape(name)}…", spinner="dots"):

@@ -8,7 +8,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.markup import escape
 
-from nanovllm_mlx import LLM
+from nanovllm_mlx import LLM, backend
 from nanovllm_mlx.loading import download
 
 # Model output goes straight to the user's terminal: drop C0/C1 controls (ESC above all) so
@@ -99,6 +99,12 @@ def print_error(message: object) -> None:
     err.print(f"[bold red]error:[/] {escape(one_line(message))}")
 
 
+def blas_notice(err: Console) -> None:
+    """Say, once and on one line, when MLX's slow reference BLAS does the CPU's matmuls:
+    everything is then several times slower than it should be, which nothing else shows."""
+    backend.notice_once(lambda line: err.print(line, style="yellow", markup=False))
+
+
 def load_llm(model: str | None, engine_kwargs: dict, err: Console) -> LLM:
     """LLM(model, **engine_kwargs), with a spinner on a terminal while a local model loads
     (it goes away once loaded, so it never sits above the answer).
@@ -106,6 +112,7 @@ def load_llm(model: str | None, engine_kwargs: dict, err: Console) -> LLM:
     No spinner when the model will be fetched first: pip's and huggingface_hub's own
     progress output would fight with it on stderr.
     """
+    blas_notice(err)
     name = escape(model or "the default model")
     if err.is_terminal and download.find_local(model) is not None:
         with err.status(f"Loading {name}…", spinner="dots"):

@@ -81,8 +81,8 @@ def test_local_ranks_split_the_cores_among_their_blas_threads(monkeypatch):
 def test_the_blas_thread_setter_is_found_for_the_loaded_library():
     from nanovllm_mlx import backend
 
-    if "openblas" not in backend.blas_in_use and "mkl" not in backend.blas_in_use:
-        pytest.skip(f"no OpenBLAS or MKL loaded ({backend.blas_in_use})")
+    if backend.blas_library is None:  # what was loaded decides, not how it is described
+        pytest.skip(f"no fast BLAS loaded ({backend.blas_in_use})")
     assert backend._blas_threads  # openblas_set_num_threads or MKL_Set_Num_Threads
     assert backend.cpus_each(1) >= 1 and backend.cpus_each(10**6) == 1
 
