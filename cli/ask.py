@@ -56,7 +56,7 @@ def fit_max_tokens(
     engine: LLMEngine, inputs: list[list[int]], params: SamplingParams
 ) -> tuple[list[SamplingParams], list[str]]:
     """One SamplingParams per prompt, max_tokens capped to the room its context leaves
-    (the engine would stop there anyway); notes saying so, for --verbose."""
+    (the engine would stop there anyway); notes saying so, in the flags' names."""
     fitted, notes = [], []
     for i, ids in enumerate(inputs):
         room = engine.max_model_len - len(ids)
@@ -64,8 +64,8 @@ def fit_max_tokens(
             fitted.append(replace(params, max_tokens=room))
             which = f" for prompt {i + 1}" if len(inputs) > 1 else ""
             notes.append(
-                f"max_tokens {params.max_tokens} capped to {room}{which}: the model's context "
-                f"is {engine.max_model_len} tokens and the prompt has {len(ids)}"
+                f"--max-tokens {params.max_tokens} capped to {room}{which}: the context is "
+                f"{engine.max_model_len} tokens (--max-model-len) and the prompt has {len(ids)}"
             )
         else:
             fitted.append(params)  # a prompt that fills the context is the engine's error
@@ -191,7 +191,6 @@ def verbose_report(
     answers: list[Answer],
     start: float,
     end: float,
-    notes: list[str],
 ) -> None:
     """mlx-lm's summary lines; batch figures are totals over all requests."""
     prompt_tokens = sum(a.num_prompt_tokens for a in answers)
@@ -225,8 +224,6 @@ def verbose_report(
         f"{engine.max_num_batched_tokens} tokens a step, "
         f"{engine.stats()['kv_blocks_total']:,} KV blocks of {engine.config.block_size}"
     )
-    for note in notes:
-        err.print(f"Note: {note}")
 
 
 def run_ask(
@@ -244,6 +241,8 @@ def run_ask(
         params.stop = [*params.stop, FALLBACK_STOP]
     inputs = build_inputs(llm, prompts, use_chat, system)
     fitted, notes = fit_max_tokens(engine, inputs, params)
+    for note in notes:  # before the answer: a cut answer must not look like a whole one
+        err.print(f"note: {note}", markup=False, highlight=False)
     start = time.perf_counter()
     try:
         ids = engine.add_requests(inputs, fitted)
@@ -259,4 +258,4 @@ def run_ask(
     else:
         print_in_order(engine, answers, out)
     if verbose:
-        verbose_report(err, engine, answers, start, time.perf_counter(), notes)
+        verbose_report(err, engine, answers, start, time.perf_counter())
