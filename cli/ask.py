@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from cli.ui import sanitize
+from cli.ui import interrupts_held, sanitize, unechoed
 from nanovllm_mlx import LLM, LLMEngine, SamplingParams, backend
 from nanovllm_mlx.errors import InvalidRequestError
 
@@ -113,14 +113,22 @@ def stream_one(engine: LLMEngine, answer: Answer, err: Console) -> None:
             done, total = progress
             status.update(f"prefilling the prompt: {done:,}/{total:,} tokens…")
 
-    with status or nullcontext():
-        for _, delta in drive(engine, [answer], show_progress):
-            if delta:
-                if status is not None:
-                    status.stop()  # the answer takes the terminal from here
-                    status = None
-                out.write(delta)
-                out.flush()
+    written = False
+    try:
+        with status or nullcontext():
+            for _, delta in drive(engine, [answer], show_progress):
+                if delta:
+                    if status is not None:
+                        status.stop()  # the answer takes the terminal from here
+                        status = None
+                    out.write(delta)
+                    out.flush()
+                    written = True
+    except BaseException:
+        if written:  # Ctrl-C or an error mid-answer: the shell's prompt gets its own line
+            out.write("\n")
+            out.flush()
+        raise
     out.write("\n")
     out.flush()
 
@@ -129,16 +137,30 @@ def print_in_order(engine: LLMEngine, answers: list[Answer], console: Console) -
     """Plain output: each answer under its label, in input order, as soon as it and every
     answer before it are finished (so the order never depends on timing)."""
     total, shown = len(answers), 0
-    for _ in drive(engine, answers):
-        while shown < total and answers[shown].finished:
-            _print_answer(console, answers[shown], total)
-            shown += 1
+    try:
+        for _ in drive(engine, answers):
+            while shown < total and answers[shown].finished:
+                _print_answer(console, answers[shown], total)
+                shown += 1
+    except KeyboardInterrupt:
+        _print_unfinished(console, answers[shown:], total)
+        raise
 
 
 def _print_answer(console: Console, answer: Answer, total: int) -> None:
-    console.print(Text(label(answer, total), style="bold cyan"), soft_wrap=True)
+    head = Text(label(answer, total), style="bold cyan")
+    if not answer.finished:
+        head.append(" · interrupted", style="dim")
+    console.print(head, soft_wrap=True)
     console.print(Text(answer.text), soft_wrap=True)
     console.print()
+
+
+def _print_unfinished(console: Console, answers: list[Answer], total: int) -> None:
+    """On Ctrl-C, what the answers not yet printed had got to: the work is not thrown away
+    along with the live view that showed it."""
+    for answer in answers:
+        _print_answer(console, answer, total)
 
 
 def live_view(engine: LLMEngine, answers: list[Answer], console: Console) -> None:
@@ -146,15 +168,24 @@ def live_view(engine: LLMEngine, answers: list[Answer], console: Console) -> Non
     printed in full above it, in input order."""
     total, shown = len(answers), 0
     last = 0.0
-    with Live(console=console, auto_refresh=False, transient=True) as live:
-        for _ in drive(engine, answers):
-            while shown < total and answers[shown].finished:
-                _print_answer(live.console, answers[shown], total)
-                shown += 1
-            now = time.perf_counter()
-            if now - last >= REFRESH_S:
-                live.update(_render_live(engine, answers[shown:], total, console), refresh=True)
-                last = now
+    try:
+        with (
+            unechoed(console),
+            Live(console=console, auto_refresh=False, transient=True) as live,
+        ):
+            for _ in drive(engine, answers):
+                while shown < total and answers[shown].finished:
+                    _print_answer(live.console, answers[shown], total)
+                    shown += 1
+                now = time.perf_counter()
+                if now - last >= REFRESH_S:
+                    view = _render_live(engine, answers[shown:], total, console)
+                    with interrupts_held():
+                        live.update(view, refresh=True)
+                    last = now
+    except KeyboardInterrupt:
+        _print_unfinished(console, answers[shown:], total)  # the live view is gone by now
+        raise
 
 
 def _waiting_state(engine: LLMEngine, answer: Answer) -> str:

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TextIO
+
+try:
+    import termios
+
+    _NOT_A_TTY: tuple[type[Exception], ...] = (AttributeError, OSError, ValueError, termios.error)
+except ImportError:  # Windows: no terminal attributes to set
+    termios = None  # type: ignore[assignment]
+    _NOT_A_TTY = (AttributeError, OSError, ValueError)
 
 from rich.console import Console
 from rich.markup import escape
@@ -44,6 +56,58 @@ def console(stderr: bool = False) -> Console:
         emoji=False,
         soft_wrap=True,  # never break lines ourselves: terminals and pipes wrap fine
     )
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, then deliver it.
+
+    KeyboardInterrupt is raised wherever the main thread is. Inside a live view's redraw
+    that leaves a half-written frame whose full height Rich has already recorded, so the
+    view's clean-up on exit moves up past it and leaves lines behind (bench's top border)
+    or erases what was above. Redraws are short; the interrupt waits for the end of one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+@contextmanager
+def unechoed(console: Console) -> Iterator[None]:
+    """Keep the terminal from echoing what is typed (Ctrl-C's "^C" above all) while a live
+    view is on it.
+
+    The echo lands where the view left the cursor, even inside a character being written:
+    after a full-width last line it opens a new line, and the view's clean-up on exit,
+    counted from there, stops one line short (bench left its top border behind). The
+    interrupt itself still works.
+    """
+    try:
+        fd = console.file.fileno()
+        saved = termios.tcgetattr(fd) if termios is not None else None
+    except _NOT_A_TTY:
+        saved = None  # not a terminal (or a test's stand-in): nothing is echoed anyway
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 _BOMS = (

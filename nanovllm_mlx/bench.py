@@ -85,7 +85,8 @@ def run_benchmark(
     """Run every request at once (ignore_eos) and report throughput.
 
     on_step, if given, is called after every engine step with a small dict (finished, total,
-    elapsed, output_tokens); it must be cheap or throttle itself.
+    elapsed, output_tokens, total_output_tokens: exact, since EOS is ignored); it must be
+    cheap or throttle itself.
 
     Definitions: throughput = output tokens / wall seconds (nano-vllm's figure).
     prefill_throughput = prompt tokens computed / seconds of the steps that computed any
@@ -109,6 +110,7 @@ def run_benchmark(
         for _, max_tokens in requests
     ]
     total = len(requests)
+    total_output = sum(max_tokens for _, max_tokens in requests)
     start = time.perf_counter()
     ids = engine.add_requests([ids for ids, _ in requests], params)
     first_token: dict[str, float] = {}
@@ -144,6 +146,7 @@ def run_benchmark(
                         "total": total,
                         "elapsed": now - start,
                         "output_tokens": output_tokens,
+                        "total_output_tokens": total_output,
                     }
                 )
             p0, o0 = counters.total_prompt_tokens, counters.total_output_tokens
