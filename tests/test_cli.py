@@ -275,3 +275,18 @@ def test_real_process_piped_output_is_plain(gpt2_tiny):
     assert proc.returncode == 0, proc.stderr
     assert "[1/2] a" in proc.stdout and "[2/2] b" in proc.stdout
     assert "\x1b" not in proc.stdout and "\x1b" not in proc.stderr
+
+
+def test_bench_time_left_scales_the_time_so_far_by_the_tokens_left():
+    from cli.dashboard import seconds_left, time_left
+
+    reading = {  # 1,000 prompt tokens and 200 output tokens computed in 6 s
+        "elapsed": 6.0, "prefill_tokens": 1000, "total_prompt_tokens": 3000,
+        "output_tokens": 200, "total_output_tokens": 1000,
+    }  # fmt: skip
+    assert seconds_left(reading) == 6.0 * 2800 / 1200
+    assert time_left(reading) == "about 14 s left"
+    assert time_left({**reading, "elapsed": 600.0}) == "about 23 min left"
+    assert time_left({**reading, "prefill_tokens": 0, "output_tokens": 0}) == (
+        "estimating the time left"
+    )

@@ -153,7 +153,7 @@ def test_bench_shows_the_time_left_and_ctrl_c_clears_its_dashboard(smollm2_gguf)
         "bench", "-m", str(smollm2_gguf), "--num-seqs", "4", "--min-input", "8",
         "--max-input", "16", "--min-output", "300", "--max-output", "400",
     )  # fmt: skip
-    screen, status = interrupted(child, r"about \S*\d+:\d\d:\d\d\S* left")
+    screen, status = interrupted(child, r"about \d+ (s|min) left")
     assert status == 130
     assert not any("nanovllm bench" in line or "╭" in line for line in screen.display), (
         "\n".join(screen.display)
