@@ -224,13 +224,13 @@ def run_serve(
     # Before the model loads: a bad or busy port is one error line, at once.
     sock = server.bind_socket(host, port)
     try:
-        ui.blas_notice(err)
         name = model or "the default model"
         if err.is_terminal:
             with err.status(f"Loading {escape(name)}…", spinner="dots"):
                 app = server.create_app(model, settings, **engine_kwargs)
         else:
             app = server.create_app(model, settings, **engine_kwargs)
+        ui.blas_notice(err)
         state = app.state.server
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host

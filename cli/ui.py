@@ -171,16 +171,20 @@ def blas_notice(err: Console) -> None:
 
 def load_llm(model: str | None, engine_kwargs: dict, err: Console) -> LLM:
     """LLM(model, **engine_kwargs), with a spinner on a terminal while a local model loads
-    (it goes away once loaded, so it never sits above the answer).
+    (it goes away once loaded, so it never sits above the answer); then the slow-BLAS
+    notice if it applies (after the load, so that a model that cannot be found is still
+    one error line).
 
     No spinner when the model will be fetched first: pip's and huggingface_hub's own
     progress output would fight with it on stderr.
     """
-    blas_notice(err)
     name = escape(model or "the default model")
     if err.is_terminal and download.find_local(model) is not None:
         with err.status(f"Loading {name}…", spinner="dots"):
-            return LLM(model, **engine_kwargs)
-    if err.is_terminal:
-        err.print(f"[dim]Fetching and loading {name}…[/]")
-    return LLM(model, **engine_kwargs)
+            llm = LLM(model, **engine_kwargs)
+    else:
+        if err.is_terminal:
+            err.print(f"[dim]Fetching and loading {name}…[/]")
+        llm = LLM(model, **engine_kwargs)
+    blas_notice(err)
+    return llm

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, SMALL_KV, SMALL_KV_ARGS, cli_argv
+from helpers import REPO_ROOT, SMALL_KV, SMALL_KV_ARGS, cli_argv, without_blas_notice
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -211,7 +211,7 @@ def test_fit_workload_keeps_output_lengths():
 def test_errors_are_one_line(runner, args, code):
     result = invoke(runner, *args)
     assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = without_blas_notice(result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert result.stdout == ""
 
@@ -230,14 +230,14 @@ def test_errors_are_one_line(runner, args, code):
 def test_engine_value_errors_are_one_line(runner, gpt2_tiny, args):
     result = invoke(runner, "ask", "-m", str(gpt2_tiny), *args, "hi")
     assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = without_blas_notice(result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
 
 
 def test_too_long_prompt_is_one_line(runner, gpt2_tiny):
     result = invoke(runner, "ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "ok", "word " * 600)
     assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
+    lines = without_blas_notice(result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: prompt 2: "), result.stderr
 
 

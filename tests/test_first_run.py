@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv, spawn_cli
+from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv, spawn_cli, without_blas_notice
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -38,7 +38,7 @@ def run_cli(*args: str | bytes, stdin: bytes | None = None) -> subprocess.Comple
 
 
 def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    err = proc.stderr.decode()
+    err = without_blas_notice(proc.stderr.decode())
     assert proc.returncode == 1, err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert "Traceback" not in err
@@ -87,7 +87,7 @@ def test_max_tokens_past_the_context_is_capped_and_said_first_without_verbose(gp
     prompt = " ".join(["word"] * 480)  # GPT-2 tiny's context is 512 tokens
     proc = run_cli("ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "--max-tokens", "100", prompt)
     assert proc.returncode == 0, proc.stderr
-    first = proc.stderr.decode().splitlines()[0]
+    first = without_blas_notice(proc.stderr.decode()).splitlines()[0]
     note = re.fullmatch(
         r"note: --max-tokens 100 capped to (\d+): the context is 512 tokens \(--max-model-len\)"
         r" and the prompt has \d+",
@@ -97,7 +97,7 @@ def test_max_tokens_past_the_context_is_capped_and_said_first_without_verbose(gp
     # The same with --max-model-len, as the issue ran it: an answer cut, and said so.
     short = run_cli("ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "--max-model-len", "64",
                     "--max-tokens", "100", "--verbose", "one two three")  # fmt: skip
-    err = short.stderr.decode()
+    err = without_blas_notice(short.stderr.decode())
     assert short.returncode == 0 and err.startswith("note: --max-tokens 100 capped to "), err
     generated = re.search(r"Generation: (\d+) tokens", err)
     capped = re.search(r"capped to (\d+)", err)
