@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
+from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv, without_blas_notice
 from mlx.nn.layers.distributed import shard_linear
 
 from nanovllm_mlx import LLM
@@ -275,8 +275,8 @@ def test_a_size_that_does_not_divide_is_one_error_line_and_leaves_no_rank(gpt2_t
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1 and out == ""
-    assert err.splitlines() == [
-        "error: tensor_parallel_size 3 does not divide the model's attention_heads (4): "
+    assert without_blas_notice(err).splitlines() == [
+        "error: --tensor-parallel-size 3 does not divide the model's attention_heads (4): "
         "use a size that divides it"
     ], err
     assert spawned, "the ranks were never seen"
