@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from cli.ui import sanitize
+from cli.ui import interrupts_held, sanitize, unechoed
 from nanovllm_mlx import LLM, LLMEngine, SamplingParams, backend
 from nanovllm_mlx.engine import requests
 from nanovllm_mlx.errors import InvalidRequestError
@@ -57,7 +57,7 @@ def fit_max_tokens(
     engine: LLMEngine, inputs: list[list[int]], params: SamplingParams
 ) -> tuple[list[SamplingParams], list[str]]:
     """One SamplingParams per prompt, max_tokens capped to the room its context leaves
-    (the engine would stop there anyway); notes saying so, for --verbose."""
+    (the engine would stop there anyway); notes saying so, in the flags' names."""
     fitted, notes = [], []
     for i, ids in enumerate(inputs):
         room = requests.room(len(ids), engine.max_model_len)
@@ -65,8 +65,8 @@ def fit_max_tokens(
             fitted.append(replace(params, max_tokens=room))
             which = f" for prompt {i + 1}" if len(inputs) > 1 else ""
             notes.append(
-                f"max_tokens {params.max_tokens} capped to {room}{which}: the model's context "
-                f"is {engine.max_model_len} tokens and the prompt has {len(ids)}"
+                f"--max-tokens {params.max_tokens} capped to {room}{which}: the context is "
+                f"{engine.max_model_len} tokens (--max-model-len) and the prompt has {len(ids)}"
             )
         else:
             fitted.append(params)  # a prompt that fills the context is the engine's error
@@ -114,14 +114,22 @@ def stream_one(engine: LLMEngine, answer: Answer, err: Console) -> None:
             done, total = progress
             status.update(f"prefilling the prompt: {done:,}/{total:,} tokens…")
 
-    with status or nullcontext():
-        for _, delta in drive(engine, [answer], show_progress):
-            if delta:
-                if status is not None:
-                    status.stop()  # the answer takes the terminal from here
-                    status = None
-                out.write(delta)
-                out.flush()
+    written = False
+    try:
+        with status or nullcontext():
+            for _, delta in drive(engine, [answer], show_progress):
+                if delta:
+                    if status is not None:
+                        status.stop()  # the answer takes the terminal from here
+                        status = None
+                    out.write(delta)
+                    out.flush()
+                    written = True
+    except BaseException:
+        if written:  # Ctrl-C or an error mid-answer: the shell's prompt gets its own line
+            out.write("\n")
+            out.flush()
+        raise
     out.write("\n")
     out.flush()
 
@@ -130,16 +138,30 @@ def print_in_order(engine: LLMEngine, answers: list[Answer], console: Console) -
     """Plain output: each answer under its label, in input order, as soon as it and every
     answer before it are finished (so the order never depends on timing)."""
     total, shown = len(answers), 0
-    for _ in drive(engine, answers):
-        while shown < total and answers[shown].finished:
-            _print_answer(console, answers[shown], total)
-            shown += 1
+    try:
+        for _ in drive(engine, answers):
+            while shown < total and answers[shown].finished:
+                _print_answer(console, answers[shown], total)
+                shown += 1
+    except KeyboardInterrupt:
+        _print_unfinished(console, answers[shown:], total)
+        raise
 
 
 def _print_answer(console: Console, answer: Answer, total: int) -> None:
-    console.print(Text(label(answer, total), style="bold cyan"), soft_wrap=True)
+    head = Text(label(answer, total), style="bold cyan")
+    if not answer.finished:
+        head.append(" · interrupted", style="dim")
+    console.print(head, soft_wrap=True)
     console.print(Text(answer.text), soft_wrap=True)
     console.print()
+
+
+def _print_unfinished(console: Console, answers: list[Answer], total: int) -> None:
+    """On Ctrl-C, what the answers not yet printed had got to: the work is not thrown away
+    along with the live view that showed it."""
+    for answer in answers:
+        _print_answer(console, answer, total)
 
 
 def live_view(engine: LLMEngine, answers: list[Answer], console: Console) -> None:
@@ -147,15 +169,24 @@ def live_view(engine: LLMEngine, answers: list[Answer], console: Console) -> Non
     printed in full above it, in input order."""
     total, shown = len(answers), 0
     last = 0.0
-    with Live(console=console, auto_refresh=False, transient=True) as live:
-        for _ in drive(engine, answers):
-            while shown < total and answers[shown].finished:
-                _print_answer(live.console, answers[shown], total)
-                shown += 1
-            now = time.perf_counter()
-            if now - last >= REFRESH_S:
-                live.update(_render_live(engine, answers[shown:], total, console), refresh=True)
-                last = now
+    try:
+        with (
+            unechoed(console),
+            Live(console=console, auto_refresh=False, transient=True) as live,
+        ):
+            for _ in drive(engine, answers):
+                while shown < total and answers[shown].finished:
+                    _print_answer(live.console, answers[shown], total)
+                    shown += 1
+                now = time.perf_counter()
+                if now - last >= REFRESH_S:
+                    view = _render_live(engine, answers[shown:], total, console)
+                    with interrupts_held():
+                        live.update(view, refresh=True)
+                    last = now
+    except KeyboardInterrupt:
+        _print_unfinished(console, answers[shown:], total)  # the live view is gone by now
+        raise
 
 
 def _waiting_state(engine: LLMEngine, answer: Answer) -> str:
@@ -192,7 +223,6 @@ def verbose_report(
     answers: list[Answer],
     start: float,
     end: float,
-    notes: list[str],
 ) -> None:
     """mlx-lm's summary lines; batch figures are totals over all requests."""
     prompt_tokens = sum(a.num_prompt_tokens for a in answers)
@@ -226,8 +256,6 @@ def verbose_report(
         f"{engine.max_num_batched_tokens} tokens a step, "
         f"{engine.stats()['kv_blocks_total']:,} KV blocks of {engine.config.block_size}"
     )
-    for note in notes:
-        err.print(f"Note: {note}")
 
 
 def run_ask(
@@ -245,6 +273,8 @@ def run_ask(
         params.stop = [*params.stop, FALLBACK_STOP]
     inputs = build_inputs(llm, prompts, use_chat, system)
     fitted, notes = fit_max_tokens(engine, inputs, params)
+    for note in notes:  # before the answer: a cut answer must not look like a whole one
+        err.print(f"note: {note}", markup=False, highlight=False)
     start = time.perf_counter()
     try:
         ids = engine.add_requests(inputs, fitted)
@@ -260,4 +290,4 @@ def run_ask(
     else:
         print_in_order(engine, answers, out)
     if verbose:
-        verbose_report(err, engine, answers, start, time.perf_counter(), notes)
+        verbose_report(err, engine, answers, start, time.perf_counter())

@@ -7,11 +7,12 @@ import time
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from cli import ui
 from nanovllm_mlx import LLM
 
 REFRESH_S = 0.2  # 5 Hz: a redraw costs ~1 ms, well under 1% of the steps between two
@@ -27,19 +28,24 @@ class Dashboard:
         self.console = console
         self.title = title
         self.live: Live | None = None
+        self.echo = ui.unechoed(console)
         self.last = 0.0
+        # The bar counts output tokens, whose total is known in advance (EOS is ignored);
+        # requests finish in bursts.
         self.progress = Progress(
-            TextColumn("finished"),
+            TextColumn("{task.fields[finished]}/{task.fields[requests]} finished"),
             BarColumn(bar_width=None),
-            MofNCompleteColumn(),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
             TimeElapsedColumn(),
+            TextColumn("[dim]{task.fields[left]}"),
             console=console,
             expand=True,
         )
-        self.task = self.progress.add_task("requests", total=None)
+        self.task = self.progress.add_task("tokens", total=None, finished=0, requests=0, left="")
 
     def __enter__(self) -> Dashboard:
         if self.console.is_terminal:
+            self.echo.__enter__()
             self.live = Live(console=self.console, auto_refresh=False, transient=True)
             self.live.__enter__()
         self.last = time.perf_counter()
@@ -48,6 +54,7 @@ class Dashboard:
     def __exit__(self, *exc: object) -> None:
         if self.live is not None:
             self.live.__exit__(None, None, None)
+            self.echo.__exit__(None, None, None)
 
     def __call__(self, progress: dict) -> None:
         now = time.perf_counter()
@@ -58,15 +65,24 @@ class Dashboard:
                 self.console.print(
                     f"bench: {progress['finished']}/{progress['total']} finished, "
                     f"{progress['output_tokens']} tokens in {progress['elapsed']:.0f} s, "
-                    f"running {s['running']}, waiting {s['waiting']}",
+                    f"{time_left(progress)}, running {s['running']}, waiting {s['waiting']}",
                     markup=False,
                 )
             return
         if now - self.last < REFRESH_S and progress["finished"] < progress["total"]:
             return
         self.last = now
-        self.progress.update(self.task, total=progress["total"], completed=progress["finished"])
-        self.live.update(self.render(self.llm.stats(), progress), refresh=True)
+        self.progress.update(
+            self.task,
+            total=progress["total_output_tokens"],
+            completed=progress["output_tokens"],
+            finished=progress["finished"],
+            requests=progress["total"],
+            left=time_left(progress),
+        )
+        panel = self.render(self.llm.stats(), progress)
+        with ui.interrupts_held():
+            self.live.update(panel, refresh=True)
 
     def render(self, s: dict, progress: dict) -> Panel:
         grid = Table.grid(padding=(0, 2), expand=True)
@@ -106,6 +122,29 @@ class Dashboard:
             ),
         )
         return Panel(Group(grid, self.progress), title=self.title, title_align="left", expand=True)
+
+
+def seconds_left(progress: dict) -> float | None:
+    """The time so far scaled by the tokens still to compute over those computed: each
+    output token is one more row through the model, as each prompt token is, and on a
+    CPU a step's time follows the rows it computes. New prompts share steps with decodes
+    until the last is read, so no rate of one kind alone is seen until late. None until
+    something has been computed."""
+    done = progress["prefill_tokens"] + progress["output_tokens"]
+    total = progress["total_prompt_tokens"] + progress["total_output_tokens"]
+    if done <= 0 or progress["elapsed"] <= 0:
+        return None
+    return progress["elapsed"] * max(total - done, 0) / done
+
+
+def time_left(progress: dict) -> str:
+    """'about 12 min left', 'about 40 s left', or 'estimating the time left'."""
+    seconds = seconds_left(progress)
+    if seconds is None:
+        return "estimating the time left"
+    if seconds >= 90:
+        return f"about {seconds / 60:,.0f} min left"
+    return f"about {seconds:.0f} s left"
 
 
 def summary_table(result: dict) -> Table:

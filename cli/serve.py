@@ -230,6 +230,7 @@ def run_serve(
                 app = server.create_app(model, settings, **engine_kwargs)
         else:
             app = server.create_app(model, settings, **engine_kwargs)
+        ui.blas_notice(err)
         state = app.state.server
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TextIO
+
+try:
+    import termios
+
+    _NOT_A_TTY: tuple[type[Exception], ...] = (AttributeError, OSError, ValueError, termios.error)
+except ImportError:  # Windows: no terminal attributes to set
+    termios = None  # type: ignore[assignment]
+    _NOT_A_TTY = (AttributeError, OSError, ValueError)
 
 from rich.console import Console
 from rich.markup import escape
 
-from nanovllm_mlx import LLM
+from nanovllm_mlx import LLM, backend
 from nanovllm_mlx.loading import download
 
 # Model output goes straight to the user's terminal: drop C0/C1 controls (ESC above all) so
@@ -44,6 +56,58 @@ def console(stderr: bool = False) -> Console:
         emoji=False,
         soft_wrap=True,  # never break lines ourselves: terminals and pipes wrap fine
     )
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, then deliver it.
+
+    KeyboardInterrupt is raised wherever the main thread is. Inside a live view's redraw
+    that leaves a half-written frame whose full height Rich has already recorded, so the
+    view's clean-up on exit moves up past it and leaves lines behind (bench's top border)
+    or erases what was above. Redraws are short; the interrupt waits for the end of one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+@contextmanager
+def unechoed(console: Console) -> Iterator[None]:
+    """Keep the terminal from echoing what is typed (Ctrl-C's "^C" above all) while a live
+    view is on it.
+
+    The echo lands where the view left the cursor, even inside a character being written:
+    after a full-width last line it opens a new line, and the view's clean-up on exit,
+    counted from there, stops one line short (bench left its top border behind). The
+    interrupt itself still works.
+    """
+    try:
+        fd = console.file.fileno()
+        saved = termios.tcgetattr(fd) if termios is not None else None
+    except _NOT_A_TTY:
+        saved = None  # not a terminal (or a test's stand-in): nothing is echoed anyway
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 _BOMS = (
@@ -99,9 +163,17 @@ def print_error(message: object) -> None:
     err.print(f"[bold red]error:[/] {escape(one_line(message))}")
 
 
+def blas_notice(err: Console) -> None:
+    """Say, once and on one line, when MLX's slow reference BLAS does the CPU's matmuls:
+    everything is then several times slower than it should be, which nothing else shows."""
+    backend.notice_once(lambda line: err.print(line, style="yellow", markup=False))
+
+
 def load_llm(model: str | None, engine_kwargs: dict, err: Console) -> LLM:
     """LLM(model, **engine_kwargs), with a spinner on a terminal while a local model loads
-    (it goes away once loaded, so it never sits above the answer).
+    (it goes away once loaded, so it never sits above the answer); then the slow-BLAS
+    notice if it applies (after the load, so that a model that cannot be found is still
+    one error line).
 
     No spinner when the model will be fetched first: pip's and huggingface_hub's own
     progress output would fight with it on stderr.
@@ -109,7 +181,10 @@ def load_llm(model: str | None, engine_kwargs: dict, err: Console) -> LLM:
     name = escape(model or "the default model")
     if err.is_terminal and download.find_local(model) is not None:
         with err.status(f"Loading {name}…", spinner="dots"):
-            return LLM(model, **engine_kwargs)
-    if err.is_terminal:
-        err.print(f"[dim]Fetching and loading {name}…[/]")
-    return LLM(model, **engine_kwargs)
+            llm = LLM(model, **engine_kwargs)
+    else:
+        if err.is_terminal:
+            err.print(f"[dim]Fetching and loading {name}…[/]")
+        llm = LLM(model, **engine_kwargs)
+    blas_notice(err)
+    return llm

@@ -1,9 +1,13 @@
 """Pick the fastest BLAS before MLX loads, and describe the backend in use.
 
-The Linux `mlx-cpu` wheel links a reference BLAS (~4 GFLOP/s for float32 matmul here).
-MLX resolves `cblas_sgemm` at load time, so an OpenBLAS or MKL loaded with RTLD_GLOBAL
-*before* `import mlx.core` takes its place (~140 GFLOP/s on the same machine). This module
-must therefore be imported before anything imports mlx.
+The Linux `mlx-cpu` wheel links a reference BLAS (~5 GFLOP/s for float32 matmul here).
+MLX resolves `cblas_sgemm` at load time, so an MKL or OpenBLAS loaded with RTLD_GLOBAL
+*before* `import mlx.core` takes its place (~340 GFLOP/s for MKL on the same machine). This
+module must therefore be imported before anything imports mlx.
+
+Order: NANOVLLM_BLAS, then the `mkl` wheel this package depends on (Linux x86-64), then a
+system OpenBLAS, then an MKL in the environment's lib/ (conda). The pip-installed one
+comes first so that every machine runs what `pip install` gave it, CI included.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
+import importlib.metadata
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
 _CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -26,12 +32,40 @@ _CANDIDATES = [
 ]
 
 blas_in_use: str = "platform default"
+blas_library: str | None = None  # the fast BLAS loaded, None while MLX's own is in use
 _blas_threads: list = []  # the loaded BLAS's thread-count setters
+_fast_blas_found: bool = False  # one existed, whether or not it could still be loaded
+_notice_given = False
+_why_slow = "no MKL or OpenBLAS found"  # while blas_library is None
+
+SLOW_BLAS_HINT = (
+    "`pip install mkl` (Linux x86-64) or `apt-get install libopenblas0-pthread`, "
+    "then run again"
+)
 
 
-def _mkl_paths() -> list[str]:
-    # `pip install mkl` puts libmkl_rt into the environment's lib/, which exports plain cblas_*.
+def _pip_mkl_paths() -> list[str]:
+    """libmkl_rt from the `mkl` wheel, found through the files its installation recorded.
+
+    pip puts the wheel's libraries in the lib/ of wherever it installed (a venv, --user,
+    /usr/local), which sys.prefix does not always name; the record always does.
+    """
+    try:
+        dist = importlib.metadata.distribution("mkl")
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    found = (dist.locate_file(f) for f in dist.files or [] if f.name.startswith("libmkl_rt.so"))
+    return sorted(os.path.realpath(str(path)) for path in found)
+
+
+def _conda_mkl_paths() -> list[str]:
+    # conda's mkl has no Python metadata; it puts libmkl_rt in the environment's lib/.
     return sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+
+
+def _system_openblas_paths() -> list[str]:
+    found = ctypes.util.find_library("openblas")
+    return [p for p in _CANDIDATES if os.path.exists(p)] + ([found] if found else [])
 
 
 def keep_freed_memory() -> bool:
@@ -59,40 +93,67 @@ def load_fast_blas() -> str:
     NANOVLLM_BLAS=/path/to/lib forces a library, NANOVLLM_BLAS=none keeps MLX's own.
     Only Linux CPU builds need this: macOS uses Accelerate, CUDA builds use cuBLAS.
     """
-    global blas_in_use
+    global blas_in_use, blas_library, _fast_blas_found, _why_slow
     if not sys.platform.startswith("linux"):
-        return blas_in_use
-    if "mlx.core" in sys.modules:
-        blas_in_use = "bundled reference BLAS (mlx was imported before nanovllm_mlx)"
-        warnings.warn(
-            "mlx.core was imported before nanovllm_mlx, so the fast BLAS cannot be loaded: "
-            "float32 matmul on CPU will be ~30x slower. Import nanovllm_mlx first.",
-            stacklevel=3,
-        )
         return blas_in_use
     forced = os.environ.get("NANOVLLM_BLAS", "").strip()
     if forced.lower() == "none":
-        blas_in_use = "bundled reference BLAS (NANOVLLM_BLAS=none)"
+        _why_slow = "NANOVLLM_BLAS=none"
+        blas_in_use = f"bundled reference BLAS ({_why_slow})"
         return blas_in_use
     paths = [forced] if forced else []
-    found = ctypes.util.find_library("openblas")
-    paths += _CANDIDATES + ([found] if found else []) + _mkl_paths()
-    for path in paths:
+    paths += _pip_mkl_paths() + _system_openblas_paths() + _conda_mkl_paths()
+    _fast_blas_found = any(not p.startswith("/") or os.path.exists(p) for p in paths)
+    if "mlx.core" in sys.modules:
+        _why_slow = "mlx was imported before nanovllm_mlx"
+        blas_in_use = f"bundled reference BLAS ({_why_slow})"
+        if _fast_blas_found:  # only then would importing in the other order have helped
+            warnings.warn(
+                "mlx.core was imported before nanovllm_mlx, so the fast BLAS cannot be "
+                "loaded: float32 matmul on CPU will be ~30x slower. Import nanovllm_mlx first.",
+                stacklevel=3,
+            )
+        return blas_in_use
+    for path in dict.fromkeys(paths):
         if path.startswith("/") and not os.path.exists(path):
             continue
         try:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        blas_in_use = path
+        blas_in_use = blas_library = path
         _blas_threads.extend(
             getattr(lib, name)
             for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads")
             if hasattr(lib, name)
         )
         return blas_in_use
-    blas_in_use = "bundled reference BLAS (slow: install libopenblas0-pthread or `pip install mkl`)"
+    if forced:
+        _why_slow = f"NANOVLLM_BLAS={forced} could not be loaded"
+    blas_in_use = f"bundled reference BLAS (slow: {SLOW_BLAS_HINT})"
     return blas_in_use
+
+
+def slow_blas_notice() -> str | None:
+    """One line saying that MLX's slow reference BLAS does the CPU matmuls, and why; None
+    when a fast one is loaded or the device is not the CPU (or on macOS: Accelerate)."""
+    if blas_library is not None or not sys.platform.startswith("linux"):
+        return None
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return None
+    hint = "" if _why_slow == "NANOVLLM_BLAS=none" else f"; {SLOW_BLAS_HINT}"
+    return f"note: MLX's slow reference BLAS is in use ({_why_slow}): CPU matmul ~30x slower{hint}"
+
+
+def notice_once(write: Callable[[str], object]) -> None:
+    """Give slow_blas_notice() through `write` the first time only."""
+    global _notice_given
+    notice = slow_blas_notice()
+    if notice is not None and not _notice_given:
+        _notice_given = True
+        write(notice)
 
 
 def set_blas_threads(n: int) -> None:

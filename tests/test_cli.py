@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, SMALL_KV, SMALL_KV_ARGS, cli_argv
+from helpers import REPO_ROOT, SMALL_KV, SMALL_KV_ARGS, cli_argv, without_blas_notice
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -211,7 +211,7 @@ def test_fit_workload_keeps_output_lengths():
 def test_errors_are_one_line(runner, args, code):
     result = invoke(runner, *args)
     assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = without_blas_notice(result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert result.stdout == ""
 
@@ -230,14 +230,14 @@ def test_errors_are_one_line(runner, args, code):
 def test_engine_value_errors_are_one_line(runner, gpt2_tiny, args):
     result = invoke(runner, "ask", "-m", str(gpt2_tiny), *args, "hi")
     assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = without_blas_notice(result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
 
 
 def test_too_long_prompt_is_one_line(runner, gpt2_tiny):
     result = invoke(runner, "ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "ok", "word " * 600)
     assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
+    lines = without_blas_notice(result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: prompt 2: "), result.stderr
 
 
@@ -275,3 +275,18 @@ def test_real_process_piped_output_is_plain(gpt2_tiny):
     assert proc.returncode == 0, proc.stderr
     assert "[1/2] a" in proc.stdout and "[2/2] b" in proc.stdout
     assert "\x1b" not in proc.stdout and "\x1b" not in proc.stderr
+
+
+def test_bench_time_left_scales_the_time_so_far_by_the_tokens_left():
+    from cli.dashboard import seconds_left, time_left
+
+    reading = {  # 1,000 prompt tokens and 200 output tokens computed in 6 s
+        "elapsed": 6.0, "prefill_tokens": 1000, "total_prompt_tokens": 3000,
+        "output_tokens": 200, "total_output_tokens": 1000,
+    }  # fmt: skip
+    assert seconds_left(reading) == 6.0 * 2800 / 1200
+    assert time_left(reading) == "about 14 s left"
+    assert time_left({**reading, "elapsed": 600.0}) == "about 23 min left"
+    assert time_left({**reading, "prefill_tokens": 0, "output_tokens": 0}) == (
+        "estimating the time left"
+    )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import re
 import sys
 
 import pexpect
+import pyte
 import pytest
 from helpers import SMALL_KV_ARGS, spawn_cli
 
@@ -108,3 +110,51 @@ def test_ask_live_view_on_a_terminal(gpt2_tiny):
     child.close()
     assert child.exitstatus == 0, out
     assert out.index("[1/2] first prompt") < out.index("[2/2] second prompt")
+
+
+# Ctrl-C leaves the terminal tidy ------------------------------------------------------------
+# pyte replays everything the command wrote, the terminal's own "^C" echo included, on an
+# emulated screen: what the person sees after the shell prompt comes back.
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # the default model goes on counting
+SLOW = ["--no-chat", "--max-tokens", "400", "--max-model-len", "1024"]
+
+
+def interrupted(child: pexpect.spawn, when: str) -> tuple[pyte.Screen, int]:
+    seen = io.StringIO()
+    child.logfile_read = seen
+    rows, columns = child.getwinsize()
+    child.expect(when)
+    child.sendintr()
+    status = close(child)
+    screen = pyte.Screen(columns, rows)
+    pyte.Stream(screen).feed(seen.getvalue())
+    return screen, status
+
+
+def test_ask_ctrl_c_mid_answer_gives_the_shell_a_fresh_line(smollm2_gguf):
+    child = spawn("ask", "-m", str(smollm2_gguf), *SLOW, COUNTING)
+    screen, status = interrupted(child, r"\d+, \d+, \d+,")
+    assert status == 130
+    assert screen.cursor.x == 0, screen.display  # the shell's prompt starts its own line
+
+
+def test_ask_ctrl_c_keeps_the_unfinished_answers_of_the_live_view(smollm2_gguf):
+    child = spawn("ask", "-m", str(smollm2_gguf), *SLOW, COUNTING, "A, B, C, D, E, F,")
+    screen, status = interrupted(child, r"\[2/2\].*\d+ tokens")
+    shown = "\n".join(line.rstrip() for line in screen.display)
+    assert status == 130
+    assert f"[1/2] {COUNTING} · interrupted" in shown, shown
+    assert "[2/2] A, B, C, D, E, F, · interrupted" in shown, shown
+
+
+def test_bench_shows_the_time_left_and_ctrl_c_clears_its_dashboard(smollm2_gguf):
+    child = spawn(
+        "bench", "-m", str(smollm2_gguf), "--num-seqs", "4", "--min-input", "8",
+        "--max-input", "16", "--min-output", "300", "--max-output", "400",
+    )  # fmt: skip
+    screen, status = interrupted(child, r"about \d+ (s|min) left")
+    assert status == 130
+    assert not any("nanovllm bench" in line or "╭" in line for line in screen.display), (
+        "\n".join(screen.display)
+    )

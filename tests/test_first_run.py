@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv, spawn_cli
+from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv, spawn_cli, without_blas_notice
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -38,7 +38,7 @@ def run_cli(*args: str | bytes, stdin: bytes | None = None) -> subprocess.Comple
 
 
 def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    err = proc.stderr.decode()
+    err = without_blas_notice(proc.stderr.decode())
     assert proc.returncode == 1, err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert "Traceback" not in err
@@ -83,22 +83,61 @@ def test_a_kv_cache_larger_than_memory_is_refused_before_it_is_allocated(gpt2_ti
     assert time.monotonic() - started < 60  # no 100 TB of zero-filling first
 
 
-def test_max_tokens_past_the_context_is_capped_and_said_in_verbose(gpt2_tiny: Path):
-    runner = CliRunner()
+def test_max_tokens_past_the_context_is_capped_and_said_first_without_verbose(gpt2_tiny: Path):
     prompt = " ".join(["word"] * 480)  # GPT-2 tiny's context is 512 tokens
-    result = runner.invoke(
-        app,
-        ["ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "--max-tokens", "100000000", "--verbose",
-         prompt],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    err = result.stderr
-    note = re.search(
-        r"max_tokens 100000000 capped to (\d+): the model's context is 512", result.stderr
+    proc = run_cli("ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "--max-tokens", "100", prompt)
+    assert proc.returncode == 0, proc.stderr
+    first = without_blas_notice(proc.stderr.decode()).splitlines()[0]
+    note = re.fullmatch(
+        r"note: --max-tokens 100 capped to (\d+): the context is 512 tokens \(--max-model-len\)"
+        r" and the prompt has \d+",
+        first,
     )
-    assert note, err
+    assert note, proc.stderr
+    # The same with --max-model-len, as the issue ran it: an answer cut, and said so.
+    short = run_cli("ask", "-m", str(gpt2_tiny), *SMALL_KV_ARGS, "--max-model-len", "64",
+                    "--max-tokens", "100", "--verbose", "one two three")  # fmt: skip
+    err = without_blas_notice(short.stderr.decode())
+    assert short.returncode == 0 and err.startswith("note: --max-tokens 100 capped to "), err
     generated = re.search(r"Generation: (\d+) tokens", err)
-    assert generated and int(generated.group(1)) <= int(note.group(1))
+    capped = re.search(r"capped to (\d+)", err)
+    assert generated and capped and int(generated.group(1)) <= int(capped.group(1))
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--max-tokens", "-5"], "--max-tokens must be in [1, "),
+        (["--kv-cache-gb", "0"], "--kv-cache-gb must be > 0"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-p", "2"], "--top-p must be in (0, 1]"),
+        (["--max-num-seqs", "0"], "--max-num-seqs must be a positive integer"),
+    ],
+)
+def test_errors_name_the_flag_that_was_typed(gpt2_tiny: Path, args: list[str], flag: str):
+    err = one_error_line(run_cli("ask", "-m", str(gpt2_tiny), *args, "hi"), flag)
+    assert "_" not in err.split(" must ")[0], err  # no max_tokens, kv_cache_gb
+
+
+def test_a_missing_relative_model_path_is_not_found_not_downloaded(monkeypatch, tmp_path):
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a path was taken for a Hub repo id")
+
+    monkeypatch.setattr("nanovllm_mlx.loading.download.download", no_download)
+    monkeypatch.chdir(REPO_ROOT)  # models/ exists here: models/nope is a path
+    for missing in ("models/nope", "nope/model.gguf", str(REPO_ROOT / "models" / "nope")):
+        result = CliRunner().invoke(app, ["ask", "-m", missing, "hi"])
+        assert result.exit_code == 1, result.output
+        assert f"'{missing}' not found locally" in result.stderr, result.stderr
+
+
+def test_flags_show_no_value_in_help():
+    for command in ("ask", "bench", "serve", "chat"):
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        for line in result.stdout.splitlines():
+            if any(f in line for f in ("--verbose", "--json", "--help", "--no-chat", "--no-live")):
+                assert "<bool>" not in line, line
 
 
 def test_a_hub_repo_id_is_downloaded_when_not_local(monkeypatch, gpt2_tiny: Path, tmp_path):

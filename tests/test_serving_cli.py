@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pexpect
 import pytest
+from helpers import without_blas_notice
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -42,7 +43,8 @@ def run_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
     assert proc.returncode == code, (proc.returncode, proc.stderr)
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    err = without_blas_notice(proc.stderr)
+    assert err.count("\n") == 1 and err.startswith("error: "), proc.stderr
     assert all(w in proc.stderr for w in words), proc.stderr
     assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr
 

