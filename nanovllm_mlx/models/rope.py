@@ -113,9 +113,8 @@ class RotaryEmbedding:
     Not an nn.Module: its periods are not parameters, so loading and casting never touch
     them."""
 
-    def __init__(self, head_dim: int, inv_freq: np.ndarray, traditional: bool = False):
+    def __init__(self, head_dim: int, inv_freq: np.ndarray):
         self.head_dim = head_dim
-        self.traditional = traditional
         # mx.fast.rope takes periods (position / period is the angle), not inverse frequencies.
         self._periods = mx.array(1.0 / inv_freq.astype(np.float64), dtype=mx.float32)
 
@@ -125,7 +124,7 @@ class RotaryEmbedding:
         x = mx.fast.rope(
             x,
             self.head_dim,
-            traditional=self.traditional,
+            traditional=False,
             base=None,
             scale=1.0,
             offset=positions,

@@ -40,17 +40,6 @@ def stop_ids(seq: Sequence) -> list[int]:
     return sorted({*seq.params.stop_token_ids, *eos})
 
 
-def active(seq: Sequence, output_offset: int) -> bool:
-    """Whether any processor changes this row's logits this step."""
-    p = seq.params
-    return bool(
-        p.logit_bias
-        or p.needs_history
-        or seq.token_mask is not None
-        or masks_min_tokens(seq, output_offset)
-    )
-
-
 def _additive(logits: mx.array, entries: tuple[list[int], list[float]]) -> mx.array:
     flat_index, values = entries
     if not flat_index:
