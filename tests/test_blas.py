@@ -66,6 +66,24 @@ def test_pip_install_alone_gives_a_fast_blas_that_mlx_uses():
     assert float(gflops) > 5 * float(slow_gflops), (gflops, slow_gflops)
 
 
+@linux_x86
+def test_mlx_calls_mkl_sgemm_on_one_thread_unless_told_otherwise():
+    if not backend._pip_mkl_paths():
+        pytest.skip("the mkl wheel is not installed here (`pip install -e .` installs it)")
+    code = "import nanovllm_mlx, mlx.core as mx; a = mx.ones((64, 64)); mx.eval(a @ a)"
+    clean = {k: v for k, v in os.environ.items() if k != "MKL_THREADING_LAYER"}
+    for layer, expected in (("", "sequential"), ("INTEL", "intel_thread")):
+        env = {**clean, "MKL_VERBOSE": "1", **({"MKL_THREADING_LAYER": layer} if layer else {})}
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+            timeout=120, env=env,
+        )  # fmt: skip
+        # MKL's verbose mode logs each call: MLX's matmul reached MKL's SGEMM.
+        assert "SGEMM(N,N,64,64,64" in proc.stdout, proc.stdout + proc.stderr
+        banner = proc.stdout.splitlines()[0]
+        assert banner.endswith(expected), banner
+
+
 def test_the_import_order_warning_only_when_a_fast_blas_was_there(monkeypatch):
     for name in ("blas_in_use", "blas_library", "_why_slow", "_fast_blas_found"):
         monkeypatch.setattr(backend, name, getattr(backend, name))
