@@ -17,6 +17,15 @@ from pydantic import (
     model_serializer,
 )
 
+from nanovllm_mlx.serving.tools.protocol import (
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallOut,
+    omit_none,
+)
+
 # A request's stop strings are searched after every token it samples, in the engine
 # thread: bound them so that one request cannot slow the whole batch down.
 MAX_STOP_STRINGS = 32
@@ -94,6 +103,9 @@ class TextPart(_Strict):
 class ChatMessage(_Strict):
     role: str
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's calls.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -101,7 +113,17 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, description="0-20; needs logprobs.")
-    tools: list[Any] | None = Field(None, description="Refused unless empty.")
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description='"required" and a named function are guaranteed: decoding is '
+        "constrained to the model's tool-call format and the functions' schemas.",
+    )
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Variables for the chat template, e.g. enable_thinking."
+    )
+    reasoning_effort: str | None = Field(None, description="Passed to the chat template.")
 
 
 # Responses ---------------------------------------------------------------------------------
@@ -173,7 +195,14 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # content stays, as null when the answer is only tool calls (as OpenAI's).
+        return {k: v for k, v in handler(self).items() if v is not None or k == "content"}
 
 
 class ChatChoice(BaseModel):
@@ -195,11 +224,11 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
-    @model_serializer(mode="wrap")
-    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # OpenAI's deltas carry only what changed: {"content": "..."}, and {} at the end.
-        return {k: v for k, v in handler(self).items() if v is not None}
+    # OpenAI's deltas carry only what changed: {"content": "..."}, and {} at the end.
+    _omit_none = model_serializer(mode="wrap")(omit_none)
 
 
 class ChatChunkChoice(BaseModel):

@@ -12,6 +12,7 @@ from nanovllm_mlx.serving.errors import bad_request
 from nanovllm_mlx.serving.handle import RequestHandle
 from nanovllm_mlx.serving.metrics import ServingMetrics
 from nanovllm_mlx.serving.settings import ServerSettings
+from nanovllm_mlx.serving.tools.choice import parser_for
 
 
 class ServerState:
@@ -30,6 +31,8 @@ class ServerState:
         if engine.config.model:
             self.model_aliases.add(engine.config.model)
         self.created = int(time.time())
+        # The tool-call format: --tool-call-parser, else the one the template writes.
+        self.tool_parser = parser_for(self.tokenizer.chat_template, settings.tool_call_parser)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_aliases:

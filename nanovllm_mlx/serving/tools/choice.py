@@ -1,0 +1,85 @@
+"""A request's tools and tool_choice as what the chat endpoint needs: the parser for the
+model's format, the tools for the template, and the grammar that makes "required" or a
+named function a guarantee (vLLM's approach: the calls' JSON schema, here inside the
+format's markers, enforced by llguidance)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nanovllm_mlx.serving.errors import bad_request
+from nanovllm_mlx.serving.protocol import ChatCompletionRequest
+from nanovllm_mlx.serving.tools.hermes import HermesParser
+from nanovllm_mlx.serving.tools.parser import ToolParser
+
+PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (HermesParser,)}
+DEFAULT_PARSER = HermesParser  # for templates that show no format: models know it best
+
+
+def parser_for(template: str | None, override: str | None = None) -> type[ToolParser]:
+    """--tool-call-parser when given, else the format the chat template writes."""
+    if override is not None:
+        if override not in PARSERS:
+            raise ValueError(
+                f"unknown tool call parser {override!r}; known: {', '.join(sorted(PARSERS))}"
+            )
+        return PARSERS[override]
+    for parser in PARSERS.values():
+        if template and any(hint in template for hint in parser.template_hints):
+            return parser
+    return DEFAULT_PARSER
+
+
+@dataclass(frozen=True)
+class ToolSetup:
+    parser: type[ToolParser] | None  # None: tool calls are not looked for
+    template_tools: list[dict[str, Any]] | None  # what the chat template gets as `tools`
+    grammar: str | None  # the constraint for "required" and named choices
+
+
+def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    function = tool["function"]
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": function["name"]},
+            "arguments": function.get("parameters") or {"type": "object"},
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def tool_setup(body: ChatCompletionRequest, parser: type[ToolParser]) -> ToolSetup:
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    choice = body.tool_choice
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice == "none" or not tools:
+        if choice not in ("none", "auto"):
+            raise bad_request(f"tool_choice {_shown(choice)} needs tools", "tool_choice")
+        return ToolSetup(None, None, None)
+    if choice == "auto":
+        return ToolSetup(parser, tools, None)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise bad_request(
+            "response_format cannot be combined with a required or named tool_choice",
+            "response_format",
+        )
+    if choice == "required":
+        chosen = tools
+    else:
+        assert not isinstance(choice, str)
+        name = choice.function.name
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise bad_request(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
+    schemas = [_call_schema(t) for t in chosen]
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    parallel = body.parallel_tool_calls is not False and choice == "required"
+    return ToolSetup(parser, tools, parser().grammar(schema, parallel))
+
+
+def _shown(choice: object) -> str:
+    return repr(choice) if isinstance(choice, str) else "naming a function"
