@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
+    model_validator,
 )
 
 from nanovllm_mlx.serving.tools.protocol import (
@@ -36,6 +37,15 @@ MAX_LOGIT_BIAS = 1024
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        # OpenAI's schema makes these fields nullable: clients (litellm, langchain) send
+        # an explicit null for "not given".
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Strict):
@@ -89,7 +99,12 @@ class CompletionRequest(GenerationRequest):
         description="A string or token ids, or a list of several: they run as one batch, "
         "choice index = prompt index * n + choice."
     )
-    logprobs: int | None = Field(None, description="Top logprobs per token (0-20).")
+    logprobs: int | None = Field(
+        None, description="Top logprobs per token (0-20; 0: the sampled token's alone)."
+    )
+    prompt_logprobs: int | None = Field(
+        None, description="vLLM's: each prompt token's logprob and the top N (0-20)."
+    )
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -156,11 +171,26 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int = Field(description="Exact within the top N; N + 1 for a token below them.")
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    # vLLM's prompt_logprobs: per prompt token (None for the first), token id -> entry.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_prompt_logprobs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body = handler(self)
+        if body.get("prompt_logprobs") is None:
+            body.pop("prompt_logprobs", None)
+        return body
 
 
 # The answers list id, object, created, model in that order, as OpenAI's do (and as this
@@ -276,6 +306,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, what in (
         (400, "Invalid request: `param` names the field"),
         (401, "Missing or wrong API key"),
+        (404, "No such model (code model_not_found)"),
         (413, "Request body too large"),
         (415, "Content-Type is not application/json"),
         (500, "The engine failed this request"),

@@ -8,9 +8,10 @@ import time
 from fastapi import Request
 
 from nanovllm_mlx.serving.engine_thread import EngineThread
-from nanovllm_mlx.serving.errors import bad_request
+from nanovllm_mlx.serving.errors import APIError
 from nanovllm_mlx.serving.handle import RequestHandle
 from nanovllm_mlx.serving.metrics import ServingMetrics
+from nanovllm_mlx.serving.protocol import ModelCard
 from nanovllm_mlx.serving.settings import ServerSettings
 from nanovllm_mlx.serving.tools.choice import parser_for
 
@@ -35,12 +36,17 @@ class ServerState:
         self.tool_parser = parser_for(self.tokenizer.chat_template, settings.tool_call_parser)
 
     def check_model(self, model: str | None) -> None:
+        """A 404 model_not_found for a model this server does not serve, as OpenAI's."""
         if model is not None and model not in self.model_aliases:
-            raise bad_request(
+            raise APIError(
+                404,
                 f"the model `{model}` does not exist; this server serves `{self.model_name}`",
-                "model",
-                "model_not_found",
+                param="model",
+                code="model_not_found",
             )
+
+    def model_card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
