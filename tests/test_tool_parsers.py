@@ -19,7 +19,7 @@ from nanovllm_mlx.serving.tools.parser import ToolParser
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}
 TIME = {"name": "get_time", "arguments": {}}
 
-# Each family's output for: some text, then two calls.
+# Each family's output for two calls, after some text where the format allows it.
 OUTPUTS = {
     "hermes": (
         "Let me check.\n<tool_call>\n"
@@ -28,7 +28,26 @@ OUTPUTS = {
         + json.dumps(TIME)
         + "\n</tool_call>"
     ),
+    "llama3_json": (
+        '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}; '
+        '{"name": "get_time", "parameters": {}}'
+    ),
+    "mistral": "Let me check.[TOOL_CALLS]" + json.dumps([WEATHER, TIME]),
+    "mistral_v11": (
+        'Let me check.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "c"}'
+        "[TOOL_CALLS]get_time[ARGS]{}"
+    ),
+    "qwen3_coder": (
+        "Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+        "</parameter>\n<parameter=unit>\nc\n</parameter>\n</function>\n</tool_call>\n"
+        "<tool_call>\n<function=get_time>\n</function>\n</tool_call>"
+    ),
 }
+CONTENT = {"llama3_json": None}  # the others: "Let me check."
+
+
+def parser(name: str) -> type[ToolParser]:
+    return PARSERS[name.removesuffix("_v11")]
 
 
 def _tokenizer(qwen2_tiny: Path) -> Tokenizer:
@@ -67,9 +86,9 @@ def shape(m: AssistantMessage) -> tuple:
 
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 def test_calls_parsed(name: str):
-    m, finish, _ = run(PARSERS[name], [OUTPUTS[name]])
+    m, finish, _ = run(parser(name), [OUTPUTS[name]])
     assert finish == "tool_calls"
-    assert m.content == "Let me check."
+    assert m.content == CONTENT.get(name, "Let me check.")
     assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls or []] == [
         (WEATHER["name"], WEATHER["arguments"]),
         (TIME["name"], TIME["arguments"]),
@@ -80,25 +99,27 @@ def test_calls_parsed(name: str):
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 def test_stream_equals_whole_at_every_token_boundary(name: str, qwen2_tiny: Path):
     text = OUTPUTS[name]
-    whole = shape(run(PARSERS[name], [text])[0])
+    whole = shape(run(parser(name), [text])[0])
+    assert len(whole[2]) == 2
     pieces = token_pieces(_tokenizer(qwen2_tiny), text)
     assert "".join(pieces) == text
-    assert shape(run(PARSERS[name], pieces)[0]) == whole  # a token at a time
+    assert shape(run(parser(name), pieces)[0]) == whole  # a token at a time
     for cut in range(1, len(pieces)):  # and split in two at every token boundary
         halves = ["".join(pieces[:cut]), "".join(pieces[cut:])]
-        assert shape(run(PARSERS[name], halves)[0]) == whole, cut
+        assert shape(run(parser(name), halves)[0]) == whole, cut
     for cut in range(1, len(text)):  # and at every character
-        assert shape(run(PARSERS[name], [text[:cut], text[cut:]])[0]) == whole, cut
+        assert shape(run(parser(name), [text[:cut], text[cut:]])[0]) == whole, cut
 
 
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 def test_stream_deltas_send_id_and_name_first(name: str):
-    _, _, deltas = run(PARSERS[name], list(OUTPUTS[name]))
+    _, _, deltas = run(parser(name), list(OUTPUTS[name]))
     calls = [c for d in deltas for c in d.tool_calls or []]
     assert [c.index for c in calls] == [0, 0, 1, 1]
     assert calls[0].id and calls[0].function.name == "get_weather"
     assert calls[1].id is None and calls[1].function.name is None
-    assert not any("<tool_call>" in (d.content or "") for d in deltas)
+    markup = ("<tool_call>", "[TOOL_CALLS]", "<function", '"name"')
+    assert not any(m in (d.content or "") for d in deltas for m in markup)
 
 
 @pytest.mark.parametrize(
@@ -121,6 +142,48 @@ def test_text_that_only_looks_like_a_marker_streams_as_content():
     text = "a <tool> and <tool_cal but no call"
     m, finish, _ = run(PARSERS["hermes"], list(text))
     assert (m.content, m.tool_calls, finish) == (text, None, "stop")
+
+
+def test_malformed_in_every_format_is_content():
+    for name, text in {
+        "llama3_json": '{"name": "f", "parameters": {"a": ',
+        "mistral": "ok[TOOL_CALLS][{oops}]",
+        "mistral_v11": "ok[TOOL_CALLS]f[ARGS]{",
+        "qwen3_coder": "ok<tool_call>\n<function=f>\n<parameter=a>\n1\n</tool_call>",
+    }.items():
+        m, finish, _ = run(parser(name), list(text), reason="length")
+        assert (m.content, m.tool_calls, finish) == (text, None, "length"), name
+
+
+def test_llama3_json_only_at_the_start():
+    text = 'The format is {"name": "f", "parameters": {}}'
+    m, finish, _ = run(PARSERS["llama3_json"], list(text))
+    assert (m.content, m.tool_calls, finish) == (text, None, "stop")
+
+
+def test_qwen3_coder_reads_values_by_schema():
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "parameters": {
+                    "properties": {
+                        "n": {"type": "integer"},
+                        "s": {"type": "string"},
+                        "o": {"type": "object"},
+                    }
+                },
+            },
+        }
+    ]
+    text = (
+        "<tool_call>\n<function=f>\n<parameter=n>\n5\n</parameter>\n<parameter=s>\n5"
+        '\n</parameter>\n<parameter=o>\n{"k": [1]}\n</parameter>\n</function>\n</tool_call>'
+    )
+    out = ChoiceOutput(PARSERS["qwen3_coder"](tools), None)
+    m = message(out.step(text, True, "stop")[0])
+    assert json.loads(m.tool_calls[0].function.arguments) == {"n": 5, "s": "5", "o": {"k": [1]}}
 
 
 def test_parser_from_template_and_override():

@@ -154,7 +154,8 @@ async def create_chat_completion(
 
     def choice_output() -> ChoiceOutput:
         return ChoiceOutput(
-            tools.parser() if tools.parser else None, ThinkSplitter(opened) if thinks else None
+            tools.parser(tools.template_tools) if tools.parser else None,
+            ThinkSplitter(opened) if thinks else None,
         )
 
     if explicit is not None:

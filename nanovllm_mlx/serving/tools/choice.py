@@ -11,9 +11,15 @@ from typing import Any
 from nanovllm_mlx.serving.errors import bad_request
 from nanovllm_mlx.serving.protocol import ChatCompletionRequest
 from nanovllm_mlx.serving.tools.hermes import HermesParser
+from nanovllm_mlx.serving.tools.llama3 import Llama3JsonParser
+from nanovllm_mlx.serving.tools.mistral import MistralParser
 from nanovllm_mlx.serving.tools.parser import ToolParser
+from nanovllm_mlx.serving.tools.qwen3_coder import Qwen3CoderParser
 
-PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (HermesParser,)}
+# In the order templates are matched: Qwen3-Coder's template also writes <tool_call>.
+PARSERS: dict[str, type[ToolParser]] = {
+    p.name: p for p in (Qwen3CoderParser, MistralParser, Llama3JsonParser, HermesParser)
+}
 DEFAULT_PARSER = HermesParser  # for templates that show no format: models know it best
 
 
@@ -36,19 +42,6 @@ class ToolSetup:
     parser: type[ToolParser] | None  # None: tool calls are not looked for
     template_tools: list[dict[str, Any]] | None  # what the chat template gets as `tools`
     grammar: str | None  # the constraint for "required" and named choices
-
-
-def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
-    function = tool["function"]
-    return {
-        "type": "object",
-        "properties": {
-            "name": {"const": function["name"]},
-            "arguments": function.get("parameters") or {"type": "object"},
-        },
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
 
 
 def tool_setup(body: ChatCompletionRequest, parser: type[ToolParser]) -> ToolSetup:
@@ -75,10 +68,9 @@ def tool_setup(body: ChatCompletionRequest, parser: type[ToolParser]) -> ToolSet
         chosen = [t for t in tools if t["function"]["name"] == name]
         if not chosen:
             raise bad_request(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
-    schemas = [_call_schema(t) for t in chosen]
-    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     parallel = body.parallel_tool_calls is not False and choice == "required"
-    return ToolSetup(parser, tools, parser().grammar(schema, parallel))
+    grammar = parser(tools).grammar([t["function"] for t in chosen], parallel)
+    return ToolSetup(parser, tools, grammar)
 
 
 def _shown(choice: object) -> str:

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanovllm_mlx.serving.tools.parser import ToolParser, json_call, lark_json, lark_literal, loads
+from nanovllm_mlx.serving.tools.parser import (
+    ToolParser,
+    call_schema,
+    json_call,
+    lark_json,
+    lark_literal,
+    loads,
+)
 from nanovllm_mlx.serving.tools.pieces import Call
 
 
@@ -19,7 +26,7 @@ class HermesParser(ToolParser):
         call = json_call(loads(body.strip()))
         return None if call is None else [call]
 
-    def grammar(self, call_schema: dict[str, Any], parallel: bool) -> str:
+    def grammar(self, functions: list[dict[str, Any]], parallel: bool) -> str:
         one = f"{lark_literal(self.start + chr(10))} call {lark_literal(chr(10) + self.end)}"
         start = f'start: block ("\\n" block)*\nblock: {one}' if parallel else f"start: {one}"
-        return f"{start}\ncall: {lark_json(call_schema)}\n"
+        return f"{start}\ncall: {lark_json(call_schema(functions))}\n"

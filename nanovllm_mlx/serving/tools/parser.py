@@ -29,7 +29,10 @@ class ToolParser:
     # Text in the chat template that says it writes this format.
     template_hints: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        # The request's functions ({"name", "parameters"}): formats that write arguments
+        # as text (Qwen3-Coder's XML) read their types from the schemas.
+        self.functions = {t["function"]["name"]: t["function"] for t in tools or []}
         self._buffer = ""  # text not yet emitted
         self._in_call = False
         self._blanks = ""
@@ -78,9 +81,9 @@ class ToolParser:
         """The calls in one call's body, or None when it is malformed."""
         raise NotImplementedError
 
-    def grammar(self, call_schema: dict[str, Any], parallel: bool) -> str:
-        """A Lark grammar (llguidance's dialect) for output that is only tool calls whose
-        JSON validates against call_schema ({"name": ..., "arguments": {...}})."""
+    def grammar(self, functions: list[dict[str, Any]], parallel: bool) -> str:
+        """A Lark grammar (llguidance's dialect) for output that is only calls of these
+        functions ({"name", "parameters"}), with arguments valid for their schemas."""
         raise NotImplementedError
 
     # Internals --------------------------------------------------------------------------
@@ -146,6 +149,25 @@ def loads(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return None
+
+
+def call_schema(
+    functions: list[dict[str, Any]], arguments_key: str = "arguments"
+) -> dict[str, Any]:
+    """The JSON schema of one call of any of functions: {"name": ..., arguments_key: ...}."""
+    schemas = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                arguments_key: f.get("parameters") or {"type": "object"},
+            },
+            "required": ["name", arguments_key],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
 def lark_json(schema: dict[str, Any]) -> str:

@@ -1,0 +1,115 @@
+"""Each tool-call family on real template output, and each family's grammar on the engine:
+the templates in tests/templates write a history's calls, the parser the template selects
+reads them back; a random model constrained by a family's grammar writes a call that
+parses and fits the function's schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chat_templates import template
+from helpers import SMALL_KV
+
+from nanovllm_mlx.loading.tokenizer import Tokenizer
+from nanovllm_mlx.serving.chat_messages import template_messages
+from nanovllm_mlx.serving.chat_output import ChoiceOutput, message
+from nanovllm_mlx.serving.protocol import ChatMessage
+from nanovllm_mlx.serving.tools.choice import PARSERS, parser_for
+
+TEMPLATES = {
+    "qwen25_tools": "hermes",
+    "llama3_tools": "llama3_json",
+    "mistral_tools": "mistral",
+    "qwen3_coder_tools": "qwen3_coder",
+}
+# What the detokenizer drops (special tokens) or ends a turn with.
+TURN_ENDS = ("<|python_tag|>", "<|eom_id|>", "<|eot_id|>", "<|im_end|>", "<|endoftext|>")
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 12},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 9},
+                },
+                "required": ["city", "days"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+CALLS = [
+    ("get_weather", {"city": "Paris", "days": 3}),
+    ("get_weather", {"city": "Oslo", "days": 1}),
+]
+
+
+def _tokenizer(qwen2_tiny: Path, chat_template: str) -> Tokenizer:
+    config = json.loads((qwen2_tiny / "config.json").read_text())
+    tok = Tokenizer.from_dir(qwen2_tiny, config)
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    return Tokenizer(
+        tok.tokenizer, tok.eos_token_ids, chat_template=chat_template, special_tokens=special
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_parser_reads_what_the_template_writes(name: str, qwen2_tiny: Path):
+    chat_template = template(name)
+    parser = parser_for(chat_template)
+    assert parser is PARSERS[TEMPLATES[name]]
+    tok = _tokenizer(qwen2_tiny, chat_template)
+    user = {"role": "user", "content": "Weather in Paris and Oslo?"}
+    calls = [
+        {"id": f"call{i}", "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+        for i, (n, a) in enumerate(CALLS)
+    ]
+    history = template_messages(
+        [ChatMessage(**user), ChatMessage(role="assistant", content="", tool_calls=calls)]
+    )
+    prefix = tok.apply_chat_template(history[:1], tools=TOOLS)
+    full = tok.apply_chat_template(history, add_generation_prompt=False, tools=TOOLS)
+    assert full.startswith(prefix) and "get_weather" in prefix  # the tools reached it
+    answer = full[len(prefix) :]
+    for end in TURN_ENDS:
+        answer = answer.replace(end, "")
+    out = ChoiceOutput(parser(TOOLS), None)
+    deltas, finish = out.step(answer, True, "stop")
+    got = message(deltas)
+    assert finish == "tool_calls", answer
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in got.tool_calls] == CALLS
+    assert not got.content
+
+
+@pytest.fixture(scope="module")
+def llm(qwen2_tiny: Path) -> Any:
+    from nanovllm_mlx import LLM
+
+    return LLM(str(qwen2_tiny), **SMALL_KV)
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_grammar_makes_a_random_model_call(name: str, llm: Any):
+    from nanovllm_mlx import SamplingParams
+
+    parser = PARSERS[name]
+    grammar = parser(TOOLS).grammar([t["function"] for t in TOOLS], parallel=False)
+    prompt = llm.tokenizer.encode("Call a tool:")
+    params = [
+        SamplingParams(grammar=grammar, temperature=1.0, seed=seed, max_tokens=120)
+        for seed in range(3)
+    ]
+    for out in llm.generate([prompt] * 3, params):
+        deltas, finish = ChoiceOutput(parser(TOOLS), None).step(out["text"], True, "stop")
+        got = message(deltas)
+        assert finish == "tool_calls", out["text"]
+        [call] = got.tool_calls
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" and set(args) == {"city", "days"}
+        assert isinstance(args["city"], str) and 1 <= args["days"] <= 9, out["text"]
