@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from chat_templates import QWEN25_TOOLS, R1_THINKING, with_template
+from chat_templates import QWEN3_THINKING, QWEN25_TOOLS, R1_THINKING, with_template
 from helpers import JSON, SMALL_KV, assert_error, serving
 
 MODEL = "qwen-tools"
@@ -240,3 +240,26 @@ def test_opened_think_goes_to_reasoning_in_both_modes(thinking_url: str):
         assert not delta.content
         streamed += (delta.model_extra or {}).get("reasoning_content") or ""
     assert streamed == reasoning
+
+
+@pytest.fixture(scope="module")
+def qwen3_url(qwen2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from nanovllm_mlx.serving.app import create_app
+
+    model = with_template(qwen2_tiny, tmp_path_factory.mktemp("q") / "q3", QWEN3_THINKING)
+    with serving(create_app(str(model), **SMALL_KV)) as url:
+        yield url
+
+
+def test_template_kwargs_and_reasoning_effort_reach_the_template(qwen3_url: str):
+    client = openai.OpenAI(base_url=f"{qwen3_url}/v1", api_key="x", max_retries=0)
+
+    def prompt_tokens(**extra: Any) -> int:
+        kw: dict[str, Any] = {"model": "q3", "messages": ASK, "max_tokens": 1}
+        r = client.chat.completions.create(**kw, extra_body=extra)
+        assert r.choices[0].message.content is not None  # no think block: an answer
+        return r.usage.prompt_tokens
+
+    plain = prompt_tokens()
+    assert prompt_tokens(chat_template_kwargs={"enable_thinking": False}) > plain
+    assert prompt_tokens(reasoning_effort="low") > plain

@@ -17,7 +17,7 @@ from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.serving.chat_messages import template_messages
 from nanovllm_mlx.serving.chat_output import ChoiceOutput, message
 from nanovllm_mlx.serving.protocol import ChatMessage
-from nanovllm_mlx.serving.tools.choice import PARSERS, parser_for
+from nanovllm_mlx.serving.tools.registry import PARSERS, parser_for
 
 TEMPLATES = {
     "qwen25_tools": "hermes",
@@ -113,3 +113,31 @@ def test_grammar_makes_a_random_model_call(name: str, llm: Any):
         args = json.loads(call.function.arguments)
         assert call.function.name == "get_weather" and set(args) == {"city", "days"}
         assert isinstance(args["city"], str) and 1 <= args["days"] <= 9, out["text"]
+
+
+def test_llm_chat_returns_parsed_calls(llm: Any):
+    from nanovllm_mlx import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=120)
+    first = llm.chat(
+        [{"role": "user", "content": "Weather?"}],
+        params,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    assert first["finish_reason"] == "tool_calls" and first["content"] is None
+    [call] = first["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+    assert set(json.loads(call["function"]["arguments"])) == {"city", "days"}
+    # The loop's next turn: the call and its result in the history, a free answer.
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": first["tool_calls"]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny"},
+    ]
+    second = llm.chat(history, SamplingParams(max_tokens=4), tools=TOOLS)
+    assert second["finish_reason"] == "length" and isinstance(second["content"], str)
+    assert second["tool_calls"] == []
+    plain = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3))
+    assert plain["content"] == plain["text"] and plain["tool_calls"] == []

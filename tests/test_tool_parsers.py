@@ -13,8 +13,8 @@ from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.serving.chat_output import ChoiceOutput, message
 from nanovllm_mlx.serving.protocol import AssistantMessage, Delta
 from nanovllm_mlx.serving.reasoning import ThinkSplitter, prompt_opens_thinking
-from nanovllm_mlx.serving.tools.choice import PARSERS, parser_for
 from nanovllm_mlx.serving.tools.parser import ToolParser
+from nanovllm_mlx.serving.tools.registry import PARSERS, parser_for
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}
 TIME = {"name": "get_time", "arguments": {}}

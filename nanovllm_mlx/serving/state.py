@@ -13,7 +13,7 @@ from nanovllm_mlx.serving.handle import RequestHandle
 from nanovllm_mlx.serving.metrics import ServingMetrics
 from nanovllm_mlx.serving.protocol import ModelCard
 from nanovllm_mlx.serving.settings import ServerSettings
-from nanovllm_mlx.serving.tools.choice import parser_for
+from nanovllm_mlx.serving.tools.registry import parser_for
 
 
 class ServerState:

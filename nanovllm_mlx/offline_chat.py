@@ -1,0 +1,93 @@
+"""LLM.chat's tools and reasoning: the server's parsers and tool grammars, for a
+conversation run in-process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+from nanovllm_mlx.errors import InvalidRequestError
+from nanovllm_mlx.loading.tokenizer import Tokenizer
+from nanovllm_mlx.sampling_params import SamplingParams
+from nanovllm_mlx.serving.chat_output import ChoiceOutput, message
+from nanovllm_mlx.serving.reasoning import ThinkSplitter, prompt_opens_thinking, template_thinks
+from nanovllm_mlx.serving.tools.registry import parser_for
+
+ChoiceFactory = Callable[[], ChoiceOutput]
+
+
+def _history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-shaped messages for the template: content never None, call arguments as
+    objects (templates write them with tojson)."""
+    out = []
+    for m in messages:
+        m = {**m, "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            m["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": _arguments(c["function"])}}
+                for c in m["tool_calls"]
+            ]
+        out.append(m)
+    return out
+
+
+def _arguments(function: dict[str, Any]) -> Any:
+    args = function.get("arguments", {})
+    return json.loads(args) if isinstance(args, str) else args
+
+
+def chat_request(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    params: SamplingParams | None,
+    tools: list[dict[str, Any]] | None,
+    choice: tuple[str | dict[str, Any], bool],
+    template_kwargs: dict[str, Any],
+) -> tuple[list[int], SamplingParams | None, ChoiceFactory]:
+    """The prompt, the sampling parameters (with the tool grammar when the choice, a
+    tool_choice and parallel_tool_calls, asks for a call) and a factory of each choice's
+    parser."""
+    tool_choice, parallel = choice
+    use_tools = bool(tools) and tool_choice != "none"
+    kwargs = {**template_kwargs, **({"tools": tools} if use_tools else {})}
+    text = tokenizer.apply_chat_template(_history(messages), **kwargs)
+    parser = parser_for(tokenizer.chat_template) if use_tools else None
+    if use_tools and tool_choice != "auto":
+        assert parser is not None and tools is not None
+        functions = [t["function"] for t in tools]
+        if isinstance(tool_choice, dict):
+            name = tool_choice["function"]["name"]
+            functions = [f for f in functions if f["name"] == name]
+            if not functions:
+                raise InvalidRequestError(f"tool_choice names {name!r}, not in tools", "tools")
+        elif tool_choice != "required":
+            raise InvalidRequestError(f"unknown tool_choice {tool_choice!r}", "tool_choice")
+        grammar = parser(tools).grammar(functions, parallel and tool_choice == "required")
+        params = dataclasses.replace(params or SamplingParams(), grammar=grammar)
+    thinks = template_thinks(tokenizer.chat_template)
+    opened = thinks and prompt_opens_thinking(text)
+
+    def choice_output() -> ChoiceOutput:
+        return ChoiceOutput(
+            parser(tools) if parser else None, ThinkSplitter(opened) if thinks else None
+        )
+
+    return tokenizer.encode_text(text), params, choice_output
+
+
+def parse_result(result: dict, choice_output: ChoiceFactory) -> dict:
+    for choice in result["outputs"]:
+        deltas, reason = choice_output().step(choice["text"], True, choice["finish_reason"])
+        parsed = message(deltas).model_dump(exclude={"role"})
+        choice.update(
+            content=parsed["content"],
+            reasoning_content=parsed.get("reasoning_content"),
+            tool_calls=parsed.get("tool_calls") or [],
+            finish_reason=reason,
+        )
+    first = result["outputs"][0]
+    result.update({k: first[k] for k in ("content", "reasoning_content", "tool_calls")})
+    result["finish_reason"] = first["finish_reason"]
+    return result
