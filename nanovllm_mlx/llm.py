@@ -111,7 +111,7 @@ class LLM:
             (tool_choice, parallel_tool_calls),
             template_kwargs,
         )
-        return parse_result(self.generate([prompt], params)[0], choice_output)
+        return parse_result(self.generate([prompt], params)[0], choice_output, self.tokenizer)
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -12,7 +12,12 @@ from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.sampling_params import SamplingParams
 from nanovllm_mlx.serving.chat_output import ChoiceOutput, message
-from nanovllm_mlx.serving.reasoning import ThinkSplitter, prompt_opens_thinking, template_thinks
+from nanovllm_mlx.serving.reasoning import (
+    THINK_TAGS,
+    ThinkSplitter,
+    prompt_opens_thinking,
+    template_thinks,
+)
 from nanovllm_mlx.serving.tools.registry import parser_for
 
 ChoiceFactory = Callable[[], ChoiceOutput]
@@ -64,7 +69,9 @@ def chat_request(
                 raise InvalidRequestError(f"tool_choice names {name!r}, not in tools", "tools")
         elif tool_choice != "required":
             raise InvalidRequestError(f"unknown tool_choice {tool_choice!r}", "tool_choice")
-        grammar = parser(tools).grammar(functions, parallel and tool_choice == "required")
+        grammar = parser(tools, special_ids(tokenizer)).grammar(
+            functions, parallel and tool_choice == "required"
+        )
         params = dataclasses.replace(params or SamplingParams(), grammar=grammar)
     thinks = template_thinks(tokenizer.chat_template)
     opened = thinks and prompt_opens_thinking(text)
@@ -77,9 +84,34 @@ def chat_request(
     return tokenizer.encode_text(text), params, choice_output
 
 
-def parse_result(result: dict, choice_output: ChoiceFactory) -> dict:
+def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    added = tokenizer.tokenizer.get_added_tokens_decoder()
+    return {t.content: i for i, t in added.items() if t.special}
+
+
+def with_markers(tokenizer: Tokenizer, token_ids: list[int], markers: dict[int, str]) -> str:
+    """The output's text with the markers that are special tokens kept: the text between
+    them decoded as usual, special tokens skipped."""
+    parts, run = [], []
+    for t in token_ids:
+        if t in markers:
+            parts += [tokenizer.decode(run), markers[t]]
+            run = []
+        else:
+            run.append(t)
+    return "".join([*parts, tokenizer.decode(run)])
+
+
+def parse_result(result: dict, choice_output: ChoiceFactory, tokenizer: Tokenizer) -> dict:
+    probe = choice_output()
+    texts = [probe.parser.start, probe.parser.end or ""] if probe.parser else []
+    texts += list(THINK_TAGS) if probe.thinking else []
+    markers = {i: t for t, i in special_ids(tokenizer).items() if t in texts}
     for choice in result["outputs"]:
-        deltas, reason = choice_output().step(choice["text"], True, choice["finish_reason"])
+        text = choice["text"]
+        if markers and any(t in markers for t in choice["token_ids"]):
+            text = with_markers(tokenizer, choice["token_ids"], markers)
+        deltas, reason = choice_output().step(text, True, choice["finish_reason"])
         parsed = message(deltas).model_dump(exclude={"role"})
         choice.update(
             content=parsed["content"],

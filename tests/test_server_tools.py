@@ -12,7 +12,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from chat_templates import QWEN3_THINKING, QWEN25_TOOLS, R1_THINKING, with_template
+from chat_templates import (
+    MISTRAL_TOOLS,
+    QWEN3_THINKING,
+    QWEN25_TOOLS,
+    R1_THINKING,
+    with_template,
+)
 from helpers import JSON, SMALL_KV, assert_error, serving
 
 MODEL = "qwen-tools"
@@ -54,7 +60,8 @@ def app(qwen2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _create(client: openai.OpenAI, **kw: Any) -> Any:
-    args = {"model": MODEL, "messages": ASK, "max_tokens": 120, "temperature": 0, **kw}
+    args = {"model": MODEL, "messages": ASK, "max_tokens": 120, "temperature": 0}
+    args.update(kw)
     return client.chat.completions.create(**args)
 
 
@@ -263,3 +270,32 @@ def test_template_kwargs_and_reasoning_effort_reach_the_template(qwen3_url: str)
     plain = prompt_tokens()
     assert prompt_tokens(chat_template_kwargs={"enable_thinking": False}) > plain
     assert prompt_tokens(reasoning_effort="low") > plain
+
+
+# A marker that is a special token (Mistral's [TOOL_CALLS]): the detokenizer drops it -------
+
+
+@pytest.fixture(scope="module")
+def mistral_url(qwen2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from nanovllm_mlx.serving.app import create_app
+
+    out = tmp_path_factory.mktemp("mi") / "mistral"
+    model = with_template(qwen2_tiny, out, MISTRAL_TOOLS, special=("[TOOL_CALLS]",))
+    with serving(create_app(str(model), **SMALL_KV)) as url:
+        yield url
+
+
+def test_special_token_marker_found_by_id(mistral_url: str):
+    client = openai.OpenAI(base_url=f"{mistral_url}/v1", api_key="x", max_retries=0)
+    kw = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
+    r = client.chat.completions.create(
+        model="mistral", messages=ASK, max_tokens=120, temperature=0, logprobs=True, **kw
+    )
+    choice = r.choices[0]
+    # The grammar wrote the special token itself, as a Mistral model does.
+    assert choice.logprobs.content[0].token == "[TOOL_CALLS]"
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [(name, args)] = _calls(choice.message)
+    assert name == "get_weather" and set(json.loads(args)) == {"city"}
+    content, calls, finish = _streamed(client, model="mistral", **kw)
+    assert (content, calls, finish) == (None, [(name, args)], "tool_calls")

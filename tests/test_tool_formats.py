@@ -141,3 +141,21 @@ def test_llm_chat_returns_parsed_calls(llm: Any):
     assert second["tool_calls"] == []
     plain = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3))
     assert plain["content"] == plain["text"] and plain["tool_calls"] == []
+
+
+def test_llm_chat_finds_a_special_token_marker(qwen2_tiny: Path, tmp_path: Path):
+    from chat_templates import MISTRAL_TOOLS, with_template
+
+    from nanovllm_mlx import LLM, SamplingParams
+
+    model = with_template(qwen2_tiny, tmp_path / "m", MISTRAL_TOOLS, special=("[TOOL_CALLS]",))
+    llm = LLM(str(model), **SMALL_KV)
+    out = llm.chat(
+        [{"role": "user", "content": "Weather?"}],
+        SamplingParams(temperature=0.0, max_tokens=120),
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    assert "[TOOL_CALLS]" not in out["text"]  # dropped by the detokenizer, found by id
+    assert out["finish_reason"] == "tool_calls" and len(out["tool_calls"]) == 1

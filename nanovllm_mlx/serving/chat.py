@@ -14,7 +14,7 @@ from nanovllm_mlx.engine.output_processor import merge_outputs
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.serving.chat_messages import template_kwargs, template_messages
-from nanovllm_mlx.serving.chat_output import ChoiceFactory, ChoiceOutput, message
+from nanovllm_mlx.serving.chat_output import ChoiceFactory, ChoiceOutput, message, output_text
 from nanovllm_mlx.serving.errors import bad_request, invalid_request
 from nanovllm_mlx.serving.handle import answer
 from nanovllm_mlx.serving.prepare import check_room, refuse_unsupported, sampling_params
@@ -29,7 +29,12 @@ from nanovllm_mlx.serving.protocol import (
     TokenLogprob,
     TopLogprob,
 )
-from nanovllm_mlx.serving.reasoning import ThinkSplitter, prompt_opens_thinking, template_thinks
+from nanovllm_mlx.serving.reasoning import (
+    THINK_TAGS,
+    ThinkSplitter,
+    prompt_opens_thinking,
+    template_thinks,
+)
 from nanovllm_mlx.serving.state import ServerState
 from nanovllm_mlx.serving.streaming import RendererBase
 from nanovllm_mlx.serving.tools.choice import tool_setup
@@ -47,9 +52,12 @@ def render_chat(
 
 
 class ChatRenderer(RendererBase):
-    def __init__(self, *args: Any, choice_output: ChoiceFactory, **kwargs: Any):
+    def __init__(
+        self, *args: Any, choice_output: ChoiceFactory, markers: dict[int, str], **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.choice_output = choice_output
+        self.markers = markers
         self._streams: dict[int, ChoiceOutput] = {}
 
     def _chunk(self, choices: list[ChatChunkChoice], **extra: object) -> ChatCompletionChunk:
@@ -86,7 +94,7 @@ class ChatRenderer(RendererBase):
         for index, outputs in self.by_choice(batch).items():
             stream = self._streams.setdefault(index, self.choice_output())
             last = outputs[-1]
-            text = "".join(o.text for o in outputs)
+            text = output_text(outputs, self.markers)
             deltas, reason = stream.step(text, last.finished, last.finish_reason)
             if self.logprobs and not deltas:
                 deltas = [Delta(content="")]  # the tokens' logprobs, while their text waits
@@ -107,7 +115,8 @@ class ChatRenderer(RendererBase):
         choices = []
         for index, outs in self.by_choice(outputs).items():
             merged = merge_outputs(outs)
-            deltas, reason = self.choice_output().step(merged.text, True, merged.finish_reason)
+            text = output_text(outs, self.markers)
+            deltas, reason = self.choice_output().step(text, True, merged.finish_reason)
             choices.append(
                 ChatChoice(
                     index=index,
@@ -124,7 +133,7 @@ async def create_chat_completion(
 ) -> Response:
     state.check_model(body.model)
     refuse_unsupported(body)
-    tools = tool_setup(body, state.tool_parser)
+    tools = tool_setup(body, state.tool_parser, state.special_ids)
     explicit, param = body.max_completion_tokens, "max_completion_tokens"
     if explicit is None:
         explicit, param = body.max_tokens, "max_tokens"
@@ -170,6 +179,10 @@ async def create_chat_completion(
         handle.engine_ids,
         params.n,
         choice_output=choice_output,
+        markers=state.special_markers(
+            ([tools.parser.start, tools.parser.end or ""] if tools.parser else [])
+            + (list(THINK_TAGS) if thinks else [])
+        ),
     )
     return await answer(
         handle,

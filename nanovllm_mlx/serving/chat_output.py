@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
+from nanovllm_mlx.engine.output_processor import RequestOutput
 from nanovllm_mlx.serving.protocol import AssistantMessage, Delta
 from nanovllm_mlx.serving.reasoning import ThinkSplitter
 from nanovllm_mlx.serving.tools.parser import ToolParser
@@ -86,3 +87,20 @@ def message(deltas: list[Delta]) -> AssistantMessage:
 
 
 ChoiceFactory = Callable[[], ChoiceOutput]
+
+
+def output_text(outputs: list[RequestOutput], markers: dict[int, str]) -> str:
+    """The outputs' text with the markers a parser looks for put back where they were
+    sampled: markers that are special tokens (Mistral's [TOOL_CALLS]) are found by token
+    id, since the detokenizer drops special tokens. An output holds one step's tokens, so
+    a marker among them is its first token or comes after the text."""
+    parts = []
+    for o in outputs:
+        found = [markers[t] for t in o.token_ids if t in markers]
+        if not found:
+            parts.append(o.text)
+        elif o.token_ids[0] in markers:
+            parts += [*found, o.text]
+        else:
+            parts += [o.text, *found]
+    return "".join(parts)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from nanovllm_mlx.serving.tools.pieces import Content, Piece, Reasoning, holdback
 
 OPEN, CLOSE = "<think>", "</think>"
+THINK_TAGS = (OPEN, CLOSE)
 
 
 def template_thinks(template: str | None) -> bool:

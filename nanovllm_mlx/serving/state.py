@@ -34,6 +34,9 @@ class ServerState:
         self.created = int(time.time())
         # The tool-call format: --tool-call-parser, else the one the template writes.
         self.tool_parser = parser_for(self.tokenizer.chat_template, settings.tool_call_parser)
+        added = self.tokenizer.tokenizer.get_added_tokens_decoder()
+        # Special tokens by text: the detokenizer drops them, grammars name them by id.
+        self.special_ids = {t.content: i for i, t in added.items() if t.special}
 
     def check_model(self, model: str | None) -> None:
         """A 404 model_not_found for a model this server does not serve, as OpenAI's."""
@@ -44,6 +47,11 @@ class ServerState:
                 param="model",
                 code="model_not_found",
             )
+
+    def special_markers(self, texts: list[str]) -> dict[int, str]:
+        """Token id -> text for those of texts that are special tokens (the detokenizer
+        drops them from the output's text)."""
+        return {self.special_ids[t]: t for t in texts if t in self.special_ids}
 
     def model_card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)

@@ -20,7 +20,10 @@ class ToolSetup:
     grammar: str | None  # the constraint for "required" and named choices
 
 
-def tool_setup(body: ChatCompletionRequest, parser: type[ToolParser]) -> ToolSetup:
+def tool_setup(
+    body: ChatCompletionRequest, parser: type[ToolParser], specials: dict[str, int]
+) -> ToolSetup:
+    """specials: the tokenizer's special tokens by text, for markers that are one."""
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice
     if choice is None:
@@ -45,7 +48,7 @@ def tool_setup(body: ChatCompletionRequest, parser: type[ToolParser]) -> ToolSet
         if not chosen:
             raise bad_request(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
     parallel = body.parallel_tool_calls is not False and choice == "required"
-    grammar = parser(tools).grammar([t["function"] for t in chosen], parallel)
+    grammar = parser(tools, specials).grammar([t["function"] for t in chosen], parallel)
     return ToolSetup(parser, tools, grammar)
 
 

@@ -10,7 +10,6 @@ from nanovllm_mlx.serving.tools.parser import (
     call_schema,
     json_call,
     lark_json,
-    lark_literal,
     loads,
 )
 from nanovllm_mlx.serving.tools.pieces import Call
@@ -27,6 +26,7 @@ class HermesParser(ToolParser):
         return None if call is None else [call]
 
     def grammar(self, functions: list[dict[str, Any]], parallel: bool) -> str:
-        one = f"{lark_literal(self.start + chr(10))} call {lark_literal(chr(10) + self.end)}"
+        start, end = self.lark_marker(self.start), self.lark_marker(self.end)
+        one = f'{start} "\\n" call "\\n" {end}'
         start = f'start: block ("\\n" block)*\nblock: {one}' if parallel else f"start: {one}"
         return f"{start}\ncall: {lark_json(call_schema(functions))}\n"

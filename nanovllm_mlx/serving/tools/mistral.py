@@ -1,8 +1,8 @@
 """Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3 tokenizers) or
 `[TOOL_CALLS]name[ARGS]{...}` per call (v11+), to the end of the answer.
 
-`[TOOL_CALLS]` must reach the parser as text: a tokenizer that marks it special has it
-dropped by the detokenizer (see README, tool calls)."""
+`[TOOL_CALLS]` is a special token in Mistral's tokenizers: the detokenizer drops it, so the
+chat renderer puts it back by token id (chat_output.output_text)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from nanovllm_mlx.serving.tools.parser import (
     call_schema,
     json_call,
     lark_json,
-    lark_literal,
     loads,
 )
 from nanovllm_mlx.serving.tools.pieces import Call
@@ -54,4 +53,4 @@ class MistralParser(ToolParser):
     def grammar(self, functions: list[dict[str, Any]], parallel: bool) -> str:
         more = ' (", " call)*' if parallel else ""
         call = lark_json(call_schema(functions))
-        return f'start: {lark_literal(self.start)} "[" call{more} "]"\ncall: {call}\n'
+        return f'start: {self.lark_marker(self.start)} "[" call{more} "]"\ncall: {call}\n'

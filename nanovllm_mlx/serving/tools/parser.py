@@ -29,10 +29,15 @@ class ToolParser:
     # Text in the chat template that says it writes this format.
     template_hints: tuple[str, ...] = ()
 
-    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, tools: list[dict[str, Any]] | None = None, specials: dict[str, int] | None = None
+    ) -> None:
         # The request's functions ({"name", "parameters"}): formats that write arguments
         # as text (Qwen3-Coder's XML) read their types from the schemas.
         self.functions = {t["function"]["name"]: t["function"] for t in tools or []}
+        # Markers that are special tokens, by id: the grammar must write the token the
+        # model was trained on, not the same text spelt in ordinary tokens.
+        self.specials = specials or {}
         self._buffer = ""  # text not yet emitted
         self._in_call = False
         self._blanks = ""
@@ -85,6 +90,12 @@ class ToolParser:
         """A Lark grammar (llguidance's dialect) for output that is only calls of these
         functions ({"name", "parameters"}), with arguments valid for their schemas."""
         raise NotImplementedError
+
+    def lark_marker(self, text: str) -> str:
+        """A marker in a grammar: its special token when it is one, else its text."""
+        if text in self.specials:
+            return f"<[{self.specials[text]}]>"
+        return lark_literal(text)
 
     # Internals --------------------------------------------------------------------------
 

@@ -65,7 +65,8 @@ class Qwen3CoderParser(ToolParser):
             parts.append(lark_literal("</function>"))
             rules.append(f"f{i}: {' '.join(parts)}")
         names = " | ".join(f"f{i}" for i in range(len(functions)))
-        block = f"{lark_literal(self.start + chr(10))} ({names}) {lark_literal(chr(10) + self.end)}"
+        start, end = self.lark_marker(self.start), self.lark_marker(self.end)
+        block = f'{start} "\\n" ({names}) "\\n" {end}'
         start = 'start: block ("\\n" block)*' if parallel else "start: block"
         return "\n".join([start, f"block: {block}", *rules]) + "\n"
 
