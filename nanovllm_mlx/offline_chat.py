@@ -74,7 +74,8 @@ def chat_request(
         )
         params = dataclasses.replace(params or SamplingParams(), grammar=grammar)
     thinks = template_thinks(tokenizer.chat_template)
-    opened = thinks and prompt_opens_thinking(text)
+    # A constrained answer is the grammar's from its first token, not the opened block's.
+    opened = thinks and prompt_opens_thinking(text) and not (params and params.structured)
 
     def choice_output() -> ChoiceOutput:
         return ChoiceOutput(

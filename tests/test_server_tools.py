@@ -299,3 +299,20 @@ def test_special_token_marker_found_by_id(mistral_url: str):
     assert name == "get_weather" and set(json.loads(args)) == {"city"}
     content, calls, finish = _streamed(client, model="mistral", **kw)
     assert (content, calls, finish) == (None, [(name, args)], "tool_calls")
+
+
+def test_constrained_answer_after_an_opened_think_is_not_reasoning(thinking_url: str):
+    client = openai.OpenAI(base_url=f"{thinking_url}/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(
+        model="r1",
+        messages=ASK,
+        max_tokens=120,
+        temperature=0,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert not (choice.message.model_extra or {}).get("reasoning_content")
+    assert _calls(choice.message)[0][0] == "get_weather"

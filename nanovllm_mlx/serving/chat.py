@@ -159,7 +159,9 @@ async def create_chat_completion(
     # The chat template and the tokenizer take a while on long chats: not on the event loop.
     text, prompt = await run_in_threadpool(render_chat, state.tokenizer, messages, kwargs)
     thinks = template_thinks(state.tokenizer.chat_template)
-    opened = thinks and prompt_opens_thinking(text)
+    # A constrained answer (tool_choice required or named, response_format) is the
+    # grammar's from its first token: it does not start in the block the prompt opened.
+    opened = thinks and prompt_opens_thinking(text) and not params.structured
 
     def choice_output() -> ChoiceOutput:
         return ChoiceOutput(
