@@ -44,7 +44,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 def _arguments(text: str, i: int) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # json.loads of deep nesting
         raise bad_request(
             "a tool call's function.arguments must be JSON", f"messages.{i}.tool_calls"
         ) from None

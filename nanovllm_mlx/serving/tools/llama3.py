@@ -25,7 +25,7 @@ class Llama3JsonParser(ToolParser):
         while True:
             try:
                 obj, at = decoder.raw_decode(text, at)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting: not a call either
                 return None
             key = "parameters" if isinstance(obj, dict) and "parameters" in obj else "arguments"
             call = json_call(obj, key)

@@ -148,7 +148,7 @@ def json_call(obj: Any, arguments_key: str = "arguments") -> Call | None:
     if isinstance(args, str):
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting: not a call either
             return None
     if not isinstance(args, dict):
         return None
@@ -158,7 +158,7 @@ def json_call(obj: Any, arguments_key: str = "arguments") -> Call | None:
 def loads(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: not a call either
         return None
 
 

@@ -88,5 +88,5 @@ def _value(raw: str, schema: dict[str, Any]) -> Any:
         return raw
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: not a call either
         return raw  # an untyped or mistyped value: as written
