@@ -214,6 +214,23 @@ def test_multi_turn_tool_loop(client: openai.OpenAI):
             "messages.0.tool_calls",
         ),
         ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        (  # JSON nested past the parser's recursion limit
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "[" * 100_000},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages.0.tool_calls",
+        ),
     ],
 )
 def test_bad_tool_requests_are_400(base_url: str, body: dict, param: str):
