@@ -15,6 +15,7 @@ from nanovllm_mlx.serving.chat_output import ChoiceOutput, message
 from nanovllm_mlx.serving.reasoning import (
     THINK_TAGS,
     ThinkSplitter,
+    after_thinking,
     prompt_opens_thinking,
     template_thinks,
 )
@@ -59,6 +60,9 @@ def chat_request(
     kwargs = {**template_kwargs, **({"tools": tools} if use_tools else {})}
     text = tokenizer.apply_chat_template(_history(messages), **kwargs)
     parser = parser_for(tokenizer.chat_template) if use_tools else None
+    thinks = template_thinks(tokenizer.chat_template)
+    opened = thinks and prompt_opens_thinking(text)
+    lets_think = False
     if use_tools and tool_choice != "auto":
         assert parser is not None and tools is not None
         functions = [t["function"] for t in tools]
@@ -69,13 +73,14 @@ def chat_request(
                 raise InvalidRequestError(f"tool_choice names {name!r}, not in tools", "tools")
         elif tool_choice != "required":
             raise InvalidRequestError(f"unknown tool_choice {tool_choice!r}", "tool_choice")
-        grammar = parser(tools, special_ids(tokenizer)).grammar(
-            functions, parallel and tool_choice == "required"
-        )
-        params = dataclasses.replace(params or SamplingParams(), grammar=grammar)
-    thinks = template_thinks(tokenizer.chat_template)
-    # A constrained answer is the grammar's from its first token, not the opened block's.
-    opened = thinks and prompt_opens_thinking(text) and not (params and params.structured)
+        specials = special_ids(tokenizer)
+        grammar = parser(tools, specials).grammar(functions, parallel and tool_choice == "required")
+        # The call comes after the thinking, as the server's does (serving/chat.py).
+        thinking_first = after_thinking(grammar, opened, specials) if thinks else None
+        lets_think = thinking_first is not None
+        params = dataclasses.replace(params or SamplingParams(), grammar=thinking_first or grammar)
+    if params is not None and params.structured and not lets_think:
+        opened = False  # constrained from the first token: not in the opened block
 
     def choice_output() -> ChoiceOutput:
         return ChoiceOutput(

@@ -159,3 +159,31 @@ def test_llm_chat_finds_a_special_token_marker(qwen2_tiny: Path, tmp_path: Path)
     )
     assert "[TOOL_CALLS]" not in out["text"]  # dropped by the detokenizer, found by id
     assert out["finish_reason"] == "tool_calls" and len(out["tool_calls"]) == 1
+
+
+@pytest.mark.parametrize("opened", [True, False])
+def test_tool_grammar_after_thinking(opened: bool, qwen2_tiny: Path):
+    """Thinking passes unconstrained up to </think>; then only a valid call does."""
+    import llguidance
+
+    from nanovllm_mlx.serving.reasoning import after_thinking
+
+    tok = _tokenizer(qwen2_tiny, "")
+    parser = PARSERS["hermes"]
+    calls = parser(TOOLS).grammar([t["function"] for t in TOOLS], parallel=False)
+    grammar = after_thinking(calls, opened, {})
+    lltok = llguidance.LLTokenizer(tok.tokenizer.to_str(), n_vocab=50304)
+
+    def accepts(text: str) -> bool:
+        matcher = llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_lark(grammar))
+        ids = tok.encode(text, add_special_tokens=False)
+        return all(matcher.consume_token(i) for i in ids) and matcher.is_accepting()
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}'
+    call += "\n</tool_call>"
+    thought = "Hmm </thin <b> rain?</think>\n\n"
+    head = "" if opened else "<think>"
+    assert accepts(head + thought + call)
+    assert not accepts(head + thought + "It rains.")  # after the thinking: a call only
+    assert not accepts(head + thought + call.replace("2", "12"))  # days is 1-9
+    assert accepts(call) is (not opened)  # no thinking at all, unless the prompt opened it

@@ -32,6 +32,7 @@ from nanovllm_mlx.serving.protocol import (
 from nanovllm_mlx.serving.reasoning import (
     THINK_TAGS,
     ThinkSplitter,
+    after_thinking,
     prompt_opens_thinking,
     template_thinks,
 )
@@ -143,25 +144,29 @@ async def create_chat_completion(
         "json_schema": "response_format",
         "grammar": "tools",
     }
-    try:
-        # Without max_tokens: the rest of the context (None), which the engine resolves.
-        params = sampling_params(
-            body,
-            explicit,
-            body.logprobs,
-            top_logprobs=body.top_logprobs or 0,
-            grammar=tools.grammar,
-        )
-    except InvalidRequestError as e:
-        raise invalid_request(e, renames) from None
     messages = template_messages(body.messages)
     kwargs = template_kwargs(body, tools.template_tools)
     # The chat template and the tokenizer take a while on long chats: not on the event loop.
     text, prompt = await run_in_threadpool(render_chat, state.tokenizer, messages, kwargs)
     thinks = template_thinks(state.tokenizer.chat_template)
-    # A constrained answer (tool_choice required or named, response_format) is the
-    # grammar's from its first token: it does not start in the block the prompt opened.
-    opened = thinks and prompt_opens_thinking(text) and not params.structured
+    opened = thinks and prompt_opens_thinking(text)
+    grammar, lets_think = tools.grammar, False
+    if grammar is not None and thinks:
+        # The call comes after the thinking, which the grammar lets through.
+        thinking_first = after_thinking(grammar, opened, state.special_ids)
+        if thinking_first is not None:
+            grammar, lets_think = thinking_first, True
+    try:
+        # Without max_tokens: the rest of the context (None), which the engine resolves.
+        params = sampling_params(
+            body, explicit, body.logprobs, top_logprobs=body.top_logprobs or 0, grammar=grammar
+        )
+    except InvalidRequestError as e:
+        raise invalid_request(e, renames) from None
+    if params.structured and not lets_think:
+        # Constrained from the first token (response_format, or <think> tags that are
+        # special tokens): the answer does not start in the block the prompt opened.
+        opened = False
 
     def choice_output() -> ChoiceOutput:
         return ChoiceOutput(

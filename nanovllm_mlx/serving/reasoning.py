@@ -20,6 +20,27 @@ def prompt_opens_thinking(prompt_text: str) -> bool:
     return tail.rfind(OPEN) > tail.rfind(CLOSE)
 
 
+# Text up to and including the first </think>, as a regular expression (no lookahead in
+# llguidance's lexer): any character but "<", or a "<" that does not go on to "</think>"
+# (after any run of partial matches, each cut short by a new "<"), then "</think>".
+_PARTIAL = "(/(t(h(i(n(k)?)?)?)?)?)?"
+_MISS = "([^/<]|/([^t<]|t([^h<]|h([^i<]|i([^n<]|n([^k<]|k[^><]))))))"
+THOUGHT = f"([^<]|<({_PARTIAL}<)*{_MISS})*<({_PARTIAL}<)*/think>"
+
+
+def after_thinking(grammar: str, opened: bool, specials: dict[str, int]) -> str | None:
+    """A Lark grammar that lets a think block through before `grammar`'s output: the
+    block the prompt opened (opened), else one the model may open. None when the tags
+    are special tokens, which a text lexeme cannot match."""
+    if OPEN in specials or CLOSE in specials:
+        return None
+    thought = "THOUGHT /[ \\n]*/"
+    prefix = thought if opened else f'("<think>" {thought})?'
+    lexeme = THOUGHT.replace("/", "\\/")
+    body = grammar.replace("start:", "answer:", 1)
+    return f"start: {prefix} answer\nTHOUGHT: /{lexeme}/\n{body}"
+
+
 class ThinkSplitter:
     def __init__(self, in_reasoning: bool):
         self._state = "reasoning" if in_reasoning else "opening"
