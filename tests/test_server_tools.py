@@ -333,3 +333,12 @@ def test_required_after_an_opened_think_lets_the_thinking_through(thinking_url: 
     choice = client.chat.completions.create(**json_kw).choices[0]
     assert choice.message.content.startswith("{")
     assert not choice.message.model_extra.get("reasoning_content")
+
+
+def test_unusable_tool_schema_is_named_in_the_400(base_url: str):
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nope"}}}
+    body = {"model": MODEL, "messages": ASK, "tools": [bad], "tool_choice": "required"}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=JSON, timeout=60)
+    error = assert_error(r, 400, "tools")
+    assert error["message"].startswith("the tools cannot constrain a call: ")
+    assert "/nope" in error["message"] and "\n" not in error["message"]

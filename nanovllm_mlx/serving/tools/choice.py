@@ -5,8 +5,11 @@ format's markers, enforced by llguidance)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
+
+import llguidance
 
 from nanovllm_mlx.serving.errors import bad_request
 from nanovllm_mlx.serving.protocol import ChatCompletionRequest
@@ -49,6 +52,12 @@ def tool_setup(
             raise bad_request(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
     parallel = body.parallel_tool_calls is not False and choice == "required"
     grammar = parser(tools, specials).grammar([t["function"] for t in chosen], parallel)
+    # Checked here, so that the 400 speaks of the tools rather than of a grammar the client
+    # never wrote; the first line names the problem, the rest quotes the grammar.
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        reason = re.sub(r"^at \d+\(\d+\): ", "", error.splitlines()[0])
+        raise bad_request(f"the tools cannot constrain a call: {reason}", "tools")
     return ToolSetup(parser, tools, grammar)
 
 
