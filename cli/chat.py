@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli.answer_view import AnswerView
 from cli.ask import FALLBACK_STOP
-from cli.ui import sanitize
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.engine import requests
 
@@ -159,7 +159,9 @@ class ChatSession:
     def turn(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
         try:
-            prompt = self.llm.tokenizer.encode_chat(self.messages)
+            tokenizer = self.llm.tokenizer
+            prompt_text = tokenizer.apply_chat_template(self.messages)
+            prompt = tokenizer.encode_text(prompt_text)
             room = requests.room(len(prompt), self.engine.max_model_len)
             params = self.params
             if 0 < room < params.max_tokens:  # the engine would stop there anyway
@@ -170,7 +172,9 @@ class ChatSession:
             self.messages.pop()
             self.out.print(f"[bold red]error:[/] {escape(str(e))} [dim](/reset starts over)[/]")
             return
-        answer, stopped = self.stream(request_id, len(prompt))
+        color = self.out.is_terminal and not self.out.no_color
+        view = AnswerView(tokenizer.chat_template, prompt_text, color)
+        answer, stopped = self.stream(request_id, len(prompt), view)
         if answer:
             # Kept even when stopped by Ctrl-C: the model remembers what the user saw, and
             # the blocks it already wrote stay reusable.
@@ -179,10 +183,9 @@ class ChatSession:
         else:
             self.messages.pop()  # nothing said: as if the question was never asked
 
-    def stream(self, request_id: str, prompt_tokens: int) -> tuple[str, bool]:
+    def stream(self, request_id: str, prompt_tokens: int, view: AnswerView) -> tuple[str, bool]:
         start = time.perf_counter()
         first = None
-        answer = ""
         cached = outputs_n = 0
         stopped = False
         write = sys.stdout.write
@@ -202,11 +205,10 @@ class ChatSession:
                     if out.token_ids:
                         first = first or time.perf_counter()
                     cached, outputs_n = out.num_cached_tokens, out.num_output_tokens
-                    delta = sanitize(out.text.lstrip() if not answer else out.text)
+                    delta = view.feed(out.text)
                     if delta and status is not None:
                         status.stop()  # the answer takes the terminal from here
                         status = None
-                    answer += delta
                     write(delta)
                     sys.stdout.flush()
                 if flag.hit:
@@ -214,7 +216,7 @@ class ChatSession:
                     break
                 if status is not None and (progress := self.engine.progress(request_id)):
                     status.update(f"prefilling the prompt: {progress[0]:,}/{progress[1]:,} tokens…")
-        write("\n")
+        write(view.feed("", final=True) + "\n")
         if stopped:
             self.out.print("[stopped]", style="dim", markup=False)
         end = time.perf_counter()
@@ -234,7 +236,7 @@ class ChatSession:
                 f"{_tokens(outputs_n)}{f' · {tok_s:.1f} tok/s' if tok_s else ''} · "
                 f"first token {self.last['ttft_s']:.3f} s[/]"
             )
-        return answer.strip(), stopped
+        return view.answer.strip(), stopped
 
     def show_stats(self) -> None:
         s = self.llm.stats()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
@@ -23,6 +24,7 @@ from cli.options import (
     sampling_options,
 )
 from nanovllm_mlx import SamplingParams
+from nanovllm_mlx.serving.tools.names import PARSER_NAMES
 
 app = typer.Typer(
     cls=Group,
@@ -193,6 +195,7 @@ def download(
 
 
 SERVER = "Server"
+ToolCallParser = Enum("ToolCallParser", {name: name for name in PARSER_NAMES}, type=str)  # type: ignore[misc]
 
 
 @app.command()
@@ -257,6 +260,13 @@ def serve(
         float,
         typer.Option(min=0.1, help="Seconds between stats lines.", rich_help_panel=SERVER),
     ] = 10.0,
+    tool_call_parser: Annotated[
+        ToolCallParser | None,
+        typer.Option(
+            help="The tool-call format the model writes (default: the chat template's).",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
     *,
     engine: dict[str, Any],
 ) -> None:
@@ -272,6 +282,7 @@ def serve(
         request_timeout=request_timeout,
         max_body_bytes=max(1, int(max_body_mb * 2**20)),
         allowed_hosts=tuple(hosts) if hosts else default_allowed_hosts(host),
+        tool_call_parser=tool_call_parser.value if tool_call_parser else None,
     )
     run_serve(model, host, port, settings, engine, live=live, log_interval=log_interval)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from nanovllm_mlx.engine.llm_engine import LLMEngine
 from nanovllm_mlx.engine.output_processor import RequestOutput, merge_outputs
@@ -81,10 +82,36 @@ class LLM:
                     yield out.text
 
     def chat(
-        self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None
+        self,
+        messages: list[dict[str, Any]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] = "auto",
+        parallel_tool_calls: bool = True,
+        **template_kwargs: Any,
     ) -> dict:
-        """One answer to a conversation, through the model's chat template."""
-        return self.generate([self.tokenizer.encode_chat(messages)], sampling_params)[0]
+        """One answer to a conversation, through the model's chat template, as generate()'s
+        result plus, for each choice (and choice 0 at the top level), the server's parse:
+        "content", "reasoning_content" (templates with <think> blocks) and "tool_calls"
+        (OpenAI's shape, arguments a JSON string; finish_reason "tool_calls").
+
+        tools (OpenAI's {"type": "function", "function": {...}}) go to the template; history
+        messages may hold "tool_calls" and "tool" results. tool_choice "required" or
+        {"type": "function", "function": {"name": ...}} constrains decoding to a valid
+        call (several with parallel_tool_calls); "none" looks for none.
+        template_kwargs: the template's variables (enable_thinking, ...)."""
+        from nanovllm_mlx.offline_chat import chat_request, parse_result
+
+        prompt, params, choice_output = chat_request(
+            self.tokenizer,
+            messages,
+            sampling_params,
+            tools,
+            (tool_choice, parallel_tool_calls),
+            template_kwargs,
+        )
+        return parse_result(self.generate([prompt], params)[0], choice_output, self.tokenizer)
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -290,3 +290,17 @@ def test_bench_time_left_scales_the_time_so_far_by_the_tokens_left():
     assert time_left({**reading, "prefill_tokens": 0, "output_tokens": 0}) == (
         "estimating the time left"
     )
+
+
+def test_chat_answer_view_sets_thinking_apart():
+    from cli.answer_view import DIM, UNDIM, AnswerView
+
+    view = AnswerView("... </think> ...", "<|im_start|>assistant\n", color=True)
+    text = "<think>\nHmm, blue light scatters.\n</think>\n\nRayleigh scattering."
+    shown = "".join(view.feed(c) for c in text) + view.feed("", final=True)
+    assert shown.startswith(DIM) and shown.endswith("\n\nRayleigh scattering.")
+    unstyled = shown.replace(DIM, "").replace(UNDIM, "")
+    assert unstyled == "Hmm, blue light scatters.\n\n\nRayleigh scattering."
+    assert view.answer == "Rayleigh scattering."
+    plain = AnswerView(None, "", color=True)
+    assert plain.feed(" <think>kept as is") == "<think>kept as is" and plain.answer

@@ -158,3 +158,22 @@ def test_bench_shows_the_time_left_and_ctrl_c_clears_its_dashboard(smollm2_gguf)
     assert not any("nanovllm bench" in line or "╭" in line for line in screen.display), (
         "\n".join(screen.display)
     )
+
+
+def test_chat_shows_thinking_dimmed(qwen2_tiny, tmp_path):
+    from chat_templates import R1_THINKING, with_template
+
+    # The template opens a <think> block: a random model never closes it, so all it
+    # writes is thinking, shown dimmed (and not kept as an answer).
+    model = with_template(qwen2_tiny, tmp_path / "r1", R1_THINKING)
+    child = spawn("chat", "-m", str(model), "--max-tokens", "8", *SMALL_KV_ARGS)
+    child.expect_exact(PROMPT)
+    child.sendline("Why is the sky blue?")
+    child.expect_exact(PROMPT)
+    shown = child.before.split("Why is the sky blue?", 1)[1]
+    assert "\x1b[2m" in shown and plain(shown).strip(), repr(shown)
+    child.sendline("/stats")
+    child.expect_exact(PROMPT)
+    assert re.search(r"turns\s+0\b", plain(child.before))  # thinking alone is no answer
+    child.sendline("/exit")
+    assert close(child) == 0

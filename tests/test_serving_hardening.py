@@ -235,7 +235,7 @@ def test_openapi_documents_the_request_bodies(base_url: str):
 def test_json_and_tokenization_stay_off_the_event_loop(app, base_url: str, monkeypatch):
     threads: list[str] = []
     real_loads, tokenizer = json.loads, app.state.server.tokenizer
-    real_encode = tokenizer.encode_chat
+    real_encode = tokenizer.encode_text
 
     class Recording:
         @staticmethod
@@ -243,12 +243,12 @@ def test_json_and_tokenization_stay_off_the_event_loop(app, base_url: str, monke
             threads.append(threading.current_thread().name)
             return real_loads(data)
 
-    def encode_chat(messages: list) -> list[int]:
+    def encode_text(chat_text: str) -> list[int]:
         threads.append(threading.current_thread().name)
-        return real_encode(messages)
+        return real_encode(chat_text)
 
     monkeypatch.setattr(guard, "json", Recording)
-    monkeypatch.setattr(tokenizer, "encode_chat", encode_chat)
+    monkeypatch.setattr(tokenizer, "encode_text", encode_text)
     r = httpx.post(f"{base_url}/v1/chat/completions", json={**CHAT, "max_tokens": 2})
     assert r.status_code == 200
     assert len(threads) == 2 and "MainThread" not in threads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -80,8 +81,13 @@ class Tokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
     ) -> str:
+        """The template's text for messages; template_kwargs (tools, enable_thinking, ...)
+        are the template's variables, as transformers passes them."""
         if not isinstance(messages, list) or not all(
             isinstance(m, dict)
             and isinstance(m.get("role"), str)
@@ -101,14 +107,18 @@ class Tokenizer:
                 x, ensure_ascii=False, indent=indent
             )
             self._template = env.from_string(self.chat_template or FALLBACK_CHAT_TEMPLATE)
+        variables = {**self.special_tokens, **template_kwargs}
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.apply_chat_template(messages)
-        # The template writes BOS itself where the model wants one.
-        return self.encode(text, add_special_tokens=self.chat_template is None)
+    def encode_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+        return self.encode_text(self.apply_chat_template(messages, **template_kwargs))
+
+    def encode_text(self, chat_text: str) -> list[int]:
+        """Token ids of a rendered chat: the template writes BOS itself where the model
+        wants one."""
+        return self.encode(chat_text, add_special_tokens=self.chat_template is None)
 
     def detokenizer(self, prompt_ids: list[int]) -> Detokenizer:
         """A streaming decoder for one request's output."""

@@ -1,9 +1,10 @@
 """OpenAI-compatible HTTP server: FastAPI on uvicorn in front of one engine thread.
 
-Endpoints: /v1/completions and /v1/chat/completions (both with SSE streaming), /v1/models,
-/health, /metrics (Prometheus), and /docs. Handlers validate on the event loop, tokenize in
-worker threads and hand requests to the EngineThread (engine_thread.py), the only code
-that touches the engine; concurrent requests therefore share the engine's running batch.
+Endpoints: /v1/completions and /v1/chat/completions (both with SSE streaming), /v1/models
+(and /v1/models/{id}), vLLM's /tokenize and /detokenize, /health, /metrics (Prometheus),
+and /docs. Handlers validate on the event loop, tokenize in worker threads and hand
+requests to the EngineThread (engine_thread.py), the only code that touches the engine;
+concurrent requests therefore share the engine's running batch.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ from nanovllm_mlx.serving.protocol import (
 )
 from nanovllm_mlx.serving.settings import ServerSettings, default_allowed_hosts
 from nanovllm_mlx.serving.state import ServerState
+from nanovllm_mlx.serving.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    detokenize,
+    tokenize,
+)
 
 logger = logging.getLogger("nanovllm_mlx.serving")
 
@@ -59,10 +68,22 @@ def _routes(state: ServerState) -> APIRouter:
 
     @router.get("/v1/models")
     async def models() -> ModelList:
-        card = ModelCard(
-            id=state.model_name, created=state.created, max_model_len=state.max_model_len
-        )
-        return ModelList(data=[card])
+        return ModelList(data=[state.model_card()])
+
+    @router.get("/v1/models/{model:path}", responses=ERROR_RESPONSES)
+    async def model(model: str) -> ModelCard:
+        state.check_model(model)
+        return state.model_card()
+
+    @router.post("/tokenize", responses=ERROR_RESPONSES)
+    async def tokenize_text(body: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's: a prompt, or messages through the chat template, as token ids."""
+        return await tokenize(body, state)
+
+    @router.post("/detokenize", responses=ERROR_RESPONSES)
+    async def detokenize_ids(body: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's: token ids as text."""
+        return await detokenize(body, state)
 
     @router.post("/v1/completions", response_model=Completion, responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -14,7 +14,7 @@ from nanovllm_mlx.engine.llm_engine import RequestOutput
 from nanovllm_mlx.engine.output_processor import merge_outputs
 from nanovllm_mlx.errors import InvalidRequestError
 from nanovllm_mlx.loading.tokenizer import Tokenizer
-from nanovllm_mlx.serving.errors import invalid_request
+from nanovllm_mlx.serving.errors import bad_request, invalid_request
 from nanovllm_mlx.serving.handle import answer
 from nanovllm_mlx.serving.prepare import check_room, refuse_unsupported, sampling_params
 from nanovllm_mlx.serving.protocol import (
@@ -22,6 +22,7 @@ from nanovllm_mlx.serving.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    PromptLogprob,
     Usage,
     usage,
 )
@@ -32,7 +33,6 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # The engine's names for what this endpoint calls logprobs and echo.
 RENAMES = {
     "top_logprobs": "logprobs",
-    "prompt_logprobs": "logprobs",
     "json_schema": "response_format",
 }
 
@@ -59,10 +59,14 @@ class CompletionRenderer(RendererBase):
         top: int,
         echo: list[tuple[str, list[int]]] | None,
         echo_only: bool,
+        prompts: list[list[int]],
+        prompt_top: int | None = None,
         **kwargs: object,
     ):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.top = top  # top logprobs per token (logprobs=N)
+        self.prompts = prompts
+        self.prompt_top = prompt_top  # prompt_logprobs=N
         self.echo = echo  # each prompt's (text, token ids) when echoed
         self.echo_only = echo_only  # max_tokens=0: the prompt alone, nothing generated
         self.offsets: dict[int, int] = {}  # choice -> characters streamed, for text_offset
@@ -86,7 +90,10 @@ class CompletionRenderer(RendererBase):
         if not self.echo_only:
             text += "".join(o.text for o in outputs)
             for o in outputs:
-                tops += [self._top(t, tok) for t, tok in zip(o.top_logprobs or [], o.token_ids)]
+                # No top N (logprobs=0): each token's entry is its own.
+                own = [{t: lp} for t, lp in zip(o.token_ids, o.logprobs or [])]
+                per_token = o.top_logprobs or own
+                tops += [self._top(t, tok) for t, tok in zip(per_token, o.token_ids)]
                 tokens += o.token_ids
                 lps += o.logprobs or []
         last = outputs[-1]
@@ -100,7 +107,8 @@ class CompletionRenderer(RendererBase):
             logprobs = CompletionLogprobs(
                 tokens=texts,
                 token_logprobs=lps,
-                top_logprobs=tops if self.top else None,
+                # logprobs=0 too: the sampled token's own entry, as vLLM answers.
+                top_logprobs=tops,
                 text_offset=starts,
             )
         self.offsets[index] = self.offsets.get(index, 0) + len(text)
@@ -109,7 +117,38 @@ class CompletionRenderer(RendererBase):
             text=text,
             logprobs=logprobs,
             finish_reason=last.finish_reason if last.finished else None,
+            prompt_logprobs=self._prompt_logprobs(index, outputs) if first_part else None,
         )
+
+    def _prompt_logprobs(
+        self, index: int, outputs: list[RequestOutput]
+    ) -> list[dict[str, PromptLogprob] | None] | None:
+        """vLLM's shape: per prompt token, its own entry and the top N, by token id."""
+        entries = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs), None)
+        if self.prompt_top is None or entries is None:
+            return None
+        answer: list[dict[str, PromptLogprob] | None] = []
+        for token, entry in zip(self.prompts[index // self.n], entries):
+            if entry is None:
+                answer.append(None)
+                continue
+            ranked = sorted(entry.items(), key=lambda item: -item[1])
+            ranks = {t: r for r, (t, _) in enumerate(ranked, 1)}
+            shown = dict(ranked[: self.prompt_top])
+            shown[token] = entry[token]
+            answer.append(
+                {
+                    str(t): PromptLogprob(
+                        logprob=lp,
+                        # The engine keeps the top N and the token: a token below
+                        # them ranks N + 1 here, a lower bound.
+                        rank=ranks[t],
+                        decoded_token=self.token_text(t),
+                    )
+                    for t, lp in shown.items()
+                }
+            )
+        return answer
 
     def _top(self, entry: dict[int, float] | None, token: int) -> dict[str, float] | None:
         """OpenAI's legacy top_logprobs: the top N by text, and the chosen token."""
@@ -157,6 +196,11 @@ async def create_completion(
     explicit = body.max_tokens
     echo_only = body.echo and explicit == 0  # score the prompt: generate nothing
     top = body.logprobs or 0
+    if body.prompt_logprobs is not None and body.prompt_logprobs < 0:
+        raise bad_request("prompt_logprobs must be 0-20", "prompt_logprobs")
+    echo_top = top if body.echo and body.logprobs is not None else None
+    # The engine computes one top N for both views: the larger.
+    wanted = [n for n in (echo_top, body.prompt_logprobs) if n is not None]
     try:
         # With echo_only one token is generated, and left out of the answer.
         max_tokens = DEFAULT_MAX_TOKENS if explicit is None else 1 if echo_only else explicit
@@ -165,7 +209,7 @@ async def create_completion(
             max_tokens,
             logprobs=body.logprobs is not None,
             top_logprobs=top,
-            prompt_logprobs=top if body.echo and body.logprobs is not None else None,
+            prompt_logprobs=max(wanted) if wanted else None,
             best_of=body.best_of,
         )
     except InvalidRequestError as e:
@@ -194,6 +238,8 @@ async def create_completion(
         top=top,
         echo=echo,
         echo_only=echo_only,
+        prompts=ids,
+        prompt_top=body.prompt_logprobs,
     )
     return await answer(
         handle,

@@ -31,7 +31,6 @@ def refuse_unsupported(body: GenerationRequest) -> None:
                 "best_of > n cannot be streamed: choices are ranked at the end", "best_of"
             )
     if isinstance(body, ChatCompletionRequest):
-        unsupported["tools"] = bool(body.tools)
         if body.top_logprobs and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     for name, used in unsupported.items():
@@ -73,6 +72,7 @@ def sampling_params(
     top_logprobs: int = 0,
     prompt_logprobs: int | None = None,
     best_of: int | None = None,
+    grammar: str | None = None,
 ) -> SamplingParams:
     """SamplingParams from the body, OpenAI's defaults where a field is absent."""
     top_k = body.top_k
@@ -97,6 +97,7 @@ def sampling_params(
         top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs,
         json_schema=_json_schema(body),
+        grammar=grammar,
     )
     return params
 

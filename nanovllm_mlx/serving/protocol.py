@@ -15,6 +15,16 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
+    model_validator,
+)
+
+from nanovllm_mlx.serving.tools.protocol import (
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallOut,
+    omit_none,
 )
 
 # A request's stop strings are searched after every token it samples, in the engine
@@ -27,6 +37,15 @@ MAX_LOGIT_BIAS = 1024
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        # OpenAI's schema makes these fields nullable: clients (litellm, langchain) send
+        # an explicit null for "not given".
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Strict):
@@ -80,7 +99,12 @@ class CompletionRequest(GenerationRequest):
         description="A string or token ids, or a list of several: they run as one batch, "
         "choice index = prompt index * n + choice."
     )
-    logprobs: int | None = Field(None, description="Top logprobs per token (0-20).")
+    logprobs: int | None = Field(
+        None, description="Top logprobs per token (0-20; 0: the sampled token's alone)."
+    )
+    prompt_logprobs: int | None = Field(
+        None, description="vLLM's: each prompt token's logprob and the top N (0-20)."
+    )
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -94,6 +118,9 @@ class TextPart(_Strict):
 class ChatMessage(_Strict):
     role: str
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's calls.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -101,7 +128,17 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, description="0-20; needs logprobs.")
-    tools: list[Any] | None = Field(None, description="Refused unless empty.")
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description='"required" and a named function are guaranteed: decoding is '
+        "constrained to the model's tool-call format and the functions' schemas.",
+    )
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Variables for the chat template, e.g. enable_thinking."
+    )
+    reasoning_effort: str | None = Field(None, description="Passed to the chat template.")
 
 
 # Responses ---------------------------------------------------------------------------------
@@ -134,11 +171,26 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int = Field(description="Exact within the top N; N + 1 for a token below them.")
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    # vLLM's prompt_logprobs: per prompt token (None for the first), token id -> entry.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_prompt_logprobs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body = handler(self)
+        if body.get("prompt_logprobs") is None:
+            body.pop("prompt_logprobs", None)
+        return body
 
 
 # The answers list id, object, created, model in that order, as OpenAI's do (and as this
@@ -173,7 +225,14 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # content stays, as null when the answer is only tool calls (as OpenAI's).
+        return {k: v for k, v in handler(self).items() if v is not None or k == "content"}
 
 
 class ChatChoice(BaseModel):
@@ -195,11 +254,11 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
-    @model_serializer(mode="wrap")
-    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # OpenAI's deltas carry only what changed: {"content": "..."}, and {} at the end.
-        return {k: v for k, v in handler(self).items() if v is not None}
+    # OpenAI's deltas carry only what changed: {"content": "..."}, and {} at the end.
+    _omit_none = model_serializer(mode="wrap")(omit_none)
 
 
 class ChatChunkChoice(BaseModel):
@@ -247,6 +306,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, what in (
         (400, "Invalid request: `param` names the field"),
         (401, "Missing or wrong API key"),
+        (404, "No such model (code model_not_found)"),
         (413, "Request body too large"),
         (415, "Content-Type is not application/json"),
         (500, "The engine failed this request"),

@@ -19,7 +19,9 @@ class ServerSettings:
     ones get a 503 (None: unbounded). request_timeout: seconds from arrival after which a
     request is aborted and answered with a 504 (None: never). max_body_bytes: larger
     request bodies get a 413, checked while they are read. allowed_hosts: Host headers
-    (any port) the server answers, against DNS rebinding (None: any host)."""
+    (any port) the server answers, against DNS rebinding (None: any host).
+    tool_call_parser: the tool-call format to parse (None: the one the chat template
+    writes, else hermes)."""
 
     api_key: str | None = None
     model_name: str | None = None
@@ -27,6 +29,7 @@ class ServerSettings:
     request_timeout: float | None = None
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)
     allowed_hosts: tuple[str, ...] | None = None
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_waiting is not None and self.max_waiting < 1:
