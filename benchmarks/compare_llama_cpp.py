@@ -22,25 +22,11 @@ import time
 import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it first)
 # isort: on
 
-from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx import LLM
+from nanovllm_mlx.bench import single_stream
 from nanovllm_mlx.loading import download
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
-
-def ours(llm: LLM, prompt: list[int], tokens: int) -> tuple[float, float]:
-    """(time to first token, decode tok/s after it)."""
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    start = time.perf_counter()
-    request_id = engine.add_request(prompt, params)
-    first, n = None, 0
-    for outputs in engine.iterate([request_id]):
-        for out in outputs:
-            n += len(out.token_ids)
-            if first is None and out.token_ids:
-                first = time.perf_counter()
-    return first - start, (n - 1) / (time.perf_counter() - first)
 
 
 def theirs(model, prompt: list[int], tokens: int) -> tuple[float, float]:
@@ -80,11 +66,11 @@ def main() -> None:
     # The same token ids for both: llama.cpp's own tokenizer might split otherwise.
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in [*engines, "llama.cpp"]}
     for llm in engines.values():
-        ours(llm, prompt, 4)  # warm-up
+        single_stream(llm, prompt, 4)  # warm-up
     theirs(cpp, prompt, 4)
     for r in range(args.repeats):
         for name, llm in engines.items():
-            runs[name].append(ours(llm, prompt, args.tokens))
+            runs[name].append(single_stream(llm, prompt, args.tokens))
         runs["llama.cpp"].append(theirs(cpp, prompt, args.tokens))
         cells = ", ".join(f"{k} {v[-1][1]:.1f} tok/s" for k, v in runs.items())
         print(f"round {r + 1}: {cells}", flush=True)

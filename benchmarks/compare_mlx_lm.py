@@ -38,30 +38,13 @@ import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it firs
 import mlx.core as mx
 # isort: on
 
-from nanovllm_mlx import LLM, SamplingParams
-from nanovllm_mlx.bench import fit_workload, make_workload, run_benchmark
+from nanovllm_mlx import LLM
+from nanovllm_mlx.bench import fit_workload, make_workload, run_benchmark, single_stream
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 # ours -------------------------------------------------------------------------------------
-
-
-def ours_single(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, float]:
-    """(seconds to first token, decode tok/s after it) for one greedy stream."""
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    request_id = engine.add_request(prompt, params)
-    first = None
-    n = 0
-    for outputs in engine.iterate([request_id]):
-        for out in outputs:
-            n += len(out.token_ids)
-            if first is None and out.token_ids:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    return first - start, (n - 1) / (end - first)
 
 
 def ours_batch(llm: LLM, workload) -> float:
@@ -213,7 +196,7 @@ def main() -> None:
         print(f"  {figure}: ours {ours:.3f}  mlx-lm {theirs:.3f}", flush=True)
 
     def both_single(prompt: list[int], tokens: int) -> tuple[tuple[float, float], ...]:
-        ours = ours_single(llm, prompt, tokens)
+        ours = single_stream(llm, prompt, tokens)
         mx.clear_cache()
         theirs = theirs_single(model, tokenizer, prompt, tokens)
         mx.clear_cache()

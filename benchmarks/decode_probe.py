@@ -25,23 +25,10 @@ import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it firs
 import mlx.core as mx
 # isort: on
 
-from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx import LLM
 from nanovllm_mlx.attention import cuda
 from nanovllm_mlx.attention.metadata import KVCache, PoolLayout
-
-
-def decode_rate(llm: LLM, prompt: list[int], tokens: int) -> float:
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    rid = engine.add_request(prompt, params)
-    first, n = None, 0
-    for outputs in engine.iterate([rid]):
-        for out in outputs:
-            n += len(out.token_ids)
-            if first is None and out.token_ids:
-                first = time.perf_counter()
-    assert first is not None
-    return (n - 1) / (time.perf_counter() - first)
+from nanovllm_mlx.bench import single_stream
 
 
 def engine_grid(args: argparse.Namespace) -> None:
@@ -67,14 +54,14 @@ def engine_grid(args: argparse.Namespace) -> None:
         vocab = llm.engine.vocab_size
         cells = []
         for salt, length in enumerate(contexts):
-            decode_rate(llm, [(i * 31 + salt) % vocab for i in range(length)], 8)  # warm
+            single_stream(llm, [(i * 31 + salt) % vocab for i in range(length)], 8)  # warm
             rates = [
-                decode_rate(
+                single_stream(
                     llm,
                     [(i * 7919 + 104729 * (salt * 10 + r + 1)) % min(vocab, 10_000)
                      for i in range(length)],
                     args.decode_tokens,
-                )
+                )[1]
                 for r in range(args.repeats)
             ]
             cells.append(statistics.median(rates))

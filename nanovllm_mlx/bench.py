@@ -57,6 +57,24 @@ def make_workload(
     return list(zip(prompts, outputs))
 
 
+def single_stream(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tok/s after it) for one greedy request that
+    ignores EOS: the single-stream figure every comparison script reports."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    request_id = engine.add_request(prompt, params)
+    first, n = None, 0
+    for outputs in engine.iterate([request_id]):
+        for out in outputs:
+            n += len(out.token_ids)
+            if first is None and out.token_ids:
+                first = time.perf_counter()
+    if first is None:
+        raise RuntimeError("the request produced no token")
+    return first - start, (n - 1) / (time.perf_counter() - first)
+
+
 def fit_workload(workload: Workload, max_model_len: int) -> tuple[Workload, int]:
     """Shorten requests that cannot fit the model's context; return them and how many.
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -164,6 +165,20 @@ def cli_argv(*args: str) -> list[str]:
     puts the working directory first on sys.path, so this checkout's code runs, not an
     installed copy."""
     return [sys.executable, "-m", "cli.main", *args]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """The real entry point in a child process, stdout and stderr piped, env added to ours."""
+    return subprocess.run(
+        cli_argv(*args),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 # The server, run for real (uvicorn on a loopback port) ------------------------------

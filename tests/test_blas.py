@@ -11,7 +11,7 @@ import sys
 import warnings
 
 import pytest
-from helpers import REPO_ROOT, SLOW_BLAS_NOTICE, SMALL_KV_ARGS, cli_argv
+from helpers import REPO_ROOT, SLOW_BLAS_NOTICE, SMALL_KV_ARGS, cli_argv, run_cli
 
 from nanovllm_mlx import backend
 
@@ -101,24 +101,14 @@ def test_the_import_order_warning_only_when_a_fast_blas_was_there(monkeypatch):
     assert "mlx was imported before nanovllm_mlx" in backend.blas_in_use
 
 
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cli_argv(*args),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, **env},
-    )
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU only")
 def test_the_slow_blas_is_said_once_on_every_command(gpt2_tiny):
     model = ["-m", str(gpt2_tiny), *SMALL_KV_ARGS]
-    asked = run_cli("ask", *model, "--max-tokens", "3", "hi", "there", NANOVLLM_BLAS="none")
+    no_blas = {"NANOVLLM_BLAS": "none"}
+    asked = run_cli("ask", *model, "--max-tokens", "3", "hi", "there", env=no_blas)
     benched = run_cli(
         "bench", *model, "--num-seqs", "2", "--max-input", "8", "--max-output", "4",
-        "--min-input", "4", "--min-output", "2", NANOVLLM_BLAS="none",
+        "--min-input", "4", "--min-output", "2", env=no_blas,
     )  # fmt: skip
     chatted = subprocess.run(
         cli_argv("chat", *model, "--max-tokens", "3"),

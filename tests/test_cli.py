@@ -4,12 +4,11 @@ serve, errors) and as a real subprocess where the exact bytes on stderr matter."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, SMALL_KV, SMALL_KV_ARGS, cli_argv, without_blas_notice
+from helpers import REPO_ROOT, SMALL_KV, SMALL_KV_ARGS, cli_argv, run_cli, without_blas_notice
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -28,18 +27,6 @@ def invoke(runner: CliRunner, *args: str, input: str | None = None):
     assert "\x1b" not in result.stdout, result.stdout
     assert "\x1b" not in result.stderr, result.stderr
     return result
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The real entry point in a child process, stdout and stderr piped."""
-    return subprocess.run(
-        cli_argv(*args),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def greedy(model: Path, prompts: list[str], max_tokens: int) -> list[str]:

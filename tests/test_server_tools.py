@@ -242,13 +242,20 @@ def test_bad_tool_requests_are_400(base_url: str, body: dict, param: str):
 # A <think> template: the generation prompt opens the block (DeepSeek-R1 style) ---------------
 
 
-@pytest.fixture(scope="module")
-def thinking_url(qwen2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served_with_template(
+    qwen2_tiny: Path, factory: pytest.TempPathFactory, name: str, template: str
+) -> Iterator[str]:
+    """The qwen2-tiny model served under `name` with another chat template."""
     from nanovllm_mlx.serving.app import create_app
 
-    model = with_template(qwen2_tiny, tmp_path_factory.mktemp("t") / "r1", R1_THINKING)
+    model = with_template(qwen2_tiny, factory.mktemp(name) / name, template)
     with serving(create_app(str(model), **SMALL_KV)) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def thinking_url(qwen2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from served_with_template(qwen2_tiny, tmp_path_factory, "r1", R1_THINKING)
 
 
 def test_opened_think_goes_to_reasoning_in_both_modes(thinking_url: str):
@@ -268,11 +275,7 @@ def test_opened_think_goes_to_reasoning_in_both_modes(thinking_url: str):
 
 @pytest.fixture(scope="module")
 def qwen3_url(qwen2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from nanovllm_mlx.serving.app import create_app
-
-    model = with_template(qwen2_tiny, tmp_path_factory.mktemp("q") / "q3", QWEN3_THINKING)
-    with serving(create_app(str(model), **SMALL_KV)) as url:
-        yield url
+    yield from served_with_template(qwen2_tiny, tmp_path_factory, "q3", QWEN3_THINKING)
 
 
 def test_template_kwargs_and_reasoning_effort_reach_the_template(qwen3_url: str):

@@ -10,7 +10,7 @@ from .causal_lm import build_causal_lm, decoder_config_fields
 from .tokenizer import EOT_ID, GPT2_VOCAB, write_gpt2_tokenizer
 
 
-def _llama_classic_config(p: dict[str, Any]) -> dict[str, Any]:
+def llama_classic_config(p: dict[str, Any]) -> dict[str, Any]:
     # Field set of meta-llama/Llama-3.2-1B's config.json (transformers 4.x style: top-level
     # rope_theta + rope_scaling, torch_dtype), as most Hub checkpoints still have it.
     return {
@@ -45,7 +45,7 @@ def build_llama_classic(out: Path, p: dict[str, Any]) -> None:
         out,
         p,
         cls_name="LlamaForCausalLM",
-        classic_config=_llama_classic_config(p),
+        classic_config=llama_classic_config(p),
         generation_config={"bos_token_id": EOT_ID, "eos_token_id": EOT_ID},
     )
     write_gpt2_tokenizer(out, p["max_position_embeddings"])

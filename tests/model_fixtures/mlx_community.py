@@ -18,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .causal_lm import decoder_config_fields
 from .common import write_json
+from .llama import llama_classic_config
 from .tokenizer import EOT_ID, GPT2_VOCAB, write_gpt2_tokenizer
 
 SHARD_BYTES = 2 * 2**30  # mlx-lm shards at 5 GB; smaller here so an 8B model has several
@@ -28,14 +28,7 @@ SHARD_BYTES = 2 * 2**30  # mlx-lm shards at 5 GB; smaller here so an 8B model ha
 def _llama_config(p: dict[str, Any]) -> dict[str, Any]:
     quant = {"group_size": p["group_size"], "bits": p["bits"]}
     return {
-        **decoder_config_fields(p),
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": False,
-        "eos_token_id": EOT_ID,
-        "head_dim": p["head_dim"],
-        "mlp_bias": False,
-        "model_type": "llama",
-        "rope_scaling": p.get("rope_scaling"),
+        **llama_classic_config(p),
         "torch_dtype": "float16",
         "quantization": quant,
         "quantization_config": quant,
