@@ -202,26 +202,23 @@ class GatherAttention:
             offset += n
         context = int((starts + np.array(lengths) - base).max())
         tables = block_tables(entries.block_tables, pool.num_table_blocks(context), first)
-        if self.fused and bp == 1 and window is None:
-            # One chunk of full attention: its keys are exactly [0, start + n), the chunk's
-            # own last, so SDPA's causal mode applies. A [Lq, L] mask array costs its own
-            # bytes and, where the fused kernel takes no mask arrays, the unfused path.
-            return PrefillPlan(
-                q_index=mx.array(q_index),
-                rows=pool.block_rows(tables),
-                mask=None,
-                out_index=mx.array(np.concatenate(out_index).astype(np.int32)),
-                length=context,
-            )
-        keys = base[:, None, None] + np.arange(tables.shape[1] * bs)[None, None, :]
-        mask = keys <= q_pos[:, :, None]
-        if window is not None:
-            mask &= keys > q_pos[:, :, None] - window
+        # One chunk of full attention sees exactly keys [0, start + n), its own last, so
+        # SDPA's causal mode applies: a [Lq, L] mask array costs its own bytes and, where
+        # the fused kernel takes no mask arrays, the unfused path.
+        causal = self.fused and bp == 1 and window is None
+        mask = None
+        if not causal:
+            keys = base[:, None, None] + np.arange(tables.shape[1] * bs)[None, None, :]
+            visible = keys <= q_pos[:, :, None]
+            if window is not None:
+                visible &= keys > q_pos[:, :, None] - window
+            mask = mx.array(visible)
         return PrefillPlan(
             q_index=mx.array(q_index),
             rows=pool.block_rows(tables),
-            mask=mx.array(mask),
+            mask=mask,
             out_index=mx.array(np.concatenate(out_index).astype(np.int32)),
+            length=context if causal else None,
         )
 
     def plan_decode_uniform(
