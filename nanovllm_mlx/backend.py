@@ -121,8 +121,11 @@ def load_fast_blas() -> str:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
+        # MKL keeps its default threading (Intel OpenMP): on a quiet 2-core machine the
+        # default model's `ask --verbose` prefilled 287-332 tok/s and decoded 22.5-27.7
+        # with it against 224-225 and 17.1-17.4 sequential. Sequential won only while other
+        # jobs loaded the cores; MKL_THREADING_LAYER=SEQUENTIAL asks for it there.
         blas_in_use = blas_library = path
-        _mkl_sequential(lib)
         _blas_threads.extend(
             getattr(lib, name)
             for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads")
@@ -133,21 +136,6 @@ def load_fast_blas() -> str:
         _why_slow = f"NANOVLLM_BLAS={forced} could not be loaded"
     blas_in_use = f"bundled reference BLAS (slow: {SLOW_BLAS_HINT})"
     return blas_in_use
-
-
-def _mkl_sequential(lib: ctypes.CDLL) -> None:
-    """MKL on one thread per process unless MKL_THREADING_LAYER says otherwise.
-
-    MKL's default, Intel OpenMP, keeps worker threads spinning between calls; MLX's own CPU
-    threads then fight them for the cores. On 2 shared cores, interleaved runs of the
-    default model gave: prefill 181-206 tok/s sequential against 108-254 with OpenMP, a
-    470-token prompt 205-210 against 168-170, bench's small run 36.6-37.1 output tok/s
-    against 29.9-31.1. Must run before MKL's first call picks its layer.
-    """
-    if os.environ.get("MKL_THREADING_LAYER") or not hasattr(lib, "MKL_Set_Threading_Layer"):
-        return
-    mkl_threading_sequential = 1  # mkl_types.h
-    lib.MKL_Set_Threading_Layer(ctypes.c_int(mkl_threading_sequential))
 
 
 def slow_blas_notice() -> str | None:
