@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from cli.ui import interrupts_held, sanitize, unechoed
+from cli.ui import interrupts_held, interrupts_kept, sanitize, unechoed
 from nanovllm_mlx import LLM, LLMEngine, SamplingParams, backend
 from nanovllm_mlx.engine import requests
 from nanovllm_mlx.errors import InvalidRequestError
@@ -80,8 +80,9 @@ def drive(
     come, and call on_step after every step. Leaving early (Ctrl-C, an error) aborts what
     is still running."""
     by_id = {a.request_id: a for a in answers}
-    with closing(engine.iterate(by_id)) as steps:
+    with interrupts_kept() as check_interrupt, closing(engine.iterate(by_id)) as steps:
         for outputs in steps:
+            check_interrupt()
             if on_step is not None:
                 on_step()
             now = time.perf_counter()

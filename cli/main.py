@@ -162,8 +162,13 @@ def bench(
     )
     title = f"nanovllm bench · {llm.engine.model_name} · {num_seqs} requests"
     # The dashboard is progress, not results: stderr, so stdout stays the results alone.
-    with Dashboard(llm, err, title) as dashboard:
-        result = run_benchmark(llm, workload, on_step=dashboard, temperature=temperature)
+    with ui.interrupts_kept() as check_interrupt, Dashboard(llm, err, title) as dashboard:
+
+        def on_step(progress: dict) -> None:
+            check_interrupt()
+            dashboard(progress)
+
+        result = run_benchmark(llm, workload, on_step=on_step, temperature=temperature)
     if result["requests_shortened"] and not as_json:
         err.print(
             f"[dim]note: {result['requests_shortened']} of {num_seqs} requests were shortened "

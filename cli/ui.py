@@ -5,8 +5,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import TextIO
 
 try:
@@ -56,6 +57,39 @@ def console(stderr: bool = False) -> Console:
         emoji=False,
         soft_wrap=True,  # never break lines ourselves: terminals and pipes wrap fine
     )
+
+
+@contextmanager
+def interrupts_kept() -> Iterator[Callable[[], None]]:
+    """Ctrl-C that cannot be lost: yields a check to call between engine steps.
+
+    MLX 0.32's mx.array(<numpy array>) swallows a KeyboardInterrupt raised while it
+    converts (it tries one import path, treats the error as "not this path" and takes
+    another): 0 of 300 SIGINTs landing there reached the caller, where a plain numpy op
+    let all 300 through. The engine converts a few arrays a step, so about one Ctrl-C in
+    40 did nothing and bench ran to the end. The handler raises as Python's does (a long
+    step is still cut short) and also records the press; the check raises it again if it
+    was swallowed, at the end of that step.
+    """
+    pressed: list[int] = []
+
+    def check() -> None:
+        if pressed:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check  # signals reach the main thread only; nothing to keep here
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
