@@ -105,9 +105,7 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "max_model_len": (
         Annotated[
             int | None,
-            typer.Option(
-                help="Context length cap (default: the model's).", rich_help_panel=ENGINE
-            ),
+            typer.Option(help="Context length cap (default: the model's).", rich_help_panel=ENGINE),
         ],
         None,
     ),

@@ -291,3 +291,28 @@ def test_chat_answer_view_sets_thinking_apart():
     assert view.answer == "Rayleigh scattering."
     plain = AnswerView(None, "", color=True)
     assert plain.feed(" <think>kept as is") == "<think>kept as is" and plain.answer
+
+
+def test_a_ctrl_c_swallowed_inside_a_step_is_raised_at_the_next_check():
+    """MLX's mx.array(<numpy array>) drops a KeyboardInterrupt raised while it converts;
+    the commands' guard keeps the press and raises it between steps."""
+    import os
+    import signal
+
+    from cli.ui import interrupts_kept
+
+    def a_step_that_swallows() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at one of these bytecodes
+                pass
+        except KeyboardInterrupt:
+            pass  # what mx.array does with it
+
+    previous = signal.getsignal(signal.SIGINT)
+    with interrupts_kept() as check:
+        check()  # nothing pressed yet: no-op
+        a_step_that_swallows()
+        with pytest.raises(KeyboardInterrupt):
+            check()
+    assert signal.getsignal(signal.SIGINT) is previous  # the command's handler is put back
