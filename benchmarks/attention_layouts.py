@@ -61,8 +61,7 @@ def measure(
     q = mx.random.normal((b, h, d)).astype(dtype)
     token_major = [mx.random.normal((n * bs, hkv, d)).astype(dtype) for _ in range(layers)]
     head_major = [
-        KVCache(*(mx.random.normal((hkv, n * bs, d)).astype(dtype),) * 2, bs)
-        for _ in range(layers)
+        KVCache(*(mx.random.normal((hkv, n * bs, d)).astype(dtype),) * 2, bs) for _ in range(layers)
     ]
     dense = [mx.random.normal((b, hkv, nb * bs, d)).astype(dtype) for _ in range(layers)]
     rows = PoolLayout(hkv, n, bs).block_rows(np.array(tables))

@@ -33,9 +33,10 @@ from nanovllm_mlx.bench import single_stream
 
 def engine_grid(args: argparse.Namespace) -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
-    print(f"{'pool GB':>8} {'compiled':>8} {'kernel':>6} {'ahead':>6} " + " ".join(
-        f"{f'after {c}':>12}" for c in contexts
-    ))
+    print(
+        f"{'pool GB':>8} {'compiled':>8} {'kernel':>6} {'ahead':>6} "
+        + " ".join(f"{f'after {c}':>12}" for c in contexts)
+    )
     for config in args.configs.split(","):
         pool_gb, compiled, kernel, ahead = config.split(":")
         pool = float(pool_gb)
@@ -58,8 +59,10 @@ def engine_grid(args: argparse.Namespace) -> None:
             rates = [
                 single_stream(
                     llm,
-                    [(i * 7919 + 104729 * (salt * 10 + r + 1)) % min(vocab, 10_000)
-                     for i in range(length)],
+                    [
+                        (i * 7919 + 104729 * (salt * 10 + r + 1)) % min(vocab, 10_000)
+                        for i in range(length)
+                    ],
                     args.decode_tokens,
                 )[1]
                 for r in range(args.repeats)

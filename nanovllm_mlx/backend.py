@@ -39,8 +39,7 @@ _notice_given = False
 _why_slow = "no MKL or OpenBLAS found"  # while blas_library is None
 
 SLOW_BLAS_HINT = (
-    "`pip install mkl` (Linux x86-64) or `apt-get install libopenblas0-pthread`, "
-    "then run again"
+    "`pip install mkl` (Linux x86-64) or `apt-get install libopenblas0-pthread`, then run again"
 )
 
 

@@ -176,9 +176,7 @@ def _index_reachable() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    needs = {
-        item: set(getattr(item, "fixturenames", ())) & NETWORK_MODELS.keys() for item in items
-    }
+    needs = {item: set(getattr(item, "fixturenames", ())) & NETWORK_MODELS.keys() for item in items}
     for item, fixtures in needs.items():
         if fixtures:
             item.add_marker(pytest.mark.network)

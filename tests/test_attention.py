@@ -110,9 +110,7 @@ def test_paged_matches_dense(
     q = np.concatenate([data[i][0][data[i][3] :] for i in order])
     k = np.concatenate([data[i][1][data[i][3] :] for i in order])
     v = np.concatenate([data[i][2][data[i][3] :] for i in order])
-    out = paged_attention(
-        mx.array(q), mx.array(k), mx.array(v), cache, step.meta, D**-0.5, window
-    )
+    out = paged_attention(mx.array(q), mx.array(k), mx.array(v), cache, step.meta, D**-0.5, window)
     mx.eval(out)
     got, offset = np.array(out), 0
     for i in order:
@@ -210,8 +208,16 @@ def test_cuda_decode_kernel_matches_gather_path(
 
 @pytest.mark.parametrize(
     "n_heads,n_kv,head_dim,want",
-    [(32, 8, 128, 4), (16, 1, 128, 8), (16, 1, 64, 16), (4, 1, 256, 4), (12, 12, 64, 1),
-     (9, 3, 64, 3), (8, 1, 256, 4), (28, 4, 128, 7)],
+    [
+        (32, 8, 128, 4),
+        (16, 1, 128, 8),
+        (16, 1, 64, 16),
+        (4, 1, 256, 4),
+        (12, 12, 64, 1),
+        (9, 3, 64, 3),
+        (8, 1, 256, 4),
+        (28, 4, 128, 7),
+    ],
 )
 def test_a_cuda_block_serves_the_query_heads_of_one_kv_head(
     n_heads: int, n_kv: int, head_dim: int, want: int

@@ -155,8 +155,8 @@ def test_bench_shows_the_time_left_and_ctrl_c_clears_its_dashboard(smollm2_gguf)
     )  # fmt: skip
     screen, status = interrupted(child, r"about \d+ (s|min) left")
     assert status == 130
-    assert not any("nanovllm bench" in line or "╭" in line for line in screen.display), (
-        "\n".join(screen.display)
+    assert not any("nanovllm bench" in line or "╭" in line for line in screen.display), "\n".join(
+        screen.display
     )
 
 

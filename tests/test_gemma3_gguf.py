@@ -278,4 +278,3 @@ def test_logits_match_transformers_gguf_loader(gemma: LLM, gemma3_gguf: Path):
         str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name, dtype=torch.float32
     ).eval()
     _check_logits(gemma, model, SHORT)
-

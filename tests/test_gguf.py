@@ -34,6 +34,7 @@ def hf_tokenizer(smollm2_gguf: Path):
 
 # ------------------------------------------------------------------ the real model
 
+
 def test_tokenizer_matches_transformers(smol: LLM, hf_tokenizer):
     hf = hf_tokenizer
     tok = smol.tokenizer

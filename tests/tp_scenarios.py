@@ -53,8 +53,7 @@ def extras(seed: int = 1) -> tuple[list[list[int]], list[SamplingParams]]:
 
 def choices(outs: list[dict]) -> list:
     return [
-        ([c["token_ids"] for c in o["outputs"]], o.get("prompt_logprobs") is not None)
-        for o in outs
+        ([c["token_ids"] for c in o["outputs"]], o.get("prompt_logprobs") is not None) for o in outs
     ]
 
 

@@ -150,9 +150,7 @@ class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        windows = layer_windows(
-            args.layer_types, args.sliding_window, args.max_position_embeddings
-        )
+        windows = layer_windows(args.layer_types, args.sliding_window, args.max_position_embeddings)
         self.spec = ModelSpec(
             n_layers=args.num_hidden_layers,
             n_kv_heads=args.num_key_value_heads,

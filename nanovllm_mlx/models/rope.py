@@ -57,9 +57,7 @@ def rope_inv_freq(
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
     elif kind == "yarn":
-        inv_freq, attention_factor = _yarn(
-            scaling, dim, base, max_position_embeddings, pos_freqs
-        )
+        inv_freq, attention_factor = _yarn(scaling, dim, base, max_position_embeddings, pos_freqs)
     if freq_factors is not None:
         factors = np.asarray(freq_factors, dtype=np.float32)
         if factors.shape != inv_freq.shape:
@@ -71,7 +69,10 @@ def rope_inv_freq(
 
 
 def _yarn(
-    scaling: dict, dim: int, base: float, max_position_embeddings: int | None,
+    scaling: dict,
+    dim: int,
+    base: float,
+    max_position_embeddings: int | None,
     pos_freqs: np.ndarray,
 ) -> tuple[np.ndarray, float]:
     original = scaling["original_max_position_embeddings"]

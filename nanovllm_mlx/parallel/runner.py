@@ -192,9 +192,7 @@ class ParallelRunner:
     ) -> tuple[list[int], list[RowSample | None] | None]:
         # No look-ahead: a step launched ahead would need this step's tokens on every
         # rank before rank 0 has read them.
-        return self._together(
-            self.sender.record(batch), lambda: self.runner.run(batch, False)
-        )
+        return self._together(self.sender.record(batch), lambda: self.runner.run(batch, False))
 
     def all_logits(self, item: ScheduledSeq) -> mx.array:
         return self._together(self.sender.record([item]), lambda: self.runner.all_logits(item))

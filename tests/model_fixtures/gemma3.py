@@ -29,8 +29,7 @@ def _gemma3_config(p: dict[str, Any]) -> dict[str, Any]:
         "initializer_range": 0.02,
         "intermediate_size": p["intermediate_size"],
         "layer_types": [
-            "full_attention" if (i + 1) % p["sliding_window_pattern"] == 0 else
-            "sliding_attention"
+            "full_attention" if (i + 1) % p["sliding_window_pattern"] == 0 else "sliding_attention"
             for i in range(p["num_hidden_layers"])
         ],  # fmt: skip
         "max_position_embeddings": p["max_position_embeddings"],

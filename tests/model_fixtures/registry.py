@@ -285,9 +285,7 @@ def recipes() -> dict[str, Recipe]:
         Recipe("llama3-tiny", llama.build_llama_classic, {**_LLAMA3_TINY, "transformers": tv}),
         Recipe("qwen2-tiny", qwen2.build_qwen2, {**_QWEN2_TINY, "transformers": tv}),
         Recipe("qwen3-tiny", qwen3.build_qwen3, {**_QWEN3_TINY, "transformers": tv}),
-        Recipe(
-            "qwen3-moe-tiny", qwen3.build_qwen3_moe, {**_QWEN3_MOE_TINY, "transformers": tv}
-        ),
+        Recipe("qwen3-moe-tiny", qwen3.build_qwen3_moe, {**_QWEN3_MOE_TINY, "transformers": tv}),
         Recipe("mixtral-tiny", mixtral.build_mixtral, {**_MIXTRAL_TINY, "transformers": tv}),
         Recipe("gemma3-tiny", gemma3.build_gemma3, {**_GEMMA3_TINY, "transformers": tv}),
         Recipe(

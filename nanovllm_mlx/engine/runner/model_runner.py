@@ -264,10 +264,7 @@ class _Ahead:
 
 
 def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple[Any, ...]:
-    return tuple(
-        (item.seq.seq_id, item.start + shift, item.num_new_tokens)
-        for item in batch
-    )
+    return tuple((item.seq.seq_id, item.start + shift, item.num_new_tokens) for item in batch)
 
 
 def _bucket_key(step: PreparedStep) -> tuple[Any, ...]:

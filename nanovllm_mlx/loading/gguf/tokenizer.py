@@ -143,9 +143,7 @@ def _bpe_from_scores(tokens: list[str], scores: list[float]) -> models.BPE:
         local.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
         merges += [(left, right, score) for left, right in local]
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return models.BPE(
-        vocab, [(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True
-    )
+    return models.BPE(vocab, [(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True)
 
 
 def _sentencepiece(

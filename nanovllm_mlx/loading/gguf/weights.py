@@ -55,9 +55,7 @@ def _block_names(model_type: str) -> dict[str, str]:
     return _BLOCK_NAMES
 
 
-def map_weights(
-    weights: dict[str, mx.array], config: dict
-) -> tuple[dict[str, mx.array], dict]:
+def map_weights(weights: dict[str, mx.array], config: dict) -> tuple[dict[str, mx.array], dict]:
     """GGUF tensor names onto our models', with HF row order for llama's q and k; and the
     config entries some files store as tensors: Llama 3.1+'s RoPE frequency factors
     (rope_freqs), Phi-3's LongRoPE factors (rope_factors_short/long)."""

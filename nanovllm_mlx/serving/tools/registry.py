@@ -27,5 +27,3 @@ def parser_for(template: str | None, override: str | None = None) -> type[ToolPa
         if template and any(hint in template for hint in parser.template_hints):
             return parser
     return DEFAULT_PARSER
-
-
