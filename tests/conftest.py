@@ -99,6 +99,11 @@ def qwen3_moe_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_moe_tiny_hf5() -> Path:
+    return cache.fixture_dir("qwen3-moe-tiny-hf5")
+
+
+@pytest.fixture(scope="session")
 def mixtral_tiny() -> Path:
     return cache.fixture_dir("mixtral-tiny")
 
@@ -116,6 +121,11 @@ def granitemoe_tiny() -> Path:
 @pytest.fixture(scope="session")
 def phi3_tiny() -> Path:
     return cache.fixture_dir("phi3-tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm3_tiny() -> Path:
+    return cache.fixture_dir("smollm3-tiny")
 
 
 @pytest.fixture(scope="session")

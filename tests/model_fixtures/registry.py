@@ -26,6 +26,7 @@ from . import (
     phi3,
     qwen2,
     qwen3,
+    smollm3,
     weights,
 )
 from .tokenizer import GPT2_VOCAB
@@ -199,6 +200,18 @@ _PHI3_TINY = {
     "seed": 3141,
 }
 
+# SmolLM3-3B's structure at toy size: every second layer NoPE (the real one: every fourth of
+# 36), GQA, tied head, its rope base.
+_SMOLLM3_TINY = {
+    **_LLAMA_TINY,
+    "num_hidden_layers": 4,
+    "no_rope_layer_interval": 2,
+    "rope_theta": 5000000.0,
+    "tie_word_embeddings": True,
+    "pad_token_id": GPT2_VOCAB - 1,  # its default (128004) is past the toy vocabulary
+    "seed": 3003,
+}
+
 
 # Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
 _GEMMA3_270M_SHAPE = {
@@ -288,6 +301,11 @@ def recipes() -> dict[str, Recipe]:
         Recipe(
             "qwen3-moe-tiny", qwen3.build_qwen3_moe, {**_QWEN3_MOE_TINY, "transformers": tv}
         ),
+        Recipe(
+            "qwen3-moe-tiny-hf5",
+            qwen3.build_qwen3_moe_hf5,
+            {**_QWEN3_MOE_TINY, "transformers": tv},
+        ),
         Recipe("mixtral-tiny", mixtral.build_mixtral, {**_MIXTRAL_TINY, "transformers": tv}),
         Recipe("gemma3-tiny", gemma3.build_gemma3, {**_GEMMA3_TINY, "transformers": tv}),
         Recipe(
@@ -295,6 +313,7 @@ def recipes() -> dict[str, Recipe]:
             granitemoe.build_granitemoe,
             {**_GRANITEMOE_TINY, "transformers": tv},
         ),
+        Recipe("smollm3-tiny", smollm3.build_smollm3, {**_SMOLLM3_TINY, "transformers": tv}),
         Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
         Recipe(
             "llama-q4-tiny",

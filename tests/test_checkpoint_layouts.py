@@ -1,0 +1,172 @@
+"""Every checkpoint layout people download, for the architectures the engine runs:
+mlx-community's (what mlx-lm's own classes, quantizer and saver write: stacked switch_mlp
+experts, 4-bit affine or MLX's float modes, per-layer quantization entries), transformers
+5's (renamed config keys), and the text part of multimodal checkpoints; and the loader's
+one-line error when none fits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+from helpers import SMALL_KV, check_batched_parity, random_ids
+from model_fixtures.mlx_lm_layout import (
+    CONFIGS,
+    build_mlx_lm,
+    mlx_lm_greedy,
+    multimodal_gemma3_config,
+)
+
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.errors import CheckpointLayoutError
+from nanovllm_mlx.loading.quantize import save_quantized
+
+STEPS = 8
+# Past Gemma's 16-token window, a short one, one token, several 16-token blocks.
+PROMPTS = [random_ids(n, seed=n) for n in (40, 5, 1, 23)]
+# A real multimodal repo carries its image tower; the engine must leave it out.
+_VISION = {
+    "vision_tower.vision_model.embeddings.patch_embedding.weight": ((8, 3, 4, 4), mx.float32),
+    "multi_modal_projector.mm_input_projection_weight": ((8, 8), mx.float32),
+}
+
+
+def _case(config: dict[str, Any], **quant: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    return json.loads(json.dumps(config)), quant
+
+
+CASES = {
+    **{arch: _case(CONFIGS[arch]) for arch in CONFIGS},
+    # mlx-community's Gemma 3 4B+ (model_type gemma3, text_config, language_model.model.*)
+    "gemma3-multimodal": _case(multimodal_gemma3_config()),
+    # Mistral Small 3.x / Pixtral-style: a Mistral decoder under text_config.
+    "mistral3": _case({"model_type": "mistral3", "text_config": CONFIGS["mistral"]}),
+    "qwen3_moe-mxfp4": _case(CONFIGS["qwen3_moe"], mode="mxfp4", group_size=32),
+    "mixtral-nvfp4": _case(CONFIGS["mixtral"], mode="nvfp4", group_size=16),
+    "qwen3-mxfp8": _case(CONFIGS["qwen3"], mode="mxfp8", group_size=32, bits=8),
+    "llama-8bit": _case(CONFIGS["llama"], bits=8),
+}
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    built: dict[str, tuple[Path, list[list[int]]]] = {}
+
+    def get(name: str) -> tuple[Path, list[list[int]]]:
+        if name not in built:
+            config, quant = CASES[name]
+            out = tmp_path_factory.mktemp(name)
+            vision = None
+            if "text_config" in config:
+                vision = {k: mx.zeros(shape, dtype) for k, (shape, dtype) in _VISION.items()}
+            build_mlx_lm(out, config, extra=vision, **quant)
+            built[name] = out, mlx_lm_greedy(out, PROMPTS, STEPS)
+        return built[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mlx_community_layout_decodes_as_mlx_lm(name: str, mlx_lm_checkpoint):
+    """Built, quantized and saved by mlx-lm; the engine's batched, chunked greedy run (kept
+    quantized, mlx-lm's kernels) gives mlx-lm's tokens, one prompt at a time."""
+    path, want = mlx_lm_checkpoint(name)
+    llm = LLM(str(path), keep_quantized=True, max_num_batched_tokens=24, **SMALL_KV)
+    greedy = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
+    assert [o["token_ids"] for o in llm.generate(PROMPTS, greedy)] == want
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "granitemoe", "qwen3_moe-mxfp4", "gpt2"])
+def test_mlx_community_layout_dequantized_on_cpu(name: str, mlx_lm_checkpoint):
+    """The CPU default dequantizes at load (experts included): same tokens."""
+    from nanovllm_mlx.models.switch import QuantizedSwitchLinear, SwitchLinear
+
+    path, want = mlx_lm_checkpoint(name)
+    llm = LLM(str(path), keep_quantized=False, **SMALL_KV)
+    model = llm.engine.model_runner.model
+    assert not any(isinstance(m, QuantizedSwitchLinear) for _, m in model.named_modules())
+    assert ("moe" not in name) or any(isinstance(m, SwitchLinear) for _, m in model.named_modules())
+    greedy = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
+    assert [o["token_ids"] for o in llm.generate(PROMPTS, greedy)] == want
+
+
+def test_per_layer_quantization_is_kept(mlx_lm_checkpoint):
+    """mlx-lm gives Qwen3-MoE's routers 8 bits next to 4-bit experts (per-layer entries in
+    config.json); the engine builds each layer with its own bits and mode."""
+    path, _ = mlx_lm_checkpoint("qwen3_moe-mxfp4")
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization"]["model.layers.0.mlp.gate"]["bits"] == 8
+    model = LLM(str(path), keep_quantized=True, **SMALL_KV).engine.model_runner.model
+    modules = dict(model.named_modules())
+    gate, experts = modules["layers.0.mlp.gate"], modules["layers.0.mlp.experts.gate_proj"]
+    assert (gate.bits, gate.mode) == (8, "affine")
+    assert (experts.bits, experts.group_size, experts.mode) == (4, 32, "mxfp4")
+
+
+def test_transformers5_qwen3_moe_matches_transformers(qwen3_moe_tiny_hf5: Path):
+    """transformers 5 writes num_local_experts (num_experts is its alias) and
+    rope_parameters: read through the alias, the model has all 4 experts."""
+    config = json.loads((qwen3_moe_tiny_hf5 / "config.json").read_text())
+    assert "num_experts" not in config and config["num_local_experts"] == 4
+    check_batched_parity(qwen3_moe_tiny_hf5, PROMPTS, STEPS, max_num_batched_tokens=24)
+
+
+def test_save_quantized_gemma3_reloads_without_a_second_norm_shift(
+    gemma3_tiny: Path, tmp_path: Path
+):
+    """save_quantized writes the module's own names (norms already 1 + w): loaded as they
+    are, not sanitized again."""
+    dst = save_quantized(gemma3_tiny, tmp_path / "q", bits=8, group_size=32, dtype="float32")
+    one = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
+    got = LLM(str(dst), **SMALL_KV).generate(PROMPTS[:2], one)
+    at_load = LLM(str(gemma3_tiny), quantize=8, quantize_group_size=32, **SMALL_KV)
+    assert [o["token_ids"] for o in got] == [
+        o["token_ids"] for o in at_load.generate(PROMPTS[:2], one)
+    ]
+
+
+def _rewrite(src: Path, dst: Path, rename: dict[str, str]) -> Path:
+    """A copy of the checkpoint in src with tensor names changed (substring -> other)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    file = dst / "model.safetensors"
+    tensors, metadata = mx.load(str(file), return_metadata=True)
+    for old, new in rename.items():
+        tensors = {k.replace(old, new): v for k, v in tensors.items()}
+    mx.save_safetensors(str(file), tensors, metadata=metadata)
+    return dst
+
+
+def test_unknown_expert_layout_names_what_was_expected_and_found(mlx_lm_checkpoint, tmp_path):
+    path, _ = mlx_lm_checkpoint("qwen3_moe")
+    broken = _rewrite(path, tmp_path / "b", {".switch_mlp.": ".moe_experts."})
+    with pytest.raises(CheckpointLayoutError) as e:
+        LLM(str(broken), **SMALL_KV)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "'model.layers.N.mlp.experts.E.gate_proj.weight'" in message  # the Hub's
+    assert "switch_mlp" in message  # mlx-community's
+    assert "missing 'layers.N.mlp.experts.down_proj.weight'" in message
+    assert "found 'layers.N.mlp.moe_experts.down_proj.biases'" in message
+
+
+def test_fewer_experts_than_the_config_declares(qwen3_moe_tiny: Path, tmp_path: Path):
+    import shutil
+
+    dst = tmp_path / "m"
+    shutil.copytree(qwen3_moe_tiny, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "num_experts": 6}))
+    with pytest.raises(CheckpointLayoutError, match=r"declares 6 experts .* fewer"):
+        LLM(str(dst), **SMALL_KV)
+
+
+def test_multimodal_with_an_unsupported_text_model_is_refused(tmp_path: Path):
+    from nanovllm_mlx.loading.loader import build_model
+
+    with pytest.raises(ValueError, match="unsupported model_type 'llava'"):
+        build_model({"model_type": "llava", "text_config": {"model_type": "vicuna_x"}})
