@@ -129,6 +129,16 @@ def smollm3_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_moe_q4_tiny() -> Path:
+    return cache.fixture_dir("qwen3-moe-q4-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen3_30b_a3b_q4() -> Path:
+    return cache.fixture_dir("qwen3-30b-a3b-q4")
+
+
+@pytest.fixture(scope="session")
 def llama_q4_tiny() -> Path:
     return cache.fixture_dir("llama-q4-tiny")
 

@@ -170,3 +170,68 @@ def test_multimodal_with_an_unsupported_text_model_is_refused(tmp_path: Path):
 
     with pytest.raises(ValueError, match="unsupported model_type 'llava'"):
         build_model({"model_type": "llava", "text_config": {"model_type": "vicuna_x"}})
+
+
+def test_short_names_of_the_new_families_are_distinct_repos():
+    from nanovllm_mlx.loading import download
+
+    names = {
+        "smollm3-3b": "HuggingFaceTB/SmolLM3-3B",
+        "Qwen3-30B-A3B-4bit": "mlx-community/Qwen3-30B-A3B-4bit",
+        "gpt-oss-20b": "openai/gpt-oss-20b",
+        "Gemma-4-E4B-IT": "google/gemma-4-E4B-it",
+    }
+    for name, repo in names.items():
+        assert download.repo_id_for(name) == repo
+    # Every short name downloads into its own directory (a 4-bit copy never overwrites the
+    # float one).
+    local = [download.local_name(n) for n in download.SHORT_NAMES]
+    repos = set(download.SHORT_NAMES.values())
+    assert len({n.lower() for n in local}) == len(repos)
+
+
+def test_qwen3_moe_q4_fixture_is_mlx_community_layout(qwen3_moe_q4_tiny: Path):
+    """The MLX-alone twin of the lazy qwen3-30b-a3b-q4 benchmark fixture: mlx-lm reads it
+    as its own (same greedy tokens), the engine keeps experts 4-bit and routers 8-bit, and
+    kept-quantized logits are those of the dequantized model."""
+    import numpy as np
+    from helpers import captured_logits
+
+    from nanovllm_mlx.models.switch import QuantizedSwitchLinear
+
+    want = mlx_lm_greedy(qwen3_moe_q4_tiny, PROMPTS, STEPS)
+    kept = LLM(str(qwen3_moe_q4_tiny), keep_quantized=True, max_num_batched_tokens=24, **SMALL_KV)
+    modules = dict(kept.engine.model_runner.model.named_modules())
+    experts = [m for m in modules.values() if isinstance(m, QuantizedSwitchLinear)]
+    assert len(experts) == 6 and {(m.bits, m.group_size) for m in experts} == {(4, 64)}
+    assert modules["layers.1.mlp.gate"].bits == 8
+    greedy = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
+    with captured_logits() as seen:
+        got = [o["token_ids"] for o in kept.generate(PROMPTS, greedy)]
+    assert got == want
+    dequantized = LLM(
+        str(qwen3_moe_q4_tiny), keep_quantized=False, max_num_batched_tokens=24, **SMALL_KV
+    )
+    with captured_logits() as again:
+        assert [o["token_ids"] for o in dequantized.generate(PROMPTS, greedy)] == want
+    np.testing.assert_allclose(np.concatenate(seen), np.concatenate(again), atol=1e-4, rtol=1e-4)
+
+
+def test_qwen3_30b_a3b_q4_recipe_has_the_real_shapes():
+    """The lazy benchmark recipe (never built by the suite): its config builds Qwen3-30B-A3B
+    (30.5B parameters, 3.3B active) in the layout its builder writes."""
+    import mlx.nn as nn
+    from model_fixtures import mlx_community, registry
+
+    from nanovllm_mlx.loading.loader import build_model
+
+    recipe = registry.recipes()["qwen3-30b-a3b-q4"]
+    assert not recipe.default and not recipe.uses_torch
+    config = mlx_community._qwen3_moe_config(recipe.params)
+    model = build_model(config)  # lazy arrays: shapes only, nothing computed
+    sizes = {k: v.size for k, v in nn.utils.tree_flatten(model.parameters())}
+    total = sum(sizes.values())
+    expert = sum(v for k, v in sizes.items() if ".experts." in k)
+    active = total - expert + expert * 8 // 128
+    assert 30.4e9 < total < 30.6e9 and 3.2e9 < active < 3.4e9, (total, active)
+    assert model.spec.n_layers == 48 and model.spec.n_kv_heads == 4

@@ -276,6 +276,47 @@ _LLAMA3_8B_Q4 = {
     "seed": 8008,
 }
 
+# Qwen3-30B-A3B as mlx-community/Qwen3-30B-A3B-4bit has it (48 sparse layers of 128
+# experts, top 8, GQA 32/4 with head_dim 128, 151936 vocabulary; ~17 GB), the MoE Mac users
+# run most; and a toy twin in the same layout the suite loads.
+_QWEN3_MOE_Q4_TINY = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "vocab_size": 50304,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "bits": 4,
+    "group_size": 64,
+    "seed": 3034,
+}
+_QWEN3_30B_A3B_Q4 = {
+    **_QWEN3_MOE_Q4_TINY,
+    "hidden_size": 2048,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "seed": 30003,
+}
+
 
 def _transformers_version() -> str:
     # save_pretrained output depends on it; metadata lookup avoids importing transformers.
@@ -325,6 +366,19 @@ def recipes() -> dict[str, Recipe]:
             "llama3-8b-q4",
             mlx_community.build_llama_quantized,
             _LLAMA3_8B_Q4,
+            default=False,
+            uses_torch=False,
+        ),
+        Recipe(
+            "qwen3-moe-q4-tiny",
+            mlx_community.build_qwen3_moe_quantized,
+            _QWEN3_MOE_Q4_TINY,
+            uses_torch=False,
+        ),
+        Recipe(
+            "qwen3-30b-a3b-q4",
+            mlx_community.build_qwen3_moe_quantized,
+            _QWEN3_30B_A3B_Q4,
             default=False,
             uses_torch=False,
         ),
