@@ -129,6 +129,11 @@ def smollm3_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llava_tiny() -> Path:
+    return cache.fixture_dir("llava-tiny")
+
+
+@pytest.fixture(scope="session")
 def qwen3_moe_q4_tiny() -> Path:
     return cache.fixture_dir("qwen3-moe-q4-tiny")
 

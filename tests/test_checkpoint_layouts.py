@@ -168,7 +168,7 @@ def test_fewer_experts_than_the_config_declares(qwen3_moe_tiny: Path, tmp_path: 
 def test_multimodal_with_an_unsupported_text_model_is_refused(tmp_path: Path):
     from nanovllm_mlx.loading.loader import build_model
 
-    with pytest.raises(ValueError, match="unsupported model_type 'llava'"):
+    with pytest.raises(ValueError, match="unsupported model_type 'llava', text model 'vicuna_x'"):
         build_model({"model_type": "llava", "text_config": {"model_type": "vicuna_x"}})
 
 
@@ -235,3 +235,44 @@ def test_qwen3_30b_a3b_q4_recipe_has_the_real_shapes():
     active = total - expert + expert * 8 // 128
     assert 30.4e9 < total < 30.6e9 and 3.2e9 < active < 3.4e9, (total, active)
     assert model.spec.n_layers == 48 and model.spec.n_kv_heads == 4
+
+
+def _as_transformers5_names(src: Path, dst: Path) -> Path:
+    """The Llava checkpoint with transformers 5's in-memory names on disk, as newer
+    multimodal repos (Mistral 3, Gemma 3 re-uploads) have them: model.language_model.*,
+    model.vision_tower.*, model.multi_modal_projector.*, a top-level lm_head."""
+    return _rewrite(
+        src,
+        dst,
+        {
+            "language_model.model.": "model.language_model.",
+            "language_model.lm_head.": "lm_head.",
+            "vision_tower.": "model.vision_tower.",
+            "multi_modal_projector.": "model.multi_modal_projector.",
+        },
+    )
+
+
+def test_llava_text_model_matches_transformers(llava_tiny: Path):
+    """The text part of a multimodal checkpoint in the Hub layout (text_config,
+    language_model.* prefixes, a vision tower left out): transformers' Llava on the same
+    token ids, batched and chunked."""
+    config = json.loads((llava_tiny / "config.json").read_text())
+    assert config["model_type"] == "llava" and "vision_config" in config
+    from transformers import LlavaForConditionalGeneration
+
+    check_batched_parity(
+        llava_tiny,
+        PROMPTS,
+        STEPS,
+        hf_class=LlavaForConditionalGeneration,
+        max_num_batched_tokens=24,
+    )
+
+
+def test_llava_with_transformers5_names_gives_the_same_tokens(llava_tiny: Path, tmp_path: Path):
+    renamed = _as_transformers5_names(llava_tiny, tmp_path / "t5")
+    greedy = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
+    want = LLM(str(llava_tiny), **SMALL_KV).generate(PROMPTS, greedy)
+    got = LLM(str(renamed), **SMALL_KV).generate(PROMPTS, greedy)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]

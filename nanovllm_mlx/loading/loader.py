@@ -141,8 +141,11 @@ def build_model(config: dict) -> nn.Module:
     model_type = config.get("model_type")
     module = ARCHITECTURES.get(model_type)
     if module is None:
+        text = config.get("text_config")
+        inner = f", text model {text.get('model_type')!r}" if isinstance(text, dict) else ""
         raise ValueError(
-            f"unsupported model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})"
+            f"unsupported model_type {model_type!r}{inner} (supported: "
+            f"{', '.join(ARCHITECTURES)}, and multimodal checkpoints of these)"
         )
     return module.Model(module.ModelArgs.from_dict(config))
 

@@ -21,6 +21,7 @@ from . import (
     gpt2,
     granitemoe,
     llama,
+    llava,
     mixtral,
     mlx_community,
     phi3,
@@ -212,6 +213,26 @@ _SMOLLM3_TINY = {
     "seed": 3003,
 }
 
+# Llava around the Llama toy decoder; a 2-layer CLIP tower the engine must leave out.
+_LLAVA_TINY = {
+    "text_config": {
+        **{k: v for k, v in _LLAMA_TINY.items() if k != "seed"},
+        "model_type": "llama",
+    },
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 16,
+    },
+    "image_token_index": GPT2_VOCAB - 2,
+    "tie_word_embeddings": False,
+    "seed": 7007,
+}
+
 
 # Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
 _GEMMA3_270M_SHAPE = {
@@ -354,6 +375,7 @@ def recipes() -> dict[str, Recipe]:
             granitemoe.build_granitemoe,
             {**_GRANITEMOE_TINY, "transformers": tv},
         ),
+        Recipe("llava-tiny", llava.build_llava, {**_LLAVA_TINY, "transformers": tv}),
         Recipe("smollm3-tiny", smollm3.build_smollm3, {**_SMOLLM3_TINY, "transformers": tv}),
         Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
         Recipe(
