@@ -276,3 +276,30 @@ def test_llava_with_transformers5_names_gives_the_same_tokens(llava_tiny: Path, 
     want = LLM(str(llava_tiny), **SMALL_KV).generate(PROMPTS, greedy)
     got = LLM(str(renamed), **SMALL_KV).generate(PROMPTS, greedy)
     assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
+
+
+@pytest.mark.parametrize("fixture", ["qwen3_moe_tiny", "mixtral_tiny"])
+def test_fused_experts_on_disk_give_the_hub_layouts_tokens(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+):
+    """transformers 5 holds experts fused (experts.gate_up_proj [E, 2F, D], down_proj
+    [E, D, F]); its save_pretrained converts back to the Hub's per-expert names, but a
+    state_dict written as it is in memory has them fused: same tokens."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    src = request.getfixturevalue(fixture)
+    state = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).state_dict()
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    dst = tmp_path / "fused"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors*"))
+    # A tied head shares the embedding's storage (safetensors refuses to write both).
+    tensors = {k: v.clone().contiguous() for k, v in state.items()}
+    save_file(tensors, str(dst / "model.safetensors"))
+    greedy = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
+    want = LLM(str(src), **SMALL_KV).generate(PROMPTS, greedy)
+    got = LLM(str(dst), **SMALL_KV).generate(PROMPTS, greedy)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]

@@ -77,6 +77,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
     "phi3": {**_DECODER, "model_type": "phi3", "num_key_value_heads": 4},
+    "smollm3": {
+        **_DECODER,
+        "model_type": "smollm3",
+        "num_hidden_layers": 4,
+        "no_rope_layer_interval": 2,
+        "tie_word_embeddings": True,
+    },
     "gpt2": {
         "model_type": "gpt2",
         "n_embd": 128,
