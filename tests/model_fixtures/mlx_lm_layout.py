@@ -161,12 +161,21 @@ def build_mlx_lm(
 
 
 def mlx_lm_greedy(path: Path, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """mlx-lm's own load and greedy decode, one prompt at a time."""
+    """mlx-lm's own load and greedy decode, one prompt at a time, in float32 like the
+    engine on CPU (float16 scales, as mlx-community has them, made its CPU decode of the
+    qwen3-moe-q4-tiny fixture take 79 s)."""
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
 
     model, _ = load_model(path)
+    model.update(
+        nn.utils.tree_map(
+            lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+            model.parameters(),
+        )
+    )
     out = []
     for prompt in prompts:
         cache = make_prompt_cache(model)
