@@ -303,3 +303,42 @@ def test_fused_experts_on_disk_give_the_hub_layouts_tokens(
     want = LLM(str(src), **SMALL_KV).generate(PROMPTS, greedy)
     got = LLM(str(dst), **SMALL_KV).generate(PROMPTS, greedy)
     assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
+
+
+def test_gemma3_multimodal_hub_checkpoint_matches_transformers(gemma3_tiny: Path, tmp_path):
+    """Gemma 3 4B+'s Hub layout, saved by transformers 5's Gemma3ForConditionalGeneration
+    (the gemma3-tiny text model inside, a SigLIP tower next to it): the engine serves the
+    text model, = transformers' multimodal class on the same ids."""
+    import shutil
+
+    import torch
+    from transformers import (
+        AutoConfig,
+        Gemma3Config,
+        Gemma3ForCausalLM,
+        Gemma3ForConditionalGeneration,
+    )
+
+    text = AutoConfig.from_pretrained(str(gemma3_tiny))
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 16,
+    }
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    causal = Gemma3ForCausalLM.from_pretrained(str(gemma3_tiny), dtype=torch.float32)
+    model.model.language_model.load_state_dict(causal.model.state_dict())
+    out = tmp_path / "gemma3-mm"
+    model.save_pretrained(out)
+    for file in gemma3_tiny.glob("tokenizer*"):
+        shutil.copy(file, out / file.name)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "gemma3" and saved["text_config"]["model_type"] == "gemma3_text"
+    check_batched_parity(
+        out, PROMPTS, STEPS, hf_class=Gemma3ForConditionalGeneration, max_num_batched_tokens=24
+    )
