@@ -114,15 +114,17 @@ def test_transformers5_qwen3_moe_matches_transformers(qwen3_moe_tiny_hf5: Path):
     check_batched_parity(qwen3_moe_tiny_hf5, PROMPTS, STEPS, max_num_batched_tokens=24)
 
 
-def test_save_quantized_gemma3_reloads_without_a_second_norm_shift(
-    gemma3_tiny: Path, tmp_path: Path
+@pytest.mark.parametrize("fixture", ["gemma3_tiny", "qwen3_moe_tiny"])
+def test_save_quantized_reloads_as_written(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
 ):
-    """save_quantized writes the module's own names (norms already 1 + w): loaded as they
-    are, not sanitized again."""
-    dst = save_quantized(gemma3_tiny, tmp_path / "q", bits=8, group_size=32, dtype="float32")
+    """save_quantized writes the module's own names (Gemma's norms already 1 + w, experts
+    stacked and quantized): loaded as they are, not sanitized again."""
+    src = request.getfixturevalue(fixture)
+    dst = save_quantized(src, tmp_path / "q", bits=8, group_size=32, dtype="float32")
     one = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
     got = LLM(str(dst), **SMALL_KV).generate(PROMPTS[:2], one)
-    at_load = LLM(str(gemma3_tiny), quantize=8, quantize_group_size=32, **SMALL_KV)
+    at_load = LLM(str(src), quantize=8, quantize_group_size=32, **SMALL_KV)
     assert [o["token_ids"] for o in got] == [
         o["token_ids"] for o in at_load.generate(PROMPTS[:2], one)
     ]
