@@ -36,3 +36,8 @@ class EngineStalledError(RuntimeError):
 
 class TensorParallelError(RuntimeError):
     """A rank died, stopped answering or disagreed: the run cannot go on."""
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint's tensors are not in any layout the loader reads for its architecture:
+    the message names the layout expected and what was found."""

@@ -99,6 +99,11 @@ def qwen3_moe_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_moe_tiny_hf5() -> Path:
+    return cache.fixture_dir("qwen3-moe-tiny-hf5")
+
+
+@pytest.fixture(scope="session")
 def mixtral_tiny() -> Path:
     return cache.fixture_dir("mixtral-tiny")
 
@@ -116,6 +121,26 @@ def granitemoe_tiny() -> Path:
 @pytest.fixture(scope="session")
 def phi3_tiny() -> Path:
     return cache.fixture_dir("phi3-tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm3_tiny() -> Path:
+    return cache.fixture_dir("smollm3-tiny")
+
+
+@pytest.fixture(scope="session")
+def llava_tiny() -> Path:
+    return cache.fixture_dir("llava-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_q4_tiny() -> Path:
+    return cache.fixture_dir("qwen3-moe-q4-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen3_30b_a3b_q4() -> Path:
+    return cache.fixture_dir("qwen3-30b-a3b-q4")
 
 
 @pytest.fixture(scope="session")

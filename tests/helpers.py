@@ -82,11 +82,17 @@ def captured_logits_by_seq() -> Iterator[dict[int, list[np.ndarray]]]:
 
 
 def check_batched_parity(
-    path: Path, prompts: list[list[int]], steps: int, atol: float = 1e-4, **engine: Any
+    path: Path,
+    prompts: list[list[int]],
+    steps: int,
+    atol: float = 1e-4,
+    hf_class: Any = None,
+    **engine: Any,
 ) -> None:
     """check_parity for several prompts run as one continuous batch (engine: options such
     as a small max_num_batched_tokens, so prefills are chunked and share steps with
-    decodes): every sequence's prefill and decode logits, and its greedy tokens."""
+    decodes): every sequence's prefill and decode logits, and its greedy tokens.
+    hf_class: the transformers class to compare with (default AutoModelForCausalLM)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +100,8 @@ def check_batched_parity(
     greedy = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     with captured_logits_by_seq() as seen:
         outs = llm.generate(prompts, greedy)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = (hf_class or AutoModelForCausalLM).from_pretrained(str(path), dtype=torch.float32)
+    hf.eval()
     assert sorted(seen) == list(range(len(prompts)))  # seq ids follow the prompts' order
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
         with torch.no_grad():

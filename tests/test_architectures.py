@@ -28,6 +28,7 @@ PROMPTS = [random_ids(n, seed=n) for n in (70, 5, 1, 37)]
         "gemma3_tiny",  # 2 sliding (32) : 1 global layers, GeGLU, scaled embeddings
         "phi3_tiny",  # fused qkv/gate_up, LongRoPE (short factors), partial rotary, window 48
         "granitemoe_tiny",  # fused Hub experts, Granite's four multipliers, tied head
+        "smollm3_tiny",  # NoPE on every second layer, transformers-5 config
     ],
 )
 def test_batched_run_matches_transformers(fixture: str, request: pytest.FixtureRequest):

@@ -82,6 +82,31 @@ SHORT_NAMES = {
     "phi-4-mini": "microsoft/Phi-4-mini-instruct",
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-Instruct-v0.1",
     "granite-moe-1b": "ibm-granite/granite-3.1-1b-a400m-instruct",
+    "smollm3-3b": "HuggingFaceTB/SmolLM3-3B",
+    # Families other modules load (Qwen3.5 hybrids, gpt-oss, Gemma 4, DeepSeek-V3): the
+    # names are here so `download` has one list; whether a model runs is the loader's say.
+    "qwen3.5-0.8b": "Qwen/Qwen3.5-0.8B",
+    "qwen3.5-9b": "Qwen/Qwen3.5-9B",
+    "qwen3.5-27b": "Qwen/Qwen3.5-27B",
+    "qwen3.5-35b-a3b": "Qwen/Qwen3.5-35B-A3B",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
+    "gpt-oss-120b": "openai/gpt-oss-120b",
+    "gemma-4-e2b-it": "google/gemma-4-E2B-it",
+    "gemma-4-e4b-it": "google/gemma-4-E4B-it",
+    "gemma-4-26b-a4b-it": "google/gemma-4-26B-A4B-it",
+    "gemma-4-31b-it": "google/gemma-4-31B-it",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
+    "deepseek-v3-0324": "deepseek-ai/DeepSeek-V3-0324",
+    "deepseek-v3.1": "deepseek-ai/DeepSeek-V3.1",
+    "deepseek-r1": "deepseek-ai/DeepSeek-R1",
+    # mlx-community's 4-bit conversions (mlx_lm.convert -q: stacked experts, group 64).
+    "qwen3-30b-a3b-4bit": "mlx-community/Qwen3-30B-A3B-4bit",
+    "qwen3-30b-a3b-instruct-2507-4bit": "mlx-community/Qwen3-30B-A3B-Instruct-2507-4bit",
+    "qwen3-0.6b-4bit": "mlx-community/Qwen3-0.6B-4bit",
+    "llama-3.1-8b-instruct-4bit": "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit",
+    "mixtral-8x7b-4bit": "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit",
+    "gemma-3-4b-it-4bit": "mlx-community/gemma-3-4b-it-4bit",
+    "smollm3-3b-4bit": "mlx-community/SmolLM3-3B-4bit",
 }
 # Enough for the engine: config, weights, tokenizer and chat template; no PyTorch/ONNX copies.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.jinja"]

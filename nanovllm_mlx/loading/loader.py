@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from nanovllm_mlx.errors import CheckpointLayoutError
 from nanovllm_mlx.loading import download, gguf
 from nanovllm_mlx.loading.quantization import dequantize_model, quantize_like, quantize_model
 from nanovllm_mlx.loading.tokenizer import Tokenizer
@@ -21,7 +23,9 @@ from nanovllm_mlx.models import (
     phi3,
     qwen3,
     qwen3_moe,
+    smollm3,
 )
+from nanovllm_mlx.models.base import CausalLM
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -99,18 +103,59 @@ ARCHITECTURES = {
     "mixtral": mixtral,
     "qwen3_moe": qwen3_moe,
     "granitemoe": granitemoe,
+    "smollm3": smollm3,
 }
+
+
+def text_config(config: dict) -> dict:
+    """A multimodal checkpoint's text model (Llava, Mistral 3, Gemma 3 4B+: the decoder's
+    fields under text_config, which we serve on its own): its config, with the top level's
+    fields (torch_dtype, quantization, tie_word_embeddings) as defaults. Others as they are."""
+    text = config.get("text_config")
+    if not isinstance(text, dict) or text.get("model_type") not in ARCHITECTURES:
+        return config
+    outer = {k: v for k, v in config.items() if k not in ("text_config", "vision_config")}
+    outer.setdefault("tie_word_embeddings", False)  # transformers' default for these
+    return {**outer, **text}
+
+
+def text_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """A multimodal checkpoint's language-model tensors under the text model's own names:
+    `language_model.` (transformers 4.x, mlx-lm) and `model.language_model.` (transformers
+    5) prefixes become `model.`, the head stays; the vision tower and projector go."""
+    out = {}
+    for key, value in weights.items():
+        if key.startswith("model.language_model."):
+            key = "model." + key.removeprefix("model.language_model.")
+        elif key.startswith("language_model."):
+            key = key.removeprefix("language_model.")
+        elif not key.startswith("lm_head."):
+            continue  # vision_tower, multi_modal_projector, ...
+        out[key] = value
+    return out
 
 
 def build_model(config: dict) -> nn.Module:
     """The architecture named by config.json's model_type, with random weights."""
+    config = text_config(config)
     model_type = config.get("model_type")
     module = ARCHITECTURES.get(model_type)
     if module is None:
+        text = config.get("text_config")
+        inner = f", text model {text.get('model_type')!r}" if isinstance(text, dict) else ""
         raise ValueError(
-            f"unsupported model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})"
+            f"unsupported model_type {model_type!r}{inner} (supported: "
+            f"{', '.join(ARCHITECTURES)}, and multimodal checkpoints of these)"
         )
     return module.Model(module.ModelArgs.from_dict(config))
+
+
+def _patterns(keys: list[str], limit: int = 3) -> str:
+    """Tensor names with layer and expert numbers as N: the shape of a layout, briefly."""
+    numbered = (re.sub(r"\.\d+(?=\.)", ".N", k) for k in keys)
+    seen = list(dict.fromkeys(numbered))
+    more = f" and {len(seen) - limit} more" if len(seen) > limit else ""
+    return ", ".join(repr(p) for p in seen[:limit]) + more
 
 
 def load_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
@@ -118,18 +163,27 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -
     missing = sorted(expected - weights.keys())
     unexpected = sorted(weights.keys() - expected)
     if missing or unexpected:
-        raise ValueError(
-            f"weights in {source} do not fit the model: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        layout = model.layout if isinstance(model, CausalLM) else "the model's"
+        found = f"found {_patterns(unexpected)}" if unexpected else "found no tensor for them"
+        raise CheckpointLayoutError(
+            f"weights in {source} do not fit the {type(model).__module__.rsplit('.', 1)[-1]} "
+            f"model: expected {layout} layout, missing {_patterns(missing)}; {found}"
         )
     params = dict(nn.utils.tree_flatten(model.parameters()))
     for key, value in weights.items():
         if value.shape != params[key].shape:
-            raise ValueError(
+            raise CheckpointLayoutError(
                 f"weight {key} in {source} has shape {value.shape}, expected {params[key].shape}"
+                " (does config.json describe these weights?)"
             )
     model.load_weights(list(weights.items()), strict=True)
+
+
+def names_this_module(model: nn.Module, weights: dict[str, mx.array]) -> bool:
+    """Whether the tensors already carry the module's own names (what save_quantized
+    writes): those need no sanitize, which would otherwise shift Gemma's norms twice."""
+    own = {k for k, _ in nn.utils.tree_flatten(model.parameters())}
+    return all(k in own or k.rsplit(".", 1)[0] + ".weight" in own for k in weights)
 
 
 def cast(model: nn.Module, dtype: mx.Dtype) -> None:
@@ -180,13 +234,14 @@ def _finish(
 def load_hf_dir(path: Path, options: LoadOptions) -> LoadedModel:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
-    config = read_config(path)
+    raw = read_config(path)
+    config = text_config(raw)
     model = build_model(config)
-    weights, mlx_layout = read_safetensors(path)
-    # MLX-written files need no layout changes, only mlx-lm's `model.` wrapper removed.
-    if mlx_layout:
-        weights = {k.removeprefix("model."): v for k, v in weights.items()}
-    else:
+    weights, mlx_written = read_safetensors(path)
+    if not (mlx_written and names_this_module(model, weights)):
+        if config is not raw:
+            weights = text_weights(weights)
+        # The Hub's, transformers 5's and mlx-lm's (mlx-community) names and layouts.
         weights = model.sanitize(weights)
     prequantized = any(k.endswith(".scales") for k in weights)
     if prequantized:

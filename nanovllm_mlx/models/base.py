@@ -58,6 +58,8 @@ class CausalLM(nn.Module):
     """A decoder over a paged KV cache: hidden states of flat tokens, then logits."""
 
     spec: ModelSpec
+    # The checkpoint layouts sanitize reads, for the loader's error when none fits.
+    layout = "the Hub's ('model.layers.N...'), transformers 5's or mlx-community's"
 
     def __call__(
         self,

@@ -120,14 +120,16 @@ class Model(CausalLM):
         self.spec = replace(self.spec, n_kv_heads=self.spec.n_kv_heads // n)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map both Hub layouts (bare keys, Conv1D [in, out]) and transformers 5's
-        `transformer.`-prefixed layout onto this module's names."""
+        """Map both Hub layouts (bare keys, Conv1D [in, out]), transformers 5's
+        `transformer.`-prefixed layout and mlx-lm's (`model.`-prefixed, already [out, in])
+        onto this module's names."""
         out = {}
         for key, value in weights.items():
-            key = key.removeprefix("transformer.")
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            mlx_lm = key.startswith("model.")
+            key = key.removeprefix("transformer.").removeprefix("model.")
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key.startswith("lm_head."):
                 continue  # causal-mask buffers; the head is tied to wte
-            if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            if not mlx_lm and key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
                 value = value.T  # Conv1D stores [in, out]; nn.Linear wants [out, in]
             out[key] = value
         return out

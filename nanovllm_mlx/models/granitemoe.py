@@ -32,6 +32,10 @@ class DecoderLayer(llama.DecoderLayer):
 
 
 class Model(mixtral.Model):
+    layout = (
+        "the Hub's 'model.layers.N.block_sparse_moe.input_linear.weight' or mlx-community's "
+        "'model.layers.N.block_sparse_moe.switch_mlp.gate_proj.weight'"
+    )
     layer_class = DecoderLayer
 
     def attention(self, window: int | None) -> llama.Attention:
@@ -52,12 +56,15 @@ class Model(mixtral.Model):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Hub layout (block_sparse_moe.input_linear [E, 2F, D] with gate then up,
-        output_linear, router.layer) or transformers 5's names -> ours."""
+        output_linear, router.layer), transformers 5's names or mlx-lm's (switch_mlp,
+        read by mixtral's sanitize) -> ours."""
         out = {}
         for key, value in weights.items():
             key = key.replace(".block_sparse_moe.", ".mlp.")
-            key = key.replace(".mlp.router.layer.", ".mlp.router.")
-            key = key.replace(".mlp.router.weight", ".mlp.gate.weight")
+            # Hub: router.layer.weight; transformers 5: router.weight; either quantized by
+            # mlx-lm (.scales, .biases).
+            key = key.replace(".mlp.router.layer.", ".mlp.gate.")
+            key = key.replace(".mlp.router.", ".mlp.gate.")
             if key.endswith(".mlp.input_linear.weight"):
                 key = key.replace(".mlp.input_linear.weight", ".mlp.experts.gate_up_proj")
             elif key.endswith(".mlp.output_linear.weight"):

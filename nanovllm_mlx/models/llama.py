@@ -9,6 +9,7 @@ ModelArgs and Attention and override Model.make_layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,11 +46,18 @@ class ModelArgs:
     # GGUF files of Llama 3.1+ carry their rescaled frequencies as divisors instead of the
     # rope_scaling parameters they were computed from (tensor rope_freqs.weight).
     rope_freq_factors: list[float] | None = field(default=None, repr=False)
+    # Our field -> the name a config may hold it under instead: the aliases transformers'
+    # config classes declare (attribute_map), whose save_pretrained writes the other one.
+    aliases: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_dict(cls, config: dict) -> ModelArgs:
-        names = [f.name for f in fields(cls)]
-        args = cls(**{k: config[k] for k in names if config.get(k) is not None})
+        values = {}
+        for f in fields(cls):
+            key = f.name if config.get(f.name) is not None else cls.aliases.get(f.name)
+            if key is not None and config.get(key) is not None:
+                values[f.name] = config[key]
+        args = cls(**values)
         # transformers 5 writes rope_parameters (theta and scaling in one dict) instead of
         # the top-level rope_theta + rope_scaling of 4.x configs; accept both.
         rope = config.get("rope_parameters")

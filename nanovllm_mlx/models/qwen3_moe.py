@@ -5,11 +5,12 @@ decoder_sparse_step and mlp_only_layers select; dense SwiGLU on the others."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import mlx.core as mx
 
 from nanovllm_mlx.models import llama, qwen3
-from nanovllm_mlx.models.switch import SparseMoE, split_fused_experts, stack_experts
+from nanovllm_mlx.models.switch import SparseMoE, stack_experts, stacked_layouts
 
 _EXPERT_NAMES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 
@@ -23,6 +24,8 @@ class ModelArgs(llama.ModelArgs):
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    # transformers 5's Qwen3MoeConfig saves num_local_experts (num_experts is its alias).
+    aliases: ClassVar[dict[str, str]] = {"num_experts": "num_local_experts"}
 
     def is_sparse(self, layer: int) -> bool:
         return (
@@ -33,6 +36,12 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Model(qwen3.Model):
+    layout = (
+        "the Hub's 'model.layers.N.mlp.experts.E.gate_proj.weight', transformers 5's fused "
+        "'model.layers.N.mlp.experts.gate_up_proj' or mlx-community's "
+        "'model.layers.N.mlp.switch_mlp.gate_proj.weight'"
+    )
+
     def make_layer(self, index: int, window: int | None) -> llama.DecoderLayer:
         args = self.args
         assert isinstance(args, ModelArgs)
@@ -48,8 +57,9 @@ class Model(qwen3.Model):
         return llama.DecoderLayer(args, self.attention(window), moe)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Experts one by one (the Hub layout) or fused (transformers 5) -> stacked."""
-        weights = split_fused_experts(weights)
+        """Experts one by one (the Hub layout), fused (transformers 5) or stacked as
+        mlx-lm's switch_mlp (mlx-community) -> ours, stacked."""
+        weights = stacked_layouts(weights)
         for i in range(self.args.num_hidden_layers):
             prefix = f"model.layers.{i}.mlp.experts"
             weights = stack_experts(weights, prefix, self.args.num_experts, _EXPERT_NAMES)

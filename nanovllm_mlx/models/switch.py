@@ -10,6 +10,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from nanovllm_mlx.errors import CheckpointLayoutError
+
 # At this many (token, expert) pairs a step sorts them by expert first: gather_mm then
 # reads each expert's weights once for a run of rows instead of once per row.
 SORT_AT = 64
@@ -34,31 +36,46 @@ class SwitchLinear(nn.Module):
     ) -> QuantizedSwitchLinear:
         """nn.quantize's hook: experts quantize like any other linear layer."""
         num_experts, out_dims, in_dims = self.weight.shape
-        layer = QuantizedSwitchLinear(in_dims, out_dims, num_experts, group_size, bits)
-        layer.weight, layer.scales, layer.biases = mx.quantize(self.weight, group_size, bits)
+        layer = QuantizedSwitchLinear(in_dims, out_dims, num_experts, group_size, bits, mode)
+        layer.weight, layer.scales, *biases = mx.quantize(self.weight, group_size, bits, mode=mode)
+        if biases:
+            layer.biases = biases[0]
         return layer
 
 
 class QuantizedSwitchLinear(nn.Module):
+    """Experts stored quantized: affine (packed weights, scales and biases) or one of MLX's
+    float modes (mxfp4, nvfp4, mxfp8: packed weights and uint8 scales, no biases)."""
+
     def __init__(
-        self, in_dims: int, out_dims: int, num_experts: int, group_size: int = 64, bits: int = 4
+        self,
+        in_dims: int,
+        out_dims: int,
+        num_experts: int,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = "affine",
     ):
         super().__init__()
-        self.group_size, self.bits = group_size, bits
-        self.weight, self.scales, self.biases = mx.quantize(
-            mx.zeros((num_experts, out_dims, in_dims)), group_size, bits
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        packed = mx.quantize(
+            mx.zeros((num_experts, out_dims, in_dims)), group_size, bits, mode=mode
         )
+        self.weight, self.scales = packed[0], packed[1]
+        if mode == "affine":
+            self.biases = packed[2]
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_qmm(
             x,
             self.weight,
             self.scales,
-            self.biases,
+            self.get("biases"),
             rhs_indices=indices,
             transpose=True,
             group_size=self.group_size,
             bits=self.bits,
+            mode=self.mode,
             sorted_indices=sorted_indices,
         )
 
@@ -124,23 +141,34 @@ class SparseMoE(nn.Module):
 def stack_experts(
     weights: dict[str, mx.array], prefix: str, num_experts: int, names: dict[str, str]
 ) -> dict[str, mx.array]:
-    """Hub checkpoints store experts one by one ({prefix}.{e}.{name}.weight); stack each
-    projection into one [experts, out, in] array under {prefix}.{ours}.weight. names: the
-    checkpoint's projection names -> ours (gate_proj, up_proj, down_proj)."""
+    """Hub checkpoints store experts one by one ({prefix}.{e}.{name}.weight, and .scales /
+    .biases where quantized that way); stack each projection into one [experts, out, in]
+    array under {prefix}.{ours}. names: the checkpoint's projection names -> ours
+    (gate_proj, up_proj, down_proj)."""
     out = dict(weights)
     for theirs, ours in names.items():
-        keys = [f"{prefix}.{e}.{theirs}.weight" for e in range(num_experts)]
-        if keys[0] not in out:
-            continue
-        out[f"{prefix}.{ours}.weight"] = mx.stack([out.pop(key) for key in keys])
+        for part in ("weight", "scales", "biases"):
+            keys = [f"{prefix}.{e}.{theirs}.{part}" for e in range(num_experts)]
+            if keys[0] not in out:
+                continue
+            missing = [key for key in keys if key not in out]
+            if missing:
+                raise CheckpointLayoutError(
+                    f"expert tensor {missing[0]} is missing: the config declares {num_experts} "
+                    f"experts and the checkpoint has fewer (is num_experts right?)"
+                )
+            out[f"{prefix}.{ours}.{part}"] = mx.stack([out.pop(key) for key in keys])
     return out
 
 
-def split_fused_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """transformers 5 keeps experts fused in memory: {prefix}.gate_up_proj [E, 2F, D] and
-    {prefix}.down_proj [E, D, F] (no .weight); -> ours, stacked per projection."""
+def stacked_layouts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """The two stacked layouts -> ours ({prefix}.experts.{gate,up,down}_proj.weight):
+    mlx-lm's (mlx-community repos: {prefix}.switch_mlp.gate_proj.weight / .scales /
+    .biases, already [E, out, in]) and transformers 5's in-memory fused one
+    ({prefix}.experts.gate_up_proj [E, 2F, D] and .down_proj [E, D, F], no .weight)."""
     out = {}
     for key, value in weights.items():
+        key = key.replace(".switch_mlp.", ".experts.")
         if key.endswith(".experts.gate_up_proj"):
             prefix = key.removesuffix(".gate_up_proj")
             gate, up = mx.split(value, 2, axis=1)

@@ -57,3 +57,18 @@ def build_qwen3(out: Path, p: dict[str, Any]) -> None:
 
 def build_qwen3_moe(out: Path, p: dict[str, Any]) -> None:
     _build(out, p, "qwen3_moe", "Qwen3MoeForCausalLM")
+
+
+def build_qwen3_moe_hf5(out: Path, p: dict[str, Any]) -> None:
+    """Plain transformers-5 save_pretrained: config.json names the expert count
+    num_local_experts (Qwen3MoeConfig's attribute_map makes num_experts its alias) and
+    carries rope_parameters; the experts, fused in memory, are saved one by one."""
+    build_causal_lm(
+        out,
+        p,
+        cls_name="Qwen3MoeForCausalLM",
+        classic_config=None,
+        generation_config={"bos_token_id": EOT_ID, "eos_token_id": [EOT_ID + 2, EOT_ID]},
+        real_vocab=GPT2_VOCAB + 2,
+    )
+    write_qwen_tokenizer(out, p)

@@ -21,11 +21,13 @@ from . import (
     gpt2,
     granitemoe,
     llama,
+    llava,
     mixtral,
     mlx_community,
     phi3,
     qwen2,
     qwen3,
+    smollm3,
     weights,
 )
 from .tokenizer import GPT2_VOCAB
@@ -199,6 +201,38 @@ _PHI3_TINY = {
     "seed": 3141,
 }
 
+# SmolLM3-3B's structure at toy size: every second layer NoPE (the real one: every fourth of
+# 36), GQA, tied head, its rope base.
+_SMOLLM3_TINY = {
+    **_LLAMA_TINY,
+    "num_hidden_layers": 4,
+    "no_rope_layer_interval": 2,
+    "rope_theta": 5000000.0,
+    "tie_word_embeddings": True,
+    "pad_token_id": GPT2_VOCAB - 1,  # its default (128004) is past the toy vocabulary
+    "seed": 3003,
+}
+
+# Llava around the Llama toy decoder; a 2-layer CLIP tower the engine must leave out.
+_LLAVA_TINY = {
+    "text_config": {
+        **{k: v for k, v in _LLAMA_TINY.items() if k != "seed"},
+        "model_type": "llama",
+    },
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 16,
+    },
+    "image_token_index": GPT2_VOCAB - 2,
+    "tie_word_embeddings": False,
+    "seed": 7007,
+}
+
 
 # Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
 _GEMMA3_270M_SHAPE = {
@@ -263,6 +297,47 @@ _LLAMA3_8B_Q4 = {
     "seed": 8008,
 }
 
+# Qwen3-30B-A3B as mlx-community/Qwen3-30B-A3B-4bit has it (48 sparse layers of 128
+# experts, top 8, GQA 32/4 with head_dim 128, 151936 vocabulary; ~17 GB), the MoE Mac users
+# run most; and a toy twin in the same layout the suite loads.
+_QWEN3_MOE_Q4_TINY = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "vocab_size": 50304,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "bits": 4,
+    "group_size": 64,
+    "seed": 3034,
+}
+_QWEN3_30B_A3B_Q4 = {
+    **_QWEN3_MOE_Q4_TINY,
+    "hidden_size": 2048,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "seed": 30003,
+}
+
 
 def _transformers_version() -> str:
     # save_pretrained output depends on it; metadata lookup avoids importing transformers.
@@ -286,6 +361,11 @@ def recipes() -> dict[str, Recipe]:
         Recipe("qwen2-tiny", qwen2.build_qwen2, {**_QWEN2_TINY, "transformers": tv}),
         Recipe("qwen3-tiny", qwen3.build_qwen3, {**_QWEN3_TINY, "transformers": tv}),
         Recipe("qwen3-moe-tiny", qwen3.build_qwen3_moe, {**_QWEN3_MOE_TINY, "transformers": tv}),
+        Recipe(
+            "qwen3-moe-tiny-hf5",
+            qwen3.build_qwen3_moe_hf5,
+            {**_QWEN3_MOE_TINY, "transformers": tv},
+        ),
         Recipe("mixtral-tiny", mixtral.build_mixtral, {**_MIXTRAL_TINY, "transformers": tv}),
         Recipe("gemma3-tiny", gemma3.build_gemma3, {**_GEMMA3_TINY, "transformers": tv}),
         Recipe(
@@ -293,6 +373,8 @@ def recipes() -> dict[str, Recipe]:
             granitemoe.build_granitemoe,
             {**_GRANITEMOE_TINY, "transformers": tv},
         ),
+        Recipe("llava-tiny", llava.build_llava, {**_LLAVA_TINY, "transformers": tv}),
+        Recipe("smollm3-tiny", smollm3.build_smollm3, {**_SMOLLM3_TINY, "transformers": tv}),
         Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
         Recipe(
             "llama-q4-tiny",
@@ -304,6 +386,19 @@ def recipes() -> dict[str, Recipe]:
             "llama3-8b-q4",
             mlx_community.build_llama_quantized,
             _LLAMA3_8B_Q4,
+            default=False,
+            uses_torch=False,
+        ),
+        Recipe(
+            "qwen3-moe-q4-tiny",
+            mlx_community.build_qwen3_moe_quantized,
+            _QWEN3_MOE_Q4_TINY,
+            uses_torch=False,
+        ),
+        Recipe(
+            "qwen3-30b-a3b-q4",
+            mlx_community.build_qwen3_moe_quantized,
+            _QWEN3_30B_A3B_Q4,
             default=False,
             uses_torch=False,
         ),
