@@ -119,6 +119,11 @@ def phi3_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def deepseek_v3_tiny() -> Path:
+    return cache.fixture_dir("deepseek-v3-tiny")
+
+
+@pytest.fixture(scope="session")
 def llama_q4_tiny() -> Path:
     return cache.fixture_dir("llama-q4-tiny")
 

@@ -13,6 +13,7 @@ from nanovllm_mlx.loading import download, gguf
 from nanovllm_mlx.loading.quantization import dequantize_model, quantize_like, quantize_model
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import (
+    deepseek_v3,
     gemma3,
     gpt2,
     granitemoe,
@@ -99,6 +100,8 @@ ARCHITECTURES = {
     "mixtral": mixtral,
     "qwen3_moe": qwen3_moe,
     "granitemoe": granitemoe,
+    "deepseek_v3": deepseek_v3,  # also DeepSeek-R1
+    "kimi_k2": deepseek_v3,  # Kimi-K2's config names DeepSeek-V3's architecture
 }
 
 

@@ -1,0 +1,249 @@
+"""DeepSeek-V3 (also DeepSeek-R1 and Kimi-K2, which share its architecture) in MLX.
+
+Multi-head latent attention over a latent paged cache (models/mla.py), then a SwiGLU MLP
+on the first first_k_dense_replace layers and a mixture of experts on the rest: one or
+more always-on shared experts plus n_routed_experts routed ones, chosen by sigmoid scores
+in groups (`group_route`). Multi-token-prediction layers that checkpoints carry past the
+last decoder layer are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from nanovllm_mlx.models import llama
+from nanovllm_mlx.models.mla import LatentAttention, softmax_scale, split_kv_b_proj
+from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq
+from nanovllm_mlx.models.switch import SwitchGLU, split_fused_experts, stack_experts
+
+_EXPERT_NAMES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+
+
+@dataclass  # not slots: from_dict's zero-argument super() needs the class it was written in
+class ModelArgs(llama.ModelArgs):
+    model_type: str = "deepseek_v3"
+    moe_intermediate_size: int = 2048
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_interleave: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+
+    @classmethod
+    def from_dict(cls, config: dict) -> ModelArgs:
+        # transformers' attribute_map aliases (the names a transformers 5 config may carry).
+        config = {
+            **config,
+            "n_routed_experts": config.get("n_routed_experts", config.get("num_local_experts")),
+        }
+        args = super().from_dict(config)
+        assert isinstance(args, ModelArgs)
+        # null is meaningful here (from_dict skips None values): no query compression
+        # (DeepSeek-V2-Lite's q_proj), no shared experts.
+        if "q_lora_rank" in config:
+            args.q_lora_rank = config["q_lora_rank"]
+        if config.get("n_shared_experts", 1) is None:
+            args.n_shared_experts = 0
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        if self.scoring_func != "sigmoid" or self.topk_method not in ("noaux_tc", "greedy"):
+            raise ValueError(
+                f"unsupported DeepSeek router (scoring_func {self.scoring_func!r}, topk_method "
+                f"{self.topk_method!r}): only DeepSeek-V3's sigmoid noaux_tc routing is"
+            )
+        experts, groups = self.n_routed_experts, self.n_group
+        if groups < 1 or experts % groups or not 1 <= self.topk_group <= groups:
+            raise ValueError(
+                f"n_group {groups} must divide n_routed_experts {experts}, and topk_group "
+                f"{self.topk_group} lie in [1, n_group]"
+            )
+        if groups > 1 and experts // groups < 2:
+            raise ValueError(
+                f"group routing scores each group by its top 2 experts: n_routed_experts "
+                f"{experts} in {groups} groups leaves fewer than 2 a group"
+            )
+        if not 1 <= self.num_experts_per_tok <= experts // groups * self.topk_group:
+            raise ValueError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must lie in [1, the experts "
+                f"of topk_group groups ({experts // groups * self.topk_group})]"
+            )
+
+    def is_sparse(self, layer: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer >= self.first_k_dense_replace
+            and layer % self.moe_layer_freq == 0
+        )
+
+
+def group_route(
+    logits: mx.array,
+    bias: mx.array,
+    k: int,
+    n_group: int,
+    topk_group: int,
+    normalize: bool,
+    scaling: float,
+) -> tuple[mx.array, mx.array]:
+    """Router logits [N, E] (float32) -> (expert indices [N, k], weights [N, k]).
+
+    Experts are chosen on sigmoid scores plus the load-balancing bias
+    (e_score_correction_bias), among the topk_group groups whose two best biased scores
+    sum highest; their weights are the unbiased scores, renormalized if `normalize`, times
+    routed_scaling_factor (transformers' DeepseekV3TopkRouter)."""
+    scores = mx.sigmoid(logits)
+    choice = scores + bias
+    if topk_group < n_group:
+        n = choice.shape[0]
+        grouped = choice.reshape(n, n_group, -1)
+        group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)  # [N, G]
+        dropped = mx.argpartition(group_scores, kth=n_group - topk_group - 1, axis=-1)
+        dropped = dropped[:, : n_group - topk_group]
+        keep = mx.put_along_axis(
+            mx.ones(group_scores.shape, dtype=mx.bool_), dropped, mx.array(False), axis=-1
+        )
+        choice = mx.where(keep[..., None], grouped, -mx.inf).reshape(n, -1)
+    indices = mx.argpartition(-choice, kth=k - 1, axis=-1)[:, :k]
+    weights = mx.take_along_axis(scores, indices, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return indices, weights * scaling
+
+
+class Router(nn.Module):
+    """The gate: weight [E, D] and the selection bias e_score_correction_bias [E], both
+    computed in float32 whatever the model's dtype, as transformers keeps them."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        self.e_score_correction_bias = mx.zeros((args.n_routed_experts,))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        a = self.args
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        return group_route(
+            logits,
+            self.e_score_correction_bias.astype(mx.float32),
+            a.num_experts_per_tok,
+            a.n_group,
+            a.topk_group,
+            a.norm_topk_prob,
+            a.routed_scaling_factor,
+        )
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Router(args)
+        self.experts = SwitchGLU(
+            args.hidden_size, args.moe_intermediate_size, args.n_routed_experts
+        )
+        if args.n_shared_experts:
+            hidden = args.moe_intermediate_size * args.n_shared_experts
+            self.shared_experts = llama.MLP(args, hidden)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = self.gate(x)
+        y = self.experts(x, mx.stop_gradient(indices))
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class Model(llama.Model):
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        # One latent KV "head" per layer: [c_kv, k_pe], the values its first kv_lora_rank.
+        self.spec = replace(
+            self.spec,
+            n_kv_heads=1,
+            head_dim=args.kv_lora_rank + args.qk_rope_head_dim,
+            latent_value_dim=args.kv_lora_rank,
+        )
+
+    def make_rope(self, args: llama.ModelArgs) -> tuple[RotaryEmbedding, float]:
+        assert isinstance(args, ModelArgs)
+        dim = args.qk_rope_head_dim
+        inv_freq, attention_factor = rope_inv_freq(
+            dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings
+        )
+        return RotaryEmbedding(dim, inv_freq, traditional=args.rope_interleave), attention_factor
+
+    def make_layer(self, index: int, window: int | None) -> llama.DecoderLayer:
+        args = self.args
+        assert isinstance(args, ModelArgs)
+        attention = LatentAttention(
+            args.hidden_size,
+            args.num_attention_heads,
+            args.q_lora_rank,
+            args.kv_lora_rank,
+            args.qk_nope_head_dim,
+            args.qk_rope_head_dim,
+            args.v_head_dim,
+            args.attention_bias,
+            self.rope,
+            self.attention_factor,
+            softmax_scale(args.qk_nope_head_dim + args.qk_rope_head_dim, args.rope_scaling),
+        )
+        mlp = MoE(args) if args.is_sparse(index) else llama.MLP(args)
+        return llama.DecoderLayer(args, attention, mlp)
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        raise ValueError(
+            "tensor parallelism is not implemented for DeepSeek-V3 (its latent attention "
+            "and routed experts are not split across ranks): run it with "
+            "tensor_parallel_size 1"
+        )
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Hub layout (experts one by one; kv_b_proj whole) or transformers 5's fused
+        experts -> stacked experts and kv_b_proj split into embed_q / unembed_out.
+        Multi-token-prediction layers (model.layers.{num_hidden_layers}...) are dropped."""
+        args = self.args
+        assert isinstance(args, ModelArgs)
+        n = args.num_hidden_layers
+        weights = {
+            k: v
+            for k, v in weights.items()
+            if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)
+        }
+        for key in [k for k in weights if k.endswith("weight_scale_inv")]:
+            raise ValueError(
+                f"{key}: this checkpoint holds FP8 weights (DeepSeek's original release); "
+                "convert it to bfloat16 or to MLX's format first (mlx_lm.convert)"
+            )
+        weights = split_fused_experts(weights)
+        for i in range(n):
+            prefix = f"model.layers.{i}"
+            weights = stack_experts(
+                weights, f"{prefix}.mlp.experts", args.n_routed_experts, _EXPERT_NAMES
+            )
+            kv_b = weights.pop(f"{prefix}.self_attn.kv_b_proj.weight", None)
+            if kv_b is not None:
+                embed_q, unembed_out = split_kv_b_proj(
+                    kv_b, args.num_attention_heads, args.qk_nope_head_dim
+                )
+                weights[f"{prefix}.self_attn.embed_q.weight"] = embed_q
+                weights[f"{prefix}.self_attn.unembed_out.weight"] = unembed_out
+        return super().sanitize(weights)
