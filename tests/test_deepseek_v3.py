@@ -221,3 +221,19 @@ def test_plain_query_projection_and_other_routing_matches_transformers(tmp_path:
     assert "q_proj" in attention and "q_a_proj" not in attention
     assert isinstance(moe, deepseek_v3.MoE) and moe.shared_experts.up_proj.weight.shape == (64, 64)
     check_batched_parity(path, PROMPTS[:2], 4, atol=ATOL)
+
+
+def test_the_router_stays_float32_in_a_half_precision_model(deepseek_v3_tiny: Path):
+    import mlx.nn as nn
+
+    llm = LLM(str(deepseek_v3_tiny), kv_cache_gb=0.02, dtype="bfloat16")
+    params = dict(nn.utils.tree_flatten(llm.engine.model_runner.model.parameters()))
+    router = {k for k in params if ".mlp.gate." in k}
+    assert router == {
+        f"layers.{i}.mlp.gate.{name}"
+        for i in (1, 2)
+        for name in ("weight", "e_score_correction_bias")
+    }
+    assert all(params[k].dtype == mx.float32 for k in router)
+    assert all(p.dtype == mx.bfloat16 for k, p in params.items() if k not in router)
+    # (No generation: MLX's CPU gather_mm, which every MoE here runs, is float32 only.)

@@ -145,10 +145,10 @@ class KVCache:
         single-stream decode step."""
         for name, new in (("k", k), ("v", v)):
             pool = getattr(self, name)
-            if pool is None:
+            if (pool is None) != (new is None):
+                raise ValueError("v must be None exactly when the cache is latent (no V pool)")
+            if pool is None or new is None:
                 continue
-            if new is None:
-                raise ValueError("this layer's cache has a V pool: pass its values")
             head_dim = new.shape[-1]
             flat = pool.reshape(-1, head_dim)
             flat[rows] = new.reshape(-1, head_dim)

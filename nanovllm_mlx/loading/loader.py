@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
 from nanovllm_mlx.loading import download, gguf
 from nanovllm_mlx.loading.quantization import dequantize_model, quantize_like, quantize_model
@@ -136,12 +137,17 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -
 
 
 def cast(model: nn.Module, dtype: mx.Dtype) -> None:
-    model.update(
-        nn.utils.tree_map(
-            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-            model.parameters(),
-        )
-    )
+    """Float parameters to dtype, except those whose names end with one of the model's
+    `float32_parameters` (DeepSeek-V3's router bias: bfloat16 would round it, and with
+    it which experts are chosen), which stay float32."""
+    keep = tuple(getattr(model, "float32_parameters", ()))
+
+    def convert(path: str, p: mx.array) -> mx.array:
+        if not mx.issubdtype(p.dtype, mx.floating):
+            return p
+        return p.astype(mx.float32 if keep and path.endswith(keep) else dtype)
+
+    model.update(tree_map_with_path(convert, model.parameters()))
 
 
 def read_config(path: Path) -> dict:

@@ -172,6 +172,9 @@ class MoE(nn.Module):
 
 
 class Model(llama.Model):
+    # Kept float32 by the loader's cast, as transformers keeps them.
+    float32_parameters = ("gate.weight", "gate.e_score_correction_bias")
+
     def __init__(self, args: ModelArgs):
         super().__init__(args)
         # One latent KV "head" per layer: [c_kv, k_pe], the values its first kv_lora_rank.
