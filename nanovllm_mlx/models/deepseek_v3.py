@@ -220,8 +220,9 @@ class Model(llama.Model):
         )
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Hub layout (experts one by one; kv_b_proj whole) or transformers 5's fused
-        experts -> stacked experts and kv_b_proj split into embed_q / unembed_out.
+        """Hub layout (experts one by one; kv_b_proj whole), transformers 5's fused experts
+        or mlx-lm's (switch_mlp; embed_q / unembed_out, maybe quantized) -> stacked experts
+        and kv_b_proj split into embed_q / unembed_out.
         Multi-token-prediction layers (model.layers.{num_hidden_layers}...) are dropped."""
         args = self.args
         assert isinstance(args, ModelArgs)
@@ -236,6 +237,9 @@ class Model(llama.Model):
                 f"{key}: this checkpoint holds FP8 weights (DeepSeek's original release); "
                 "convert it to bfloat16 or to MLX's format first (mlx_lm.convert)"
             )
+        # mlx-lm's converted checkpoints (mlx-community) stack the experts as switch_mlp
+        # and have kv_b_proj split already, under the names used here.
+        weights = {k.replace(".mlp.switch_mlp.", ".mlp.experts."): v for k, v in weights.items()}
         weights = split_fused_experts(weights)
         for i in range(n):
             prefix = f"model.layers.{i}"

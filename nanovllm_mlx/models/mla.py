@@ -64,6 +64,52 @@ class MultiLinear(nn.Module):
         y = x.swapaxes(0, 1) @ self.weight.swapaxes(-1, -2)  # [H, T, out], batched per head
         return y.swapaxes(0, 1)
 
+    def to_quantized(
+        self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_: object
+    ) -> QuantizedMultiLinear:
+        """nn.quantize's hook (and the loader's, for mlx-community checkpoints, which store
+        embed_q and unembed_out quantized)."""
+        num_heads, out_dims, in_dims = self.weight.shape
+        layer = QuantizedMultiLinear(in_dims, out_dims, num_heads, group_size, bits, mode)
+        layer.weight, layer.scales, *biases = mx.quantize(self.weight, group_size, bits, mode=mode)
+        if biases:
+            layer.biases = biases[0]
+        return layer
+
+
+class QuantizedMultiLinear(nn.Module):
+    """MultiLinear with quantized weights (affine: scales and biases; MLX's float modes:
+    scales alone), through mx.quantized_matmul batched over the heads."""
+
+    def __init__(
+        self,
+        in_dims: int,
+        out_dims: int,
+        num_heads: int,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = "affine",
+    ):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        packed = mx.quantize(mx.zeros((num_heads, out_dims, in_dims)), group_size, bits, mode=mode)
+        self.weight, self.scales = packed[0], packed[1]
+        if len(packed) > 2:
+            self.biases = packed[2]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(
+            x.swapaxes(0, 1),
+            self.weight,
+            self.scales,
+            self.get("biases"),
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+        return y.swapaxes(0, 1)
+
 
 def split_kv_b_proj(weight: mx.array, num_heads: int, nope_dim: int) -> tuple[mx.array, mx.array]:
     """kv_b_proj [H * (nope + v), r] -> embed_q [H, r, nope] (the key part, transposed:
