@@ -339,3 +339,33 @@ def test_mlx_community_layout_decodes_as_mlx_lm():
     np.testing.assert_allclose(np.concatenate(got)[:-1], want, atol=5e-4, rtol=1e-4)
     # mlx-lm's greedy tokens are ours.
     assert seq.token_ids[len(prompt) :] == want[len(prompt) - 1 :].argmax(-1).tolist()
+
+
+def test_the_real_shape_caches_71x_less_and_scales_as_transformers():
+    """DeepSeek-V3's own config (built lazily: no weight is materialized): 576 cached
+    numbers a token and layer, 70,272 bytes a token in bfloat16 against 4,997,120 for the
+    expanded K (128 heads x 192) and V (128 x 128); the softmax scale with YaRN's
+    mscale_all_dim as transformers computes it."""
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import yarn_apply_mscale
+
+    rope = {
+        "type": "yarn",
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
+    hf = DeepseekV3Config(rope_scaling=rope, max_position_embeddings=163840)
+    config = {**hf.to_dict(), "rope_scaling": rope, "rope_theta": 10000.0}
+    config.pop("rope_parameters")
+    model = build_model(config)
+    latent = memory.kv_bytes_per_block(model.spec, 16, mx.bfloat16) // 16
+    expanded = 61 * 128 * (192 + 128) * 2
+    assert (latent, expanded) == (70_272, 4_997_120)
+    assert round(expanded / latent, 1) == 71.1
+    want = yarn_apply_mscale(hf.rope_parameters, 192**-0.5)
+    assert model.layers[3].self_attn.scale == pytest.approx(want, rel=1e-12)
+    assert want == pytest.approx(192**-0.5 * 1.3688879454113936**2)
