@@ -241,104 +241,30 @@ def test_the_router_stays_float32_in_a_half_precision_model(deepseek_v3_tiny: Pa
     assert all(p.dtype == mx.bfloat16 for k, p in params.items() if k not in router)
 
 
-# The tiny shape again, for a model built with mlx-lm's own classes.
-MLX_LM_CONFIG = {
-    "model_type": "deepseek_v3",
-    "vocab_size": 1000,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "n_shared_experts": 1,
-    "n_routed_experts": 8,
-    "routed_scaling_factor": 2.5,
-    "kv_lora_rank": 32,
-    "q_lora_rank": 48,
-    "qk_rope_head_dim": 8,
-    "v_head_dim": 16,
-    "qk_nope_head_dim": 16,
-    "n_group": 4,
-    "topk_group": 2,
-    "num_experts_per_tok": 2,
-    "first_k_dense_replace": 1,
-    "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 128,
-        "mscale": 1.0,
-        "mscale_all_dim": 0.8,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    },
-}
-
-
-def test_mlx_community_layout_decodes_as_mlx_lm():
-    """mlx-lm's DeepSeek-V3 with random weights, quantized 4-bit the way mlx_lm.convert
-    does (group 32 here, so that unembed_out and the stacked switch_mlp experts quantize
-    while the 16-wide embed_q stays float): its tensors, as an mlx-community checkpoint
-    holds them, load through sanitize into this model, whose prefill and decode logits on
-    the paged latent cache are mlx-lm's."""
+def test_mlx_community_checkpoint_decodes_as_mlx_lm(deepseek_v3_q4_tiny: Path):
+    """mlx-lm's DeepSeek-V3, random weights, quantized and saved by mlx-lm as mlx_lm.convert
+    -q does: the engine loads it as it is (switch_mlp experts, quantized unembed_out) and
+    its batched logits and greedy tokens are mlx-lm's, each prompt alone."""
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import deepseek_v3 as mlx_lm_deepseek
+    from helpers import captured_logits_by_seq
+    from mlx_lm.utils import load_model
 
-    from nanovllm_mlx.engine.core.plan import ScheduledSeq
-    from nanovllm_mlx.engine.core.sequence import Sequence
-    from nanovllm_mlx.engine.runner.model_runner import ModelRunner
-    from nanovllm_mlx.loading.loader import load_weights
-    from nanovllm_mlx.loading.quantization import quantize_like
     from nanovllm_mlx.models.mla import QuantizedMultiLinear
     from nanovllm_mlx.models.switch import QuantizedSwitchLinear
 
-    mx.random.seed(0)
-    theirs = mlx_lm_deepseek.Model(mlx_lm_deepseek.ModelArgs.from_dict(MLX_LM_CONFIG))
-    randomized = []
-    for key, value in tree_flatten(theirs.parameters()):
-        noise = mx.random.normal(value.shape)
-        if key.endswith("norm.weight"):
-            randomized.append((key, 1 + 0.1 * noise))
-        elif value.ndim == 1:  # the routers' biases
-            randomized.append((key, 0.5 * noise))
-        else:
-            randomized.append((key, noise * (2.0 / value.shape[-1] ** 0.5)))
-    theirs.load_weights(randomized)
-    nn.quantize(
-        theirs,
-        group_size=32,
-        bits=4,
-        class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0,
-    )
-    weights = dict(tree_flatten(theirs.parameters()))
-    assert "model.layers.1.mlp.switch_mlp.up_proj.scales" in weights
-    assert "model.layers.1.self_attn.unembed_out.scales" in weights
-
-    ours = build_model(MLX_LM_CONFIG)
-    weights = ours.sanitize(weights)
-    quantize_like(ours, weights, Path("mlx-community"))
-    load_weights(ours, weights, Path("mlx-community"))
-    kinds = {type(m) for _, m in ours.named_modules()}
-    assert {QuantizedMultiLinear, QuantizedSwitchLinear, nn.QuantizedLinear} <= kinds
-
-    runner = ModelRunner(ours, 8, 16, mx.float32)
-    prompt = random_ids(40, seed=40)
-    prompt = [t % 1000 for t in prompt]
-    seq = Sequence(0, prompt, SamplingParams(temperature=0.0))
-    seq.block_table = [5, 2, 7]  # scattered blocks
-    got = [np.array(runner.all_logits(ScheduledSeq(seq, len(prompt))))]
-    for _ in range(6):  # decode steps, one token each, reading the cache back
-        seq.num_computed_tokens = seq.num_tokens
-        seq.token_ids.append(int(got[-1][-1].argmax()))
-        got.append(np.array(runner.all_logits(ScheduledSeq(seq, 1))))
-    want = np.array(theirs(mx.array([seq.token_ids[:-1]]))[0])
-    np.testing.assert_allclose(np.concatenate(got)[:-1], want, atol=5e-4, rtol=1e-4)
-    # mlx-lm's greedy tokens are ours.
-    assert seq.token_ids[len(prompt) :] == want[len(prompt) - 1 :].argmax(-1).tolist()
+    llm = LLM(str(deepseek_v3_q4_tiny), max_num_batched_tokens=40, **SMALL)
+    kinds = {type(m) for _, m in llm.engine.model_runner.model.named_modules()}
+    # Kept quantized on CPU (the loader dequantizes plain linear layers only).
+    assert {QuantizedMultiLinear, QuantizedSwitchLinear} <= kinds
+    assert nn.QuantizedLinear not in kinds
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    with captured_logits_by_seq() as seen:
+        outs = llm.generate(PROMPTS, greedy)
+    theirs, _ = load_model(deepseek_v3_q4_tiny)
+    for i, (prompt, out) in enumerate(zip(PROMPTS, outs)):
+        want = np.array(theirs(mx.array([prompt + out["token_ids"]]))[0])[len(prompt) - 1 : -1]
+        np.testing.assert_allclose(np.stack(seen[i]), want, atol=ATOL, rtol=1e-4)
+        assert out["token_ids"] == want.argmax(-1).tolist(), f"prompt {i}"
 
 
 def test_the_real_shape_caches_71x_less_and_scales_as_transformers():

@@ -155,7 +155,9 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate = Router(args)
-        self.experts = SwitchGLU(
+        # mlx-lm's name for the stacked experts: mlx-community checkpoints then load as
+        # they are, without a sanitize pass.
+        self.switch_mlp = SwitchGLU(
             args.hidden_size, args.moe_intermediate_size, args.n_routed_experts
         )
         if args.n_shared_experts:
@@ -164,7 +166,7 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.gate(x)
-        y = self.experts(x, mx.stop_gradient(indices))
+        y = self.switch_mlp(x, mx.stop_gradient(indices))
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
@@ -220,9 +222,9 @@ class Model(llama.Model):
         )
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Hub layout (experts one by one; kv_b_proj whole), transformers 5's fused experts
-        or mlx-lm's (switch_mlp; embed_q / unembed_out, maybe quantized) -> stacked experts
-        and kv_b_proj split into embed_q / unembed_out.
+        """Hub layout (experts one by one; kv_b_proj whole) or transformers 5's fused
+        experts -> stacked experts (switch_mlp) and kv_b_proj split into embed_q /
+        unembed_out: mlx-lm's names and layout, which mlx-community checkpoints hold.
         Multi-token-prediction layers (model.layers.{num_hidden_layers}...) are dropped."""
         args = self.args
         assert isinstance(args, ModelArgs)
@@ -237,9 +239,6 @@ class Model(llama.Model):
                 f"{key}: this checkpoint holds FP8 weights (DeepSeek's original release); "
                 "convert it to bfloat16 or to MLX's format first (mlx_lm.convert)"
             )
-        # mlx-lm's converted checkpoints (mlx-community) stack the experts as switch_mlp
-        # and have kv_b_proj split already, under the names used here.
-        weights = {k.replace(".mlp.switch_mlp.", ".mlp.experts."): v for k, v in weights.items()}
         weights = split_fused_experts(weights)
         for i in range(n):
             prefix = f"model.layers.{i}"
@@ -253,4 +252,5 @@ class Model(llama.Model):
                 )
                 weights[f"{prefix}.self_attn.embed_q.weight"] = embed_q
                 weights[f"{prefix}.self_attn.unembed_out.weight"] = unembed_out
+        weights = {k.replace(".mlp.experts.", ".mlp.switch_mlp."): v for k, v in weights.items()}
         return super().sanitize(weights)

@@ -241,6 +241,14 @@ _DEEPSEEK_V3_TINY = {
     "moe_layer_freq": 1,
     "seed": 6710,
 }
+# The same shape in mlx-community's 4-bit layout, built with mlx-lm (group 32: the 16-wide
+# embed_q stays float, unembed_out and the experts quantize).
+_DEEPSEEK_V3_Q4_TINY = {
+    **{k: v for k, v in _DEEPSEEK_V3_TINY.items() if k != "tie_word_embeddings"},
+    "bits": 4,
+    "group_size": 32,
+    "seed": 6740,
+}
 
 
 # Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
@@ -341,6 +349,12 @@ def recipes() -> dict[str, Recipe]:
             "deepseek-v3-tiny",
             deepseek_v3.build_deepseek_v3,
             {**_DEEPSEEK_V3_TINY, "transformers": tv},
+        ),
+        Recipe(
+            "deepseek-v3-q4-tiny",
+            deepseek_v3.build_deepseek_v3_mlx_community,
+            {**_DEEPSEEK_V3_Q4_TINY, "mlx_lm": importlib.metadata.version("mlx-lm")},
+            uses_torch=False,
         ),
         Recipe(
             "llama-q4-tiny",
