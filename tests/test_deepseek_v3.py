@@ -295,3 +295,26 @@ def test_the_real_shape_caches_71x_less_and_scales_as_transformers():
     want = yarn_apply_mscale(hf.rope_parameters, 192**-0.5)
     assert model.layers[3].self_attn.scale == pytest.approx(want, rel=1e-12)
     assert want == pytest.approx(192**-0.5 * 1.3688879454113936**2)
+
+
+def test_forked_choices_copy_their_latent_blocks_on_write(deepseek_v3_tiny: Path):
+    """n=3 greedy choices share the prompt's blocks; the partial last one (45 = 2 x 16 + 13)
+    is copied before a choice writes into it, latent pool and all."""
+    llm = LLM(str(deepseek_v3_tiny), **SMALL)
+    prompt = random_ids(45, seed=9)
+    alone = llm.generate([prompt], GREEDY)[0]["token_ids"]
+    three = SamplingParams(temperature=0.0, max_tokens=12, n=3, ignore_eos=True)
+    out = llm.generate([prompt], three)[0]
+    assert [choice["token_ids"] for choice in out["outputs"]] == [alone] * 3
+
+
+def test_cuda_routes_latent_models_to_the_gather_path(monkeypatch: pytest.MonkeyPatch):
+    """The CUDA decode kernel reads K and V pools of one width; a latent cache goes to the
+    pure-MLX path there, everything else keeps the kernel."""
+    from nanovllm_mlx.attention import cuda, select_backend
+    from nanovllm_mlx.attention.gather import GatherAttention
+
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    assert isinstance(select_backend(), cuda.CudaPagedAttention)
+    # (Its SDPA follows the device: fused on a GPU, matmuls here.)
+    assert type(select_backend(latent=True)) is GatherAttention
