@@ -5,6 +5,7 @@ layout (tests/model_fixtures/deepseek_v3.py), and what the engine does to a sequ
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -166,14 +167,74 @@ def test_sanitize_drops_multi_token_prediction_layers(deepseek_v3_tiny: Path):
     assert model.sanitize(weights).keys() == {"norm.weight"}
 
 
-def test_fp8_checkpoints_are_refused_clearly(deepseek_v3_tiny: Path):
-    model = build_model(read_config(deepseek_v3_tiny))
-    weights = {
-        "model.layers.0.self_attn.q_a_proj.weight": mx.zeros((48, 64), dtype=mx.uint8),
-        "model.layers.0.self_attn.q_a_proj.weight_scale_inv": mx.ones((1, 1)),
+def _fp8_copy(source: Path, out: Path, block: int) -> dict:
+    """The fixture as DeepSeek's FP8 release stores itself: every linear weight of the
+    decoder layers in float8 e4m3 with one float32 scale per block x block tile
+    (weight_scale_inv), the rest as it was. Returns the weights those tiles decode to."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    tensors = load_file(str(source / "model.safetensors"))
+    decoded = {}
+    for name, w in list(tensors.items()):
+        if not (name.startswith("model.layers.") and w.ndim == 2 and ".gate." not in name):
+            continue
+        rows, cols = w.shape
+        tiles = torch.nn.functional.pad(w, (0, -cols % block, 0, -rows % block))
+        tiles = tiles.reshape(tiles.shape[0] // block, block, tiles.shape[1] // block, block)
+        scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+        fp8 = (w / full).to(torch.float8_e4m3fn)
+        tensors[name], tensors[f"{name}_scale_inv"] = fp8, scale
+        decoded[name] = (fp8.float() * full).to(torch.bfloat16).float()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [block, block],
     }
-    with pytest.raises(ValueError, match="FP8 weights"):
-        model.sanitize(weights)
+    (out / "config.json").write_text(json.dumps(config))
+    return decoded
+
+
+def test_fp8_release_layout_loads_its_decoded_weights(deepseek_v3_tiny: Path, tmp_path: Path):
+    """DeepSeek's own FP8 checkpoints: e4m3 weights and per-tile scales (32 x 32 here, so
+    that 48- and 40-row projections end in partial tiles) load as the weights they decode
+    to, and generate."""
+    import mlx.nn as nn
+
+    from nanovllm_mlx.loading import loader
+
+    decoded = _fp8_copy(deepseek_v3_tiny, tmp_path / "fp8", 32)
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in decoded
+    model = loader.load(str(tmp_path / "fp8"), loader.LoadOptions(dtype="float32")).model
+    params = dict(nn.utils.tree_flatten(model.parameters()))
+    want = decoded["model.layers.0.self_attn.q_a_proj.weight"].numpy()
+    np.testing.assert_array_equal(np.array(params["layers.0.self_attn.q_a_proj.weight"]), want)
+    experts = np.array(params["layers.2.mlp.switch_mlp.down_proj.weight"])
+    np.testing.assert_array_equal(
+        experts[5], decoded["model.layers.2.mlp.experts.5.down_proj.weight"].numpy()
+    )
+    llm = LLM(str(tmp_path / "fp8"), **SMALL)
+    assert len(llm.generate([PROMPTS[0]], GREEDY)[0]["token_ids"]) == 12
+
+
+def test_fp8_scales_that_do_not_fit_are_refused(deepseek_v3_tiny: Path):
+    model = build_model(read_config(deepseek_v3_tiny))
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    cases = [
+        ({name: mx.zeros((200, 64), dtype=mx.uint8)}, r"scales \(1, 1\) does not fit"),
+        ({name: mx.zeros((48, 64))}, r"\(mlx.core.float32\) with scales"),  # not FP8
+        ({}, "has no FP8 weight"),
+    ]
+    for weights, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model.sanitize({**weights, f"{name}_scale_inv": mx.ones((1, 1))})
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ class ModelArgs(llama.ModelArgs):
     rope_interleave: bool = True
     scoring_func: str = "sigmoid"
     topk_method: str = "noaux_tc"
+    quantization_config: dict | None = None  # DeepSeek's FP8 release: weight_block_size
 
     @classmethod
     def from_dict(cls, config: dict) -> ModelArgs:
@@ -125,6 +126,21 @@ def group_route(
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
     return indices, weights * scaling
+
+
+def dequantize_fp8(weight: mx.array, scale_inv: mx.array, block: tuple[int, int]) -> mx.array:
+    """DeepSeek's FP8 release: e4m3 weights (MLX reads them as uint8) times one scale per
+    block[0] x block[1] tile (weight_scale_inv, despite its name a multiplier) ->
+    bfloat16, the dtype the release was trained and converted from."""
+    rows, cols = weight.shape
+    tiles = (-(-rows // block[0]), -(-cols // block[1]))
+    if weight.dtype != mx.uint8 or tuple(scale_inv.shape) != tiles:
+        raise ValueError(
+            f"FP8 weight {tuple(weight.shape)} ({weight.dtype}) with scales "
+            f"{tuple(scale_inv.shape)} does not fit {block[0]}x{block[1]} tiles ({tiles})"
+        )
+    scale = mx.repeat(mx.repeat(scale_inv.astype(mx.float32), block[0], 0), block[1], 1)
+    return (mx.from_fp8(weight, dtype=mx.float32) * scale[:rows, :cols]).astype(mx.bfloat16)
 
 
 class Router(nn.Module):
@@ -222,9 +238,10 @@ class Model(llama.Model):
         )
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Hub layout (experts one by one; kv_b_proj whole) or transformers 5's fused
-        experts -> stacked experts (switch_mlp) and kv_b_proj split into embed_q /
-        unembed_out: mlx-lm's names and layout, which mlx-community checkpoints hold.
+        """Hub layout (experts one by one; kv_b_proj whole; FP8 tiles in DeepSeek's own
+        release) or transformers 5's fused experts -> stacked experts (switch_mlp) and
+        kv_b_proj split into embed_q / unembed_out: mlx-lm's names and layout, which
+        mlx-community checkpoints hold.
         Multi-token-prediction layers (model.layers.{num_hidden_layers}...) are dropped."""
         args = self.args
         assert isinstance(args, ModelArgs)
@@ -234,11 +251,13 @@ class Model(llama.Model):
             for k, v in weights.items()
             if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)
         }
-        for key in [k for k in weights if k.endswith("weight_scale_inv")]:
-            raise ValueError(
-                f"{key}: this checkpoint holds FP8 weights (DeepSeek's original release); "
-                "convert it to bfloat16 or to MLX's format first (mlx_lm.convert)"
-            )
+        quant = args.quantization_config or {}
+        block = tuple(quant.get("weight_block_size") or (128, 128))
+        for key in [k for k in weights if k.endswith(".weight_scale_inv")]:
+            name = key.removesuffix("_scale_inv")
+            if name not in weights or len(block) != 2:
+                raise ValueError(f"{key} has no FP8 weight {name} it scales (block {block})")
+            weights[name] = dequantize_fp8(weights[name], weights.pop(key), (block[0], block[1]))
         weights = split_fused_experts(weights)
         for i in range(n):
             prefix = f"model.layers.{i}"
