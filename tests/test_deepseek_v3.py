@@ -82,16 +82,18 @@ def test_chunks_preemption_prefix_hits_and_compiled_decode_keep_the_tokens(
     assert compiled.engine.model_runner.decode_buckets
 
 
-def test_tensor_parallelism_is_refused_in_one_line(deepseek_v3_tiny: Path):
+def test_a_tensor_parallel_size_that_does_not_divide_is_one_error(deepseek_v3_tiny: Path):
+    """Two ranks run (tests/test_tensor_parallel.py); three do not divide the 4 heads."""
     code = (
         "import nanovllm_mlx; from nanovllm_mlx import LLM\n"
-        f"LLM({str(deepseek_v3_tiny)!r}, kv_cache_gb=0.02, tensor_parallel_size=2)"
+        f"LLM({str(deepseek_v3_tiny)!r}, kv_cache_gb=0.02, tensor_parallel_size=3)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 1
-    assert "tensor parallelism is not implemented for DeepSeek-V3" in proc.stderr
+    message = "tensor_parallel_size 3 does not divide the model's attention_heads (4)"
+    assert message in proc.stderr
 
 
 def _router_case(n_group: int, topk_group: int, k: int, normalize: bool) -> dict:

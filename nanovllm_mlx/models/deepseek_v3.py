@@ -13,8 +13,10 @@ from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from nanovllm_mlx.models import llama
+from nanovllm_mlx.models.base import check_divides
 from nanovllm_mlx.models.mla import LatentAttention, softmax_scale, split_kv_b_proj
 from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq
 from nanovllm_mlx.models.switch import SwitchGLU, split_fused_experts, stack_experts
@@ -180,13 +182,36 @@ class MoE(nn.Module):
             hidden = args.moe_intermediate_size * args.n_shared_experts
             self.shared_experts = llama.MLP(args, hidden)
 
+        self.group: mx.distributed.Group | None = None  # set by shard
+
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.gate(x)
         y = self.switch_mlp(x, mx.stop_gradient(indices))
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
+        if self.group is not None:  # each rank's experts hold a slice of every expert
+            y = mx.distributed.all_sum(y, group=self.group)
         return y
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Every expert (routed and shared) split along its hidden dim, in place: the
+        router, which every rank runs whole, picks the same experts everywhere, and one
+        all_sum adds the ranks' parts of routed and shared experts together."""
+        experts = [self.switch_mlp] + ([self.shared_experts] if "shared_experts" in self else [])
+        for mlp in experts:
+            group_size = getattr(mlp.down_proj, "group_size", None)
+            hidden = mlp.gate_proj.weight.shape[-2]
+            if group_size and (hidden // group.size()) % group_size:
+                raise ValueError(
+                    f"tensor_parallel_size {group.size()} splits the experts' {hidden} hidden "
+                    f"units into parts that are not whole quantization groups of {group_size}: "
+                    "use a size that keeps them whole"
+                )
+            shard_inplace(mlp.gate_proj, "all-to-sharded", group=group)
+            shard_inplace(mlp.up_proj, "all-to-sharded", group=group)
+            shard_inplace(mlp.down_proj, "sharded-to-all", group=group)
+        self.group = group
 
 
 class Model(llama.Model):
@@ -231,11 +256,26 @@ class Model(llama.Model):
         return llama.DecoderLayer(args, attention, mlp)
 
     def shard(self, group: mx.distributed.Group) -> None:
-        raise ValueError(
-            "tensor parallelism is not implemented for DeepSeek-V3 (its latent attention "
-            "and routed experts are not split across ranks): run it with "
-            "tensor_parallel_size 1"
+        """Attention heads and every MLP's hidden units split across the ranks (see
+        LatentAttention.shard and MoE.shard); the latent cache stays whole on every rank,
+        so the spec does not change."""
+        n, args = group.size(), self.args
+        assert isinstance(args, ModelArgs)
+        check_divides(
+            n,
+            attention_heads=args.num_attention_heads,
+            intermediate_size=args.intermediate_size,
+            moe_intermediate_size=args.moe_intermediate_size,
         )
+        for layer in self.layers:
+            layer.self_attn.shard(group)
+            mlp = layer.mlp
+            if isinstance(mlp, MoE):
+                mlp.shard(group)
+            else:
+                mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+                mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+                mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Hub layout (experts one by one; kv_b_proj whole; FP8 tiles in DeepSeek's own

@@ -24,6 +24,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from nanovllm_mlx.attention.metadata import AttentionMetadata, KVCache
 from nanovllm_mlx.attention.paged import paged_attention
@@ -179,3 +180,16 @@ class LatentAttention(nn.Module):
         o = paged_attention(query, key, None, cache, meta, self.scale)  # [T, H * r]
         o = self.unembed_out(o.reshape(t, self.num_heads, self.kv_lora_rank))
         return self.o_proj(o.reshape(t, -1))
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Tensor parallelism: this rank's query heads (their q projection rows, embed_q
+        and unembed_out), o_proj's matching columns with an all_sum after it. The latent
+        and its projection are the same on every rank, so each rank caches it whole: a
+        latent cache is not split by heads."""
+        n = group.size()
+        name = "q_proj" if "q_proj" in self else "q_b_proj"
+        setattr(self, name, shard_linear(self[name], "all-to-sharded", group=group))
+        for per_head in (self.embed_q, self.unembed_out):  # [H, ...], heads first
+            shard_inplace(per_head, lambda _path, _w: 0, group=group)
+        self.o_proj = shard_linear(self.o_proj, "sharded-to-all", group=group)
+        self.num_heads //= n
