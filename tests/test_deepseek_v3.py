@@ -239,6 +239,12 @@ def test_fp8_scales_that_do_not_fit_are_refused(deepseek_v3_tiny: Path):
             model.sanitize({**weights, f"{name}_scale_inv": mx.ones((1, 1))})
 
 
+def test_null_routed_experts_is_a_dense_model(deepseek_v3_tiny: Path):
+    config = {**read_config(deepseek_v3_tiny), "n_routed_experts": None, "n_group": 3}
+    model = build_model(config)
+    assert not any(isinstance(layer.mlp, deepseek_v3.MoE) for layer in model.layers)
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -247,6 +253,7 @@ def test_fp8_scales_that_do_not_fit_are_refused(deepseek_v3_tiny: Path):
         ({"n_group": 8}, "fewer than 2 a group"),
         ({"num_experts_per_tok": 5, "topk_group": 2}, "num_experts_per_tok 5"),
         ({"scoring_func": "softmax"}, "unsupported DeepSeek router"),
+        ({"topk_method": "group_limited_greedy"}, "unsupported DeepSeek router"),
     ],
 )
 def test_bad_router_configs_are_clear_errors(deepseek_v3_tiny: Path, change: dict, message: str):
@@ -381,3 +388,42 @@ def test_cuda_routes_latent_models_to_the_gather_path(monkeypatch: pytest.Monkey
     assert isinstance(select_backend(), cuda.CudaPagedAttention)
     # (Its SDPA follows the device: fused on a GPU, matmuls here.)
     assert type(select_backend(latent=True)) is GatherAttention
+
+
+def test_quantize_at_load_computes_the_dequantized_weights(deepseek_v3_tiny: Path):
+    """--quantize 4 (group 32) turns projections, stacked experts and unembed_out (32 wide;
+    embed_q, 16 wide, stays float) into quantized layers, the routers stay float; the
+    logits are those of the float model holding the dequantized weights."""
+    import mlx.nn as nn
+    from helpers import captured_logits
+
+    from nanovllm_mlx.models.mla import QuantizedMultiLinear
+    from nanovllm_mlx.models.switch import QuantizedSwitchLinear
+
+    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear, QuantizedMultiLinear)
+    small = {**SMALL, "enable_prefix_caching": False}
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    quantized = LLM(str(deepseek_v3_tiny), quantize=4, quantize_group_size=32, **small)
+    model = quantized.engine.model_runner.model
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, kinds)}
+    assert {type(m) for m in layers.values()} == {
+        nn.QuantizedLinear,
+        nn.QuantizedEmbedding,
+        QuantizedSwitchLinear,
+        QuantizedMultiLinear,
+    }
+    assert not any(".gate" in p and "proj" not in p for p in layers)  # routers
+    with captured_logits() as seen:
+        quantized.generate(PROMPTS, one)
+    exact = LLM(str(deepseek_v3_tiny), **small)
+    exact.engine.model_runner.model.update(
+        nn.utils.tree_unflatten(
+            [
+                (f"{p}.weight", mx.dequantize(m.weight, m.scales, m.biases, 32, 4))
+                for p, m in layers.items()
+            ]
+        )
+    )
+    with captured_logits() as want:
+        exact.generate(PROMPTS, one)
+    np.testing.assert_allclose(np.concatenate(seen), np.concatenate(want), atol=1e-4)

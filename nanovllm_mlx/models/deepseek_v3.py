@@ -49,24 +49,25 @@ class ModelArgs(llama.ModelArgs):
 
     @classmethod
     def from_dict(cls, config: dict) -> ModelArgs:
-        # transformers' attribute_map aliases (the names a transformers 5 config may carry).
-        config = {
-            **config,
-            "n_routed_experts": config.get("n_routed_experts", config.get("num_local_experts")),
-        }
+        # transformers' attribute_map alias (the name a transformers 5 config may carry).
+        if "n_routed_experts" not in config and "num_local_experts" in config:
+            config = {**config, "n_routed_experts": config["num_local_experts"]}
         args = super().from_dict(config)
         assert isinstance(args, ModelArgs)
         # null is meaningful here (from_dict skips None values): no query compression
-        # (DeepSeek-V2-Lite's q_proj), no shared experts.
+        # (DeepSeek-V2-Lite's q_proj), no shared experts, no routed experts (all dense).
         if "q_lora_rank" in config:
             args.q_lora_rank = config["q_lora_rank"]
-        if config.get("n_shared_experts", 1) is None:
-            args.n_shared_experts = 0
+        for name in ("n_shared_experts", "n_routed_experts"):
+            if name in config and config[name] is None:
+                setattr(args, name, 0)
         args.validate()
         return args
 
     def validate(self) -> None:
-        if self.scoring_func != "sigmoid" or self.topk_method not in ("noaux_tc", "greedy"):
+        if not self.n_routed_experts:
+            return  # dense: no router
+        if self.scoring_func != "sigmoid" or self.topk_method != "noaux_tc":
             raise ValueError(
                 f"unsupported DeepSeek router (scoring_func {self.scoring_func!r}, topk_method "
                 f"{self.topk_method!r}): only DeepSeek-V3's sigmoid noaux_tc routing is"
@@ -145,6 +146,14 @@ def dequantize_fp8(weight: mx.array, scale_inv: mx.array, block: tuple[int, int]
     return (mx.from_fp8(weight, dtype=mx.float32) * scale[:rows, :cols]).astype(mx.bfloat16)
 
 
+def _layer_index(key: str) -> int:
+    """N of a model.layers.N... tensor; -1 for the others."""
+    parts = key.split(".", 3)
+    if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit():
+        return int(parts[2])
+    return -1
+
+
 class Router(nn.Module):
     """The gate: weight [E, D] and the selection bias e_score_correction_bias [E], both
     computed in float32 whatever the model's dtype, as transformers keeps them."""
@@ -181,7 +190,6 @@ class MoE(nn.Module):
         if args.n_shared_experts:
             hidden = args.moe_intermediate_size * args.n_shared_experts
             self.shared_experts = llama.MLP(args, hidden)
-
         self.group: mx.distributed.Group | None = None  # set by shard
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -286,11 +294,7 @@ class Model(llama.Model):
         args = self.args
         assert isinstance(args, ModelArgs)
         n = args.num_hidden_layers
-        weights = {
-            k: v
-            for k, v in weights.items()
-            if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)
-        }
+        weights = {k: v for k, v in weights.items() if _layer_index(k) < n}
         quant = args.quantization_config or {}
         block = tuple(quant.get("weight_block_size") or (128, 128))
         for key in [k for k in weights if k.endswith(".weight_scale_inv")]:
