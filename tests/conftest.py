@@ -144,6 +144,16 @@ def qwen3_30b_a3b_q4() -> Path:
 
 
 @pytest.fixture(scope="session")
+def deepseek_v3_tiny() -> Path:
+    return cache.fixture_dir("deepseek-v3-tiny")
+
+
+@pytest.fixture(scope="session")
+def deepseek_v3_q4_tiny() -> Path:
+    return cache.fixture_dir("deepseek-v3-q4-tiny")
+
+
+@pytest.fixture(scope="session")
 def llama_q4_tiny() -> Path:
     return cache.fixture_dir("llama-q4-tiny")
 

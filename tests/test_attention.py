@@ -225,3 +225,52 @@ def test_a_cuda_block_serves_the_query_heads_of_one_kv_head(
     got = cuda_attention.heads_per_block(n_heads, n_kv, head_dim)
     assert got == want
     assert (n_heads // n_kv) % got == 0  # never two KV heads in one block
+
+
+@pytest.mark.parametrize(
+    "cases",
+    [
+        [(0, 9)],
+        [(7, 8)],
+        [(0, 5), (3, 4), (16, 17), (4, 13), (0, 1), (9, 30)],
+        [(c - 1, c) for c in [1 + (i * 37) % 97 for i in range(34)]] + [(0, 6)],
+    ],
+)
+@pytest.mark.parametrize("fused", [False, True], ids=["gather-matmul", "gather-sdpa"])
+@pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "contiguous"])
+def test_latent_cache_matches_dense(cases: list[tuple[int, int]], fused: bool, contiguous: bool):
+    """A latent cache (multi-head latent attention): one K pool of 12 dims and no V pool,
+    each key's first 8 dims its value; every query head attends to the one latent head."""
+    dk, dv = 12, 8
+    rng = np.random.default_rng(1)
+    free = list(range(NUM_BLOCKS))[::-1] if contiguous else list(rng.permutation(NUM_BLOCKS))
+    cache = KVCache(mx.zeros((1, NUM_BLOCKS * BS, dk)), None, BS, value_dim=dv)
+    batch, data = [], []
+    for i, (start, end) in enumerate(cases):
+        seq = Sequence(i, list(range(end)), SamplingParams())
+        seq.block_table = [int(free.pop()) for _ in range(-(-end // BS))]
+        seq.num_computed_tokens = start
+        q = rng.standard_normal((end, H, dk)).astype(np.float32)
+        k = rng.standard_normal((end, 1, dk)).astype(np.float32)
+        for p in range(start):
+            cache.k[:, seq.block_table[p // BS] * BS + p % BS] = mx.array(k[p])
+        batch.append(ScheduledSeq(seq, end - start))
+        data.append((q, k, start, end))
+    step = prepare(batch, PoolLayout(1, NUM_BLOCKS, BS), GatherAttention(fused=fused))
+    order = [i for i, it in enumerate(batch) if it.num_new_tokens == 1]
+    order.sort(key=lambda i: batch[i].seq.num_computed_tokens)
+    order += [i for i, it in enumerate(batch) if it.num_new_tokens > 1]
+    q = np.concatenate([data[i][0][data[i][2] :] for i in order])
+    k = np.concatenate([data[i][1][data[i][2] :] for i in order])
+    out = paged_attention(mx.array(q), mx.array(k), None, cache, step.meta, 0.3)
+    got, offset = np.array(out), 0
+    assert got.shape == (q.shape[0], H * dv)
+    for i in order:
+        qi, ki, start, end = data[i]
+        for j, p in enumerate(range(start, end)):
+            s = np.einsum("hd,td->ht", qi[p], ki[: p + 1, 0]) * 0.3
+            w = np.exp(s - s.max(-1, keepdims=True))
+            w /= w.sum(-1, keepdims=True)
+            want = np.einsum("ht,td->hd", w, ki[: p + 1, 0, :dv]).reshape(-1)
+            np.testing.assert_allclose(got[offset + j], want, atol=TOL, rtol=TOL)
+        offset += end - start

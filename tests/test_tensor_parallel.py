@@ -174,7 +174,7 @@ def test_fused_qkv_is_split_by_heads_within_each_segment():
 # Engines on two ranks -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fixture", ["gpt2_tiny", "llama_tiny", "smollm3_tiny"])
+@pytest.mark.parametrize("fixture", ["gpt2_tiny", "llama_tiny", "smollm3_tiny", "deepseek_v3_tiny"])
 def test_two_ranks_give_the_tokens_of_one(fixture: str, request: pytest.FixtureRequest):
     proc, (result,) = scenario("equal", request.getfixturevalue(fixture))
     assert proc.returncode == 0, proc.stderr

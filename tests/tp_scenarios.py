@@ -71,17 +71,20 @@ def logprobs_close(a: list[dict | None], b: list[dict | None]) -> bool:
 def equal(model: str) -> dict:
     prompts, params = workload()
     # A small pool (preemption) and a small step (chunked prefill). kv_cache_gb is per
-    # rank: half a rank's heads per block, so half the bytes give the same blocks.
+    # rank: half a rank's heads per block, so half the bytes give the same blocks (a
+    # latent cache, DeepSeek-V3's, is whole on every rank: the same bytes).
     options = {"max_model_len": 128, "max_num_batched_tokens": 32, "max_num_seqs": 8}
     probe = LLM(model, kv_cache_gb=0.01, **options).engine
-    per_block = memory.kv_bytes_per_block(probe.model_runner.model.spec, 16, probe.dtype)
+    spec = probe.model_runner.model.spec
+    per_block = memory.kv_bytes_per_block(spec, 16, probe.dtype)
     sixteen = 16 * per_block / 2**30  # 16 blocks of 16 tokens: ~3 of these sequences
+    per_rank = sixteen if spec.latent_value_dim is not None else sixteen / 2
     one = LLM(model, kv_cache_gb=sixteen, **options)
     first = [o["token_ids"] for o in one.generate(prompts, params)]
     again = [o["token_ids"] for o in one.generate(prompts[-4:], params[-4:])]
     more = extras()
     forked = one.generate(*more)
-    two = LLM(model, kv_cache_gb=sixteen / 2, tensor_parallel_size=2, **options)
+    two = LLM(model, kv_cache_gb=per_rank, tensor_parallel_size=2, **options)
     got_first = [o["token_ids"] for o in two.generate(prompts, params)]
     got_again = [o["token_ids"] for o in two.generate(prompts[-4:], params[-4:])]
     got_forked = two.generate(*more)

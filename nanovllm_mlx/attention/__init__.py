@@ -9,10 +9,15 @@ from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import AttentionBackend
 
 
-def select_backend() -> AttentionBackend:
+def select_backend(latent: bool = False) -> AttentionBackend:
     """The one place the attention path is chosen: the CUDA decode kernel on an MLX CUDA
     build running on its GPU (unless NANOVLLM_PAGED_KERNEL=0), else the pure-MLX gather
-    path, with fused SDPA on a GPU and matmuls on the CPU."""
-    if cuda.available():
+    path, with fused SDPA on a GPU and matmuls on the CPU.
+
+    latent: the model's caches are latent (multi-head latent attention: one K pool whose
+    leading dims are also the values, KVCache.value_dim). The CUDA kernel reads a V pool
+    of the keys' width and has never run on a latent cache, so those models take the
+    gather path on CUDA too."""
+    if cuda.available() and not latent:
         return cuda.CudaPagedAttention()
     return GatherAttention(fused=mx.default_device() != mx.cpu)

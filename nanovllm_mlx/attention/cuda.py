@@ -306,6 +306,9 @@ class CudaPagedAttention(GatherAttention):
             # context): empty ones exit at once, and the count depends on shapes only.
             tables = plan["tables"]
             plan = DecodePlan(tables, plan["context"], tables.shape[1] * cache.block_size)
+        if cache.v is None:
+            # select_backend routes models with latent caches to the gather path.
+            raise ValueError("the CUDA paged kernel does not read latent (MLA) caches")
         return paged_decode(
             q,
             cache.k,

@@ -101,14 +101,16 @@ def gathered_attention(
     causal: bool = False,
 ) -> mx.array:
     """q [B, Lq, H, D] over the keys in the blocks at rows (PoolLayout.block_rows) where
-    mask [B, Lq, L] (None: all of them; length: only the first length) -> [B, Lq, H, D].
+    mask [B, Lq, L] (None: all of them; length: only the first length) -> [B, Lq, H, Dv]
+    (Dv: D, or a latent cache's value_dim).
     fused: MLX's SDPA kernel (GPUs); otherwise two batched matmuls (CPU). causal (fused,
     no mask): the queries are the last Lq of the `length` keys, each seeing those up to
     its own, which SDPA's causal mode does without a mask array."""
     b, lq, n_heads, head_dim = q.shape
     n_kv = cache.k.shape[0]
     keys = read_blocks(cache.k, rows, b, cache.block_size)
-    values = read_blocks(cache.v, rows, b, cache.block_size)
+    values = cache.values(keys, lambda pool: read_blocks(pool, rows, b, cache.block_size))
+    v_dim = values.shape[-1]  # head_dim, or a latent cache's value_dim
     if length is not None:
         keys, values = keys[:, :, :length], values[:, :, :length]
     if fused:
@@ -130,8 +132,8 @@ def gathered_attention(
     if mask is not None:
         scores = mx.where(mask[None, :, None], scores, -mx.inf)
     probs = mx.softmax(scores, axis=-1).astype(values.dtype).reshape(n_kv, b, g * lq, -1)
-    o = (probs @ values).reshape(n_kv, b, g, lq, head_dim)
-    return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, n_heads, head_dim)
+    o = (probs @ values).reshape(n_kv, b, g, lq, v_dim)
+    return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, n_heads, v_dim)
 
 
 def sliced_attention(
@@ -140,7 +142,8 @@ def sliced_attention(
     """q [1, 1, H, D] over pool slots [offset, offset + length) of every head, through
     fused SDPA on strided views of the pools: nothing is copied."""
     end = offset + (length or 0)
-    keys, values = cache.k[None, :, offset:end], cache.v[None, :, offset:end]
+    keys = cache.k[None, :, offset:end]
+    values = cache.values(keys, lambda pool: pool[None, :, offset:end])
     o = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), keys, values, scale=scale)
     return o.transpose(0, 2, 1, 3)
 
@@ -254,11 +257,10 @@ class GatherAttention:
 
     def prefill(self, q: mx.array, cache: KVCache, plan: PrefillPlan, scale: float) -> mx.array:
         bp, lq = plan.q_index.shape
-        n_heads, head_dim = q.shape[1:]
         qp = q[plan.q_index] if bp > 1 else q[None]
         causal = plan.length is not None
         o = gathered_attention(
             qp, cache, plan.rows, plan.mask, scale, plan.length, self.fused, causal
         )
-        o = o.reshape(bp * lq, n_heads * head_dim)
+        o = o.reshape(bp * lq, -1)
         return o[plan.out_index] if bp > 1 else o

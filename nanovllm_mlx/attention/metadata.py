@@ -17,6 +17,7 @@ reads start at the block holding the first visible key, so blocks before it are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -122,25 +123,43 @@ class KVCache:
 
     A separate pool per layer, and no other references to it, lets MLX scatter into the
     buffer in place instead of copying it every step.
+
+    A latent cache (multi-head latent attention, DeepSeek-V3) has no V pool (v None): each
+    key's first value_dim dims are its value, so the compressed KV is stored once. Its
+    values are sliced off the keys when they are read, never kept as a view of the pool (a
+    view is a second reference, which would make every write copy the pool).
     """
 
     k: mx.array
-    v: mx.array
+    v: mx.array | None
     block_size: int
+    value_dim: int | None = None  # v None: values are keys[..., :value_dim]
 
-    def write(self, k: mx.array, v: mx.array, rows: mx.array) -> None:
-        """k/v [T, Hkv, D] into the rows given by PoolLayout.write_rows.
+    def write(self, k: mx.array, v: mx.array | None, rows: mx.array) -> None:
+        """k/v [T, Hkv, D] into the rows given by PoolLayout.write_rows (v None for a
+        latent cache, whose values are inside k).
 
         One Scatter per pool, in place when MLX can donate the buffer, which it does as the
         pool has no other reference (decode speed does not depend on the pool's size).
         pool[:, slots] = ... is ten ops per write, and on a GPU each op is host time in a
         single-stream decode step."""
-        head_dim = k.shape[-1]
         for name, new in (("k", k), ("v", v)):
             pool = getattr(self, name)
+            if (pool is None) != (new is None):
+                raise ValueError("v must be None exactly when the cache is latent (no V pool)")
+            if pool is None or new is None:
+                continue
+            head_dim = new.shape[-1]
             flat = pool.reshape(-1, head_dim)
             flat[rows] = new.reshape(-1, head_dim)
             setattr(self, name, flat.reshape(pool.shape))
+
+    def values(self, keys: mx.array, read: Callable[[mx.array], mx.array]) -> mx.array:
+        """The values matching `keys` (already read from the K pool): `read` applied to
+        the V pool, or a latent cache's leading value_dim dims of the keys themselves."""
+        if self.v is None:
+            return keys[..., : self.value_dim]
+        return read(self.v)
 
 
 class AttentionBackend(Protocol):

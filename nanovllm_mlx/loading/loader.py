@@ -9,12 +9,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
 from nanovllm_mlx.errors import CheckpointLayoutError
 from nanovllm_mlx.loading import download, gguf
 from nanovllm_mlx.loading.quantization import dequantize_model, quantize_like, quantize_model
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import (
+    deepseek_v3,
     gemma3,
     gpt2,
     granitemoe,
@@ -104,6 +106,8 @@ ARCHITECTURES = {
     "qwen3_moe": qwen3_moe,
     "granitemoe": granitemoe,
     "smollm3": smollm3,
+    "deepseek_v3": deepseek_v3,  # also DeepSeek-R1
+    "kimi_k2": deepseek_v3,  # Kimi-K2's config names DeepSeek-V3's architecture
 }
 
 
@@ -187,12 +191,17 @@ def names_this_module(model: nn.Module, weights: dict[str, mx.array]) -> bool:
 
 
 def cast(model: nn.Module, dtype: mx.Dtype) -> None:
-    model.update(
-        nn.utils.tree_map(
-            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-            model.parameters(),
-        )
-    )
+    """Float parameters to dtype, except those whose names end with one of the model's
+    `float32_parameters` (DeepSeek-V3's router bias: bfloat16 would round it, and with
+    it which experts are chosen), which stay float32."""
+    keep = tuple(getattr(model, "float32_parameters", ()))
+
+    def convert(path: str, p: mx.array) -> mx.array:
+        if not mx.issubdtype(p.dtype, mx.floating):
+            return p
+        return p.astype(mx.float32 if keep and path.endswith(keep) else dtype)
+
+    model.update(tree_map_with_path(convert, model.parameters()))
 
 
 def read_config(path: Path) -> dict:

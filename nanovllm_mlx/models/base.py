@@ -25,6 +25,15 @@ class ModelSpec:
     # Per layer: its sliding window W (the query at p sees keys (p - W, p]) or None for
     # full attention; empty: every layer is full.
     layer_windows: tuple[int | None, ...] = ()
+    # Multi-head latent attention: each layer caches one K pool (n_kv_heads 1, head_dim
+    # the latent plus the rope key) and no V pool; the keys' first latent_value_dim dims
+    # are the values (KVCache.value_dim). None: K and V pools of head_dim each.
+    latent_value_dim: int | None = None
+
+    @property
+    def cached_dims(self) -> int:
+        """Numbers a layer caches per token and KV head: K and V, or a latent key alone."""
+        return self.head_dim if self.latent_value_dim is not None else 2 * self.head_dim
 
     @property
     def attention_windows(self) -> tuple[int | None, ...]:

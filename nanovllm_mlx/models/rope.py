@@ -114,8 +114,11 @@ class RotaryEmbedding:
     Not an nn.Module: its periods are not parameters, so loading and casting never touch
     them."""
 
-    def __init__(self, head_dim: int, inv_freq: np.ndarray):
+    def __init__(self, head_dim: int, inv_freq: np.ndarray, traditional: bool = False):
         self.head_dim = head_dim
+        # traditional: rotate adjacent pairs (x0, x1), (x2, x3), ... as DeepSeek's
+        # interleaved rope weights expect, instead of the two halves.
+        self.traditional = traditional
         # mx.fast.rope takes periods (position / period is the angle), not inverse frequencies.
         self._periods = mx.array(1.0 / inv_freq.astype(np.float64), dtype=mx.float32)
 
@@ -125,7 +128,7 @@ class RotaryEmbedding:
         x = mx.fast.rope(
             x,
             self.head_dim,
-            traditional=False,
+            traditional=self.traditional,
             base=None,
             scale=1.0,
             offset=positions,

@@ -8,6 +8,7 @@ save_pretrained.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,15 @@ def build_causal_lm(
     classic_config: dict[str, Any] | None,
     generation_config: dict[str, Any] | None = None,
     real_vocab: int = GPT2_VOCAB,
+    tweak: Callable[[Any], None] | None = None,
 ) -> None:
     """Random model -> save_pretrained; optionally swap config.json for the 4.x Hub style and
     prove transformers reads that back into the very same model.
 
     classic_config None: the config is built from the recipe parameters and written as the
     installed transformers writes it. real_vocab below p["vocab_size"]: the padding rows are
-    zeroed, so a random model never argmaxes into them.
+    zeroed, so a random model never argmaxes into them. tweak: called on the randomized
+    model before it is saved (for buffers randomize_ does not touch).
     """
     import transformers
     from transformers import AutoConfig
@@ -79,6 +82,8 @@ def build_causal_lm(
     with torch_rng_isolated():
         model = cls(config)
     randomize_(model, p["seed"])
+    if tweak is not None:
+        tweak(model)
     if p["vocab_size"] > real_vocab:
         zero_vocab_padding_(model, real_vocab)
     model.eval()

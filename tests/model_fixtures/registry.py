@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import (
+    deepseek_v3,
     gemma3,
     gpt2,
     granitemoe,
@@ -233,6 +234,56 @@ _LLAVA_TINY = {
     "seed": 7007,
 }
 
+# DeepSeek-V3's structure at toy size: compressed query and latent KV (rank 32 + rope 8
+# cached per token, against 4 heads x (24 + 16) expanded), YaRN with mscale and
+# mscale_all_dim both in play, one dense layer then 8 experts in 4 groups (top 2 groups,
+# top 2 experts, renormalized, scaled 2.5) beside a shared expert.
+_DEEPSEEK_V3_TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "vocab_size": GPT2_VOCAB,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.8,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+    "tie_word_embeddings": False,
+    "q_lora_rank": 48,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "seed": 6710,
+}
+# The same shape in mlx-community's 4-bit layout, built with mlx-lm (group 32: the 16-wide
+# embed_q stays float, unembed_out and the experts quantize).
+_DEEPSEEK_V3_Q4_TINY = {
+    **{k: v for k, v in _DEEPSEEK_V3_TINY.items() if k != "tie_word_embeddings"},
+    "bits": 4,
+    "group_size": 32,
+    "seed": 6740,
+}
+
 
 # Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
 _GEMMA3_270M_SHAPE = {
@@ -376,6 +427,17 @@ def recipes() -> dict[str, Recipe]:
         Recipe("llava-tiny", llava.build_llava, {**_LLAVA_TINY, "transformers": tv}),
         Recipe("smollm3-tiny", smollm3.build_smollm3, {**_SMOLLM3_TINY, "transformers": tv}),
         Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
+        Recipe(
+            "deepseek-v3-tiny",
+            deepseek_v3.build_deepseek_v3,
+            {**_DEEPSEEK_V3_TINY, "transformers": tv},
+        ),
+        Recipe(
+            "deepseek-v3-q4-tiny",
+            deepseek_v3.build_deepseek_v3_mlx_community,
+            {**_DEEPSEEK_V3_Q4_TINY, "mlx_lm": importlib.metadata.version("mlx-lm")},
+            uses_torch=False,
+        ),
         Recipe(
             "llama-q4-tiny",
             mlx_community.build_llama_quantized,

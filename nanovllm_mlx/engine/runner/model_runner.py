@@ -63,7 +63,8 @@ class ModelRunner:
         # padding rows of a compiled decode step read and write.
         self.scratch_block = num_blocks
         self.pool = PoolLayout(spec.n_kv_heads, num_blocks + 1, block_size)
-        self.backend = backend or select_backend()
+        self.backend = backend or select_backend(latent=spec.latent_value_dim is not None)
+        self.value_dim = spec.latent_value_dim
         self.windows = spec.attention_windows  # one attention plan per distinct window
         # A compiled step's plan is full attention (plan_decode_uniform): sliding-window
         # models run eager.
@@ -77,8 +78,14 @@ class ModelRunner:
         self.decode_buckets: set[tuple[Any, ...]] = set()  # (batch, table width) shapes traced
         self.compile_ms: tuple[float, float] | None = None  # warm_up's (compiled, eager) step
         shape = (spec.n_kv_heads, (num_blocks + 1) * block_size, spec.head_dim)
+        latent = self.value_dim is not None  # MLA: one K pool, the values inside it
         self.caches = [
-            KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), block_size)
+            KVCache(
+                mx.zeros(shape, dtype=dtype),
+                None if latent else mx.zeros(shape, dtype=dtype),
+                block_size,
+                self.value_dim,
+            )
             for _ in range(spec.n_layers)
         ]
         mx.eval([(c.k, c.v) for c in self.caches])
@@ -95,6 +102,8 @@ class ModelRunner:
         for cache in self.caches:
             for name in ("k", "v"):
                 pool = getattr(cache, name)
+                if pool is None:  # a latent cache's values are in its keys
+                    continue
                 blocks = pool.reshape(self.pool.n_kv_heads * self.pool.num_blocks, -1)
                 blocks[dst] = blocks[src]
                 setattr(cache, name, blocks.reshape(pool.shape))
@@ -139,13 +148,13 @@ class ModelRunner:
         positions: mx.array,
         write_rows: mx.array,
         plan: dict[str, mx.array],
-        pools: list[tuple[mx.array, mx.array]],
-    ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        pools: list[tuple[mx.array, mx.array | None]],
+    ) -> tuple[mx.array, list[tuple[mx.array, mx.array | None]]]:
         """The decode forward as a function of arrays alone, for mx.compile: pools in, the
         written pools out (the pools passed in have no other reference once the caller
         rebinds them, so MLX still writes them in place)."""
         bs = self.pool.block_size
-        caches = [KVCache(k, v, bs) for k, v in pools]
+        caches = [KVCache(k, v, bs, self.value_dim) for k, v in pools]
         meta = AttentionMetadata(self.backend, write_rows, input_ids.shape[0], decode=plan)
         hidden = self.model(input_ids, positions, caches, meta)
         return self.model.logits(hidden), [(c.k, c.v) for c in caches]
