@@ -324,9 +324,11 @@ def test_mlx_community_checkpoint_decodes_as_mlx_lm(deepseek_v3_q4_tiny: Path):
 
     llm = LLM(str(deepseek_v3_q4_tiny), max_num_batched_tokens=40, **SMALL)
     kinds = {type(m) for _, m in llm.engine.model_runner.model.named_modules()}
-    # Kept quantized on CPU (the loader dequantizes plain linear layers only).
-    assert {QuantizedMultiLinear, QuantizedSwitchLinear} <= kinds
-    assert nn.QuantizedLinear not in kinds
+    # On CPU the loader dequantizes linear layers and experts (MLX's CPU quantized matmul
+    # is the slow path); the latent projections stay quantized.
+    assert QuantizedMultiLinear in kinds
+    if mx.default_device() == mx.cpu:
+        assert QuantizedSwitchLinear not in kinds and nn.QuantizedLinear not in kinds
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     with captured_logits_by_seq() as seen:
         outs = llm.generate(PROMPTS, greedy)

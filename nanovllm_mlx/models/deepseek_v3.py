@@ -19,7 +19,7 @@ from nanovllm_mlx.models import llama
 from nanovllm_mlx.models.base import check_divides
 from nanovllm_mlx.models.mla import LatentAttention, softmax_scale, split_kv_b_proj
 from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq
-from nanovllm_mlx.models.switch import SwitchGLU, split_fused_experts, stack_experts
+from nanovllm_mlx.models.switch import SwitchGLU, stack_experts, stacked_layouts
 
 _EXPERT_NAMES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 
@@ -302,7 +302,7 @@ class Model(llama.Model):
             if name not in weights or len(block) != 2:
                 raise ValueError(f"{key} has no FP8 weight {name} it scales (block {block})")
             weights[name] = dequantize_fp8(weights[name], weights.pop(key), (block[0], block[1]))
-        weights = split_fused_experts(weights)
+        weights = stacked_layouts(weights)
         for i in range(n):
             prefix = f"model.layers.{i}"
             weights = stack_experts(
