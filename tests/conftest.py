@@ -99,6 +99,21 @@ def qwen3_moe_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen35_tiny() -> Path:
+    return cache.fixture_dir("qwen35-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen35_moe_tiny() -> Path:
+    return cache.fixture_dir("qwen35-moe-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen3_next_tiny() -> Path:
+    return cache.fixture_dir("qwen3-next-tiny")
+
+
+@pytest.fixture(scope="session")
 def mixtral_tiny() -> Path:
     return cache.fixture_dir("mixtral-tiny")
 

@@ -20,6 +20,7 @@ from nanovllm_mlx.models import (
     mixtral,
     phi3,
     qwen3,
+    qwen3_5,
     qwen3_moe,
 )
 
@@ -99,6 +100,11 @@ ARCHITECTURES = {
     "mixtral": mixtral,
     "qwen3_moe": qwen3_moe,
     "granitemoe": granitemoe,
+    "qwen3_5": qwen3_5,  # the multimodal checkpoints: their text model only
+    "qwen3_5_text": qwen3_5,
+    "qwen3_5_moe": qwen3_5,
+    "qwen3_5_moe_text": qwen3_5,
+    "qwen3_next": qwen3_5,
 }
 
 

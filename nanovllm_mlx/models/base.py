@@ -25,6 +25,15 @@ class ModelSpec:
     # Per layer: its sliding window W (the query at p sees keys (p - W, p]) or None for
     # full attention; empty: every layer is full.
     layer_windows: tuple[int | None, ...] = ()
+    # Layers that keep a recurrent state per sequence instead of K/V (linear attention:
+    # Qwen3.5's Gated DeltaNet), and that state's per-slot (conv, recurrent) shapes.
+    state_layers: tuple[int, ...] = ()
+    state_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        """The layers with a KV pool: all but the recurrent ones."""
+        return tuple(i for i in range(self.n_layers) if i not in self.state_layers)
 
     @property
     def attention_windows(self) -> tuple[int | None, ...]:

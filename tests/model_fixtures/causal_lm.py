@@ -8,6 +8,7 @@ save_pretrained.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,13 @@ def build_causal_lm(
     classic_config: dict[str, Any] | None,
     generation_config: dict[str, Any] | None = None,
     real_vocab: int = GPT2_VOCAB,
+    adjust: Callable[[Any], None] | None = None,
 ) -> None:
     """Random model -> save_pretrained; optionally swap config.json for the 4.x Hub style and
     prove transformers reads that back into the very same model.
+
+    adjust: applied to the randomized model before saving (parameters whose useful
+    range the generic scales miss, such as a linear-attention layer's decay rates).
 
     classic_config None: the config is built from the recipe parameters and written as the
     installed transformers writes it. real_vocab below p["vocab_size"]: the padding rows are
@@ -79,6 +84,8 @@ def build_causal_lm(
     with torch_rng_isolated():
         model = cls(config)
     randomize_(model, p["seed"])
+    if adjust is not None:
+        adjust(model)
     if p["vocab_size"] > real_vocab:
         zero_vocab_padding_(model, real_vocab)
     model.eval()

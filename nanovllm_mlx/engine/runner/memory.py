@@ -18,7 +18,7 @@ HEADROOM = 0.10
 
 
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: mx.Dtype) -> int:
-    return 2 * spec.n_layers * block_size * spec.n_kv_heads * spec.head_dim * dtype.size
+    return 2 * len(spec.kv_layers) * block_size * spec.n_kv_heads * spec.head_dim * dtype.size
 
 
 def num_kv_blocks(spec: ModelSpec, config: Config, dtype: mx.Dtype, max_model_len: int) -> int:
