@@ -276,3 +276,24 @@ def test_repeated_tokens_through_the_engine(qwen35_tiny: Path):
     out = llm.generate([[11] * 200], GREEDY)[0]
     cold = LLM(str(qwen35_tiny), enable_prefix_caching=False, **SMALL_KV)
     assert out["token_ids"] == _tokens(cold, [[11] * 200])[0]
+
+
+def test_prompt_logprobs_carry_the_state_into_the_step(qwen35_tiny: Path):
+    """The prompt-logprobs pass computes a prompt (but its last token) apart from the step:
+    the state it leaves is where the step's last token and the decodes go on from."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = random_ids(41, seed=31)
+    llm = LLM(str(qwen35_tiny), max_num_batched_tokens=16, **SMALL_KV)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    out = llm.generate([prompt], params)[0]
+    hf = AutoModelForCausalLM.from_pretrained(str(qwen35_tiny), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1).numpy()
+    got = [entry[token] for entry, token in zip(out["prompt_logprobs"][1:], prompt[1:])]
+    want = [ref[i, token] for i, token in enumerate(prompt[1:])]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    cold = LLM(str(qwen35_tiny), enable_prefix_caching=False, **SMALL_KV)
+    assert out["token_ids"] == _tokens(cold, [prompt], SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True))[0]  # fmt: skip

@@ -83,7 +83,7 @@ class StateSteps:
 
     num_decode: int
     decode_slots: mx.array  # [Bd] int32
-    decode_keep: mx.array  # [Bd] float32: 0 where the decode starts its sequence
+    decode_fresh: mx.array  # [Bd] bool: the decode starts its sequence (a zero state)
     # Decode rows whose new state is also saved as a snapshot, and the snapshot slots.
     save_rows: mx.array | None
     save_slots: mx.array | None
@@ -101,7 +101,7 @@ def build_state_steps(
     return StateSteps(
         num_decode=len(decode_slots),
         decode_slots=mx.array(np.array(decode_slots, dtype=np.int32)),
-        decode_keep=mx.array(1.0 - np.array(decode_fresh, dtype=np.float32)),
+        decode_fresh=mx.array(np.array(decode_fresh, dtype=np.bool_)),
         save_rows=mx.array(np.array(rows, dtype=np.int32)) if rows else None,
         save_slots=mx.array(np.array([s for _, s in decode_saves], dtype=np.int32))
         if rows

@@ -96,8 +96,9 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     context = max_model_len(config, spec)
     num_blocks = memory.num_kv_blocks(spec, config, dtype, context)
     per_block = memory.kv_bytes_per_block(spec, config.block_size, dtype)
-    memory.check_fits(num_blocks, per_block, loaded.weight_bytes, config.block_size)
     states = state_slots(spec, config)
+    state_bytes = memory.state_bytes(spec, 0 if states is None else states.total, dtype)
+    memory.check_fits(num_blocks, per_block, loaded.weight_bytes, config.block_size, state_bytes)
     on_gpu, tp = mx.default_device() != mx.cpu, parallel is not None
     model_runner = ModelRunner(
         loaded.model,

@@ -194,12 +194,13 @@ class GatedDeltaNet(nn.Module):
     def _decode(
         self, mixed: mx.array, g: mx.array, beta: mx.array, cache: StateCache, steps: StateSteps
     ) -> mx.array:
-        # Where, not a product: a slot's old contents are never read into a fresh state.
-        keep = steps.decode_keep > 0
-        conv = mx.where(keep[:, None, None], cache.conv[steps.decode_slots], 0)
+        # Where, not a product: a slot's old contents (NaN, say) never leak into a fresh
+        # state.
+        fresh = steps.decode_fresh
+        conv = mx.where(fresh[:, None, None], 0, cache.conv[steps.decode_slots])
         window = mx.concatenate([conv, mixed[:, None].astype(conv.dtype)], axis=1)
         q, k, v = self._heads(self._conv(window)[:, 0])
-        state = mx.where(keep[:, None, None, None], cache.ssm[steps.decode_slots], 0)
+        state = mx.where(fresh[:, None, None, None], 0, cache.ssm[steps.decode_slots])
         out, state = recurrent_step(q, k, v, g, beta, state)
         new_conv = window[:, 1:]
         cache.write(steps.decode_slots, new_conv, state)
