@@ -297,3 +297,34 @@ def test_prompt_logprobs_carry_the_state_into_the_step(qwen35_tiny: Path):
     cold = LLM(str(qwen35_tiny), enable_prefix_caching=False, **SMALL_KV)
     assert out["token_ids"] == _tokens(cold, [prompt], SamplingParams(
         temperature=0.0, max_tokens=6, ignore_eos=True))[0]  # fmt: skip
+
+
+@pytest.mark.parametrize("fixture", ["qwen35_tiny", "qwen3_next_tiny"])
+def test_greedy_tokens_match_mlx_lm(fixture: str, request, tmp_path: Path):
+    """mlx-lm (the peer) on the same Hub checkpoint decodes the same greedy tokens. Its
+    config reader predates transformers 5 (rope_theta and partial_rotary_factor at the
+    top level, full_attention_interval instead of layer_types; Qwen3.5 only as the
+    multimodal wrapper), so it gets the same model described that way."""
+    import shutil
+
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    path = request.getfixturevalue(fixture)
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config["rope_parameters"]
+    config |= {
+        "rope_theta": rope["rope_theta"],
+        "partial_rotary_factor": rope["partial_rotary_factor"],
+        "full_attention_interval": 2,  # the fixtures' linear/full alternation
+    }
+    if config["model_type"] == "qwen3_5_text":
+        config = {"model_type": "qwen3_5", "text_config": config}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, _ = load(str(tmp_path))
+    prompt = random_ids(37, seed=5)
+    steps = generate_step(mx.array(prompt), model, max_tokens=12, sampler=make_sampler(0.0))
+    theirs = [int(token) for token, _ in steps]
+    assert _tokens(LLM(str(path), **SMALL_KV), [prompt])[0] == theirs
