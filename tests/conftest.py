@@ -159,6 +159,11 @@ def qwen3_0_6b_shape() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen35_medium_shape() -> Path:
+    return cache.fixture_dir("qwen35-medium-shape")
+
+
+@pytest.fixture(scope="session")
 def smollm2_135m_shape() -> Path:
     return cache.fixture_dir("smollm2-135m-shape")
 

@@ -274,9 +274,10 @@ class Model(CausalLM):
         )
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Hub, transformers 5 and multimodal names onto ours: the text model only (no
-        vision tower, no multi-token-prediction head), experts stacked, Qwen3-Next's fused
-        projections split, the conv weight in MLX's layout and the (1 + w) norms folded."""
+        """Hub, transformers 5, mlx-lm and multimodal names onto ours: the text model only
+        (no vision tower, no multi-token-prediction head), experts stacked, Qwen3-Next's
+        fused projections split, the conv weight in MLX's layout and the (1 + w) norms
+        folded (a checkpoint whose conv is in MLX's layout has them folded already)."""
         out: dict[str, mx.array] = {}
         for key, value in weights.items():
             for old, new in (("model.language_model.", "model."), ("language_model.", "")):
@@ -286,6 +287,8 @@ class Model(CausalLM):
                 continue
             if self.args.tie_word_embeddings and key.startswith("lm_head."):
                 continue
+            # mlx-lm's name for the stacked experts (mlx-community checkpoints)
+            key = key.replace(".mlp.switch_mlp.", ".mlp.experts.")
             out[key.removeprefix("model.")] = value
         out = split_fused_experts(out)
         for i in range(self.args.num_hidden_layers):

@@ -194,6 +194,30 @@ _QWEN3_5_MOE_TINY = {
     "tie_word_embeddings": True,
     "seed": 3536,
 }
+# A mid-size Qwen3.5 (~0.3B: 24 layers, 18 of them linear, Qwen3.5's 128-wide state heads)
+# with random weights, for benchmarks/hybrid_prefix.py (lazy: not built by the suite).
+_QWEN3_5_MEDIUM_SHAPE = {
+    **_QWEN3_5_TINY,
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "intermediate_size": 3584,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 16,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "max_position_embeddings": 8192,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000000.0,
+        "partial_rotary_factor": 0.25,
+    },
+    "seed": 3537,
+}
+_QWEN3_5_MEDIUM_SHAPE["layer_types"] = _QWEN3_5_MEDIUM_SHAPE["layer_types"] * 6
 # Qwen3-Next-80B-A3B's conventions: layer 1 dense (mlp_only_layers), the rest sparse.
 _QWEN3_NEXT_TINY = {
     **_QWEN3_5_MOE_TINY,
@@ -387,6 +411,12 @@ def recipes() -> dict[str, Recipe]:
             "qwen3-0.6b-shape",
             qwen3.build_qwen3,
             {**_QWEN3_0_6B_SHAPE, "transformers": tv},
+            default=False,
+        ),
+        Recipe(
+            "qwen35-medium-shape",
+            qwen3_5.build_qwen3_5,
+            {**_QWEN3_5_MEDIUM_SHAPE, "transformers": tv},
             default=False,
         ),
         Recipe(
