@@ -1,11 +1,11 @@
-"""Prefix caching for a hybrid model (Qwen3.5): the second turn of a chat with and without
-the restored recurrent state.
+"""Prefix caching for a hybrid model (Qwen3.5): the second turn of a chat with the
+restored recurrent state, against a prompt of the same length computed from scratch.
 
-Each round, on two engines side by side (prefix caching on: state snapshots restored; off:
-`state_snapshots=0`, so the hybrid recomputes every prompt), turn 1 answers a fresh
-prompt, then turn 2 sends the prompt, the answer and a short follow-up. Reported: the
-median time to first token of turn 2 on each engine, their ratio, and the tokens turn 2
-took from the cache. Both engines' turn-2 tokens are checked equal.
+Each round, on one engine: turn 1 answers a fresh prompt, turn 2 sends the prompt, the
+answer and a short follow-up (its prefix restored from the snapshot its answer left), then
+a fresh prompt as long as turn 2 (nothing cached) runs as the control. Reported: the
+median time to first token of each, their ratio, and the tokens each took from the cache.
+(tests/test_hybrid.py checks that restored states give the recomputed tokens.)
 
     python tests/make_fixtures.py qwen35-medium-shape
     python benchmarks/hybrid_prefix.py --model tests/.fixtures/qwen35-medium-shape
@@ -52,29 +52,33 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    engines = {
-        "restored": LLM(args.model, max_num_seqs=4),
-        "recomputed": LLM(args.model, max_num_seqs=4, state_snapshots=0),
-    }
+    # One engine (the ~0.6B float32 shape is 2.4 GB), a fixed step budget so that both
+    # prompts are cut alike, a small KV pool and context.
+    llm = LLM(
+        args.model, max_num_seqs=4, kv_cache_gb=0.1, max_model_len=2048,
+        max_num_batched_tokens=512,
+    )  # fmt: skip
     rng = np.random.default_rng(0)
-    ttft: dict[str, list[float]] = {name: [] for name in engines}
-    cached: dict[str, list[int]] = {name: [] for name in engines}
+    ttft: dict[str, list[float]] = {"restored": [], "recomputed": []}
+    cached: dict[str, list[int]] = {"restored": [], "recomputed": []}
     answer_params = SamplingParams(
         temperature=0.0, max_tokens=args.answer_tokens, ignore_eos=True
     )
+    turn = args.prompt_tokens + args.answer_tokens + args.follow_up
     for _ in range(args.rounds):
         prompt = rng.integers(0, 50000, args.prompt_tokens).tolist()
         follow = rng.integers(0, 50000, args.follow_up).tolist()
-        tokens = {}
-        for name, llm in engines.items():
-            answer = llm.generate([prompt], answer_params)[0]["token_ids"]
-            seconds, hit, tokens[name] = first_token_s(llm, prompt + answer + follow)
+        answer = llm.generate([prompt], answer_params)[0]["token_ids"]
+        prompts = {
+            "restored": prompt + answer + follow,
+            "recomputed": rng.integers(0, 50000, turn).tolist(),
+        }
+        for name, ids in prompts.items():
+            seconds, hit, _ = first_token_s(llm, ids)
             ttft[name].append(seconds)
             cached[name].append(hit)
-        assert tokens["restored"] == tokens["recomputed"], "restored state changed the tokens"
-    turn = args.prompt_tokens + args.answer_tokens + args.follow_up
     print(f"model {args.model}, turn 2: {turn} tokens, {args.rounds} rounds")
-    for name in engines:
+    for name in ttft:
         print(
             f"  {name:>10}: TTFT median {statistics.median(ttft[name]):.3f} s "
             f"(all {', '.join(f'{t:.3f}' for t in ttft[name])}), cached {cached[name]}"

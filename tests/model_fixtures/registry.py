@@ -194,7 +194,7 @@ _QWEN3_5_MOE_TINY = {
     "tie_word_embeddings": True,
     "seed": 3536,
 }
-# A mid-size Qwen3.5 (~0.3B: 24 layers, 18 of them linear, Qwen3.5's 128-wide state heads)
+# A mid-size Qwen3.5 (~0.6B: 24 layers, 18 of them linear, Qwen3.5's 128-wide state heads)
 # with random weights, for benchmarks/hybrid_prefix.py (lazy: not built by the suite).
 _QWEN3_5_MEDIUM_SHAPE = {
     **_QWEN3_5_TINY,
