@@ -61,9 +61,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ttft: dict[str, list[float]] = {"restored": [], "recomputed": []}
     cached: dict[str, list[int]] = {"restored": [], "recomputed": []}
-    answer_params = SamplingParams(
-        temperature=0.0, max_tokens=args.answer_tokens, ignore_eos=True
-    )
+    answer_params = SamplingParams(temperature=0.0, max_tokens=args.answer_tokens, ignore_eos=True)
     turn = args.prompt_tokens + args.answer_tokens + args.follow_up
     for _ in range(args.rounds):
         prompt = rng.integers(0, 50000, args.prompt_tokens).tolist()

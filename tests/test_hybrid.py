@@ -224,9 +224,7 @@ def test_tensor_parallelism_is_refused_with_one_clear_error(qwen35_tiny: Path):
     from helpers import REPO_ROOT, SMALL_KV_ARGS, cli_argv
 
     argv = cli_argv("ask", "-m", str(qwen35_tiny), "-tp", "2", "--no-chat", *SMALL_KV_ARGS)
-    proc = subprocess.run(
-        [*argv, "hi"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([*argv, "hi"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == (
