@@ -18,6 +18,10 @@ class Config:
     kv_cache_gb: float | None = None  # default: derived from the device's memory
     kv_cache_fraction: float = 0.25  # share of device memory the default KV pool may take
     enable_prefix_caching: bool = True
+    # Hybrid models (Qwen3.5): recurrent-state snapshots kept at block boundaries for the
+    # prefix cache (engine/core/state_slots.py). None: max_num_seqs; 0: no prefix caching
+    # for such a model.
+    state_snapshots: int | None = None
     quantize: int | None = None  # 4 or 8: quantize weights with MLX at load time
     quantize_group_size: int = 64
     # Keep quantized checkpoints (GGUF, MLX-quantized) quantized. None: on GPUs, whose
@@ -50,6 +54,14 @@ class Config:
         ):
             raise ValueError(
                 f"max_model_len must be a positive integer, got {self.max_model_len!r}"
+            )
+        if self.state_snapshots is not None and (
+            isinstance(self.state_snapshots, bool)
+            or not isinstance(self.state_snapshots, int)
+            or self.state_snapshots < 0
+        ):
+            raise ValueError(
+                f"state_snapshots must be a non-negative integer, got {self.state_snapshots!r}"
             )
         if not self.tp_timeout_s > 0:
             raise ValueError(f"tp_timeout_s must be > 0, got {self.tp_timeout_s!r}")

@@ -104,6 +104,21 @@ def qwen3_moe_tiny_hf5() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen35_tiny() -> Path:
+    return cache.fixture_dir("qwen35-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen35_moe_tiny() -> Path:
+    return cache.fixture_dir("qwen35-moe-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen3_next_tiny() -> Path:
+    return cache.fixture_dir("qwen3-next-tiny")
+
+
+@pytest.fixture(scope="session")
 def mixtral_tiny() -> Path:
     return cache.fixture_dir("mixtral-tiny")
 
@@ -176,6 +191,11 @@ def gemma3_270m_shape() -> Path:
 @pytest.fixture(scope="session")
 def qwen3_0_6b_shape() -> Path:
     return cache.fixture_dir("qwen3-0.6b-shape")
+
+
+@pytest.fixture(scope="session")
+def qwen35_medium_shape() -> Path:
+    return cache.fixture_dir("qwen35-medium-shape")
 
 
 @pytest.fixture(scope="session")

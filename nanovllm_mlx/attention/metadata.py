@@ -208,6 +208,8 @@ class AttentionMetadata:
     prefill: Any = None  # the backend's plan for the prefill chunks
     # window -> (decode plan, prefill plan) for the sliding-window layers' reads
     windowed: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    # The recurrent layers' state slots (attention/state.py StateSteps), hybrids only.
+    states: Any = None
 
     def plans(self, window: int | None) -> tuple[Any, Any]:
         if window is None:

@@ -233,5 +233,21 @@ class LLMEngine:
             "grammar_masks": self.structured.counter.masks,
             "grammar_mask_s": self.structured.counter.seconds,
             **self.step_stats.snapshot(),
+            **self._state_stats(),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        }
+
+    def _state_stats(self) -> dict[str, Any]:
+        """Hybrid models' recurrent-state pool: slots in use, and the snapshots that
+        prefix caching restores (0 snapshot slots: prefix caching is off for the model)."""
+        states = self.block_manager.states
+        if states is None:
+            return {}
+        st = states.stats()
+        return {
+            "state_slots_used": st.used,
+            "state_slots_total": st.slots,
+            "state_snapshots_total": st.snapshots,
+            "state_snapshots_cached": st.cached,
+            "state_snapshots_restored": st.restored,
         }

@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine.core.block_manager import BlockManager
+from nanovllm_mlx.engine.core.state_slots import StateSlots
 from nanovllm_mlx.engine.runner import memory
 from nanovllm_mlx.engine.runner.budget import PROBE_TOKENS, StepBudget, measure_step_budget
 from nanovllm_mlx.engine.runner.model_runner import ModelRunner
@@ -39,6 +40,20 @@ def make_config(model: str | None, kwargs: dict[str, Any]) -> Config:
     if unknown:
         raise ValueError(f"unknown engine option(s) {unknown}; valid: {sorted(names)}")
     return Config(model=model or "", **kwargs)
+
+
+def state_slots(spec: ModelSpec, config: Config) -> StateSlots | None:
+    """The recurrent-state pool's bookkeeping, for a model with recurrent layers: a slot
+    per sequence that may run at once, and the prefix cache's snapshots (none when
+    prefix caching is off)."""
+    if not spec.state_layers:
+        return None
+    snapshots = config.state_snapshots
+    if snapshots is None:
+        snapshots = config.max_num_seqs
+    if not config.enable_prefix_caching:
+        snapshots = 0
+    return StateSlots(config.max_num_seqs, snapshots, config.block_size)
 
 
 @dataclass(slots=True)
@@ -81,7 +96,9 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     context = max_model_len(config, spec)
     num_blocks = memory.num_kv_blocks(spec, config, dtype, context)
     per_block = memory.kv_bytes_per_block(spec, config.block_size, dtype)
-    memory.check_fits(num_blocks, per_block, loaded.weight_bytes, config.block_size)
+    states = state_slots(spec, config)
+    state_bytes = memory.state_bytes(spec, 0 if states is None else states.total, dtype)
+    memory.check_fits(num_blocks, per_block, loaded.weight_bytes, config.block_size, state_bytes)
     on_gpu, tp = mx.default_device() != mx.cpu, parallel is not None
     model_runner = ModelRunner(
         loaded.model,
@@ -93,6 +110,7 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
         compile_decode=not tp
         and (on_gpu if config.compile_decode is None else config.compile_decode),
         collective=tp,
+        num_state_slots=0 if states is None else states.total,
     )
     if on_gpu and not tp:
         model_runner.warm_up(choose=config.compile_decode is None)
@@ -110,11 +128,17 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
             layer_windows=spec.layer_windows,
         )
     look_ahead = on_gpu if config.async_scheduling is None else config.async_scheduling
+    # A step launched ahead and then dropped would have advanced recurrent states.
+    look_ahead = look_ahead and states is None
     return Parts(
         loaded=loaded,
         max_model_len=context,
         block_manager=BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching, spec.sliding_window
+            num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            spec.sliding_window,
+            states,
         ),
         runner=runner,
         budget=budget,

@@ -24,6 +24,7 @@ from nanovllm_mlx.models import (
     mixtral,
     phi3,
     qwen3,
+    qwen3_5,
     qwen3_moe,
     smollm3,
 )
@@ -108,6 +109,11 @@ ARCHITECTURES = {
     "smollm3": smollm3,
     "deepseek_v3": deepseek_v3,  # also DeepSeek-R1
     "kimi_k2": deepseek_v3,  # Kimi-K2's config names DeepSeek-V3's architecture
+    "qwen3_5": qwen3_5,  # the multimodal checkpoints: their text model only
+    "qwen3_5_text": qwen3_5,
+    "qwen3_5_moe": qwen3_5,
+    "qwen3_5_moe_text": qwen3_5,
+    "qwen3_next": qwen3_5,
 }
 
 

@@ -34,6 +34,15 @@ class ModelSpec:
     def cached_dims(self) -> int:
         """Numbers a layer caches per token and KV head: K and V, or a latent key alone."""
         return self.head_dim if self.latent_value_dim is not None else 2 * self.head_dim
+    # Layers that keep a recurrent state per sequence instead of K/V (linear attention:
+    # Qwen3.5's Gated DeltaNet), and that state's per-slot (conv, recurrent) shapes.
+    state_layers: tuple[int, ...] = ()
+    state_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        """The layers with a KV pool: all but the recurrent ones."""
+        return tuple(i for i in range(self.n_layers) if i not in self.state_layers)
 
     @property
     def attention_windows(self) -> tuple[int | None, ...]:

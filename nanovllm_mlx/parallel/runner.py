@@ -200,6 +200,11 @@ class ParallelRunner:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self._together(Record(COPY, copies=pairs), lambda: self.runner.copy_blocks(pairs))
 
+    def copy_states(self, pairs: list[tuple[int, int]]) -> None:
+        # Models with recurrent state refuse tensor parallelism when sharded (their
+        # shard() raises), so no plan of theirs reaches a group.
+        raise TensorParallelError("recurrent-state models do not run tensor-parallel")
+
     def _together(self, record: Record, run: Callable[[], T]) -> T:
         """Tell the other ranks, then do the same here: a rank that is gone is the run's
         end, not a request's."""

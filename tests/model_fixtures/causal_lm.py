@@ -66,7 +66,8 @@ def build_causal_lm(
     classic_config None: the config is built from the recipe parameters and written as the
     installed transformers writes it. real_vocab below p["vocab_size"]: the padding rows are
     zeroed, so a random model never argmaxes into them. tweak: called on the randomized
-    model before it is saved (for buffers randomize_ does not touch).
+    model before it is saved (buffers randomize_ does not touch, parameters whose useful
+    range the generic scales miss, such as a linear-attention layer's decay rates).
     """
     import transformers
     from transformers import AutoConfig

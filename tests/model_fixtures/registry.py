@@ -28,6 +28,7 @@ from . import (
     phi3,
     qwen2,
     qwen3,
+    qwen3_5,
     smollm3,
     weights,
 )
@@ -154,6 +155,80 @@ _QWEN3_MOE_TINY = {
     "decoder_sparse_step": 1,
     "mlp_only_layers": [1],
     "seed": 3330,
+}
+# Qwen3.5's structure at toy size: linear-attention (Gated DeltaNet) layers around full
+# attention ones, GQA in both (4/2 query/KV heads; 4 value heads over 2 key heads), half
+# of each attention head rotated (the real models: a quarter).
+_QWEN3_5_TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "layer_types": [
+        "linear_attention",
+        "full_attention",
+        "linear_attention",
+        "full_attention",
+    ],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "linear_conv_kernel_dim": 4,
+    "vocab_size": 50304,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+    },
+    "tie_word_embeddings": False,
+    "seed": 3535,
+}
+_QWEN3_5_MOE_TINY = {
+    **_QWEN3_5_TINY,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+    "tie_word_embeddings": True,
+    "seed": 3536,
+}
+# A mid-size Qwen3.5 (~0.6B: 24 layers, 18 of them linear, Qwen3.5's 128-wide state heads)
+# with random weights, for benchmarks/hybrid_prefix.py (lazy: not built by the suite).
+_QWEN3_5_MEDIUM_SHAPE = {
+    **_QWEN3_5_TINY,
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "intermediate_size": 3584,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 16,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "max_position_embeddings": 8192,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000000.0,
+        "partial_rotary_factor": 0.25,
+    },
+    "seed": 3537,
+}
+_QWEN3_5_MEDIUM_SHAPE["layer_types"] = _QWEN3_5_MEDIUM_SHAPE["layer_types"] * 6
+# Qwen3-Next-80B-A3B's conventions: layer 1 dense (mlp_only_layers), the rest sparse.
+_QWEN3_NEXT_TINY = {
+    **_QWEN3_5_MOE_TINY,
+    "mlp_only_layers": [1],
+    "decoder_sparse_step": 1,
+    "norm_topk_prob": True,
+    "tie_word_embeddings": False,
+    "seed": 3800,
 }
 _MIXTRAL_TINY = {
     **_LLAMA_TINY,
@@ -417,6 +492,17 @@ def recipes() -> dict[str, Recipe]:
             qwen3.build_qwen3_moe_hf5,
             {**_QWEN3_MOE_TINY, "transformers": tv},
         ),
+        Recipe("qwen35-tiny", qwen3_5.build_qwen3_5, {**_QWEN3_5_TINY, "transformers": tv}),
+        Recipe(
+            "qwen35-moe-tiny",
+            qwen3_5.build_qwen3_5_moe,
+            {**_QWEN3_5_MOE_TINY, "transformers": tv},
+        ),
+        Recipe(
+            "qwen3-next-tiny",
+            qwen3_5.build_qwen3_next,
+            {**_QWEN3_NEXT_TINY, "transformers": tv},
+        ),
         Recipe("mixtral-tiny", mixtral.build_mixtral, {**_MIXTRAL_TINY, "transformers": tv}),
         Recipe("gemma3-tiny", gemma3.build_gemma3, {**_GEMMA3_TINY, "transformers": tv}),
         Recipe(
@@ -480,6 +566,12 @@ def recipes() -> dict[str, Recipe]:
             "qwen3-0.6b-shape",
             qwen3.build_qwen3,
             {**_QWEN3_0_6B_SHAPE, "transformers": tv},
+            default=False,
+        ),
+        Recipe(
+            "qwen35-medium-shape",
+            qwen3_5.build_qwen3_5,
+            {**_QWEN3_5_MEDIUM_SHAPE, "transformers": tv},
             default=False,
         ),
         Recipe(

@@ -13,23 +13,15 @@ any full-attention layer (Gemma 3) keeps all its blocks.
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
-
-import xxhash
+from typing import TYPE_CHECKING
 
 from nanovllm_mlx.attention.metadata import NULL_BLOCK
+from nanovllm_mlx.engine.core.hashing import block_hash
 from nanovllm_mlx.engine.core.sequence import Sequence
 
-
-def block_hash(token_ids: list[int], prev_hash: int | None) -> int:
-    """Hash of a full block, chained on the previous block's so equal blocks at different
-    positions (after different prefixes) never collide."""
-    h = xxhash.xxh64()
-    if prev_hash is not None:
-        h.update(prev_hash.to_bytes(8, "little"))
-    h.update(array("q", token_ids).tobytes())
-    return h.intdigest()
+if TYPE_CHECKING:
+    from nanovllm_mlx.engine.core.state_slots import StateSlots
 
 
 @dataclass(slots=True)
@@ -70,6 +62,7 @@ class BlockManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         sliding_window: int | None = None,
+        states: StateSlots | None = None,
     ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
@@ -93,6 +86,9 @@ class BlockManager:
         self.num_forked = 0
         self.num_copied = 0
         self._copies: list[tuple[int, int]] = []  # (source, copy) not yet taken
+        # Hybrid models: the recurrent-state slots, allocated, freed and forked with the
+        # blocks; a cached prefix is only as long as its last restorable state.
+        self.states = states
 
     @property
     def num_blocks(self) -> int:
@@ -154,11 +150,19 @@ class BlockManager:
                 break
             hits.append((block_id, h))
             prev = h
+        if self.states is not None:
+            # Past the last snapshot, the blocks are shared but their state is not kept:
+            # this sequence marks where the shared part ends, for its snapshot there.
+            seq.state_mark = len(hits) * bs
+            while hits and not self.states.has_snapshot(hits[-1][1]):
+                hits.pop()
         return hits
 
     def can_allocate(self, seq: Sequence) -> bool:
         hits = self._cached_prefix(seq)
         in_use = sum(1 for block_id, _ in hits if self.blocks[block_id].ref_count > 0)
+        if self.states is not None and not self.states.can_allocate():
+            return False
         return self.blocks_needed(seq.num_tokens) - in_use <= self.num_free_blocks
 
     def allocate(self, seq: Sequence) -> int:
@@ -178,6 +182,10 @@ class BlockManager:
             seq.block_hashes.append(h)
         for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
             seq.block_table.append(self._take_free_block(_last(seq.block_table)))
+        if self.states is not None:
+            self.states.allocate(seq)
+            if hits:
+                self.states.restore(seq, hits[-1][1])
         cached = len(hits) * self.block_size
         seq.num_cached_tokens = cached
         self.prefix_hit_tokens += cached
@@ -261,6 +269,8 @@ class BlockManager:
         child.num_cached_tokens = parent.num_cached_tokens
         child.num_freed_blocks = parent.num_freed_blocks
         self.num_forked += len(held)
+        if self.states is not None:
+            self.states.fork(parent, child)
 
     def commit(self, seq: Sequence) -> None:
         """Publish the hashes of full blocks whose K/V are now computed.
@@ -308,3 +318,5 @@ class BlockManager:
         seq.block_table.clear()
         seq.block_hashes.clear()
         seq.num_freed_blocks = 0
+        if self.states is not None:
+            self.states.free(seq)

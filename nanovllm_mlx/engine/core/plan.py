@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     from nanovllm_mlx.engine.sample.logprobs import RowSample
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Hybrid models: after `at` tokens of an entry's chunk (a block boundary), its
+    recurrent state is also written to snapshot `slot`, which serves `block_hash` once
+    the step has run (engine/core/state_slots.py)."""
+
+    at: int
+    slot: int
+    block_hash: int
+
+
 @dataclass(slots=True)
 class ScheduledSeq:
     """num_new_tokens tokens of seq from position `start` (default: the tokens computed
@@ -23,6 +34,7 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
     start: int = -1
+    snapshots: tuple[Snapshot, ...] = ()  # hybrid models: state snapshots to write
     # This chunk reaches the sequence's end, so its last logits are sampled.
     samples: bool = field(init=False)
 
@@ -43,6 +55,9 @@ class StepPlan:
     # Launch the next step before reading this one back: the scheduler reserved its blocks
     # (Scheduler.reserve_ahead).
     look_ahead: bool = False
+    # (source, destination) recurrent-state slots the runner copies before the step:
+    # forks' states and restored prefix snapshots (StateSlots.take_copies).
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -74,7 +74,16 @@ class Scheduler:
         after it may be launched before this one is read back."""
         batch = self._batch()
         look_ahead = self.look_ahead and self.reserve_ahead(batch)
-        return StepPlan(batch, self.block_manager.take_copies(), look_ahead)
+        states = self.block_manager.states
+        state_copies = states.take_copies() if states is not None else []
+        return StepPlan(batch, self.block_manager.take_copies(), look_ahead, state_copies)
+
+    def _entry(self, seq: Sequence, n: int) -> ScheduledSeq:
+        """seq's n tokens this step; a hybrid model also snapshots its state at the block
+        boundary they reach (StateSlots.plan)."""
+        states = self.block_manager.states
+        snapshots = states.plan(seq, n) if states is not None else ()
+        return ScheduledSeq(seq, n, snapshots=snapshots)
 
     def _batch(self) -> list[ScheduledSeq]:
         budget: float = self.max_num_batched_tokens
@@ -96,7 +105,7 @@ class Scheduler:
             else:
                 self.block_manager.append_slots(seq)
                 n, cost, widest = self._chunk(seq, budget, widest)
-                batch.append(ScheduledSeq(seq, n))
+                batch.append(self._entry(seq, n))
                 scheduled.append(seq)
                 budget -= cost
         self.running = scheduled + list(queue)
@@ -111,7 +120,7 @@ class Scheduler:
             seq.num_computed_tokens = self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             n, cost, widest = self._chunk(seq, budget, widest)
-            batch.append(ScheduledSeq(seq, n))
+            batch.append(self._entry(seq, n))
             self.running.append(seq)
             budget -= cost
         return batch
@@ -193,6 +202,7 @@ class Scheduler:
             item.seq.num_computed_tokens = item.start + item.num_new_tokens
             self.block_manager.commit(item.seq)
             self.block_manager.free_out_of_window(item.seq)
+        self._publish_snapshots(plan.batch, failed)
         for item, token in zip(samplers, result.tokens):
             item.seq.token_ids.append(token)
         sampled, samples = self._fork_sampled([item.seq for item in samplers], result.logprobs)
@@ -200,6 +210,20 @@ class Scheduler:
             if seq.constraint is not None:
                 seq.constraint.consume(seq.token_ids[-1])
         return StepUpdate(ran, sampled, samples)
+
+    def _publish_snapshots(self, batch: list[ScheduledSeq], failed: set[Sequence]) -> None:
+        """The state snapshots the step wrote serve their block hashes from now on; a
+        failed entry's reserved slot goes back."""
+        states = self.block_manager.states
+        if states is None:
+            return
+        for item in batch:
+            for snap in item.snapshots:
+                if item.seq in failed:
+                    states.release(snap.slot)
+                else:
+                    decoding = item.start >= item.seq.num_prompt_tokens
+                    states.publish(item.seq, snap.block_hash, snap.slot, decoding)
 
     def _fork_sampled(
         self, sampled: list[Sequence], samples: list[RowSample | None] | None

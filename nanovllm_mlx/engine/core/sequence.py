@@ -50,6 +50,13 @@ class Sequence:
     # no prefix-cache hit may skip them until that pass is done.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs_pending: bool = False
+    # Hybrid models: this sequence's row in the recurrent-state pool (-1: none), and the
+    # block hash of the snapshot its decoding last published (engine/core/state_slots.py).
+    state_slot: int = -1
+    decode_snapshot: int | None = None
+    # Where a prefix that the KV cache shares with an earlier prompt ends, past the last
+    # snapshot of it (0: none): snapshotted when this sequence computes it.
+    state_mark: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

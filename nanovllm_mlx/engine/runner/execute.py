@@ -1,5 +1,6 @@
-"""A plan on the device: the forks' block copies, grammar masks, the prompt-logprobs pass,
-then the batch's forward and sampling, failures narrowed down to their requests."""
+"""A plan on the device: the forks' block copies (and recurrent-state copies), grammar
+masks, the prompt-logprobs pass, then the batch's forward and sampling, failures
+narrowed down to their requests."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def execute(runner: Runner, plan: StepPlan) -> StepResult:
     update does that from the plan and this result."""
     if plan.copies:
         runner.copy_blocks(plan.copies)
+    if plan.state_copies:
+        runner.copy_states(plan.state_copies)
     structured.set_masks(plan.batch)
     # What the prompt-logprobs pass leaves of each chunk: maybe nothing (then the entry
     # samples nothing, and is left out of the forward).

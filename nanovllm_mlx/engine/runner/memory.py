@@ -3,6 +3,8 @@ the check that they fit before a byte of them is allocated."""
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 from nanovllm_mlx import backend
@@ -18,7 +20,7 @@ HEADROOM = 0.10
 
 
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: mx.Dtype) -> int:
-    return spec.n_layers * block_size * spec.n_kv_heads * spec.cached_dims * dtype.size
+    return len(spec.kv_layers) * block_size * spec.n_kv_heads * spec.cached_dims * dtype.size
 
 
 def num_kv_blocks(spec: ModelSpec, config: Config, dtype: mx.Dtype, max_model_len: int) -> int:
@@ -45,9 +47,22 @@ def num_kv_blocks(spec: ModelSpec, config: Config, dtype: mx.Dtype, max_model_le
     return max(per_seq, min(wanted, affordable))
 
 
-def check_fits(num_blocks: int, per_block: int, weight_bytes: int, block_size: int) -> None:
-    """Refuse a KV pool that would not fit in what the device has left, with the sizes."""
-    pool = num_blocks * per_block
+def state_bytes(spec: ModelSpec, rows: int, dtype: mx.Dtype) -> int:
+    """The recurrent-state pools of a hybrid model (attention/state.py state_pools): per
+    row, its conv state in the model's dtype and its recurrent state in float32."""
+    if spec.state_shapes is None or not rows:
+        return 0
+    conv, ssm = spec.state_shapes
+    per_row = math.prod(conv) * dtype.size + math.prod(ssm) * 4
+    return len(spec.state_layers) * (rows + 1) * per_row
+
+
+def check_fits(
+    num_blocks: int, per_block: int, weight_bytes: int, block_size: int, states: int = 0
+) -> None:
+    """Refuse a KV pool (and recurrent-state pool, `states` bytes) that would not fit in
+    what the device has left, with the sizes."""
+    pool = num_blocks * per_block + states
     available = backend.available_memory_bytes()
     usable = int(available * (1 - HEADROOM))
     if pool <= usable:
@@ -55,7 +70,9 @@ def check_fits(num_blocks: int, per_block: int, weight_bytes: int, block_size: i
     total = backend.device_memory_bytes()
     raise ValueError(
         f"the KV cache needs {pool / GiB:.2f} GiB ({num_blocks:,} blocks of {block_size} "
-        f"tokens) but only {available / GiB:.2f} GiB of this device's {total / GiB:.1f} GiB "
+        f"tokens{f', {states / GiB:.2f} GiB of recurrent state' if states else ''}) "
+        f"but only {available / GiB:.2f} GiB of this device's {total / GiB:.1f} GiB "
         f"is free besides the {weight_bytes / GiB:.2f} GiB of weights already loaded; "
         f"lower --kv-cache-gb (at most ~{usable / GiB:.1f} fits)"
+        + (" or --max-num-seqs (a state row each, and as many snapshots)" if states else "")
     )

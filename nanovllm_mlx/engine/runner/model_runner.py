@@ -24,6 +24,7 @@ import numpy as np
 
 from nanovllm_mlx.attention import select_backend
 from nanovllm_mlx.attention.metadata import AttentionBackend, AttentionMetadata, KVCache, PoolLayout
+from nanovllm_mlx.attention.state import state_pools
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.engine.runner.step_inputs import (
@@ -56,6 +57,7 @@ class ModelRunner:
         backend: AttentionBackend | None = None,
         compile_decode: bool = False,
         collective: bool = False,
+        num_state_slots: int = 0,
     ):
         self.model = model
         spec = model.spec
@@ -68,13 +70,15 @@ class ModelRunner:
         self.windows = spec.attention_windows  # one attention plan per distinct window
         # A compiled step's plan is full attention (plan_decode_uniform): sliding-window
         # models run eager.
-        self.compile_decode = compile_decode and self.windows == (None,)
+        # Recurrent layers (hybrids) update state in place of a cache write that a padded
+        # row could aim at scratch: they run eager too.
+        self.compile_decode = compile_decode and self.windows == (None,) and not spec.state_layers
         # Tensor parallelism: the layers all_sum across ranks, and every rank must finish
         # the same collectives in the same order whatever happens after (a sampler that
         # raises on rank 0 must not leave the others waiting), so each forward is
         # evaluated whole before anything else is built on it.
         self.collective = collective
-        self._compiled = mx.compile(self._decode_graph) if compile_decode else None
+        self._compiled = mx.compile(self._decode_graph) if self.compile_decode else None
         self.decode_buckets: set[tuple[Any, ...]] = set()  # (batch, table width) shapes traced
         self.compile_ms: tuple[float, float] | None = None  # warm_up's (compiled, eager) step
         shape = (spec.n_kv_heads, (num_blocks + 1) * block_size, spec.head_dim)
@@ -86,9 +90,17 @@ class ModelRunner:
                 block_size,
                 self.value_dim,
             )
-            for _ in range(spec.n_layers)
+            for _ in spec.kv_layers
         ]
-        mx.eval([(c.k, c.v) for c in self.caches])
+        self.states = state_pools(spec.state_layers, spec.state_shapes, num_state_slots, dtype)
+        # The row a sequence with no slot of its own (start-up probes) reads and writes.
+        self.scratch_state = num_state_slots if self.states else None
+        # What the model is called with: each layer's KV pools or state pool, in order.
+        kv, st = iter(self.caches), iter(self.states)
+        self.layer_caches: list[Any] = [
+            next(st) if i in spec.state_layers else next(kv) for i in range(spec.n_layers)
+        ]
+        mx.eval(self._cache_arrays())
         self._ahead: _Ahead | None = None
         self.steps_ahead_used = 0  # launched ahead and used
         self.steps_ahead_dropped = 0  # launched ahead, then the batch changed
@@ -108,6 +120,19 @@ class ModelRunner:
                 blocks[dst] = blocks[src]
                 setattr(cache, name, blocks.reshape(pool.shape))
 
+    def copy_states(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy recurrent-state rows, source to destination, in every recurrent layer:
+        forks' states and restored prefix snapshots (StateSlots.take_copies)."""
+        src = mx.array([s for s, _ in pairs], dtype=mx.int32)
+        dst = mx.array([d for _, d in pairs], dtype=mx.int32)
+        for state in self.states:
+            state.copy(src, dst)
+
+    def _cache_arrays(self) -> list[mx.array]:
+        """Every pool a step writes, to evaluate with it."""
+        arrays = [a for c in self.caches for a in (c.k, c.v) if a is not None]
+        return arrays + [a for s in self.states for a in (s.conv, s.ssm)]
+
     def forward(self, step: PreparedStep) -> mx.array | None:
         """Lazy logits of each sampling entry's last token (None when none samples)."""
         if step.padded:
@@ -119,9 +144,9 @@ class ModelRunner:
             for cache, (k, v) in zip(self.caches, pools):
                 cache.k, cache.v = k, v
             return logits[: len(step.samplers)]
-        hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
+        hidden = self.model(step.input_ids, step.positions, self.layer_caches, step.meta)
         if self.collective:
-            mx.eval(hidden, [(c.k, c.v) for c in self.caches])
+            mx.eval(hidden, self._cache_arrays())
         if not step.samplers:
             return None
         return self.model.logits(hidden[step.last_index])
@@ -130,17 +155,17 @@ class ModelRunner:
         """The logits of every token of one entry (not only its last), its K/V written:
         the prompt-logprobs pass (engine/runner/prompt_logprobs.py). Evaluated whole, as every
         forward that a tensor-parallel group runs together must be."""
-        step = prepare([item], self.pool, self.backend, windows=self.windows)
-        hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
-        mx.eval(hidden, [(c.k, c.v) for c in self.caches])
+        step = self._prepare_eager([item])
+        hidden = self.model(step.input_ids, step.positions, self.layer_caches, step.meta)
+        mx.eval(hidden, self._cache_arrays())
         return self.model.logits(hidden)
 
     def run_forward(self, batch: list[ScheduledSeq]) -> None:
         """The step's forward and cache writes, without logits or sampling: what the other
         ranks of a tensor-parallel group run while rank 0 samples."""
-        step = prepare(batch, self.pool, self.backend, windows=self.windows)
-        hidden = self.model(step.input_ids, step.positions, self.caches, step.meta)
-        mx.eval(hidden, [(c.k, c.v) for c in self.caches])
+        step = self._prepare_eager(batch)
+        hidden = self.model(step.input_ids, step.positions, self.layer_caches, step.meta)
+        mx.eval(hidden, self._cache_arrays())
 
     def _decode_graph(
         self,
@@ -183,9 +208,9 @@ class ModelRunner:
                 if compiled:
                     step = self._prepare(batch)
                 else:
-                    step = prepare(batch, self.pool, self.backend, None, self.windows)
+                    step = self._prepare_eager(batch)
                 launched = self._launch(step, 0)
-                mx.eval(launched.tokens, [(c.k, c.v) for c in self.caches])
+                mx.eval(launched.tokens, self._cache_arrays())
                 times.append(time.perf_counter() - t0)
             return min(times)
 
@@ -202,17 +227,35 @@ class ModelRunner:
             step = prepare_decode(batch, self.pool, self.backend, self.scratch_block, ahead)
             self.decode_buckets.add(_bucket_key(step))
             return step
-        return prepare(batch, self.pool, self.backend, ahead, self.windows)
+        return self._prepare_eager(batch, ahead)
+
+    def _prepare_eager(
+        self, batch: list[ScheduledSeq], ahead: mx.array | None = None
+    ) -> PreparedStep:
+        return prepare(batch, self.pool, self.backend, ahead, self.windows, self.scratch_state)
 
     def _launch(self, step: PreparedStep, output_offset: int) -> _Launched:
-        """Build the step's graph and start it on the device without waiting."""
-        logits = self.forward(step)
-        cache_arrays = [(c.k, c.v) for c in self.caches]
-        if logits is None:
+        """Build the step's graph and start it on the device without waiting.
+
+        The recurrent states are rebound to this step's (lazy) results as the graph is
+        built; if building it raises (the sampler refusing a row, say), they are put
+        back, so that a retry of the batch's halves (isolation.py) starts from the
+        states before the step, as it does from the same K/V."""
+        before = [(s.conv, s.ssm) for s in self.states]
+        try:
+            logits = self.forward(step)
+            seqs = [item.seq for item in step.samplers]
+            sampled = None if logits is None else sample(logits, seqs, output_offset)
+        except BaseException:
+            for state, (conv, ssm) in zip(self.states, before):
+                state.conv, state.ssm = conv, ssm
+            raise
+        del before  # no extra reference at evaluation: the pools are updated in place
+        cache_arrays = self._cache_arrays()
+        if sampled is None:
             mx.async_eval(cache_arrays)  # type: ignore[no-untyped-call]
             return _Launched(step, None, None)
-        seqs = [item.seq for item in step.samplers]
-        tokens, logprobs = sample(logits, seqs, output_offset)
+        tokens, logprobs = sampled
         mx.async_eval(  # type: ignore[no-untyped-call]
             tokens, cache_arrays, [] if logprobs is None else logprobs
         )
@@ -245,7 +288,7 @@ class ModelRunner:
             step = self._prepare(batch, ahead=launched.tokens)
             self._ahead = _Ahead(_batch_key(batch, 1), self._launch(step, 1))
         if launched.tokens is None:
-            mx.eval([(c.k, c.v) for c in self.caches])
+            mx.eval(self._cache_arrays())
             return [], None
         # Back to batch order, which is what the scheduler's update expects.
         samplers = launched.step.samplers

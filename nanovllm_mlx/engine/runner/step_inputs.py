@@ -22,6 +22,7 @@ from nanovllm_mlx.attention.metadata import (
     PrefillEntries,
 )
 from nanovllm_mlx.attention.paged import build_metadata
+from nanovllm_mlx.attention.state import Segment, StateSteps, build_state_steps
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 
 
@@ -41,11 +42,14 @@ def prepare(
     backend: AttentionBackend,
     ahead: mx.array | None = None,
     windows: tuple[int | None, ...] = (None,),
+    scratch_state: int | None = None,
 ) -> PreparedStep:
     """The step's arrays; `windows`: the model's distinct attention windows (None: full
-    attention), one attention plan each. With `ahead` (the lazy tokens sampled by the
-    step launched just before, for this same all-decode batch) this is the step after
-    that one: every sequence one position further, fed the token not yet read back."""
+    attention), one attention plan each; `scratch_state`: for a model with recurrent
+    layers, the state row of entries whose sequence has no slot (else None). With
+    `ahead` (the lazy tokens sampled by the step launched just before, for this same
+    all-decode batch) this is the step after that one: every sequence one position
+    further, fed the token not yet read back."""
     shift = 0 if ahead is None else 1
     # Single-token entries (decodes, and prompts with one token left) share the cheap
     # decode read; the rest form the prefill chunks. Decodes go shortest context first,
@@ -77,12 +81,36 @@ def prepare(
             [it.num_new_tokens for it in prefills],
             [it.seq.block_table for it in prefills],
         )
+    meta = build_metadata(backend, pool, np.concatenate(slots), decode, prefill, windows)
+    if scratch_state is not None:
+        assert ahead is None, "a model with recurrent state never runs a step ahead"
+        meta.states = _state_steps(decodes, prefills, scratch_state)
     return PreparedStep(
         input_ids=mx.array(input_ids, dtype=mx.int32) if ahead is None else ahead,
         positions=mx.array(np.concatenate(positions).astype(np.int32)),
-        meta=build_metadata(backend, pool, np.concatenate(slots), decode, prefill, windows),
+        meta=meta,
         samplers=samplers,
         last_index=mx.array(last, dtype=mx.int32),
+    )
+
+
+def _state_steps(
+    decodes: list[ScheduledSeq], prefills: list[ScheduledSeq], scratch: int
+) -> StateSteps:
+    """Each entry's state slot, in flat order: whether it starts its sequence (a zero
+    state) and where it snapshots its state (ScheduledSeq.snapshots)."""
+
+    def slot(item: ScheduledSeq) -> int:
+        return item.seq.state_slot if item.seq.state_slot >= 0 else scratch
+
+    saves = [(i, snap.slot) for i, it in enumerate(decodes) for snap in it.snapshots]
+    segments, offset = [], len(decodes)
+    for item in prefills:
+        snaps = tuple((snap.at, snap.slot) for snap in item.snapshots)
+        segments.append(Segment(offset, item.num_new_tokens, slot(item), item.start == 0, snaps))
+        offset += item.num_new_tokens
+    return build_state_steps(
+        [slot(it) for it in decodes], [it.start == 0 for it in decodes], saves, segments
     )
 
 
