@@ -33,7 +33,8 @@ import mlx.core as mx
 # isort: on
 
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention.gather import gathered_attention, read_blocks
+from nanovllm_mlx.attention.gather import gathered_attention
+from nanovllm_mlx.attention.kv_cache import read_blocks
 from nanovllm_mlx.attention.metadata import KVCache, PoolLayout
 
 
@@ -61,8 +62,7 @@ def measure(
     q = mx.random.normal((b, h, d)).astype(dtype)
     token_major = [mx.random.normal((n * bs, hkv, d)).astype(dtype) for _ in range(layers)]
     head_major = [
-        KVCache(*(mx.random.normal((hkv, n * bs, d)).astype(dtype),) * 2, bs)
-        for _ in range(layers)
+        KVCache(*(mx.random.normal((hkv, n * bs, d)).astype(dtype),) * 2, bs) for _ in range(layers)
     ]
     dense = [mx.random.normal((b, hkv, nb * bs, d)).astype(dtype) for _ in range(layers)]
     rows = PoolLayout(hkv, n, bs).block_rows(np.array(tables))

@@ -20,7 +20,6 @@ import numpy as np
 
 import nanovllm_mlx  # noqa: F401  (the fast BLAS before mlx)
 from nanovllm_mlx import LLM, SamplingParams
-from nanovllm_mlx.engine.runner import memory
 
 
 def workload(seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -75,7 +74,7 @@ def equal(model: str) -> dict:
     # rank: half a rank's heads per block, so half the bytes give the same blocks.
     options = {"max_model_len": 128, "max_num_batched_tokens": 32, "max_num_seqs": 8}
     probe = LLM(model, kv_cache_gb=0.01, **options).engine
-    per_block = memory.kv_bytes_per_block(probe.model_runner.model.spec, 16, probe.dtype)
+    per_block = probe.kv_cache_bytes // probe.stats()["kv_blocks_total"]
     sixteen = 16 * per_block / 2**30  # 16 blocks of 16 tokens: ~3 of these sequences
     one = LLM(model, kv_cache_gb=sixteen, **options)
     first = [o["token_ids"] for o in one.generate(prompts, params)]

@@ -9,10 +9,14 @@ from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import AttentionBackend
 
 
-def select_backend() -> AttentionBackend:
+def select_backend(quantized_kv: bool = False) -> AttentionBackend:
     """The one place the attention path is chosen: the CUDA decode kernel on an MLX CUDA
     build running on its GPU (unless NANOVLLM_PAGED_KERNEL=0), else the pure-MLX gather
-    path, with fused SDPA on a GPU and matmuls on the CPU."""
-    if cuda.available():
+    path, with fused SDPA on a GPU and matmuls on the CPU.
+
+    A quantized KV cache (--kv-cache-dtype int8/int4) always takes the gather path, which
+    dequantizes the blocks it gathers: the CUDA kernel reads float pools only. A kernel
+    that dequantizes in registers is future work (it needs a GPU to be tested on)."""
+    if cuda.available() and not quantized_kv:
         return cuda.CudaPagedAttention()
     return GatherAttention(fused=mx.default_device() != mx.cpu)

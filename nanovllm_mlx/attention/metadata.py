@@ -1,7 +1,8 @@
 """The attention interface, at the bottom of attention/: where a step's K/V go and what
 each query may see (the metadata every backend shares, and the pool-row arithmetic
-behind it, one place for both), a layer's KV pools (KVCache), and what a backend provides
-(AttentionBackend). The engine and the models import this; the backends' plans are
+behind it, one place for both), and what a backend provides
+(AttentionBackend); a layer's KV pools (KVCache) live in attention/kv_cache.py and are
+re-exported here. The engine and the models import this; the backends' plans are
 theirs alone, opaque to everything else.
 
 Pools are head-major, [n_kv_heads, num_blocks * block_size, head_dim] per layer: viewed
@@ -22,6 +23,8 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
+
+from nanovllm_mlx.attention.kv_cache import KVCache as KVCache  # re-exported
 
 # A block-table entry whose block was freed because it left every layer's sliding window
 # (the block manager frees them; attention reads start past them).
@@ -114,33 +117,6 @@ class PrefillEntries:
     starts: list[int]  # position of each chunk's first token
     lengths: list[int]
     block_tables: list[list[int]]
-
-
-@dataclass(slots=True)
-class KVCache:
-    """One layer's K and V pools, [n_kv_heads, num_blocks * block_size, head_dim] each.
-
-    A separate pool per layer, and no other references to it, lets MLX scatter into the
-    buffer in place instead of copying it every step.
-    """
-
-    k: mx.array
-    v: mx.array
-    block_size: int
-
-    def write(self, k: mx.array, v: mx.array, rows: mx.array) -> None:
-        """k/v [T, Hkv, D] into the rows given by PoolLayout.write_rows.
-
-        One Scatter per pool, in place when MLX can donate the buffer, which it does as the
-        pool has no other reference (decode speed does not depend on the pool's size).
-        pool[:, slots] = ... is ten ops per write, and on a GPU each op is host time in a
-        single-stream decode step."""
-        head_dim = k.shape[-1]
-        for name, new in (("k", k), ("v", v)):
-            pool = getattr(self, name)
-            flat = pool.reshape(-1, head_dim)
-            flat[rows] = new.reshape(-1, head_dim)
-            setattr(self, name, flat.reshape(pool.shape))
 
 
 class AttentionBackend(Protocol):

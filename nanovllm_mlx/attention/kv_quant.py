@@ -1,0 +1,133 @@
+"""How K and V are stored in the pools: a float dtype, or codes with their scales.
+
+A quantized row is one token of one KV head, quantized at write time in groups along
+head_dim: the group never spans tokens, so a partly filled block is never quantized again
+as tokens are appended, and the scales sit beside the codes under the same pool-row
+indexing (attention/kv_cache.py), so every block operation (gather, copy-on-write,
+preemption, sliding-window frees, head sharding) treats them alike.
+
+Scales (and affine biases) are bfloat16: codes are computed from the *stored* scale, so
+its 8-bit mantissa costs no accuracy, and unlike float16 it does not overflow for rows
+past 65504 x 127 in a float32 model.
+
+Why these formats (benchmarks/kv_quant_quality.py, RESULTS.md "Quantized KV cache"): the
+token targets are >= 1.9x float16 for int8 and >= 3.5x for int4 at head_dim 64.
+- int8: symmetric, one scale per row: 8 + 16/64 = 8.25 bits (1.94x). Affine int8 in
+  groups of 64 is 8.5 bits (1.88x, misses the target) and measured no better.
+- int4: affine (scale and bias) in groups of 64: 4.5 bits (3.56x). A symmetric int4 row
+  with one scale (4.25 bits, 3.76x) doubled the logprob error on SmolLM2 (keys have a few
+  large channels, and a symmetric grid wastes half its levels on a lopsided row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+SCALE_DTYPE = mx.bfloat16
+FLOAT_NAMES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class KVFormat:
+    """One pool's storage: `dtype` for a float pool, else `bits`-bit codes in groups of
+    `group` values (whole row when the head_dim is not a multiple) with a bfloat16 scale,
+    and a bias too when `affine`."""
+
+    name: str
+    dtype: mx.Dtype | None = None
+    bits: int = 0
+    group: int = 0
+    affine: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype is None
+
+    def group_size(self, head_dim: int) -> int:
+        return self.group if self.group and head_dim % self.group == 0 else head_dim
+
+    def code_width(self, head_dim: int) -> int:
+        """Elements of the codes array per row (bytes for int4's packed pairs)."""
+        return head_dim * self.bits // 8
+
+    def scale_width(self, head_dim: int) -> int:
+        """Elements of the scales array per row: a scale (and a bias) per group."""
+        return (head_dim // self.group_size(head_dim)) * (2 if self.affine else 1)
+
+    def row_bytes(self, head_dim: int) -> int:
+        """Bytes one token of one KV head takes in the pool, scales included."""
+        if self.dtype is not None:
+            return head_dim * self.dtype.size
+        return self.code_width(head_dim) + self.scale_width(head_dim) * SCALE_DTYPE.size
+
+
+INT8 = KVFormat("int8", bits=8)
+INT4 = KVFormat("int4", bits=4, group=64, affine=True)
+QUANTIZED = {"int8": INT8, "int4": INT4}
+
+
+def resolve(name: str, compute: mx.Dtype) -> KVFormat:
+    """A --kv-cache-dtype value (validated by Config) -> its format; auto is the compute
+    dtype, the pools as they were before quantization existed."""
+    if name == "auto":
+        return KVFormat(str(compute).removeprefix("mlx.core."), dtype=compute)
+    if name in QUANTIZED:
+        return QUANTIZED[name]
+    return KVFormat(name, dtype=FLOAT_NAMES[name])
+
+
+def check_head_dim(fmt: KVFormat, head_dim: int) -> None:
+    if fmt.quantized and head_dim % 2:
+        raise ValueError(f"kv_cache_dtype {fmt.name} needs an even head_dim, got {head_dim}")
+
+
+def quantize(x: mx.array, fmt: KVFormat) -> tuple[mx.array, mx.array]:
+    """x [..., D] -> (codes [..., code_width], scales [..., scale_width])."""
+    d = x.shape[-1]
+    g = fmt.group_size(d)
+    xg = x.astype(mx.float32).reshape(*x.shape[:-1], d // g, g)
+    top = (1 << (fmt.bits - 1)) - 1  # 127 / 7: the symmetric grid's largest code
+    if fmt.affine:
+        lo, hi = xg.min(axis=-1, keepdims=True), xg.max(axis=-1, keepdims=True)
+        scale = ((hi - lo) / ((1 << fmt.bits) - 1)).astype(SCALE_DTYPE)
+        bias = lo.astype(SCALE_DTYPE)
+        s, b = scale.astype(mx.float32), bias.astype(mx.float32)
+        codes = mx.round((xg - b) / mx.where(s == 0, 1, s))
+        codes = mx.clip(codes, 0, (1 << fmt.bits) - 1)
+        scales = mx.concatenate([scale, bias], axis=-1)
+    else:
+        scale = (mx.abs(xg).max(axis=-1, keepdims=True) / top).astype(SCALE_DTYPE)
+        s = scale.astype(mx.float32)
+        codes = mx.clip(mx.round(xg / mx.where(s == 0, 1, s)), -top, top)
+        scales = scale
+        if fmt.bits == 4:
+            codes = codes + 8  # nibbles are unsigned
+    codes = codes.reshape(*x.shape[:-1], d)
+    scales = scales.reshape(*x.shape[:-1], -1)
+    if fmt.bits == 8:
+        return codes.astype(mx.uint8 if fmt.affine else mx.int8), scales
+    pairs = codes.astype(mx.uint8).reshape(*x.shape[:-1], d // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4), scales
+
+
+def dequantize(codes: mx.array, scales: mx.array, fmt: KVFormat, dtype: mx.Dtype) -> mx.array:
+    """Inverse of quantize: (codes [..., code_width], scales [..., scale_width]) -> [..., D]
+    in `dtype`. Only what is passed is dequantized: the readers pass what they gathered."""
+    lead = codes.shape[:-1]
+    if fmt.bits == 4:
+        c = mx.stack([codes & 15, codes >> 4], axis=-1).reshape(*lead, -1)
+    else:
+        c = codes
+    d = c.shape[-1]
+    g = fmt.group_size(d)
+    c = c.astype(dtype).reshape(*lead, d // g, g)
+    if fmt.affine:
+        n = scales.shape[-1] // 2
+        s = scales[..., :n, None].astype(dtype)
+        b = scales[..., n:, None].astype(dtype)
+        return (c * s + b).reshape(*lead, d)
+    if fmt.bits == 4:
+        c = c - 8
+    return (c * scales[..., None].astype(dtype)).reshape(*lead, d)
