@@ -6,9 +6,11 @@ as tokens are appended, and the scales sit beside the codes under the same pool-
 indexing (attention/kv_cache.py), so every block operation (gather, copy-on-write,
 preemption, sliding-window frees, head sharding) treats them alike.
 
-Scales (and affine biases) are bfloat16: codes are computed from the *stored* scale, so
-its 8-bit mantissa costs no accuracy, and unlike float16 it does not overflow for rows
-past 65504 x 127 in a float32 model.
+Scales (and affine biases) are bfloat16, which unlike float16 does not overflow for rows
+past 65504 x 127 in a float32 model. Its 8-bit mantissa costs no accuracy: codes are
+computed from the *stored* scale and bias, and each is rounded outward first (the scale up,
+the bias down, by 2^-8 > bfloat16's 2^-9 rounding), so the grid still covers the row and
+no code clips (an affine int8 row's top values lost a whole step to the rounding before).
 
 Why these formats (benchmarks/kv_quant_quality.py, RESULTS.md "Quantized KV cache"): the
 token targets are >= 1.9x float16 for int8 and >= 3.5x for int4 at head_dim 64.
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 SCALE_DTYPE = mx.bfloat16
+OUTWARD = 1 + 2.0**-8  # see above: rounds a scale up and a bias down past bfloat16's error
 FLOAT_NAMES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -91,14 +94,14 @@ def quantize(x: mx.array, fmt: KVFormat) -> tuple[mx.array, mx.array]:
     top = (1 << (fmt.bits - 1)) - 1  # 127 / 7: the symmetric grid's largest code
     if fmt.affine:
         lo, hi = xg.min(axis=-1, keepdims=True), xg.max(axis=-1, keepdims=True)
-        scale = ((hi - lo) / ((1 << fmt.bits) - 1)).astype(SCALE_DTYPE)
-        bias = lo.astype(SCALE_DTYPE)
+        scale = ((hi - lo) / ((1 << fmt.bits) - 1) * OUTWARD).astype(SCALE_DTYPE)
+        bias = (lo - mx.abs(lo) * (OUTWARD - 1)).astype(SCALE_DTYPE)
         s, b = scale.astype(mx.float32), bias.astype(mx.float32)
         codes = mx.round((xg - b) / mx.where(s == 0, 1, s))
         codes = mx.clip(codes, 0, (1 << fmt.bits) - 1)
-        scales = mx.concatenate([scale, bias], axis=-1)
+        scales = mx.concatenate([scale[..., 0], bias[..., 0]], axis=-1)  # [scales, biases]
     else:
-        scale = (mx.abs(xg).max(axis=-1, keepdims=True) / top).astype(SCALE_DTYPE)
+        scale = (mx.abs(xg).max(axis=-1, keepdims=True) / top * OUTWARD).astype(SCALE_DTYPE)
         s = scale.astype(mx.float32)
         codes = mx.clip(mx.round(xg / mx.where(s == 0, 1, s)), -top, top)
         scales = scale
