@@ -40,12 +40,15 @@ TEXT_TOKENS = 1000
 KV_GB = 0.25
 # name -> (--kv-cache-dtype it runs under, the format swapped in for it)
 STUDY: dict[str, tuple[str, KVFormat]] = {
-    "int8 sym/row (shipped)": ("int8", kv_quant.INT8),
+    "int8 sym/row": ("int8", KVFormat("int8", bits=8)),
     "int8 affine/64": ("int8", KVFormat("int8", bits=8, group=64, affine=True)),
-    "int4 affine/64 (shipped)": ("int4", kv_quant.INT4),
+    "int4 affine/64": ("int4", KVFormat("int4", bits=4, group=64, affine=True)),
     "int4 affine/32": ("int4", KVFormat("int4", bits=4, group=32, affine=True)),
     "int4 sym/row": ("int4", KVFormat("int4", bits=4)),
     "int4 sym/32": ("int4", KVFormat("int4", bits=4, group=32)),
+    "int8 sym/row + Hadamard (shipped)": ("int8", kv_quant.INT8),
+    "int4 affine/64 + Hadamard (shipped)": ("int4", kv_quant.INT4),
+    "int4 sym/row + Hadamard": ("int4", KVFormat("int4", bits=4, rotate=True)),
 }
 
 

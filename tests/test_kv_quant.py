@@ -20,13 +20,20 @@ from nanovllm_mlx.attention.kv_quant import (
     INT8,
     KVFormat,
     dequantize,
+    hadamard,
     quantize,
     resolve,
 )
 from nanovllm_mlx.attention.metadata import PoolLayout
 from nanovllm_mlx.config import Config
 
-FORMATS = [INT8, INT4, KVFormat("s4", bits=4), KVFormat("a8", bits=8, group=64, affine=True)]
+FORMATS = [
+    INT8,
+    INT4,
+    KVFormat("s4", bits=4),
+    KVFormat("a8", bits=8, group=64, affine=True),
+    KVFormat("s8", bits=8),
+]
 
 
 def _bound(x: np.ndarray, fmt: KVFormat) -> np.ndarray:
@@ -58,14 +65,23 @@ def test_round_trip_is_within_half_a_step_of_each_group(fmt: KVFormat, head_dim:
     codes, scales = quantize(mx.array(x), fmt)
     assert codes.shape == (7, 3, fmt.code_width(head_dim))
     assert scales.shape == (7, 3, fmt.scale_width(head_dim))
+    # A rotating format's bound holds for the turned rows (what is quantized); turning
+    # back is orthonormal, so each row's error keeps its length.
+    turned = x @ np.array(hadamard(head_dim)) if fmt.rotate else x
+    bound = _bound(turned, fmt)
+    inner = np.array(dequantize(codes, scales, fmt, mx.float32, rotated=True))
+    assert np.all(np.abs(inner - turned) <= bound), np.abs(inner - turned).max()
     back = np.array(dequantize(codes, scales, fmt, mx.float32))
-    assert np.all(np.abs(back - x) <= _bound(x, fmt)), np.abs(back - x).max()
+    err, room = np.linalg.norm(back - x, axis=-1), np.linalg.norm(bound, axis=-1)
+    assert np.all(err <= room * 1.001 + 1e-30)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_zero_rows_read_back_as_zeros_and_huge_rows_stay_finite(fmt: KVFormat):
     x = np.zeros((4, 64), dtype=np.float32)
-    x[1] = 3e38  # near float32's largest: the scale must not overflow (bfloat16 holds it)
+    # Near float32's largest (a rotation can grow an element by sqrt(64)): the scale must
+    # not overflow, which float16 would (bfloat16 holds it).
+    x[1] = 3e38 / (8 if fmt.rotate else 1)
     x[2, ::2], x[2, 1::2] = -1e30, 1e30
     x[3] = np.linspace(-1e-30, 1e-30, 64)  # tiny, but still resolved relative to itself
     codes, scales = quantize(mx.array(x), fmt)
@@ -308,3 +324,16 @@ def test_compiled_decode_reads_quantized_pools_as_eager_does(llama_tiny: Path):
     compiled = LLM(str(llama_tiny), kv_cache_dtype="int4", kv_cache_gb=0.01, compile_decode=True)
     assert _tokens(compiled, prompts) == _tokens(eager, prompts)
     assert compiled.stats()["compiled_buckets"] > 0
+
+
+def test_the_server_reports_the_tokens_that_fit(gpt2_tiny: Path):
+    from helpers import metrics, serving
+
+    from nanovllm_mlx.serving.app import create_app
+
+    app = create_app(str(gpt2_tiny), kv_cache_gb=0.01, kv_cache_dtype="int4")
+    with serving(app) as url:
+        got = metrics(url)
+    # gpt2-tiny: 2 layers x 4 heads of 16: int4 8 code bytes + 2 x 2 scale bytes a row.
+    want = int(0.01 * 2**30) // (2 * 2 * 16 * 4 * 12) * 16
+    assert got["nanovllm_kv_cache_tokens"] == want

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from nanovllm_mlx.attention.kv_quant import hadamard
 from nanovllm_mlx.attention.metadata import (
     DecodeEntries,
     KVCache,
@@ -96,11 +97,31 @@ def gathered_attention(
     fused: MLX's SDPA kernel (GPUs); otherwise two batched matmuls (CPU). causal (fused,
     no mask): the queries are the last Lq of the `length` keys, each seeing those up to
     its own, which SDPA's causal mode does without a mask array."""
+    b, head_dim = q.shape[0], q.shape[-1]
+    # A quantized pool is dequantized here, only the blocks gathered, in q's dtype; rows
+    # stored turned stay turned, and q (keys) and the output (values) are turned instead.
+    turn_k, turn_v = cache.rotated
+    keys = cache.read_blocks(0, rows, b, q.dtype, rotated=True)
+    values = cache.read_blocks(1, rows, b, q.dtype, rotated=True)
+    if turn_k:
+        q = q @ hadamard(head_dim).astype(q.dtype)
+    o = _attend(q, keys, values, mask, scale, length, fused, causal)
+    return o @ hadamard(head_dim).astype(o.dtype) if turn_v else o
+
+
+def _attend(
+    q: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    mask: mx.array | None,
+    scale: float,
+    length: int | None,
+    fused: bool,
+    causal: bool,
+) -> mx.array:
+    """gathered_attention over keys/values [Hkv, B, L, D] already read."""
     b, lq, n_heads, head_dim = q.shape
-    n_kv = cache.k.shape[0]
-    # A quantized pool is dequantized here, only the blocks gathered, in q's dtype.
-    keys = cache.read_blocks(0, rows, b, q.dtype)
-    values = cache.read_blocks(1, rows, b, q.dtype)
+    n_kv = keys.shape[0]
     if length is not None:
         keys, values = keys[:, :, :length], values[:, :, :length]
     if fused:
@@ -133,10 +154,15 @@ def sliced_attention(
     fused SDPA on strided views of the pools: nothing is copied (a quantized pool: only
     these slots are dequantized)."""
     end = offset + (length or 0)
-    keys = cache.read_slots(0, offset, end, q.dtype)[None]
-    values = cache.read_slots(1, offset, end, q.dtype)[None]
+    turn_k, turn_v = cache.rotated
+    keys = cache.read_slots(0, offset, end, q.dtype, rotated=True)[None]
+    values = cache.read_slots(1, offset, end, q.dtype, rotated=True)[None]
+    h = hadamard(q.shape[-1]).astype(q.dtype)
+    if turn_k:
+        q = q @ h
     o = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), keys, values, scale=scale)
-    return o.transpose(0, 2, 1, 3)
+    o = o.transpose(0, 2, 1, 3)
+    return o @ h if turn_v else o
 
 
 class GatherAttention:

@@ -72,6 +72,13 @@ class KVCache:
     def quantized(self) -> bool:
         return self.k_scales is not None or self.v_scales is not None
 
+    @property
+    def rotated(self) -> tuple[bool, bool]:
+        """Whether K and V are stored turned by kv_quant.hadamard: a reader that asks for
+        rotated rows turns the queries (K) and the output (V) instead."""
+        f = self.formats
+        return (False, False) if f is None else (f[0].rotate, f[1].rotate)
+
     def arrays(self) -> list[mx.array]:
         """Every pool, for mx.eval and for a compiled step's inputs and outputs."""
         out = [self.k, self.v]
@@ -116,24 +123,30 @@ class KVCache:
         flat[rows] = new.reshape(-1, width).astype(pool.dtype)
         setattr(self, name, flat.reshape(pool.shape))
 
-    def read_blocks(self, which: int, rows: mx.array, batch: int, dtype: mx.Dtype) -> mx.array:
+    def read_blocks(
+        self, which: int, rows: mx.array, batch: int, dtype: mx.Dtype, rotated: bool = False
+    ) -> mx.array:
         """K (which=0) or V (1) of the blocks at rows, as [Hkv, B, L, D] in dtype: a
-        quantized pool dequantizes just these blocks, never a float copy of the pool."""
+        quantized pool dequantizes just these blocks, never a float copy of the pool.
+        rotated: as stored, turned (see `rotated`)."""
         name, scale_name, fmt = self._pools()[which]
         values = read_blocks(getattr(self, name), rows, batch, self.block_size)
         if fmt is None or not fmt.quantized:
             return values.astype(dtype)
         scales = read_blocks(getattr(self, scale_name), rows, batch, self.block_size)
-        return dequantize(values, scales, fmt, dtype)
+        return dequantize(values, scales, fmt, dtype, rotated)
 
-    def read_slots(self, which: int, start: int, end: int, dtype: mx.Dtype) -> mx.array:
+    def read_slots(
+        self, which: int, start: int, end: int, dtype: mx.Dtype, rotated: bool = False
+    ) -> mx.array:
         """K or V of pool slots [start, end) of every head, [Hkv, L, D] in dtype: a strided
         view of a float pool (nothing copied), or those slots dequantized."""
         name, scale_name, fmt = self._pools()[which]
         values: mx.array = getattr(self, name)[:, start:end]
         if fmt is None or not fmt.quantized:
             return values if values.dtype == dtype else values.astype(dtype)
-        return dequantize(values, getattr(self, scale_name)[:, start:end], fmt, dtype)
+        scales = getattr(self, scale_name)[:, start:end]
+        return dequantize(values, scales, fmt, dtype, rotated)
 
     def copy_blocks(self, src: mx.array, dst: mx.array, num_rows: int) -> None:
         """Copy whole blocks (rows of the [Hkv * num_blocks, block] view, num_rows of

@@ -24,8 +24,10 @@ token targets are >= 1.9x float16 for int8 and >= 3.5x for int4 at head_dim 64.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import mlx.core as mx
+import numpy as np
 
 SCALE_DTYPE = mx.bfloat16
 OUTWARD = 1 + 2.0**-8  # see above: rounds a scale up and a bias down past bfloat16's error
@@ -43,6 +45,9 @@ class KVFormat:
     bits: int = 0
     group: int = 0
     affine: bool = False
+    # Rows are turned by an orthonormal Hadamard transform before quantizing and back
+    # after: a few large channels (common in keys) are spread over the whole row.
+    rotate: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -66,8 +71,8 @@ class KVFormat:
         return self.code_width(head_dim) + self.scale_width(head_dim) * SCALE_DTYPE.size
 
 
-INT8 = KVFormat("int8", bits=8)
-INT4 = KVFormat("int4", bits=4, group=64, affine=True)
+INT8 = KVFormat("int8", bits=8, rotate=True)
+INT4 = KVFormat("int4", bits=4, group=64, affine=True, rotate=True)
 QUANTIZED = {"int8": INT8, "int4": INT4}
 
 
@@ -86,11 +91,25 @@ def check_head_dim(fmt: KVFormat, head_dim: int) -> None:
         raise ValueError(f"kv_cache_dtype {fmt.name} needs an even head_dim, got {head_dim}")
 
 
+@lru_cache(maxsize=8)
+def hadamard(d: int) -> mx.array:
+    """An orthonormal, symmetric [d, d] transform (its own inverse): Sylvester Hadamard
+    blocks of the largest power of two dividing d, down the diagonal."""
+    n = d & -d
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return mx.array(np.kron(np.eye(d // n), h / np.sqrt(n)).astype(np.float32))
+
+
 def quantize(x: mx.array, fmt: KVFormat) -> tuple[mx.array, mx.array]:
     """x [..., D] -> (codes [..., code_width], scales [..., scale_width])."""
     d = x.shape[-1]
     g = fmt.group_size(d)
-    xg = x.astype(mx.float32).reshape(*x.shape[:-1], d // g, g)
+    x = x.astype(mx.float32)
+    if fmt.rotate:
+        x = x @ hadamard(d)
+    xg = x.reshape(*x.shape[:-1], d // g, g)
     top = (1 << (fmt.bits - 1)) - 1  # 127 / 7: the symmetric grid's largest code
     if fmt.affine:
         lo, hi = xg.min(axis=-1, keepdims=True), xg.max(axis=-1, keepdims=True)
@@ -115,9 +134,13 @@ def quantize(x: mx.array, fmt: KVFormat) -> tuple[mx.array, mx.array]:
     return pairs[..., 0] | (pairs[..., 1] << 4), scales
 
 
-def dequantize(codes: mx.array, scales: mx.array, fmt: KVFormat, dtype: mx.Dtype) -> mx.array:
+def dequantize(
+    codes: mx.array, scales: mx.array, fmt: KVFormat, dtype: mx.Dtype, rotated: bool = False
+) -> mx.array:
     """Inverse of quantize: (codes [..., code_width], scales [..., scale_width]) -> [..., D]
-    in `dtype`. Only what is passed is dequantized: the readers pass what they gathered."""
+    in `dtype`. Only what is passed is dequantized: the readers pass what they gathered.
+    rotated: leave a rotating format's rows turned (attention turns q and o instead, a
+    [D, D] product per query rather than per key)."""
     lead = codes.shape[:-1]
     if fmt.bits == 4:
         c = mx.stack([codes & 15, codes >> 4], axis=-1).reshape(*lead, -1)
@@ -130,7 +153,9 @@ def dequantize(codes: mx.array, scales: mx.array, fmt: KVFormat, dtype: mx.Dtype
         n = scales.shape[-1] // 2
         s = scales[..., :n, None].astype(dtype)
         b = scales[..., n:, None].astype(dtype)
-        return (c * s + b).reshape(*lead, d)
-    if fmt.bits == 4:
-        c = c - 8
-    return (c * scales[..., None].astype(dtype)).reshape(*lead, d)
+        out = (c * s + b).reshape(*lead, d)
+    else:
+        if fmt.bits == 4:
+            c = c - 8
+        out = (c * scales[..., None].astype(dtype)).reshape(*lead, d)
+    return out @ hadamard(d).astype(dtype) if fmt.rotate and not rotated else out
