@@ -12,13 +12,19 @@ computed from the *stored* scale and bias, and each is rounded outward first (th
 the bias down, by 2^-8 > bfloat16's 2^-9 rounding), so the grid still covers the row and
 no code clips (an affine int8 row's top values lost a whole step to the rounding before).
 
-Why these formats (benchmarks/kv_quant_quality.py, RESULTS.md "Quantized KV cache"): the
-token targets are >= 1.9x float16 for int8 and >= 3.5x for int4 at head_dim 64.
-- int8: symmetric, one scale per row: 8 + 16/64 = 8.25 bits (1.94x). Affine int8 in
-  groups of 64 is 8.5 bits (1.88x, misses the target) and measured no better.
-- int4: affine (scale and bias) in groups of 64: 4.5 bits (3.56x). A symmetric int4 row
-  with one scale (4.25 bits, 3.76x) doubled the logprob error on SmolLM2 (keys have a few
-  large channels, and a symmetric grid wastes half its levels on a lopsided row).
+Why these formats (`benchmarks/kv_quant_quality.py --study`, RESULTS.md "Quantized KV
+cache"; mean |logprob difference| from the float32 cache over 1,000 tokens of SmolLM2,
+head_dim 64). The targets, >= 1.9x float16's tokens for int8 and >= 3.5x for int4, set the
+bit budget at head_dim 64:
+- int8: symmetric, one scale a row, 8 + 16/64 = 8.25 bits (1.94x): 0.034. Affine in groups
+  of 64 (8.5 bits, 1.88x: misses the target) gave 0.023.
+- int4: affine (scale and bias) in groups of 64, 4.5 bits (3.56x): 0.41; groups of 32 (5
+  bits, 3.20x: misses the target) 0.28; symmetric, one scale a row (4.25 bits) 0.68.
+- Both turned by a Hadamard transform first (rotate): int8 0.034 -> 0.017, int4 0.41 ->
+  0.26, better than the formats that miss the budget. Keys carry a few large channels; a
+  per-token group spends its range on them and rounds the rest coarsely, and the turned
+  row spreads them out. Costs no bytes, and a [D, D] product per query and per output
+  (the readers turn q and o, not the keys; attention/gather.py).
 """
 
 from __future__ import annotations
