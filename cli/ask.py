@@ -255,7 +255,8 @@ def verbose_report(
         f"Engine: {engine.model_name} ({engine.quantization}), "
         f"{str(engine.dtype).removeprefix('mlx.core.')}, "
         f"{engine.max_num_batched_tokens} tokens a step, "
-        f"{engine.stats()['kv_blocks_total']:,} KV blocks of {engine.config.block_size}"
+        f"{engine.stats()['kv_blocks_total']:,} KV blocks of {engine.config.block_size} "
+        f"({engine.stats()['kv_cache_tokens']:,} tokens, {engine.kv_cache_dtype})"
     )
 
 

@@ -169,7 +169,11 @@ def summary_table(result: dict) -> Table:
         ("mean batch size", f"{result['mean_batch_size']:.1f}"),
         ("time to first token", f"{result['ttft_mean_s']:.2f} s mean"),
         ("preemptions", f"{result['preemptions']:,}"),
-        ("KV blocks", f"{result['kv_blocks_total']:,} × {result['block_size']} tokens"),
+        (
+            "KV blocks",
+            f"{result['kv_blocks_total']:,} × {result['block_size']} tokens "
+            f"({result.get('kv_cache_dtype', 'auto')})",
+        ),
         ("peak memory", f"{result['peak_memory_gb']:.2f} GB"),
     ]
     if result["requests_shortened"]:

@@ -198,6 +198,7 @@ def run_benchmark(
         "prefix_hit_tokens": after["prefix_hit_tokens"] - before["prefix_hit_tokens"],
         "kv_blocks_total": after["kv_blocks_total"],
         "block_size": after["block_size"],
+        "kv_cache_dtype": after["kv_cache_dtype"],
         "max_model_len": engine.max_model_len,
         "max_num_seqs": engine.config.max_num_seqs,
         "requests_shortened": shortened,

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Values of kv_cache_dtype (attention/kv_quant.py turns them into pool formats).
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "int4")
+
 
 @dataclass(slots=True)
 class Config:
@@ -17,6 +20,12 @@ class Config:
     block_size: int = 16
     kv_cache_gb: float | None = None  # default: derived from the device's memory
     kv_cache_fraction: float = 0.25  # share of device memory the default KV pool may take
+    # How the KV pools store K and V: auto (the compute dtype), float16, bfloat16, or int8
+    # / int4 quantized per token and head at write time (attention/kv_quant.py). The _k/_v
+    # fields override it for one of the two; after __post_init__ they hold what applies.
+    kv_cache_dtype: str = "auto"
+    kv_cache_dtype_k: str | None = None
+    kv_cache_dtype_v: str | None = None
     enable_prefix_caching: bool = True
     # Hybrid models (Qwen3.5): recurrent-state snapshots kept at block boundaries for the
     # prefix cache (engine/core/state_slots.py). None: max_num_seqs; 0: no prefix caching
@@ -75,6 +84,14 @@ class Config:
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"
             )
+        for name in ("kv_cache_dtype", "kv_cache_dtype_k", "kv_cache_dtype_v"):
+            value = getattr(self, name)
+            if value is None and name != "kv_cache_dtype":
+                setattr(self, name, self.kv_cache_dtype)
+            elif value not in KV_CACHE_DTYPES:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(KV_CACHE_DTYPES)}, got {value!r}"
+                )
         if self.quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be 4 or 8, got {self.quantize!r}")
         if self.quantize_group_size not in (32, 64, 128):

@@ -16,6 +16,7 @@ import pytest
 from helpers import REPO_ROOT, check_batched_parity, random_ids
 
 from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.attention.kv_quant import resolve
 from nanovllm_mlx.engine.runner import memory
 from nanovllm_mlx.loading.loader import build_model, read_config
 from nanovllm_mlx.models import deepseek_v3
@@ -41,7 +42,7 @@ def test_the_cache_holds_the_latent_alone(deepseek_v3_tiny: Path):
     # kv_lora_rank 32 + rope 8 per token and layer; no V pool.
     assert (spec.n_kv_heads, spec.head_dim, spec.latent_value_dim) == (1, 40, 32)
     assert all(c.v is None and c.k.shape[0] == 1 and c.k.shape[2] == 40 for c in runner.caches)
-    per_block = memory.kv_bytes_per_block(spec, 16, mx.float32)
+    per_block = memory.kv_bytes_per_block(spec, 16, (resolve("auto", mx.float32),) * 2)
     assert per_block == 3 * 16 * 40 * 4
     # Expanded, each of the 4 heads would cache a 24-dim key and a 16-dim value.
     assert 3 * 16 * 4 * (24 + 16) * 4 == 4 * per_block
@@ -360,7 +361,7 @@ def test_the_real_shape_caches_71x_less_and_scales_as_transformers():
     config = {**hf.to_dict(), "rope_scaling": rope, "rope_theta": 10000.0}
     config.pop("rope_parameters")
     model = build_model(config)
-    latent = memory.kv_bytes_per_block(model.spec, 16, mx.bfloat16) // 16
+    latent = memory.kv_bytes_per_block(model.spec, 16, (resolve("auto", mx.bfloat16),) * 2) // 16
     expanded = 61 * 128 * (192 + 128) * 2
     assert (latent, expanded) == (70_272, 4_997_120)
     assert round(expanded / latent, 1) == 71.1

@@ -36,9 +36,9 @@ SCENARIOS = Path(__file__).with_name("tp_scenarios.py")
 TIMEOUT = 240
 
 
-def scenario(name: str, model: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def scenario(name: str, model: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     proc = subprocess.run(
-        [sys.executable, str(SCENARIOS), name, str(model)],
+        [sys.executable, str(SCENARIOS), name, str(model), *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -174,9 +174,22 @@ def test_fused_qkv_is_split_by_heads_within_each_segment():
 # Engines on two ranks -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fixture", ["gpt2_tiny", "llama_tiny", "smollm3_tiny", "deepseek_v3_tiny"])
-def test_two_ranks_give_the_tokens_of_one(fixture: str, request: pytest.FixtureRequest):
-    proc, (result,) = scenario("equal", request.getfixturevalue(fixture))
+@pytest.mark.parametrize(
+    "fixture, kv_cache_dtype",
+    [
+        ("gpt2_tiny", "auto"),
+        ("llama_tiny", "auto"),
+        ("llama_tiny", "int8"),
+        ("gpt2_tiny", "int4"),
+        ("smollm3_tiny", "auto"),
+        ("deepseek_v3_tiny", "auto"),
+    ],
+)
+def test_two_ranks_give_the_tokens_of_one(
+    fixture: str, kv_cache_dtype: str, request: pytest.FixtureRequest
+):
+    # Quantized pools shard like float ones: each rank quantizes its own heads' rows.
+    proc, (result,) = scenario("equal", request.getfixturevalue(fixture), kv_cache_dtype)
     assert proc.returncode == 0, proc.stderr
     assert result["equal"], result
     assert result["forks_equal"] and result["prompt_logprobs_close"], result

@@ -20,7 +20,6 @@ import numpy as np
 
 import nanovllm_mlx  # noqa: F401  (the fast BLAS before mlx)
 from nanovllm_mlx import LLM, SamplingParams
-from nanovllm_mlx.engine.runner import memory
 
 
 def workload(seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -68,15 +67,21 @@ def logprobs_close(a: list[dict | None], b: list[dict | None]) -> bool:
     )
 
 
-def equal(model: str) -> dict:
+def equal(model: str, kv_cache_dtype: str = "auto") -> dict:
     prompts, params = workload()
     # A small pool (preemption) and a small step (chunked prefill). kv_cache_gb is per
     # rank: half a rank's heads per block, so half the bytes give the same blocks (a
-    # latent cache, DeepSeek-V3's, is whole on every rank: the same bytes).
-    options = {"max_model_len": 128, "max_num_batched_tokens": 32, "max_num_seqs": 8}
+    # quantized pool's scales are per head too; a latent cache, DeepSeek-V3's, is whole on
+    # every rank: the same bytes).
+    options = {
+        "max_model_len": 128,
+        "max_num_batched_tokens": 32,
+        "max_num_seqs": 8,
+        "kv_cache_dtype": kv_cache_dtype,
+    }
     probe = LLM(model, kv_cache_gb=0.01, **options).engine
     spec = probe.model_runner.model.spec
-    per_block = memory.kv_bytes_per_block(spec, 16, probe.dtype)
+    per_block = probe.kv_cache_bytes // probe.stats()["kv_blocks_total"]
     sixteen = 16 * per_block / 2**30  # 16 blocks of 16 tokens: ~3 of these sequences
     per_rank = sixteen if spec.latent_value_dim is not None else sixteen / 2
     one = LLM(model, kv_cache_gb=sixteen, **options)
@@ -160,7 +165,7 @@ def mismatch(model: str) -> None:
 if __name__ == "__main__":
     name, model = sys.argv[1], sys.argv[2]
     if name == "equal":
-        print(json.dumps(equal(model)))
+        print(json.dumps(equal(model, *sys.argv[3:])))
     elif name in ("kill", "pause"):
         fault(model, name)
     elif name == "mismatch":

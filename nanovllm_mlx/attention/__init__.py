@@ -9,7 +9,7 @@ from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import AttentionBackend
 
 
-def select_backend(latent: bool = False) -> AttentionBackend:
+def select_backend(latent: bool = False, quantized_kv: bool = False) -> AttentionBackend:
     """The one place the attention path is chosen: the CUDA decode kernel on an MLX CUDA
     build running on its GPU (unless NANOVLLM_PAGED_KERNEL=0), else the pure-MLX gather
     path, with fused SDPA on a GPU and matmuls on the CPU.
@@ -17,7 +17,11 @@ def select_backend(latent: bool = False) -> AttentionBackend:
     latent: the model's caches are latent (multi-head latent attention: one K pool whose
     leading dims are also the values, KVCache.value_dim). The CUDA kernel reads a V pool
     of the keys' width and has never run on a latent cache, so those models take the
-    gather path on CUDA too."""
-    if cuda.available() and not latent:
+    gather path on CUDA too.
+
+    A quantized KV cache (--kv-cache-dtype int8/int4) always takes the gather path, which
+    dequantizes the blocks it gathers: the CUDA kernel reads float pools only. A kernel
+    that dequantizes in registers is future work (it needs a GPU to be tested on)."""
+    if cuda.available() and not latent and not quantized_kv:
         return cuda.CudaPagedAttention()
     return GatherAttention(fused=mx.default_device() != mx.cpu)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from nanovllm_mlx.attention.kv_quant import hadamard
 from nanovllm_mlx.attention.metadata import (
     DecodeEntries,
     KVCache,
@@ -81,15 +82,6 @@ def _decode_mask(lo: np.ndarray, hi: np.ndarray, block_size: int) -> mx.array:
     return mx.array(((keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]))[:, None])
 
 
-def read_blocks(pool: mx.array, rows: mx.array, batch: int, block_size: int) -> mx.array:
-    """Whole blocks, one contiguous row each: gathering the same keys slot by slot was
-    5-6x slower on CPU (0.27 vs 0.06 ms for one sequence of 160 keys, 27 vs 4.2 ms for 32
-    of 512; 12 heads of 64)."""
-    n_kv, _, d = pool.shape
-    blocks = mx.take(pool.reshape(-1, block_size * d), rows, axis=0)
-    return blocks.reshape(n_kv, batch, -1, d)  # [Hkv, B, L, D]
-
-
 def gathered_attention(
     q: mx.array,
     cache: KVCache,
@@ -106,10 +98,31 @@ def gathered_attention(
     fused: MLX's SDPA kernel (GPUs); otherwise two batched matmuls (CPU). causal (fused,
     no mask): the queries are the last Lq of the `length` keys, each seeing those up to
     its own, which SDPA's causal mode does without a mask array."""
+    b, head_dim = q.shape[0], q.shape[-1]
+    # A quantized pool is dequantized here, only the blocks gathered, in q's dtype; rows
+    # stored turned stay turned, and q (keys) and the output (values) are turned instead.
+    turn_k, turn_v = cache.rotated
+    keys = cache.read_blocks(0, rows, b, q.dtype, rotated=True)
+    values = cache.values_of(keys, lambda: cache.read_blocks(1, rows, b, q.dtype, rotated=True))
+    if turn_k:
+        q = q @ hadamard(head_dim).astype(q.dtype)
+    o = _attend(q, keys, values, mask, scale, length, fused, causal)
+    return o @ hadamard(head_dim).astype(o.dtype) if turn_v else o
+
+
+def _attend(
+    q: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    mask: mx.array | None,
+    scale: float,
+    length: int | None,
+    fused: bool,
+    causal: bool,
+) -> mx.array:
+    """gathered_attention over keys/values [Hkv, B, L, D] already read."""
     b, lq, n_heads, head_dim = q.shape
-    n_kv = cache.k.shape[0]
-    keys = read_blocks(cache.k, rows, b, cache.block_size)
-    values = cache.values(keys, lambda pool: read_blocks(pool, rows, b, cache.block_size))
+    n_kv = keys.shape[0]
     v_dim = values.shape[-1]  # head_dim, or a latent cache's value_dim
     if length is not None:
         keys, values = keys[:, :, :length], values[:, :, :length]
@@ -140,12 +153,20 @@ def sliced_attention(
     q: mx.array, cache: KVCache, offset: int, length: int | None, scale: float
 ) -> mx.array:
     """q [1, 1, H, D] over pool slots [offset, offset + length) of every head, through
-    fused SDPA on strided views of the pools: nothing is copied."""
+    fused SDPA on strided views of the pools: nothing is copied (a quantized pool: only
+    these slots are dequantized)."""
     end = offset + (length or 0)
-    keys = cache.k[None, :, offset:end]
-    values = cache.values(keys, lambda pool: pool[None, :, offset:end])
+    turn_k, turn_v = cache.rotated
+    keys = cache.read_slots(0, offset, end, q.dtype, rotated=True)[None]
+    values = cache.values_of(
+        keys, lambda: cache.read_slots(1, offset, end, q.dtype, rotated=True)[None]
+    )
+    h = hadamard(q.shape[-1]).astype(q.dtype)
+    if turn_k:
+        q = q @ h
     o = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), keys, values, scale=scale)
-    return o.transpose(0, 2, 1, 3)
+    o = o.transpose(0, 2, 1, 3)
+    return o @ h if turn_v else o
 
 
 class GatherAttention:

@@ -1,7 +1,8 @@
 """The attention interface, at the bottom of attention/: where a step's K/V go and what
 each query may see (the metadata every backend shares, and the pool-row arithmetic
-behind it, one place for both), a layer's KV pools (KVCache), and what a backend provides
-(AttentionBackend). The engine and the models import this; the backends' plans are
+behind it, one place for both), and what a backend provides
+(AttentionBackend); a layer's KV pools (KVCache) live in attention/kv_cache.py and are
+re-exported here. The engine and the models import this; the backends' plans are
 theirs alone, opaque to everything else.
 
 Pools are head-major, [n_kv_heads, num_blocks * block_size, head_dim] per layer: viewed
@@ -17,12 +18,13 @@ reads start at the block holding the first visible key, so blocks before it are 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
+
+from nanovllm_mlx.attention.kv_cache import KVCache as KVCache  # re-exported
 
 # A block-table entry whose block was freed because it left every layer's sliding window
 # (the block manager frees them; attention reads start past them).
@@ -115,51 +117,6 @@ class PrefillEntries:
     starts: list[int]  # position of each chunk's first token
     lengths: list[int]
     block_tables: list[list[int]]
-
-
-@dataclass(slots=True)
-class KVCache:
-    """One layer's K and V pools, [n_kv_heads, num_blocks * block_size, head_dim] each.
-
-    A separate pool per layer, and no other references to it, lets MLX scatter into the
-    buffer in place instead of copying it every step.
-
-    A latent cache (multi-head latent attention, DeepSeek-V3) has no V pool (v None): each
-    key's first value_dim dims are its value, so the compressed KV is stored once. Its
-    values are sliced off the keys when they are read, never kept as a view of the pool (a
-    view is a second reference, which would make every write copy the pool).
-    """
-
-    k: mx.array
-    v: mx.array | None
-    block_size: int
-    value_dim: int | None = None  # v None: values are keys[..., :value_dim]
-
-    def write(self, k: mx.array, v: mx.array | None, rows: mx.array) -> None:
-        """k/v [T, Hkv, D] into the rows given by PoolLayout.write_rows (v None for a
-        latent cache, whose values are inside k).
-
-        One Scatter per pool, in place when MLX can donate the buffer, which it does as the
-        pool has no other reference (decode speed does not depend on the pool's size).
-        pool[:, slots] = ... is ten ops per write, and on a GPU each op is host time in a
-        single-stream decode step."""
-        for name, new in (("k", k), ("v", v)):
-            pool = getattr(self, name)
-            if (pool is None) != (new is None):
-                raise ValueError("v must be None exactly when the cache is latent (no V pool)")
-            if pool is None or new is None:
-                continue
-            head_dim = new.shape[-1]
-            flat = pool.reshape(-1, head_dim)
-            flat[rows] = new.reshape(-1, head_dim)
-            setattr(self, name, flat.reshape(pool.shape))
-
-    def values(self, keys: mx.array, read: Callable[[mx.array], mx.array]) -> mx.array:
-        """The values matching `keys` (already read from the K pool): `read` applied to
-        the V pool, or a latent cache's leading value_dim dims of the keys themselves."""
-        if self.v is None:
-            return keys[..., : self.value_dim]
-        return read(self.v)
 
 
 class AttentionBackend(Protocol):

@@ -45,6 +45,9 @@ class LLMEngine:
         self.parallel = parts.parallel
         self.block_manager = parts.block_manager
         self.model_runner = parts.runner
+        k, v = parts.kv_formats
+        self.kv_cache_dtype = k.name if k == v else f"k={k.name},v={v.name}"
+        self.kv_cache_bytes = parts.kv_bytes
         self.max_num_batched_tokens = parts.budget.tokens
         self.scheduler = Scheduler(
             self.block_manager,
@@ -221,6 +224,10 @@ class LLMEngine:
             "kv_blocks_forked": blocks.forked,
             "kv_blocks_copied": blocks.copied,
             "block_size": self.config.block_size,
+            # How many tokens the pool holds and in what: quantized K/V fit more of them.
+            "kv_cache_dtype": self.kv_cache_dtype,
+            "kv_cache_tokens": blocks.num_blocks * self.config.block_size,
+            "kv_cache_gb": self.kv_cache_bytes / 2**30,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "step_key_cost": self.scheduler.key_cost,
             "prefix_hit_tokens": blocks.prefix_hit_tokens,

@@ -9,6 +9,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from nanovllm_mlx.attention.kv_quant import KVFormat, check_head_dim, resolve
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine.core.block_manager import BlockManager
 from nanovllm_mlx.engine.core.state_slots import StateSlots
@@ -28,6 +29,14 @@ def load_model(config: Config) -> loader.LoadedModel:
         config.dtype, config.quantize, config.quantize_group_size, config.keep_quantized
     )
     return loader.load(config.model or None, options)
+
+
+def kv_formats(config: Config, dtype: mx.Dtype) -> tuple[KVFormat, KVFormat]:
+    """The K and V pools' formats from --kv-cache-dtype(-k/-v), for a model computing
+    in dtype."""
+    return resolve(config.kv_cache_dtype_k or "auto", dtype), resolve(
+        config.kv_cache_dtype_v or "auto", dtype
+    )
 
 
 def max_model_len(config: Config, spec: ModelSpec) -> int:
@@ -65,6 +74,8 @@ class Parts:
     budget: StepBudget
     async_scheduling: bool
     parallel: TensorParallel | None
+    kv_formats: tuple[KVFormat, KVFormat]
+    kv_bytes: int  # the pools' real bytes, scales included (per rank under tensor parallelism)
 
 
 def build(config: Config) -> Parts:
@@ -94,8 +105,11 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
         parallel.shard(loaded)
     spec, dtype = loaded.model.spec, loaded.dtype
     context = max_model_len(config, spec)
-    num_blocks = memory.num_kv_blocks(spec, config, dtype, context)
-    per_block = memory.kv_bytes_per_block(spec, config.block_size, dtype)
+    formats = kv_formats(config, dtype)
+    for fmt in formats:
+        check_head_dim(fmt, spec.head_dim)
+    num_blocks = memory.num_kv_blocks(spec, config, formats, context)
+    per_block = memory.kv_bytes_per_block(spec, config.block_size, formats)
     states = state_slots(spec, config)
     state_bytes = memory.state_bytes(spec, 0 if states is None else states.total, dtype)
     memory.check_fits(num_blocks, per_block, loaded.weight_bytes, config.block_size, state_bytes)
@@ -111,6 +125,7 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
         and (on_gpu if config.compile_decode is None else config.compile_decode),
         collective=tp,
         num_state_slots=0 if states is None else states.total,
+        kv_formats=formats,
     )
     if on_gpu and not tp:
         model_runner.warm_up(choose=config.compile_decode is None)
@@ -144,4 +159,6 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
         budget=budget,
         async_scheduling=look_ahead and not tp,
         parallel=parallel,
+        kv_formats=formats,
+        kv_bytes=num_blocks * per_block,
     )

@@ -29,11 +29,6 @@ class ModelSpec:
     # the latent plus the rope key) and no V pool; the keys' first latent_value_dim dims
     # are the values (KVCache.value_dim). None: K and V pools of head_dim each.
     latent_value_dim: int | None = None
-
-    @property
-    def cached_dims(self) -> int:
-        """Numbers a layer caches per token and KV head: K and V, or a latent key alone."""
-        return self.head_dim if self.latent_value_dim is not None else 2 * self.head_dim
     # Layers that keep a recurrent state per sequence instead of K/V (linear attention:
     # Qwen3.5's Gated DeltaNet), and that state's per-slot (conv, recurrent) shapes.
     state_layers: tuple[int, ...] = ()

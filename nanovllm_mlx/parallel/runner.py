@@ -43,6 +43,7 @@ def fingerprint(loaded: LoadedModel, config: Config, max_model_len: int) -> int:
             "dtype": str(loaded.dtype),
             "quantization": loaded.quantization,
             "block_size": config.block_size,
+            "kv_cache_dtype": [config.kv_cache_dtype_k, config.kv_cache_dtype_v],
             "max_model_len": max_model_len,
             "tensor_parallel_size": config.tensor_parallel_size,
             "nanovllm": __version__,
@@ -213,7 +214,7 @@ class ParallelRunner:
                 self.tp.channel.broadcast(encode(record))
                 result = run()
                 if record.kind == COPY:
-                    mx.eval([(c.k, c.v) for c in self.runner.caches])
+                    mx.eval(self.runner.cache_arrays())
                 return result
         except TensorParallelError as e:
             raise self.tp.failed(e) from None

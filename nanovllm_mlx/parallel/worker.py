@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.engine.runner.model_runner import ModelRunner
-from nanovllm_mlx.engine.setup import load_model, max_model_len
+from nanovllm_mlx.engine.setup import kv_formats, load_model, max_model_len
 from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.parallel import group as groups
 from nanovllm_mlx.parallel.channel import Channel
@@ -60,7 +60,12 @@ def run(model: str | None, options: dict) -> int:
         if num_blocks == 0:
             raise TensorParallelError("this rank's model, options or versions differ from rank 0's")
         runner = ModelRunner(
-            loaded.model, num_blocks, config.block_size, loaded.dtype, collective=True
+            loaded.model,
+            num_blocks,
+            config.block_size,
+            loaded.dtype,
+            collective=True,
+            kv_formats=kv_formats(config, loaded.dtype),
         )
         mirror = Mirror()
         started = True
@@ -70,7 +75,7 @@ def run(model: str | None, options: dict) -> int:
                 return 0
             if record.kind == COPY:
                 runner.copy_blocks(record.copies)
-                mx.eval([(c.k, c.v) for c in runner.caches])
+                mx.eval(runner.cache_arrays())
             else:
                 runner.run_forward(mirror.batch(record))
     except Exception as e:  # one line for rank 0 to quote

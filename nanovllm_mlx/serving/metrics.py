@@ -31,6 +31,11 @@ _GAUGES = (
     ("nanovllm_kv_blocks_used", "KV cache blocks in use.", "kv_blocks_used"),
     ("nanovllm_kv_blocks_total", "KV cache blocks.", "kv_blocks_total"),
     (
+        "nanovllm_kv_cache_tokens",
+        "Tokens the KV cache holds (blocks x block size; --kv-cache-dtype sets the bytes each).",
+        "kv_cache_tokens",
+    ),
+    (
         "nanovllm_kv_blocks_cached",
         "Free KV blocks still holding a reusable prefix.",
         "kv_blocks_cached",

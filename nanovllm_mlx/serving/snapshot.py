@@ -36,6 +36,7 @@ class EngineSnapshot:
     kv_blocks_saved: int = 0
     kv_blocks_forked: int = 0
     kv_blocks_copied: int = 0
+    kv_cache_tokens: int = 0  # tokens the pool holds (more with a quantized cache)
 
     @classmethod
     def of(cls, stats: dict[str, Any], **server: Any) -> EngineSnapshot:
@@ -50,6 +51,7 @@ class EngineSnapshot:
             kv_blocks_saved=stats["kv_blocks_saved"],
             kv_blocks_forked=stats["kv_blocks_forked"],
             kv_blocks_copied=stats["kv_blocks_copied"],
+            kv_cache_tokens=stats["kv_cache_tokens"],
             prefix_hit_rate=stats["prefix_hit_rate"],
             prompt_tokens=stats["prompt_tokens"],
             generation_tokens=stats["output_tokens"],

@@ -8,6 +8,7 @@ import math
 import mlx.core as mx
 
 from nanovllm_mlx import backend
+from nanovllm_mlx.attention.kv_quant import KVFormat
 from nanovllm_mlx.config import Config
 from nanovllm_mlx.models.base import ModelSpec
 
@@ -19,14 +20,20 @@ CPU_DEFAULT_KV_BYTES = 1 * GiB
 HEADROOM = 0.10
 
 
-def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: mx.Dtype) -> int:
-    return len(spec.kv_layers) * block_size * spec.n_kv_heads * spec.cached_dims * dtype.size
+def kv_bytes_per_block(spec: ModelSpec, block_size: int, formats: tuple[KVFormat, KVFormat]) -> int:
+    """The real bytes of one block in all KV layers: K and V in their formats, a quantized
+    pool's scales included (KVFormat.row_bytes); a latent cache (MLA) stores K alone."""
+    pools = formats[:1] if spec.latent_value_dim is not None else formats
+    per_token_head = sum(f.row_bytes(spec.head_dim) for f in pools)
+    return len(spec.kv_layers) * block_size * spec.n_kv_heads * per_token_head
 
 
-def num_kv_blocks(spec: ModelSpec, config: Config, dtype: mx.Dtype, max_model_len: int) -> int:
+def num_kv_blocks(
+    spec: ModelSpec, config: Config, formats: tuple[KVFormat, KVFormat], max_model_len: int
+) -> int:
     """Blocks of the pool: kv_cache_gb if given, else enough for max_num_seqs full-length
     sequences within a share of the device's memory."""
-    per_block = kv_bytes_per_block(spec, config.block_size, dtype)
+    per_block = kv_bytes_per_block(spec, config.block_size, formats)
     per_seq = -(-max_model_len // config.block_size)
     if config.kv_cache_gb is not None:
         num_blocks = int(config.kv_cache_gb * GiB) // per_block

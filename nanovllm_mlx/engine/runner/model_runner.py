@@ -23,7 +23,9 @@ import mlx.core as mx
 import numpy as np
 
 from nanovllm_mlx.attention import select_backend
-from nanovllm_mlx.attention.metadata import AttentionBackend, AttentionMetadata, KVCache, PoolLayout
+from nanovllm_mlx.attention.kv_cache import KVCache
+from nanovllm_mlx.attention.kv_quant import KVFormat, resolve
+from nanovllm_mlx.attention.metadata import AttentionBackend, AttentionMetadata, PoolLayout
 from nanovllm_mlx.attention.state import state_pools
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
@@ -58,6 +60,7 @@ class ModelRunner:
         compile_decode: bool = False,
         collective: bool = False,
         num_state_slots: int = 0,
+        kv_formats: tuple[KVFormat, KVFormat] | None = None,
     ):
         self.model = model
         spec = model.spec
@@ -65,8 +68,13 @@ class ModelRunner:
         # padding rows of a compiled decode step read and write.
         self.scratch_block = num_blocks
         self.pool = PoolLayout(spec.n_kv_heads, num_blocks + 1, block_size)
-        self.backend = backend or select_backend(latent=spec.latent_value_dim is not None)
+        # K and V storage (attention/kv_quant.py); default: the compute dtype.
+        self.kv_formats = kv_formats or (resolve("auto", dtype), resolve("auto", dtype))
+        quantized = any(f.quantized for f in self.kv_formats)
         self.value_dim = spec.latent_value_dim
+        self.backend = backend or select_backend(
+            latent=self.value_dim is not None, quantized_kv=quantized
+        )
         self.windows = spec.attention_windows  # one attention plan per distinct window
         # A compiled step's plan is full attention (plan_decode_uniform): sliding-window
         # models run eager.
@@ -81,14 +89,11 @@ class ModelRunner:
         self._compiled = mx.compile(self._decode_graph) if self.compile_decode else None
         self.decode_buckets: set[tuple[Any, ...]] = set()  # (batch, table width) shapes traced
         self.compile_ms: tuple[float, float] | None = None  # warm_up's (compiled, eager) step
-        shape = (spec.n_kv_heads, (num_blocks + 1) * block_size, spec.head_dim)
-        latent = self.value_dim is not None  # MLA: one K pool, the values inside it
+        slots = (num_blocks + 1) * block_size
+        # MLA (value_dim set): one K pool per layer, the values inside it.
         self.caches = [
-            KVCache(
-                mx.zeros(shape, dtype=dtype),
-                None if latent else mx.zeros(shape, dtype=dtype),
-                block_size,
-                self.value_dim,
+            KVCache.allocate(
+                self.kv_formats, spec.n_kv_heads, slots, spec.head_dim, block_size, self.value_dim
             )
             for _ in spec.kv_layers
         ]
@@ -100,10 +105,16 @@ class ModelRunner:
         self.layer_caches: list[Any] = [
             next(st) if i in spec.state_layers else next(kv) for i in range(spec.n_layers)
         ]
-        mx.eval(self._cache_arrays())
+        mx.eval(self.cache_arrays())
         self._ahead: _Ahead | None = None
         self.steps_ahead_used = 0  # launched ahead and used
         self.steps_ahead_dropped = 0  # launched ahead, then the batch changed
+
+    def cache_arrays(self) -> list[mx.array]:
+        """Every pool a step writes, to evaluate with it: each layer's KV pools (codes and
+        scales of a quantized cache) and recurrent states."""
+        arrays = [a for c in self.caches for a in c.arrays()]
+        return arrays + [a for s in self.states for a in (s.conv, s.ssm)]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks' K/V, source to copy, in every layer's pools: the
@@ -112,13 +123,7 @@ class ModelRunner:
         table = np.array([[src for src, _ in pairs], [dst for _, dst in pairs]], dtype=np.int32)
         src, dst = (self.pool.block_rows(table[i : i + 1]) for i in (0, 1))
         for cache in self.caches:
-            for name in ("k", "v"):
-                pool = getattr(cache, name)
-                if pool is None:  # a latent cache's values are in its keys
-                    continue
-                blocks = pool.reshape(self.pool.n_kv_heads * self.pool.num_blocks, -1)
-                blocks[dst] = blocks[src]
-                setattr(cache, name, blocks.reshape(pool.shape))
+            cache.copy_blocks(src, dst, self.pool.n_kv_heads * self.pool.num_blocks)
 
     def copy_states(self, pairs: list[tuple[int, int]]) -> None:
         """Copy recurrent-state rows, source to destination, in every recurrent layer:
@@ -128,25 +133,20 @@ class ModelRunner:
         for state in self.states:
             state.copy(src, dst)
 
-    def _cache_arrays(self) -> list[mx.array]:
-        """Every pool a step writes, to evaluate with it."""
-        arrays = [a for c in self.caches for a in (c.k, c.v) if a is not None]
-        return arrays + [a for s in self.states for a in (s.conv, s.ssm)]
-
     def forward(self, step: PreparedStep) -> mx.array | None:
         """Lazy logits of each sampling entry's last token (None when none samples)."""
         if step.padded:
             assert self._compiled is not None
-            pools = [(c.k, c.v) for c in self.caches]
+            pools = [c.arrays() for c in self.caches]
             logits, pools = self._compiled(
                 step.input_ids, step.positions, step.meta.write_rows, step.meta.decode, pools
             )
-            for cache, (k, v) in zip(self.caches, pools):
-                cache.k, cache.v = k, v
+            for cache, arrays in zip(self.caches, pools):
+                cache.set_arrays(arrays)
             return logits[: len(step.samplers)]
         hidden = self.model(step.input_ids, step.positions, self.layer_caches, step.meta)
         if self.collective:
-            mx.eval(hidden, self._cache_arrays())
+            mx.eval(hidden, self.cache_arrays())
         if not step.samplers:
             return None
         return self.model.logits(hidden[step.last_index])
@@ -157,7 +157,7 @@ class ModelRunner:
         forward that a tensor-parallel group runs together must be."""
         step = self._prepare_eager([item])
         hidden = self.model(step.input_ids, step.positions, self.layer_caches, step.meta)
-        mx.eval(hidden, self._cache_arrays())
+        mx.eval(hidden, self.cache_arrays())
         return self.model.logits(hidden)
 
     def run_forward(self, batch: list[ScheduledSeq]) -> None:
@@ -165,7 +165,7 @@ class ModelRunner:
         ranks of a tensor-parallel group run while rank 0 samples."""
         step = self._prepare_eager(batch)
         hidden = self.model(step.input_ids, step.positions, self.layer_caches, step.meta)
-        mx.eval(hidden, self._cache_arrays())
+        mx.eval(hidden, self.cache_arrays())
 
     def _decode_graph(
         self,
@@ -173,16 +173,15 @@ class ModelRunner:
         positions: mx.array,
         write_rows: mx.array,
         plan: dict[str, mx.array],
-        pools: list[tuple[mx.array, mx.array | None]],
-    ) -> tuple[mx.array, list[tuple[mx.array, mx.array | None]]]:
+        pools: list[list[mx.array]],
+    ) -> tuple[mx.array, list[list[mx.array]]]:
         """The decode forward as a function of arrays alone, for mx.compile: pools in, the
         written pools out (the pools passed in have no other reference once the caller
         rebinds them, so MLX still writes them in place)."""
-        bs = self.pool.block_size
-        caches = [KVCache(k, v, bs, self.value_dim) for k, v in pools]
+        caches = [c.with_arrays(arrays) for c, arrays in zip(self.caches, pools)]
         meta = AttentionMetadata(self.backend, write_rows, input_ids.shape[0], decode=plan)
         hidden = self.model(input_ids, positions, caches, meta)
-        return self.model.logits(hidden), [(c.k, c.v) for c in caches]
+        return self.model.logits(hidden), [c.arrays() for c in caches]
 
     def warm_up(self, choose: bool = False) -> None:
         """One decode step on the scratch block, compiled (when enabled) and eager, so that
@@ -210,7 +209,7 @@ class ModelRunner:
                 else:
                     step = self._prepare_eager(batch)
                 launched = self._launch(step, 0)
-                mx.eval(launched.tokens, self._cache_arrays())
+                mx.eval(launched.tokens, self.cache_arrays())
                 times.append(time.perf_counter() - t0)
             return min(times)
 
@@ -251,7 +250,7 @@ class ModelRunner:
                 state.conv, state.ssm = conv, ssm
             raise
         del before  # no extra reference at evaluation: the pools are updated in place
-        cache_arrays = self._cache_arrays()
+        cache_arrays = self.cache_arrays()
         if sampled is None:
             mx.async_eval(cache_arrays)  # type: ignore[no-untyped-call]
             return _Launched(step, None, None)
@@ -288,7 +287,7 @@ class ModelRunner:
             step = self._prepare(batch, ahead=launched.tokens)
             self._ahead = _Ahead(_batch_key(batch, 1), self._launch(step, 1))
         if launched.tokens is None:
-            mx.eval(self._cache_arrays())
+            mx.eval(self.cache_arrays())
             return [], None
         # Back to batch order, which is what the scheduler's update expects.
         samplers = launched.step.samplers
