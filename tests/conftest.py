@@ -119,6 +119,16 @@ def phi3_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt_oss_tiny() -> Path:
+    return cache.fixture_dir("gpt-oss-tiny")
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_tiny_mxfp4() -> Path:
+    return cache.fixture_dir("gpt-oss-tiny-mxfp4")
+
+
+@pytest.fixture(scope="session")
 def llama_q4_tiny() -> Path:
     return cache.fixture_dir("llama-q4-tiny")
 

@@ -61,12 +61,14 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    sinks: mx.array | None = None,
 ) -> mx.array:
     """q [T, H, D], k/v [T, Hkv, D] of this step's tokens -> output [T, H * D].
 
     Writes k/v into the cache first, then reads each sequence's context back through its
     block table (all of it, or its last `window` keys), so a chunk sees its cached prefix,
-    earlier chunks and itself alike.
+    earlier chunks and itself alike. sinks [H]: attention-sink logits (gpt-oss), one per
+    query head, in every softmax's denominator.
     """
     t, n_heads, head_dim = q.shape
     cache.write(k, v, meta.write_rows)
@@ -74,8 +76,8 @@ def paged_attention(
     outputs = []
     d = meta.num_decode
     if d:
-        o = meta.backend.decode(q[:d], cache, decode_plan, scale)
+        o = meta.backend.decode(q[:d], cache, decode_plan, scale, sinks)
         outputs.append(o.reshape(d, n_heads * head_dim))
     if d < t:
-        outputs.append(meta.backend.prefill(q[d:], cache, prefill_plan, scale))
+        outputs.append(meta.backend.prefill(q[d:], cache, prefill_plan, scale, sinks))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)

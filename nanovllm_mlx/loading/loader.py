@@ -15,6 +15,7 @@ from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import (
     gemma3,
     gpt2,
+    gpt_oss,
     granitemoe,
     llama,
     mixtral,
@@ -99,6 +100,7 @@ ARCHITECTURES = {
     "mixtral": mixtral,
     "qwen3_moe": qwen3_moe,
     "granitemoe": granitemoe,
+    "gpt_oss": gpt_oss,
 }
 
 

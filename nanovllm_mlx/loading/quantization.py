@@ -31,6 +31,11 @@ def quantize_model(model: nn.Module, bits: int, group_size: int) -> None:
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
 
 
+# MLX's scale-only quantization modes by (group size, bits): their scales are 8-bit floats
+# and they have no biases, which is how a checkpoint tells them from affine.
+FLOAT_MODES = {(32, 4): "mxfp4", (16, 4): "nvfp4", (32, 8): "mxfp8"}
+
+
 def quantize_like(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
     """Turn the layers stored quantized in `weights` (a `.scales` entry) into quantized
     layers, with bits and group size read off the shapes, so load_weights can fill them.
@@ -46,7 +51,15 @@ def quantize_like(model: nn.Module, weights: dict[str, mx.array], source: Path) 
         packed = weights[f"{path}.weight"].shape[-1]
         if in_dims % scales.shape[-1] or (packed * 32) % in_dims:
             raise ValueError(f"quantized weight {path} in {source} does not fit the model")
-        return {"group_size": in_dims // scales.shape[-1], "bits": packed * 32 // in_dims}
+        group_size, bits = in_dims // scales.shape[-1], packed * 32 // in_dims
+        mode = "affine" if f"{path}.biases" in weights else FLOAT_MODES.get((group_size, bits))
+        if mode is None:
+            raise ValueError(
+                f"quantized weight {path} in {source} has scales but no biases at group size "
+                f"{group_size}, {bits} bits: no MLX quantization mode stores that "
+                f"(known: affine, {', '.join(FLOAT_MODES.values())})"
+            )
+        return {"group_size": group_size, "bits": bits, "mode": mode}
 
     nn.quantize(model, class_predicate=params)
 
@@ -64,9 +77,10 @@ def dequantize_model(model: nn.Module, dtype: mx.Dtype) -> None:
             weight = mx.dequantize(
                 module.weight,
                 module.scales,
-                module.biases,
+                module.get("biases"),
                 group_size=module.group_size,
                 bits=module.bits,
+                mode=getattr(module, "mode", "affine"),
             ).astype(dtype)
             if isinstance(module, nn.QuantizedEmbedding):
                 layer = nn.Embedding(*weight.shape)

@@ -25,6 +25,8 @@ class ModelSpec:
     # Per layer: its sliding window W (the query at p sees keys (p - W, p]) or None for
     # full attention; empty: every layer is full.
     layer_windows: tuple[int | None, ...] = ()
+    # The layers pass attention sinks (gpt-oss): the backend must implement them.
+    attention_sinks: bool = False
 
     @property
     def attention_windows(self) -> tuple[int | None, ...]:

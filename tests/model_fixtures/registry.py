@@ -19,6 +19,7 @@ from typing import Any
 from . import (
     gemma3,
     gpt2,
+    gpt_oss,
     granitemoe,
     llama,
     mixtral,
@@ -199,6 +200,34 @@ _PHI3_TINY = {
     "seed": 3141,
 }
 
+# gpt-oss-20b's structure at toy size: sliding (32) and full layers alternating, 4 experts
+# top 2, GQA 4:2; YaRN whose original context (128) the test prompts pass; a swiglu_limit
+# low enough that the clamps act on these random activations (the real one is 7).
+_GPT_OSS_TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 32,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "sliding_window": 32,
+    "swiglu_limit": 2.0,
+    "vocab_size": GPT2_VOCAB,
+    "max_position_embeddings": 512,
+    "rope_theta": 150000.0,
+    "rope_scaling": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 128,
+    },
+    "seed": 2020,
+}
+
 
 # Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
 _GEMMA3_270M_SHAPE = {
@@ -285,9 +314,7 @@ def recipes() -> dict[str, Recipe]:
         Recipe("llama3-tiny", llama.build_llama_classic, {**_LLAMA3_TINY, "transformers": tv}),
         Recipe("qwen2-tiny", qwen2.build_qwen2, {**_QWEN2_TINY, "transformers": tv}),
         Recipe("qwen3-tiny", qwen3.build_qwen3, {**_QWEN3_TINY, "transformers": tv}),
-        Recipe(
-            "qwen3-moe-tiny", qwen3.build_qwen3_moe, {**_QWEN3_MOE_TINY, "transformers": tv}
-        ),
+        Recipe("qwen3-moe-tiny", qwen3.build_qwen3_moe, {**_QWEN3_MOE_TINY, "transformers": tv}),
         Recipe("mixtral-tiny", mixtral.build_mixtral, {**_MIXTRAL_TINY, "transformers": tv}),
         Recipe("gemma3-tiny", gemma3.build_gemma3, {**_GEMMA3_TINY, "transformers": tv}),
         Recipe(
@@ -296,6 +323,12 @@ def recipes() -> dict[str, Recipe]:
             {**_GRANITEMOE_TINY, "transformers": tv},
         ),
         Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
+        Recipe("gpt-oss-tiny", gpt_oss.build_gpt_oss, {**_GPT_OSS_TINY, "transformers": tv}),
+        Recipe(
+            "gpt-oss-tiny-mxfp4",
+            gpt_oss.build_gpt_oss_mxfp4,
+            {**_GPT_OSS_TINY, "transformers": tv},
+        ),
         Recipe(
             "llama-q4-tiny",
             mlx_community.build_llama_quantized,

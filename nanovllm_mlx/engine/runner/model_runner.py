@@ -63,7 +63,7 @@ class ModelRunner:
         # padding rows of a compiled decode step read and write.
         self.scratch_block = num_blocks
         self.pool = PoolLayout(spec.n_kv_heads, num_blocks + 1, block_size)
-        self.backend = backend or select_backend()
+        self.backend = backend or select_backend(spec.attention_sinks)
         self.windows = spec.attention_windows  # one attention plan per distinct window
         # A compiled step's plan is full attention (plan_decode_uniform): sliding-window
         # models run eager.

@@ -1,0 +1,153 @@
+"""gpt-oss (models/gpt_oss.py) through the engine vs transformers, float32, in both layouts
+of one set of weights: transformers 5's (float, fused experts) and OpenAI's Hub layout
+(MXFP4 experts, kept in MLX's mxfp4 mode)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from helpers import (
+    REPO_ROOT,
+    SMALL_KV,
+    SMALL_KV_ARGS,
+    captured_logits,
+    check_batched_parity,
+    cli_argv,
+    random_ids,
+    without_blas_notice,
+)
+
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.loading.loader import build_model
+from nanovllm_mlx.models.switch import QuantizedSwitchLinear, SwitchLinear
+
+SMALL = {**SMALL_KV, "dtype": "float32"}
+# Lengths: past the 32-token window and the 128-token YaRN original context, short, one
+# token, and across several 16-token blocks.
+PROMPTS = [random_ids(n, seed=n) for n in (140, 5, 1, 37)]
+# transformers' own float32 logits differ from its float64 ones by up to 4.9e-4 on this
+# fixture (YaRN's 1.14 attention factor, squared, and the sinks); ours differ from its
+# float32 ones by at most 2.6e-4 (measured), so 3e-4, not the usual 1e-4.
+ATOL = 3e-4
+
+
+@pytest.mark.parametrize("fixture", ["gpt_oss_tiny", "gpt_oss_tiny_mxfp4"])
+def test_batched_run_matches_transformers(fixture: str, request: pytest.FixtureRequest):
+    """Chunked prefills sharing steps with decodes; logits of every step and the greedy
+    tokens equal transformers' one prompt at a time (for the MXFP4 checkpoint transformers
+    dequantizes on CPU: MXFP4 values are exact in bfloat16 and float32)."""
+    path = request.getfixturevalue(fixture)
+    check_batched_parity(path, PROMPTS, 8, atol=ATOL, max_num_batched_tokens=40)
+
+
+def test_layers_alternate_sliding_and_full_and_declare_sinks(gpt_oss_tiny: Path):
+    engine = LLM(str(gpt_oss_tiny), **SMALL).engine
+    spec = engine.model_runner.model.spec
+    assert spec.layer_windows == (32, None, 32, None) and spec.attention_sinks
+    # Full layers see everything: no block ever leaves every layer's window.
+    assert engine.block_manager.sliding_window is None
+
+
+def test_mxfp4_experts_stay_quantized_and_compute_the_float_weights(
+    gpt_oss_tiny: Path, gpt_oss_tiny_mxfp4: Path
+):
+    """The Hub's MXFP4 blocks load as MLX mxfp4 (no dequantizing at load, on CPU too);
+    they hold exactly the float fixture's weights, so the logits agree to rounding."""
+    one = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    quantized = LLM(str(gpt_oss_tiny_mxfp4), **SMALL)
+    model = quantized.engine.model_runner.model
+    experts = [m for _, m in model.named_modules() if isinstance(m, QuantizedSwitchLinear)]
+    assert len(experts) == 3 * 4 and {(m.mode, m.bits, m.group_size) for m in experts} == {
+        ("mxfp4", 4, 32)
+    }
+    exact = LLM(str(gpt_oss_tiny), **SMALL)
+    float_model = exact.engine.model_runner.model
+    floats = dict(nn.utils.tree_flatten(float_model.parameters()))
+    for path, m in model.named_modules():
+        if isinstance(m, QuantizedSwitchLinear):
+            w = mx.dequantize(m.weight, m.scales, None, 32, 4, mode="mxfp4", dtype=mx.float32)
+            assert mx.array_equal(w, floats[f"{path}.weight"]), path
+            assert mx.array_equal(m.bias, floats[f"{path}.bias"]), path
+    assert not any(isinstance(m, SwitchLinear) for _, m in model.named_modules())
+    with captured_logits() as seen:
+        got = quantized.generate(PROMPTS, one)
+    with captured_logits() as want:
+        expected = exact.generate(PROMPTS, one)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
+    for a, b in zip(seen, want):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_and_preemption_give_the_same_tokens(gpt_oss_tiny: Path):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = [random_ids(n, seed=100 + n) for n in (60, 45, 30, 75, 20, 50)]
+    expected = [o["token_ids"] for o in LLM(str(gpt_oss_tiny), **SMALL).generate(prompts, params)]
+    chunked = LLM(str(gpt_oss_tiny), max_num_batched_tokens=16, **SMALL)
+    assert [o["token_ids"] for o in chunked.generate(prompts, params)] == expected
+    # 16 blocks of 16 tokens hold about two and a half of these ~70-token sequences.
+    spec = chunked.engine.model_runner.model.spec
+    block_bytes = 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * 16 * 4
+    tight = LLM(
+        str(gpt_oss_tiny), kv_cache_gb=16 * block_bytes / 2**30, max_model_len=128, dtype="float32"
+    )
+    assert tight.engine.block_manager.num_blocks == 16
+    assert [o["token_ids"] for o in tight.generate(prompts, params)] == expected
+    assert tight.stats()["preemptions"] > 0
+
+
+def test_prefix_cache_hits_give_the_same_tokens(gpt_oss_tiny: Path):
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prefix = random_ids(70, seed=7)  # past the window: sliding layers read cached blocks
+    first, second = prefix + [11, 12, 13], prefix + [21, 22]
+    cold = LLM(str(gpt_oss_tiny), enable_prefix_caching=False, **SMALL)
+    expected = cold.generate([second], params)[0]["token_ids"]
+    warm = LLM(str(gpt_oss_tiny), **SMALL)
+    warm.generate([first], params)
+    out = warm.generate([second], params)[0]
+    assert out["num_cached_tokens"] == 64
+    assert out["token_ids"] == expected
+
+
+def test_tensor_parallelism_is_refused_in_one_line(gpt_oss_tiny: Path):
+    argv = cli_argv("ask", "-m", str(gpt_oss_tiny), *SMALL_KV_ARGS, "-tp", "2", "Hi")
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert without_blas_notice(proc.stderr).splitlines() == [
+        "error: tensor parallelism is not implemented for gpt_oss (its experts and "
+        "attention sinks are not split across ranks): run it with --tensor-parallel-size 1"
+    ], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 must be in"),
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok 0 must be in"),
+        ({"layer_types": ["full_attention"]}, "layer_types has 1 entries for 4 layers"),
+        ({"layer_types": ["chunked_attention"] * 4}, "unsupported attention layer type"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ],
+)
+def test_bad_configs_are_clear_errors(change: dict, message: str, gpt_oss_tiny: Path):
+    config = json.loads((gpt_oss_tiny / "config.json").read_text()) | change
+    with pytest.raises(ValueError, match=message):
+        build_model(config)
+
+
+def test_config_aliases_and_defaults(gpt_oss_tiny_mxfp4: Path):
+    """OpenAI's `experts_per_token` and transformers' `num_experts` alias are read; a
+    config without rope scaling gets transformers' default YaRN, without layer_types the
+    alternation starting with a sliding layer."""
+    config = json.loads((gpt_oss_tiny_mxfp4 / "config.json").read_text())
+    for key in ("num_experts_per_tok", "num_local_experts", "rope_scaling", "layer_types"):
+        config.pop(key)
+    model = build_model({**config, "num_experts": 4, "experts_per_token": 3})
+    assert model.args.num_local_experts == 4 and model.args.num_experts_per_tok == 3
+    assert model.args.rope_scaling["factor"] == 32.0
+    assert model.spec.layer_windows == (32, None, 32, None)
