@@ -151,3 +151,48 @@ def test_config_aliases_and_defaults(gpt_oss_tiny_mxfp4: Path):
     assert model.args.num_local_experts == 4 and model.args.num_experts_per_tok == 3
     assert model.args.rope_scaling["factor"] == 32.0
     assert model.spec.layer_windows == (32, None, 32, None)
+
+
+def test_mlx_community_layout_decodes_as_mlx_lm(gpt_oss_tiny_mxfp4: Path, tmp_path: Path):
+    """mlx-community's gpt-oss repos are what mlx-lm writes after its own sanitize (gate
+    and up split, mlx-lm's names): MXFP4 experts and, as in the MXFP4-Q8 repos, the other
+    layers 8-bit affine. Built here with mlx-lm's own classes from the Hub fixture; the
+    engine's greedy tokens equal mlx-lm's."""
+    import shutil
+
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load, save_model
+
+    reference, _, config = load(str(gpt_oss_tiny_mxfp4), return_config=True)
+    for layer in reference.layers:
+        # mlx-lm fixes swiglu_limit at gpt-oss's 7.0 and ignores the config's; this
+        # fixture's is 2.0, so that its clamps act.
+        layer.mlp.experts.activation._limit = config["swiglu_limit"]
+    nn.quantize(
+        reference,
+        group_size=64,
+        bits=8,
+        class_predicate=lambda _, m: (
+            isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % 64 == 0
+        ),
+    )
+    save_model(tmp_path, reference)
+    quantized = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    for path, m in reference.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            quantized[path] = {"group_size": 64, "bits": 8, "mode": "affine"}
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    # mlx-lm's YaRN always rounds its correction range outwards (truncate true), which
+    # gpt-oss's truncate false does not (transformers and this engine follow the flag): the
+    # saved config says what mlx-lm computes, so both sides rotate alike.
+    config["rope_scaling"] = {**config["rope_scaling"], "truncate": True}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization": quantized}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(gpt_oss_tiny_mxfp4 / name, tmp_path / name)
+    llm = LLM(str(tmp_path), **SMALL)
+    kinds = {type(m).__name__ for _, m in llm.engine.model_runner.model.named_modules()}
+    assert "QuantizedSwitchLinear" in kinds  # the experts stay mxfp4
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params)):
+        steps = generate_step(mx.array(prompt), reference, max_tokens=8)
+        assert out["token_ids"] == [int(t) for t, _ in steps]
