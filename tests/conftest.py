@@ -119,6 +119,11 @@ def phi3_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma4_tiny() -> Path:
+    return cache.fixture_dir("gemma4-tiny")
+
+
+@pytest.fixture(scope="session")
 def gpt_oss_tiny() -> Path:
     return cache.fixture_dir("gpt-oss-tiny")
 

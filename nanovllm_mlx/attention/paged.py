@@ -55,8 +55,8 @@ def build_metadata(
 
 def paged_attention(
     q: mx.array,
-    k: mx.array,
-    v: mx.array,
+    k: mx.array | None,
+    v: mx.array | None,
     cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
@@ -67,11 +67,13 @@ def paged_attention(
 
     Writes k/v into the cache first, then reads each sequence's context back through its
     block table (all of it, or its last `window` keys), so a chunk sees its cached prefix,
-    earlier chunks and itself alike. sinks [H]: attention-sink logits (gpt-oss), one per
+    earlier chunks and itself alike; with k/v None nothing is written (the layer reads a
+    cache another layer of the step wrote). sinks [H]: attention-sink logits (gpt-oss), one per
     query head, in every softmax's denominator.
     """
     t, n_heads, head_dim = q.shape
-    cache.write(k, v, meta.write_rows)
+    if k is not None and v is not None:  # None: a layer reading another's keys (Gemma 4)
+        cache.write(k, v, meta.write_rows)
     decode_plan, prefill_plan = meta.plans(window)
     outputs = []
     d = meta.num_decode

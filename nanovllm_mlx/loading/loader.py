@@ -14,6 +14,7 @@ from nanovllm_mlx.loading.quantization import dequantize_model, quantize_like, q
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import (
     gemma3,
+    gemma4,
     gpt2,
     gpt_oss,
     granitemoe,
@@ -101,6 +102,8 @@ ARCHITECTURES = {
     "qwen3_moe": qwen3_moe,
     "granitemoe": granitemoe,
     "gpt_oss": gpt_oss,
+    "gemma4": gemma4,  # the multimodal checkpoint: its text model only
+    "gemma4_text": gemma4,
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import (
     gemma3,
+    gemma4,
     gpt2,
     gpt_oss,
     granitemoe,
@@ -228,6 +229,36 @@ _GPT_OSS_TINY = {
     "seed": 2020,
 }
 
+# Gemma 4's features at toy size, all at once (E2B's per-layer embeddings and KV sharing,
+# 26B-A4B's experts beside the MLP and keys-as-values global layers): two sliding (32)
+# layers to one global, global heads twice as wide with one KV head, the last two layers
+# reading layers 2 and 3's KV.
+_GEMMA4_TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "global_head_dim": 32,
+    "num_global_key_value_heads": 1,
+    "attention_k_eq_v": True,
+    "intermediate_size": 64,
+    "vocab_size": GPT2_VOCAB,
+    "max_position_embeddings": 512,
+    "sliding_window": 32,
+    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+    "num_kv_shared_layers": 2,
+    "use_double_wide_mlp": True,
+    "hidden_size_per_layer_input": 8,
+    "vocab_size_per_layer_input": GPT2_VOCAB,
+    "enable_moe_block": True,
+    "num_experts": 4,
+    "top_k_experts": 2,
+    "moe_intermediate_size": 32,
+    "final_logit_softcapping": 30.0,
+    "seed": 4404,
+}
+
 
 # Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
 _GEMMA3_270M_SHAPE = {
@@ -323,6 +354,7 @@ def recipes() -> dict[str, Recipe]:
             {**_GRANITEMOE_TINY, "transformers": tv},
         ),
         Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
+        Recipe("gemma4-tiny", gemma4.build_gemma4, {**_GEMMA4_TINY, "transformers": tv}),
         Recipe("gpt-oss-tiny", gpt_oss.build_gpt_oss, {**_GPT_OSS_TINY, "transformers": tv}),
         Recipe(
             "gpt-oss-tiny-mxfp4",
