@@ -196,3 +196,88 @@ def test_mlx_community_layout_decodes_as_mlx_lm(gpt_oss_tiny_mxfp4: Path, tmp_pa
     for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params)):
         steps = generate_step(mx.array(prompt), reference, max_tokens=8)
         assert out["token_ids"] == [int(t) for t, _ in steps]
+
+
+def _ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The Hub's MXFP4 (codes 2k, 2k + 1 in byte k) -> ggml's blocks [exponent, 16 bytes
+    with code j low and j + 16 high], as llama.cpp's converter repacks them."""
+    codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    packed = np.concatenate([scales[..., None], qs], axis=-1).astype(np.uint8)
+    return packed.reshape(*packed.shape[:-2], -1)
+
+
+def test_gguf_in_llama_cpps_layout_equals_the_hub_checkpoint(
+    gpt_oss_tiny_mxfp4: Path, tmp_path: Path
+):
+    """A GGUF as llama.cpp's converter writes gpt-oss (arch `gpt-oss`, experts MXFP4 with
+    gate and up split, sinks as attn_sinks, the router as ffn_gate_inp, YaRN keys): the
+    engine's logits equal those of the Hub checkpoint, experts staying mxfp4. The file
+    has no swiglu_limit (llama.cpp fixes it at 7.0), so the reference gets 7.0 too."""
+    import shutil
+
+    from gguf_files import engine_logits, write_gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((gpt_oss_tiny_mxfp4 / "config.json").read_text())
+    hub = load_file(str(gpt_oss_tiny_mxfp4 / "model.safetensors"))
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "post_attention_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.router": "ffn_gate_inp",
+    }
+    tensors, quant = {}, {}
+    for key, value in hub.items():
+        stem, _, suffix = key.removeprefix("model.").rpartition(".")
+        if not stem.startswith("layers."):
+            name = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+            tensors[f"{name[stem]}.{suffix}"] = value
+            continue
+        _, n, rest = stem.split(".", 2)
+        if rest == "self_attn" and suffix == "sinks":
+            tensors[f"blk.{n}.attn_sinks.weight"] = value
+        elif rest == "mlp.experts":
+            if suffix.endswith("_scales"):
+                continue
+            proj = suffix.removesuffix("_blocks").removesuffix("_bias")
+            if suffix.endswith("_blocks"):
+                value = _ggml_mxfp4(value, hub[key.replace("_blocks", "_scales")])
+            parts = {"down": value} if proj == "down_proj" else {
+                "gate": value[:, ::2], "up": value[:, 1::2]
+            }  # fmt: skip
+            for part, v in parts.items():
+                kind = "bias" if suffix.endswith("_bias") else "weight"
+                name = f"blk.{n}.ffn_{part}_exps.{kind}"
+                tensors[name] = np.ascontiguousarray(v)
+                if kind == "weight":
+                    quant[name] = "raw-mxfp4"
+        else:
+            tensors[f"blk.{n}.{names[rest]}.{suffix}"] = value
+    rope = config["rope_scaling"]
+    extra = {
+        "attention.key_length": config["head_dim"],
+        "attention.value_length": config["head_dim"],
+        "expert_count": config["num_local_experts"],
+        "expert_used_count": config["num_experts_per_tok"],
+        "expert_feed_forward_length": config["intermediate_size"],
+        "attention.sliding_window": config["sliding_window"],
+        "rope.scaling.type": "yarn",
+        "rope.scaling.factor": float(rope["factor"]),
+        "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+    }
+    reference = tmp_path / "hub"
+    shutil.copytree(gpt_oss_tiny_mxfp4, reference)
+    changed = {"swiglu_limit": 7.0, "bos_token_id": config["eos_token_id"]}
+    (reference / "config.json").write_text(json.dumps({**config, **changed}))
+    path = write_gguf(tmp_path / "g.gguf", reference, "gpt-oss", tensors, quant, extra)
+    llm = LLM(str(path), **SMALL)
+    experts = [m for _, m in llm.engine.model_runner.model.named_modules()]
+    assert sum(isinstance(m, QuantizedSwitchLinear) and m.mode == "mxfp4" for m in experts) == 12
+    prompt = PROMPTS[0]
+    np.testing.assert_allclose(
+        engine_logits(path, prompt), engine_logits(reference, prompt), atol=1e-4, rtol=1e-4
+    )
