@@ -117,3 +117,33 @@ def test_bad_configs_are_clear_errors(change: dict, message: str, gemma4_tiny: P
     config = json.loads((gemma4_tiny / "config.json").read_text()) | change
     with pytest.raises(ValueError, match=message):
         build_model(config)
+
+
+def test_mlx_community_layout_decodes_as_mlx_lm(gemma4_tiny: Path, tmp_path: Path):
+    """What `mlx_lm.convert -q` writes (mlx-lm's names, `experts.switch_glu`, 4-bit affine
+    where the widths split into groups of 32), built with mlx-lm's own classes; the
+    engine's greedy tokens equal mlx-lm's. mlx-lm reads the global layers' shape from
+    global_head_dim / num_global_key_value_heads, which Google's configs carry and
+    transformers replaces by per_layer_config when it saves: both are given here."""
+    import shutil
+
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load, quantize_model, save_config, save_model
+
+    source = tmp_path / "hf"
+    shutil.copytree(gemma4_tiny, source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(global_head_dim=32, num_global_key_value_heads=1)
+    (source / "config.json").write_text(json.dumps(config))
+    reference, _, config = load(str(source), return_config=True)
+    reference, config = quantize_model(reference, config, group_size=32, bits=4)
+    out = tmp_path / "mlx"
+    save_model(out, reference)
+    save_config(config, out / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, out / name)
+    llm = LLM(str(out), **SMALL)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for prompt, got in zip(PROMPTS, llm.generate(PROMPTS, params)):
+        steps = generate_step(mx.array(prompt), reference, max_tokens=8)
+        assert got["token_ids"] == [int(t) for t, _ in steps]
