@@ -176,8 +176,10 @@ def _finish(
         if keep_quantized:
             how = "kept quantized"
         else:
-            dequantize_model(model, mx_dtype)
+            kept = dequantize_model(model, mx_dtype)
             how = f"dequantized to {str(mx_dtype).removeprefix('mlx.core.')} at load"
+            if kept:
+                how += f", {kept} expert layers kept quantized"
     mx.eval(model.parameters())
     return mx_dtype, how
 

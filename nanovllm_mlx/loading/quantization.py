@@ -64,8 +64,10 @@ def quantize_like(model: nn.Module, weights: dict[str, mx.array], source: Path) 
     nn.quantize(model, class_predicate=params)
 
 
-def dequantize_model(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Replace every quantized layer by its float equivalent in dtype, in place.
+def dequantize_model(model: nn.Module, dtype: mx.Dtype) -> int:
+    """Replace every quantized linear and embedding layer by its float equivalent in
+    dtype, in place; returns how many quantized layers stay (experts: gpt-oss-20b's would
+    take 84 GB in float32, so they keep MLX's gather_qmm).
 
     MLX's CPU kernel for quantized matmul is far slower than its float32 BLAS path: the
     default 4-bit model prefilled at ~15 tok/s on 2 cores quantized and ~13x faster with
@@ -91,3 +93,4 @@ def dequantize_model(model: nn.Module, dtype: mx.Dtype) -> None:
             layer.weight = weight
             swaps.append((path, layer))
     model.update_modules(nn.utils.tree_unflatten(swaps))
+    return sum(hasattr(m, "scales") for _, m in model.named_modules())
