@@ -169,6 +169,21 @@ def deepseek_v3_q4_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma4_tiny() -> Path:
+    return cache.fixture_dir("gemma4-tiny")
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_tiny() -> Path:
+    return cache.fixture_dir("gpt-oss-tiny")
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_tiny_mxfp4() -> Path:
+    return cache.fixture_dir("gpt-oss-tiny-mxfp4")
+
+
+@pytest.fixture(scope="session")
 def llama_q4_tiny() -> Path:
     return cache.fixture_dir("llama-q4-tiny")
 

@@ -106,7 +106,7 @@ def write_gguf(
     arch: str,
     tensors: dict[str, np.ndarray],
     quant: dict[str, object] | None = None,
-    extra: dict[str, int | float] | None = None,
+    extra: dict[str, int | float | str] | None = None,
 ) -> Path:
     """A GGUF with the fixture's config and GPT-2 tokenizer as metadata (plus `extra`
     {arch}.KEY entries: ints as uint32, floats as float32); tensors named in `quant` are
@@ -134,6 +134,9 @@ def write_gguf(
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
     for key, value in (extra or {}).items():
+        if isinstance(value, str):
+            w.add_string(f"{arch}.{key}", value)
+            continue
         add = w.add_float32 if isinstance(value, float) else w.add_uint32
         add(f"{arch}.{key}", value)
     w.add_vocab_size(config["vocab_size"])
@@ -146,7 +149,9 @@ def write_gguf(
     w.add_eos_token_id(config["eos_token_id"])
     for name, value in tensors.items():
         qtype = (quant or {}).get(name)
-        if qtype is None:
+        if qtype == "raw-mxfp4":  # already ggml MXFP4 blocks, as llama.cpp repacks them
+            w.add_tensor(name, value, raw_dtype=gg.GGMLQuantizationType.MXFP4)
+        elif qtype is None:
             w.add_tensor(name, value)
         else:
             w.add_tensor(name, gg.quants.quantize(value, qtype), raw_dtype=qtype)

@@ -20,10 +20,16 @@ TOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
 
 
 def dense(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None = None
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    start: int,
+    window: int | None = None,
+    sinks: np.ndarray | None = None,
 ) -> np.ndarray:
     """Causal attention of queries at positions start.. over keys 0.. (the last `window`
-    of them); GQA by repetition."""
+    of them); GQA by repetition. sinks [H]: one more logit per head in each softmax, whose
+    weight is dropped (transformers' gpt-oss eager attention)."""
     rep = H // HKV
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
     out = np.empty((q.shape[0], H, D), dtype=np.float64)
@@ -31,8 +37,12 @@ def dense(
         p = start + i
         lo = 0 if window is None else max(0, p - window + 1)
         s = np.einsum("hd,thd->ht", q[i], k[lo : p + 1]) / np.sqrt(D)
+        if sinks is not None:
+            s = np.concatenate([s, sinks[:, None]], axis=-1)
         w = np.exp(s - s.max(-1, keepdims=True))
         w /= w.sum(-1, keepdims=True)
+        if sinks is not None:
+            w = w[:, :-1]
         out[i] = np.einsum("ht,thd->hd", w, v[lo : p + 1])
     return out.reshape(q.shape[0], H * D)
 
@@ -66,16 +76,23 @@ def dense(
 )
 @pytest.mark.parametrize("window", [None, 5, 9])
 @pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "contiguous"])
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["", "sinks"])
 def test_paged_matches_dense(
-    cases: list[tuple[int, int]], backend, window: int | None, contiguous: bool
+    cases: list[tuple[int, int]], backend, window: int | None, contiguous: bool, with_sinks: bool
 ):
     """window: a sliding-window layer's read; the blocks before each sequence's first
     visible key are NULL_BLOCK in its table, as after the block manager freed them.
     contiguous: each sequence's blocks are consecutive (the gather path's SDPA then reads
-    a lone sequence's keys in place); scattered: a random permutation."""
+    a lone sequence's keys in place); scattered: a random permutation. with_sinks:
+    gpt-oss's attention sinks, which the CUDA kernel leaves to the gather path."""
     if backend == "cuda":
+        if with_sinks:
+            pytest.skip("the CUDA kernel has no sinks: select_backend routes them around it")
         backend = cuda_attention.CudaPagedAttention()
     rng = np.random.default_rng(0)
+    # Sinks around the scores' scale (std 1 here) and one far above it, where the sink
+    # takes nearly all of a head's weight.
+    sinks = np.array([0.5, -1.0, 2.0, 8.0], dtype=np.float32)[:H] if with_sinks else None
     free = list(range(NUM_BLOCKS))[::-1] if contiguous else list(rng.permutation(NUM_BLOCKS))
     cache = KVCache(mx.zeros((HKV, NUM_BLOCKS * BS, D)), mx.zeros((HKV, NUM_BLOCKS * BS, D)), BS)
     batch, data = [], []
@@ -110,7 +127,16 @@ def test_paged_matches_dense(
     q = np.concatenate([data[i][0][data[i][3] :] for i in order])
     k = np.concatenate([data[i][1][data[i][3] :] for i in order])
     v = np.concatenate([data[i][2][data[i][3] :] for i in order])
-    out = paged_attention(mx.array(q), mx.array(k), mx.array(v), cache, step.meta, D**-0.5, window)
+    out = paged_attention(
+        mx.array(q),
+        mx.array(k),
+        mx.array(v),
+        cache,
+        step.meta,
+        D**-0.5,
+        window,
+        None if sinks is None else mx.array(sinks),
+    )
     mx.eval(out)
     got, offset = np.array(out), 0
     for i in order:
@@ -118,7 +144,7 @@ def test_paged_matches_dense(
         n = end - start
         np.testing.assert_allclose(
             got[offset : offset + n],
-            dense(qi[start:], ki, vi, start, window),
+            dense(qi[start:], ki, vi, start, window, sinks),
             atol=TOL,
             rtol=TOL,
         )
@@ -274,3 +300,22 @@ def test_latent_cache_matches_dense(cases: list[tuple[int, int]], fused: bool, c
             want = np.einsum("ht,td->hd", w, ki[: p + 1, 0, :dv]).reshape(-1)
             np.testing.assert_allclose(got[offset + j], want, atol=TOL, rtol=TOL)
         offset += end - start
+
+
+def test_models_with_sinks_never_get_the_cuda_kernel(monkeypatch):
+    """The kernel has no sink term: a model with sinks reads through the gather path with
+    fused SDPA (which has them) even where the kernel would be chosen."""
+    from nanovllm_mlx.attention import select_backend
+
+    monkeypatch.setattr(cuda_attention, "available", lambda: True)
+    assert isinstance(select_backend(), cuda_attention.CudaPagedAttention)
+    chosen = select_backend(sinks=True)
+    assert type(chosen) is GatherAttention  # fused on a GPU (its device decides)
+    with pytest.raises(NotImplementedError, match="sinks"):
+        cuda_attention.CudaPagedAttention().decode(
+            mx.zeros((1, H, D)),
+            None,
+            None,
+            1.0,
+            sinks=mx.zeros((H,)),  # type: ignore[arg-type]
+        )

@@ -9,7 +9,9 @@ from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import AttentionBackend
 
 
-def select_backend(latent: bool = False, quantized_kv: bool = False) -> AttentionBackend:
+def select_backend(
+    latent: bool = False, quantized_kv: bool = False, sinks: bool = False
+) -> AttentionBackend:
     """The one place the attention path is chosen: the CUDA decode kernel on an MLX CUDA
     build running on its GPU (unless NANOVLLM_PAGED_KERNEL=0), else the pure-MLX gather
     path, with fused SDPA on a GPU and matmuls on the CPU.
@@ -21,7 +23,11 @@ def select_backend(latent: bool = False, quantized_kv: bool = False) -> Attentio
 
     A quantized KV cache (--kv-cache-dtype int8/int4) always takes the gather path, which
     dequantizes the blocks it gathers: the CUDA kernel reads float pools only. A kernel
-    that dequantizes in registers is future work (it needs a GPU to be tested on)."""
-    if cuda.available() and not latent and not quantized_kv:
+    that dequantizes in registers is future work (it needs a GPU to be tested on).
+
+    sinks: the model has attention sinks (gpt-oss), which the CUDA kernel does not
+    implement (untested on a GPU, so not written): such models take the gather path with
+    fused SDPA, which has them, on CUDA too."""
+    if cuda.available() and not (latent or quantized_kv or sinks):
         return cuda.CudaPagedAttention()
     return GatherAttention(fused=mx.default_device() != mx.cpu)

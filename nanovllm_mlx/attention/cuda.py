@@ -8,8 +8,10 @@ through the block table (flash-decoding: the context is split into partitions so
 single sequence still fills the GPU, and a second small kernel merges the partitions).
 
 Prefill, and every other backend (CPU, Metal), use the pure-MLX gather path
-(attention/gather.py), which the CPU test suite exercises; tests/test_attention.py checks
-this kernel against it on CUDA. NANOVLLM_PAGED_KERNEL=0 turns the kernel off.
+(attention/gather.py), which the CPU test suite exercises, and so do models with attention
+sinks (gpt-oss): the kernel has no sink term and no GPU was at hand to test one.
+tests/test_attention.py checks this kernel against the gather path on CUDA.
+NANOVLLM_PAGED_KERNEL=0 turns the kernel off.
 """
 
 from __future__ import annotations
@@ -299,8 +301,17 @@ class CudaPagedAttention(GatherAttention):
         return {"tables": mx.array(tables), "context": mx.array(entries.context_lens)}
 
     def decode(  # type: ignore[override]
-        self, q: mx.array, cache: KVCache, plan: DecodePlan | dict[str, mx.array], scale: float
+        self,
+        q: mx.array,
+        cache: KVCache,
+        plan: DecodePlan | dict[str, mx.array],
+        scale: float,
+        sinks: mx.array | None = None,
     ) -> mx.array:
+        if sinks is not None:
+            # The kernel has no sink term; select_backend gives models with sinks the
+            # gather path instead, so reaching this is a wiring error, not a user's.
+            raise NotImplementedError("the CUDA paged decode kernel has no attention sinks")
         if isinstance(plan, dict):
             # Partitions cover the table's capacity (less than a block past the longest
             # context): empty ones exit at once, and the count depends on shapes only.

@@ -91,13 +91,16 @@ def gathered_attention(
     length: int | None = None,
     fused: bool = False,
     causal: bool = False,
+    sinks: mx.array | None = None,
 ) -> mx.array:
     """q [B, Lq, H, D] over the keys in the blocks at rows (PoolLayout.block_rows) where
     mask [B, Lq, L] (None: all of them; length: only the first length) -> [B, Lq, H, Dv]
     (Dv: D, or a latent cache's value_dim).
     fused: MLX's SDPA kernel (GPUs); otherwise two batched matmuls (CPU). causal (fused,
     no mask): the queries are the last Lq of the `length` keys, each seeing those up to
-    its own, which SDPA's causal mode does without a mask array."""
+    its own, which SDPA's causal mode does without a mask array. sinks [H]: attention
+    sinks (gpt-oss), one learned logit per query head added to the softmax's denominator
+    alone, so a query may put weight on no key at all."""
     b, head_dim = q.shape[0], q.shape[-1]
     # A quantized pool is dequantized here, only the blocks gathered, in q's dtype; rows
     # stored turned stay turned, and q (keys) and the output (values) are turned instead.
@@ -106,7 +109,7 @@ def gathered_attention(
     values = cache.values_of(keys, lambda: cache.read_blocks(1, rows, b, q.dtype, rotated=True))
     if turn_k:
         q = q @ hadamard(head_dim).astype(q.dtype)
-    o = _attend(q, keys, values, mask, scale, length, fused, causal)
+    o = _attend(q, keys, values, mask, scale, length, fused, causal, sinks)
     return o @ hadamard(head_dim).astype(o.dtype) if turn_v else o
 
 
@@ -119,6 +122,7 @@ def _attend(
     length: int | None,
     fused: bool,
     causal: bool,
+    sinks: mx.array | None,
 ) -> mx.array:
     """gathered_attention over keys/values [Hkv, B, L, D] already read."""
     b, lq, n_heads, head_dim = q.shape
@@ -134,6 +138,7 @@ def _attend(
             values.transpose(1, 0, 2, 3),
             scale=scale,
             mask="causal" if causal else None if mask is None else mask[:, None],
+            sinks=sinks,
         )
         return o.transpose(0, 2, 1, 3)
     # Batched over (kv head, sequence), query heads of a group stacked as rows.
@@ -144,13 +149,25 @@ def _attend(
     scores = scores.astype(mx.float32)
     if mask is not None:
         scores = mx.where(mask[None, :, None], scores, -mx.inf)
-    probs = mx.softmax(scores, axis=-1).astype(values.dtype).reshape(n_kv, b, g * lq, -1)
+    if sinks is None:
+        probs = mx.softmax(scores, axis=-1)
+    else:
+        # exp(s - log(sum exp(s) + exp(sink))): the softmax over the keys and the sink, the
+        # sink's own share dropped; a row with every key masked gets weight 0 everywhere.
+        sink = sinks.astype(mx.float32).reshape(n_kv, 1, g, 1, 1)
+        probs = mx.exp(scores - mx.logaddexp(mx.logsumexp(scores, axis=-1, keepdims=True), sink))
+    probs = probs.astype(values.dtype).reshape(n_kv, b, g * lq, -1)
     o = (probs @ values).reshape(n_kv, b, g, lq, v_dim)
     return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, n_heads, v_dim)
 
 
 def sliced_attention(
-    q: mx.array, cache: KVCache, offset: int, length: int | None, scale: float
+    q: mx.array,
+    cache: KVCache,
+    offset: int,
+    length: int | None,
+    scale: float,
+    sinks: mx.array | None = None,
 ) -> mx.array:
     """q [1, 1, H, D] over pool slots [offset, offset + length) of every head, through
     fused SDPA on strided views of the pools: nothing is copied (a quantized pool: only
@@ -164,7 +181,9 @@ def sliced_attention(
     h = hadamard(q.shape[-1]).astype(q.dtype)
     if turn_k:
         q = q @ h
-    o = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), keys, values, scale=scale)
+    o = mx.fast.scaled_dot_product_attention(
+        q.transpose(0, 2, 1, 3), keys, values, scale=scale, sinks=sinks
+    )
     o = o.transpose(0, 2, 1, 3)
     return o @ h if turn_v else o
 
@@ -261,27 +280,45 @@ class GatherAttention:
         cache: KVCache,
         plan: list[DecodeGroup] | dict[str, mx.array],
         scale: float,
+        sinks: mx.array | None = None,
     ) -> mx.array:
         if isinstance(plan, dict):
             return gathered_attention(
-                q[:, None], cache, plan["rows"], plan["mask"], scale, fused=self.fused
+                q[:, None],
+                cache,
+                plan["rows"],
+                plan["mask"],
+                scale,
+                fused=self.fused,
+                sinks=sinks,
             )
         o = []
         for g in plan:
             qg = q[g.start : g.end, None]
             if g.offset is not None:
-                o.append(sliced_attention(qg, cache, g.offset, g.length, scale))
+                o.append(sliced_attention(qg, cache, g.offset, g.length, scale, sinks))
             else:
                 assert g.rows is not None  # a group is read in place or gathered
-                o.append(gathered_attention(qg, cache, g.rows, g.mask, scale, g.length, self.fused))
+                o.append(
+                    gathered_attention(
+                        qg, cache, g.rows, g.mask, scale, g.length, self.fused, sinks=sinks
+                    )
+                )
         return o[0] if len(o) == 1 else mx.concatenate(o, axis=0)  # [Bd, 1, H, D]
 
-    def prefill(self, q: mx.array, cache: KVCache, plan: PrefillPlan, scale: float) -> mx.array:
+    def prefill(
+        self,
+        q: mx.array,
+        cache: KVCache,
+        plan: PrefillPlan,
+        scale: float,
+        sinks: mx.array | None = None,
+    ) -> mx.array:
         bp, lq = plan.q_index.shape
         qp = q[plan.q_index] if bp > 1 else q[None]
         causal = plan.length is not None
         o = gathered_attention(
-            qp, cache, plan.rows, plan.mask, scale, plan.length, self.fused, causal
+            qp, cache, plan.rows, plan.mask, scale, plan.length, self.fused, causal, sinks
         )
         o = o.reshape(bp * lq, -1)
         return o[plan.out_index] if bp > 1 else o

@@ -145,11 +145,16 @@ class AttentionBackend(Protocol):
         self, entries: PrefillEntries, pool: PoolLayout, window: int | None = None
     ) -> Any: ...
 
-    def decode(self, q: mx.array, cache: KVCache, plan: Any, scale: float) -> mx.array:
-        """q [Bd, H, D] -> [Bd, H, D] (or any shape of the same size in that order)"""
+    def decode(
+        self, q: mx.array, cache: KVCache, plan: Any, scale: float, sinks: mx.array | None = None
+    ) -> mx.array:
+        """q [Bd, H, D] -> [Bd, H, D] (or any shape of the same size in that order).
+        sinks [H]: per-head attention-sink logits (gpt-oss), or None."""
         ...
 
-    def prefill(self, q: mx.array, cache: KVCache, plan: Any, scale: float) -> mx.array:
+    def prefill(
+        self, q: mx.array, cache: KVCache, plan: Any, scale: float, sinks: mx.array | None = None
+    ) -> mx.array:
         """q [Tp, H, D] -> [Tp, H * D]"""
         ...
 

@@ -55,28 +55,32 @@ def build_metadata(
 
 def paged_attention(
     q: mx.array,
-    k: mx.array,
+    k: mx.array | None,
     v: mx.array | None,
     cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    sinks: mx.array | None = None,
 ) -> mx.array:
     """q [T, H, D], k/v [T, Hkv, D] of this step's tokens -> output [T, H * D]. A latent
     cache (KVCache.value_dim) takes v None and gives [T, H * value_dim].
 
     Writes k/v into the cache first, then reads each sequence's context back through its
     block table (all of it, or its last `window` keys), so a chunk sees its cached prefix,
-    earlier chunks and itself alike.
+    earlier chunks and itself alike; with k/v None nothing is written (the layer reads a
+    cache another layer of the step wrote). sinks [H]: attention-sink logits (gpt-oss), one per
+    query head, in every softmax's denominator.
     """
     t = q.shape[0]
-    cache.write(k, v, meta.write_rows)
+    if k is not None:  # None: a layer reading another's keys (Gemma 4)
+        cache.write(k, v, meta.write_rows)
     decode_plan, prefill_plan = meta.plans(window)
     outputs = []
     d = meta.num_decode
     if d:
-        o = meta.backend.decode(q[:d], cache, decode_plan, scale)
+        o = meta.backend.decode(q[:d], cache, decode_plan, scale, sinks)
         outputs.append(o.reshape(d, -1))
     if d < t:
-        outputs.append(meta.backend.prefill(q[d:], cache, prefill_plan, scale))
+        outputs.append(meta.backend.prefill(q[d:], cache, prefill_plan, scale, sinks))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)

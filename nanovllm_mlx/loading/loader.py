@@ -18,7 +18,9 @@ from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import (
     deepseek_v3,
     gemma3,
+    gemma4,
     gpt2,
+    gpt_oss,
     granitemoe,
     llama,
     mixtral,
@@ -114,6 +116,9 @@ ARCHITECTURES = {
     "qwen3_5_moe": qwen3_5,
     "qwen3_5_moe_text": qwen3_5,
     "qwen3_next": qwen3_5,
+    "gpt_oss": gpt_oss,
+    "gemma4": gemma4,  # the multimodal checkpoint: its text model only
+    "gemma4_text": gemma4,
 }
 
 

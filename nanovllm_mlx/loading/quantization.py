@@ -35,7 +35,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int) -> None:
 
 # MLX's quantization modes other than affine store no biases, and each has one (group
 # size, bits): the shapes of a layer's weight and scales name its mode.
-_FLOAT_MODES = {(32, 4): "mxfp4", (16, 4): "nvfp4", (32, 8): "mxfp8"}
+FLOAT_MODES = {(32, 4): "mxfp4", (16, 4): "nvfp4", (32, 8): "mxfp8"}
 
 
 def quantize_like(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
@@ -59,8 +59,8 @@ def quantize_like(model: nn.Module, weights: dict[str, mx.array], source: Path) 
         group_size, bits = in_dims // scales.shape[-1], packed * 32 // in_dims
         if f"{path}.biases" in weights:
             mode = "affine"
-        elif (group_size, bits) in _FLOAT_MODES and scales.dtype == mx.uint8:
-            mode = _FLOAT_MODES[group_size, bits]
+        elif (group_size, bits) in FLOAT_MODES and scales.dtype == mx.uint8:
+            mode = FLOAT_MODES[group_size, bits]
         else:
             raise ValueError(
                 f"quantized weight {path} in {source} has no biases but is not one of MLX's "
@@ -72,8 +72,10 @@ def quantize_like(model: nn.Module, weights: dict[str, mx.array], source: Path) 
     nn.quantize(model, class_predicate=params)
 
 
-def dequantize_model(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Replace every quantized layer by its float equivalent in dtype, in place.
+def dequantize_model(model: nn.Module, dtype: mx.Dtype) -> int:
+    """Replace every quantized linear and embedding layer by its float equivalent in
+    dtype, in place; returns how many quantized layers stay (experts: gpt-oss-20b's would
+    take 84 GB in float32, so they keep MLX's gather_qmm).
 
     MLX's CPU kernel for quantized matmul is far slower than its float32 BLAS path: the
     default 4-bit model prefilled at ~15 tok/s on 2 cores quantized and ~13x faster with
@@ -94,7 +96,11 @@ def dequantize_model(model: nn.Module, dtype: mx.Dtype) -> None:
         ).astype(dtype)
         layer: nn.Module
         if isinstance(module, QuantizedSwitchLinear):
-            layer = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0])
+            layer = SwitchLinear(
+                weight.shape[2], weight.shape[1], weight.shape[0], bias="bias" in module
+            )
+            if "bias" in module:  # gpt-oss's experts
+                layer.bias = module.bias.astype(dtype)
         elif isinstance(module, nn.QuantizedEmbedding):
             layer = nn.Embedding(*weight.shape)
         else:
@@ -104,3 +110,4 @@ def dequantize_model(model: nn.Module, dtype: mx.Dtype) -> None:
         layer.weight = weight
         swaps.append((path, layer))
     model.update_modules(nn.utils.tree_unflatten(swaps))
+    return sum(hasattr(m, "scales") for _, m in model.named_modules())

@@ -34,6 +34,9 @@ class ModelSpec:
     state_layers: tuple[int, ...] = ()
     state_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
+    # The layers pass attention sinks (gpt-oss): the backend must implement them.
+    attention_sinks: bool = False
+
     @property
     def kv_layers(self) -> tuple[int, ...]:
         """The layers with a KV pool: all but the recurrent ones."""

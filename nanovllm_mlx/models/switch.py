@@ -6,6 +6,7 @@ routing, not a loop over experts."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,34 +19,43 @@ SORT_AT = 64
 
 
 class SwitchLinear(nn.Module):
-    """num_experts linear maps in_dims -> out_dims, each row through its chosen ones."""
+    """num_experts linear maps in_dims -> out_dims, each row through its chosen ones
+    (bias: one [out] bias per expert, as gpt-oss has)."""
 
-    def __init__(self, in_dims: int, out_dims: int, num_experts: int):
+    def __init__(self, in_dims: int, out_dims: int, num_experts: int, bias: bool = False):
         super().__init__()
         bound = 1 / math.sqrt(in_dims)
         self.weight = mx.random.uniform(-bound, bound, (num_experts, out_dims, in_dims))
+        if bias:
+            self.bias = mx.zeros((num_experts, out_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         """x [N, 1, 1, in] or [N, k, 1, in], indices [N, k] -> [N, k, 1, out]."""
-        return mx.gather_mm(
+        y = mx.gather_mm(
             x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
         )
+        return _add_bias(self, y, indices)
 
     def to_quantized(
         self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_: object
     ) -> QuantizedSwitchLinear:
         """nn.quantize's hook: experts quantize like any other linear layer."""
         num_experts, out_dims, in_dims = self.weight.shape
-        layer = QuantizedSwitchLinear(in_dims, out_dims, num_experts, group_size, bits, mode)
+        layer = QuantizedSwitchLinear(
+            in_dims, out_dims, num_experts, group_size, bits, mode, bias="bias" in self
+        )
         layer.weight, layer.scales, *biases = mx.quantize(self.weight, group_size, bits, mode=mode)
         if biases:
             layer.biases = biases[0]
+        if "bias" in self:
+            layer.bias = self.bias
         return layer
 
 
 class QuantizedSwitchLinear(nn.Module):
     """Experts stored quantized: affine (packed weights, scales and biases) or one of MLX's
-    float modes (mxfp4, nvfp4, mxfp8: packed weights and uint8 scales, no biases)."""
+    float modes (mxfp4, nvfp4, mxfp8: packed weights and uint8 scales, no biases), as
+    gpt-oss's MXFP4 experts are."""
 
     def __init__(
         self,
@@ -55,18 +65,20 @@ class QuantizedSwitchLinear(nn.Module):
         group_size: int = 64,
         bits: int = 4,
         mode: str = "affine",
+        bias: bool = False,
     ):
         super().__init__()
         self.group_size, self.bits, self.mode = group_size, bits, mode
-        packed = mx.quantize(
+        self.weight, self.scales, *biases = mx.quantize(
             mx.zeros((num_experts, out_dims, in_dims)), group_size, bits, mode=mode
         )
-        self.weight, self.scales = packed[0], packed[1]
-        if mode == "affine":
-            self.biases = packed[2]
+        if biases:
+            self.biases = biases[0]
+        if bias:
+            self.bias = mx.zeros((num_experts, out_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_qmm(
+        y = mx.gather_qmm(
             x,
             self.weight,
             self.scales,
@@ -78,16 +90,37 @@ class QuantizedSwitchLinear(nn.Module):
             mode=self.mode,
             sorted_indices=sorted_indices,
         )
+        return _add_bias(self, y, indices)
+
+
+def _add_bias(layer: nn.Module, y: mx.array, indices: mx.array) -> mx.array:
+    """y [N, k, 1, out] plus each row's expert's bias, if the layer has one."""
+    if "bias" not in layer:
+        return y
+    return y + mx.expand_dims(layer["bias"][indices], -2).astype(y.dtype)
+
+
+def silu_glu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
 
 
 class SwitchGLU(nn.Module):
-    """The experts' down(silu(gate(x)) * up(x)), weights [experts, out, in]."""
+    """The experts' down(act(gate(x), up(x))), weights [experts, out, in]; act is SwiGLU's
+    silu(gate) * up unless given (gpt-oss clamps it)."""
 
-    def __init__(self, dim: int, hidden: int, num_experts: int):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        bias: bool = False,
+        activation: Callable[[mx.array, mx.array], mx.array] = silu_glu,
+    ):
         super().__init__()
-        self.gate_proj = SwitchLinear(dim, hidden, num_experts)
-        self.up_proj = SwitchLinear(dim, hidden, num_experts)
-        self.down_proj = SwitchLinear(hidden, dim, num_experts)
+        self.gate_proj = SwitchLinear(dim, hidden, num_experts, bias)
+        self.up_proj = SwitchLinear(dim, hidden, num_experts, bias)
+        self.down_proj = SwitchLinear(hidden, dim, num_experts, bias)
+        self.activation = activation
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, D], indices [N, k] -> [N, k, D]: each token through each of its experts."""
@@ -102,7 +135,7 @@ class SwitchGLU(nn.Module):
         else:
             x, idx = x[:, None, None], indices
         sort = order is not None
-        h = nn.silu(self.gate_proj(x, idx, sort)) * self.up_proj(x, idx, sort)
+        h = self.activation(self.gate_proj(x, idx, sort), self.up_proj(x, idx, sort))
         y = self.down_proj(h, idx, sort).squeeze(-2)
         if order is None:
             return y

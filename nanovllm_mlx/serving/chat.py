@@ -17,6 +17,7 @@ from nanovllm_mlx.serving.chat_messages import template_kwargs, template_message
 from nanovllm_mlx.serving.chat_output import ChoiceFactory, ChoiceOutput, message, output_text
 from nanovllm_mlx.serving.errors import bad_request, invalid_request
 from nanovllm_mlx.serving.handle import answer
+from nanovllm_mlx.serving.harmony import HARMONY_TAGS, HarmonySplitter, template_is_harmony
 from nanovllm_mlx.serving.prepare import check_room, refuse_unsupported, sampling_params
 from nanovllm_mlx.serving.protocol import (
     ChatChoice,
@@ -148,7 +149,8 @@ async def create_chat_completion(
     kwargs = template_kwargs(body, tools.template_tools)
     # The chat template and the tokenizer take a while on long chats: not on the event loop.
     text, prompt = await run_in_threadpool(render_chat, state.tokenizer, messages, kwargs)
-    thinks = template_thinks(state.tokenizer.chat_template)
+    harmony = template_is_harmony(state.tokenizer.chat_template)
+    thinks = template_thinks(state.tokenizer.chat_template) and not harmony
     opened = thinks and prompt_opens_thinking(text)
     grammar, lets_think = tools.grammar, False
     if grammar is not None and thinks:
@@ -169,6 +171,8 @@ async def create_chat_completion(
         opened = False
 
     def choice_output() -> ChoiceOutput:
+        if harmony:  # channels carry the reasoning and the calls alike
+            return ChoiceOutput(None, HarmonySplitter())
         return ChoiceOutput(
             tools.parser(tools.template_tools) if tools.parser else None,
             ThinkSplitter(opened) if thinks else None,
@@ -189,6 +193,7 @@ async def create_chat_completion(
         markers=state.special_markers(
             ([tools.parser.start, tools.parser.end or ""] if tools.parser else [])
             + (list(THINK_TAGS) if thinks else [])
+            + (list(HARMONY_TAGS) if harmony else [])
         ),
     )
     return await answer(

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 
 from nanovllm_mlx.engine.output_processor import RequestOutput
+from nanovllm_mlx.serving.harmony import HarmonySplitter
 from nanovllm_mlx.serving.protocol import AssistantMessage, Delta
 from nanovllm_mlx.serving.reasoning import ThinkSplitter
 from nanovllm_mlx.serving.tools.parser import ToolParser
@@ -23,7 +24,7 @@ from nanovllm_mlx.serving.tools.protocol import (
 
 
 class ChoiceOutput:
-    def __init__(self, parser: ToolParser | None, thinking: ThinkSplitter | None):
+    def __init__(self, parser: ToolParser | None, thinking: ThinkSplitter | HarmonySplitter | None):
         self.parser = parser
         self.thinking = thinking
         self.calls = 0

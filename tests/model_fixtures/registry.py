@@ -19,7 +19,9 @@ from typing import Any
 from . import (
     deepseek_v3,
     gemma3,
+    gemma4,
     gpt2,
+    gpt_oss,
     granitemoe,
     llama,
     llava,
@@ -359,6 +361,64 @@ _DEEPSEEK_V3_Q4_TINY = {
     "seed": 6740,
 }
 
+# gpt-oss-20b's structure at toy size: sliding (32) and full layers alternating, 4 experts
+# top 2, GQA 4:2; YaRN whose original context (128) the test prompts pass; a swiglu_limit
+# low enough that the clamps act on these random activations (the real one is 7).
+_GPT_OSS_TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 32,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "sliding_window": 32,
+    "swiglu_limit": 2.0,
+    "vocab_size": GPT2_VOCAB,
+    "max_position_embeddings": 512,
+    "rope_theta": 150000.0,
+    "rope_scaling": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 128,
+    },
+    "seed": 2020,
+}
+
+# Gemma 4's features at toy size, all at once (E2B's per-layer embeddings and KV sharing,
+# 26B-A4B's experts beside the MLP and keys-as-values global layers): two sliding (32)
+# layers to one global, global heads twice as wide with one KV head, the last two layers
+# reading layers 2 and 3's KV.
+_GEMMA4_TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "global_head_dim": 32,
+    "num_global_key_value_heads": 1,
+    "attention_k_eq_v": True,
+    "intermediate_size": 64,
+    "vocab_size": GPT2_VOCAB,
+    "max_position_embeddings": 512,
+    "sliding_window": 32,
+    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+    "num_kv_shared_layers": 2,
+    "use_double_wide_mlp": True,
+    "hidden_size_per_layer_input": 8,
+    "vocab_size_per_layer_input": GPT2_VOCAB,
+    "enable_moe_block": True,
+    "num_experts": 4,
+    "top_k_experts": 2,
+    "moe_intermediate_size": 32,
+    "final_logit_softcapping": 30.0,
+    "seed": 4404,
+}
+
 
 # Real shapes with random weights, for benchmarks (lazy: not built by the test suite).
 _GEMMA3_270M_SHAPE = {
@@ -513,6 +573,13 @@ def recipes() -> dict[str, Recipe]:
         Recipe("llava-tiny", llava.build_llava, {**_LLAVA_TINY, "transformers": tv}),
         Recipe("smollm3-tiny", smollm3.build_smollm3, {**_SMOLLM3_TINY, "transformers": tv}),
         Recipe("phi3-tiny", phi3.build_phi3, {**_PHI3_TINY, "transformers": tv}),
+        Recipe("gemma4-tiny", gemma4.build_gemma4, {**_GEMMA4_TINY, "transformers": tv}),
+        Recipe("gpt-oss-tiny", gpt_oss.build_gpt_oss, {**_GPT_OSS_TINY, "transformers": tv}),
+        Recipe(
+            "gpt-oss-tiny-mxfp4",
+            gpt_oss.build_gpt_oss_mxfp4,
+            {**_GPT_OSS_TINY, "transformers": tv},
+        ),
         Recipe(
             "deepseek-v3-tiny",
             deepseek_v3.build_deepseek_v3,

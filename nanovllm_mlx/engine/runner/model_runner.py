@@ -73,7 +73,9 @@ class ModelRunner:
         quantized = any(f.quantized for f in self.kv_formats)
         self.value_dim = spec.latent_value_dim
         self.backend = backend or select_backend(
-            latent=self.value_dim is not None, quantized_kv=quantized
+            latent=self.value_dim is not None,
+            quantized_kv=quantized,
+            sinks=spec.attention_sinks,
         )
         self.windows = spec.attention_windows  # one attention plan per distinct window
         # A compiled step's plan is full attention (plan_decode_uniform): sliding-window

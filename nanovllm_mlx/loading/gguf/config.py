@@ -14,6 +14,7 @@ ARCHITECTURES = {
     "qwen3moe": "qwen3_moe",
     "gemma3": "gemma3_text",
     "phi3": "phi3",
+    "gpt-oss": "gpt_oss",
 }
 
 
@@ -91,6 +92,16 @@ def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> 
             query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
             torch_dtype="bfloat16",  # Gemma overflows float16 activations
         )
+    elif arch == "gpt-oss":
+        # llama.cpp's gpt-oss: sliding layers first, then alternating (the HF default), and
+        # swiglu alpha/limit fixed at the model's 1.702 / 7.0 (ModelArgs' defaults).
+        config.update(
+            num_local_experts=experts,
+            num_experts_per_tok=used,
+            intermediate_size=key("expert_feed_forward_length", config["intermediate_size"]),
+            sliding_window=key("attention.sliding_window", 128),
+            attention_bias=True,
+        )
     elif arch == "phi3":
         rotary = key("rope.dimension_count", head_dim)
         config.update(
@@ -107,15 +118,17 @@ def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> 
 def _rope_scaling(arch: str, key, config: dict, path: Path) -> dict:
     scaling = key("rope.scaling.type")
     if scaling in ("linear", "yarn"):
-        return {
-            "rope_scaling": {
-                "rope_type": scaling,
-                "factor": key("rope.scaling.factor"),
-                "original_max_position_embeddings": key(
-                    "rope.scaling.original_context_length", config["max_position_embeddings"]
-                ),
-            }
+        rope = {
+            "rope_type": scaling,
+            "factor": key("rope.scaling.factor"),
+            "original_max_position_embeddings": key(
+                "rope.scaling.original_context_length", config["max_position_embeddings"]
+            ),
         }
+        if arch == "gpt-oss":
+            # The file does not say; the model's own config has truncate false.
+            rope.update(beta_fast=32.0, beta_slow=1.0, truncate=False)
+        return {"rope_scaling": rope}
     if scaling not in (None, "none"):
         raise ValueError(f"{path}: unsupported GGUF rope scaling type {scaling!r}")
     return {}

@@ -199,9 +199,24 @@ REQUANTIZED: dict[int, tuple[str, int, int, Callable[[np.ndarray], np.ndarray]]]
     14: ("Q6_K", QK_K, 210, _deq_q6_k),
 }
 FLOATS = {0: ("F32", np.float32), 1: ("F16", np.float16), 30: ("BF16", None)}
+# MXFP4 (gpt-oss's experts): blocks of 32 E2M1 codes under one E8M0 exponent, the same
+# numbers as MLX's mxfp4 mode, which keeps them: [e, 16 bytes], the byte j holding code j
+# (low nibble) and code j + 16 (high); MLX wants the codes in order, two a byte.
+MXFP4, MXFP4_BYTES = 39, 17
+
+
+def _mxfp4(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[mx.array, mx.array]:
+    lead, cols = shape[:-1], shape[-1]
+    rows = int(np.prod(lead)) if lead else 1
+    blocks = raw.reshape(-1, MXFP4_BYTES)
+    codes = _nibbles(blocks[:, 1:])
+    weight = pack(codes.reshape(rows, cols), 4)
+    return mx.array(weight.reshape(*lead, -1)), mx.array(blocks[:, 0].reshape(*lead, cols // 32))
 
 
 def type_name(kind: int) -> str:
+    if kind == MXFP4:
+        return "MXFP4"
     for table in (AFFINE, REQUANTIZED, FLOATS):
         if kind in table:
             return table[kind][0]
@@ -212,15 +227,22 @@ def tensor_bytes(kind: int, count: int) -> int | None:
     """Bytes a tensor of `count` weights takes; None for a type this module cannot read."""
     if kind in FLOATS:
         return count * (4 if kind == 0 else 2)
+    if kind == MXFP4:
+        return count // 32 * MXFP4_BYTES
     entry = AFFINE.get(kind) or REQUANTIZED.get(kind)
     if entry is None:
         return None
     return count // entry[1] * entry[2]
 
 
-def to_mlx(kind: int, raw: np.ndarray, shape: tuple[int, ...]) -> mx.array | Triple:
+def to_mlx(
+    kind: int, raw: np.ndarray, shape: tuple[int, ...]
+) -> mx.array | Triple | tuple[mx.array, mx.array]:
     """The bytes of one tensor -> an array of `shape`, or an MLX affine triple whose
-    dequantization has that shape (rows keep every leading axis: experts stay 3-D)."""
+    dequantization has that shape (rows keep every leading axis: experts stay 3-D), or an
+    mxfp4 pair (codes, exponents) for MXFP4."""
+    if kind == MXFP4:
+        return _mxfp4(raw, shape)
     if kind in FLOATS:
         if kind == 30:  # bfloat16 is the top half of a float32: widen exactly
             bits = raw.view(np.uint16).astype(np.uint32) << 16

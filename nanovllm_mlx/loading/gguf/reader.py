@@ -30,9 +30,9 @@ _NUMPY = {
 OTHER_TYPES = {
     9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
     20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
-    27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+    27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0",
 }  # fmt: skip
-SUPPORTED = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
+SUPPORTED = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4"
 
 TensorInfo = tuple[int, tuple[int, ...], int]  # ggml type, dims (innermost first), offset
 
@@ -160,7 +160,8 @@ def _read_tensors(buf: mmap.mmap, header: _Header) -> dict[str, mx.array]:
 
 def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
     """All tensors and the metadata of a GGUF file. A quantized tensor NAME.weight comes
-    back as NAME.weight (packed uint32), NAME.scales and NAME.biases, MLX's layout."""
+    back as NAME.weight (packed uint32), NAME.scales and NAME.biases, MLX's layout (an
+    MXFP4 one without biases: MLX's mxfp4 mode)."""
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     if path.stat().st_size == 0:  # mmap refuses an empty file with a message naming none

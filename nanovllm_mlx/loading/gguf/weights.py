@@ -34,6 +34,13 @@ _GEMMA3_NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 _PHI3_NAMES = {"ffn_up": "mlp.gate_up_proj"}  # gate and up fused, gate first
+_GPT_OSS_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_sinks": "self_attn.sinks",
+    "ffn_gate_inp": "mlp.router",
+    # Newer converters may fuse the experts' gate and up (gate rows first): split below.
+    "ffn_gate_up_exps": "mlp.experts.gate_up_proj",
+}
 # Models whose q/k rows llama.cpp permutes (its Llama converter; Mixtral goes through it).
 _PERMUTED = ("llama", "mistral", "mixtral")
 
@@ -52,6 +59,8 @@ def _block_names(model_type: str) -> dict[str, str]:
         return {**_BLOCK_NAMES, **_GEMMA3_NAMES}
     if model_type == "phi3":
         return {**_BLOCK_NAMES, **_PHI3_NAMES}
+    if model_type == "gpt_oss":
+        return {**_BLOCK_NAMES, **_GPT_OSS_NAMES}
     return _BLOCK_NAMES
 
 
@@ -84,7 +93,14 @@ def map_weights(weights: dict[str, mx.array], config: dict) -> tuple[dict[str, m
             target = _GGUF_NAMES[stem]
         else:
             raise ValueError(f"unexpected GGUF tensor {name!r} for a {model_type} model")
-        out[f"{target}.{suffix}"] = value
+        if target.endswith(".sinks"):  # a parameter of its own, not a layer's weight
+            out[target] = value
+        elif target.endswith(".experts.gate_up_proj"):
+            gate, up = mx.split(value, 2, axis=1)
+            stem = target.removesuffix(".gate_up_proj")
+            out[f"{stem}.gate_proj.{suffix}"], out[f"{stem}.up_proj.{suffix}"] = gate, up
+        else:
+            out[f"{target}.{suffix}"] = value
     if "short_factor" in extra or "long_factor" in extra:
         long = extra.pop("long_factor", None)
         short = extra.pop("short_factor", long)
