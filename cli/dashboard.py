@@ -172,6 +172,15 @@ def summary_table(result: dict) -> Table:
         ("KV blocks", f"{result['kv_blocks_total']:,} × {result['block_size']} tokens"),
         ("peak memory", f"{result['peak_memory_gb']:.2f} GB"),
     ]
+    if result.get("speculative"):
+        rows.append(
+            (
+                "speculation",
+                f"{result['speculative']}: acceptance {result['spec_acceptance_rate']:.1%}, "
+                f"{result['spec_tokens_per_step']:.2f} tokens a step, "
+                f"{result['spec_drafts']:,} drafts",
+            )
+        )
     if result["requests_shortened"]:
         rows.append(
             (

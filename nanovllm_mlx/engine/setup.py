@@ -21,6 +21,24 @@ from nanovllm_mlx.models.base import ModelSpec
 from nanovllm_mlx.parallel.group import launched_rank
 from nanovllm_mlx.parallel.runner import TensorParallel, fingerprint
 
+# Architectures whose layers carry a recurrent state (linear attention, SSMs): rolling a
+# rejected draft back would need that state as it was before the draft, which the paged
+# KV cache cannot give. Speculation is refused for them.
+RECURRENT_MODEL_TYPES = frozenset(
+    {"qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "mamba", "mamba2", "jamba"}
+)
+
+
+def check_speculation(config: Config, loaded: loader.LoadedModel) -> None:
+    model_type = loaded.config.get("model_type")
+    recurrent = getattr(loaded.model, "recurrent", False) or model_type in RECURRENT_MODEL_TYPES
+    if config.speculative is not None and recurrent:
+        raise ValueError(
+            f"speculative decoding is not supported for {loaded.name} (model_type "
+            f"{model_type!r}): its layers keep a recurrent state that a rejected draft "
+            "cannot be rolled back from; run it without --speculative"
+        )
+
 
 def load_model(config: Config) -> loader.LoadedModel:
     options = loader.LoadOptions(
@@ -75,6 +93,7 @@ def build(config: Config) -> Parts:
 def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     mx.random.seed(config.seed)  # unseeded sampling is reproducible per engine
     loaded = load_model(config)
+    check_speculation(config, loaded)
     if parallel is not None:
         parallel.shard(loaded)
     spec, dtype = loaded.model.spec, loaded.dtype

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from nanovllm_mlx.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from nanovllm_mlx.engine.core.speculation import SpecState
     from nanovllm_mlx.engine.sample.constraint import Constraint
 
 
@@ -50,6 +51,7 @@ class Sequence:
     # no prefix-cache hit may skip them until that pass is done.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs_pending: bool = False
+    spec: SpecState | None = None  # its proposer, once it speculates (engine/core/speculation.py)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

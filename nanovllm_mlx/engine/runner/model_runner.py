@@ -202,8 +202,10 @@ class ModelRunner:
         if logits is None:
             mx.async_eval(cache_arrays)  # type: ignore[no-untyped-call]
             return _Launched(step, None, None)
-        seqs = [item.seq for item in step.samplers]
-        tokens, logprobs = sample(logits, seqs, output_offset)
+        # A speculating entry's rows sample its draft positions in turn (sampler.sample).
+        seqs = [item.seq for item in step.samplers for _ in range(item.num_rows)]
+        offsets = [output_offset + i for item in step.samplers for i in range(item.num_rows)]
+        tokens, logprobs = sample(logits, seqs, offsets)
         mx.async_eval(  # type: ignore[no-untyped-call]
             tokens, cache_arrays, [] if logprobs is None else logprobs
         )
@@ -239,9 +241,16 @@ class ModelRunner:
             mx.eval([(c.k, c.v) for c in self.caches])
             return [], None
         # Back to batch order, which is what the scheduler's update expects.
-        samplers = launched.step.samplers
-        rank = {item.seq.seq_id: i for i, item in enumerate(samplers)}
-        order = [rank[item.seq.seq_id] for item in batch if item.samples]
+        first, at = {}, 0
+        for item in launched.step.samplers:
+            first[item.seq.seq_id] = at
+            at += item.num_rows
+        order = [
+            first[item.seq.seq_id] + i
+            for item in batch
+            if item.samples
+            for i in range(item.num_rows)
+        ]
         token_list = cast(list[int], launched.tokens.tolist())
         tokens_out = [token_list[i] for i in order]
         if launched.logprobs is None:
@@ -265,7 +274,7 @@ class _Ahead:
 
 def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple[Any, ...]:
     return tuple(
-        (item.seq.seq_id, item.start + shift, item.num_new_tokens)
+        (item.seq.seq_id, item.start + shift, item.num_new_tokens, len(item.draft))
         for item in batch
     )
 

@@ -1,0 +1,135 @@
+"""Speculative decoding's host side: which decoding sequences propose tokens this step,
+how many (per-sequence adaptive k), and the counts behind the acceptance rate. Plain
+Python; the scheduler asks, and tells it what was accepted.
+
+A sequence whose last token is known proposes up to k tokens by prompt lookup
+(engine/core/ngram.py). Its chunk in the step is then that token and the draft; the
+sampler draws every position of it as it would have drawn each token in turn (the same
+processors and, for a seeded request, the same per-position noise), and the scheduler
+keeps the draft up to its first token that differs from the draw, plus the draw there.
+For a draft that is a single proposed token per position (a point mass), keeping
+token t where the draw is t is the standard rejection rule: t is kept with probability
+p(t), and where it is not, the draw is distributed as p without t, renormalised. So the
+output's distribution is the model's, and a seeded request's tokens are the same as
+without speculation.
+
+Not proposed for: a request whose sampling reads its own history (repetition, presence
+or frequency penalties, a grammar: each draft position would need the state after the
+tokens before it), a choice still holding forks, and a sequence with one token left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nanovllm_mlx.engine.core.ngram import NgramIndex
+from nanovllm_mlx.engine.core.sequence import Sequence
+
+# What verifying one draft token adds to a decode step, as a share of the step. On 2 CPU
+# cores (SmolLM2-135M, float32) a step verifying 4 always-wrong draft tokens took ~1.3x a
+# plain decode step (each draft token is a row through every matmul, and a CPU step is
+# partly compute-bound); a GPU step is bound by reading the weights, where it is less.
+# The adaptive k never proposes where the acceptance it expects does not pay for this.
+DRAFT_COST = 0.08
+RATE_WEIGHT = 0.3  # weight of the latest draft in a sequence's running acceptance rate
+INITIAL_RATE = 0.6  # before a sequence's first draft: a match found is likely good
+MAX_SKIP = 32  # most steps between probes of a sequence whose drafts do not pay
+
+
+def best_k(rate: float, most: int) -> int:
+    """The draft length that maximises tokens per unit of step time, with each draft token
+    accepted with probability `rate` (after the one before it): (1 + r + ... + r^k)
+    tokens for 1 + DRAFT_COST * k of a step. 0: proposing does not pay."""
+    best, best_gain, tokens = 0, 1.0, 1.0
+    for k in range(1, most + 1):
+        tokens += rate**k
+        gain = tokens / (1.0 + DRAFT_COST * k)
+        if gain > best_gain:
+            best, best_gain = k, gain
+    return best
+
+
+@dataclass(slots=True)
+class SpecState:
+    """One sequence's proposer: its n-gram index and its acceptance so far."""
+
+    index: NgramIndex
+    rate: float = INITIAL_RATE  # running share of its draft tokens accepted
+    skip: int = 0  # steps left before it probes again (its drafts do not pay)
+    probes: int = 0  # probes in a row of which nothing was accepted
+
+
+@dataclass(slots=True)
+class SpecCounts:
+    drafts: int = 0  # verifications: entries that carried a draft
+    draft_tokens: int = 0  # tokens proposed
+    accepted_tokens: int = 0  # of those, accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a verifying sequence gains a step: those accepted and the drawn one."""
+        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 0.0
+
+
+class Speculator:
+    def __init__(self, num_tokens: int, min_n: int, max_n: int):
+        self.num_tokens = num_tokens
+        self.min_n = min_n
+        self.max_n = max_n
+        self.counts = SpecCounts()
+
+    @staticmethod
+    def eligible(seq: Sequence) -> bool:
+        return (
+            seq.num_output_tokens > 0
+            and not seq.forks
+            and not seq.params.needs_history
+            and seq.constraint is None
+        )
+
+    def _state(self, seq: Sequence) -> SpecState:
+        if seq.spec is None:
+            seq.spec = SpecState(NgramIndex(self.min_n, self.max_n))
+        state: SpecState = seq.spec
+        return state
+
+    def active(self, seq: Sequence) -> bool:
+        """Whether seq may propose at its next step: the look-ahead launch, which
+        proposes nothing, is only taken when no sequence of the batch would."""
+        if not self.eligible(seq):
+            return False
+        return seq.spec is None or best_k(seq.spec.rate, self.num_tokens) > 0
+
+    def propose(self, seq: Sequence, limit: int) -> list[int]:
+        """At most `limit` tokens to verify after seq's last one (none: a plain decode).
+        Where its acceptance rate makes drafts not pay, a sequence still probes with one
+        token now and then (after 1, 2, 4, ... MAX_SKIP steps), so that it speculates
+        again once the text starts repeating."""
+        if limit < 1 or not self.eligible(seq):
+            return []
+        state = self._state(seq)
+        k = best_k(state.rate, self.num_tokens)
+        if k > 0:
+            return state.index.propose(seq.token_ids, min(k, limit))
+        if state.skip:
+            state.skip -= 1
+            return []
+        draft = state.index.propose(seq.token_ids, 1)
+        if draft:
+            state.skip = min(MAX_SKIP, 2**state.probes)
+            state.probes += 1
+        return draft
+
+    def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        """A draft of `proposed` tokens was verified and its first `accepted` kept."""
+        self.counts.drafts += 1
+        self.counts.draft_tokens += proposed
+        self.counts.accepted_tokens += accepted
+        state = self._state(seq)
+        state.rate += RATE_WEIGHT * (accepted / proposed - state.rate)
+        if accepted:
+            state.probes = 0

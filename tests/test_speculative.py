@@ -1,0 +1,238 @@
+"""N-gram speculative decoding on the engine: the same tokens as without it (greedy, and
+seeded sampling), with every feature a draft crosses (batching with sequences that do not
+speculate, forks, preemption, prefix hits, stops, max_tokens, logprobs, grammars), the
+sampled distribution unchanged, and hostile settings refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import SMALL_KV, random_ids
+
+from nanovllm_mlx import LLM, SamplingParams
+
+# Prompts the tiny random Qwen3 continues partly in loops; with n-grams from 1 token,
+# lookups find drafts, and both accepted and rejected tokens occur.
+PATTERNS = [(random_ids(5, seed=s) * 6)[: 24 + s] for s in range(6)] + [
+    random_ids(30, seed=40),
+    random_ids(9, seed=41) * 3,
+]
+
+
+# The tiny Qwen3's K/V: 2 layers x (K, V) x 2 heads x 16 dims x 16 tokens, float32.
+KV_20_BLOCKS = (20.5 * 2 * 2 * 2 * 16 * 16 * 4) / 2**30
+SPEC = {"speculative": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
+
+
+@pytest.fixture(scope="module")
+def plain(qwen3_tiny: Path) -> LLM:
+    return LLM(str(qwen3_tiny), **SMALL_KV)
+
+
+@pytest.fixture(scope="module")
+def spec(qwen3_tiny: Path) -> LLM:
+    return LLM(str(qwen3_tiny), **SPEC, **SMALL_KV)
+
+
+def ids(results: list[dict]) -> list[list[list[int]]]:
+    return [[c["token_ids"] for c in r["outputs"]] for r in results]
+
+
+def exercised(llm: LLM, before: dict) -> None:
+    """Drafts were verified, some tokens accepted and some rejected."""
+    after = llm.stats()
+    proposed = after["spec_draft_tokens"] - before["spec_draft_tokens"]
+    accepted = after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+    assert 0 < accepted < proposed, (accepted, proposed)
+
+
+def test_greedy_batch_is_identical_and_mixes_with_sequences_that_do_not_speculate(
+    plain: LLM, spec: LLM
+):
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+        # Penalties read the history: this one never speculates, in the same batch.
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3),
+    ]
+    mixed = [params[i % 3 == 2] for i in range(len(PATTERNS))]
+    before = spec.stats()
+    assert ids(spec.generate(PATTERNS, mixed)) == ids(plain.generate(PATTERNS, mixed))
+    exercised(spec, before)
+    s = spec.stats()
+    assert s["speculative"] == "ngram"
+    assert 0 < s["spec_acceptance_rate"] < 1 and s["spec_tokens_per_step"] > 1
+
+
+def test_seeded_sampling_is_identical_with_forks_and_logprobs(plain: LLM, spec: LLM):
+    """A draft token is kept where the draw at its position (same per-position noise as
+    without speculation) equals it: a seeded request's tokens do not change."""
+    params = SamplingParams(
+        temperature=0.8,
+        top_k=40,
+        seed=7,
+        n=3,
+        max_tokens=30,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    before = spec.stats()
+    got, want = spec.generate(PATTERNS, params), plain.generate(PATTERNS, params)
+    exercised(spec, before)
+    assert ids(got) == ids(want)
+    for g, w in zip(got, want):
+        for gc, wc in zip(g["outputs"], w["outputs"]):
+            assert gc["logprobs"] == pytest.approx(wc["logprobs"], abs=1e-4)
+            assert len(gc["top_logprobs"]) == len(gc["token_ids"])
+            for gt, wt in zip(gc["top_logprobs"], wc["top_logprobs"]):
+                assert list(gt) == list(wt)
+
+
+def test_stops_and_max_tokens_inside_accepted_drafts(plain: LLM, spec: LLM):
+    """Every stop lands at each position of the plain output in turn: the speculating run
+    must end at the same token, with the same text, never past max_tokens."""
+    base = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    reference = plain.generate(PATTERNS, base)
+    for prompt, ref in zip(PATTERNS[:4], reference[:4]):
+        out = ref["token_ids"]
+        for at in range(1, 16):
+            cases = [
+                SamplingParams(temperature=0.0, max_tokens=at, ignore_eos=True),
+                SamplingParams(
+                    temperature=0.0, max_tokens=40, ignore_eos=True, stop_token_ids=[out[at]]
+                ),
+            ]
+            text = plain.tokenizer.decode(out[: at + 1])
+            if text.strip():
+                cases.append(
+                    SamplingParams(
+                        temperature=0.0, max_tokens=40, ignore_eos=True, stop=[text[-3:]]
+                    )
+                )
+            for p in cases:
+                got, want = spec.generate([prompt], p)[0], plain.generate([prompt], p)[0]
+                assert got["token_ids"] == want["token_ids"], (at, p)
+                assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+                assert len(got["token_ids"]) <= p.max_tokens
+
+
+def test_preemption_and_prefix_hits_give_the_same_tokens(qwen3_tiny: Path, plain: LLM):
+    prompts = PATTERNS + PATTERNS[:4]  # repeats: prefix-cache hits
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    want = ids(plain.generate(prompts, params))
+    # 20 blocks of 16 tokens hold ~4 of these 80-token sequences at once.
+    tight = LLM(str(qwen3_tiny), kv_cache_gb=KV_20_BLOCKS, max_model_len=128, **SPEC)
+    assert tight.engine.block_manager.num_blocks == 20
+    assert ids(tight.generate(prompts, params)) == want
+    s = tight.stats()
+    assert s["preemptions"] > 0 and s["spec_accepted_tokens"] > 0
+    assert s["prefix_hit_tokens"] > 0
+    assert s["kv_blocks_used"] == 0  # every trimmed and finished block came back
+
+
+def test_tight_budget_and_context_limit(qwen3_tiny: Path):
+    """Drafts only take what the step budget leaves (a budget of 4 tokens: at most 3 draft
+    tokens, shared by the batch), and never pass the context."""
+    small = LLM(
+        str(qwen3_tiny),
+        **{**SPEC, "num_speculative_tokens": 8},
+        max_num_batched_tokens=4,
+        max_model_len=64,
+        **SMALL_KV,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    prompts = PATTERNS[:3]
+    limited = LLM(str(qwen3_tiny), max_num_batched_tokens=4, max_model_len=64, **SMALL_KV)
+    want = limited.generate(prompts, params)
+    got = small.generate(prompts, params)
+    assert ids(got) == ids(want)
+    assert all(len(r["token_ids"]) + len(p) == 64 for r, p in zip(got, prompts))
+    assert small.stats()["spec_accepted_tokens"] > 0
+
+
+def test_structured_output_does_not_speculate_and_is_unchanged(plain: LLM, spec: LLM):
+    params = SamplingParams(temperature=0.0, max_tokens=20, regex="(ab|cd)+x")
+    before = spec.stats()["spec_drafts"]
+    assert ids(spec.generate(PATTERNS[:2], params)) == ids(plain.generate(PATTERNS[:2], params))
+    assert spec.stats()["spec_drafts"] == before
+
+
+def test_sampled_distribution_is_unchanged(qwen3_tiny: Path, monkeypatch: pytest.MonkeyPatch):
+    """Unseeded sampling (temperature 0.5, top-k 8) from each engine's own (fixed-seed) stream, so
+    the two runs draw differently; every sequence is made to propose the same draft (the
+    greedy continuation, so that it is accepted often and rejected often). The second and
+    third output tokens' frequencies over 1,500 requests must agree with those without
+    speculation (chi-square two-sample tests; fixed seeds, so it cannot flake)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    wide = {"max_num_batched_tokens": 2048, **SMALL_KV}
+    plain = LLM(str(qwen3_tiny), **wide)
+    spec = LLM(str(qwen3_tiny), **SPEC, **wide)
+    prompt = random_ids(12, seed=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    draft = plain.generate([prompt], greedy)[0]["token_ids"]
+    speculator = spec.engine.speculator
+    assert speculator is not None
+    # The draft after the first token: what greedy decoding gives after its first token.
+    monkeypatch.setattr(speculator, "propose", lambda seq, limit: list(draft[1 : 1 + limit]))
+    params = SamplingParams(temperature=0.5, top_k=8, max_tokens=3, ignore_eos=True)
+    counts: list[list[dict[int, int]]] = []
+    for llm in (plain, spec):
+        tallies: list[dict[int, int]] = [{}, {}]
+        for _ in range(3):
+            for r in llm.generate([prompt] * 500, params):
+                for i, tally in enumerate(tallies):
+                    token = r["token_ids"][i + 1]
+                    tally[token] = tally.get(token, 0) + 1
+        counts.append(tallies)
+    s = spec.stats()
+    assert s["spec_drafts"] >= 1500 and 0.05 < s["spec_acceptance_rate"] < 0.95
+    for position in (0, 1):
+        a, b = counts[0][position], counts[1][position]
+        # Tokens seen fewer than 10 times in either run are pooled, as the test needs.
+        table, rest = [], [0, 0]
+        for t in sorted(set(a) | set(b)):
+            pair = [a.get(t, 0), b.get(t, 0)]
+            if min(pair) >= 10:
+                table.append(pair)
+            else:
+                rest = [rest[0] + pair[0], rest[1] + pair[1]]
+        if sum(rest):
+            table.append(rest)
+        assert len(table) >= 3
+        p_value = scipy_stats.chi2_contingency(table).pvalue
+        assert p_value > 0.001, (position, p_value, table)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"speculative": "draft"}, "not implemented yet"),
+        ({"speculative": "eagle"}, "speculative must be 'ngram'"),
+        ({"speculative": "ngram", "num_speculative_tokens": 0}, r"in \[1, 64\], got 0"),
+        ({"speculative": "ngram", "num_speculative_tokens": -3}, r"in \[1, 64\], got -3"),
+        ({"speculative": "ngram", "num_speculative_tokens": 10**9}, r"got 1000000000"),
+        ({"speculative": "ngram", "num_speculative_tokens": 2.5}, "must be an integer"),
+        ({"speculative": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "<="),
+        ({"speculative": "ngram", "prompt_lookup_min": 0}, r"in \[1, 64\]"),
+        ({"num_speculative_tokens": 3}, "needs speculative decoding"),
+    ],
+)
+def test_hostile_settings_are_one_line_errors(gpt2_tiny: Path, kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        LLM(str(gpt2_tiny), **kwargs, **SMALL_KV)
+
+
+def test_recurrent_models_are_refused(gpt2_tiny: Path, monkeypatch: pytest.MonkeyPatch):
+    from nanovllm_mlx.engine import setup
+
+    real = setup.load_model
+
+    def as_hybrid(config):  # type: ignore[no-untyped-def]
+        loaded = real(config)
+        loaded.config["model_type"] = "qwen3_5"
+        return loaded
+
+    monkeypatch.setattr(setup, "load_model", as_hybrid)
+    with pytest.raises(ValueError, match="recurrent state"):
+        LLM(str(gpt2_tiny), speculative="ngram", **SMALL_KV)
