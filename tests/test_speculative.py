@@ -5,10 +5,12 @@ sampled distribution unchanged, and hostile settings refused in one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import httpx
 import pytest
-from helpers import SMALL_KV, random_ids
+from helpers import JSON, SMALL_KV, metrics, random_ids, run_cli, serving
 
 from nanovllm_mlx import LLM, SamplingParams
 
@@ -151,6 +153,25 @@ def test_tight_budget_and_context_limit(qwen3_tiny: Path):
     assert small.stats()["spec_accepted_tokens"] > 0
 
 
+def test_look_ahead_and_compiled_decode_give_the_same_tokens(qwen3_tiny: Path, plain: LLM):
+    """The runner launches a decode step before reading the last one back only for a batch
+    where no sequence would propose (then that step proposes nothing); a step with drafts
+    is a chunked one, never the compiled decode. Greedy and seeded as without either."""
+    fast = LLM(str(qwen3_tiny), async_scheduling=True, compile_decode=True, **SPEC, **SMALL_KV)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=3, max_tokens=60, ignore_eos=True),
+    ]
+    mixed = [params[i % 2] for i in range(len(PATTERNS))]
+    before = fast.stats()
+    assert ids(fast.generate(PATTERNS, mixed)) == ids(plain.generate(PATTERNS, mixed))
+    exercised(fast, before)
+    one = fast.generate(PATTERNS[-1:], params[0])  # alone: its probes leave room to launch
+    assert ids(one) == ids(plain.generate(PATTERNS[-1:], params[0]))
+    s = fast.stats()
+    assert s["steps_ahead_used"] > 0 and s["compiled_buckets"] > 0
+
+
 def test_structured_output_does_not_speculate_and_is_unchanged(plain: LLM, spec: LLM):
     params = SamplingParams(temperature=0.0, max_tokens=20, regex="(ab|cd)+x")
     before = spec.stats()["spec_drafts"]
@@ -236,3 +257,104 @@ def test_recurrent_models_are_refused(gpt2_tiny: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(setup, "load_model", as_hybrid)
     with pytest.raises(ValueError, match="recurrent state"):
         LLM(str(gpt2_tiny), speculative="ngram", **SMALL_KV)
+
+
+def test_server_metrics_and_panel(qwen3_tiny: Path):
+    from rich.console import Console
+
+    from cli.serve import Rates, render_panel
+    from nanovllm_mlx.serving.app import create_app
+    from nanovllm_mlx.serving.snapshot import EngineSnapshot
+
+    app = create_app(str(qwen3_tiny), **SPEC, **SMALL_KV)
+    with serving(app) as base_url:
+        body = {"model": "qwen3-tiny", "prompt": PATTERNS[0], "max_tokens": 30, "temperature": 0}
+        r = httpx.post(f"{base_url}/v1/completions", json=body, headers=JSON, timeout=60)
+        assert r.status_code == 200, r.text
+        m = metrics(base_url)
+    drafts = m["nanovllm_spec_decode_num_drafts_total"]
+    accepted = m["nanovllm_spec_decode_num_accepted_tokens_total"]
+    assert drafts > 0 and accepted <= m["nanovllm_spec_decode_num_draft_tokens_total"]
+    assert m["nanovllm_spec_decode_tokens_per_step"] == pytest.approx(1 + accepted / drafts)
+    stats = {"spec_drafts": 10, "spec_draft_tokens": 40, "spec_accepted_tokens": 30}
+    snap = EngineSnapshot.of(
+        {**LLM_STATS, **stats},
+        time=0.0,
+        alive=True,
+        step_failures=0,
+        requests_finished=0,
+        requests_failed=0,
+    )
+    console = Console(width=120, record=True)
+    console.print(render_panel(snap, Rates(0, 0, 0), {}, "serve", None, 1))
+    assert "acceptance 75.0%  ·  4.00 tokens a step  ·  10 drafts" in console.export_text()
+
+
+LLM_STATS = {
+    "running": 0,
+    "waiting": 0,
+    "kv_blocks_used": 0,
+    "kv_blocks_total": 1,
+    "kv_blocks_cached": 0,
+    "kv_blocks_shared": 0,
+    "kv_blocks_saved": 0,
+    "kv_blocks_forked": 0,
+    "kv_blocks_copied": 0,
+    "prefix_hit_rate": 0.0,
+    "prompt_tokens": 0,
+    "output_tokens": 0,
+    "prompt_tok_s": 0.0,
+    "generation_tok_s": 0.0,
+    "batch_size": 0,
+    "peak_batch_size": 0,
+    "steps": 0,
+    "batch_sequences": 0,
+    "preemptions": 0,
+}
+
+
+def test_cli_flags(qwen3_tiny: Path):
+    refused = run_cli("ask", "-m", str(qwen3_tiny), "--speculative", "draft", "hi")
+    assert refused.returncode == 1
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "'draft' (a draft model) is not implemented" in last
+    inverted = run_cli(
+        "ask",
+        "-m",
+        str(qwen3_tiny),
+        "--speculative",
+        "ngram",
+        "--ngram-min",
+        "4",
+        "--ngram-max",
+        "2",
+        "hi",
+    )
+    assert inverted.returncode == 1 and "(4) must be <= " in inverted.stderr, inverted.stderr
+    bench = run_cli(
+        "bench",
+        "-m",
+        str(qwen3_tiny),
+        "--speculative",
+        "ngram",
+        "--num-speculative-tokens",
+        "3",
+        "--prompt-lookup-min",
+        "1",
+        "--num-seqs",
+        "2",
+        "--min-input",
+        "8",
+        "--max-input",
+        "16",
+        "--min-output",
+        "8",
+        "--max-output",
+        "16",
+        "--json",
+        "--kv-cache-gb",
+        "0.05",
+    )
+    assert bench.returncode == 0, bench.stderr
+    result = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert result["speculative"] == "ngram" and "spec_acceptance_rate" in result

@@ -30,12 +30,18 @@ class NgramIndex:
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens to follow `tokens` (the whole sequence so far: the index only
         ever grows, so it must be the same sequence each call, one step longer or more):
-        the continuation of the longest matching n-gram, its latest occurrence."""
+        the continuation of the longest matching n-gram, its latest occurrence. A match
+        that ends p tokens before the end says the text repeats with period p, so a
+        continuation that reaches the end goes on with its own first tokens (a loop of 3
+        tokens gets drafts of k, not of 2)."""
         if k < 1:
             return []
         self._extend(tokens)
         for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
             end = self.ends.get(tuple(tokens[len(tokens) - n :]))
             if end is not None:
-                return tokens[end + 1 : end + 1 + k]
+                draft = tokens[end + 1 : end + 1 + k]
+                while len(draft) < k:
+                    draft.append(draft[len(draft) - (len(tokens) - end - 1)])
+                return draft
         return []

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from nanovllm_mlx.engine.core.block_manager import BlockManager
 from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepPlan, StepResult, StepUpdate
 from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
-from nanovllm_mlx.engine.core.speculation import Speculator
+from nanovllm_mlx.engine.core.speculation import Speculator, accepted_prefix
 
 if TYPE_CHECKING:
     from nanovllm_mlx.engine.sample.logprobs import RowSample
@@ -124,6 +124,9 @@ class Scheduler:
         # step launched ahead: that launch computed this batch as plain decodes.
         if self.speculator is not None and not self._launched_ahead:
             self._propose(batch, budget)
+        elif self.speculator is not None:
+            for item in batch:
+                self.speculator.look(item.seq)
         return batch
 
     def _propose(self, batch: list[ScheduledSeq], budget: float) -> None:
@@ -236,7 +239,7 @@ class Scheduler:
         at = 0
         for item in ran:
             seq, new = item.seq, result.tokens[at : at + item.num_rows]
-            accepted = _accepted(item.draft, new)
+            accepted = accepted_prefix(item.draft, new)
             if item.samples:
                 seq.token_ids += new[: accepted + 1]
                 sampled.append(seq)
@@ -315,11 +318,3 @@ class Scheduler:
         seq.forks = []
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-
-
-def _accepted(draft: list[int], drawn: list[int]) -> int:
-    """How many of the draft's tokens the draws kept: up to the first that differs."""
-    for i, token in enumerate(draft):
-        if drawn[i] != token:
-            return i
-    return len(draft)

@@ -49,6 +49,15 @@ def best_k(rate: float, most: int) -> int:
     return best
 
 
+def accepted_prefix(draft: list[int], drawn: list[int]) -> int:
+    """How many of the draft's tokens the draws kept: those before the first that differs
+    from the token drawn at its position."""
+    for i, token in enumerate(draft):
+        if drawn[i] != token:
+            return i
+    return len(draft)
+
+
 @dataclass(slots=True)
 class SpecState:
     """One sequence's proposer: its n-gram index and its acceptance so far."""
@@ -57,6 +66,7 @@ class SpecState:
     rate: float = INITIAL_RATE  # running share of its draft tokens accepted
     skip: int = 0  # steps left before it probes again (its drafts do not pay)
     probes: int = 0  # probes in a row of which nothing was accepted
+    matched: bool = False  # its last lookup found a draft
 
 
 @dataclass(slots=True)
@@ -98,11 +108,17 @@ class Speculator:
         return state
 
     def active(self, seq: Sequence) -> bool:
-        """Whether seq may propose at its next step: the look-ahead launch, which
-        proposes nothing, is only taken when no sequence of the batch would."""
-        if not self.eligible(seq):
-            return False
-        return seq.spec is None or best_k(seq.spec.rate, self.num_tokens) > 0
+        """Whether seq is likely to propose at its next step (its last lookup found a
+        draft): a step launched ahead proposes nothing, so the scheduler launches ahead
+        only where no sequence of the batch is."""
+        return seq.spec is not None and seq.spec.matched and self.eligible(seq)
+
+    def look(self, seq: Sequence) -> None:
+        """Look up seq without proposing (its step was launched ahead as a plain decode),
+        so that active() says whether the next step should be."""
+        if self.eligible(seq):
+            state = self._state(seq)
+            state.matched = bool(state.index.propose(seq.token_ids, 1))
 
     def propose(self, seq: Sequence, limit: int) -> list[int]:
         """At most `limit` tokens to verify after seq's last one (none: a plain decode).
@@ -114,14 +130,16 @@ class Speculator:
         state = self._state(seq)
         k = best_k(state.rate, self.num_tokens)
         if k > 0:
-            return state.index.propose(seq.token_ids, min(k, limit))
-        if state.skip:
+            draft = state.index.propose(seq.token_ids, min(k, limit))
+        elif state.skip:
             state.skip -= 1
-            return []
-        draft = state.index.propose(seq.token_ids, 1)
-        if draft:
-            state.skip = min(MAX_SKIP, 2**state.probes)
-            state.probes += 1
+            draft = []
+        else:
+            draft = state.index.propose(seq.token_ids, 1)
+            if draft:
+                state.skip = min(MAX_SKIP, 2**state.probes)
+                state.probes += 1
+        state.matched = bool(draft)
         return draft
 
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
