@@ -158,3 +158,15 @@ def test_drafts_keep_blocks_hashes_and_budget_right_under_pressure():
 def test_no_launch_ahead_while_a_sequence_would_propose():
     sched = simulate(0, budget=64, num_blocks=200, look_ahead=True)
     assert sched.speculator is not None and sched.speculator.counts.drafts > 0
+
+
+def test_drafts_end_before_a_special_token():
+    """A special token (EOS, a tool-call marker the detokenizer drops) is only ever the
+    drawn token, last of a step's: the server's tool-call parsing relies on that."""
+    spec = Speculator(4, 1, 3, special=frozenset({9}))
+    s = seq_(0, [1, 2, 3, 9, 5, 1, 2])
+    s.token_ids.append(3)
+    assert spec.propose(s, 4) == []  # "1 2 3" is followed by the special 9 at once
+    s = seq_(1, [1, 2, 3, 4, 9, 1, 2])
+    s.token_ids.append(3)
+    assert spec.propose(s, 4) == [4]

@@ -66,6 +66,26 @@ def test_greedy_batch_is_identical_and_mixes_with_sequences_that_do_not_speculat
     assert 0 < s["spec_acceptance_rate"] < 1 and s["spec_tokens_per_step"] > 1
 
 
+@pytest.mark.parametrize("fixture", ["gemma3_tiny", "phi3_tiny", "mixtral_tiny"])
+def test_sliding_windows_and_experts_give_the_same_tokens(
+    fixture: str, request: pytest.FixtureRequest
+):
+    """Gemma 3's interleaved sliding layers, Phi-3's all-sliding ones (blocks out of the
+    window are freed as a sequence advances: a rejected tail must not move that on) and
+    Mixtral's experts, past their windows, greedy and seeded."""
+    path = str(request.getfixturevalue(fixture))
+    prompts = [p * 3 for p in PATTERNS[:4]]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=60, ignore_eos=True),
+    ]
+    mixed = [params[i % 2] for i in range(len(prompts))]
+    want = ids(LLM(path, **SMALL_KV).generate(prompts, mixed))
+    spec = LLM(path, **SPEC, **SMALL_KV)
+    assert ids(spec.generate(prompts, mixed)) == want
+    assert spec.stats()["spec_drafts"] > 0 and spec.stats()["kv_blocks_used"] == 0
+
+
 def test_seeded_sampling_is_identical_with_forks_and_logprobs(plain: LLM, spec: LLM):
     """A draft token is kept where the draw at its position (same per-position noise as
     without speculation) equals it: a seeded request's tokens do not change."""

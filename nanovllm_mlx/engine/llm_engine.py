@@ -52,7 +52,10 @@ class LLMEngine:
             assert config.num_speculative_tokens and config.prompt_lookup_min
             assert config.prompt_lookup_max
             self.speculator = Speculator(
-                config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
+                config.num_speculative_tokens,
+                config.prompt_lookup_min,
+                config.prompt_lookup_max,
+                self.tokenizer.special_ids(),
             )
         self.scheduler = Scheduler(
             self.block_manager,

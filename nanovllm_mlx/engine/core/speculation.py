@@ -86,10 +86,16 @@ class SpecCounts:
 
 
 class Speculator:
-    def __init__(self, num_tokens: int, min_n: int, max_n: int):
+    def __init__(
+        self, num_tokens: int, min_n: int, max_n: int, special: frozenset[int] = frozenset()
+    ):
         self.num_tokens = num_tokens
         self.min_n = min_n
         self.max_n = max_n
+        # Drafts end before a special token (EOS, a tool-call marker): such a token is only
+        # ever the drawn one, last of a step's tokens, where the server's tool-call parsing
+        # looks for a marker the detokenizer drops (serving/chat_output.output_text).
+        self.special = special
         self.counts = SpecCounts()
 
     @staticmethod
@@ -139,6 +145,10 @@ class Speculator:
             if draft:
                 state.skip = min(MAX_SKIP, 2**state.probes)
                 state.probes += 1
+        for i, token in enumerate(draft):
+            if token in self.special:
+                draft = draft[:i]
+                break
         state.matched = bool(draft)
         return draft
 
