@@ -67,21 +67,23 @@ def chat(llm: LLM, text: str) -> list[int]:
     return llm.engine.tokenizer.encode_chat([{"role": "user", "content": text}])
 
 
-def single(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
-    """Decode tok/s after the first token, and the tokens."""
+def single(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
+    """Decode tok/s after the first token (wall clock, and per second of this process's
+    CPU time: less swayed by other jobs on a shared machine), and the tokens."""
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     rid = engine.add_request(prompt, params)
-    first = None
+    first = cpu = None
     tokens: list[int] = []
     for outputs in engine.iterate([rid]):
         for out in outputs:
             if first is None and out.token_ids:
-                first = time.perf_counter()
+                first, cpu = time.perf_counter(), time.process_time()
             tokens += out.token_ids
-    assert first is not None
-    seconds = time.perf_counter() - first
-    return (len(tokens) - 1) / seconds if len(tokens) > 1 else 0.0, tokens
+    assert first is not None and cpu is not None
+    seconds, cpu_s = time.perf_counter() - first, time.process_time() - cpu
+    n = len(tokens) - 1
+    return (n / seconds if n else 0.0), (n / cpu_s if n else 0.0), tokens
 
 
 def batch(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -127,6 +129,7 @@ def main() -> None:
         single(llm, cases[0][2], 8)
 
     ratios: dict[str, list[float]] = {"grounded": [], "free": [], "batch32": []}
+    cpu_ratios: dict[str, list[float]] = {"grounded": [], "free": []}
     rates: dict[str, dict[str, list[float]]] = {k: {"spec": [], "plain": []} for k in ratios}
     acceptance: dict[str, list[int]] = {"grounded": [0, 0, 0], "free": [0, 0, 0]}
     for r in range(args.rounds):
@@ -137,20 +140,22 @@ def main() -> None:
             got = {}
             for name, llm in order:
                 before = spec_counts(spec)
-                rate, tokens = single(llm, prompt, args.max_tokens)
+                rate, cpu_rate, tokens = single(llm, prompt, args.max_tokens)
                 if name == "spec":
                     after = spec_counts(spec)
                     for j in range(3):
                         acceptance[kind][j] += after[j] - before[j]
-                got[name] = (rate, tokens)
+                got[name] = (rate, tokens, cpu_rate)
             assert got["spec"][1] == got["plain"][1], f"{kind} {i}: outputs differ"
             rates[kind]["spec"].append(got["spec"][0])
             rates[kind]["plain"].append(got["plain"][0])
             ratios[kind].append(got["spec"][0] / got["plain"][0])
+            cpu_ratios[kind].append(got["spec"][2] / got["plain"][2])
             print(
                 f"round {r} {kind:8} {i}: spec {got['spec'][0]:6.1f} plain "
                 f"{got['plain'][0]:6.1f} tok/s  x{got['spec'][0] / got['plain'][0]:.2f} "
-                f"({len(got['spec'][1])} tokens)",
+                f"(per CPU second x{got['spec'][2] / got['plain'][2]:.2f}, "
+                f"{len(got['spec'][1])} tokens)",
                 flush=True,
             )
         if args.skip_batch:
@@ -179,6 +184,8 @@ def main() -> None:
             "ratio_min": min(values),
             "runs": len(values),
         }
+        if kind in cpu_ratios:
+            summary[kind]["cpu_ratio_median"] = statistics.median(cpu_ratios[kind])
         if kind in acceptance:
             drafts, proposed, accepted = acceptance[kind]
             summary[kind]["acceptance_rate"] = accepted / proposed if proposed else 0.0
