@@ -26,11 +26,12 @@ from nanovllm_mlx.engine.core.ngram import NgramIndex
 from nanovllm_mlx.engine.core.sequence import Sequence
 
 # What verifying one draft token adds to a decode step, as a share of the step. On 2 CPU
-# cores (SmolLM2-135M, float32) a step verifying 4 always-wrong draft tokens took ~1.3x a
-# plain decode step (each draft token is a row through every matmul, and a CPU step is
-# partly compute-bound); a GPU step is bound by reading the weights, where it is less.
-# The adaptive k never proposes where the acceptance it expects does not pay for this.
-DRAFT_COST = 0.08
+# cores (SmolLM2-135M, float32, MKL on one thread, the machine shared), steps verifying 1,
+# 2 and 4 always-rejected draft tokens took 15%, 21% and 62% more CPU time than a plain
+# decode step (69 ms): each draft token is one more row through every matmul, and a CPU
+# step is partly compute-bound. A GPU step is bound by reading the weights, where this is
+# smaller. The adaptive k never proposes where the acceptance it expects does not pay.
+DRAFT_COST = 0.12
 RATE_WEIGHT = 0.3  # weight of the latest draft in a sequence's running acceptance rate
 INITIAL_RATE = 0.6  # before a sequence's first draft: a match found is likely good
 MAX_SKIP = 32  # most steps between probes of a sequence whose drafts do not pay
