@@ -59,6 +59,9 @@ def test_best_k_pays_only_where_acceptance_covers_the_verification():
     ks = [best_k(r / 20, 8) for r in range(20)]
     assert ks == sorted(ks) and ks[-1] == 8
     assert best_k(0.99, 3) == 3
+    # In a step of 32 decodes a draft row costs nearly what it returns.
+    assert best_k(0.8, 8, 32, 32) == 0 and best_k(0.95, 8, 32, 32) > 0
+    assert best_k(0.7, 8, 8, 8) < best_k(0.7, 8) and best_k(0.7, 8, 8, 500) >= best_k(0.7, 8, 8, 8)
 
 
 def seq_(seq_id: int, prompt: list[int], max_tokens: int = 30, **kw: object) -> Sequence:
@@ -94,7 +97,7 @@ def test_ineligible_sequences_never_propose():
         assert spec.propose(s, 4) == [], kw
     s = seq_(2, prompt)
     s.token_ids.append(3)
-    assert spec.propose(s, 10) == [1, 2, 3]  # best_k(INITIAL_RATE) tokens
+    assert spec.propose(s, 10) == [1, 2, 3, 1]  # best_k(INITIAL_RATE, 4): 4, periodic
     assert spec.propose(s, 2) == [1, 2] and spec.propose(s, 0) == []
 
 

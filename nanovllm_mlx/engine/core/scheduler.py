@@ -135,6 +135,8 @@ class Scheduler:
         limits (accepted in full, a draft and the token drawn after it never pass
         max_tokens or the context) and of the free blocks; a draft never preempts."""
         assert self.speculator is not None
+        sequences = sum(1 for item in batch if item.samples)
+        tokens = sum(item.num_new_tokens for item in batch)
         for i, item in enumerate(batch):
             seq = item.seq
             if budget < 1:
@@ -144,7 +146,7 @@ class Scheduler:
             keys = keys_read(seq.num_computed_tokens, self.layer_windows)
             per_token = 1.0 + self.key_cost * keys
             limit = min(seq.tokens_left(self.max_model_len) - 1, int(budget / per_token))
-            draft = self.speculator.propose(seq, limit)
+            draft = self.speculator.propose(seq, limit, sequences, tokens)
             blocks = self.block_manager
             while draft and blocks.blocks_to_write(seq, seq.num_tokens + len(draft)) > (
                 blocks.num_free_blocks

@@ -37,17 +37,24 @@ INITIAL_RATE = 0.6  # before a sequence's first draft: a match found is likely g
 MAX_SKIP = 32  # most steps between probes of a sequence whose drafts do not pay
 
 
-def best_k(rate: float, most: int) -> int:
-    """The draft length that maximises tokens per unit of step time, with each draft token
-    accepted with probability `rate` (after the one before it): (1 + r + ... + r^k)
-    tokens for 1 + DRAFT_COST * k of a step. 0: proposing does not pay."""
-    best, best_gain, tokens = 0, 1.0, 1.0
-    for k in range(1, most + 1):
-        tokens += rate**k
-        gain = tokens / (1.0 + DRAFT_COST * k)
-        if gain > best_gain:
-            best, best_gain = k, gain
-    return best
+def best_k(rate: float, most: int, sequences: int = 1, tokens: int = 1) -> int:
+    """How many tokens a sequence whose draft tokens are each accepted with probability
+    `rate` (after the one before it) should propose, in a step of `sequences` sampling
+    sequences and `tokens` tokens before drafts. Draft token i adds rate**i tokens and
+    DRAFT_COST of a one-token step; the step's tokens so far come at
+    sequences / (1 + DRAFT_COST * (tokens - 1)) per one-token step, so a draft token pays
+    where rate**i beats DRAFT_COST times that. A lone sequence needs rate**i > 0.12; in a
+    step of 32 decodes, where each row costs nearly what it returns, rate**i > 0.81.
+    0: proposing does not pay."""
+    per_step = sequences / (1.0 + DRAFT_COST * (tokens - 1))
+    bar = DRAFT_COST * per_step
+    k, gain = 0, 1.0
+    while k < most:
+        gain *= rate
+        if gain <= bar:
+            break
+        k += 1
+    return k
 
 
 def accepted_prefix(draft: list[int], drawn: list[int]) -> int:
@@ -127,15 +134,16 @@ class Speculator:
             state = self._state(seq)
             state.matched = bool(state.index.propose(seq.token_ids, 1))
 
-    def propose(self, seq: Sequence, limit: int) -> list[int]:
-        """At most `limit` tokens to verify after seq's last one (none: a plain decode).
+    def propose(self, seq: Sequence, limit: int, sequences: int = 1, tokens: int = 1) -> list[int]:
+        """At most `limit` tokens to verify after seq's last one (none: a plain decode), in
+        a step of `sequences` sampling sequences and `tokens` tokens (see best_k).
         Where its acceptance rate makes drafts not pay, a sequence still probes with one
         token now and then (after 1, 2, 4, ... MAX_SKIP steps), so that it speculates
         again once the text starts repeating."""
         if limit < 1 or not self.eligible(seq):
             return []
         state = self._state(seq)
-        k = best_k(state.rate, self.num_tokens)
+        k = best_k(state.rate, self.num_tokens, sequences, tokens)
         if k > 0:
             draft = state.index.propose(seq.token_ids, min(k, limit))
         elif state.skip:
