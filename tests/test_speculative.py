@@ -215,7 +215,7 @@ def test_sampled_distribution_is_unchanged(qwen3_tiny: Path, monkeypatch: pytest
     speculator = spec.engine.speculator
     assert speculator is not None
     # The draft after the first token: what greedy decoding gives after its first token.
-    monkeypatch.setattr(speculator, "propose", lambda seq, limit: list(draft[1 : 1 + limit]))
+    monkeypatch.setattr(speculator, "propose", lambda seq, limit, *_: list(draft[1 : 1 + limit]))
     params = SamplingParams(temperature=0.5, top_k=8, max_tokens=3, ignore_eos=True)
     counts: list[list[dict[int, int]]] = []
     for llm in (plain, spec):
