@@ -1,9 +1,12 @@
 """N-gram (prompt lookup) speculative decoding against plain decoding, side by side.
 
 Two engines on the same model in one process, one with `speculative="ngram"`, the other
-without (the same step budget: the second is given what the first measured). Each round
-runs every case on both, in alternating order, so that a machine shared with other jobs
-slows both alike; the figures are medians over rounds, and the ratio is taken per round.
+without (the same step budget: the second is given what the first measured). Each case
+runs on both at once, their steps interleaved one for one (which engine steps first
+alternates), so that other jobs on a shared machine slow both alike at the scale of a
+step; a rate is tokens over the summed time of the engine's own steps after the first
+token (wall clock, and this process's CPU time). Figures are medians over rounds, the
+ratio taken per case and round.
 
 Cases: single streams on input-grounded prompts (rewrite, code edit, extraction: answers
 that copy from the prompt), single streams of free generation, and 32 requests at once
@@ -67,37 +70,47 @@ def chat(llm: LLM, text: str) -> list[int]:
     return llm.engine.tokenizer.encode_chat([{"role": "user", "content": text}])
 
 
-def single(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
-    """Decode tok/s after the first token (wall clock, and per second of this process's
-    CPU time: less swayed by other jobs on a shared machine), and the tokens."""
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    rid = engine.add_request(prompt, params)
-    first = cpu = None
-    tokens: list[int] = []
-    for outputs in engine.iterate([rid]):
+class Run:
+    """One engine's requests, stepped by `paired` one step at a time."""
+
+    def __init__(self, llm: LLM, prompts: list[list[int]], max_tokens: int):
+        self.engine = llm.engine
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        self.ids = self.engine.add_requests(list(prompts), [params] * len(prompts))
+        self.tokens: dict[str, list[int]] = {i: [] for i in self.ids}
+        self.left = set(self.ids)
+        self.seconds = self.cpu = 0.0  # summed over the steps after the first token
+        self.started = False
+
+    def step(self) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        outputs = self.engine.step()
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        if self.started:
+            self.seconds += dt
+            self.cpu += dc
         for out in outputs:
-            if first is None and out.token_ids:
-                first, cpu = time.perf_counter(), time.process_time()
-            tokens += out.token_ids
-    assert first is not None and cpu is not None
-    seconds, cpu_s = time.perf_counter() - first, time.process_time() - cpu
-    n = len(tokens) - 1
-    return (n / seconds if n else 0.0), (n / cpu_s if n else 0.0), tokens
+            self.tokens[out.request_id] += out.token_ids
+            self.started = self.started or bool(out.token_ids)
+            if out.finished:
+                self.left.discard(out.request_id)
+
+    def rates(self, single: bool) -> tuple[float, float]:
+        """Tokens per second of its steps (wall, and CPU time of this process). A single
+        stream's first token is its prefill's, left out as its step time is."""
+        n = sum(len(t) for t in self.tokens.values()) - (1 if single else 0)
+        return n / self.seconds, n / self.cpu
 
 
-def batch(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
-    """Output tok/s of all requests at once, wall clock from submission."""
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    start = time.perf_counter()
-    ids = engine.add_requests(list(prompts), [params] * len(prompts))
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
-    for outputs in engine.iterate(ids):
-        for out in outputs:
-            tokens[out.request_id] += out.token_ids
-    seconds = time.perf_counter() - start
-    return sum(len(t) for t in tokens.values()) / seconds, [tokens[i] for i in ids]
+def paired(a: LLM, b: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[Run, Run]:
+    """The same requests on both engines, their steps interleaved one for one (a, b, a,
+    b, ...): whatever else loads the machine slows both alike, at the scale of a step."""
+    runs = Run(a, prompts, max_tokens), Run(b, prompts, max_tokens)
+    while any(r.left for r in runs):
+        for r in runs:
+            if r.left:
+                r.step()
+    return runs
 
 
 def spec_counts(llm: LLM) -> tuple[int, int, int]:
@@ -125,54 +138,40 @@ def main() -> None:
     cases = [("grounded", i, chat(spec, p)) for i, p in enumerate(GROUNDED)]
     cases += [("free", i, chat(spec, p)) for i, p in enumerate(FREE)]
     many = [chat(spec, (GROUNDED + FREE)[i % 8]) for i in range(32)]
-    for llm in (spec, plain):  # warm-up: lazy initialisation out of the figures
-        single(llm, cases[0][2], 8)
+    paired(spec, plain, [cases[0][2]], 8)  # warm-up: lazy initialisation out of the figures
 
     ratios: dict[str, list[float]] = {"grounded": [], "free": [], "batch32": []}
-    cpu_ratios: dict[str, list[float]] = {"grounded": [], "free": []}
+    cpu_ratios: dict[str, list[float]] = {"grounded": [], "free": [], "batch32": []}
     rates: dict[str, dict[str, list[float]]] = {k: {"spec": [], "plain": []} for k in ratios}
-    acceptance: dict[str, list[int]] = {"grounded": [0, 0, 0], "free": [0, 0, 0]}
+    acceptance: dict[str, list[int]] = {k: [0, 0, 0] for k in ratios}
+    work = [(kind, i, [prompt], args.max_tokens) for kind, i, prompt in cases]
+    if not args.skip_batch:
+        work.append(("batch32", 0, many, args.batch_tokens))
     for r in range(args.rounds):
-        for kind, i, prompt in cases:
-            order = [("spec", spec), ("plain", plain)]
-            if (r + i) % 2:
-                order.reverse()
-            got = {}
-            for name, llm in order:
-                before = spec_counts(spec)
-                rate, cpu_rate, tokens = single(llm, prompt, args.max_tokens)
-                if name == "spec":
-                    after = spec_counts(spec)
-                    for j in range(3):
-                        acceptance[kind][j] += after[j] - before[j]
-                got[name] = (rate, tokens, cpu_rate)
-            assert got["spec"][1] == got["plain"][1], f"{kind} {i}: outputs differ"
-            rates[kind]["spec"].append(got["spec"][0])
-            rates[kind]["plain"].append(got["plain"][0])
-            ratios[kind].append(got["spec"][0] / got["plain"][0])
-            cpu_ratios[kind].append(got["spec"][2] / got["plain"][2])
+        for kind, i, prompts, max_tokens in work:
+            before = spec_counts(spec)
+            # Who steps first alternates.
+            first, second = (spec, plain) if (r + i) % 2 == 0 else (plain, spec)
+            runs = dict(zip((id(first), id(second)), paired(first, second, prompts, max_tokens)))
+            s_run, p_run = runs[id(spec)], runs[id(plain)]
+            after = spec_counts(spec)
+            for j in range(3):
+                acceptance[kind][j] += after[j] - before[j]
+            assert s_run.tokens and [s_run.tokens[x] for x in s_run.ids] == [
+                p_run.tokens[x] for x in p_run.ids
+            ], f"{kind} {i}: outputs differ"
+            one = kind != "batch32"
+            (sw, sc), (pw, pc) = s_run.rates(one), p_run.rates(one)
+            rates[kind]["spec"].append(sw)
+            rates[kind]["plain"].append(pw)
+            ratios[kind].append(sw / pw)
+            cpu_ratios[kind].append(sc / pc)
+            n = sum(len(t) for t in s_run.tokens.values())
             print(
-                f"round {r} {kind:8} {i}: spec {got['spec'][0]:6.1f} plain "
-                f"{got['plain'][0]:6.1f} tok/s  x{got['spec'][0] / got['plain'][0]:.2f} "
-                f"(per CPU second x{got['spec'][2] / got['plain'][2]:.2f}, "
-                f"{len(got['spec'][1])} tokens)",
+                f"round {r} {kind:8} {i}: spec {sw:6.1f} plain {pw:6.1f} tok/s  x{sw / pw:.2f} "
+                f"(CPU time x{sc / pc:.2f}, {n} tokens)",
                 flush=True,
             )
-        if args.skip_batch:
-            continue
-        order = [("spec", spec), ("plain", plain)]
-        if r % 2:
-            order.reverse()
-        got32 = {name: batch(llm, many, args.batch_tokens) for name, llm in order}
-        assert got32["spec"][1] == got32["plain"][1], "batch outputs differ"
-        rates["batch32"]["spec"].append(got32["spec"][0])
-        rates["batch32"]["plain"].append(got32["plain"][0])
-        ratios["batch32"].append(got32["spec"][0] / got32["plain"][0])
-        print(
-            f"round {r} batch32: spec {got32['spec'][0]:6.1f} plain {got32['plain'][0]:6.1f} "
-            f"tok/s  x{got32['spec'][0] / got32['plain'][0]:.2f}",
-            flush=True,
-        )
     summary = {}
     for kind, values in ratios.items():
         if not values:
