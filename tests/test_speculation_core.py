@@ -13,7 +13,8 @@ from nanovllm_mlx.engine.core.ngram import NgramIndex
 from nanovllm_mlx.engine.core.plan import StepResult
 from nanovllm_mlx.engine.core.scheduler import Scheduler
 from nanovllm_mlx.engine.core.sequence import Sequence
-from nanovllm_mlx.engine.core.speculation import INITIAL_RATE, MAX_SKIP, Speculator, best_k
+from nanovllm_mlx.engine.core.spec_state import INITIAL_RATE
+from nanovllm_mlx.engine.core.speculation import MAX_SKIP, Speculator, best_k
 from nanovllm_mlx.sampling_params import SamplingParams
 
 BS = 4

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from nanovllm_mlx.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from nanovllm_mlx.engine.core.speculation import SpecState
+    from nanovllm_mlx.engine.core.spec_state import SpecState
     from nanovllm_mlx.engine.sample.constraint import Constraint
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from nanovllm_mlx.engine.core.ngram import NgramIndex
 from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.core.spec_state import SpecState
 
 # What verifying one draft token adds to a decode step, as a share of the step. On 2 CPU
 # cores (SmolLM2-135M, float32, MKL on one thread, the machine shared), steps verifying 1,
@@ -33,7 +34,6 @@ from nanovllm_mlx.engine.core.sequence import Sequence
 # smaller. The adaptive k never proposes where the acceptance it expects does not pay.
 DRAFT_COST = 0.12
 RATE_WEIGHT = 0.3  # weight of the latest draft in a sequence's running acceptance rate
-INITIAL_RATE = 0.6  # before a sequence's first draft: a match found is likely good
 MAX_SKIP = 32  # most steps between probes of a sequence whose drafts do not pay
 # No probing where a draft token must be accepted with more than this probability to pay
 # (a wide batch): a probe there costs a row for a small chance of finding that. 32
@@ -74,17 +74,6 @@ def accepted_prefix(draft: list[int], drawn: list[int]) -> int:
         if drawn[i] != token:
             return i
     return len(draft)
-
-
-@dataclass(slots=True)
-class SpecState:
-    """One sequence's proposer: its n-gram index and its acceptance so far."""
-
-    index: NgramIndex
-    rate: float = INITIAL_RATE  # running share of its draft tokens accepted
-    skip: int = 0  # steps left before it probes again (its drafts do not pay)
-    probes: int = 0  # probes in a row of which nothing was accepted
-    matched: bool = False  # its last lookup found a draft
 
 
 @dataclass(slots=True)
