@@ -242,6 +242,13 @@ def verbose_report(
         + (f" ({cached} from the prefix cache)" if cached else "")
     )
     err.print(f"Generation: {output_tokens} tokens, {gen_tps:.3f} tokens-per-sec")
+    stats = engine.stats()
+    if stats.get("spec_drafts"):
+        err.print(
+            f"Speculation: {stats['speculative']}, {stats['spec_acceptance_rate']:.1%} of "
+            f"{stats['spec_draft_tokens']} proposed tokens accepted, "
+            f"{stats['spec_tokens_per_step']:.2f} tokens per verifying step"
+        )
     if len(firsts) > 1:
         err.print(
             f"Time to first token: {min(firsts) - start:.3f} s (first request), "

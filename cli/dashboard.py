@@ -176,6 +176,15 @@ def summary_table(result: dict) -> Table:
         ),
         ("peak memory", f"{result['peak_memory_gb']:.2f} GB"),
     ]
+    if result.get("speculative"):
+        rows.append(
+            (
+                "speculation",
+                f"{result['speculative']}: acceptance {result['spec_acceptance_rate']:.1%}, "
+                f"{result['spec_tokens_per_step']:.2f} tokens a step, "
+                f"{result['spec_drafts']:,} drafts",
+            )
+        )
     if result["requests_shortened"]:
         rows.append(
             (

@@ -81,6 +81,11 @@ def _kv_dtype_option(flag: str, help: str) -> tuple[Any, Any]:
     )
 
 
+class Speculative(str, Enum):
+    ngram = "ngram"
+    draft = "draft"
+
+
 # name -> (annotation, default) of each group's options, in --help order.
 ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "dtype": (
@@ -165,6 +170,52 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
                 help="Keep a quantized model's weights quantized (default: on GPUs; on CPU "
                 "they are dequantized at load, where MLX's quantized matmul is slow).",
                 show_default=False,
+                rich_help_panel=ENGINE,
+            ),
+        ],
+        None,
+    ),
+    "speculative": (
+        Annotated[
+            Speculative | None,
+            typer.Option(
+                help="Speculative decoding: ngram proposes tokens by prompt lookup (the last "
+                "n tokens matched in the prompt and output), verified in one pass; draft (a "
+                "draft model) is not built yet.",
+                rich_help_panel=ENGINE,
+            ),
+        ],
+        None,
+    ),
+    "num_speculative_tokens": (
+        Annotated[
+            int | None,
+            typer.Option(
+                help="Most tokens a sequence proposes a step (default 4; adapts below it).",
+                rich_help_panel=ENGINE,
+            ),
+        ],
+        None,
+    ),
+    "prompt_lookup_min": (
+        Annotated[
+            int | None,
+            typer.Option(
+                "--prompt-lookup-min",
+                "--ngram-min",
+                help="Shortest n-gram matched (default 2).",
+                rich_help_panel=ENGINE,
+            ),
+        ],
+        None,
+    ),
+    "prompt_lookup_max": (
+        Annotated[
+            int | None,
+            typer.Option(
+                "--prompt-lookup-max",
+                "--ngram-max",
+                help="Longest n-gram matched, tried first (default 4).",
                 rich_help_panel=ENGINE,
             ),
         ],

@@ -95,6 +95,12 @@ def render_panel(
     )
     grid.add_row("KV cache", kv)
     grid.add_row("prefix cache", f"hit rate {snap.prefix_hit_rate:.1%}")
+    if snap.spec_drafts:
+        grid.add_row(
+            "speculation",
+            f"acceptance {snap.spec_acceptance_rate:.1%}  ·  "
+            f"{snap.spec_tokens_per_step:.2f} tokens a step  ·  {snap.spec_drafts:,} drafts",
+        )
     grid.add_row(
         "throughput",
         f"prompt {rates.prompt_tok_s:,.1f} tok/s  ·  generation {rates.generation_tok_s:,.1f} "

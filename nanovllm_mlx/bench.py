@@ -176,6 +176,10 @@ def run_benchmark(
     seconds = time.perf_counter() - start
     after = engine.stats()
     ttfts = [first_token[i] - start for i in ids if i in first_token]
+    drafts, proposed, accepted = (
+        after.get(k, 0) - before.get(k, 0)
+        for k in ("spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")
+    )
     return {
         "model": engine.model_name,
         "backend": backend.describe(),
@@ -203,4 +207,10 @@ def run_benchmark(
         "max_num_seqs": engine.config.max_num_seqs,
         "requests_shortened": shortened,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "speculative": after.get("speculative"),
+        "spec_drafts": drafts,
+        "spec_draft_tokens": proposed,
+        "spec_accepted_tokens": accepted,
+        "spec_acceptance_rate": accepted / proposed if proposed else 0.0,
+        "spec_tokens_per_step": 1.0 + accepted / drafts if drafts else 0.0,
     }

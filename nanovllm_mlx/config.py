@@ -4,6 +4,10 @@ from dataclasses import dataclass
 
 # Values of kv_cache_dtype (attention/kv_quant.py turns them into pool formats).
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "int4")
+SPECULATIVE_METHODS = ("ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 64  # a draft longer than this only grows a step's verify pass
+DEFAULT_SPECULATIVE_TOKENS = 4
+DEFAULT_LOOKUP = (2, 4)  # prompt_lookup_min, prompt_lookup_max: see README's measurements
 
 
 @dataclass(slots=True)
@@ -49,6 +53,14 @@ class Config:
     tensor_parallel_size: int = 1
     # A step that waits longer than this on the other ranks ends the run (a rank is stuck).
     tp_timeout_s: float = 60.0
+    # Speculative decoding (engine/core/speculation.py): "ngram" (prompt lookup), or None.
+    # num_speculative_tokens: the most tokens a sequence proposes a step (its k adapts
+    # below that); prompt_lookup_min/max: the n-gram lengths matched, longest first (vLLM's
+    # names; one given, the other defaults to it).
+    speculative: str | None = None
+    num_speculative_tokens: int | None = None
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size")
@@ -94,7 +106,42 @@ class Config:
                 )
         if self.quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be 4 or 8, got {self.quantize!r}")
+        self._check_speculative()
         if self.quantize_group_size not in (32, 64, 128):
             raise ValueError(
                 f"quantize_group_size must be 32, 64 or 128, got {self.quantize_group_size}"
             )
+
+    def _check_speculative(self) -> None:
+        names = ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
+        if self.speculative is None:
+            given = [n for n in names if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{given[0]} needs speculative decoding: set speculative='ngram'")
+            return
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be 'ngram', got {self.speculative!r}")
+        if self.speculative == "draft":
+            raise ValueError(
+                "speculative='draft' (a draft model) is not implemented yet: use 'ngram' "
+                "(prompt lookup)"
+            )
+        for name in names:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not 1 <= value <= MAX_SPECULATIVE_TOKENS:
+                raise ValueError(f"{name} must be in [1, {MAX_SPECULATIVE_TOKENS}], got {value}")
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        if low is None and high is None:
+            low, high = DEFAULT_LOOKUP
+        low = high if low is None else low
+        high = low if high is None else high
+        assert low is not None and high is not None
+        if low > high:
+            raise ValueError(f"prompt_lookup_min ({low}) must be <= prompt_lookup_max ({high})")
+        self.prompt_lookup_min, self.prompt_lookup_max = low, high

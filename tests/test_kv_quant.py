@@ -127,20 +127,24 @@ def _as_float(cache: KVCache) -> KVCache:
 
 @pytest.mark.parametrize("kv", [(INT8, INT8), (INT4, INT4), (INT8, INT4)])
 @pytest.mark.parametrize("fused", [False, True])
-def test_every_reader_sees_what_a_float_pool_of_the_dequantized_values_gives(kv, fused):
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["", "sinks"])
+def test_every_reader_sees_what_a_float_pool_of_the_dequantized_values_gives(kv, fused, with_sinks):
+    """Attention sinks (gpt-oss) included: the queries a reader turns see the same
+    logits, and the sink logits are added to them unturned."""
     hkv, blocks, bs, d = 2, 12, 4, 32
     cache, layout = _filled_cache(kv, hkv, blocks, bs, d)
     ref = _as_float(cache)
     q = mx.array(np.random.default_rng(1).standard_normal((3, 5, 4, d)).astype(np.float32))
+    sinks = mx.array([0.5, -1.0, 2.0, 0.0]) if with_sinks else None
     tables = np.array([[5, 2, 9], [0, 1, 2], [11, 3, 7]])
     rows = layout.block_rows(tables)
     mask = mx.array(np.tril(np.ones((5, 3 * bs), dtype=bool), k=3 * bs - 5)[None].repeat(3, 0))
-    got = gathered_attention(q, cache, rows, mask, 0.3, fused=fused)
-    want = gathered_attention(q, ref, rows, mask, 0.3, fused=fused)
+    got = gathered_attention(q, cache, rows, mask, 0.3, fused=fused, sinks=sinks)
+    want = gathered_attention(q, ref, rows, mask, 0.3, fused=fused, sinks=sinks)
     assert np.allclose(np.array(got), np.array(want), atol=1e-5)
     # The in-place slice read of a lone sequence (slots 8..30 of every head).
-    got = sliced_attention(q[:1, :1], cache, 8, 22, 0.3)
-    want = sliced_attention(q[:1, :1], ref, 8, 22, 0.3)
+    got = sliced_attention(q[:1, :1], cache, 8, 22, 0.3, sinks)
+    want = sliced_attention(q[:1, :1], ref, 8, 22, 0.3, sinks)
     assert np.allclose(np.array(got), np.array(want), atol=1e-5)
     # Quantization error is bounded, not zero: the values differ from what was written.
     assert not np.array_equal(np.array(ref.k), np.zeros_like(np.array(ref.k)))

@@ -199,6 +199,14 @@ def test_two_ranks_give_the_tokens_of_one(
     assert result["kv_blocks_used"] == 0
 
 
+def test_speculative_decoding_on_two_ranks_gives_the_tokens_of_one(qwen3_tiny: Path):
+    proc, (result,) = scenario("speculative", qwen3_tiny)
+    assert proc.returncode == 0, proc.stderr
+    assert result["equal"], result
+    assert 0 < result["accepted"] < result["proposed"], result
+    assert result["kv_blocks_used"] == 0
+
+
 def test_a_killed_rank_ends_the_run_with_a_clear_error(gpt2_tiny: Path):
     proc, (result,) = scenario("kill", gpt2_tiny)
     assert proc.returncode == 1, proc.stderr

@@ -108,6 +108,30 @@ def equal(model: str, kv_cache_dtype: str = "auto") -> dict:
     }
 
 
+def speculative(model: str) -> dict:
+    """N-gram speculation on two ranks against plain decoding on one: drafts are chunks
+    the workers mirror, their rejected tails trimmed on rank 0 alone."""
+    rng = np.random.default_rng(2)
+    prompts = [(rng.integers(0, 40000, 5).tolist() * 6)[: 24 + i] for i in range(6)]
+    params = [
+        SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=40, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    options = {"max_model_len": 128, "kv_cache_gb": 0.01}
+    one = LLM(model, **options)
+    want = [o["token_ids"] for o in one.generate(prompts, params)]
+    two = LLM(model, tensor_parallel_size=2, speculative="ngram", prompt_lookup_min=1, **options)
+    got = [o["token_ids"] for o in two.generate(prompts, params)]
+    stats = two.stats()
+    two.engine.close()
+    return {
+        "equal": got == want,
+        "accepted": stats["spec_accepted_tokens"],
+        "proposed": stats["spec_draft_tokens"],
+        "kv_blocks_used": stats["kv_blocks_used"],
+    }
+
+
 def children_of(pid: int) -> list[int]:
     me = str(pid)
     pids = []
@@ -166,6 +190,8 @@ if __name__ == "__main__":
     name, model = sys.argv[1], sys.argv[2]
     if name == "equal":
         print(json.dumps(equal(model, *sys.argv[3:])))
+    elif name == "speculative":
+        print(json.dumps(speculative(model)))
     elif name in ("kill", "pause"):
         fault(model, name)
     elif name == "mismatch":

@@ -19,6 +19,7 @@ import mlx.core as mx
 from nanovllm_mlx.engine import requests, setup
 from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepUpdate
 from nanovllm_mlx.engine.core.scheduler import Scheduler
+from nanovllm_mlx.engine.core.speculation import Speculator
 from nanovllm_mlx.engine.iteration import Watchers
 from nanovllm_mlx.engine.output_processor import OutputProcessor, RequestOutput
 from nanovllm_mlx.engine.runner.execute import execute
@@ -49,6 +50,16 @@ class LLMEngine:
         self.kv_cache_dtype = k.name if k == v else f"k={k.name},v={v.name}"
         self.kv_cache_bytes = parts.kv_bytes
         self.max_num_batched_tokens = parts.budget.tokens
+        self.speculator = None
+        if config.speculative is not None:
+            assert config.num_speculative_tokens and config.prompt_lookup_min
+            assert config.prompt_lookup_max
+            self.speculator = Speculator(
+                config.num_speculative_tokens,
+                config.prompt_lookup_min,
+                config.prompt_lookup_max,
+                self.tokenizer.special_ids(),
+            )
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -57,6 +68,7 @@ class LLMEngine:
             key_cost=parts.budget.key_cost,
             layer_windows=spec.layer_windows,
             look_ahead=parts.async_scheduling,
+            speculator=self.speculator,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.structured = structured.StructuredOutputs(self.tokenizer, self.vocab_size)
@@ -161,7 +173,8 @@ class LLMEngine:
             return None
         result = execute(self.model_runner, plan)
         update = self.scheduler.update(plan, result)
-        self.step_stats.record(start, update.ran, len(update.sampled))
+        sampled = sum(update.counts) if update.counts else len(update.sampled)
+        self.step_stats.record(start, update.ran, sampled)
         return self._outputs(update, result.failed)
 
     def _outputs(
@@ -169,7 +182,9 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Text and finish decisions for the sequences that sampled, errors for the
         requests the step failed; retire who ends."""
-        outputs, finished = self.output_processor.process(update.sampled, update.samples)
+        outputs, finished = self.output_processor.process(
+            update.sampled, update.samples, update.counts
+        )
         for item, error in failed:
             outputs += self._end(item.seq.request_id, "error", error)
         for seq, reason in finished:
@@ -211,6 +226,21 @@ class LLMEngine:
 
     # Introspection --------------------------------------------------------------------
 
+    def _spec_stats(self) -> dict[str, Any]:
+        """Speculative decoding's counts (vLLM's spec_decode metrics): drafts verified,
+        tokens proposed and accepted, and what a verifying sequence gains a step."""
+        if self.speculator is None:
+            return {"speculative": None}
+        counts = self.speculator.counts
+        return {
+            "speculative": self.config.speculative,
+            "spec_drafts": counts.drafts,
+            "spec_draft_tokens": counts.draft_tokens,
+            "spec_accepted_tokens": counts.accepted_tokens,
+            "spec_acceptance_rate": counts.acceptance_rate,
+            "spec_tokens_per_step": counts.tokens_per_step,
+        }
+
     def stats(self) -> dict[str, Any]:
         blocks = self.block_manager.stats()
         return {
@@ -237,6 +267,7 @@ class LLMEngine:
             "steps_ahead_dropped": self.model_runner.steps_ahead_dropped,
             "compiled_buckets": len(self.model_runner.decode_buckets),
             "compile_decode": self.model_runner.compile_decode,
+            **self._spec_stats(),
             "grammar_masks": self.structured.counter.masks,
             "grammar_mask_s": self.structured.counter.seconds,
             **self.step_stats.snapshot(),

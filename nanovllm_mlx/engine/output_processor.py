@@ -144,20 +144,31 @@ class OutputProcessor:
         return seqs, outputs
 
     def process(
-        self, sampled: list[Sequence], samples: list[RowSample | None] | None
+        self,
+        sampled: list[Sequence],
+        samples: list[RowSample | None] | None,
+        counts: list[int] | None = None,
     ) -> tuple[list[RequestOutput], list[tuple[Sequence, str]]]:
-        """One output per sequence that sampled a token this step (its token already
-        appended; samples: what the sampler read back for it), and the (sequence, finish
-        reason) pairs that end with this token."""
+        """One output per sequence that sampled this step (its counts[i] new tokens, one
+        each when counts is None, already appended; samples: what the sampler read back
+        for each new token, in order), and the (sequence, finish reason) pairs that end
+        with them. A sequence that ends at one of several new tokens (a stop inside an
+        accepted draft) loses the tokens after it."""
         outputs: list[RequestOutput] = []
         finished: list[tuple[Sequence, str]] = []
+        at = 0
         for i, seq in enumerate(sampled):
+            count = counts[i] if counts else 1
+            records: list[RowSample | None] = (
+                samples[at : at + count] if samples else [None] * count
+            )
+            at += count
             request = self._requests.get(seq.request_id)
             if request is None:  # ended by a fault of another choice this step
                 continue
             choice = request.choices[seq.index]
             try:
-                out = self._output(choice, samples[i] if samples else None)
+                out = self._output(choice, records)
             except Exception as e:  # a detokenizer or grammar fault: this request's alone
                 message = str(e) if isinstance(e, _GrammarFault) else f"detokenizing failed: {e!r}"
                 seqs, ended = self.end(seq.request_id, "error", message)
@@ -212,37 +223,52 @@ class OutputProcessor:
             index=seq.index if rank is None else rank,
         )
 
-    def _output(self, choice: _Choice, sample: RowSample | None) -> RequestOutput:
+    def _output(self, choice: _Choice, records: list[RowSample | None]) -> RequestOutput:
+        """The choice's output for its len(records) new tokens, judged one at a time as
+        if each had come in its own step: the first that ends the choice is its last."""
         seq = choice.seq
-        token = seq.token_ids[-1]
-        choice.text += choice.detokenizer.step(token)
-        if seq.constraint is not None and seq.constraint.error:
-            raise _GrammarFault(f"structured output failed: {seq.constraint.error}")
-        reason = token_finish_reason(seq, self.tokenizer.eos_token_ids, self.max_model_len)
-        if hits := self._stop_string_hits(choice):
-            choice.text = choice.text[: min(hits)]
-            reason = "stop"
-        elif reason is not None:
-            self._flush(choice)
+        cut = len(seq.token_ids) - len(records)
+        new = seq.token_ids[cut:]
+        del seq.token_ids[cut:]
+        reason = None
+        for token in new:
+            seq.token_ids.append(token)
+            choice.text += choice.detokenizer.step(token)
+            if seq.constraint is not None and seq.constraint.error:
+                raise _GrammarFault(f"structured output failed: {seq.constraint.error}")
+            reason = token_finish_reason(seq, self.tokenizer.eos_token_ids, self.max_model_len)
+            if hits := self._stop_string_hits(choice):
+                choice.text = choice.text[: min(hits)]
+                reason = "stop"
+                break
+            if reason is not None:
+                self._flush(choice)
+                break
+        kept = len(seq.token_ids) - cut
+        records = records[:kept]
         finished = reason is not None
         end = len(choice.text) if finished else len(choice.text) - self._held_back(choice)
         delta = choice.text[choice.sent : end]
         choice.sent = max(choice.sent, end)
-        logprob = sample.logprob if sample is not None else None
-        choice.logprob_sum += logprob or 0.0
+        logprobs = [r.logprob if r is not None else None for r in records]
+        choice.logprob_sum += sum(lp or 0.0 for lp in logprobs)
         params = seq.params
         out = RequestOutput(
             request_id=seq.request_id,
             text=delta,
-            token_ids=[token],
+            token_ids=seq.token_ids[cut:],
             finished=finished,
             finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
-            logprobs=[float("nan") if logprob is None else logprob] if params.logprobs else None,
+            logprobs=[float("nan") if lp is None else lp for lp in logprobs]
+            if params.logprobs
+            else None,
             index=seq.index,
-            top_logprobs=[sample.top or {} if sample else {}] if params.top_logprobs else None,
+            top_logprobs=[(r.top or {}) if r else {} for r in records]
+            if params.top_logprobs
+            else None,
             prompt_logprobs=None if choice.started else seq.prompt_logprobs,
         )
         choice.started = True

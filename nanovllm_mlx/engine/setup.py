@@ -24,6 +24,19 @@ from nanovllm_mlx.parallel.group import launched_rank
 from nanovllm_mlx.parallel.runner import TensorParallel, fingerprint
 
 
+def check_speculation(config: Config, loaded: loader.LoadedModel) -> None:
+    """Speculation rolls a rejected draft back by trimming the paged KV cache; a model whose
+    layers keep a recurrent state (ModelSpec.state_layers: Qwen3.5's Gated DeltaNet) would
+    need that state as it was before the draft, which nothing keeps. Refused for them."""
+    if config.speculative is not None and loaded.model.spec.state_layers:
+        model_type = loaded.config.get("model_type")
+        raise ValueError(
+            f"speculative decoding is not supported for {loaded.name} (model_type "
+            f"{model_type!r}): its layers keep a recurrent state that a rejected draft "
+            "cannot be rolled back from; run it without --speculative"
+        )
+
+
 def load_model(config: Config) -> loader.LoadedModel:
     options = loader.LoadOptions(
         config.dtype, config.quantize, config.quantize_group_size, config.keep_quantized
@@ -101,6 +114,7 @@ def build(config: Config) -> Parts:
 def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     mx.random.seed(config.seed)  # unseeded sampling is reproducible per engine
     loaded = load_model(config)
+    check_speculation(config, loaded)
     if parallel is not None:
         parallel.shard(loaded)
     spec, dtype = loaded.model.spec, loaded.dtype

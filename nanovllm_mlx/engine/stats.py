@@ -25,7 +25,10 @@ class StepStats:
     def record(self, start: float, batch: list[ScheduledSeq], num_sampled: int) -> None:
         """A step that ran `batch`."""
         tokens = sum(item.num_new_tokens for item in batch)
-        decode_tokens = sum(1 for item in batch if item.start >= item.seq.num_prompt_tokens)
+        # A speculating decode's draft tokens are decode work too.
+        decode_tokens = sum(
+            1 + len(item.draft) for item in batch if item.start >= item.seq.num_prompt_tokens
+        )
         # Prompt tokens include recomputed ones after a preemption: work the step did.
         prompt_tokens = tokens - decode_tokens
         self.steps += 1

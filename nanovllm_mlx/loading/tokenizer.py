@@ -77,6 +77,12 @@ class Tokenizer:
                 ids = [self.bos_token_id, *ids]
         return ids
 
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (those the detokenizer drops), EOS included."""
+        added = self.tokenizer.get_added_tokens_decoder()
+        special = {i for i, token in added.items() if token.special}
+        return frozenset(special | set(self.eos_token_ids))
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 

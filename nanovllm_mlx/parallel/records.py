@@ -96,7 +96,7 @@ class Sender:
                 Entry(
                     seq.seq_id,
                     start,
-                    seq.token_ids[start : start + item.num_new_tokens],
+                    item.tokens(),
                     item.samples,
                     keep,
                     table[keep:],

@@ -58,6 +58,16 @@ _GAUGES = (
     ("nanovllm_batch_size", "Sequences in the last engine step.", "batch_size"),
     ("nanovllm_batch_size_peak", "Largest batch the engine has run.", "peak_batch_size"),
     ("nanovllm_engine_up", "1 while the engine thread runs.", "alive"),
+    (
+        "nanovllm_spec_decode_acceptance_rate",
+        "Share of speculated (proposed) tokens accepted, over the engine's life.",
+        "spec_acceptance_rate",
+    ),
+    (
+        "nanovllm_spec_decode_tokens_per_step",
+        "Mean tokens a speculating sequence gained per verification step (accepted + 1).",
+        "spec_tokens_per_step",
+    ),
 )
 _COUNTERS = (
     (
@@ -76,6 +86,17 @@ _COUNTERS = (
         "nanovllm_kv_blocks_copied",
         "Shared KV blocks copied on write (a forked choice's partial last prompt block).",
         "kv_blocks_copied",
+    ),
+    (
+        "nanovllm_spec_decode_num_drafts",
+        "Speculative drafts verified (one per speculating sequence and step).",
+        "spec_drafts",
+    ),
+    ("nanovllm_spec_decode_num_draft_tokens", "Tokens proposed.", "spec_draft_tokens"),
+    (
+        "nanovllm_spec_decode_num_accepted_tokens",
+        "Proposed tokens accepted.",
+        "spec_accepted_tokens",
     ),
     ("nanovllm_engine_steps", "Engine steps.", "steps"),
     (

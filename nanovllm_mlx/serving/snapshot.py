@@ -37,6 +37,19 @@ class EngineSnapshot:
     kv_blocks_forked: int = 0
     kv_blocks_copied: int = 0
     kv_cache_tokens: int = 0  # tokens the pool holds (more with a quantized cache)
+    # Speculative decoding (0 without it): drafts verified, tokens proposed and accepted.
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_tokens_per_step(self) -> float:
+        """Tokens a verifying sequence gained a step: those accepted and the drawn one."""
+        return 1.0 + self.spec_accepted_tokens / self.spec_drafts if self.spec_drafts else 0.0
 
     @classmethod
     def of(cls, stats: dict[str, Any], **server: Any) -> EngineSnapshot:
@@ -62,5 +75,8 @@ class EngineSnapshot:
             steps=stats["steps"],
             step_sequences=stats["batch_sequences"],
             preemptions=stats["preemptions"],
+            spec_drafts=stats.get("spec_drafts", 0),
+            spec_draft_tokens=stats.get("spec_draft_tokens", 0),
+            spec_accepted_tokens=stats.get("spec_accepted_tokens", 0),
             **server,
         )

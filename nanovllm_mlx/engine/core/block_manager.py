@@ -250,6 +250,18 @@ class BlockManager:
         for _ in range(self.blocks_needed(wanted) - len(seq.block_table)):
             seq.block_table.append(self._take_free_block(_last(seq.block_table)))
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks past those num_tokens tokens need: a speculating sequence's
+        room for a draft whose tail was rejected. They hold no published hash (commit
+        only publishes blocks below num_computed_tokens, all accepted tokens), and the
+        K/V the rejected tokens left in the kept last block are past the sequence's end,
+        written over before anything reads them."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            if block_id != NULL_BLOCK:
+                self._release(self.blocks[block_id])
+
     def take_copies(self) -> list[tuple[int, int]]:
         """(source, copy) block pairs queued since the last call. The engine copies their
         K/V before running the step that writes the copies: sources are still held by

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from nanovllm_mlx.engine.core.block_manager import BlockManager
 from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepPlan, StepResult, StepUpdate
 from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
+from nanovllm_mlx.engine.core.speculation import Speculator, accepted_prefix
 
 if TYPE_CHECKING:
     from nanovllm_mlx.engine.sample.logprobs import RowSample
@@ -38,6 +39,7 @@ class Scheduler:
         key_cost: float = 0.0,
         layer_windows: tuple[int | None, ...] = (),
         look_ahead: bool = False,
+        speculator: Speculator | None = None,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -51,6 +53,9 @@ class Scheduler:
         self.key_cost = key_cost
         self.layer_windows = layer_windows
         self.look_ahead = look_ahead  # plan launches ahead where safe (reserve_ahead)
+        # Proposes drafts for decoding sequences (None: no speculative decoding).
+        self.speculator = speculator
+        self._launched_ahead = False  # the last plan launched this step ahead
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -76,6 +81,7 @@ class Scheduler:
         look_ahead = self.look_ahead and self.reserve_ahead(batch)
         states = self.block_manager.states
         state_copies = states.take_copies() if states is not None else []
+        self._launched_ahead = look_ahead
         return StepPlan(batch, self.block_manager.take_copies(), look_ahead, state_copies)
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSeq:
@@ -123,7 +129,43 @@ class Scheduler:
             batch.append(self._entry(seq, n))
             self.running.append(seq)
             budget -= cost
+        # What decodes and admitted prompts left of the budget goes to drafts. Not in a
+        # step launched ahead: that launch computed this batch as plain decodes.
+        if self.speculator is not None and not self._launched_ahead:
+            self._propose(batch, budget)
+        elif self.speculator is not None:
+            for item in batch:
+                self.speculator.look(item.seq)
         return batch
+
+    def _propose(self, batch: list[ScheduledSeq], budget: float) -> None:
+        """Give decoding entries their drafts, each within what is left of the budget (a
+        draft token costs as a prompt token at that context), of the sequence's length
+        limits (accepted in full, a draft and the token drawn after it never pass
+        max_tokens or the context) and of the free blocks; a draft never preempts."""
+        assert self.speculator is not None
+        sequences = sum(1 for item in batch if item.samples)
+        tokens = sum(item.num_new_tokens for item in batch)
+        for i, item in enumerate(batch):
+            seq = item.seq
+            if budget < 1:
+                break
+            if item.num_new_tokens != 1 or not item.samples:
+                continue
+            keys = keys_read(seq.num_computed_tokens, self.layer_windows)
+            per_token = 1.0 + self.key_cost * keys
+            limit = min(seq.tokens_left(self.max_model_len) - 1, int(budget / per_token))
+            draft = self.speculator.propose(seq, limit, sequences, tokens)
+            blocks = self.block_manager
+            while draft and blocks.blocks_to_write(seq, seq.num_tokens + len(draft)) > (
+                blocks.num_free_blocks
+            ):
+                draft.pop()
+            if not draft:
+                continue
+            blocks.append_slots(seq, seq.num_tokens + len(draft))
+            batch[i] = ScheduledSeq(seq, 1 + len(draft), draft=draft, snapshots=batch[i].snapshots)
+            budget -= len(draft) * per_token
 
     def _chunk(self, seq: Sequence, budget: float, widest: float) -> tuple[int, float, float]:
         """The tokens seq computes this step, what they cost of the budget, and the step's
@@ -160,6 +202,9 @@ class Scheduler:
         """
         if not batch or len(batch) != len(self.running):
             return False
+        # The launch proposes nothing: not while a sequence of the batch would.
+        if self.speculator is not None and any(self.speculator.active(i.seq) for i in batch):
+            return False
         if self.waiting and self._slots() + self.waiting[0].width <= self.max_num_seqs:
             return False
         needed = 0
@@ -190,26 +235,45 @@ class Scheduler:
 
     def update(self, plan: StepPlan, result: StepResult) -> StepUpdate:
         """After the step (vLLM's update_from_output): advance every entry of the plan that
-        ran, append the sampled tokens (one per sampling entry, in plan order), publish
-        the blocks they filled, fork the choices off requests that sampled their first
-        token, and feed each constrained choice's grammar its token. Whether a sequence
-        ends is the output processor's decision, not the scheduler's."""
+        ran, append the sampled tokens (an entry's rows in plan order: a draft's accepted
+        tokens and the token drawn after them), give back the blocks of a rejected draft
+        tail, publish the blocks they filled, fork the choices off requests that sampled
+        their first token, and feed each constrained choice's grammar its token. Whether a
+        sequence ends is the output processor's decision, not the scheduler's."""
         failed = {item.seq for item, _ in result.failed}
         ran = [item for item in plan.batch if item.seq not in failed]
-        samplers = [item for item in ran if item.samples]
-        assert len(samplers) == len(result.tokens), "one sampled token per sampling sequence"
+        rows = sum(item.num_rows for item in ran)
+        assert rows == len(result.tokens), "one sampled token per sampled row"
+        sampled: list[Sequence] = []
+        counts: list[int] = []
+        records: list[RowSample | None] | None = [] if result.logprobs is not None else None
+        at = 0
         for item in ran:
-            item.seq.num_computed_tokens = item.start + item.num_new_tokens
-            self.block_manager.commit(item.seq)
-            self.block_manager.free_out_of_window(item.seq)
+            seq, new = item.seq, result.tokens[at : at + item.num_rows]
+            accepted = accepted_prefix(item.draft, new)
+            if item.samples:
+                seq.token_ids += new[: accepted + 1]
+                sampled.append(seq)
+                counts.append(accepted + 1)
+                if records is not None and result.logprobs is not None:
+                    records += result.logprobs[at : at + accepted + 1]
+            at += item.num_rows
+            # The draft's rejected tail was computed, but is not the sequence's.
+            seq.num_computed_tokens = item.start + item.num_new_tokens - len(item.draft)
+            seq.num_computed_tokens += accepted
+            if item.draft:
+                assert self.speculator is not None
+                self.speculator.record(seq, len(item.draft), accepted)
+                self.block_manager.trim(seq, seq.num_tokens)
+            self.block_manager.commit(seq)
+            self.block_manager.free_out_of_window(seq)
         self._publish_snapshots(plan.batch, failed)
-        for item, token in zip(samplers, result.tokens):
-            item.seq.token_ids.append(token)
-        sampled, samples = self._fork_sampled([item.seq for item in samplers], result.logprobs)
-        for seq in sampled:
+        sampled, counts, records = self._fork_sampled(sampled, counts, records)
+        for seq, count in zip(sampled, counts):
             if seq.constraint is not None:
-                seq.constraint.consume(seq.token_ids[-1])
-        return StepUpdate(ran, sampled, samples)
+                for token in seq.token_ids[-count:]:
+                    seq.constraint.consume(token)
+        return StepUpdate(ran, sampled, records, counts)
 
     def _publish_snapshots(self, batch: list[ScheduledSeq], failed: set[Sequence]) -> None:
         """The state snapshots the step wrote serve their block hashes from now on; a
@@ -226,19 +290,24 @@ class Scheduler:
                     states.publish(item.seq, snap.block_hash, snap.slot, decoding)
 
     def _fork_sampled(
-        self, sampled: list[Sequence], samples: list[RowSample | None] | None
-    ) -> tuple[list[Sequence], list[RowSample | None] | None]:
+        self, sampled: list[Sequence], counts: list[int], samples: list[RowSample | None] | None
+    ) -> tuple[list[Sequence], list[int], list[RowSample | None] | None]:
         """Fork the choices off the requests that sampled their first token: they join the
         step's sampled sequences with the tokens drawn for them (the sampler draws a
-        fork's first token only when it reads extras back, so samples is None otherwise)."""
+        fork's first token only when it reads extras back, so samples is None otherwise;
+        a sequence with forks never carries a draft, so it gained one token)."""
         if samples is None:
-            return sampled, samples
-        sampled, samples = list(sampled), list(samples)
-        for seq, sample in list(zip(sampled, samples)):
+            return sampled, counts, samples
+        out, out_counts, out_samples = list(sampled), list(counts), list(samples)
+        at = 0
+        for seq, count in zip(sampled, counts):
+            at += count
+            sample = samples[at - 1]
             if seq.forks and sample is not None:
-                sampled += self.fork(seq, [token for token, _ in sample.forks])
-                samples += [record for _, record in sample.forks]
-        return sampled, samples
+                out += self.fork(seq, [token for token, _ in sample.forks])
+                out_counts += [1] * len(sample.forks)
+                out_samples += [record for _, record in sample.forks]
+        return out, out_counts, out_samples
 
     def fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
         """Fork parent's other choices off it once its prompt is computed: each shares

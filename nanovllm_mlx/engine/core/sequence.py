@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from nanovllm_mlx.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from nanovllm_mlx.engine.core.spec_state import SpecState
     from nanovllm_mlx.engine.sample.constraint import Constraint
 
 
@@ -57,6 +58,7 @@ class Sequence:
     # Where a prefix that the KV cache shares with an earlier prompt ends, past the last
     # snapshot of it (0: none): snapshotted when this sequence computes it.
     state_mark: int = 0
+    spec: SpecState | None = None  # its proposer, once it speculates (engine/core/speculation.py)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

@@ -245,8 +245,10 @@ class ModelRunner:
         before = [(s.conv, s.ssm) for s in self.states]
         try:
             logits = self.forward(step)
-            seqs = [item.seq for item in step.samplers]
-            sampled = None if logits is None else sample(logits, seqs, output_offset)
+            # A speculating entry's rows sample its draft positions in turn (sampler.sample).
+            seqs = [item.seq for item in step.samplers for _ in range(item.num_rows)]
+            offsets = [output_offset + i for item in step.samplers for i in range(item.num_rows)]
+            sampled = None if logits is None else sample(logits, seqs, offsets)
         except BaseException:
             for state, (conv, ssm) in zip(self.states, before):
                 state.conv, state.ssm = conv, ssm
@@ -292,9 +294,16 @@ class ModelRunner:
             mx.eval(self.cache_arrays())
             return [], None
         # Back to batch order, which is what the scheduler's update expects.
-        samplers = launched.step.samplers
-        rank = {item.seq.seq_id: i for i, item in enumerate(samplers)}
-        order = [rank[item.seq.seq_id] for item in batch if item.samples]
+        first, at = {}, 0
+        for item in launched.step.samplers:
+            first[item.seq.seq_id] = at
+            at += item.num_rows
+        order = [
+            first[item.seq.seq_id] + i
+            for item in batch
+            if item.samples
+            for i in range(item.num_rows)
+        ]
         token_list = cast(list[int], launched.tokens.tolist())
         tokens_out = [token_list[i] for i in order]
         if launched.logprobs is None:
@@ -317,7 +326,10 @@ class _Ahead:
 
 
 def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple[Any, ...]:
-    return tuple((item.seq.seq_id, item.start + shift, item.num_new_tokens) for item in batch)
+    return tuple(
+        (item.seq.seq_id, item.start + shift, item.num_new_tokens, len(item.draft))
+        for item in batch
+    )
 
 
 def _bucket_key(step: PreparedStep) -> tuple[Any, ...]:

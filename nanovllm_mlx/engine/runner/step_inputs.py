@@ -32,7 +32,9 @@ class PreparedStep:
     positions: mx.array  # [T]
     meta: AttentionMetadata
     samplers: list[ScheduledSeq]  # entries that sample, in flat order
-    last_index: mx.array | None  # [len(samplers)] flat index of each sampler's last token
+    # [rows] flat index of each sampled row: a sampler's last token, or every position of
+    # a speculating entry's chunk (ScheduledSeq.num_rows)
+    last_index: mx.array | None
     padded: bool = False  # prepare_decode's form: rows [0, len(samplers)) are the real ones
 
 
@@ -57,17 +59,18 @@ def prepare(
     decodes = [item for item in batch if item.num_new_tokens == 1]
     decodes.sort(key=lambda item: item.start)
     prefills = [item for item in batch if item.num_new_tokens > 1]
-    input_ids, positions, slots, last, samplers = [], [], [], [], []
+    input_ids, positions, slots, samplers = [], [], [], []
+    last: list[int] = []
     offset = 0
     for item in decodes + prefills:
         seq, start = item.seq, item.start + shift
         end = start + item.num_new_tokens
-        input_ids += seq.token_ids[start:end]
+        input_ids += item.tokens(shift)
         positions.append(np.arange(start, end))
         slots.append(pool.slots(seq.block_table, start, end))
         offset += item.num_new_tokens
         if item.samples:
-            last.append(offset - 1)
+            last += range(offset - item.num_rows, offset)
             samplers.append(item)
     decode = prefill = None
     if decodes:

@@ -22,9 +22,10 @@ NEG_INF = float("-inf")
 FORBIDDEN = 1e30  # subtracted from the logits of tokens a grammar forbids
 
 
-def process(logits: mx.array, seqs: list[Sequence], output_offset: int) -> mx.array:
-    """logits [rows, vocab] float32 of seqs, processed for every row that asks."""
-    logits = _additive(logits, _bias_entries(seqs, output_offset, logits.shape[1]))
+def process(logits: mx.array, seqs: list[Sequence], offsets: list[int]) -> mx.array:
+    """logits [rows, vocab] float32 of seqs, processed for every row that asks; offsets:
+    each row's tokens sampled and not yet in its token_ids (see sampler.sample)."""
+    logits = _additive(logits, _bias_entries(seqs, offsets, logits.shape[1]))
     logits = _repetition_penalty(logits, seqs)
     logits = _additive(logits, _penalty_entries(seqs, logits.shape[1]))
     return _token_masks(logits, seqs)
@@ -52,11 +53,11 @@ def _additive(logits: mx.array, entries: tuple[list[int], list[float]]) -> mx.ar
 
 
 def _bias_entries(
-    seqs: list[Sequence], output_offset: int, vocab: int
+    seqs: list[Sequence], offsets: list[int], vocab: int
 ) -> tuple[list[int], list[float]]:
     index: list[int] = []
     values: list[float] = []
-    for row, seq in enumerate(seqs):
+    for row, (seq, output_offset) in enumerate(zip(seqs, offsets)):
         base = row * vocab
         for token, bias in seq.params.logit_bias.items():
             index.append(base + token)

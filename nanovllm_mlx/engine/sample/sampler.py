@@ -43,13 +43,15 @@ def _plain(seq: Sequence, output_offset: int) -> bool:
 
 
 def sample(
-    logits: mx.array, seqs: list[Sequence], output_offset: int = 0
+    logits: mx.array, seqs: list[Sequence], output_offset: int | list[int] = 0
 ) -> tuple[mx.array, SampleExtras | None]:
     """Next token of each row, and the lazy extras (SampleExtras) when any row asks for
     logprobs or has choices to fork off.
 
-    output_offset: how many tokens each sequence has sampled that are not in its
-    token_ids yet (1 for a step launched ahead), so seeded draws stay reproducible.
+    output_offset: how many tokens each row's sequence has sampled that are not in its
+    token_ids yet (1 for a step launched ahead; i for the row verifying draft token i of
+    a speculating sequence, whose rows repeat it), so seeded draws and min_tokens stay
+    what they would be one token at a time. One for all rows, or one per row.
 
     A row whose sequence still holds forks (an n > 1 request at the end of its prompt)
     is drawn once more for each of them, from the same logits, as the choice's own
@@ -58,7 +60,8 @@ def sample(
     draw from softmax(logits / T) restricted by top-k, top-p and min-p, with the
     Gumbel-max trick so that one argmax serves all rows.
     """
-    if all(_plain(s, output_offset) for s in seqs):
+    offsets = [output_offset] * len(seqs) if isinstance(output_offset, int) else list(output_offset)
+    if all(_plain(s, o) for s, o in zip(seqs, offsets)):
         return mx.argmax(logits, axis=-1), None  # the common case, in one op
     num_rows = len(seqs)
     forks = [(row, len(s.forks)) for row, s in enumerate(seqs) if s.forks]
@@ -66,10 +69,11 @@ def sample(
         source = list(range(num_rows)) + [row for row, count in forks for _ in range(count)]
         logits = logits[mx.array(source, dtype=mx.int32)]
         seqs = seqs + [child for s in seqs for child in s.forks]
+        offsets = offsets + [offsets[row] for row, count in forks for _ in range(count)]
     logits = logits.astype(mx.float32)
     want = [wants_logprobs(s) for s in seqs]
     raw = log_softmax(logits) if any(want) else None
-    tokens = _draw(logits_processors.process(logits, seqs, output_offset), seqs, output_offset)
+    tokens = _draw(logits_processors.process(logits, seqs, offsets), seqs, offsets)
     if raw is None and not forks:
         return tokens, None
     num_top = [s.params.top_logprobs for s in seqs]
@@ -82,14 +86,14 @@ def sample(
     return tokens[:num_rows], extras
 
 
-def _draw(logits: mx.array, seqs: list[Sequence], output_offset: int) -> mx.array:
+def _draw(logits: mx.array, seqs: list[Sequence], offsets: list[int]) -> mx.array:
     params = [s.params for s in seqs]
     greedy = mx.argmax(logits, axis=-1)
     if all(p.greedy for p in params):
         return greedy
     temps = np.array([p.temperature or 1.0 for p in params], dtype=np.float32)
     scaled = logits / mx.array(temps)[:, None]
-    noise = _noise(seqs, logits.shape[1], output_offset)
+    noise = _noise(seqs, logits.shape[1], offsets)
 
     if any(p.min_p > 0.0 for p in params):
         probs = mx.softmax(scaled, axis=-1)
@@ -120,7 +124,7 @@ def _draw(logits: mx.array, seqs: list[Sequence], output_offset: int) -> mx.arra
     return mx.where(is_greedy, greedy, sampled)
 
 
-def _noise(seqs: list[Sequence], vocab: int, output_offset: int) -> mx.array:
+def _noise(seqs: list[Sequence], vocab: int, offsets: list[int]) -> mx.array:
     """Gumbel noise [rows, vocab]: a seeded row's from its own key, the other sampled rows'
     from one draw of the engine's stream, none for greedy rows. Drawing is what costs on
     CPU (53 ms for 32 rows of a 50k vocabulary), and drawing every row before replacing
@@ -132,11 +136,11 @@ def _noise(seqs: list[Sequence], vocab: int, output_offset: int) -> mx.array:
     shared = iter(mx.random.gumbel(shape=(free, vocab))) if free else iter(())
     zeros = mx.zeros((vocab,), dtype=mx.float32)
     rows = []
-    for seq, p in zip(seqs, params):
+    for seq, p, offset in zip(seqs, params, offsets):
         if p.greedy:
             rows.append(zeros)
         elif p.seed is not None:
-            key = _row_key(p.seed, seq.num_output_tokens + output_offset)
+            key = _row_key(p.seed, seq.num_output_tokens + offset)
             rows.append(mx.random.gumbel(shape=(vocab,), key=key))
         else:
             rows.append(next(shared))
