@@ -15,6 +15,7 @@ from contextlib import closing
 import mlx.core as mx
 
 from nanovllm_mlx import backend
+from nanovllm_mlx.engine.core.speculation import SpecCounts
 from nanovllm_mlx.engine.llm_engine import LLMEngine
 from nanovllm_mlx.llm import LLM
 from nanovllm_mlx.sampling_params import SamplingParams
@@ -180,6 +181,7 @@ def run_benchmark(
         after.get(k, 0) - before.get(k, 0)
         for k in ("spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")
     )
+    window = SpecCounts(drafts, proposed, accepted)  # this run's counts alone
     return {
         "model": engine.model_name,
         "backend": backend.describe(),
@@ -211,6 +213,6 @@ def run_benchmark(
         "spec_drafts": drafts,
         "spec_draft_tokens": proposed,
         "spec_accepted_tokens": accepted,
-        "spec_acceptance_rate": accepted / proposed if proposed else 0.0,
-        "spec_tokens_per_step": 1.0 + accepted / drafts if drafts else 0.0,
+        "spec_acceptance_rate": window.acceptance_rate,
+        "spec_tokens_per_step": window.tokens_per_step,
     }

@@ -288,7 +288,13 @@ def test_server_metrics_and_panel(qwen3_tiny: Path):
     accepted = m["nanovllm_spec_decode_num_accepted_tokens_total"]
     assert drafts > 0 and accepted <= m["nanovllm_spec_decode_num_draft_tokens_total"]
     assert m["nanovllm_spec_decode_tokens_per_step"] == pytest.approx(1 + accepted / drafts)
-    stats = {"spec_drafts": 10, "spec_draft_tokens": 40, "spec_accepted_tokens": 30}
+    stats = {
+        "spec_drafts": 10,
+        "spec_draft_tokens": 40,
+        "spec_accepted_tokens": 30,
+        "spec_acceptance_rate": 0.75,
+        "spec_tokens_per_step": 4.0,
+    }
     snap = EngineSnapshot.of(
         {**LLM_STATS, **stats},
         time=0.0,

@@ -41,15 +41,8 @@ class EngineSnapshot:
     spec_drafts: int = 0
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
-
-    @property
-    def spec_acceptance_rate(self) -> float:
-        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
-
-    @property
-    def spec_tokens_per_step(self) -> float:
-        """Tokens a verifying sequence gained a step: those accepted and the drawn one."""
-        return 1.0 + self.spec_accepted_tokens / self.spec_drafts if self.spec_drafts else 0.0
+    spec_acceptance_rate: float = 0.0  # as the engine's stats() computes them (SpecCounts)
+    spec_tokens_per_step: float = 0.0
 
     @classmethod
     def of(cls, stats: dict[str, Any], **server: Any) -> EngineSnapshot:
@@ -78,5 +71,7 @@ class EngineSnapshot:
             spec_drafts=stats.get("spec_drafts", 0),
             spec_draft_tokens=stats.get("spec_draft_tokens", 0),
             spec_accepted_tokens=stats.get("spec_accepted_tokens", 0),
+            spec_acceptance_rate=stats.get("spec_acceptance_rate", 0.0),
+            spec_tokens_per_step=stats.get("spec_tokens_per_step", 0.0),
             **server,
         )
