@@ -150,6 +150,12 @@ def main() -> None:
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="ours; default: the engine's")
     ap.add_argument("--max-model-len", type=int, default=None, help="ours; default: the model's")
     ap.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="ours (auto|float16|bfloat16|int8|int4): mlx-lm keeps its float cache, so a "
+        "quantized run is our int8/int4 against its float16, said in the output",
+    )
+    ap.add_argument(
         "--async-scheduling",
         choices=["auto", "on", "off"],
         default="auto",
@@ -176,6 +182,7 @@ def main() -> None:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         kv_cache_gb=args.kv_cache_gb,
+        kv_cache_dtype=args.kv_cache_dtype,
         async_scheduling=choice[args.async_scheduling],
         compile_decode=choice[args.compile_decode],
     )
@@ -261,7 +268,8 @@ def main() -> None:
         f"{llm.engine.model_runner.pool.block_size}, decode "
         f"{'compiled' if llm.stats()['compile_decode'] else 'eager'} "
         f"(start-up timing, compiled/eager ms: {llm.engine.model_runner.compile_ms}), "
-        f"attention {llm.engine.model_runner.backend.name}"
+        f"attention {llm.engine.model_runner.backend.name}, "
+        f"KV cache {llm.stats()['kv_cache_dtype']} (mlx-lm's: the model's dtype)"
     )
     print(
         f"bandwidth {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e6:.0f} MB a token: "

@@ -63,6 +63,12 @@ for phase in "$@"; do
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --decode-tokens 64 \
         --batches 8,64 --batch-repeats 1 --min-input 256 --max-input 2048 --min-output 128 \
         --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
+    compare-8b-int8)
+      # Issue 26: our int8 pool against mlx-lm's float16 cache, after 32 and 8k tokens; the
+      # float16 pool's figures are compare-8b's (same contexts) on the same machine.
+      run compare-8b-int8 200 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
+        --dtype float16 --contexts 32,8192 --ttft 4096 --decode-tokens 64 --batches "" \
+        --kv-cache-dtype int8 --json ;;
     compare-8b-min)
       run compare-8b-min 200 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
         --dtype float16 --contexts 32,8192 --ttft 4096 --decode-tokens 64 --batches 8 \
