@@ -264,3 +264,34 @@ def check_invariants(sched: Scheduler) -> None:
     for b in bm.blocks:
         assert b.ref_count == refs[b.block_id]
         assert (b.ref_count == 0) == (b.block_id in bm.free_block_ids)
+
+
+def check_dequantized_twin(
+    quantized: Any,
+    path: str | Path,
+    layers: dict[str, Any],
+    prompts: list[list[int]],
+    **options: Any,
+) -> None:
+    """`quantized` (an LLM quantized at load, group 32, 4 bits) gives the logits of the float
+    model at `path` holding its layers' dequantized weights: one greedy step of `prompts`."""
+    import mlx.nn as nn
+    import numpy as np
+
+    from nanovllm_mlx import LLM, SamplingParams
+
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    with captured_logits() as seen:
+        quantized.generate(prompts, one)
+    exact = LLM(str(path), **options)
+    exact.engine.model_runner.model.update(
+        nn.utils.tree_unflatten(
+            [
+                (f"{p}.weight", mx.dequantize(m.weight, m.scales, m.biases, 32, 4))
+                for p, m in layers.items()
+            ]
+        )
+    )
+    with captured_logits() as want:
+        exact.generate(prompts, one)
+    np.testing.assert_allclose(np.concatenate(seen), np.concatenate(want), atol=1e-4)

@@ -59,17 +59,13 @@ def test_quantized_experts_compute_their_dequantized_weights(
 ):
     """--quantize 4 turns the stacked experts into QuantizedSwitchLinear (gather_qmm); the
     logits equal those of the float model holding the dequantized weights."""
-    import mlx.core as mx
     import mlx.nn as nn
-    import numpy as np
-    from helpers import captured_logits
+    from helpers import check_dequantized_twin
 
-    from nanovllm_mlx import SamplingParams
     from nanovllm_mlx.models.switch import QuantizedSwitchLinear
 
     path = request.getfixturevalue(fixture)
     small = {"kv_cache_gb": 0.02, "dtype": "float32", "enable_prefix_caching": False}
-    one = SamplingParams(temperature=0.0, max_tokens=1)
     quantized = LLM(str(path), quantize=4, quantize_group_size=32, **small)
     model = quantized.engine.model_runner.model
     layers = {
@@ -78,20 +74,7 @@ def test_quantized_experts_compute_their_dequantized_weights(
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))
     }
     assert sum(isinstance(m, QuantizedSwitchLinear) for m in layers.values()) >= 3
-    with captured_logits() as seen:
-        quantized.generate(PROMPTS, one)
-    exact = LLM(str(path), **small)
-    exact.engine.model_runner.model.update(
-        nn.utils.tree_unflatten(
-            [
-                (f"{p}.weight", mx.dequantize(m.weight, m.scales, m.biases, 32, 4))
-                for p, m in layers.items()
-            ]
-        )
-    )
-    with captured_logits() as want:
-        exact.generate(PROMPTS, one)
-    np.testing.assert_allclose(np.concatenate(seen), np.concatenate(want), atol=1e-4)
+    check_dequantized_twin(quantized, path, layers, PROMPTS, **small)
 
 
 def test_cli_ask_quantized_moe(mixtral_tiny: Path):

@@ -398,14 +398,13 @@ def test_quantize_at_load_computes_the_dequantized_weights(deepseek_v3_tiny: Pat
     embed_q, 16 wide, stays float) into quantized layers, the routers stay float; the
     logits are those of the float model holding the dequantized weights."""
     import mlx.nn as nn
-    from helpers import captured_logits
+    from helpers import check_dequantized_twin
 
     from nanovllm_mlx.models.mla import QuantizedMultiLinear
     from nanovllm_mlx.models.switch import QuantizedSwitchLinear
 
     kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear, QuantizedMultiLinear)
     small = {**SMALL, "enable_prefix_caching": False}
-    one = SamplingParams(temperature=0.0, max_tokens=1)
     quantized = LLM(str(deepseek_v3_tiny), quantize=4, quantize_group_size=32, **small)
     model = quantized.engine.model_runner.model
     layers = {p: m for p, m in model.named_modules() if isinstance(m, kinds)}
@@ -416,17 +415,4 @@ def test_quantize_at_load_computes_the_dequantized_weights(deepseek_v3_tiny: Pat
         QuantizedMultiLinear,
     }
     assert not any(".gate" in p and "proj" not in p for p in layers)  # routers
-    with captured_logits() as seen:
-        quantized.generate(PROMPTS, one)
-    exact = LLM(str(deepseek_v3_tiny), **small)
-    exact.engine.model_runner.model.update(
-        nn.utils.tree_unflatten(
-            [
-                (f"{p}.weight", mx.dequantize(m.weight, m.scales, m.biases, 32, 4))
-                for p, m in layers.items()
-            ]
-        )
-    )
-    with captured_logits() as want:
-        exact.generate(PROMPTS, one)
-    np.testing.assert_allclose(np.concatenate(seen), np.concatenate(want), atol=1e-4)
+    check_dequantized_twin(quantized, deepseek_v3_tiny, layers, PROMPTS, **small)
