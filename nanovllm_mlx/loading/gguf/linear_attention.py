@@ -1,8 +1,9 @@
 """llama.cpp's Gated DeltaNet tensors (Qwen3.5 `qwen35`/`qwen35moe`, Qwen3-Next
 `qwen3next`) onto our qwen3_5 model's linear_attn parameters.
 
-What llama.cpp's converter (convert_hf_to_gguf.py, Qwen3NextModel and its Qwen3.5
-subclasses; not shipped with gguf-py, so read from its source) does to them, undone here:
+What llama.cpp's converter (Qwen3NextModel.modify_tensors and, for Qwen3.5 dense and
+MoE, _LinearAttentionVReorderBase; not shipped with gguf-py, so taken from descriptions of
+its source: no real file was run here) does to them, undone here:
 - A_log is stored as ssm_a = -exp(A_log) (no .weight suffix); dt_bias as ssm_dt.bias.
 - conv1d's [C, 1, K] weight is squeezed to [C, K]; ours is MLX's [C, K, 1].
 - Qwen3.5 only: where value heads outnumber key heads, the value heads are reordered from
