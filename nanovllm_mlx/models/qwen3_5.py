@@ -293,7 +293,15 @@ class Model(CausalLM):
             prefix = f"layers.{i}.mlp.experts"
             if self.args.is_sparse(i):
                 out = stack_experts(out, prefix, self.args.num_experts, _EXPERT_NAMES)
-            out = self._split_qwen3_next(out, f"layers.{i}.linear_attn")
+            a = self.args
+            out = split_qwen3_next(
+                out,
+                f"layers.{i}.linear_attn",
+                a.linear_num_key_heads,
+                a.linear_key_head_dim,
+                a.linear_value_head_dim,
+                a.linear_num_value_heads,
+            )
         hub_layout = any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in out.items())
         for key, value in out.items():
             if key.endswith("conv1d.weight") and value.shape[-1] != 1:
@@ -302,22 +310,24 @@ class Model(CausalLM):
                 out[key] = value + 1.0
         return out
 
-    def _split_qwen3_next(self, weights: dict[str, mx.array], prefix: str) -> dict[str, mx.array]:
-        """Qwen3-Next's in_proj_qkvz / in_proj_ba are grouped by key head (each group: q, k,
-        then its value heads' v and z; b then a): -> Qwen3.5's four projections."""
-        qkvz = weights.pop(f"{prefix}.in_proj_qkvz.weight", None)
-        ba = weights.pop(f"{prefix}.in_proj_ba.weight", None)
-        if qkvz is None or ba is None:
-            return weights
-        a = self.args
-        hk, dk, dv = a.linear_num_key_heads, a.linear_key_head_dim, a.linear_value_head_dim
-        per = a.linear_num_value_heads // hk
-        groups = qkvz.reshape(hk, 2 * dk + 2 * per * dv, -1)
-        q, k, v, z = mx.split(groups, [dk, 2 * dk, 2 * dk + per * dv], axis=1)
-        flat = [part.reshape(-1, qkvz.shape[-1]) for part in (q, k, v, z)]
-        weights[f"{prefix}.in_proj_qkv.weight"] = mx.concatenate(flat[:3], axis=0)
-        weights[f"{prefix}.in_proj_z.weight"] = flat[3]
-        b, a_ = mx.split(ba.reshape(hk, 2 * per, -1), 2, axis=1)
-        weights[f"{prefix}.in_proj_b.weight"] = b.reshape(-1, ba.shape[-1])
-        weights[f"{prefix}.in_proj_a.weight"] = a_.reshape(-1, ba.shape[-1])
+
+def split_qwen3_next(
+    weights: dict[str, mx.array], prefix: str, hk: int, dk: int, dv: int, hv: int
+) -> dict[str, mx.array]:
+    """Qwen3-Next's in_proj_qkvz / in_proj_ba are grouped by key head (each group: q, k,
+    then its value heads' v and z; b then a): -> Qwen3.5's four projections. Shared with
+    the GGUF loader, whose files keep them fused."""
+    qkvz = weights.pop(f"{prefix}.in_proj_qkvz.weight", None)
+    ba = weights.pop(f"{prefix}.in_proj_ba.weight", None)
+    if qkvz is None or ba is None:
         return weights
+    per = hv // hk
+    groups = qkvz.reshape(hk, 2 * dk + 2 * per * dv, -1)
+    q, k, v, z = mx.split(groups, [dk, 2 * dk, 2 * dk + per * dv], axis=1)
+    flat = [part.reshape(-1, qkvz.shape[-1]) for part in (q, k, v, z)]
+    weights[f"{prefix}.in_proj_qkv.weight"] = mx.concatenate(flat[:3], axis=0)
+    weights[f"{prefix}.in_proj_z.weight"] = flat[3]
+    b, a_ = mx.split(ba.reshape(hk, 2 * per, -1), 2, axis=1)
+    weights[f"{prefix}.in_proj_b.weight"] = b.reshape(-1, ba.shape[-1])
+    weights[f"{prefix}.in_proj_a.weight"] = a_.reshape(-1, ba.shape[-1])
+    return weights

@@ -15,6 +15,9 @@ ARCHITECTURES = {
     "gemma3": "gemma3_text",
     "phi3": "phi3",
     "gpt-oss": "gpt_oss",
+    "qwen35": "qwen3_5_text",
+    "qwen35moe": "qwen3_5_moe_text",
+    "qwen3next": "qwen3_next",
 }
 
 
@@ -34,6 +37,8 @@ def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> 
         f"{arch}.{k}"
         for k in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length")
         if f"{arch}.{k}" not in metadata
+        # A MoE's converter may write only the experts' width.
+        and not (k == "feed_forward_length" and f"{arch}.expert_feed_forward_length" in metadata)
     ]
     if missing:
         raise ValueError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
@@ -52,7 +57,7 @@ def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> 
         "num_attention_heads": heads,
         "num_key_value_heads": key("attention.head_count_kv", heads),
         "head_dim": head_dim,
-        "intermediate_size": key("feed_forward_length"),
+        "intermediate_size": key("feed_forward_length", key("expert_feed_forward_length")),
         "vocab_size": vocab,
         "max_position_embeddings": key("context_length", 2048),
         "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-6),
@@ -102,6 +107,8 @@ def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> 
             sliding_window=key("attention.sliding_window", 128),
             attention_bias=True,
         )
+    elif arch in ("qwen35", "qwen35moe", "qwen3next"):
+        config.update(_hybrid(arch, key, config, tensor_names, path))
     elif arch == "phi3":
         rotary = key("rope.dimension_count", head_dim)
         config.update(
@@ -113,6 +120,48 @@ def config_from_metadata(metadata: dict, tensor_names: set[str], path: Path) -> 
         )
     config.update(_rope_scaling(arch, key, config, path))
     return config
+
+
+def _hybrid(arch: str, key, config: dict, tensor_names: set[str], path: Path) -> dict:
+    """Qwen3.5 / Qwen3-Next: the Gated DeltaNet sizes from llama.cpp's ssm.* keys (state
+    size = key head dim, group count = key heads, time-step rank = value heads, inner
+    size = value heads x value head dim), every full_attention_interval-th layer full
+    attention, rotary on rope.dimension_count of each head."""
+    ssm = ("ssm.conv_kernel", "ssm.state_size", "ssm.group_count", "ssm.time_step_rank",
+           "ssm.inner_size", "full_attention_interval")  # fmt: skip
+    missing = [f"{arch}.{k}" for k in ssm if key(k) is None]
+    if missing:
+        raise ValueError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    layers, every, v_heads = (
+        config["num_hidden_layers"],
+        key("full_attention_interval"),
+        key("ssm.time_step_rank"),
+    )
+    out = {
+        "linear_conv_kernel_dim": key("ssm.conv_kernel"),
+        "linear_key_head_dim": key("ssm.state_size"),
+        "linear_num_key_heads": key("ssm.group_count"),
+        "linear_num_value_heads": v_heads,
+        "linear_value_head_dim": key("ssm.inner_size") // v_heads,
+        "layer_types": [
+            "full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(layers)
+        ],
+        "partial_rotary_factor": key("rope.dimension_count", config["head_dim"] // 4)
+        / config["head_dim"],
+    }
+    if arch != "qwen35":
+        out.update(
+            num_experts=key("expert_count", 0),
+            num_experts_per_tok=key("expert_used_count", 0),
+            moe_intermediate_size=key("expert_feed_forward_length"),
+            shared_expert_intermediate_size=key("expert_shared_feed_forward_length"),
+            norm_topk_prob=True,  # llama.cpp renormalizes the top-k weights of both
+            # A layer without a router is a dense one (Qwen3-Next's mlp_only_layers).
+            mlp_only_layers=[
+                i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names
+            ],
+        )
+    return out
 
 
 def _rope_scaling(arch: str, key, config: dict, path: Path) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from nanovllm_mlx.loading.gguf.linear_attention import is_linear_attention, map_linear_attention
+
 _GGUF_NAMES = {
     "token_embd": "embed_tokens",
     "output_norm": "norm",
@@ -41,6 +43,15 @@ _GPT_OSS_NAMES = {
     # Newer converters may fuse the experts' gate and up (gate rows first): split below.
     "ffn_gate_up_exps": "mlp.experts.gate_up_proj",
 }
+# Qwen3.5 / Qwen3-Next (their Gated DeltaNet tensors: linear_attention.py).
+_QWEN35_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+_HYBRID = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 # Models whose q/k rows llama.cpp permutes (its Llama converter; Mixtral goes through it).
 _PERMUTED = ("llama", "mistral", "mixtral")
 
@@ -61,6 +72,8 @@ def _block_names(model_type: str) -> dict[str, str]:
         return {**_BLOCK_NAMES, **_PHI3_NAMES}
     if model_type == "gpt_oss":
         return {**_BLOCK_NAMES, **_GPT_OSS_NAMES}
+    if model_type in _HYBRID:
+        return {**_BLOCK_NAMES, **_QWEN35_NAMES}
     return _BLOCK_NAMES
 
 
@@ -73,6 +86,7 @@ def map_weights(weights: dict[str, mx.array], config: dict) -> tuple[dict[str, m
     model_type = config["model_type"]
     names = _block_names(model_type)
     permuted = model_type in _PERMUTED
+    linear: dict[tuple[int, str, str], mx.array] = {}
     for name, value in weights.items():
         if name == "rope_freqs.weight":
             extra["rope_freq_factors"] = value.astype(mx.float32).tolist()
@@ -83,6 +97,11 @@ def map_weights(weights: dict[str, mx.array], config: dict) -> tuple[dict[str, m
             continue
         stem, _, suffix = name.rpartition(".")  # suffix: weight, bias, scales or biases
         parts = stem.split(".")
+        if model_type in _HYBRID and name.startswith("blk."):
+            layer, kind = name.split(".")[1:3]  # ssm_a has no suffix
+            if is_linear_attention(name, kind, model_type):
+                linear[int(layer), kind, suffix] = value
+                continue
         if parts[0] == "blk" and len(parts) == 3 and parts[2] in names:
             target = f"layers.{parts[1]}.{names[parts[2]]}"
             if permuted and parts[2] == "attn_q":
@@ -101,6 +120,7 @@ def map_weights(weights: dict[str, mx.array], config: dict) -> tuple[dict[str, m
             out[f"{stem}.gate_proj.{suffix}"], out[f"{stem}.up_proj.{suffix}"] = gate, up
         else:
             out[f"{target}.{suffix}"] = value
+    out.update(map_linear_attention(linear, config))
     if "short_factor" in extra or "long_factor" in extra:
         long = extra.pop("long_factor", None)
         short = extra.pop("short_factor", long)
