@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -269,7 +270,9 @@ def main() -> None:
         f"{'compiled' if llm.stats()['compile_decode'] else 'eager'} "
         f"(start-up timing, compiled/eager ms: {llm.engine.model_runner.compile_ms}), "
         f"attention {llm.engine.model_runner.backend.name}, "
-        f"KV cache {llm.stats()['kv_cache_dtype']} (mlx-lm's: the model's dtype)"
+        f"KV cache {llm.stats()['kv_cache_dtype']} (mlx-lm's: the model's dtype); "
+        f"both engines run in this process with MLX_MAX_MB_PER_BUFFER="
+        f"{os.environ.get('MLX_MAX_MB_PER_BUFFER', 'unset')}"
     )
     print(
         f"bandwidth {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e6:.0f} MB a token: "

@@ -116,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--pools", default="2.5,20", help="part 2's pool sizes (GB)")
+    ap.add_argument("--pools", default="2.5,20", help="part 2's pool sizes (GB), empty: none")
     ap.add_argument(
         "--configs",
         default="2.5:on:on:on,20:on:on:on,20:off:on:on,20:on:off:on,20:off:off:on,20:on:on:off",
@@ -133,7 +133,8 @@ def main() -> None:
     print(nanovllm_mlx.backend.describe())
     if not args.skip_engine:
         engine_grid(args)
-    write_probe(args)
+    if args.pools:
+        write_probe(args)
 
 
 if __name__ == "__main__":

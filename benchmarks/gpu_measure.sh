@@ -54,12 +54,29 @@ for phase in "$@"; do
       run probe-8b 330 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
         --repeats 1 --decode-tokens 64 \
         --configs 2.5:on:on:on,20:on:on:on,20:off:on:on,20:on:on:off,20:off:off:on,20:on:off:on ;;
+    probe-ahead-8b)
+      # Issue 22: look-ahead launched before the step it follows has finished makes every
+      # pool write a copy of the pool (MLX cannot donate a buffer a running kernel still
+      # holds); NANOVLLM_AHEAD_SYNC=1 launches it once the device is done instead.
+      # MLX_MAX_MB_PER_BUFFER=1000: MLX's own limit on an H100/H200 (a CUDA graph per
+      # 1000 MB of op inputs, each read or write of a pool counting the whole pool); the
+      # engine raises it (backend.raise_graph_limit).
+      for case in "NANOVLLM_AHEAD_SYNC=0 MLX_MAX_MB_PER_BUFFER=1000:20:on:on:on" \
+          "NANOVLLM_AHEAD_SYNC=1 MLX_MAX_MB_PER_BUFFER=1000:20:on:on:on" \
+          "NANOVLLM_AHEAD_SYNC=1 MLX_MAX_MB_PER_BUFFER=1000000:20:on:on:on,20:off:on:on,20:on:off:on"; do
+        run probe-ahead-8b 240 env ${case%%:*} python3 benchmarks/decode_probe.py \
+          --model $L8B --dtype float16 --repeats 1 --decode-tokens 64 --pools "" \
+          --configs ${case#*:}
+      done ;;
+    anatomy-8b)
+      run anatomy-8b 160 python3 benchmarks/step_anatomy.py --model $L8B --dtype float16 \
+        --contexts 32,8192 --kv-cache-gb 20 ;;
     compare-8b-single)
       run compare-8b-single 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --batches "" \
         --decode-tokens 64 --json ;;
     compare-8b)
-      run compare-8b 300 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
+      run compare-8b 400 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --decode-tokens 64 \
         --batches 8,64 --batch-repeats 1 --min-input 256 --max-input 2048 --min-output 128 \
         --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
