@@ -55,15 +55,13 @@ for phase in "$@"; do
         --repeats 1 --decode-tokens 64 \
         --configs 2.5:on:on:on,20:on:on:on,20:off:on:on,20:on:on:off,20:off:off:on,20:on:off:on ;;
     probe-ahead-8b)
-      # Issue 22: look-ahead launched before the step it follows has finished makes every
-      # pool write a copy of the pool (MLX cannot donate a buffer a running kernel still
-      # holds); NANOVLLM_AHEAD_SYNC=1 launches it once the device is done instead.
-      # MLX_MAX_MB_PER_BUFFER=1000: MLX's own limit on an H100/H200 (a CUDA graph per
-      # 1000 MB of op inputs, each read or write of a pool counting the whole pool); the
-      # engine raises it (backend.raise_graph_limit).
-      for case in "NANOVLLM_AHEAD_SYNC=0 MLX_MAX_MB_PER_BUFFER=1000:20:on:on:on" \
-          "NANOVLLM_AHEAD_SYNC=1 MLX_MAX_MB_PER_BUFFER=1000:20:on:on:on" \
-          "NANOVLLM_AHEAD_SYNC=1 MLX_MAX_MB_PER_BUFFER=1000000:20:on:on:on,20:off:on:on,20:on:off:on"; do
+      # Issue 22's A/B ran at commit 3211fa0, where NANOVLLM_AHEAD_SYNC=0 still launched the
+      # look-ahead step while the one before it ran (each pool write then copied the pool)
+      # and the engine raised MLX_MAX_MB_PER_BUFFER (MLX's own on an H100/H200: 1000, a CUDA
+      # graph per 1000 MB of op inputs). The sync is now unconditional and the limit MLX's:
+      # this phase measures the landed engine with MLX's limit and with it raised.
+      for case in "MLX_MAX_MB_PER_BUFFER=1000:20:on:on:on,20:off:on:on,20:on:off:on" \
+          "MLX_MAX_MB_PER_BUFFER=1000000:20:on:on:on"; do
         run probe-ahead-8b 240 env ${case%%:*} python3 benchmarks/decode_probe.py \
           --model $L8B --dtype float16 --repeats 1 --decode-tokens 64 --pools "" \
           --configs ${case#*:}

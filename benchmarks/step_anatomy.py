@@ -131,7 +131,8 @@ def ours(
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
     engine.add_request(prompt, params)
     try:
-        engine.step()  # the prefill
+        while not any(out.token_ids for out in engine.step()):
+            pass  # the prompt's chunks, up to its first token
         engine.step()
         t.current.clear()
         with around():

@@ -5,7 +5,6 @@ from nanovllm_mlx import backend
 # Before anything imports mlx: an optimized BLAS must be loaded first to take effect.
 backend.load_fast_blas()
 backend.keep_freed_memory()
-backend.raise_graph_limit()
 
 from nanovllm_mlx.engine.llm_engine import LLMEngine, RequestOutput  # noqa: E402
 from nanovllm_mlx.llm import LLM  # noqa: E402

@@ -86,27 +86,6 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
-# MLX's CUDA encoder ends a CUDA graph (and launches it) every 100 ops or every 1,000 MB
-# of op inputs on an H100/H200, and counts the whole array for every op that reads it:
-# each layer's K/V write and attention read count the layer's whole pool (1.25 GB a
-# layer for a 20 GB pool), so every layer became a graph of its own. See the measured
-# effect in benchmarks/RESULTS.md (round three). Only the op count bounds a graph then.
-GRAPH_MB_LIMIT = "1000000"
-
-
-def raise_graph_limit() -> bool:
-    """Let MLX's CUDA graphs be bounded by op count, not by the bytes their ops read.
-
-    Must run before mlx.core is imported (MLX reads the variable once); a value the
-    user set is kept. Linux only: on macOS the same variable bounds Metal command
-    buffers, which count each buffer once per command buffer, and that trade has not
-    been measured here."""
-    if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
-        return False
-    os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", GRAPH_MB_LIMIT)
-    return os.environ["MLX_MAX_MB_PER_BUFFER"] == GRAPH_MB_LIMIT
-
-
 def load_fast_blas() -> str:
     """Load an optimized BLAS globally if one is found; return what is in use.
 

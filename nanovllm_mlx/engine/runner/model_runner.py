@@ -15,9 +15,7 @@ is safe (reserve_ahead); a launch whose batch then changes is simply dropped.
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
 from typing import Any, cast
 
 import mlx.core as mx
@@ -30,13 +28,14 @@ from nanovllm_mlx.attention.metadata import AttentionBackend, AttentionMetadata,
 from nanovllm_mlx.attention.state import state_pools
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.runner.launch import Ahead, Launched, batch_key, bucket_key, start
 from nanovllm_mlx.engine.runner.step_inputs import (
     PreparedStep,
     is_uniform_decode,
     prepare,
     prepare_decode,
 )
-from nanovllm_mlx.engine.sample.logprobs import RowSample, SampleExtras
+from nanovllm_mlx.engine.sample.logprobs import RowSample
 from nanovllm_mlx.engine.sample.sampler import sample
 from nanovllm_mlx.models.base import CausalLM
 from nanovllm_mlx.sampling_params import SamplingParams
@@ -47,7 +46,6 @@ from nanovllm_mlx.sampling_params import SamplingParams
 # new (batch, width) bucket costs a trace (~90 ms) while a wide step is bound by the device,
 # not by the Python that builds it.
 COMPILE_MAX_BATCH = 8
-AHEAD_AFTER_SYNC = os.environ.get("NANOVLLM_AHEAD_SYNC") != "0"  # experiment, issue 22
 WARM_UP_RUNS = 5  # steps timed each way when the start-up chooses whether to compile
 
 
@@ -110,7 +108,7 @@ class ModelRunner:
             next(st) if i in spec.state_layers else next(kv) for i in range(spec.n_layers)
         ]
         mx.eval(self.cache_arrays())
-        self._ahead: _Ahead | None = None
+        self._ahead: Ahead | None = None
         self.steps_ahead_used = 0  # launched ahead and used
         self.steps_ahead_dropped = 0  # launched ahead, then the batch changed
 
@@ -228,7 +226,7 @@ class ModelRunner:
     def _prepare(self, batch: list[ScheduledSeq], ahead: mx.array | None = None) -> PreparedStep:
         if self.compile_decode and len(batch) <= COMPILE_MAX_BATCH and is_uniform_decode(batch):
             step = prepare_decode(batch, self.pool, self.backend, self.scratch_block, ahead)
-            self.decode_buckets.add(_bucket_key(step))
+            self.decode_buckets.add(bucket_key(step))
             return step
         return self._prepare_eager(batch, ahead)
 
@@ -237,7 +235,7 @@ class ModelRunner:
     ) -> PreparedStep:
         return prepare(batch, self.pool, self.backend, ahead, self.windows, self.scratch_state)
 
-    def _launch(self, step: PreparedStep, output_offset: int) -> _Launched:
+    def _launch(self, step: PreparedStep, output_offset: int) -> Launched:
         """Build the step's graph, then start it on the device once the step before it is
         done there (_start), without waiting for it.
 
@@ -258,33 +256,9 @@ class ModelRunner:
             raise
         del before  # no extra reference at evaluation: the pools are updated in place
         tokens, logprobs = (None, None) if sampled is None else sampled
-        launched = _Launched(step, tokens, logprobs, self.cache_arrays())
-        self._start(launched)
+        launched = Launched(step, tokens, logprobs, self.cache_arrays())
+        start(launched)
         return launched
-
-    @staticmethod
-    def _start(launched: _Launched) -> None:
-        """Launch a built step, after the device has finished everything before it.
-
-        A step writes its K/V into the pools, which MLX does in place only if nothing
-        else holds them, and MLX holds every array a launched kernel reads until the
-        device has run it: a step launched while the previous one still runs (the
-        look-ahead) finds its pools held by that step's attention reads, and MLX then
-        copies each pool whole before writing one token into it. On CPU that took a
-        compiled single stream from 475 to 3.5 tok/s with a 2 GB pool (tiny Llama,
-        2 layers). mx.synchronize() waits until the device and MLX's completion
-        handlers are done (waiting for the previous tokens alone may return before MLX
-        lets go of its arrays); the look-ahead still builds the next step's graph
-        while the device runs, only its launch waits."""
-        if AHEAD_AFTER_SYNC:
-            mx.synchronize()
-        outputs = [launched.pools]
-        if launched.tokens is not None:
-            outputs.append(launched.tokens)
-        if launched.logprobs is not None:
-            outputs.append(launched.logprobs)  # type: ignore[arg-type]
-        launched.pools = []  # no extra reference at evaluation (pools updated in place)
-        mx.async_eval(*outputs)  # type: ignore[no-untyped-call]
 
     def run(
         self, batch: list[ScheduledSeq], look_ahead: bool = False
@@ -303,7 +277,7 @@ class ModelRunner:
         self, batch: list[ScheduledSeq], look_ahead: bool
     ) -> tuple[list[int], list[RowSample | None] | None]:
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.key == _batch_key(batch, 0):
+        if ahead is not None and ahead.key == batch_key(batch, 0):
             launched = ahead.launched
             self.steps_ahead_used += 1
         else:
@@ -311,7 +285,7 @@ class ModelRunner:
             launched = self._launch(self._prepare(batch), 0)
         if look_ahead:
             step = self._prepare(batch, ahead=launched.tokens)
-            self._ahead = _Ahead(_batch_key(batch, 1), self._launch(step, 1))
+            self._ahead = Ahead(batch_key(batch, 1), self._launch(step, 1))
         if launched.tokens is None:
             mx.eval(self.cache_arrays())
             return [], None
@@ -332,28 +306,3 @@ class ModelRunner:
             return tokens_out, None
         logprob_list = launched.logprobs.tolist()
         return tokens_out, [logprob_list[i] for i in order]
-
-
-@dataclass(slots=True)
-class _Launched:
-    step: PreparedStep
-    tokens: mx.array | None  # lazy, in the step's sampler order
-    logprobs: SampleExtras | None  # lazy; tolist() reads it back, one RowSample a row
-    pools: list[mx.array]  # what _start evaluates besides the tokens; emptied by it
-
-
-@dataclass(slots=True)
-class _Ahead:
-    key: tuple[Any, ...]  # the batch, as _batch_key, this launch is the right step for
-    launched: _Launched
-
-
-def _batch_key(batch: list[ScheduledSeq], shift: int) -> tuple[Any, ...]:
-    return tuple(
-        (item.seq.seq_id, item.start + shift, item.num_new_tokens, len(item.draft))
-        for item in batch
-    )
-
-
-def _bucket_key(step: PreparedStep) -> tuple[Any, ...]:
-    return (step.input_ids.shape[0], *(a.shape for a in step.meta.decode.values()))
