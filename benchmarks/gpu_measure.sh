@@ -67,10 +67,7 @@ for phase in "$@"; do
           --configs ${case#*:}
       done ;;
     followup-8b)
-      # The gather path (a Mac's) compiled against eager after 8k tokens, and the
-      # 8-request row over two rounds (the first pays each compiled bucket's trace).
-      run followup-8b 100 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
-        --repeats 1 --decode-tokens 64 --pools "" --configs 20:off:off:on,20:on:off:on
+      # The 8-request row over two rounds (the first pays each compiled bucket's trace).
       run followup-8b 200 python3 benchmarks/compare_mlx_lm.py --model $L8B --dtype float16 \
         --repeats 1 --contexts 32 --ttft "" --decode-tokens 64 --batches 8 --batch-repeats 2 \
         --min-input 256 --max-input 2048 --min-output 128 --max-output 256 \
