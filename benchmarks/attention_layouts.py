@@ -33,7 +33,7 @@ import mlx.core as mx
 # isort: on
 
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention.gather import gathered_attention
+from nanovllm_mlx.attention.attend import gathered_attention
 from nanovllm_mlx.attention.kv_cache import read_blocks
 from nanovllm_mlx.attention.metadata import KVCache, PoolLayout
 

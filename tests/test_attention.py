@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention.gather import GatherAttention, gathered_attention, length_groups
+from nanovllm_mlx.attention.attend import gathered_attention
+from nanovllm_mlx.attention.gather import GatherAttention, length_groups
 from nanovllm_mlx.attention.metadata import NULL_BLOCK, KVCache, PoolLayout
 from nanovllm_mlx.attention.paged import paged_attention
 from nanovllm_mlx.engine.core.plan import ScheduledSeq

@@ -13,7 +13,7 @@ import pytest
 from helpers import random_ids, run_cli, without_blas_notice
 
 from nanovllm_mlx import LLM, SamplingParams
-from nanovllm_mlx.attention.gather import gathered_attention, sliced_attention
+from nanovllm_mlx.attention.attend import gathered_attention, sliced_attention
 from nanovllm_mlx.attention.kv_cache import KVCache
 from nanovllm_mlx.attention.kv_quant import (
     INT4,

@@ -1,0 +1,122 @@
+"""The CUDA source of the paged decode kernel (attention/cuda.py builds and launches it):
+PARTIAL attends one partition of a sequence's context for a group of query heads that
+share a KV head; MERGE combines the partitions by their log-sum-exp."""
+
+PARTIAL = """
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    constexpr int PL = (D + 31) / 32;
+    // One thread block serves GB query heads that share a KV head (grouped-query
+    // attention): each key and value row is read once for all of them, where a block per
+    // query head read it G times (4x at Llama 3's 32/8 heads).
+    const int part = blockIdx.x, h0 = blockIdx.y * GB, b = blockIdx.z;
+    const int n_heads = gridDim.y * GB, n_parts = gridDim.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int ctx = context_lens[b];
+    const int part_size = params[0];
+    // A sliding-window layer (params[1] = W > 0) reads only keys [ctx - W, ctx); the
+    // partitions tile that span, so blocks before it (maybe freed) are never touched.
+    const int lo = params[1] > 0 ? max(0, ctx - params[1]) : 0;
+    const int start = lo + part * part_size;
+    const int end = min(start + part_size, ctx);
+    const int nb = block_tables_shape[1];
+    const long slots = k_pool_shape[1];
+    const int kvh = h0 / G;
+    // Scores in base 2 (exp2f is one instruction); the merge works in the same base.
+    const float sc = scale[0] * 1.4426950408889634f;
+    const T* k_base = k_pool + (long)kvh * slots * D;
+    const T* v_base = v_pool + (long)kvh * slots * D;
+    const int* table = block_tables + (long)b * nb;
+    float qv[GB][PL], acc[GB][PL], m[GB], l[GB];
+    for (int g = 0; g < GB; ++g) {
+        // q may be a strided view (GPT-2 slices it out of the fused qkv projection).
+        const T* q_row = q + (long)b * q_strides[0] + (long)(h0 + g) * q_strides[1];
+        for (int i = 0; i < PL; ++i) {
+            const int d = lane + 32 * i;
+            qv[g][i] = d < D ? static_cast<float>(q_row[d * q_strides[2]]) * sc : 0.f;
+            acc[g][i] = 0.f;
+        }
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+    }
+    // Each warp takes U consecutive keys at a time (neighbouring rows of one block).
+    for (int t0 = start + warp * U; t0 < end; t0 += WARPS * U) {
+        float kr[U][PL], s[U][GB];
+        for (int u = 0; u < U; ++u) {
+            const int t = t0 + u;
+            const long slot = t < end ? (long)table[t / BS] * BS + (t % BS) : 0;
+            const T* k_row = k_base + slot * D;
+            for (int i = 0; i < PL; ++i) {
+                const int d = lane + 32 * i;
+                kr[u][i] = (t < end && d < D) ? static_cast<float>(k_row[d]) : 0.f;
+            }
+        }
+        for (int u = 0; u < U; ++u)
+            for (int g = 0; g < GB; ++g) {
+                float x = 0.f;
+                for (int i = 0; i < PL; ++i) x += qv[g][i] * kr[u][i];
+                s[u][g] = x;
+            }
+        for (int o = 16; o > 0; o >>= 1)
+            for (int u = 0; u < U; ++u)
+                for (int g = 0; g < GB; ++g) s[u][g] += __shfl_xor_sync(0xffffffff, s[u][g], o);
+        for (int u = 0; u < U; ++u) {
+            const int t = t0 + u;
+            if (t >= end) break;
+            const T* v_row = v_base + ((long)table[t / BS] * BS + (t % BS)) * D;
+            float vr[PL];
+            for (int i = 0; i < PL; ++i) {
+                const int d = lane + 32 * i;
+                vr[i] = d < D ? static_cast<float>(v_row[d]) : 0.f;
+            }
+            for (int g = 0; g < GB; ++g) {
+                const float m_new = fmaxf(m[g], s[u][g]);
+                const float c = exp2f(m[g] - m_new), p = exp2f(s[u][g] - m_new);
+                l[g] = l[g] * c + p;
+                for (int i = 0; i < PL; ++i) acc[g][i] = acc[g][i] * c + p * vr[i];
+                m[g] = m_new;
+            }
+        }
+    }
+    __shared__ float s_m[WARPS][GB], s_l[WARPS][GB], s_acc[WARPS][GB][D];
+    for (int g = 0; g < GB; ++g) {
+        if (lane == 0) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
+        for (int i = 0; i < PL; ++i) {
+            const int d = lane + 32 * i;
+            if (d < D) s_acc[warp][g][d] = acc[g][i];
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < GB * D; j += blockDim.x) {
+        const int g = j / D, d = j % D;
+        float m_all = NEG_INF;
+        for (int w = 0; w < WARPS; ++w) m_all = fmaxf(m_all, s_m[w][g]);
+        float l_all = 0.f, o = 0.f;
+        for (int w = 0; w < WARPS; ++w) {
+            if (s_m[w][g] == NEG_INF) continue;
+            const float e = exp2f(s_m[w][g] - m_all);
+            l_all += s_l[w][g] * e;
+            o += s_acc[w][g][d] * e;
+        }
+        const long row = ((long)b * n_heads + h0 + g) * n_parts + part;
+        part_out[row * D + d] = o;
+        if (d == 0) { part_m[row] = m_all; part_l[row] = l_all; }
+    }
+"""
+
+MERGE = """
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    const int d = threadIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int n_parts = part_m_shape[2];
+    const long base = ((long)b * gridDim.y + h) * n_parts;
+    float m_all = NEG_INF;
+    for (int p = 0; p < n_parts; ++p) m_all = fmaxf(m_all, part_m[base + p]);
+    float l_all = 0.f, o = 0.f;
+    for (int p = 0; p < n_parts; ++p) {
+        const float mp = part_m[base + p];
+        if (mp == NEG_INF) continue;
+        const float e = exp2f(mp - m_all);
+        l_all += part_l[base + p] * e;
+        o += part_out[(base + p) * D + d] * e;
+    }
+    out[((long)b * gridDim.y + h) * D + d] = static_cast<T>(o / l_all);
+"""
