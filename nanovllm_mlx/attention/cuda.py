@@ -26,6 +26,7 @@ import mlx.core as mx
 from nanovllm_mlx.attention.cuda_source import MERGE, PARTIAL
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import DecodeEntries, KVCache, PoolLayout, block_tables
+from nanovllm_mlx.interop import to_mx
 
 WARPS = 4
 TARGET_BLOCKS = 512  # enough thread blocks to fill an H100's 132 SMs a few times over
@@ -174,13 +175,13 @@ class CudaPagedAttention(GatherAttention):
     ) -> DecodePlan:
         max_context = int(entries.context_lens.max())
         tables = block_tables(entries.block_tables, pool.num_table_blocks(max_context))
-        return DecodePlan(mx.array(tables), mx.array(entries.context_lens), max_context, window)
+        return DecodePlan(to_mx(tables), to_mx(entries.context_lens), max_context, window)
 
     def plan_decode_uniform(
         self, entries: DecodeEntries, pool: PoolLayout, width: int
     ) -> dict[str, mx.array]:
         tables = block_tables(entries.block_tables, width)
-        return {"tables": mx.array(tables), "context": mx.array(entries.context_lens)}
+        return {"tables": to_mx(tables), "context": to_mx(entries.context_lens)}
 
     def decode(  # type: ignore[override]
         self,

@@ -25,6 +25,7 @@ from nanovllm_mlx.attention.metadata import (
     decode_spans,
     first_visible_key,
 )
+from nanovllm_mlx.interop import to_mx
 
 MAX_GROUPS = 4  # decode length groups
 MIN_GROUP = 8  # sequences per group, at least
@@ -79,7 +80,7 @@ def length_groups(context: np.ndarray, block_size: int) -> list[tuple[int, int]]
 
 def _decode_mask(lo: np.ndarray, hi: np.ndarray, block_size: int) -> mx.array:
     keys = np.arange(-(-int(hi.max()) // block_size) * block_size)
-    return mx.array(((keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]))[:, None])
+    return to_mx(((keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]))[:, None])
 
 
 class GatherAttention:
@@ -149,12 +150,12 @@ class GatherAttention:
             visible = keys <= q_pos[:, :, None]
             if window is not None:
                 visible &= keys > q_pos[:, :, None] - window
-            mask = mx.array(visible)
+            mask = to_mx(visible)
         return PrefillPlan(
-            q_index=mx.array(q_index),
+            q_index=to_mx(q_index),
             rows=pool.block_rows(tables),
             mask=mask,
-            out_index=mx.array(np.concatenate(out_index).astype(np.int32)),
+            out_index=to_mx(np.concatenate(out_index).astype(np.int32)),
             length=context if causal else None,
         )
 
@@ -166,7 +167,7 @@ class GatherAttention:
         tables = block_tables(entries.block_tables, width)
         keys = np.arange(width * pool.block_size)
         mask = keys[None, :] < entries.context_lens[:, None]
-        return {"rows": pool.block_rows(tables), "mask": mx.array(mask[:, None, :])}
+        return {"rows": pool.block_rows(tables), "mask": to_mx(mask[:, None, :])}
 
     def decode(
         self,

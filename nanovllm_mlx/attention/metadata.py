@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from nanovllm_mlx.attention.kv_cache import KVCache as KVCache  # re-exported
+from nanovllm_mlx.interop import to_mx
 
 # A block-table entry whose block was freed because it left every layer's sliding window
 # (the block manager frees them; attention reads start past them).
@@ -60,13 +61,13 @@ class PoolLayout:
         """[T] slots -> [T * Hkv] rows of the [Hkv * slots, D] view, token-major as a
         step's k/v come out of the projections."""
         heads = np.arange(self.n_kv_heads, dtype=np.int64) * (self.num_blocks * self.block_size)
-        return mx.array((slots[:, None] + heads).reshape(-1).astype(np.int32))
+        return to_mx((slots[:, None] + heads).reshape(-1).astype(np.int32))
 
     def block_rows(self, tables: np.ndarray) -> mx.array:
         """[B, nb] block tables -> the rows holding those blocks in the
         [Hkv * num_blocks, block_size * D] view, head by head."""
         heads = np.arange(self.n_kv_heads, dtype=np.int32)[:, None, None] * self.num_blocks
-        return mx.array((heads + tables[None]).reshape(-1).astype(np.int32))
+        return to_mx((heads + tables[None]).reshape(-1).astype(np.int32))
 
     def num_table_blocks(self, context: int) -> int:
         return -(-context // self.block_size)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from nanovllm_mlx.interop import to_mx
+
 
 @dataclass(slots=True)
 class StateCache:
@@ -100,11 +102,9 @@ def build_state_steps(
     rows = [r for r, _ in decode_saves]
     return StateSteps(
         num_decode=len(decode_slots),
-        decode_slots=mx.array(np.array(decode_slots, dtype=np.int32)),
-        decode_fresh=mx.array(np.array(decode_fresh, dtype=np.bool_)),
-        save_rows=mx.array(np.array(rows, dtype=np.int32)) if rows else None,
-        save_slots=mx.array(np.array([s for _, s in decode_saves], dtype=np.int32))
-        if rows
-        else None,
+        decode_slots=to_mx(np.array(decode_slots, dtype=np.int32)),
+        decode_fresh=to_mx(np.array(decode_fresh, dtype=np.bool_)),
+        save_rows=to_mx(np.array(rows, dtype=np.int32)) if rows else None,
+        save_slots=to_mx(np.array([s for _, s in decode_saves], dtype=np.int32)) if rows else None,
         prefills=prefills,
     )

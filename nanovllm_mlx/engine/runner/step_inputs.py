@@ -24,6 +24,7 @@ from nanovllm_mlx.attention.metadata import (
 from nanovllm_mlx.attention.paged import build_metadata
 from nanovllm_mlx.attention.state import Segment, StateSteps, build_state_steps
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
+from nanovllm_mlx.interop import to_mx
 
 
 @dataclass(slots=True)
@@ -90,7 +91,7 @@ def prepare(
         meta.states = _state_steps(decodes, prefills, scratch_state)
     return PreparedStep(
         input_ids=mx.array(input_ids, dtype=mx.int32) if ahead is None else ahead,
-        positions=mx.array(np.concatenate(positions).astype(np.int32)),
+        positions=to_mx(np.concatenate(positions).astype(np.int32)),
         meta=meta,
         samplers=samplers,
         last_index=mx.array(last, dtype=mx.int32),
@@ -158,7 +159,7 @@ def prepare_decode(
         input_ids = ahead if rows == n else mx.concatenate([ahead, mx.zeros(rows - n, mx.int32)])
     return PreparedStep(
         input_ids=input_ids,
-        positions=mx.array(positions),
+        positions=to_mx(positions),
         meta=AttentionMetadata(
             backend=backend,
             write_rows=pool.write_rows(slots),
