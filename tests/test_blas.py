@@ -84,6 +84,27 @@ def test_mlx_calls_mkl_sgemm_with_its_default_threading_unless_told_otherwise():
         assert banner.endswith(expected), banner
 
 
+@linux_x86
+def test_mkl_keeps_its_own_threading_when_torch_is_imported_later():
+    """Importing torch (transformers and mlx-lm do) after nanovllm_mlx loads GNU OpenMP;
+    MKL must have settled on its own by then: it picked GNU's when left to its first
+    matmul, and a matrix-vector product ran 35x slower (backend.load_fast_blas)."""
+    if not backend._pip_mkl_paths():
+        pytest.skip("the mkl wheel is not installed here (`pip install -e .` installs it)")
+    pytest.importorskip("torch")
+    code = (
+        "import nanovllm_mlx, torch, mlx.core as mx; a = mx.ones((64, 64)); mx.eval(a @ a)\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('gomp' in maps, 'libmkl_intel_thread' in maps, 'libmkl_gnu_thread' in maps)"
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "MKL_THREADING_LAYER"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=120, env=clean,
+    )  # fmt: skip
+    assert proc.stdout.split() == ["True", "True", "False"], proc.stdout + proc.stderr
+
+
 def test_the_import_order_warning_only_when_a_fast_blas_was_there(monkeypatch):
     for name in ("blas_in_use", "blas_library", "_why_slow", "_fast_blas_found"):
         monkeypatch.setattr(backend, name, getattr(backend, name))
