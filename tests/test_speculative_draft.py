@@ -11,9 +11,10 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import pytest
-from helpers import SMALL_KV, random_ids, run_cli
+from helpers import JSON, SMALL_KV, metrics, random_ids, run_cli, serving
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.engine.core.speculation import DRAFT_COST, best_k
@@ -286,3 +287,17 @@ def test_cli(qwen3_tiny: Path, qwen2_tiny: Path):
     assert bench.returncode == 0, bench.stderr
     result = json.loads(bench.stdout.strip().splitlines()[-1])
     assert result["speculative"] == "draft" and "spec_acceptance_rate" in result
+
+
+def test_served_with_metrics(qwen3_tiny: Path, near_draft: Path):
+    """Served: the draft's counters reach /metrics."""
+    from nanovllm_mlx.serving.app import create_app
+
+    engine = drafting(qwen3_tiny, near_draft).engine
+    with serving(create_app(engine)) as base_url:
+        body = {"model": "qwen3-tiny", "prompt": PATTERNS[0], "max_tokens": 30, "temperature": 0}
+        r = httpx.post(f"{base_url}/v1/completions", json=body, headers=JSON, timeout=60)
+        assert r.status_code == 200, r.text
+        m = metrics(base_url)
+    proposed = m["nanovllm_spec_decode_num_draft_tokens_total"]
+    assert 0 < m["nanovllm_spec_decode_num_accepted_tokens_total"] < proposed
