@@ -1,18 +1,28 @@
-"""N-gram (prompt lookup) speculative decoding against plain decoding, side by side.
+"""Speculative decoding (n-gram prompt lookup, or a draft model) against plain decoding,
+side by side.
 
-Two engines on the same model in one process, one with `speculative="ngram"`, the other
-without (the same step budget: the second is given what the first measured). Each case
-runs on both at once, their steps interleaved one for one (which engine steps first
-alternates), so that other jobs on a shared machine slow both alike at the scale of a
-step; a rate is tokens over the summed time of the engine's own steps after the first
-token (wall clock, and this process's CPU time). Figures are medians over rounds, the
-ratio taken per case and round.
+Two engines on the same model in one process, one with `speculative="ngram"` (or
+`"draft"` with --draft-model), the other without (the same step budget: the second is
+given what the first measured). Each case runs on both at once, their steps interleaved
+one for one (which engine steps first alternates), so that other jobs on a shared
+machine slow both alike at the scale of a step; a rate is tokens over the summed time
+of the engine's own steps after the first token (wall clock, and this process's CPU
+time). Figures are medians over rounds, the ratio taken per case and round.
 
 Cases: single streams on input-grounded prompts (rewrite, code edit, extraction: answers
 that copy from the prompt), single streams of free generation, and 32 requests at once
 (grounded and free mixed). Greedy; the two engines' tokens are checked to be the same.
 
     python benchmarks/speculative.py --model models/SmolLM2-135M-Instruct-Q4_1 --rounds 3
+
+A draft model (benchmarks/draft_targets.py builds larger targets in SmolLM2's tokenizer):
+
+    python benchmarks/speculative.py --model /tmp/smollm2-deep \
+        --draft-model models/SmolLM2-135M-Instruct-Q4_1 --cases 2 --max-tokens 64
+
+--force proposes wherever the acceptance pays for the verification alone, leaving the
+draft forward's cost out of the adaptive k (SmolLM2 drafting for itself: the engine's own
+rule never proposes, a draft forward costing what the step it saves does).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from pathlib import Path
 
 import nanovllm_mlx  # noqa: F401  (before mlx: the fast BLAS)
 from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.engine.core.speculation import DRAFT_COST
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,17 +137,38 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=48)
     ap.add_argument("--num-speculative-tokens", type=int, default=None)
     ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--draft-model", default=None, help="speculative='draft' with this draft")
+    ap.add_argument("--force", action="store_true", help="draft: leave its forward's cost out")
+    ap.add_argument("--plain-first", action="store_true", help="build the plain engine first")
+    ap.add_argument("--cases", type=int, default=4, help="prompts of each kind (at most 4)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     spec_kw: dict[str, object] = {"speculative": "ngram"}
+    if args.draft_model:
+        spec_kw = {"speculative": "draft", "draft_model": args.draft_model}
     if args.num_speculative_tokens:
         spec_kw["num_speculative_tokens"] = args.num_speculative_tokens
-    spec = LLM(args.model, **spec_kw)
-    plain = LLM(args.model, max_num_batched_tokens=spec.engine.max_num_batched_tokens)
+    # The engine built first ran slower here: two identical plain engines, in lockstep,
+    # gave the first 0.84-0.95x the second's tok/s (6 runs of 48 tokens, median 0.87).
+    # The speculating one is built first (against it); --plain-first builds the other
+    # first (for it): the geometric mean of the two runs' ratios cancels the bias.
+    if args.plain_first:
+        plain = LLM(args.model)
+        budget = plain.engine.max_num_batched_tokens
+        spec = LLM(args.model, max_num_batched_tokens=budget, **spec_kw)
+    else:
+        spec = LLM(args.model, **spec_kw)
+        plain = LLM(args.model, max_num_batched_tokens=spec.engine.max_num_batched_tokens)
+    speculator = spec.engine.speculator
+    assert speculator is not None
+    cost = speculator.cost  # a draft token's, as a share of a one-token step
+    print(f"a draft token costs {cost:.3f} of a one-token step (estimate)")
+    if args.force:
+        speculator.cost = DRAFT_COST
     print(f"model {spec.engine.model_name}, budget {spec.engine.max_num_batched_tokens} tokens")
-    cases = [("grounded", i, chat(spec, p)) for i, p in enumerate(GROUNDED)]
-    cases += [("free", i, chat(spec, p)) for i, p in enumerate(FREE)]
+    cases = [("grounded", i, chat(spec, p)) for i, p in enumerate(GROUNDED[: args.cases])]
+    cases += [("free", i, chat(spec, p)) for i, p in enumerate(FREE[: args.cases])]
     many = [chat(spec, (GROUNDED + FREE)[i % 8]) for i in range(32)]
     paired(spec, plain, [cases[0][2]], 8)  # warm-up: lazy initialisation out of the figures
 
@@ -189,6 +221,20 @@ def main() -> None:
             drafts, proposed, accepted = acceptance[kind]
             summary[kind]["acceptance_rate"] = accepted / proposed if proposed else 0.0
             summary[kind]["tokens_per_draft_step"] = 1 + accepted / drafts if drafts else 0.0
+    if args.draft_model:
+        stats = spec.stats()
+        plain_free = summary.get("free", {}).get("plain_tok_s_median", 0.0)
+        summary["draft"] = {
+            "draft_model": args.draft_model,
+            "forced": args.force,
+            "draft_forwards": stats["spec_draft_forwards"],
+            "draft_s": stats["spec_draft_s"],
+            # A draft forward (any batch, the first of a step with its catch-up) against
+            # a plain single-stream step: what the adaptive k estimates from the weights.
+            "draft_forward_ms": 1e3 * stats["spec_draft_s"] / max(stats["spec_draft_forwards"], 1),
+            "plain_single_step_ms": 1e3 / plain_free if plain_free else None,
+            "estimated_cost_per_draft_token": cost,
+        }
     print(json.dumps({"model": spec.engine.model_name, **summary}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))

@@ -180,8 +180,19 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
             Speculative | None,
             typer.Option(
                 help="Speculative decoding: ngram proposes tokens by prompt lookup (the last "
-                "n tokens matched in the prompt and output), verified in one pass; draft (a "
-                "draft model) is not built yet.",
+                "n tokens matched in the prompt and output), draft a smaller model's greedy "
+                "tokens (--draft-model); the model verifies them in one pass.",
+                rich_help_panel=ENGINE,
+            ),
+        ],
+        None,
+    ),
+    "draft_model": (
+        Annotated[
+            str | None,
+            typer.Option(
+                help="Draft model for --speculative draft: a directory, GGUF file or Hub "
+                "repo id, of the model's tokenizer (a smaller model of its family).",
                 rich_help_panel=ENGINE,
             ),
         ],

@@ -53,14 +53,17 @@ class Config:
     tensor_parallel_size: int = 1
     # A step that waits longer than this on the other ranks ends the run (a rank is stuck).
     tp_timeout_s: float = 60.0
-    # Speculative decoding (engine/core/speculation.py): "ngram" (prompt lookup), or None.
-    # num_speculative_tokens: the most tokens a sequence proposes a step (its k adapts
-    # below that); prompt_lookup_min/max: the n-gram lengths matched, longest first (vLLM's
-    # names; one given, the other defaults to it).
+    # Speculative decoding (engine/core/speculation.py): "ngram" (prompt lookup), "draft"
+    # (a smaller model of the same tokenizer, `draft_model`: a path or Hub id as `model`
+    # takes; engine/runner/draft_runner.py), or None. num_speculative_tokens: the most
+    # tokens a sequence proposes a step (its k adapts below that); prompt_lookup_min/max:
+    # the n-gram lengths matched, longest first (vLLM's names; one given, the other
+    # defaults to it).
     speculative: str | None = None
     num_speculative_tokens: int | None = None
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
+    draft_model: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size")
@@ -118,14 +121,15 @@ class Config:
             given = [n for n in names if getattr(self, n) is not None]
             if given:
                 raise ValueError(f"{given[0]} needs speculative decoding: set speculative='ngram'")
+            if self.draft_model is not None:
+                raise ValueError("draft_model needs speculative='draft'")
             return
         if self.speculative not in SPECULATIVE_METHODS:
-            raise ValueError(f"speculative must be 'ngram', got {self.speculative!r}")
+            raise ValueError(f"speculative must be 'ngram' or 'draft', got {self.speculative!r}")
         if self.speculative == "draft":
-            raise ValueError(
-                "speculative='draft' (a draft model) is not implemented yet: use 'ngram' "
-                "(prompt lookup)"
-            )
+            self._check_draft()
+        elif self.draft_model is not None:
+            raise ValueError(f"draft_model needs speculative='draft', not {self.speculative!r}")
         for name in names:
             value = getattr(self, name)
             if value is None:
@@ -145,3 +149,18 @@ class Config:
         if low > high:
             raise ValueError(f"prompt_lookup_min ({low}) must be <= prompt_lookup_max ({high})")
         self.prompt_lookup_min, self.prompt_lookup_max = low, high
+
+    def _check_draft(self) -> None:
+        if not isinstance(self.draft_model, str) or not self.draft_model:
+            raise ValueError(
+                "speculative='draft' needs a draft model: give draft_model, a path or Hub id "
+                "of a smaller model with the same tokenizer"
+            )
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} applies to speculative='ngram', not 'draft'")
+        if self.tensor_parallel_size > 1:
+            raise ValueError(
+                "speculative='draft' does not run under tensor parallelism (the draft model "
+                "is not sharded): use speculative='ngram' or tensor_parallel_size=1"
+            )

@@ -41,3 +41,8 @@ class TensorParallelError(RuntimeError):
 class CheckpointLayoutError(ValueError):
     """A checkpoint's tensors are not in any layout the loader reads for its architecture:
     the message names the layout expected and what was found."""
+
+
+class DraftModelError(ValueError):
+    """A draft model (speculative='draft') that cannot propose for this target: another
+    tokenizer or vocabulary, a recurrent state, a shorter context."""

@@ -102,12 +102,16 @@ def test_ineligible_sequences_never_propose():
     assert spec.propose(s, 2) == [1, 2] and spec.propose(s, 0) == []
 
 
-def simulate(seed: int, budget: int, num_blocks: int, look_ahead: bool = False) -> Scheduler:
+def simulate(
+    seed: int, budget: int, num_blocks: int, look_ahead: bool = False, draft_model: bool = False
+) -> Scheduler:
     """Many requests through a scheduler whose fake model accepts each draft token with
     probability 0.7; a sequence ends at max_tokens. Checked every step: block references,
-    the tables' length, published hashes against the tokens, and the budget."""
+    the tables' length, published hashes against the tokens, and the budget. draft_model:
+    drafts come from FakeDrafter, which checks what a draft model's pool would hold."""
     rng = random.Random(seed)
-    spec = Speculator(4, 1, 3)
+    drafter = FakeDrafter(random.Random(seed + 100)) if draft_model else None
+    spec = Speculator(4, 1, 3, frozenset({8}), drafter)
     sched = Scheduler(
         BlockManager(num_blocks, BS), 8, budget, 96, look_ahead=look_ahead, speculator=spec
     )
@@ -174,3 +178,57 @@ def test_drafts_end_before_a_special_token():
     s = seq_(1, [1, 2, 3, 4, 9, 1, 2])
     s.token_ids.append(3)
     assert spec.propose(s, 4) == [4]
+
+
+class FakeDrafter:
+    """A draft model's bookkeeping without a model. Its pool is one entry per slot of the
+    target's blocks, holding the tokens that K/V would have been computed from (the
+    position's prefix); it checks that every position SpecState.drafted claims holds the
+    sequence's own prefix in the slot its block table gives now (blocks reused by others
+    after a preemption, or rolled back, would not), and that blocks were reserved for its
+    draft tokens' slots. It proposes random tokens (8 is special), or nothing while a
+    catch-up is cut short."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.pool: dict[int, tuple[int, ...]] = {}
+        self.asked = 0
+
+    def _write(self, seq: Sequence, tokens: list[int], start: int, end: int) -> None:
+        for p in range(start, end):
+            self.pool[seq.block_table[p // BS] * BS + p % BS] = tuple(tokens[: p + 1])
+
+    def propose(self, asks: list[tuple[Sequence, int]]) -> list[list[int]]:
+        drafts = []
+        for seq, k in asks:
+            self.asked += 1
+            state = seq.spec
+            assert state is not None and 1 <= k
+            n = seq.num_tokens
+            assert state.drafted <= n - 1
+            for p in range(state.drafted):
+                slot = seq.block_table[p // BS] * BS + p % BS
+                assert self.pool.get(slot) == tuple(seq.token_ids[: p + 1]), (seq.seq_id, p)
+            assert len(seq.block_table) * BS >= n + k - 1  # slots for its own tokens
+            if self.rng.random() < 0.15:  # the catch-up is cut short: no draft this step
+                end = self.rng.randint(state.drafted, n - 1)
+                self._write(seq, seq.token_ids, state.drafted, end)
+                state.drafted = end
+                drafts.append([])
+                continue
+            draft = [self.rng.randrange(1, 10) for _ in range(k)]
+            self._write(seq, seq.token_ids + draft, state.drafted, n + k - 1)
+            state.drafted = n + k - 1
+            drafts.append(draft)
+        return drafts
+
+
+def test_a_draft_models_pool_holds_the_sequences_tokens_where_it_claims_to():
+    for seed in range(6):
+        roomy = simulate(seed, budget=64, num_blocks=200, draft_model=True)
+        assert roomy.speculator is not None and isinstance(roomy.speculator.drafter, FakeDrafter)
+        counts = roomy.speculator.counts
+        assert roomy.speculator.drafter.asked > 0
+        assert 0 < counts.accepted_tokens < counts.draft_tokens
+        tight = simulate(seed, budget=8, num_blocks=24, draft_model=True)
+        assert tight.num_preemptions > 0 or seed

@@ -250,7 +250,7 @@ def test_sampled_distribution_is_unchanged(qwen3_tiny: Path, monkeypatch: pytest
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"speculative": "draft"}, "not implemented yet"),
+        ({"speculative": "draft"}, "needs a draft model"),
         ({"speculative": "eagle"}, "speculative must be 'ngram'"),
         ({"speculative": "ngram", "num_speculative_tokens": 0}, r"in \[1, 64\], got 0"),
         ({"speculative": "ngram", "num_speculative_tokens": -3}, r"in \[1, 64\], got -3"),
@@ -336,7 +336,7 @@ def test_cli_flags(qwen3_tiny: Path):
     refused = run_cli("ask", "-m", str(qwen3_tiny), "--speculative", "draft", "hi")
     assert refused.returncode == 1
     last = refused.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "'draft' (a draft model) is not implemented" in last
+    assert last.startswith("error: ") and "speculative='draft' needs a draft model" in last
     inverted = run_cli(
         "ask",
         "-m",

@@ -51,6 +51,7 @@ class LLMEngine:
         self.kv_cache_bytes = parts.kv_bytes
         self.max_num_batched_tokens = parts.budget.tokens
         self.speculator = None
+        self.drafter = parts.drafter  # speculative "draft": the draft model's runner
         if config.speculative is not None:
             assert config.num_speculative_tokens and config.prompt_lookup_min
             assert config.prompt_lookup_max
@@ -59,6 +60,8 @@ class LLMEngine:
                 config.prompt_lookup_min,
                 config.prompt_lookup_max,
                 self.tokenizer.special_ids(),
+                parts.drafter,
+                parts.draft_cost,
             )
         self.scheduler = Scheduler(
             self.block_manager,
@@ -239,6 +242,17 @@ class LLMEngine:
             "spec_accepted_tokens": counts.accepted_tokens,
             "spec_acceptance_rate": counts.acceptance_rate,
             "spec_tokens_per_step": counts.tokens_per_step,
+            **self._draft_stats(),
+        }
+
+    def _draft_stats(self) -> dict[str, Any]:
+        """A draft model's forwards and the time they took (part of the steps' time)."""
+        if self.drafter is None:
+            return {}
+        return {
+            "spec_draft_model": self.config.draft_model,
+            "spec_draft_forwards": self.drafter.forwards,
+            "spec_draft_s": self.drafter.seconds,
         }
 
     def stats(self) -> dict[str, Any]:

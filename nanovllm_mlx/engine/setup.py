@@ -15,6 +15,7 @@ from nanovllm_mlx.engine.core.block_manager import BlockManager
 from nanovllm_mlx.engine.core.state_slots import StateSlots
 from nanovllm_mlx.engine.runner import memory
 from nanovllm_mlx.engine.runner.budget import PROBE_TOKENS, StepBudget, measure_step_budget
+from nanovllm_mlx.engine.runner.draft_runner import DraftRunner, load_draft
 from nanovllm_mlx.engine.runner.model_runner import ModelRunner
 from nanovllm_mlx.engine.runner.protocol import Runner
 from nanovllm_mlx.errors import TensorParallelError
@@ -89,6 +90,10 @@ class Parts:
     parallel: TensorParallel | None
     kv_formats: tuple[KVFormat, KVFormat]
     kv_bytes: int  # the pools' real bytes, scales included (per rank under tensor parallelism)
+    drafter: DraftRunner | None = None  # speculative "draft": the draft model
+    # What a draft forward costs, as a share of a target decode step: the ratio of their
+    # weights' bytes (a decode step reads every weight once).
+    draft_cost: float = 0.0
 
 
 def build(config: Config) -> Parts:
@@ -122,11 +127,18 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     formats = kv_formats(config, dtype)
     for fmt in formats:
         check_head_dim(fmt, spec.head_dim)
-    num_blocks = memory.num_kv_blocks(spec, config, formats, context)
+    draft = load_draft(config, loaded, context) if config.speculative == "draft" else None
+    draft_per_block = 0
+    if draft is not None:
+        auto = (resolve("auto", draft.dtype),) * 2
+        draft_per_block = memory.kv_bytes_per_block(draft.model.spec, config.block_size, auto)
+    num_blocks = memory.num_kv_blocks(spec, config, formats, context, draft_per_block)
     per_block = memory.kv_bytes_per_block(spec, config.block_size, formats)
     states = state_slots(spec, config)
     state_bytes = memory.state_bytes(spec, 0 if states is None else states.total, dtype)
-    memory.check_fits(num_blocks, per_block, loaded.weight_bytes, config.block_size, state_bytes)
+    weights = loaded.weight_bytes + (0 if draft is None else draft.weight_bytes)
+    per_block += draft_per_block
+    memory.check_fits(num_blocks, per_block, weights, config.block_size, state_bytes)
     on_gpu, tp = mx.default_device() != mx.cpu, parallel is not None
     model_runner = ModelRunner(
         loaded.model,
@@ -156,6 +168,11 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
             context,
             layer_windows=spec.layer_windows,
         )
+    drafter = None
+    if draft is not None:
+        drafter = DraftRunner(
+            draft.model, num_blocks, config.block_size, draft.dtype, budget.tokens
+        )
     look_ahead = on_gpu if config.async_scheduling is None else config.async_scheduling
     # A step launched ahead and then dropped would have advanced recurrent states.
     look_ahead = look_ahead and states is None
@@ -175,4 +192,6 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
         parallel=parallel,
         kv_formats=formats,
         kv_bytes=num_blocks * per_block,
+        drafter=drafter,
+        draft_cost=0.0 if draft is None else draft.weight_bytes / loaded.weight_bytes,
     )

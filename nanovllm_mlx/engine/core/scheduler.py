@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from nanovllm_mlx.engine.core.block_manager import BlockManager
 from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepPlan, StepResult, StepUpdate
+from nanovllm_mlx.engine.core.proposals import assign_drafts
 from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.engine.core.speculation import Speculator, accepted_prefix
 
@@ -132,40 +133,17 @@ class Scheduler:
         # What decodes and admitted prompts left of the budget goes to drafts. Not in a
         # step launched ahead: that launch computed this batch as plain decodes.
         if self.speculator is not None and not self._launched_ahead:
-            self._propose(batch, budget)
+            assign_drafts(
+                batch, budget, self.speculator, self.block_manager, self.max_model_len, self._cost
+            )
         elif self.speculator is not None:
             for item in batch:
                 self.speculator.look(item.seq)
         return batch
 
-    def _propose(self, batch: list[ScheduledSeq], budget: float) -> None:
-        """Give decoding entries their drafts, each within what is left of the budget (a
-        draft token costs as a prompt token at that context), of the sequence's length
-        limits (accepted in full, a draft and the token drawn after it never pass
-        max_tokens or the context) and of the free blocks; a draft never preempts."""
-        assert self.speculator is not None
-        sequences = sum(1 for item in batch if item.samples)
-        tokens = sum(item.num_new_tokens for item in batch)
-        for i, item in enumerate(batch):
-            seq = item.seq
-            if budget < 1:
-                break
-            if item.num_new_tokens != 1 or not item.samples:
-                continue
-            keys = keys_read(seq.num_computed_tokens, self.layer_windows)
-            per_token = 1.0 + self.key_cost * keys
-            limit = min(seq.tokens_left(self.max_model_len) - 1, int(budget / per_token))
-            draft = self.speculator.propose(seq, limit, sequences, tokens)
-            blocks = self.block_manager
-            while draft and blocks.blocks_to_write(seq, seq.num_tokens + len(draft)) > (
-                blocks.num_free_blocks
-            ):
-                draft.pop()
-            if not draft:
-                continue
-            blocks.append_slots(seq, seq.num_tokens + len(draft))
-            batch[i] = ScheduledSeq(seq, 1 + len(draft), draft=draft, snapshots=batch[i].snapshots)
-            budget -= len(draft) * per_token
+    def _cost(self, seq: Sequence) -> float:
+        """What a token of seq costs of the budget now: a prompt token at its context."""
+        return 1.0 + self.key_cost * keys_read(seq.num_computed_tokens, self.layer_windows)
 
     def _chunk(self, seq: Sequence, budget: float, widest: float) -> tuple[int, float, float]:
         """The tokens seq computes this step, what they cost of the budget, and the step's
@@ -226,6 +204,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.spec = None  # a draft model's K/V went with its blocks: computed again
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

@@ -29,11 +29,16 @@ def kv_bytes_per_block(spec: ModelSpec, block_size: int, formats: tuple[KVFormat
 
 
 def num_kv_blocks(
-    spec: ModelSpec, config: Config, formats: tuple[KVFormat, KVFormat], max_model_len: int
+    spec: ModelSpec,
+    config: Config,
+    formats: tuple[KVFormat, KVFormat],
+    max_model_len: int,
+    extra_per_block: int = 0,
 ) -> int:
     """Blocks of the pool: kv_cache_gb if given, else enough for max_num_seqs full-length
-    sequences within a share of the device's memory."""
-    per_block = kv_bytes_per_block(spec, config.block_size, formats)
+    sequences within a share of the device's memory. extra_per_block: bytes another pool
+    holds per block of this one (a draft model's, addressed by the same block tables)."""
+    per_block = kv_bytes_per_block(spec, config.block_size, formats) + extra_per_block
     per_seq = -(-max_model_len // config.block_size)
     if config.kv_cache_gb is not None:
         num_blocks = int(config.kv_cache_gb * GiB) // per_block
