@@ -7,6 +7,7 @@ another (GGUF writing is in gguf_files.py, fixtures in conftest.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -186,6 +187,17 @@ def run_cli(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def small_bench(model: Path, *args: str) -> dict:
+    """`nanovllm bench --json` on two short requests in a small pool: its result record."""
+    sizes = ("--min-input", "8", "--max-input", "16", "--min-output", "8", "--max-output", "16")
+    proc = run_cli(
+        "bench", "-m", str(model), *args, "--num-seqs", "2", *sizes,
+        "--json", "--kv-cache-gb", "0.05",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # The server, run for real (uvicorn on a loopback port) ------------------------------

@@ -5,12 +5,11 @@ sampled distribution unchanged, and hostile settings refused in one line."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import JSON, SMALL_KV, metrics, random_ids, run_cli, serving
+from helpers import JSON, SMALL_KV, metrics, random_ids, run_cli, serving, small_bench
 
 from nanovllm_mlx import LLM, SamplingParams
 
@@ -350,30 +349,13 @@ def test_cli_flags(qwen3_tiny: Path):
         "hi",
     )
     assert inverted.returncode == 1 and "(4) must be <= " in inverted.stderr, inverted.stderr
-    bench = run_cli(
-        "bench",
-        "-m",
-        str(qwen3_tiny),
+    result = small_bench(
+        qwen3_tiny,
         "--speculative",
         "ngram",
         "--num-speculative-tokens",
         "3",
         "--prompt-lookup-min",
         "1",
-        "--num-seqs",
-        "2",
-        "--min-input",
-        "8",
-        "--max-input",
-        "16",
-        "--min-output",
-        "8",
-        "--max-output",
-        "16",
-        "--json",
-        "--kv-cache-gb",
-        "0.05",
     )
-    assert bench.returncode == 0, bench.stderr
-    result = json.loads(bench.stdout.strip().splitlines()[-1])
     assert result["speculative"] == "ngram" and "spec_acceptance_rate" in result

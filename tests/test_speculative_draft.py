@@ -7,14 +7,13 @@ line."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import httpx
 import mlx.core as mx
 import pytest
-from helpers import JSON, SMALL_KV, metrics, random_ids, run_cli, serving
+from helpers import JSON, SMALL_KV, metrics, random_ids, run_cli, serving, small_bench
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.engine.core.speculation import DRAFT_COST, best_k
@@ -262,30 +261,7 @@ def test_cli(qwen3_tiny: Path, qwen2_tiny: Path):
         refused = run_cli("ask", "-m", str(qwen3_tiny), *args, "hi")
         last = refused.stderr.strip().splitlines()[-1]
         assert refused.returncode == 1 and last.startswith("error: ") and message in last, last
-    bench = run_cli(
-        "bench",
-        "-m",
-        str(qwen3_tiny),
-        "--speculative",
-        "draft",
-        "--draft-model",
-        str(qwen2_tiny),
-        "--num-seqs",
-        "2",
-        "--min-input",
-        "8",
-        "--max-input",
-        "16",
-        "--min-output",
-        "8",
-        "--max-output",
-        "16",
-        "--json",
-        "--kv-cache-gb",
-        "0.05",
-    )
-    assert bench.returncode == 0, bench.stderr
-    result = json.loads(bench.stdout.strip().splitlines()[-1])
+    result = small_bench(qwen3_tiny, "--speculative", "draft", "--draft-model", str(qwen2_tiny))
     assert result["speculative"] == "draft" and "spec_acceptance_rate" in result
 
 
