@@ -19,7 +19,6 @@ class Launched:
     step: PreparedStep
     tokens: mx.array | None  # lazy, in the step's sampler order
     logprobs: SampleExtras | None  # lazy; tolist() reads it back, one RowSample a row
-    pools: list[mx.array]  # what start() evaluates besides the tokens; emptied by it
 
 
 @dataclass(slots=True)
@@ -28,8 +27,9 @@ class Ahead:
     launched: Launched
 
 
-def start(launched: Launched) -> None:
-    """Launch a built step, after the device has finished everything before it.
+def start(launched: Launched, pools: list[mx.array]) -> None:
+    """Launch a built step and the pools it writes, after the device has finished
+    everything before it.
 
     A step writes its K/V into the pools, which MLX does in place only if nothing else
     holds them, and MLX holds every array a launched kernel reads until the device has
@@ -44,12 +44,11 @@ def start(launched: Launched) -> None:
     arrays); the look-ahead still builds the next step's graph while the device runs,
     only its launch waits."""
     mx.synchronize()
-    outputs: list[Any] = [launched.pools]
+    outputs: list[Any] = [pools]
     if launched.tokens is not None:
         outputs.append(launched.tokens)
     if launched.logprobs is not None:
         outputs.append(launched.logprobs)
-    launched.pools = []  # no extra reference at evaluation (pools updated in place)
     mx.async_eval(*outputs)  # type: ignore[no-untyped-call]
 
 

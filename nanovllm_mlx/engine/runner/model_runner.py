@@ -6,11 +6,11 @@ Python that builds a step's graph runs once per bucket instead of once per token
 MLX fuses the elementwise ops between the kernels. The eager forward is the reference it
 is tested against.
 
-A decode step can also be launched one step ahead: its input tokens are the previous
-step's sampled tokens, still lazy on the device, so the device computes step t+1 while
-the host reads step t's tokens, detokenizes them and schedules again (mlx-lm's
-generate_step pipelines a single stream the same way). The scheduler decides when that
-is safe (reserve_ahead); a launch whose batch then changes is simply dropped.
+A decode step can also be built one step ahead: its input tokens are the previous step's
+sampled tokens, still lazy on the device, so the host builds step t+1's graph while the
+device computes step t, and launches it once step t is done there (launch.start says why
+not sooner). The scheduler decides when that is safe (reserve_ahead); a launch whose
+batch then changes is simply dropped.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class ModelRunner:
 
     def _launch(self, step: PreparedStep, output_offset: int) -> Launched:
         """Build the step's graph, then start it on the device once the step before it is
-        done there (_start), without waiting for it.
+        done there (launch.start), without waiting for it.
 
         The recurrent states are rebound to this step's (lazy) results as the graph is
         built; if building it raises (the sampler refusing a row, say), they are put
@@ -256,8 +256,8 @@ class ModelRunner:
             raise
         del before  # no extra reference at evaluation: the pools are updated in place
         tokens, logprobs = (None, None) if sampled is None else sampled
-        launched = Launched(step, tokens, logprobs, self.cache_arrays())
-        start(launched)
+        launched = Launched(step, tokens, logprobs)
+        start(launched, self.cache_arrays())
         return launched
 
     def run(
