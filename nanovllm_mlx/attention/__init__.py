@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from nanovllm_mlx.attention import cuda
+from nanovllm_mlx.attention import cuda, cuda_write
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import AttentionBackend
 
@@ -27,7 +27,12 @@ def select_backend(
 
     sinks: the model has attention sinks (gpt-oss), which the CUDA kernel does not
     implement (untested on a GPU, so not written): such models take the gather path with
-    fused SDPA, which has them, on CUDA too."""
+    fused SDPA, which has them, on CUDA too.
+
+    On CUDA, all-decode steps write their K/V in place (attention/cuda_write.py,
+    NANOVLLM_IN_PLACE_WRITES=0 turns it off)."""
     if cuda.available() and not (latent or quantized_kv or sinks):
-        return cuda.CudaPagedAttention()
+        # Quantized pools are written by MLX's scatter (the codes and scales are computed
+        # in MLX): only float pools are written in place.
+        return cuda.CudaPagedAttention(in_place=cuda_write.enabled() and not quantized_kv)
     return GatherAttention(fused=mx.default_device() != mx.cpu)

@@ -24,8 +24,15 @@ from typing import Any
 import mlx.core as mx
 
 from nanovllm_mlx.attention.cuda_source import MERGE, PARTIAL
+from nanovllm_mlx.attention.cuda_write import write_in_place
 from nanovllm_mlx.attention.gather import GatherAttention
-from nanovllm_mlx.attention.metadata import DecodeEntries, KVCache, PoolLayout, block_tables
+from nanovllm_mlx.attention.metadata import (
+    AttentionMetadata,
+    DecodeEntries,
+    KVCache,
+    PoolLayout,
+    block_tables,
+)
 from nanovllm_mlx.interop import to_mx
 
 WARPS = 4
@@ -50,7 +57,16 @@ def available() -> bool:
 def _kernels() -> tuple[Any, Any]:
     partial = mx.fast.cuda_kernel(
         name="paged_decode_partial",
-        input_names=["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale", "params"],
+        input_names=[
+            "q",
+            "k_pool",
+            "v_pool",
+            "block_tables",
+            "context_lens",
+            "scale",
+            "params",
+            "after",  # never read: orders the kernel after an in-place write (cuda_write)
+        ],
         output_names=["part_out", "part_m", "part_l"],
         source=PARTIAL,
         ensure_row_contiguous=False,  # q is read through its strides; the rest is contiguous
@@ -110,10 +126,12 @@ def paged_decode(
     window: int | None = None,
     group: int | None = None,
     unroll: int = UNROLL,
+    after: mx.array | None = None,
 ) -> mx.array:
     """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
     them for a sliding-window layer) -> [B, H, D]. group (query heads a thread block
-    serves; default heads_per_block) and unroll are there for benchmarks to compare."""
+    serves; default heads_per_block) and unroll are there for benchmarks to compare.
+    after: the token of an in-place write of these pools (KVCache.written) to run after."""
     b, n_heads, head_dim = q.shape
     n_kv = k_pool.shape[0]
     gb = group or heads_per_block(n_heads, n_kv, head_dim)
@@ -130,6 +148,7 @@ def paged_decode(
             context_lens,
             _scalar(float(scale), mx.float32),
             _params(size, window or 0),
+            _scalar(0, mx.int32) if after is None else after,
         ],
         template=template + [("GB", gb), ("U", unroll), ("WARPS", WARPS)],
         grid=(32 * WARPS * parts, n_heads // gb, b),
@@ -165,8 +184,18 @@ class CudaPagedAttention(GatherAttention):
 
     name = "cuda-paged"
 
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = False) -> None:
         super().__init__(fused=True)
+        self.writes_in_place = in_place
+
+    def write(
+        self, cache: KVCache, k: mx.array, v: mx.array | None, meta: AttentionMetadata
+    ) -> None:
+        if meta.in_place:
+            assert v is not None  # select_backend: latent caches take the gather path
+            write_in_place(cache, k, v, meta.write_rows)
+        else:
+            super().write(cache, k, v, meta)
 
     # Its decode plans are its own, not the gather path's: each backend's plans are opaque
     # to everything but itself, so these overrides narrow what GatherAttention declares.
@@ -213,4 +242,5 @@ class CudaPagedAttention(GatherAttention):
             scale,
             plan.max_context,
             plan.window,
+            after=cache.written,
         )

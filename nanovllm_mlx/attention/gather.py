@@ -17,6 +17,7 @@ import numpy as np
 
 from nanovllm_mlx.attention.attend import gathered_attention, sliced_attention
 from nanovllm_mlx.attention.metadata import (
+    AttentionMetadata,
     DecodeEntries,
     KVCache,
     PoolLayout,
@@ -88,9 +89,15 @@ class GatherAttention:
     matmuls over the gathered blocks are faster."""
 
     name = "gather"
+    writes_in_place = False
 
     def __init__(self, fused: bool):
         self.fused = fused
+
+    def write(
+        self, cache: KVCache, k: mx.array, v: mx.array | None, meta: AttentionMetadata
+    ) -> None:
+        cache.write(k, v, meta.write_rows)
 
     def plan_decode(
         self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None

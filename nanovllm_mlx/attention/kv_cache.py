@@ -62,6 +62,9 @@ class KVCache:
     v_scales: mx.array | None = None
     formats: tuple[KVFormat, KVFormat] | None = None  # None: float pools in any dtype
     value_dim: int | None = None  # v None: values are keys[..., :value_dim]
+    # The token of this step's in-place write (attention/cuda_write.py), which the kernel
+    # reading the pools takes as an input so that the device runs the read after it.
+    written: mx.array | None = None
 
     @classmethod
     def allocate(
@@ -129,6 +132,7 @@ class KVCache:
         single-stream decode step."""
         if (self.v is None) != (v is None):
             raise ValueError("v must be None exactly when the cache is latent (no V pool)")
+        self.written = None  # this step's write is MLX's own, ordered by MLX
         for (name, scale_name, fmt), new in zip(self._pools(), (k, v)):
             if new is None:
                 continue

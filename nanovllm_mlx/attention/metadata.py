@@ -129,6 +129,15 @@ class AttentionBackend(Protocol):
     """
 
     name: str
+    # Whether all-decode steps write their K/V in place (attention/cuda_write.py) rather
+    # than through MLX's scatter: such a step need not wait for the one before it.
+    writes_in_place: bool
+
+    def write(
+        self, cache: KVCache, k: mx.array, v: mx.array | None, meta: AttentionMetadata
+    ) -> None:
+        """This step's k/v [T, Hkv, D] into the cache's rows meta.write_rows."""
+        ...
 
     def plan_decode(
         self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
@@ -173,6 +182,8 @@ class AttentionMetadata:
     windowed: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     # The recurrent layers' state slots (attention/state.py StateSteps), hybrids only.
     states: Any = None
+    # The step writes K/V in place (an all-decode step on a backend that writes_in_place).
+    in_place: bool = False
 
     def plans(self, window: int | None) -> tuple[Any, Any]:
         if window is None:

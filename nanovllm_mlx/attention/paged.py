@@ -50,6 +50,7 @@ def build_metadata(
         decode=full[0],
         prefill=full[1],
         windowed={w: plans(w) for w in windows if w is not None},
+        in_place=backend.writes_in_place and prefill is None,
     )
 
 
@@ -74,7 +75,7 @@ def paged_attention(
     """
     t = q.shape[0]
     if k is not None:  # None: a layer reading another's keys (Gemma 4)
-        cache.write(k, v, meta.write_rows)
+        meta.backend.write(cache, k, v, meta)
     decode_plan, prefill_plan = meta.plans(window)
     outputs = []
     d = meta.num_decode

@@ -27,9 +27,10 @@ class Ahead:
     launched: Launched
 
 
-def start(launched: Launched, pools: list[mx.array]) -> None:
+def start(launched: Launched, pools: list[mx.array], wait: bool = True) -> None:
     """Launch a built step and the pools it writes, after the device has finished
-    everything before it.
+    everything before it (wait), or at once for a step that writes its pools in place
+    (attention/cuda_write.py), which MLX neither donates nor copies.
 
     A step writes its K/V into the pools, which MLX does in place only if nothing else
     holds them, and MLX holds every array a launched kernel reads until the device has
@@ -43,7 +44,8 @@ def start(launched: Launched, pools: list[mx.array]) -> None:
     done (waiting for the previous tokens alone may return before MLX lets go of its
     arrays); the look-ahead still builds the next step's graph while the device runs,
     only its launch waits."""
-    mx.synchronize()
+    if wait:
+        mx.synchronize()
     outputs: list[Any] = [pools]
     if launched.tokens is not None:
         outputs.append(launched.tokens)

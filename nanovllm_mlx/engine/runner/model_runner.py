@@ -114,18 +114,26 @@ class ModelRunner:
 
     def cache_arrays(self) -> list[mx.array]:
         """Every pool a step writes, to evaluate with it: each layer's KV pools (codes and
-        scales of a quantized cache) and recurrent states."""
+        scales of a quantized cache), the tokens of in-place writes (which leave the pool
+        arrays as they were) and recurrent states."""
         arrays = [a for c in self.caches for a in c.arrays()]
+        arrays += [c.written for c in self.caches if c.written is not None]
         return arrays + [a for s in self.states for a in (s.conv, s.ssm)]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks' K/V, source to copy, in every layer's pools: the
         copy-on-write of blocks that forked sequences share (BlockManager.take_copies).
-        All sources are read before any copy is written, so the pairs' order is free."""
+        All sources are read before any copy is written, so the pairs' order is free.
+
+        Done now, after the device is done: the copy is MLX's scatter, in place only if
+        no running step holds the pools, and the next step may start without waiting
+        (launch.start)."""
+        mx.synchronize()
         table = np.array([[src for src, _ in pairs], [dst for _, dst in pairs]], dtype=np.int32)
         src, dst = (self.pool.block_rows(table[i : i + 1]) for i in (0, 1))
         for cache in self.caches:
             cache.copy_blocks(src, dst, self.pool.n_kv_heads * self.pool.num_blocks)
+        mx.eval(self.cache_arrays())
 
     def copy_states(self, pairs: list[tuple[int, int]]) -> None:
         """Copy recurrent-state rows, source to destination, in every recurrent layer:
@@ -181,7 +189,13 @@ class ModelRunner:
         written pools out (the pools passed in have no other reference once the caller
         rebinds them, so MLX still writes them in place)."""
         caches = [c.with_arrays(arrays) for c, arrays in zip(self.caches, pools)]
-        meta = AttentionMetadata(self.backend, write_rows, input_ids.shape[0], decode=plan)
+        meta = AttentionMetadata(
+            self.backend,
+            write_rows,
+            input_ids.shape[0],
+            decode=plan,
+            in_place=self.backend.writes_in_place,
+        )
         hidden = self.model(input_ids, positions, caches, meta)
         return self.model.logits(hidden), [c.arrays() for c in caches]
 
@@ -257,7 +271,9 @@ class ModelRunner:
         del before  # no extra reference at evaluation: the pools are updated in place
         tokens, logprobs = (None, None) if sampled is None else sampled
         launched = Launched(step, tokens, logprobs)
-        start(launched, self.cache_arrays())
+        # Only a step whose every write bypasses MLX's scatter may start while the one
+        # before it runs; recurrent states are always scattered.
+        start(launched, self.cache_arrays(), wait=not (step.meta.in_place and not self.states))
         return launched
 
     def run(
