@@ -47,6 +47,17 @@ for phase in "$@"; do
     tests-cuda)
       run tests-cuda 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py \
         -k "not bfloat16 and not float32" ;;
+    tests-inplace)
+      run tests-inplace 200 python3 -m pytest -q -p no:cacheprovider tests/test_in_place_writes.py \
+        tests/test_compiled_decode.py tests/test_attention.py -k "not bfloat16 and not float32" ;;
+    probe-inplace-8b)
+      # In-place K/V writes (attention/cuda_write.py) against the scatter and the wait, one
+      # process each; compiled and eager decode, the kernel on.
+      for w in 0 1; do
+        run probe-inplace-8b 200 env NANOVLLM_IN_PLACE_WRITES=$w python3 \
+          benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
+          --decode-tokens 64 --pools "" --configs 20:on:on:on,20:off:on:on
+      done ;;
     layouts-8b)
       run layouts-8b 80 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
         $L8B_SHAPE ;;
