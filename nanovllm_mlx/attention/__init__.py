@@ -21,13 +21,14 @@ def select_backend(
     of the keys' width and has never run on a latent cache, so those models take the
     gather path on CUDA too.
 
-    A quantized KV cache (--kv-cache-dtype int8/int4) always takes the gather path, which
-    dequantizes the blocks it gathers: the CUDA kernel reads float pools only. A kernel
-    that dequantizes in registers is future work (it needs a GPU to be tested on).
+    quantized_kv: the pools hold quantized codes (--kv-cache-dtype int8/int4, K and V
+    alike or not). The CUDA kernel reads them too, dequantizing in registers
+    (attention/cuda_source.py; not yet measured on a GPU), so they do not change the
+    choice; prefill still gathers and dequantizes the blocks it reads.
 
     sinks: the model has attention sinks (gpt-oss), which the CUDA kernel does not
     implement (untested on a GPU, so not written): such models take the gather path with
     fused SDPA, which has them, on CUDA too."""
-    if cuda.available() and not (latent or quantized_kv or sinks):
+    if cuda.available() and not (latent or sinks):
         return cuda.CudaPagedAttention()
     return GatherAttention(fused=mx.default_device() != mx.cpu)
