@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +84,14 @@ DEFAULT_HEADER = (
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch as MLX would compile it: its kernel name and wrapped source."""
+    """One kernel launch as MLX would compile it: its kernel name and wrapped source, and
+    what it was called with."""
 
     name: str
     source: str
     template: tuple[tuple[str, Any], ...]
+    input_names: tuple[str, ...]
+    inputs: tuple[mx.array, ...] = field(compare=False, repr=False)
 
 
 def _template_hash(template: list[tuple[str, Any]]) -> str:
@@ -159,7 +162,8 @@ class _Recorder:
             call["output_dtypes"],
             template,
         )
-        self.sink.append(Launch(name, source, tuple(template)))
+        names, inputs = tuple(k["input_names"]), tuple(call["inputs"])
+        self.sink.append(Launch(name, source, tuple(template), names, inputs))
         return [mx.zeros(s, dtype=d) for s, d in zip(call["output_shapes"], call["output_dtypes"])]
 
 
@@ -210,7 +214,8 @@ DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # Llama 3, no grouping, 16 to 1, Gemma 3's 256-wide heads, a group of 3, head_dim 80 (not
 # a multiple of 32: lanes past the row) and 96 (int4's group of 64 does not divide it).
 SHAPES = [(32, 8, 128), (12, 12, 64), (16, 1, 128), (4, 1, 256), (9, 3, 64), (7, 7, 80)]
-SHAPES += [(8, 2, 96)]
+SHAPES += [(8, 2, 96), (4, 2, 16)]
+TINY = [(INT8, INT8), (INT4, INT8), (resolve("auto", mx.float32), INT4)]
 
 
 def _pairs(dtype: mx.Dtype) -> list[tuple[KVFormat, KVFormat]]:
@@ -238,14 +243,19 @@ EXTRA = [
 
 def combinations(quick: bool) -> list[dict[str, Any]]:
     """The launches to compile: quick, one shape with every format pair in half
-    precision; else every shape, dtype and pair, the unrolls and block sizes the tests
-    use, and the other KVFormat layouts."""
+    precision, and the pairs the GPU tests run through an engine; else every shape,
+    dtype and pair, the unrolls and block sizes the tests use, and the other KVFormat
+    layouts."""
     if quick:
         return [
             {"dtype": d, "shape": (32, 8, 128), "formats": p}
             for d in (mx.float16, mx.bfloat16)
             for p in _pairs(d)
-        ] + [{"dtype": mx.float16, "shape": (7, 7, 80), "formats": (INT4, INT8)}]
+        ] + [
+            {"dtype": mx.float16, "shape": (7, 7, 80), "formats": (INT4, INT8)},
+            # tests/test_cuda_kv_quant.py's engine runs (llama-tiny: float32, head_dim 16)
+            *({"dtype": mx.float32, "shape": (4, 2, 16), "formats": p} for p in TINY),
+        ]
     combos = [
         {"dtype": d, "shape": s, "formats": p}
         for d, s in itertools.product(DTYPES, SHAPES)
