@@ -16,7 +16,9 @@ the output after (two [D, D] products per layer), as the gather path does (atten
 Prefill, and every other backend (CPU, Metal), use the pure-MLX gather path
 (attention/gather.py), which the CPU test suite exercises, and so do models with attention
 sinks (gpt-oss): the kernel has no sink term and no GPU was at hand to test one.
-tests/test_attention.py checks this kernel against the gather path on CUDA.
+tests/test_attention.py checks this kernel against the gather path on CUDA, and
+tests/test_cuda_kv_quant.py over quantized pools; tools/check_cuda_source.py compiles every
+launch's source with nvcc on a machine without a GPU.
 NANOVLLM_PAGED_KERNEL=0 turns the kernel off.
 """
 
