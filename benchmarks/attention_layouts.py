@@ -14,10 +14,15 @@ Variants, all over the same random pools and scattered block tables:
   head-major slot gather    head-major K gather slot by slot (the read before v0.3)
   head-major block gather   head-major K gather block by block (the read now)
   dense (mlx-lm)            SDPA over a contiguous [B, H, L, D] cache, no paging
+  cuda kernel, int8 KV      the kernel over quantized pools (--kv-formats; issue 26),
+                            dequantizing in registers, q and output turned around it
+  gather+sdpa, int8 KV      the gather path over the same pools (their route before)
 
     python benchmarks/attention_layouts.py 1x512 32x1024 128x1024 --dtype float16
     python benchmarks/attention_layouts.py 1x8192 --heads 32 --kv-heads 8 --dim 128 \
         --layers 32 --dtype float16      (Llama 3 8B's attention)
+    python benchmarks/attention_layouts.py 1x8192 8x2048 --heads 32 --kv-heads 8 --dim 128 \
+        --layers 32 --dtype float16 --kv-formats int8,int4   (quantized pools beside float16)
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import mlx.core as mx
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention.attend import gathered_attention
 from nanovllm_mlx.attention.kv_cache import read_blocks
+from nanovllm_mlx.attention.kv_quant import QUANTIZED
 from nanovllm_mlx.attention.metadata import KVCache, PoolLayout
 
 
@@ -48,8 +54,30 @@ def bench(fn, layers: int) -> float:
     return sorted(samples)[3]
 
 
+def quantized_caches(
+    name: str, layers: int, hkv: int, slots: int, d: int, bs: int
+) -> list[KVCache]:
+    """Pools of a quantized format (kv_quant.QUANTIZED), every slot written."""
+    fmt = QUANTIZED[name]
+    rows = PoolLayout(hkv, slots // bs, bs).write_rows(np.arange(slots))
+    caches = []
+    for _ in range(layers):
+        c = KVCache.allocate((fmt, fmt), hkv, slots, d, bs)
+        c.write(mx.random.normal((slots, hkv, d)), mx.random.normal((slots, hkv, d)), rows)
+        mx.eval(c.arrays())
+        caches.append(c)
+    return caches
+
+
 def measure(
-    b: int, ctx: int, h: int, hkv: int, d: int, dtype: mx.Dtype, layers: int
+    b: int,
+    ctx: int,
+    h: int,
+    hkv: int,
+    d: int,
+    dtype: mx.Dtype,
+    layers: int,
+    kv_formats: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """h query heads over hkv KV heads (grouped-query attention when hkv < h)."""
     bs, scale = 16, d**-0.5
@@ -136,6 +164,35 @@ def measure(
         variants["cuda kernel"] = kernel
         variants["cuda kernel, unroll 1"] = lambda: kernel(unroll=1)
         variants["cuda kernel, head blocks"] = lambda: kernel(group=1, unroll=1)
+    for name in kv_formats:
+        caches = quantized_caches(name, layers, hkv, n * bs, d, bs)
+
+        def quantized_kernel(caches: list[KVCache] = caches) -> list[mx.array]:
+            return [
+                cuda_attention.paged_decode(
+                    q,
+                    c.k,
+                    c.v,
+                    tables,
+                    context,
+                    bs,
+                    scale,
+                    ctx,
+                    k_scales=c.k_scales,
+                    v_scales=c.v_scales,
+                    formats=c.formats,
+                )
+                for c in caches
+            ]
+
+        def quantized_gather(caches: list[KVCache] = caches) -> list[mx.array]:
+            return [
+                gathered_attention(q[:, None], c, rows, mask, scale, fused=fused) for c in caches
+            ]
+
+        if cuda_attention.available():
+            variants[f"cuda kernel, {name} KV"] = quantized_kernel
+        variants[f"gather+{'sdpa' if fused else 'matmul'}, {name} KV"] = quantized_gather
     return {name: bench(fn, layers) for name, fn in variants.items()}
 
 
@@ -147,11 +204,18 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--kv-formats", default="", help="quantized pools to read too, e.g. int8,int4")
     args = ap.parse_args()
+    kv_formats = tuple(f for f in args.kv_formats.split(",") if f)
+    unknown = [f for f in kv_formats if f not in QUANTIZED]
+    if unknown:
+        ap.error(f"--kv-formats: unknown {unknown}; choose from {sorted(QUANTIZED)}")
     for spec in args.shapes:
         b, ctx = (int(x) for x in spec.split("x"))
         hkv = args.kv_heads or args.heads
-        res = measure(b, ctx, args.heads, hkv, args.dim, getattr(mx, args.dtype), args.layers)
+        res = measure(
+            b, ctx, args.heads, hkv, args.dim, getattr(mx, args.dtype), args.layers, kv_formats
+        )
         cells = ", ".join(f"{k} {v:.3f}" for k, v in res.items())
         print(f"B={b} ctx={ctx} H={args.heads}/{hkv} {args.dtype}: {cells}", flush=True)
 

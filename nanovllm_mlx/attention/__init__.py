@@ -21,17 +21,18 @@ def select_backend(
     of the keys' width and has never run on a latent cache, so those models take the
     gather path on CUDA too.
 
-    A quantized KV cache (--kv-cache-dtype int8/int4) always takes the gather path, which
-    dequantizes the blocks it gathers: the CUDA kernel reads float pools only. A kernel
-    that dequantizes in registers is future work (it needs a GPU to be tested on).
+    quantized_kv: the pools hold quantized codes (--kv-cache-dtype int8/int4, K and V
+    alike or not). The CUDA kernel reads them too, dequantizing in registers
+    (attention/cuda_source.py; not yet measured on a GPU), so they do not change the
+    choice; prefill still gathers and dequantizes the blocks it reads.
 
     sinks: the model has attention sinks (gpt-oss), which the CUDA kernel does not
     implement (untested on a GPU, so not written): such models take the gather path with
     fused SDPA, which has them, on CUDA too.
 
-    On CUDA, all-decode steps write their K/V in place (attention/cuda_write.py,
-    NANOVLLM_IN_PLACE_WRITES=0 turns it off)."""
-    if cuda.available() and not (latent or quantized_kv or sinks):
+    On CUDA, all-decode steps over float pools write their K/V in place
+    (attention/cuda_write.py, NANOVLLM_IN_PLACE_WRITES=0 turns it off)."""
+    if cuda.available() and not (latent or sinks):
         # Quantized pools are written by MLX's scatter (the codes and scales are computed
         # in MLX): only float pools are written in place.
         return cuda.CudaPagedAttention(in_place=cuda_write.enabled() and not quantized_kv)

@@ -7,10 +7,18 @@ tokens the gather alone took 1.1 ms a layer against 0.13 ms for SDPA on a dense 
 through the block table (flash-decoding: the context is split into partitions so that a
 single sequence still fills the GPU, and a second small kernel merges the partitions).
 
+A quantized pool (--kv-cache-dtype int8/int4) is read as stored: the kernel dequantizes
+each row's codes in registers with its bfloat16 scales (attention/kv_quant.py's formats),
+so a decode step reads half (int8) or about a quarter (int4) of float16's bytes. Rows
+stored turned by the Hadamard transform stay turned: q is turned before the kernel and
+the output after (two [D, D] products per layer), as the gather path does (attend.py).
+
 Prefill, and every other backend (CPU, Metal), use the pure-MLX gather path
 (attention/gather.py), which the CPU test suite exercises, and so do models with attention
 sinks (gpt-oss): the kernel has no sink term and no GPU was at hand to test one.
-tests/test_attention.py checks this kernel against the gather path on CUDA.
+tests/test_attention.py checks this kernel against the gather path on CUDA, and
+tests/test_cuda_kv_quant.py over quantized pools; tools/check_cuda_source.py compiles every
+launch's source with nvcc on a machine without a GPU.
 NANOVLLM_PAGED_KERNEL=0 turns the kernel off.
 """
 
@@ -22,10 +30,12 @@ from functools import cache, lru_cache
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
-from nanovllm_mlx.attention.cuda_source import MERGE, PARTIAL
+from nanovllm_mlx.attention.cuda_source import HEADER, MERGE, PARTIAL
 from nanovllm_mlx.attention.cuda_write import write_in_place
 from nanovllm_mlx.attention.gather import GatherAttention
+from nanovllm_mlx.attention.kv_quant import KVFormat, hadamard
 from nanovllm_mlx.attention.metadata import (
     AttentionMetadata,
     DecodeEntries,
@@ -65,10 +75,13 @@ def _kernels() -> tuple[Any, Any]:
             "context_lens",
             "scale",
             "params",
+            "k_scales",
+            "v_scales",
             "after",  # never read: orders the kernel after an in-place write (cuda_write)
         ],
         output_names=["part_out", "part_m", "part_l"],
         source=PARTIAL,
+        header=HEADER,
         ensure_row_contiguous=False,  # q is read through its strides; the rest is contiguous
     )
     merge = mx.fast.cuda_kernel(
@@ -94,6 +107,56 @@ def _params(part_size: int, window: int) -> mx.array:
     # kernel anew (NVRTC, ~1 s), and the partition size changes with the context. Created
     # with its data, like _scalar, so that a compiled step may capture it.
     return mx.array([part_size, window], dtype=mx.int32)
+
+
+@lru_cache(maxsize=16)
+def _hadamard(head_dim: int, dtype: mx.Dtype) -> mx.array:
+    # Built with its data in the compute dtype, like _scalar: an astype per layer and step
+    # would be one more kernel launch each time.
+    return mx.array(np.asarray(hadamard(head_dim)), dtype=dtype)
+
+
+def turn(x: mx.array, on: bool) -> mx.array:
+    """x [..., D] turned by kv_quant.hadamard (in x's dtype) when on, else x. Keys stored
+    turned meet a turned q (qH . kH = q . k), and values stored turned give a turned
+    output, turned back by the same product (H is its own inverse), so the kernel reads
+    rotated rows as stored and never multiplies by H."""
+    return x @ _hadamard(x.shape[-1], x.dtype) if on else x
+
+
+def pool_template(
+    prefix: str, pool: mx.array, scales: mx.array | None, fmt: KVFormat | None, head_dim: int
+) -> list[tuple[str, Any]]:
+    """The template constants that tell PARTIAL how to read one pool (prefix "K" or "V";
+    cuda_source.HEADER): its element type, code bits (0: float values), whether a bias
+    follows the scales, and how many values a scale covers. A pool the kernel cannot read
+    is a wiring error (ValueError), never a silent misread."""
+    if fmt is None or not fmt.quantized:
+        if pool.shape[-1] != head_dim or not mx.issubdtype(pool.dtype, mx.floating):
+            raise ValueError(
+                f"the CUDA paged kernel reads float pools of width {head_dim}, "
+                f"got {pool.dtype} [..., {pool.shape[-1]}]"
+            )
+        bits, affine, group = 0, False, head_dim
+    else:
+        codes = mx.int8 if fmt.bits == 8 and not fmt.affine else mx.uint8
+        readable = (
+            fmt.bits in (4, 8)
+            and pool.dtype == codes
+            and pool.shape[-1] == fmt.code_width(head_dim)
+            and scales is not None
+            and scales.dtype == mx.bfloat16
+            and scales.shape == (*pool.shape[:-1], fmt.scale_width(head_dim))
+        )
+        if not readable:
+            raise ValueError(
+                f"the CUDA paged kernel cannot read this {fmt.name} pool at head_dim "
+                f"{head_dim}: codes {pool.dtype} {pool.shape}, scales "
+                + ("missing" if scales is None else f"{scales.dtype} {scales.shape}")
+            )
+        bits, affine, group = fmt.bits, fmt.affine, fmt.group_size(head_dim)
+    values = {"T": pool.dtype, "B": bits, "A": affine, "G": group}
+    return [(prefix + name, value) for name, value in values.items()]
 
 
 def heads_per_block(n_heads: int, n_kv: int, head_dim: int) -> int:
@@ -126,14 +189,24 @@ def paged_decode(
     window: int | None = None,
     group: int | None = None,
     unroll: int = UNROLL,
+    k_scales: mx.array | None = None,
+    v_scales: mx.array | None = None,
+    formats: tuple[KVFormat, KVFormat] | None = None,
     after: mx.array | None = None,
 ) -> mx.array:
     """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
     them for a sliding-window layer) -> [B, H, D]. group (query heads a thread block
     serves; default heads_per_block) and unroll are there for benchmarks to compare.
+    formats (KVCache.formats; None: float pools): how K and V are stored, each on its
+    own; a quantized pool comes with its scales, dequantized in registers.
     after: the token of an in-place write of these pools (KVCache.written) to run after."""
     b, n_heads, head_dim = q.shape
     n_kv = k_pool.shape[0]
+    k_fmt, v_fmt = formats or (None, None)
+    pools = pool_template("K", k_pool, k_scales, k_fmt, head_dim)
+    pools += pool_template("V", v_pool, v_scales, v_fmt, head_dim)
+    q = turn(q, k_fmt is not None and k_fmt.rotate)
+    unused = _scalar(0.0, mx.bfloat16)  # a float pool's scales: never read
     gb = group or heads_per_block(n_heads, n_kv, head_dim)
     span = max_context if window is None else min(max_context, window)
     parts, size = num_partitions(b, n_heads // gb, span)
@@ -148,9 +221,11 @@ def paged_decode(
             context_lens,
             _scalar(float(scale), mx.float32),
             _params(size, window or 0),
+            unused if k_scales is None else k_scales,
+            unused if v_scales is None else v_scales,
             _scalar(0, mx.int32) if after is None else after,
         ],
-        template=template + [("GB", gb), ("U", unroll), ("WARPS", WARPS)],
+        template=template + [("GB", gb), ("U", unroll), ("WARPS", WARPS)] + pools,
         grid=(32 * WARPS * parts, n_heads // gb, b),
         threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(b, n_heads, parts, head_dim), (b, n_heads, parts), (b, n_heads, parts)],
@@ -165,7 +240,7 @@ def paged_decode(
         output_shapes=[(b, n_heads, head_dim)],
         output_dtypes=[q.dtype],
     )
-    return out
+    return turn(out, v_fmt is not None and v_fmt.rotate)
 
 
 @dataclass(slots=True)
@@ -242,5 +317,8 @@ class CudaPagedAttention(GatherAttention):
             scale,
             plan.max_context,
             plan.window,
+            k_scales=cache.k_scales,
+            v_scales=cache.v_scales,
+            formats=cache.formats,
             after=cache.written,
         )

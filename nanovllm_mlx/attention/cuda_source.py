@@ -1,6 +1,66 @@
 """The CUDA source of the paged decode kernel (attention/cuda.py builds and launches it):
 PARTIAL attends one partition of a sequence's context for a group of query heads that
-share a KV head; MERGE combines the partitions by their log-sum-exp."""
+share a KV head; MERGE combines the partitions by their log-sum-exp. HEADER holds what
+PARTIAL reads a pool row with: one source for float and quantized pools (KVFormat's
+layouts, attention/kv_quant.py), chosen per pool by template constants (cuda.pool_template):
+KT the pool's element type, KB its code bits (0: float values), KA affine (a bias after
+the scales), KG the values a scale covers; VT/VB/VA/VG likewise for V."""
+
+HEADER = """
+// Elements of one pool row, and of its scales row (bfloat16; affine: [scales, biases]).
+template <int D, int BITS>
+__host__ __device__ constexpr int paged_row_width() {
+  return BITS == 0 ? D : D * BITS / 8;
+}
+template <int D, int BITS, bool AFF, int GS>
+__host__ __device__ constexpr int paged_scale_width() {
+  return BITS == 0 ? 0 : (D / GS) * (AFF ? 2 : 1);
+}
+
+// The values of one pool row that this lane holds (d = lane + 32 i), as floats: a float
+// pool's elements, or codes dequantized in registers with their scale (and bias). The
+// codes are read at the same d as a float row, so a warp's loads stay coalesced (32
+// consecutive bytes of an int8 row, 16 of an int4 row, whose lanes share bytes).
+template <int D, int PL, int BITS, bool AFF, int GS, typename P>
+__device__ __forceinline__ void paged_row(
+    float (&out)[PL], const P* pool, const __nv_bfloat16* scales, long slot, int lane,
+    bool valid) {
+  const P* row = pool + slot * paged_row_width<D, BITS>();
+  if constexpr (BITS == 0) {
+    for (int i = 0; i < PL; ++i) {
+      const int d = lane + 32 * i;
+      out[i] = (valid && d < D) ? static_cast<float>(row[d]) : 0.f;
+    }
+  } else {
+    static_assert(BITS == 8 || BITS == 4, "codes are 8 or 4 bits");
+    static_assert(D % GS == 0, "a scale group divides head_dim");
+    constexpr int NG = D / GS;
+    const __nv_bfloat16* srow = scales + slot * paged_scale_width<D, BITS, AFF, GS>();
+    for (int i = 0; i < PL; ++i) out[i] = 0.f;
+    // Rows past the partition's end read nothing; the others' scale loads are then
+    // straight-line code, and the lanes' shared ones are loaded once.
+    if (!valid) return;
+    for (int i = 0; i < PL; ++i) {
+      const int d = lane + 32 * i;
+      if (d >= D) continue;
+      // Groups of a multiple of 32 values: the 32 lanes of step i share one scale, a
+      // compile-time index (one broadcast load a row for int8's single scale).
+      const int g = GS % 32 == 0 ? 32 * i / GS : d / GS;
+      float c;
+      if constexpr (BITS == 8) {
+        c = static_cast<float>(row[d]);  // int8_t (symmetric) or uint8_t (affine)
+      } else {
+        const int pair = static_cast<int>(row[d >> 1]);  // two codes, low nibble first
+        const int nib = (d & 1) ? (pair >> 4) & 15 : pair & 15;
+        c = static_cast<float>(AFF ? nib : nib - 8);  // symmetric nibbles are offset by 8
+      }
+      const float s = __bfloat162float(srow[g]);
+      if constexpr (AFF) out[i] = c * s + __bfloat162float(srow[NG + g]);
+      else out[i] = c * s;
+    }
+  }
+}
+"""
 
 PARTIAL = """
     const float NEG_INF = -__int_as_float(0x7f800000);
@@ -23,8 +83,13 @@ PARTIAL = """
     const int kvh = h0 / G;
     // Scores in base 2 (exp2f is one instruction); the merge works in the same base.
     const float sc = scale[0] * 1.4426950408889634f;
-    const T* k_base = k_pool + (long)kvh * slots * D;
-    const T* v_base = v_pool + (long)kvh * slots * D;
+    const KT* k_base = k_pool + (long)kvh * slots * paged_row_width<D, KB>();
+    const VT* v_base = v_pool + (long)kvh * slots * paged_row_width<D, VB>();
+    // A float pool's scales input is a placeholder that is never read.
+    const __nv_bfloat16* ks_base =
+        k_scales + (long)kvh * slots * paged_scale_width<D, KB, KA, KG>();
+    const __nv_bfloat16* vs_base =
+        v_scales + (long)kvh * slots * paged_scale_width<D, VB, VA, VG>();
     const int* table = block_tables + (long)b * nb;
     float qv[GB][PL], acc[GB][PL], m[GB], l[GB];
     for (int g = 0; g < GB; ++g) {
@@ -44,11 +109,7 @@ PARTIAL = """
         for (int u = 0; u < U; ++u) {
             const int t = t0 + u;
             const long slot = t < end ? (long)table[t / BS] * BS + (t % BS) : 0;
-            const T* k_row = k_base + slot * D;
-            for (int i = 0; i < PL; ++i) {
-                const int d = lane + 32 * i;
-                kr[u][i] = (t < end && d < D) ? static_cast<float>(k_row[d]) : 0.f;
-            }
+            paged_row<D, PL, KB, KA, KG>(kr[u], k_base, ks_base, slot, lane, t < end);
         }
         for (int u = 0; u < U; ++u)
             for (int g = 0; g < GB; ++g) {
@@ -62,12 +123,9 @@ PARTIAL = """
         for (int u = 0; u < U; ++u) {
             const int t = t0 + u;
             if (t >= end) break;
-            const T* v_row = v_base + ((long)table[t / BS] * BS + (t % BS)) * D;
+            const long slot = (long)table[t / BS] * BS + (t % BS);
             float vr[PL];
-            for (int i = 0; i < PL; ++i) {
-                const int d = lane + 32 * i;
-                vr[i] = d < D ? static_cast<float>(v_row[d]) : 0.f;
-            }
+            paged_row<D, PL, VB, VA, VG>(vr, v_base, vs_base, slot, lane, true);
             for (int g = 0; g < GB; ++g) {
                 const float m_new = fmaxf(m[g], s[u][g]);
                 const float c = exp2f(m[g] - m_new), p = exp2f(s[u][g] - m_new);

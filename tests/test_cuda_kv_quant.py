@@ -1,0 +1,329 @@
+"""The CUDA paged decode kernel over quantized KV pools (attention/cuda.py, cuda_source.py):
+on a GPU, against the gather path reading the same pools (int8, int4, K and V formats
+mixed, GQA groups, sliding windows, block sizes, partial blocks, half and full precision)
+and engine against engine; everywhere, the launcher's Python side (the template constants
+each pool gets, the q and output turning, what decode passes the kernel) through
+recording stand-ins for mx.fast.cuda_kernel, and, where nvcc is installed, the wrapped
+sources compiled for an H100 (tools/check_cuda_source.py). The kernel's row reader on the
+host: tests/test_cuda_row_reader.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import random_ids
+
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention import select_backend
+from nanovllm_mlx.attention.attend import _attend, gathered_attention
+from nanovllm_mlx.attention.gather import GatherAttention
+from nanovllm_mlx.attention.kv_cache import KVCache
+from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, hadamard, resolve
+from nanovllm_mlx.attention.metadata import PoolLayout
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "tools" / "check_cuda_source.py"
+GPU = pytest.mark.skipif(not cuda_attention.available(), reason="needs MLX's CUDA backend")
+
+A8 = KVFormat("a8", bits=8, group=64, affine=True)  # affine int8 in groups of 64
+S4 = KVFormat("s4", bits=4)  # symmetric int4, one scale a row
+S8 = KVFormat("s8", bits=8, group=32)  # symmetric int8, four scales a 128-row
+NAMED = {"int8": INT8, "int4": INT4, "a8": A8, "s4": S4, "s8": S8}
+
+
+def _format(name: str, dtype: mx.Dtype) -> KVFormat:
+    return NAMED[name] if name in NAMED else resolve(name, dtype)
+
+
+@cache
+def _tool() -> Any:
+    """tools/check_cuda_source.py, whose recording() stands in for mx.fast.cuda_kernel."""
+    spec = importlib.util.spec_from_file_location("check_cuda_source", TOOL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves its annotations there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _filled(
+    formats: tuple[KVFormat, KVFormat], n_kv: int, blocks: int, bs: int, d: int, seed: int = 0
+) -> tuple[KVCache, PoolLayout]:
+    """Every slot written with random rows; keys carry a few large channels, as real keys
+    do (what the formats' Hadamard turn is for)."""
+    rng = np.random.default_rng(seed)
+    cache = KVCache.allocate(formats, n_kv, blocks * bs, d, bs)
+    layout = PoolLayout(n_kv, blocks, bs)
+    k = rng.standard_normal((blocks * bs, n_kv, d)).astype(np.float32)
+    k[..., :3] *= 12.0
+    v = rng.standard_normal((blocks * bs, n_kv, d)).astype(np.float32)
+    cache.write(mx.array(k), mx.array(v), layout.write_rows(np.arange(blocks * bs)))
+    mx.eval(cache.arrays())
+    return cache, layout
+
+
+# (K format, V format, compute dtype, (heads, kv heads, head_dim), block size, window,
+# unroll). "auto" is a float pool in the compute dtype.
+KERNEL_CASES = [
+    ("int8", "int8", "float16", (32, 8, 128), 16, None, 2),  # Llama 3's shape
+    ("int8", "int8", "bfloat16", (32, 8, 128), 16, None, 2),
+    ("int8", "int8", "float32", (32, 8, 128), 16, None, 2),
+    ("int4", "int4", "float16", (32, 8, 128), 16, None, 2),
+    ("int4", "int4", "bfloat16", (32, 8, 128), 16, None, 2),
+    ("int8", "auto", "float16", (32, 8, 128), 16, None, 2),  # one pool float
+    ("auto", "int4", "bfloat16", (32, 8, 128), 16, None, 2),
+    ("int4", "int8", "float16", (32, 8, 128), 16, None, 2),
+    ("int8", "int4", "bfloat16", (32, 8, 128), 16, None, 2),
+    ("float16", "int8", "bfloat16", (32, 8, 128), 16, None, 2),  # float pool != compute
+    ("int8", "int4", "float16", (12, 12, 64), 16, None, 2),  # no grouping
+    ("int4", "int8", "bfloat16", (16, 1, 128), 16, None, 2),  # 2 blocks a KV head
+    ("int8", "int4", "bfloat16", (4, 1, 256), 16, None, 2),  # Gemma 3's heads
+    ("int4", "int4", "float16", (9, 3, 64), 16, None, 2),  # a group of 3
+    ("int4", "int8", "float16", (7, 7, 80), 16, None, 2),  # lanes past the row
+    ("int4", "int4", "bfloat16", (8, 2, 96), 16, None, 2),  # int4's group = the row
+    ("int8", "int8", "float16", (32, 8, 128), 16, 100, 2),  # sliding window
+    ("int4", "auto", "bfloat16", (9, 3, 64), 16, 100, 2),
+    ("int8", "int4", "float16", (32, 8, 128), 32, None, 2),  # block sizes
+    ("int4", "int8", "bfloat16", (32, 8, 128), 8, 100, 2),
+    ("int8", "int8", "float16", (32, 8, 128), 16, None, 1),  # unrolls
+    ("int4", "int8", "float16", (32, 8, 128), 16, None, 3),
+    ("a8", "s4", "float16", (32, 8, 128), 16, None, 2),  # the other KVFormat layouts
+    ("s8", "a8", "bfloat16", (7, 7, 80), 16, 100, 2),
+]
+
+
+@GPU
+@pytest.mark.parametrize("k,v,dtype,shape,bs,window,unroll", KERNEL_CASES)
+def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
+    k: str,
+    v: str,
+    dtype: str,
+    shape: tuple[int, int, int],
+    bs: int,
+    window: int | None,
+    unroll: int,
+):
+    """The same pools read by both: only float rounding differs (the gather path
+    dequantizes in float32 here, the kernel in registers), not the quantization error."""
+    compute = getattr(mx, dtype)
+    n_heads, n_kv, head_dim = shape
+    formats = (_format(k, compute), _format(v, compute))
+    contexts = [1, 15, 16, 17, 300, 1024, 5, 700, 2 * bs + 3]  # partial and whole blocks
+    num_blocks = sum(-(-c // bs) for c in contexts) + 8
+    cache, layout = _filled(formats, n_kv, num_blocks, bs, head_dim)
+    rng = np.random.default_rng(1)
+    nb = -(-max(contexts) // bs)
+    free = list(rng.permutation(num_blocks))
+    tables = np.zeros((len(contexts), nb), dtype=np.int32)
+    for i, c in enumerate(contexts):
+        tables[i, : -(-c // bs)] = [free.pop() for _ in range(-(-c // bs))]
+    q = mx.array(rng.standard_normal((len(contexts), n_heads, head_dim))).astype(compute)
+    scale = head_dim**-0.5
+    got = cuda_attention.paged_decode(
+        q,
+        cache.k,
+        cache.v,  # type: ignore[arg-type]
+        mx.array(tables),
+        mx.array(contexts, dtype=mx.int32),
+        bs,
+        scale,
+        max(contexts),
+        window,
+        unroll=unroll,
+        k_scales=cache.k_scales,
+        v_scales=cache.v_scales,
+        formats=formats,
+    )
+    keys, ctx = np.arange(nb * bs)[None, :], np.array(contexts)[:, None]
+    mask = (keys < ctx) & (keys >= (0 if window is None else ctx - window))
+    with mx.stream(mx.cpu):
+        want = gathered_attention(
+            q.astype(mx.float32)[:, None],
+            cache,
+            layout.block_rows(tables),
+            mx.array(mask[:, None, :]),
+            scale,
+        )[:, 0]
+        mx.eval(want)
+    # Half precision: q and the output are turned (and rounded) in it, on top of the
+    # rounding the float kernel's own test allows (tests/test_attention.py).
+    tol = {"float32": 2e-3, "float16": 2e-2, "bfloat16": 3e-2}[dtype]
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol, rtol=tol)
+
+
+@GPU
+@pytest.mark.parametrize("k,v", [("int8", "int8"), ("int4", "int8"), ("auto", "int4")])
+def test_an_engine_on_the_kernel_decodes_what_one_on_the_gather_path_does(
+    llama_tiny: Path, monkeypatch, k: str, v: str
+):
+    """Same quantized pools, same greedy tokens and logprobs: decode through the kernel
+    against decode through the gather path (fused SDPA), on one model."""
+    prompts = [random_ids(n, seed=n) for n in (5, 40, 77)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=True)
+
+    def run() -> tuple[list[dict[str, Any]], type]:
+        llm = LLM(str(llama_tiny), kv_cache_dtype_k=k, kv_cache_dtype_v=v, kv_cache_gb=0.01)
+        return llm.generate(prompts, params), type(llm.engine.model_runner.backend)
+
+    kernel, kernel_backend = run()
+    monkeypatch.setattr(cuda_attention, "available", lambda: False)
+    gather, gather_backend = run()
+    assert kernel_backend is cuda_attention.CudaPagedAttention
+    assert gather_backend is GatherAttention
+    for a, b in zip(kernel, gather):
+        assert a["token_ids"] == b["token_ids"]
+        np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["auto", "float16", "int8", "int4", "a8", "s4", "s8"])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_each_pool_gets_the_template_constants_of_its_layout(name: str, head_dim: int):
+    fmt = _format(name, mx.bfloat16)
+    cache = KVCache.allocate((fmt, fmt), 2, 8, head_dim, 4)
+    got = dict(cuda_attention.pool_template("K", cache.k, cache.k_scales, fmt, head_dim))
+    codes = {"int8": mx.int8, "s8": mx.int8, "int4": mx.uint8, "a8": mx.uint8, "s4": mx.uint8}
+    floats = {"auto": mx.bfloat16, "float16": mx.float16}
+    assert got["KT"] == (codes | floats)[name]
+    assert got["KB"] == {"int8": 8, "a8": 8, "s8": 8, "int4": 4, "s4": 4}.get(name, 0)
+    assert got["KA"] is (name in ("int4", "a8"))
+    # The values one scale covers: the format's group where it divides head_dim, else the
+    # whole row (int4's 64 at head_dim 80); float pools: the row (never read).
+    group = {"int4": 64, "a8": 64, "s8": 32}.get(name, head_dim)
+    assert got["KG"] == (group if head_dim % group == 0 else head_dim)
+    assert set(got) == {"KT", "KB", "KA", "KG"}
+    # A float pool needs no scales; the template never depends on which head it is.
+    assert dict(cuda_attention.pool_template("V", cache.v, cache.v_scales, fmt, head_dim)) == {
+        "V" + key[1:]: value for key, value in got.items()
+    }
+
+
+def test_a_pool_the_kernel_cannot_read_is_one_clear_error():
+    cache = KVCache.allocate((INT8, INT4), 2, 8, 64, 4)
+    template = cuda_attention.pool_template
+    with pytest.raises(ValueError, match="cannot read this int8 pool.*scales missing"):
+        template("K", cache.k, None, INT8, 64)
+    with pytest.raises(ValueError, match="cannot read this int4 pool"):
+        template("K", cache.k, cache.k_scales, INT4, 64)  # int8 codes as int4's
+    with pytest.raises(ValueError, match="cannot read this int4 pool"):
+        template("V", cache.v, cache.v_scales, INT4, 128)  # another head_dim
+    with pytest.raises(ValueError, match="cannot read this int8 pool"):
+        template("K", cache.k, cache.k_scales.astype(mx.float16), INT8, 64)
+    with pytest.raises(ValueError, match="cannot read this int8 pool"):
+        template("K", cache.k, cache.k_scales[:, :4], INT8, 64)  # scales of fewer slots
+    with pytest.raises(ValueError, match="reads float pools of width 64"):
+        template("K", cache.k, None, None, 64)  # codes without their format
+    with pytest.raises(ValueError, match="reads float pools of width 32"):
+        template("K", mx.zeros((2, 8, 64)), None, None, 32)
+    with pytest.raises(ValueError, match="cannot read this x3 pool"):
+        template("K", cache.k, cache.k_scales, KVFormat("x3", bits=3), 64)
+
+
+@pytest.mark.parametrize(
+    "kv", [(INT8, INT8), (INT4, INT4), (INT8, None), (None, INT4), (INT4, INT8)]
+)
+def test_turning_q_and_the_output_equals_attending_the_unturned_rows(kv):
+    """What paged_decode does around the kernel for rotated formats: attention over the
+    rows as stored (turned), with q turned first (keys) and the output after (values),
+    equals attention over the rows turned back. None: a float pool."""
+    d = 64
+    formats = tuple(f or resolve("auto", mx.float32) for f in kv)
+    cache, layout = _filled(formats, 2, 6, 4, d)  # type: ignore[arg-type]
+    rows = layout.block_rows(np.array([[4, 1, 0], [2, 5, 3]]))
+    q = mx.array(np.random.default_rng(2).standard_normal((2, 1, 8, d)).astype(np.float32))
+    stored = [cache.read_blocks(w, rows, 2, mx.float32, rotated=True) for w in (0, 1)]
+    plain = [cache.read_blocks(w, rows, 2, mx.float32) for w in (0, 1)]
+    turn_k, turn_v = (f is not None and f.rotate for f in kv)
+    assert cache.rotated == (turn_k, turn_v)
+    args = (None, 0.125, None, False, False, None)
+    got = cuda_attention.turn(_attend(cuda_attention.turn(q, turn_k), *stored, *args), turn_v)
+    want = _attend(q, *plain, *args)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5)
+    if turn_k or turn_v:  # not vacuous: the rows as stored differ from the plain ones
+        assert not np.allclose(np.array(_attend(q, *stored, *args)), np.array(want), atol=1e-3)
+    # The turn is the formats' own transform, built in the compute dtype with its data.
+    h = cuda_attention._hadamard(d, mx.bfloat16)
+    assert h.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(h.astype(mx.float32)), np.array(hadamard(d)), atol=4e-3)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_decode_hands_the_kernel_the_pools_scales_and_turned_q(dtype):
+    """CudaPagedAttention.decode on a quantized cache, the kernel recorded instead of
+    run: what the GPU would get, checked on any machine."""
+    tool = _tool()
+    cache, _ = _filled((INT8, INT4), 2, 8, 16, 128)
+    q = mx.array(np.random.default_rng(3).standard_normal((3, 8, 128))).astype(dtype)
+    plan = cuda_attention.DecodePlan(
+        mx.array([[0, 1], [2, 3], [4, 5]], dtype=mx.int32), mx.array([17, 3, 32]), 32
+    )
+    with mx.stream(mx.cpu), tool.recording() as launches:
+        out = cuda_attention.CudaPagedAttention().decode(q, cache, plan, 0.1)
+        mx.eval(out)
+    partial, merge = launches
+    assert out.shape == (3, 8, 128) and out.dtype == dtype
+    template = dict(partial.template)
+    assert (template["KT"], template["KB"], template["KA"], template["KG"]) == (
+        mx.int8, 8, False, 128
+    )  # fmt: skip
+    assert (template["VT"], template["VB"], template["VA"], template["VG"]) == (
+        mx.uint8, 4, True, 64
+    )  # fmt: skip
+    assert (template["T"], template["G"], template["GB"]) == (dtype, 4, 4)
+    inputs = dict(zip(partial.input_names, partial.inputs))
+    assert inputs["k_pool"] is cache.k and inputs["v_pool"] is cache.v
+    assert inputs["k_scales"] is cache.k_scales and inputs["v_scales"] is cache.v_scales
+    turned = q @ mx.array(np.asarray(hadamard(128)), dtype=dtype)
+    assert inputs["q"].dtype == dtype
+    assert mx.array_equal(inputs["q"], turned).item()
+    assert "const int8_t* k_pool" in partial.source and "const uint8_t* v_pool" in partial.source
+    assert merge.template == (("T", dtype), ("D", 128))
+
+
+def test_a_float_cache_launches_as_before_with_placeholder_scales():
+    tool = _tool()
+    cache = KVCache(mx.zeros((2, 64, 64), dtype=mx.float16), mx.zeros((2, 64, 64)), 16)
+    q = mx.ones((1, 4, 64), dtype=mx.float16)
+    plan = cuda_attention.DecodePlan(mx.array([[0, 1]], dtype=mx.int32), mx.array([20]), 20)
+    with mx.stream(mx.cpu), tool.recording() as launches:
+        cuda_attention.CudaPagedAttention().decode(q, cache, plan, 0.1)
+    inputs = dict(zip(launches[0].input_names, launches[0].inputs))
+    assert inputs["q"] is q  # not turned
+    assert inputs["k_scales"].size == 1 and inputs["k_scales"] is inputs["v_scales"]
+    template = dict(launches[0].template)
+    # A float32 V pool under float16 compute: each pool's own element type.
+    assert (template["KT"], template["VT"], template["KB"], template["VB"]) == (
+        mx.float16, mx.float32, 0, 0
+    )  # fmt: skip
+
+
+def test_quantized_caches_take_the_kernel_on_cuda(monkeypatch):
+    monkeypatch.setattr(cuda_attention, "available", lambda: True)
+    assert isinstance(select_backend(quantized_kv=True), cuda_attention.CudaPagedAttention)
+    assert type(select_backend(quantized_kv=True, sinks=True)) is GatherAttention
+    assert type(select_backend(quantized_kv=True, latent=True)) is GatherAttention
+    monkeypatch.setattr(cuda_attention, "available", lambda: False)
+    assert type(select_backend(quantized_kv=True)) is GatherAttention
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_the_kernel_sources_compile_for_an_h100():
+    """Every K/V format pair, both half dtypes, a head_dim past the lanes and the engine
+    test's: the wrapped sources as MLX would build them, compiled by nvcc (no GPU)."""
+    done = subprocess.run(
+        [sys.executable, str(TOOL), "--quick"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    compiled = re.search(r"(\d+)/(\d+) kernels compiled", done.stdout)
+    assert compiled is not None and compiled[1] == compiled[2] and int(compiled[1]) >= 20
+    assert "SPILLED" not in done.stdout
