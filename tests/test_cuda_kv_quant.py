@@ -25,7 +25,7 @@ from helpers import random_ids
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention import select_backend
+from nanovllm_mlx.attention import cuda_formats, select_backend
 from nanovllm_mlx.attention.attend import _attend, gathered_attention
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.kv_cache import KVCache
@@ -191,7 +191,7 @@ def test_an_engine_on_the_kernel_decodes_what_one_on_the_gather_path_does(
 def test_each_pool_gets_the_template_constants_of_its_layout(name: str, head_dim: int):
     fmt = _format(name, mx.bfloat16)
     cache = KVCache.allocate((fmt, fmt), 2, 8, head_dim, 4)
-    got = dict(cuda_attention.pool_template("K", cache.k, cache.k_scales, fmt, head_dim))
+    got = dict(cuda_formats.pool_template("K", cache.k, cache.k_scales, fmt, head_dim))
     codes = {"int8": mx.int8, "s8": mx.int8, "int4": mx.uint8, "a8": mx.uint8, "s4": mx.uint8}
     floats = {"auto": mx.bfloat16, "float16": mx.float16}
     assert got["KT"] == (codes | floats)[name]
@@ -203,14 +203,14 @@ def test_each_pool_gets_the_template_constants_of_its_layout(name: str, head_dim
     assert got["KG"] == (group if head_dim % group == 0 else head_dim)
     assert set(got) == {"KT", "KB", "KA", "KG"}
     # A float pool needs no scales; the template never depends on which head it is.
-    assert dict(cuda_attention.pool_template("V", cache.v, cache.v_scales, fmt, head_dim)) == {
+    assert dict(cuda_formats.pool_template("V", cache.v, cache.v_scales, fmt, head_dim)) == {
         "V" + key[1:]: value for key, value in got.items()
     }
 
 
 def test_a_pool_the_kernel_cannot_read_is_one_clear_error():
     cache = KVCache.allocate((INT8, INT4), 2, 8, 64, 4)
-    template = cuda_attention.pool_template
+    template = cuda_formats.pool_template
     with pytest.raises(ValueError, match="cannot read this int8 pool.*scales missing"):
         template("K", cache.k, None, INT8, 64)
     with pytest.raises(ValueError, match="cannot read this int4 pool"):
@@ -246,13 +246,13 @@ def test_turning_q_and_the_output_equals_attending_the_unturned_rows(kv):
     turn_k, turn_v = (f is not None and f.rotate for f in kv)
     assert cache.rotated == (turn_k, turn_v)
     args = (None, 0.125, None, False, False, None)
-    got = cuda_attention.turn(_attend(cuda_attention.turn(q, turn_k), *stored, *args), turn_v)
+    got = cuda_formats.turn(_attend(cuda_formats.turn(q, turn_k), *stored, *args), turn_v)
     want = _attend(q, *plain, *args)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5)
     if turn_k or turn_v:  # not vacuous: the rows as stored differ from the plain ones
         assert not np.allclose(np.array(_attend(q, *stored, *args)), np.array(want), atol=1e-3)
     # The turn is the formats' own transform, built in the compute dtype with its data.
-    h = cuda_attention._hadamard(d, mx.bfloat16)
+    h = cuda_formats._hadamard(d, mx.bfloat16)
     assert h.dtype == mx.bfloat16
     np.testing.assert_allclose(np.array(h.astype(mx.float32)), np.array(hadamard(d)), atol=4e-3)
 

@@ -30,12 +30,12 @@ from functools import cache, lru_cache
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
+from nanovllm_mlx.attention.cuda_formats import pool_template, turn
 from nanovllm_mlx.attention.cuda_source import HEADER, MERGE, PARTIAL
 from nanovllm_mlx.attention.cuda_write import write_in_place
 from nanovllm_mlx.attention.gather import GatherAttention
-from nanovllm_mlx.attention.kv_quant import KVFormat, hadamard
+from nanovllm_mlx.attention.kv_quant import KVFormat
 from nanovllm_mlx.attention.metadata import (
     AttentionMetadata,
     DecodeEntries,
@@ -107,56 +107,6 @@ def _params(part_size: int, window: int) -> mx.array:
     # kernel anew (NVRTC, ~1 s), and the partition size changes with the context. Created
     # with its data, like _scalar, so that a compiled step may capture it.
     return mx.array([part_size, window], dtype=mx.int32)
-
-
-@lru_cache(maxsize=16)
-def _hadamard(head_dim: int, dtype: mx.Dtype) -> mx.array:
-    # Built with its data in the compute dtype, like _scalar: an astype per layer and step
-    # would be one more kernel launch each time.
-    return mx.array(np.asarray(hadamard(head_dim)), dtype=dtype)
-
-
-def turn(x: mx.array, on: bool) -> mx.array:
-    """x [..., D] turned by kv_quant.hadamard (in x's dtype) when on, else x. Keys stored
-    turned meet a turned q (qH . kH = q . k), and values stored turned give a turned
-    output, turned back by the same product (H is its own inverse), so the kernel reads
-    rotated rows as stored and never multiplies by H."""
-    return x @ _hadamard(x.shape[-1], x.dtype) if on else x
-
-
-def pool_template(
-    prefix: str, pool: mx.array, scales: mx.array | None, fmt: KVFormat | None, head_dim: int
-) -> list[tuple[str, Any]]:
-    """The template constants that tell PARTIAL how to read one pool (prefix "K" or "V";
-    cuda_source.HEADER): its element type, code bits (0: float values), whether a bias
-    follows the scales, and how many values a scale covers. A pool the kernel cannot read
-    is a wiring error (ValueError), never a silent misread."""
-    if fmt is None or not fmt.quantized:
-        if pool.shape[-1] != head_dim or not mx.issubdtype(pool.dtype, mx.floating):
-            raise ValueError(
-                f"the CUDA paged kernel reads float pools of width {head_dim}, "
-                f"got {pool.dtype} [..., {pool.shape[-1]}]"
-            )
-        bits, affine, group = 0, False, head_dim
-    else:
-        codes = mx.int8 if fmt.bits == 8 and not fmt.affine else mx.uint8
-        readable = (
-            fmt.bits in (4, 8)
-            and pool.dtype == codes
-            and pool.shape[-1] == fmt.code_width(head_dim)
-            and scales is not None
-            and scales.dtype == mx.bfloat16
-            and scales.shape == (*pool.shape[:-1], fmt.scale_width(head_dim))
-        )
-        if not readable:
-            raise ValueError(
-                f"the CUDA paged kernel cannot read this {fmt.name} pool at head_dim "
-                f"{head_dim}: codes {pool.dtype} {pool.shape}, scales "
-                + ("missing" if scales is None else f"{scales.dtype} {scales.shape}")
-            )
-        bits, affine, group = fmt.bits, fmt.affine, fmt.group_size(head_dim)
-    values = {"T": pool.dtype, "B": bits, "A": affine, "G": group}
-    return [(prefix + name, value) for name, value in values.items()]
 
 
 def heads_per_block(n_heads: int, n_kv: int, head_dim: int) -> int:
