@@ -55,11 +55,11 @@ for phase in "$@"; do
         tests/test_attention.py -k "not cuda_decode_kernel_matches or [2-None" ;;
     probe-inplace-8b)
       # In-place K/V writes (attention/cuda_write.py) against the scatter and the wait, one
-      # process each; compiled and eager decode, the kernel on.
+      # process each; compiled decode with look-ahead, the kernel on, a 20 GB pool.
       for w in 0 1; do
         run probe-inplace-8b 200 env NANOVLLM_IN_PLACE_WRITES=$w python3 \
           benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
-          --decode-tokens 64 --pools "" --configs 20:on:on:on,20:off:on:on
+          --decode-tokens 64 --pools "" --configs 20:on:on:on
       done ;;
     layouts-8b)
       run layouts-8b 80 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \

@@ -23,7 +23,6 @@ import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
-import uvicorn
 
 import nanovllm_mlx.engine.runner.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
@@ -212,6 +211,8 @@ def serving(app) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    import uvicorn  # here: the GPU machine runs the engine's tests without the server's packages
+
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
