@@ -208,11 +208,11 @@ JSON = {"Content-Type": "application/json"}
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
     """Serve app on 127.0.0.1 (a port bound here, so no race for it) until the block ends."""
+    import uvicorn  # here: the GPU machine runs the engine's tests without the server's packages
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    import uvicorn  # here: the GPU machine runs the engine's tests without the server's packages
-
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
