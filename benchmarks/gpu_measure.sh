@@ -102,7 +102,7 @@ for phase in "$@"; do
       # Issue 26: our int8 pool against mlx-lm's float16 cache, after 32 and 8k tokens; the
       # float16 pool's figures are compare-8b's (same contexts) on the same machine.
       run compare-8b-int8 200 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
-        --dtype float16 --contexts 32,8192 --ttft 4096 --decode-tokens 64 --batches "" \
+        --dtype float16 --contexts 32,8192 --ttft "" --decode-tokens 64 --batches "" \
         --kv-cache-dtype int8 --json ;;
     compare-8b-min)
       run compare-8b-min 200 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
