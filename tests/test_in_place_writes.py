@@ -151,8 +151,9 @@ def test_the_decode_kernel_reads_the_rows_written_in_place_before_it():
         k = mx.array(10 * rng.standard_normal((1, n_kv, d))).astype(mx.float16)
         v = mx.array(rng.standard_normal((1, n_kv, d))).astype(mx.float16)
         q = mx.array(rng.standard_normal((1, n_heads, d))).astype(mx.float16)
-        meta = AttentionMetadata(GatherAttention(True), rows, 1)
+        meta = AttentionMetadata(GatherAttention(True), rows, 1, in_place=True)
         cuda_attention.CudaPagedAttention(in_place=True).write(mine, k, v, meta)
+        assert mine.written is not None  # written by the kernel, not the scatter
         tables, ctx = mx.array(table[None]), mx.array([pos + 1], dtype=mx.int32)
         args = (tables, ctx, bs, d**-0.5, len(table) * bs)
         got = cuda_attention.paged_decode(q, mine.k, mine.v, *args, after=mine.written)
