@@ -51,6 +51,7 @@ def engine_grid(args: argparse.Namespace) -> None:
             max_model_len=max(contexts) + args.decode_tokens + 16,
             compile_decode=compiled == "on",
             async_scheduling=ahead == "on",
+            kv_cache_dtype=args.kv_cache_dtype,
         )
         vocab = llm.engine.vocab_size
         cells = []
@@ -123,6 +124,7 @@ def main() -> None:
         help="part 1's engines, pool GB:compiled:kernel:look-ahead, comma-separated",
     )
     ap.add_argument("--contexts", default="32,8192")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="part 1's pools: auto, int8, ...")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=32, help="part 2's model shape")
