@@ -68,13 +68,15 @@ for phase in "$@"; do
       # int8 pool, on the same warm machine.
       run tests-inplace 120 python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_in_place_writes.py tests/test_cuda_kv_quant.py
-      run final-8b 150 python3 benchmarks/compare_mlx_lm.py --model $L8B --dtype float16 \
-        --repeats 2 --contexts 32,8192 --ttft "" --decode-tokens 64 --batches "" --json
+      run final-8b 150 env NANOVLLM_IN_PLACE_WRITES=1 python3 benchmarks/compare_mlx_lm.py \
+        --model $L8B --dtype float16 --repeats 2 --contexts 32,8192 --ttft "" \
+        --decode-tokens 64 --batches "" --json
       run final-8b 60 env NANOVLLM_IN_PLACE_WRITES=0 python3 benchmarks/decode_probe.py \
         --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
         --configs 20:on:on:on
-      run final-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
-        --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on --kv-cache-dtype int8 ;;
+      run final-8b 60 env NANOVLLM_KV_QUANT_KERNEL=1 python3 benchmarks/decode_probe.py \
+        --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
+        --configs 20:on:on:on --kv-cache-dtype int8 ;;
     layouts-8b)
       run layouts-8b 80 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
         $L8B_SHAPE ;;

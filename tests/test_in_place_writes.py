@@ -206,6 +206,7 @@ def test_an_engine_decodes_the_same_tokens_with_in_place_writes(
 def test_look_ahead_with_in_place_writes_neither_waits_nor_copies_the_pools(
     gpt2_tiny: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    monkeypatch.setenv("NANOVLLM_IN_PLACE_WRITES", "1")
     llm = LLM(str(gpt2_tiny), dtype="float16", kv_cache_gb=0.5, async_scheduling=True)
     runner = llm.engine.model_runner
     assert runner.backend.writes_in_place
@@ -227,3 +228,17 @@ def test_look_ahead_with_in_place_writes_neither_waits_nor_copies_the_pools(
     assert runner.steps_ahead_used > 30
     assert waits.count(False) > 30  # every decode step but none of the prefill
     assert mx.get_peak_memory() - before < pool_bytes // 2
+
+
+def test_in_place_writes_are_opt_in_until_run_on_a_gpu(monkeypatch: pytest.MonkeyPatch):
+    from nanovllm_mlx.attention import cuda_write, select_backend
+
+    monkeypatch.setattr(cuda_attention, "available", lambda: True)
+    monkeypatch.delenv("NANOVLLM_IN_PLACE_WRITES", raising=False)
+    assert not cuda_write.enabled() and not select_backend().writes_in_place
+    monkeypatch.setenv("NANOVLLM_IN_PLACE_WRITES", "1")
+    assert select_backend().writes_in_place
+    monkeypatch.setenv("NANOVLLM_KV_QUANT_KERNEL", "1")
+    quantized = select_backend(quantized_kv=True)  # the kernel reads it, MLX writes it
+    assert isinstance(quantized, cuda_attention.CudaPagedAttention)
+    assert not quantized.writes_in_place

@@ -63,6 +63,14 @@ def available() -> bool:
         return False
 
 
+def reads_quantized() -> bool:
+    """Whether quantized pools take the kernel (NANOVLLM_KV_QUANT_KERNEL=1) rather than the
+    gather path. Off by default until its GPU tests (tests/test_cuda_kv_quant.py) have run:
+    the dequantizing reader was written when no GPU was at hand, checked on the host
+    (tests/test_cuda_row_reader.py) and compiled with NVRTC 13.0, never run on a GPU."""
+    return os.environ.get("NANOVLLM_KV_QUANT_KERNEL", "0") == "1"
+
+
 @cache
 def _kernels() -> tuple[Any, Any]:
     partial = mx.fast.cuda_kernel(
