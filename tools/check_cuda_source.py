@@ -18,11 +18,19 @@ Strides are fixed-size arrays). NVRTC compiles the real thing on the GPU machine
 (H100), printing ptxas's registers and spills for each kernel. Also checks that no two
 launches share MLX's kernel name (name + template values) with different sources: MLX
 would run the first one's compiled kernel for both. Exits 1 if anything fails.
+
+The in-place K/V write kernel (attention/cuda_write.py) is compiled alongside. With
+--nvrtc LIB --mlx-include DIR the sources are compiled as the GPU machine compiles them:
+by NVRTC itself (LIB: libnvrtc.so.13, e.g. from `pip download nvidia-cuda-nvrtc==13.0.*`),
+with MLX's own device headers (DIR holds mlx/backend/cuda/device/, e.g. `git archive` of
+ml-explore/mlx at the installed version) and the flags MLX's jit_module.cpp passes,
+instead of nvcc and the stub header.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import itertools
 import os
 import re
@@ -45,7 +53,7 @@ import nanovllm_mlx  # noqa: E402, F401  (before mlx: the fast BLAS)
 import mlx.core as mx  # noqa: E402
 
 # isort: on
-from nanovllm_mlx.attention import cuda  # noqa: E402
+from nanovllm_mlx.attention import cuda, cuda_write  # noqa: E402
 from nanovllm_mlx.attention.kv_cache import KVCache  # noqa: E402
 from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, resolve  # noqa: E402
 
@@ -175,11 +183,13 @@ def recording() -> Iterator[list[Launch]]:
     original = mx.fast.cuda_kernel
     mx.fast.cuda_kernel = lambda **kernel: _Recorder(launches, **kernel)
     cuda._kernels.cache_clear()
+    cuda_write._kernel.cache_clear()
     try:
         yield launches
     finally:
         mx.fast.cuda_kernel = original
         cuda._kernels.cache_clear()
+        cuda_write._kernel.cache_clear()
 
 
 def launch_decode(
@@ -208,6 +218,14 @@ def launch_decode(
         v_scales=cache.v_scales,
         formats=formats,
     )
+
+
+def launch_write(pool_dtype: mx.Dtype, new_dtype: mx.Dtype, head_dim: int) -> None:
+    """cuda_write.write_in_place of three tokens' rows (inside recording(): records)."""
+    k_pool, v_pool = (mx.zeros((2, 64, head_dim), dtype=pool_dtype) for _ in range(2))
+    cache = KVCache(k_pool, v_pool, 16)
+    new = mx.zeros((3, 2, head_dim), dtype=new_dtype)
+    cuda_write.write_in_place(cache, new, new, mx.zeros((6,), dtype=mx.int32))
 
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
@@ -282,6 +300,9 @@ def collect(quick: bool) -> list[Launch]:
     with recording() as launches:
         for combo in combinations(quick):
             launch_decode(**combo)
+        for pool_dtype, new_dtype in itertools.product(DTYPES, DTYPES):
+            for head_dim in (64, 128) if quick else (16, 64, 80, 128, 256):
+                launch_write(pool_dtype, new_dtype, head_dim)
     by_name: dict[str, Launch] = {}
     for launch in launches:
         seen = by_name.setdefault(launch.name, launch)
@@ -313,13 +334,55 @@ def compile_one(launch: Launch, workdir: Path, nvcc: str, arch: str) -> tuple[bo
     return True, f"{launch.name}: {usage}"
 
 
+def compile_nvrtc(launch: Launch, lib: str, include: Path, arch: str) -> tuple[bool, str]:
+    """(compiled, "") or (False, NVRTC's log): the source compiled as MLX compiles it on
+    the GPU machine (jit_module.cpp's flags, its real device headers)."""
+    nvrtc = ctypes.CDLL(lib)
+    cuda_include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))  # as MLX looks
+    flags = [
+        "--device-as-default-execution-space",
+        f"--gpu-architecture={arch}",
+        f"--include-path={include}",
+        f"--include-path={cuda_include / 'include'}",
+        f"--include-path={cuda_include / 'include' / 'cccl'}",
+    ]
+    prog = ctypes.c_void_p()
+    src, name = launch.source.encode(), launch.name.encode()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, name, 0, None, None) != 0:
+        return False, f"{launch.name}: nvrtcCreateProgram failed"
+    argv = (ctypes.c_char_p * len(flags))(*(f.encode() for f in flags))
+    result = nvrtc.nvrtcCompileProgram(prog, len(flags), argv)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    if result != 0:
+        return False, f"{launch.name} {dict(launch.template)}:\n{log.value.decode()}"
+    return True, f"{launch.name}: compiled by NVRTC"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one shape, every format pair")
     parser.add_argument("--keep", type=Path, help="write the wrapped .cu files here")
     parser.add_argument("--arch", default="sm_90a", help="nvcc -arch (default sm_90a: H100)")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--nvrtc", help="libnvrtc.so to compile with, as the GPU machine does")
+    parser.add_argument("--mlx-include", type=Path, help="with --nvrtc: MLX's source root")
     args = parser.parse_args()
+    if args.nvrtc:
+        if args.mlx_include is None:
+            parser.error("--nvrtc needs --mlx-include (MLX's device headers)")
+        with mx.stream(mx.cpu):
+            launches = collect(args.quick)
+        results = [compile_nvrtc(x, args.nvrtc, args.mlx_include, args.arch) for x in launches]
+        for ok, text in results:
+            if not ok:
+                print(text)
+        failed = sum(not ok for ok, _ in results)
+        print(f"{len(results) - failed}/{len(results)} kernels compiled (NVRTC, {args.arch})")
+        return 1 if failed else 0
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         print("nvcc not found: install the CUDA toolkit to check the kernel sources")

@@ -80,7 +80,10 @@ def write_in_place(cache: KVCache, k: mx.array, v: mx.array, rows: mx.array) -> 
     n_rows, head_dim = k.shape[0] * k.shape[1], k.shape[2]
     (written,) = _kernel()(
         inputs=[k, v, rows, cache.k, cache.v],
-        template=[("D", head_dim), ("PK", cache.k.dtype), ("PV", cache.v.dtype)],
+        # S, the new rows' dtype, is not used by name, but MLX names a compiled kernel by
+        # its template alone: without it a float16 k after a float32 one (same pools) would
+        # run the float32 one's kernel (tools/check_cuda_source.py checks for this).
+        template=[("D", head_dim), ("PK", cache.k.dtype), ("PV", cache.v.dtype), ("S", k.dtype)],
         grid=(head_dim * n_rows, 2, 1),
         threadgroup=(head_dim, 1, 1),
         output_shapes=[(1,)],
