@@ -308,3 +308,22 @@ def check_dequantized_twin(
     with captured_logits() as want:
         exact.generate(prompts, one)
     np.testing.assert_allclose(np.concatenate(seen), np.concatenate(want), atol=1e-4)
+
+
+def random_tables(
+    rng: np.random.Generator, contexts: list[int], block_size: int, num_blocks: int
+) -> np.ndarray:
+    """[B, nb] block tables over distinct random blocks, each context's blocks filled (the
+    rest 0), as the decode kernels' tests read them."""
+    nb = -(-max(contexts) // block_size)
+    free = list(rng.permutation(num_blocks))
+    tables = np.zeros((len(contexts), nb), dtype=np.int32)
+    for i, c in enumerate(contexts):
+        tables[i, : -(-c // block_size)] = [free.pop() for _ in range(-(-c // block_size))]
+    return tables
+
+
+def decode_mask(contexts: list[int], n_keys: int, window: int | None) -> np.ndarray:
+    """[B, 1, n_keys]: the keys each decode query sees (its last `window` of them)."""
+    keys, ctx = np.arange(n_keys)[None, :], np.array(contexts)[:, None]
+    return ((keys < ctx) & (keys >= (0 if window is None else ctx - window)))[:, None, :]

@@ -4,6 +4,7 @@ cached prefix, all in one mixed batch with scattered block tables."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import decode_mask, random_tables
 
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention.attend import gathered_attention
@@ -197,11 +198,8 @@ def test_cuda_decode_kernel_matches_gather_path(
         mx.array(rng.standard_normal((n_kv, num_blocks * bs, head_dim))).astype(dtype),
         bs,
     )
-    nb = -(-max(contexts) // bs)
-    free = list(rng.permutation(num_blocks))
-    tables = np.zeros((len(contexts), nb), dtype=np.int32)
-    for i, c in enumerate(contexts):
-        tables[i, : -(-c // bs)] = [free.pop() for _ in range(-(-c // bs))]
+    tables = random_tables(rng, contexts, bs, num_blocks)
+    nb = tables.shape[1]
     q = mx.array(rng.standard_normal((len(contexts), n_heads, head_dim))).astype(dtype)
     scale = head_dim**-0.5
     got = cuda_attention.paged_decode(
@@ -216,9 +214,7 @@ def test_cuda_decode_kernel_matches_gather_path(
         window,
         unroll=unroll,
     )
-    keys, ctx = np.arange(nb * bs)[None, :], np.array(contexts)[:, None]
-    mask = (keys < ctx) & (keys >= (0 if window is None else ctx - window))
-    mask = mask[:, None, :]
+    mask = decode_mask(contexts, nb * bs, window)
     with mx.stream(mx.cpu):
         cpu_cache = KVCache(cache.k.astype(mx.float32), cache.v.astype(mx.float32), bs)
         want = gathered_attention(

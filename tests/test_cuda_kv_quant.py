@@ -21,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import random_ids
+from helpers import decode_mask, random_ids, random_tables
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
@@ -123,11 +123,8 @@ def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
     num_blocks = sum(-(-c // bs) for c in contexts) + 8
     cache, layout = _filled(formats, n_kv, num_blocks, bs, head_dim)
     rng = np.random.default_rng(1)
-    nb = -(-max(contexts) // bs)
-    free = list(rng.permutation(num_blocks))
-    tables = np.zeros((len(contexts), nb), dtype=np.int32)
-    for i, c in enumerate(contexts):
-        tables[i, : -(-c // bs)] = [free.pop() for _ in range(-(-c // bs))]
+    tables = random_tables(rng, contexts, bs, num_blocks)
+    nb = tables.shape[1]
     q = mx.array(rng.standard_normal((len(contexts), n_heads, head_dim))).astype(compute)
     scale = head_dim**-0.5
     got = cuda_attention.paged_decode(
@@ -145,14 +142,13 @@ def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
         v_scales=cache.v_scales,
         formats=formats,
     )
-    keys, ctx = np.arange(nb * bs)[None, :], np.array(contexts)[:, None]
-    mask = (keys < ctx) & (keys >= (0 if window is None else ctx - window))
+    mask = decode_mask(contexts, nb * bs, window)
     with mx.stream(mx.cpu):
         want = gathered_attention(
             q.astype(mx.float32)[:, None],
             cache,
             layout.block_rows(tables),
-            mx.array(mask[:, None, :]),
+            mx.array(mask),
             scale,
         )[:, 0]
         mx.eval(want)
