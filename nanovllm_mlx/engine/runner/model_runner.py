@@ -1,10 +1,7 @@
 """Turns a scheduled batch into MLX arrays, runs the model, samples: one mx.eval a step.
 
-An all-decode step can run through `mx.compile`: the forward is traced once per bucket of
-batch size and table width (engine/step_inputs.prepare_decode) and replayed after, so the
-Python that builds a step's graph runs once per bucket instead of once per token, and
-MLX fuses the elementwise ops between the kernels. The eager forward is the reference it
-is tested against.
+An all-decode step of up to COMPILE_MAX_BATCH sequences can run compiled
+(engine/runner/compiled_decode.py), padded to a bucket of batch size and table width.
 
 A decode step can also be built one step ahead: its input tokens are the previous step's
 sampled tokens, still lazy on the device, so the host builds step t+1's graph while the
@@ -24,10 +21,11 @@ import numpy as np
 from nanovllm_mlx.attention import select_backend
 from nanovllm_mlx.attention.kv_cache import KVCache
 from nanovllm_mlx.attention.kv_quant import KVFormat, resolve
-from nanovllm_mlx.attention.metadata import AttentionBackend, AttentionMetadata, PoolLayout
+from nanovllm_mlx.attention.metadata import AttentionBackend, PoolLayout
 from nanovllm_mlx.attention.state import state_pools
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.runner.compiled_decode import CompiledDecode
 from nanovllm_mlx.engine.runner.launch import Ahead, Launched, batch_key, bucket_key, start
 from nanovllm_mlx.engine.runner.step_inputs import (
     PreparedStep,
@@ -88,7 +86,6 @@ class ModelRunner:
         # raises on rank 0 must not leave the others waiting), so each forward is
         # evaluated whole before anything else is built on it.
         self.collective = collective
-        self._compiled = mx.compile(self._decode_graph) if self.compile_decode else None
         self.decode_buckets: set[tuple[Any, ...]] = set()  # (batch, table width) shapes traced
         self.compile_ms: tuple[float, float] | None = None  # warm_up's (compiled, eager) step
         slots = (num_blocks + 1) * block_size
@@ -108,6 +105,9 @@ class ModelRunner:
             next(st) if i in spec.state_layers else next(kv) for i in range(spec.n_layers)
         ]
         mx.eval(self.cache_arrays())
+        self._compiled = (
+            CompiledDecode(model, self.backend, self.caches) if self.compile_decode else None
+        )
         self._ahead: Ahead | None = None
         self.steps_ahead_used = 0  # launched ahead and used
         self.steps_ahead_dropped = 0  # launched ahead, then the batch changed
@@ -147,13 +147,7 @@ class ModelRunner:
         """Lazy logits of each sampling entry's last token (None when none samples)."""
         if step.padded:
             assert self._compiled is not None
-            pools = [c.arrays() for c in self.caches]
-            logits, pools = self._compiled(
-                step.input_ids, step.positions, step.meta.write_rows, step.meta.decode, pools
-            )
-            for cache, arrays in zip(self.caches, pools):
-                cache.set_arrays(arrays)
-            return logits[: len(step.samplers)]
+            return self._compiled(step)[: len(step.samplers)]
         hidden = self.model(step.input_ids, step.positions, self.layer_caches, step.meta)
         if self.collective:
             mx.eval(hidden, self.cache_arrays())
@@ -176,28 +170,6 @@ class ModelRunner:
         step = self._prepare_eager(batch)
         hidden = self.model(step.input_ids, step.positions, self.layer_caches, step.meta)
         mx.eval(hidden, self.cache_arrays())
-
-    def _decode_graph(
-        self,
-        input_ids: mx.array,
-        positions: mx.array,
-        write_rows: mx.array,
-        plan: dict[str, mx.array],
-        pools: list[list[mx.array]],
-    ) -> tuple[mx.array, list[list[mx.array]]]:
-        """The decode forward as a function of arrays alone, for mx.compile: pools in, the
-        written pools out (the pools passed in have no other reference once the caller
-        rebinds them, so MLX still writes them in place)."""
-        caches = [c.with_arrays(arrays) for c, arrays in zip(self.caches, pools)]
-        meta = AttentionMetadata(
-            self.backend,
-            write_rows,
-            input_ids.shape[0],
-            decode=plan,
-            in_place=self.backend.writes_in_place,
-        )
-        hidden = self.model(input_ids, positions, caches, meta)
-        return self.model.logits(hidden), [c.arrays() for c in caches]
 
     def warm_up(self, choose: bool = False) -> None:
         """One decode step on the scratch block, compiled (when enabled) and eager, so that
