@@ -25,7 +25,7 @@ from helpers import decode_mask, random_ids, random_tables
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention import cuda_formats, select_backend
+from nanovllm_mlx.attention import cuda_formats, kv_quant, select_backend
 from nanovllm_mlx.attention.attend import _attend, gathered_attention
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.kv_cache import KVCache
@@ -244,13 +244,13 @@ def test_turning_q_and_the_output_equals_attending_the_unturned_rows(kv):
     turn_k, turn_v = (f is not None and f.rotate for f in kv)
     assert cache.rotated == (turn_k, turn_v)
     args = (None, 0.125, None, False, False, None)
-    got = cuda_formats.turn(_attend(cuda_formats.turn(q, turn_k), *stored, *args), turn_v)
+    got = kv_quant.turn(_attend(kv_quant.turn(q, turn_k), *stored, *args), turn_v)
     want = _attend(q, *plain, *args)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5)
     if turn_k or turn_v:  # not vacuous: the rows as stored differ from the plain ones
         assert not np.allclose(np.array(_attend(q, *stored, *args)), np.array(want), atol=1e-3)
     # The turn is the formats' own transform, built in the compute dtype with its data.
-    h = cuda_formats._hadamard(d, mx.bfloat16)
+    h = kv_quant._hadamard_in(d, mx.bfloat16)
     assert h.dtype == mx.bfloat16
     np.testing.assert_allclose(np.array(h.astype(mx.float32)), np.array(hadamard(d)), atol=4e-3)
 

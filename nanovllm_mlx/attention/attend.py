@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from nanovllm_mlx.attention.kv_quant import hadamard
+from nanovllm_mlx.attention.kv_quant import turn
 from nanovllm_mlx.attention.metadata import KVCache
 
 
@@ -30,16 +30,14 @@ def gathered_attention(
     its own, which SDPA's causal mode does without a mask array. sinks [H]: attention
     sinks (gpt-oss), one learned logit per query head added to the softmax's denominator
     alone, so a query may put weight on no key at all."""
-    b, head_dim = q.shape[0], q.shape[-1]
+    b = q.shape[0]
     # A quantized pool is dequantized here, only the blocks gathered, in q's dtype; rows
     # stored turned stay turned, and q (keys) and the output (values) are turned instead.
     turn_k, turn_v = cache.rotated
     keys = cache.read_blocks(0, rows, b, q.dtype, rotated=True)
     values = cache.values_of(keys, lambda: cache.read_blocks(1, rows, b, q.dtype, rotated=True))
-    if turn_k:
-        q = q @ hadamard(head_dim).astype(q.dtype)
-    o = _attend(q, keys, values, mask, scale, length, fused, causal, sinks)
-    return o @ hadamard(head_dim).astype(o.dtype) if turn_v else o
+    o = _attend(turn(q, turn_k), keys, values, mask, scale, length, fused, causal, sinks)
+    return turn(o, turn_v)
 
 
 def _attend(
@@ -107,11 +105,7 @@ def sliced_attention(
     values = cache.values_of(
         keys, lambda: cache.read_slots(1, offset, end, q.dtype, rotated=True)[None]
     )
-    h = hadamard(q.shape[-1]).astype(q.dtype)
-    if turn_k:
-        q = q @ h
     o = mx.fast.scaled_dot_product_attention(
-        q.transpose(0, 2, 1, 3), keys, values, scale=scale, sinks=sinks
+        turn(q, turn_k).transpose(0, 2, 1, 3), keys, values, scale=scale, sinks=sinks
     )
-    o = o.transpose(0, 2, 1, 3)
-    return o @ h if turn_v else o
+    return turn(o.transpose(0, 2, 1, 3), turn_v)

@@ -31,11 +31,11 @@ from typing import Any
 
 import mlx.core as mx
 
-from nanovllm_mlx.attention.cuda_formats import pool_template, turn
+from nanovllm_mlx.attention.cuda_formats import pool_template
 from nanovllm_mlx.attention.cuda_source import HEADER, MERGE, PARTIAL
 from nanovllm_mlx.attention.cuda_write import write_in_place
 from nanovllm_mlx.attention.gather import GatherAttention
-from nanovllm_mlx.attention.kv_quant import KVFormat
+from nanovllm_mlx.attention.kv_quant import KVFormat, turn
 from nanovllm_mlx.attention.metadata import (
     AttentionMetadata,
     DecodeEntries,

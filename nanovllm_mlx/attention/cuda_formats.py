@@ -1,31 +1,13 @@
 """How the CUDA decode kernel (attention/cuda.py) reads each pool format: the template
-constants that select cuda_source.HEADER's row reader for a float, int8 or int4 pool,
-and the Hadamard turn of q and the output for pools stored turned (kv_quant.py)."""
+constants that select cuda_source.HEADER's row reader for a float, int8 or int4 pool."""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
-from nanovllm_mlx.attention.kv_quant import KVFormat, hadamard
-
-
-@lru_cache(maxsize=16)
-def _hadamard(head_dim: int, dtype: mx.Dtype) -> mx.array:
-    # Built with its data in the compute dtype, like _scalar: an astype per layer and step
-    # would be one more kernel launch each time.
-    return mx.array(np.asarray(hadamard(head_dim)), dtype=dtype)
-
-
-def turn(x: mx.array, on: bool) -> mx.array:
-    """x [..., D] turned by kv_quant.hadamard (in x's dtype) when on, else x. Keys stored
-    turned meet a turned q (qH . kH = q . k), and values stored turned give a turned
-    output, turned back by the same product (H is its own inverse), so the kernel reads
-    rotated rows as stored and never multiplies by H."""
-    return x @ _hadamard(x.shape[-1], x.dtype) if on else x
+from nanovllm_mlx.attention.kv_quant import KVFormat
 
 
 def pool_template(

@@ -108,6 +108,21 @@ def hadamard(d: int) -> mx.array:
     return mx.array(np.kron(np.eye(d // n), h / np.sqrt(n)).astype(np.float32))
 
 
+@lru_cache(maxsize=16)
+def _hadamard_in(d: int, dtype: mx.Dtype) -> mx.array:
+    # Built with its data in the compute dtype: an astype per layer and step would be one
+    # more op each time, and a compiled step captures it as a constant.
+    return mx.array(np.asarray(hadamard(d)), dtype=dtype)
+
+
+def turn(x: mx.array, on: bool) -> mx.array:
+    """x [..., D] turned by hadamard (in x's dtype) when on, else x. Keys stored turned
+    meet a turned q (qH . kH = q . k), and values stored turned give a turned output,
+    turned back by the same product (H is its own inverse), so readers turn q and the
+    output rather than every key and value they read."""
+    return x @ _hadamard_in(x.shape[-1], x.dtype) if on else x
+
+
 def quantize(x: mx.array, fmt: KVFormat) -> tuple[mx.array, mx.array]:
     """x [..., D] -> (codes [..., code_width], scales [..., scale_width])."""
     d = x.shape[-1]
@@ -164,4 +179,4 @@ def dequantize(
         if fmt.bits == 4:
             c = c - 8
         out = (c * scales[..., None].astype(dtype)).reshape(*lead, d)
-    return out @ hadamard(d).astype(dtype) if fmt.rotate and not rotated else out
+    return turn(out, fmt.rotate and not rotated)
