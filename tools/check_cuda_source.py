@@ -334,10 +334,9 @@ def compile_one(launch: Launch, workdir: Path, nvcc: str, arch: str) -> tuple[bo
     return True, f"{launch.name}: {usage}"
 
 
-def compile_nvrtc(launch: Launch, lib: str, include: Path, arch: str) -> tuple[bool, str]:
+def compile_nvrtc(launch: Launch, nvrtc: ctypes.CDLL, include: Path, arch: str) -> tuple[bool, str]:
     """(compiled, "") or (False, NVRTC's log): the source compiled as MLX compiles it on
     the GPU machine (jit_module.cpp's flags, its real device headers)."""
-    nvrtc = ctypes.CDLL(lib)
     cuda_include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))  # as MLX looks
     flags = [
         "--device-as-default-execution-space",
@@ -376,7 +375,8 @@ def main() -> int:
             parser.error("--nvrtc needs --mlx-include (MLX's device headers)")
         with mx.stream(mx.cpu):
             launches = collect(args.quick)
-        results = [compile_nvrtc(x, args.nvrtc, args.mlx_include, args.arch) for x in launches]
+        nvrtc = ctypes.CDLL(args.nvrtc)
+        results = [compile_nvrtc(x, nvrtc, args.mlx_include, args.arch) for x in launches]
         for ok, text in results:
             if not ok:
                 print(text)
