@@ -327,3 +327,33 @@ def decode_mask(contexts: list[int], n_keys: int, window: int | None) -> np.ndar
     """[B, 1, n_keys]: the keys each decode query sees (its last `window` of them)."""
     keys, ctx = np.arange(n_keys)[None, :], np.array(contexts)[:, None]
     return ((keys < ctx) & (keys >= (0 if window is None else ctx - window)))[:, None, :]
+
+
+# Speculative decoding (tests/test_speculative.py, tests/test_speculative_draft.py) -------
+
+# Prompts the tiny random Qwen3 continues partly in loops; with n-grams from 1 token,
+# lookups find drafts, and both accepted and rejected tokens occur.
+SPEC_PATTERNS = [(random_ids(5, seed=s) * 6)[: 24 + s] for s in range(6)] + [
+    random_ids(30, seed=40),
+    random_ids(9, seed=41) * 3,
+]
+
+
+def seeded_forks() -> SamplingParams:
+    """Seeded sampling, three choices a prompt, with logprobs: whose tokens speculation
+    must not change (a draft is kept where the draw at its position equals it)."""
+    return SamplingParams(
+        temperature=0.8,
+        top_k=40,
+        seed=7,
+        n=3,
+        max_tokens=30,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=2,
+    )
+
+
+def choice_ids(results: list[dict]) -> list[list[list[int]]]:
+    """Each request's choices' token ids, in order."""
+    return [[c["token_ids"] for c in r["outputs"]] for r in results]

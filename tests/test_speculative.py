@@ -9,17 +9,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import JSON, SMALL_KV, metrics, random_ids, run_cli, serving, small_bench
+from helpers import (
+    JSON,
+    SMALL_KV,
+    SPEC_PATTERNS,
+    choice_ids,
+    metrics,
+    random_ids,
+    run_cli,
+    seeded_forks,
+    serving,
+    small_bench,
+)
 
 from nanovllm_mlx import LLM, SamplingParams
-
-# Prompts the tiny random Qwen3 continues partly in loops; with n-grams from 1 token,
-# lookups find drafts, and both accepted and rejected tokens occur.
-PATTERNS = [(random_ids(5, seed=s) * 6)[: 24 + s] for s in range(6)] + [
-    random_ids(30, seed=40),
-    random_ids(9, seed=41) * 3,
-]
-
 
 # The tiny Qwen3's K/V: 2 layers x (K, V) x 2 heads x 16 dims x 16 tokens, float32.
 KV_20_BLOCKS = (20.5 * 2 * 2 * 2 * 16 * 16 * 4) / 2**30
@@ -34,10 +37,6 @@ def plain(qwen3_tiny: Path) -> LLM:
 @pytest.fixture(scope="module")
 def spec(qwen3_tiny: Path) -> LLM:
     return LLM(str(qwen3_tiny), **SPEC, **SMALL_KV)
-
-
-def ids(results: list[dict]) -> list[list[list[int]]]:
-    return [[c["token_ids"] for c in r["outputs"]] for r in results]
 
 
 def exercised(llm: LLM, before: dict) -> None:
@@ -56,9 +55,11 @@ def test_greedy_batch_is_identical_and_mixes_with_sequences_that_do_not_speculat
         # Penalties read the history: this one never speculates, in the same batch.
         SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3),
     ]
-    mixed = [params[i % 3 == 2] for i in range(len(PATTERNS))]
+    mixed = [params[i % 3 == 2] for i in range(len(SPEC_PATTERNS))]
     before = spec.stats()
-    assert ids(spec.generate(PATTERNS, mixed)) == ids(plain.generate(PATTERNS, mixed))
+    assert choice_ids(spec.generate(SPEC_PATTERNS, mixed)) == choice_ids(
+        plain.generate(SPEC_PATTERNS, mixed)
+    )
     exercised(spec, before)
     s = spec.stats()
     assert s["speculative"] == "ngram"
@@ -73,37 +74,28 @@ def test_sliding_windows_and_experts_give_the_same_tokens(
     window are freed as a sequence advances: a rejected tail must not move that on) and
     Mixtral's experts, past their windows, greedy and seeded."""
     path = str(request.getfixturevalue(fixture))
-    prompts = [p * 3 for p in PATTERNS[:4]]
+    prompts = [p * 3 for p in SPEC_PATTERNS[:4]]
     params = [
         SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
         SamplingParams(temperature=0.7, seed=5, max_tokens=60, ignore_eos=True),
     ]
     mixed = [params[i % 2] for i in range(len(prompts))]
-    want = ids(LLM(path, **SMALL_KV).generate(prompts, mixed))
+    want = choice_ids(LLM(path, **SMALL_KV).generate(prompts, mixed))
     spec = LLM(path, **SPEC, **SMALL_KV)
-    assert ids(spec.generate(prompts, mixed)) == want
+    assert choice_ids(spec.generate(prompts, mixed)) == want
     assert spec.stats()["spec_drafts"] > 0 and spec.stats()["kv_blocks_used"] == 0
 
 
 def test_seeded_sampling_is_identical_with_forks_and_logprobs(plain: LLM, spec: LLM):
     """A draft token is kept where the draw at its position (same per-position noise as
     without speculation) equals it: a seeded request's tokens do not change."""
-    params = SamplingParams(
-        temperature=0.8,
-        top_k=40,
-        seed=7,
-        n=3,
-        max_tokens=30,
-        ignore_eos=True,
-        logprobs=True,
-        top_logprobs=2,
-    )
+    params = seeded_forks()
     before = spec.stats()
     # Two prompts, six choices: a batch narrow enough for drafts to pay (best_k).
-    prompts = [PATTERNS[1], PATTERNS[7]]
+    prompts = [SPEC_PATTERNS[1], SPEC_PATTERNS[7]]
     got, want = spec.generate(prompts, params), plain.generate(prompts, params)
     exercised(spec, before)
-    assert ids(got) == ids(want)
+    assert choice_ids(got) == choice_ids(want)
     for g, w in zip(got, want):
         for gc, wc in zip(g["outputs"], w["outputs"]):
             assert gc["logprobs"] == pytest.approx(wc["logprobs"], abs=1e-4)
@@ -116,8 +108,8 @@ def test_stops_and_max_tokens_inside_accepted_drafts(plain: LLM, spec: LLM):
     """Every stop lands at each position of the plain output in turn: the speculating run
     must end at the same token, with the same text, never past max_tokens."""
     base = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    reference = plain.generate(PATTERNS, base)
-    for prompt, ref in zip(PATTERNS[:4], reference[:4]):
+    reference = plain.generate(SPEC_PATTERNS, base)
+    for prompt, ref in zip(SPEC_PATTERNS[:4], reference[:4]):
         out = ref["token_ids"]
         for at in range(1, 16):
             cases = [
@@ -141,13 +133,13 @@ def test_stops_and_max_tokens_inside_accepted_drafts(plain: LLM, spec: LLM):
 
 
 def test_preemption_and_prefix_hits_give_the_same_tokens(qwen3_tiny: Path, plain: LLM):
-    prompts = PATTERNS + PATTERNS[:4]  # repeats: prefix-cache hits
+    prompts = SPEC_PATTERNS + SPEC_PATTERNS[:4]  # repeats: prefix-cache hits
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-    want = ids(plain.generate(prompts, params))
+    want = choice_ids(plain.generate(prompts, params))
     # 20 blocks of 16 tokens hold ~4 of these 80-token sequences at once.
     tight = LLM(str(qwen3_tiny), kv_cache_gb=KV_20_BLOCKS, max_model_len=128, **SPEC)
     assert tight.engine.block_manager.num_blocks == 20
-    assert ids(tight.generate(prompts, params)) == want
+    assert choice_ids(tight.generate(prompts, params)) == want
     s = tight.stats()
     assert s["preemptions"] > 0 and s["spec_accepted_tokens"] > 0
     assert s["prefix_hit_tokens"] > 0
@@ -165,11 +157,11 @@ def test_tight_budget_and_context_limit(qwen3_tiny: Path):
         **SMALL_KV,
     )
     params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
-    prompts = PATTERNS[:3]
+    prompts = SPEC_PATTERNS[:3]
     limited = LLM(str(qwen3_tiny), max_num_batched_tokens=4, max_model_len=64, **SMALL_KV)
     want = limited.generate(prompts, params)
     got = small.generate(prompts, params)
-    assert ids(got) == ids(want)
+    assert choice_ids(got) == choice_ids(want)
     assert all(len(r["token_ids"]) + len(p) == 64 for r, p in zip(got, prompts))
     assert small.stats()["spec_accepted_tokens"] > 0
 
@@ -183,12 +175,14 @@ def test_look_ahead_and_compiled_decode_give_the_same_tokens(qwen3_tiny: Path, p
         SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
         SamplingParams(temperature=0.7, seed=3, max_tokens=60, ignore_eos=True),
     ]
-    mixed = [params[i % 2] for i in range(len(PATTERNS))]
+    mixed = [params[i % 2] for i in range(len(SPEC_PATTERNS))]
     before = fast.stats()
-    assert ids(fast.generate(PATTERNS, mixed)) == ids(plain.generate(PATTERNS, mixed))
+    assert choice_ids(fast.generate(SPEC_PATTERNS, mixed)) == choice_ids(
+        plain.generate(SPEC_PATTERNS, mixed)
+    )
     exercised(fast, before)
-    one = fast.generate(PATTERNS[-1:], params[0])  # alone: its probes leave room to launch
-    assert ids(one) == ids(plain.generate(PATTERNS[-1:], params[0]))
+    one = fast.generate(SPEC_PATTERNS[-1:], params[0])  # alone: its probes leave room to launch
+    assert choice_ids(one) == choice_ids(plain.generate(SPEC_PATTERNS[-1:], params[0]))
     s = fast.stats()
     assert s["steps_ahead_used"] > 0 and s["compiled_buckets"] > 0
 
@@ -196,7 +190,9 @@ def test_look_ahead_and_compiled_decode_give_the_same_tokens(qwen3_tiny: Path, p
 def test_structured_output_does_not_speculate_and_is_unchanged(plain: LLM, spec: LLM):
     params = SamplingParams(temperature=0.0, max_tokens=20, regex="(ab|cd)+x")
     before = spec.stats()["spec_drafts"]
-    assert ids(spec.generate(PATTERNS[:2], params)) == ids(plain.generate(PATTERNS[:2], params))
+    assert choice_ids(spec.generate(SPEC_PATTERNS[:2], params)) == choice_ids(
+        plain.generate(SPEC_PATTERNS[:2], params)
+    )
     assert spec.stats()["spec_drafts"] == before
 
 
@@ -279,7 +275,12 @@ def test_server_metrics_and_panel(qwen3_tiny: Path):
 
     app = create_app(str(qwen3_tiny), **SPEC, **SMALL_KV)
     with serving(app) as base_url:
-        body = {"model": "qwen3-tiny", "prompt": PATTERNS[0], "max_tokens": 30, "temperature": 0}
+        body = {
+            "model": "qwen3-tiny",
+            "prompt": SPEC_PATTERNS[0],
+            "max_tokens": 30,
+            "temperature": 0,
+        }
         r = httpx.post(f"{base_url}/v1/completions", json=body, headers=JSON, timeout=60)
         assert r.status_code == 200, r.text
         m = metrics(base_url)

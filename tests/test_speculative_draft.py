@@ -13,21 +13,23 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 import pytest
-from helpers import JSON, SMALL_KV, metrics, random_ids, run_cli, serving, small_bench
+from helpers import (
+    JSON,
+    SMALL_KV,
+    SPEC_PATTERNS,
+    choice_ids,
+    metrics,
+    run_cli,
+    seeded_forks,
+    serving,
+    small_bench,
+)
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.engine.core.speculation import DRAFT_COST, best_k
 from nanovllm_mlx.errors import DraftModelError
 
-PATTERNS = [(random_ids(5, seed=s) * 6)[: 24 + s] for s in range(6)] + [
-    random_ids(30, seed=40),
-    random_ids(9, seed=41) * 3,
-]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-
-
-def ids(results: list[dict]) -> list[list[list[int]]]:
-    return [[c["token_ids"] for c in r["outputs"]] for r in results]
 
 
 def drafting(target: Path, draft: Path, **kwargs: object) -> LLM:
@@ -91,8 +93,10 @@ def test_greedy_batch_is_identical_whatever_the_draft(
     draft = {"same": qwen3_tiny, "near": near_draft, "other": qwen2_tiny}[which]
     spec = drafting(qwen3_tiny, draft)
     params = [GREEDY, SamplingParams(**{**_fields(GREEDY), "repetition_penalty": 1.3})]
-    mixed = [params[i % 3 == 2] for i in range(len(PATTERNS))]
-    assert ids(spec.generate(PATTERNS, mixed)) == ids(plain.generate(PATTERNS, mixed))
+    mixed = [params[i % 3 == 2] for i in range(len(SPEC_PATTERNS))]
+    assert choice_ids(spec.generate(SPEC_PATTERNS, mixed)) == choice_ids(
+        plain.generate(SPEC_PATTERNS, mixed)
+    )
     s = spec.stats()
     proposed, accepted = s["spec_draft_tokens"], s["spec_accepted_tokens"]
     assert s["speculative"] == "draft" and proposed > 100
@@ -112,22 +116,13 @@ def _fields(p: SamplingParams) -> dict:
 
 
 def test_seeded_sampling_forks_and_logprobs_are_identical(plain: LLM, near: LLM):
-    params = SamplingParams(
-        temperature=0.8,
-        top_k=40,
-        seed=7,
-        n=3,
-        max_tokens=30,
-        ignore_eos=True,
-        logprobs=True,
-        top_logprobs=2,
-    )
+    params = seeded_forks()
     before = near.stats()
-    prompts = [PATTERNS[1], PATTERNS[7]]
+    prompts = [SPEC_PATTERNS[1], SPEC_PATTERNS[7]]
     got, want = near.generate(prompts, params), plain.generate(prompts, params)
     proposed, accepted = rates(near, before)
     assert 0 < accepted < proposed
-    assert ids(got) == ids(want)
+    assert choice_ids(got) == choice_ids(want)
     for g, w in zip(got, want):
         for gc, wc in zip(g["outputs"], w["outputs"]):
             assert gc["logprobs"] == pytest.approx(wc["logprobs"], abs=1e-4)
@@ -139,7 +134,7 @@ def test_stops_and_max_tokens_inside_drafts(qwen3_tiny: Path, plain: LLM):
     """The target as its own draft accepts everything: every stop and length limit falls
     inside an accepted draft, and must end the output where the plain one ends."""
     spec = drafting(qwen3_tiny, qwen3_tiny)
-    for prompt, ref in zip(PATTERNS[:3], plain.generate(PATTERNS[:3], GREEDY)):
+    for prompt, ref in zip(SPEC_PATTERNS[:3], plain.generate(SPEC_PATTERNS[:3], GREEDY)):
         out = ref["token_ids"]
         for at in range(1, 12):
             cases = [
@@ -160,14 +155,14 @@ def test_preemption_and_prefix_hits(qwen3_tiny: Path, near_draft: Path, plain: L
     """A pool of 20 blocks (the target's and the draft's K/V per block) holds ~4 of these
     sequences: preempted ones compute their draft K/V again, repeats hit the prefix
     cache, and a same-model draft still has every token accepted."""
-    prompts = PATTERNS + PATTERNS[:4]
+    prompts = SPEC_PATTERNS + SPEC_PATTERNS[:4]
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-    want = ids(plain.generate(prompts, params))
+    want = choice_ids(plain.generate(prompts, params))
     per_block = 2 * (2 * 2 * 2 * 16 * 16 * 4)  # target + draft: 2 layers x K,V x 2 heads ...
     for draft, exact in ((qwen3_tiny, True), (near_draft, False)):
         tight = drafting(qwen3_tiny, draft, kv_cache_gb=20.5 * per_block / 2**30, max_model_len=128)
         assert tight.engine.block_manager.num_blocks == 20
-        assert ids(tight.generate(prompts, params)) == want
+        assert choice_ids(tight.generate(prompts, params)) == want
         s = tight.stats()
         assert s["preemptions"] > 0 and s["prefix_hit_tokens"] > 0 and s["kv_blocks_used"] == 0
         assert s["spec_acceptance_rate"] == 1.0 if exact else s["spec_accepted_tokens"] > 0
@@ -180,15 +175,15 @@ def test_sliding_windows(fixture: str, request: pytest.FixtureRequest):
     starts after them, its deeper layers' K/V without the context before (a known cost:
     fewer tokens accepted, the output unchanged)."""
     path = request.getfixturevalue(fixture)
-    prompts = [p * 3 for p in PATTERNS[:4]]
+    prompts = [p * 3 for p in SPEC_PATTERNS[:4]]
     params = [
         SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
         SamplingParams(temperature=0.7, seed=5, max_tokens=60, ignore_eos=True),
     ]
     mixed = [params[i % 2] for i in range(len(prompts))]
-    want = ids(LLM(str(path), **SMALL_KV).generate(prompts, mixed))
+    want = choice_ids(LLM(str(path), **SMALL_KV).generate(prompts, mixed))
     spec = drafting(path, path)
-    assert ids(spec.generate(prompts, mixed)) == want
+    assert choice_ids(spec.generate(prompts, mixed)) == want
     s = spec.stats()
     assert s["spec_acceptance_rate"] > (0.9 if fixture == "gemma3_tiny" else 0.2)
     assert s["kv_blocks_used"] == 0
@@ -197,8 +192,10 @@ def test_sliding_windows(fixture: str, request: pytest.FixtureRequest):
 def test_look_ahead_and_compiled_decode(qwen3_tiny: Path, near_draft: Path, plain: LLM):
     fast = drafting(qwen3_tiny, near_draft, async_scheduling=True, compile_decode=True)
     params = [GREEDY, SamplingParams(temperature=0.7, seed=3, max_tokens=40, ignore_eos=True)]
-    mixed = [params[i % 2] for i in range(len(PATTERNS))]
-    assert ids(fast.generate(PATTERNS, mixed)) == ids(plain.generate(PATTERNS, mixed))
+    mixed = [params[i % 2] for i in range(len(SPEC_PATTERNS))]
+    assert choice_ids(fast.generate(SPEC_PATTERNS, mixed)) == choice_ids(
+        plain.generate(SPEC_PATTERNS, mixed)
+    )
     assert fast.stats()["spec_accepted_tokens"] > 0
 
 
@@ -210,7 +207,9 @@ def test_adaptive_k_counts_the_draft_forward(qwen3_tiny: Path, plain: LLM):
     spec = LLM(str(qwen3_tiny), speculative="draft", draft_model=str(qwen3_tiny), **SMALL_KV)
     assert spec.engine.speculator is not None
     assert spec.engine.speculator.cost == pytest.approx(DRAFT_COST + 1.0)
-    assert ids(spec.generate(PATTERNS[:3], GREEDY)) == ids(plain.generate(PATTERNS[:3], GREEDY))
+    assert choice_ids(spec.generate(SPEC_PATTERNS[:3], GREEDY)) == choice_ids(
+        plain.generate(SPEC_PATTERNS[:3], GREEDY)
+    )
     assert spec.stats()["spec_drafts"] == 0
 
 
@@ -271,7 +270,12 @@ def test_served_with_metrics(qwen3_tiny: Path, near_draft: Path):
 
     engine = drafting(qwen3_tiny, near_draft).engine
     with serving(create_app(engine)) as base_url:
-        body = {"model": "qwen3-tiny", "prompt": PATTERNS[0], "max_tokens": 30, "temperature": 0}
+        body = {
+            "model": "qwen3-tiny",
+            "prompt": SPEC_PATTERNS[0],
+            "max_tokens": 30,
+            "temperature": 0,
+        }
         r = httpx.post(f"{base_url}/v1/completions", json=body, headers=JSON, timeout=60)
         assert r.status_code == 200, r.text
         m = metrics(base_url)
