@@ -357,3 +357,11 @@ def seeded_forks() -> SamplingParams:
 def choice_ids(results: list[dict]) -> list[list[list[int]]]:
     """Each request's choices' token ids, in order."""
     return [[c["token_ids"] for c in r["outputs"]] for r in results]
+
+
+def metrics_after_completion(base_url: str, prompt: list[int], model: str) -> dict[str, float]:
+    """/metrics once a greedy 30-token completion of prompt has been served."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 30, "temperature": 0}
+    r = httpx.post(f"{base_url}/v1/completions", json=body, headers=JSON, timeout=60)
+    assert r.status_code == 200, r.text
+    return metrics(base_url)

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 from helpers import (
-    JSON,
     SMALL_KV,
     SPEC_PATTERNS,
     choice_ids,
-    metrics,
+    metrics_after_completion,
     random_ids,
     run_cli,
     seeded_forks,
@@ -275,15 +273,7 @@ def test_server_metrics_and_panel(qwen3_tiny: Path):
 
     app = create_app(str(qwen3_tiny), **SPEC, **SMALL_KV)
     with serving(app) as base_url:
-        body = {
-            "model": "qwen3-tiny",
-            "prompt": SPEC_PATTERNS[0],
-            "max_tokens": 30,
-            "temperature": 0,
-        }
-        r = httpx.post(f"{base_url}/v1/completions", json=body, headers=JSON, timeout=60)
-        assert r.status_code == 200, r.text
-        m = metrics(base_url)
+        m = metrics_after_completion(base_url, SPEC_PATTERNS[0], "qwen3-tiny")
     drafts = m["nanovllm_spec_decode_num_drafts_total"]
     accepted = m["nanovllm_spec_decode_num_accepted_tokens_total"]
     assert drafts > 0 and accepted <= m["nanovllm_spec_decode_num_draft_tokens_total"]

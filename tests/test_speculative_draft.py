@@ -10,15 +10,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import httpx
 import mlx.core as mx
 import pytest
 from helpers import (
-    JSON,
     SMALL_KV,
     SPEC_PATTERNS,
     choice_ids,
-    metrics,
+    metrics_after_completion,
     run_cli,
     seeded_forks,
     serving,
@@ -270,14 +268,6 @@ def test_served_with_metrics(qwen3_tiny: Path, near_draft: Path):
 
     engine = drafting(qwen3_tiny, near_draft).engine
     with serving(create_app(engine)) as base_url:
-        body = {
-            "model": "qwen3-tiny",
-            "prompt": SPEC_PATTERNS[0],
-            "max_tokens": 30,
-            "temperature": 0,
-        }
-        r = httpx.post(f"{base_url}/v1/completions", json=body, headers=JSON, timeout=60)
-        assert r.status_code == 200, r.text
-        m = metrics(base_url)
+        m = metrics_after_completion(base_url, SPEC_PATTERNS[0], "qwen3-tiny")
     proposed = m["nanovllm_spec_decode_num_draft_tokens_total"]
     assert 0 < m["nanovllm_spec_decode_num_accepted_tokens_total"] < proposed
