@@ -46,6 +46,11 @@ def test_only_all_decode_steps_on_an_in_place_backend_write_in_place():
         assert build_metadata(backend, pool, slots, decode, None).in_place is want
         assert not build_metadata(backend, pool, np.arange(6), decode, prefill).in_place
         assert not build_metadata(backend, pool, np.arange(4), None, prefill).in_place
+        # A model whose every layer slides: its prefill plans are the windowed ones.
+        slid = build_metadata(backend, pool, np.arange(6), decode, prefill, windows=(3,))
+        assert slid.prefill is None and not slid.in_place
+        slid = build_metadata(backend, pool, slots, decode, None, windows=(3,))
+        assert slid.in_place is want
     assert not cuda_attention.CudaPagedAttention().writes_in_place
     assert cuda_attention.CudaPagedAttention(in_place=True).writes_in_place
 
@@ -151,8 +156,10 @@ def test_the_decode_kernel_reads_the_rows_written_in_place_before_it():
         k = mx.array(10 * rng.standard_normal((1, n_kv, d))).astype(mx.float16)
         v = mx.array(rng.standard_normal((1, n_kv, d))).astype(mx.float16)
         q = mx.array(rng.standard_normal((1, n_heads, d))).astype(mx.float16)
-        meta = AttentionMetadata(GatherAttention(True), rows, 1, in_place=True)
-        cuda_attention.CudaPagedAttention(in_place=True).write(mine, k, v, meta)
+        backend = cuda_attention.CudaPagedAttention(in_place=True)
+        meta = AttentionMetadata(backend, rows, 1)
+        assert meta.in_place
+        backend.write(mine, k, v, meta)
         assert mine.written is not None  # written by the kernel, not the scatter
         tables, ctx = mx.array(table[None]), mx.array([pos + 1], dtype=mx.int32)
         args = (tables, ctx, bs, d**-0.5, len(table) * bs)

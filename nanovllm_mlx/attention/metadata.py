@@ -182,8 +182,13 @@ class AttentionMetadata:
     windowed: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     # The recurrent layers' state slots (attention/state.py StateSteps), hybrids only.
     states: Any = None
-    # The step writes K/V in place (an all-decode step on a backend that writes_in_place).
-    in_place: bool = False
+
+    @property
+    def in_place(self) -> bool:
+        """The step writes K/V in place: an all-decode step (no prefill plan, full or
+        windowed) on a backend that writes_in_place."""
+        prefill = [self.prefill, *(p for _, p in self.windowed.values())]
+        return self.backend.writes_in_place and all(p is None for p in prefill)
 
     def plans(self, window: int | None) -> tuple[Any, Any]:
         if window is None:

@@ -50,7 +50,6 @@ def build_metadata(
         decode=full[0],
         prefill=full[1],
         windowed={w: plans(w) for w in windows if w is not None},
-        in_place=backend.writes_in_place and prefill is None,
     )
 
 

@@ -49,12 +49,6 @@ class CompiledDecode:
         (attention/cuda_write.py) leave them as they came, their effect ordered by the
         tokens the trace's own caches hold."""
         caches = [c.with_arrays(arrays) for c, arrays in zip(self.caches, pools)]
-        meta = AttentionMetadata(
-            self.backend,
-            write_rows,
-            input_ids.shape[0],
-            decode=plan,
-            in_place=self.backend.writes_in_place,
-        )
+        meta = AttentionMetadata(self.backend, write_rows, input_ids.shape[0], decode=plan)
         hidden = self.model(input_ids, positions, caches, meta)
         return self.model.logits(hidden), [c.arrays() for c in caches]

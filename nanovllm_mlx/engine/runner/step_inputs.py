@@ -165,7 +165,6 @@ def prepare_decode(
             write_rows=pool.write_rows(slots),
             num_decode=rows,
             decode=backend.plan_decode_uniform(entries, pool, width),
-            in_place=backend.writes_in_place,
         ),
         samplers=list(batch),
         last_index=None,
