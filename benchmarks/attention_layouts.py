@@ -8,6 +8,9 @@ Variants, all over the same random pools and scattered block tables:
                             a thread block per group of query heads sharing a KV head
   cuda kernel, head blocks  the same kernel with a thread block per query head (before
                             round three: each KV row read once per query head)
+  cuda kernel, unroll 1/4   one or four keys in flight a warp, not two
+  cuda kernel, values after scores   value rows loaded after the scores' reduction (before
+                            round three's v12), not with the keys
   contiguous slice+sdpa     SDPA straight over a slice of the head-major pool, as a
                             sequence whose blocks are contiguous could be read (no gather)
   gather only               the token-major gather alone
@@ -119,10 +122,22 @@ def measure(
         with mx.stream(mx.default_device()):
             return head_path()
 
-    def kernel(group: int | None = None, unroll: int = cuda_attention.UNROLL) -> list[mx.array]:
+    def kernel(
+        group: int | None = None, unroll: int = cuda_attention.UNROLL, early: bool = True
+    ) -> list[mx.array]:
         return [
             cuda_attention.paged_decode(
-                q, c.k, c.v, tables, context, bs, scale, ctx, group=group, unroll=unroll
+                q,
+                c.k,
+                c.v,
+                tables,
+                context,
+                bs,
+                scale,
+                ctx,
+                group=group,
+                unroll=unroll,
+                early_values=early,
             )
             for c in head_major
         ]
@@ -163,6 +178,8 @@ def measure(
     if cuda_attention.available():
         variants["cuda kernel"] = kernel
         variants["cuda kernel, unroll 1"] = lambda: kernel(unroll=1)
+        variants["cuda kernel, unroll 4"] = lambda: kernel(unroll=4)
+        variants["cuda kernel, values after scores"] = lambda: kernel(early=False)
         variants["cuda kernel, head blocks"] = lambda: kernel(group=1, unroll=1)
     for name in kv_formats:
         caches = quantized_caches(name, layers, hkv, n * bs, d, bs)

@@ -52,15 +52,18 @@ UNROLL = 2  # keys a warp reads before reducing: two rows in flight instead of o
 MAX_GROUP_FLOATS = 32  # query heads a block serves x floats a lane holds per head
 
 
-@cache
-def available() -> bool:
-    """True when decode should use the kernel: an MLX CUDA build running on its GPU."""
-    if os.environ.get("NANOVLLM_PAGED_KERNEL", "1") == "0":
-        return False
+def on_gpu() -> bool:
+    """An MLX CUDA build running on its GPU."""
     try:
         return bool(mx.cuda.is_available()) and mx.default_device() == mx.gpu
     except AttributeError:
         return False
+
+
+@cache
+def available() -> bool:
+    """True when decode should use the kernel: on_gpu, unless NANOVLLM_PAGED_KERNEL=0."""
+    return os.environ.get("NANOVLLM_PAGED_KERNEL", "1") != "0" and on_gpu()
 
 
 def reads_quantized() -> bool:
@@ -151,10 +154,12 @@ def paged_decode(
     v_scales: mx.array | None = None,
     formats: tuple[KVFormat, KVFormat] | None = None,
     after: mx.array | None = None,
+    early_values: bool = True,
 ) -> mx.array:
     """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
     them for a sliding-window layer) -> [B, H, D]. group (query heads a thread block
-    serves; default heads_per_block) and unroll are there for benchmarks to compare.
+    serves; default heads_per_block), unroll and early_values (value rows loaded with
+    the keys, not after the scores) are there for benchmarks to compare.
     formats (KVCache.formats; None: float pools): how K and V are stored, each on its
     own; a quantized pool comes with its scales, dequantized in registers.
     after: the token of an in-place write of these pools (KVCache.written) to run after."""
@@ -183,7 +188,9 @@ def paged_decode(
             unused if v_scales is None else v_scales,
             _scalar(0, mx.int32) if after is None else after,
         ],
-        template=template + [("GB", gb), ("U", unroll), ("WARPS", WARPS)] + pools,
+        template=template
+        + [("GB", gb), ("U", unroll), ("WARPS", WARPS), ("EV", int(early_values))]
+        + pools,
         grid=(32 * WARPS * parts, n_heads // gb, b),
         threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(b, n_heads, parts, head_dim), (b, n_heads, parts), (b, n_heads, parts)],

@@ -105,11 +105,14 @@ PARTIAL = """
     }
     // Each warp takes U consecutive keys at a time (neighbouring rows of one block).
     for (int t0 = start + warp * U; t0 < end; t0 += WARPS * U) {
-        float kr[U][PL], s[U][GB];
+        float kr[U][PL], vr[U][PL], s[U][GB];
         for (int u = 0; u < U; ++u) {
             const int t = t0 + u;
             const long slot = t < end ? (long)table[t / BS] * BS + (t % BS) : 0;
             paged_row<D, PL, KB, KA, KG>(kr[u], k_base, ks_base, slot, lane, t < end);
+            // EV: the value rows are loaded with the keys, so a warp waits on memory once
+            // an iteration, not again after its scores' reduction.
+            if (EV) paged_row<D, PL, VB, VA, VG>(vr[u], v_base, vs_base, slot, lane, t < end);
         }
         for (int u = 0; u < U; ++u)
             for (int g = 0; g < GB; ++g) {
@@ -123,14 +126,15 @@ PARTIAL = """
         for (int u = 0; u < U; ++u) {
             const int t = t0 + u;
             if (t >= end) break;
-            const long slot = (long)table[t / BS] * BS + (t % BS);
-            float vr[PL];
-            paged_row<D, PL, VB, VA, VG>(vr, v_base, vs_base, slot, lane, true);
+            if (!EV) {
+                const long slot = (long)table[t / BS] * BS + (t % BS);
+                paged_row<D, PL, VB, VA, VG>(vr[u], v_base, vs_base, slot, lane, true);
+            }
             for (int g = 0; g < GB; ++g) {
                 const float m_new = fmaxf(m[g], s[u][g]);
                 const float c = exp2f(m[g] - m_new), p = exp2f(s[u][g] - m_new);
                 l[g] = l[g] * c + p;
-                for (int i = 0; i < PL; ++i) acc[g][i] = acc[g][i] * c + p * vr[i];
+                for (int i = 0; i < PL; ++i) acc[g][i] = acc[g][i] * c + p * vr[u][i];
                 m[g] = m_new;
             }
         }
