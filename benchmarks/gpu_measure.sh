@@ -46,7 +46,21 @@ for phase in "$@"; do
       run fixtures 120 python3 tests/make_fixtures.py llama3-8b-q4 ;;
     tests-cuda)
       run tests-cuda 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py \
-        -k "not bfloat16 and not float32" ;;
+        tests/test_cudnn_views.py -k "not bfloat16 and not float32" ;;
+    cudnn-views)
+      # MLX's own SDPA over a view of a cache starting at slot 256 against the same keys
+      # copied, for a cache of 1,024 and 1,040 slots (GatherAttention.cudnn_views).
+      run cudnn-views 60 python3 - <<'PY'
+import mlx.core as mx
+for slots in (1024, 1040):
+    k = mx.random.normal((1, 2, slots, 128)).astype(mx.float16)
+    q = mx.random.normal((1, 8, 1, 128)).astype(mx.float16)
+    view = k[:, :, 256:768]
+    a = mx.fast.scaled_dot_product_attention(q, view, view, scale=0.1)
+    b = mx.fast.scaled_dot_product_attention(q, mx.array(view * 1), mx.array(view * 1), scale=0.1)
+    print(slots, "max |view - copy| =", mx.abs(a - b).max().item())
+PY
+      ;;
     tests-inplace)
       # In-place writes, the quantized-pool kernel (issue 26) and the float kernel's cases
       # at unroll 2, full attention (its template changed with the quantized pools).
@@ -62,19 +76,24 @@ for phase in "$@"; do
           --decode-tokens 64 --pools "" --configs 20:on:on:on
       done ;;
     final-8b)
-      # One call's worth (device time was short): the GPU tests of in-place writes and of
-      # the quantized-pool kernel, our single stream against mlx-lm's after 32 and 8,192
-      # tokens, then ours with the scatter and the wait (in-place writes off) and with an
-      # int8 pool, on the same warm machine.
-      run tests-inplace 120 python3 -m pytest -q -x -p no:cacheprovider \
-        tests/test_in_place_writes.py tests/test_cuda_kv_quant.py
+      # One call's worth: the GPU tests of in-place writes, our single stream with them
+      # against mlx-lm's after 32 and 8,192 tokens, then ours with the scatter and the wait
+      # (in-place writes off) and with the kernel off (the gather path a Mac runs, compiled
+      # and eager), on the same warm machine.
+      run tests-inplace 150 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_in_place_writes.py
       run final-8b 150 env NANOVLLM_IN_PLACE_WRITES=1 python3 benchmarks/compare_mlx_lm.py \
         --model $L8B --dtype float16 --repeats 2 --contexts 32,8192 --ttft "" \
         --decode-tokens 64 --batches "" --json
-      run final-8b 60 env NANOVLLM_IN_PLACE_WRITES=0 python3 benchmarks/decode_probe.py \
+      run final-8b 150 env NANOVLLM_IN_PLACE_WRITES=0 python3 benchmarks/decode_probe.py \
         --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
-        --configs 20:on:on:on
-      run final-8b 60 env NANOVLLM_KV_QUANT_KERNEL=1 python3 benchmarks/decode_probe.py \
+        --configs 20:on:on:on,20:on:off:on,20:off:off:on
+      ;;
+    kvq-8b)
+      # Issue 26's kernel over quantized pools: its GPU tests (a fresh machine's NVRTC
+      # builds every variant they meet), then the int8 pool's single stream.
+      run tests-kvq 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kv_quant.py
+      run kvq-8b 100 env NANOVLLM_KV_QUANT_KERNEL=1 python3 benchmarks/decode_probe.py \
         --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
         --configs 20:on:on:on --kv-cache-dtype int8 ;;
     layouts-8b)

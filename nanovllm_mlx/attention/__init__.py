@@ -37,4 +37,4 @@ def select_backend(
         # Quantized pools are written by MLX's scatter (the codes and scales are computed
         # in MLX): only float pools are written in place.
         return cuda.CudaPagedAttention(in_place=cuda_write.enabled() and not quantized_kv)
-    return GatherAttention(fused=mx.default_device() != mx.cpu)
+    return GatherAttention(fused=mx.default_device() != mx.cpu, cudnn_views=cuda.on_gpu())

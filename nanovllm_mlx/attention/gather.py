@@ -30,6 +30,7 @@ from nanovllm_mlx.interop import to_mx
 
 MAX_GROUPS = 4  # decode length groups
 MIN_GROUP = 8  # sequences per group, at least
+CUDNN_VIEW_SLOTS = 256  # MLX's kv_cache_step: views of caches of a multiple of it (cudnn_views)
 
 
 @dataclass(slots=True)
@@ -86,13 +87,26 @@ def _decode_mask(lo: np.ndarray, hi: np.ndarray, block_size: int) -> mx.array:
 
 class GatherAttention:
     """fused: use MLX's fused SDPA after the gather (GPUs); False on CPU, where two
-    matmuls over the gathered blocks are faster."""
+    matmuls over the gathered blocks are faster.
+
+    cudnn_views: MLX's CUDA build, whose one-query SDPA over a view of a cache whose slot
+    count is a multiple of 256 goes to cuDNN's decode path, and that path reads the view
+    from the cache's first slot, as if every view began there (mlx/backend/cuda/
+    scaled_dot_product_attention.cpp: use_cudnn_for_decoding, unslice_kv; mlx-lm's views
+    do). A lone sequence's keys are then gathered rather than read in place from such a
+    pool (slice_in_place)."""
 
     name = "gather"
     writes_in_place = False
 
-    def __init__(self, fused: bool):
+    def __init__(self, fused: bool, cudnn_views: bool = False):
         self.fused = fused
+        self.cudnn_views = cudnn_views
+
+    def slice_in_place(self, pool: PoolLayout) -> bool:
+        """Whether a lone sequence whose blocks are consecutive is read in place."""
+        slots = pool.num_blocks * pool.block_size
+        return self.fused and not (self.cudnn_views and slots % CUDNN_VIEW_SLOTS == 0)
 
     def write(
         self, cache: KVCache, k: mx.array, v: mx.array | None, meta: AttentionMetadata
@@ -108,9 +122,10 @@ class GatherAttention:
             entries.block_tables, pool.num_table_blocks(int(spans.hi.max())), spans.first_block
         )
         groups = []
+        sliced = self.slice_in_place(pool)
         for start, end in length_groups(spans.hi, bs):
             lo, hi = spans.lo[start:end], spans.hi[start:end]
-            if self.fused and end - start == 1:
+            if sliced and end - start == 1:
                 # SDPA reads a strided slice of the pool in place (on Metal its one-query
                 # kernel takes the pool's head stride as it is); a gather copies every key.
                 first = contiguous_start(tables[start, : pool.num_table_blocks(int(hi[0]))])

@@ -1,0 +1,82 @@
+"""A lone sequence's keys read in place (a view of the pool) on MLX's CUDA build.
+
+MLX sends a one-query SDPA over a view of a cache whose slot count is a multiple of 256
+to cuDNN's decode path, which reads every view from the cache's first slot (mlx-lm's
+views all begin there). The gather backend therefore gathers such a sequence from such a
+pool instead of handing SDPA a view that begins elsewhere (GatherAttention.cudnn_views).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention import select_backend
+from nanovllm_mlx.attention.gather import GatherAttention
+from nanovllm_mlx.attention.metadata import DecodeEntries, KVCache, PoolLayout
+from nanovllm_mlx.attention.paged import build_metadata, paged_attention
+
+H, HKV, D, BS = 8, 2, 128, 16
+
+
+def lone_entries(first_block: int, context: int) -> DecodeEntries:
+    blocks = list(range(first_block, first_block + -(-context // BS)))
+    return DecodeEntries(np.array([context]), [blocks])
+
+
+@pytest.mark.parametrize(
+    "num_blocks,cudnn_views,in_place",
+    [(64, True, False), (65, True, True), (64, False, True), (80, True, False)],
+)
+def test_views_of_a_pool_cudnn_would_misread_are_gathered(
+    num_blocks: int, cudnn_views: bool, in_place: bool
+):
+    backend = GatherAttention(fused=True, cudnn_views=cudnn_views)
+    pool = PoolLayout(HKV, num_blocks, BS)
+    (group,) = backend.plan_decode(lone_entries(16, 512), pool)
+    assert (group.offset is not None) == in_place
+    assert (group.rows is None) == in_place
+
+
+def test_the_cpu_path_never_slices():
+    backend = GatherAttention(fused=False, cudnn_views=True)
+    (group,) = backend.plan_decode(lone_entries(16, 512), PoolLayout(HKV, 65, BS))
+    assert group.offset is None
+
+
+@pytest.mark.parametrize("num_blocks", [64, 65])
+def test_lone_sequence_reads_its_own_keys(num_blocks: int, monkeypatch):
+    """float16 and head_dim 128, 512 keys at slot 256 of a 1,024-slot pool: what cuDNN's
+    decode path takes on CUDA, where the backend is select_backend's with the kernel off
+    (a Mac's path, run on the GPU machine); on the CPU, fused SDPA over the same views."""
+    backend = GatherAttention(fused=True)
+    if cuda_attention.on_gpu():
+        monkeypatch.setenv("NANOVLLM_PAGED_KERNEL", "0")
+        cuda_attention.available.cache_clear()
+        try:
+            backend = select_backend()
+        finally:
+            monkeypatch.delenv("NANOVLLM_PAGED_KERNEL")
+            cuda_attention.available.cache_clear()
+        assert isinstance(backend, GatherAttention) and backend.cudnn_views
+    rng = np.random.default_rng(0)
+    slots, context, first = num_blocks * BS, 512, 16
+    k_pool = rng.standard_normal((HKV, slots, D)).astype(np.float16)
+    v_pool = rng.standard_normal((HKV, slots, D)).astype(np.float16)
+    q = rng.standard_normal((1, H, D)).astype(np.float16)
+    cache = KVCache(mx.array(k_pool), mx.array(v_pool), BS)
+    pool = PoolLayout(HKV, num_blocks, BS)
+    meta = build_metadata(
+        backend, pool, np.zeros(0, dtype=np.int64), lone_entries(first, context), None
+    )
+    out = paged_attention(mx.array(q), None, None, cache, meta, D**-0.5)
+    keys = k_pool[:, first * BS : first * BS + context].astype(np.float32)
+    values = v_pool[:, first * BS : first * BS + context].astype(np.float32)
+    qh = q[0].astype(np.float32).reshape(HKV, H // HKV, D)
+    s = np.einsum("hgd,htd->hgt", qh, keys) / np.sqrt(D)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    want = np.einsum("hgt,htd->hgd", w, values).reshape(1, H * D)
+    np.testing.assert_allclose(np.array(out, dtype=np.float32), want, atol=2e-2, rtol=2e-2)
