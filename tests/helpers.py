@@ -274,9 +274,9 @@ def check_invariants(sched: Scheduler) -> None:
             refs[b] += 1
     for s in sched.waiting:
         assert s.block_table == []
-    for b in bm.blocks:
+    for b in bm.pool.blocks:
         assert b.ref_count == refs[b.block_id]
-        assert (b.ref_count == 0) == (b.block_id in bm.free_block_ids)
+        assert (b.ref_count == 0) == (b.block_id in bm.pool.free_ids)
 
 
 def check_dequantized_twin(

@@ -49,9 +49,9 @@ def test_shared_prefix_is_reused_with_reference_counts():
     assert b.block_table[:2] == a.block_table[:2]
     assert b.block_table[2] != a.block_table[2]
     assert b.num_cached_tokens == 8
-    assert bm.blocks[a.block_table[0]].ref_count == 2
+    assert bm.pool.blocks[a.block_table[0]].ref_count == 2
     bm.free(a)
-    assert bm.blocks[b.block_table[0]].ref_count == 1
+    assert bm.pool.blocks[b.block_table[0]].ref_count == 1
     assert bm.stats().prefix_hit_tokens == 8
 
 
@@ -102,7 +102,7 @@ def test_freed_blocks_keep_their_hash_until_reallocated():
     bm.free(c)
     bm.allocate(d)
     assert d.num_cached_tokens == 0  # stale entries never hit
-    assert all(bm.blocks[i].token_ids == () for i in d.block_table) or d.num_cached_tokens == 0
+    assert all(bm.pool.blocks[i].token_ids == () for i in d.block_table) or d.num_cached_tokens == 0
 
 
 def test_eviction_prefers_blocks_freed_longest_ago_and_tails_first():
@@ -116,8 +116,8 @@ def test_eviction_prefers_blocks_freed_longest_ago_and_tails_first():
     others = [seq([500 + 10 * i, 501, 502], i + 1) for i in range(5)]
     for s in others:
         bm.allocate(s)
-    assert bm.blocks[table[2]].hash is None
-    assert bm.blocks[table[0]].hash is not None and bm.blocks[table[1]].hash is not None
+    assert bm.pool.blocks[table[2]].hash is None
+    assert bm.pool.blocks[table[0]].hash is not None and bm.pool.blocks[table[1]].hash is not None
     bm.free(others[0])
     again = seq(list(range(8)) + [1], 9)
     bm.allocate(again)
@@ -192,7 +192,7 @@ def test_the_cached_count_follows_every_operation():
                 bm.allocate(s)
                 computed(bm, s)
                 live.append(s)
-        recount = sum(1 for b in bm.free_block_ids if bm.blocks[b].hash is not None)
+        recount = sum(1 for b in bm.pool.free_ids if bm.pool.blocks[b].hash is not None)
         assert bm.stats().cached == recount, i
 
 
@@ -300,4 +300,4 @@ def test_a_growing_sequence_takes_the_block_after_its_last_when_free_and_uncache
     grow.token_ids.extend([7] * BS)
     bm.append_slots(grow)
     assert grow.block_table == [0, 3]  # not 1: that would evict a cached prefix
-    assert bm.blocks[1].hash is not None and bm.blocks[2].hash is not None
+    assert bm.pool.blocks[1].hash is not None and bm.pool.blocks[2].hash is not None

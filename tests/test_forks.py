@@ -54,7 +54,7 @@ def check_hashes(sched: Scheduler) -> None:
     bm = sched.block_manager
     for s in sched.running:
         for i, block_id in enumerate(s.block_table[: len(s.block_hashes)]):
-            assert bm.blocks[block_id].token_ids == tuple(s.token_ids[i * BS : (i + 1) * BS])
+            assert bm.pool.blocks[block_id].token_ids == tuple(s.token_ids[i * BS : (i + 1) * BS])
 
 
 def test_fork_shares_every_prompt_block_and_copies_the_partial_one_on_write():
@@ -66,7 +66,7 @@ def test_fork_shares_every_prompt_block_and_copies_the_partial_one_on_write():
     bm = sched.block_manager
     assert [s.status for s in seqs] == [SequenceStatus.RUNNING] * 4
     assert all(s.block_table == seqs[0].block_table for s in seqs)
-    assert all(bm.blocks[b].ref_count == 4 for b in seqs[0].block_table)
+    assert all(bm.pool.blocks[b].ref_count == 4 for b in seqs[0].block_table)
     stats = bm.stats()
     assert (stats.used, stats.shared, stats.saved, stats.forked) == (3, 3, 9, 9)
     partial = seqs[0].block_table[2]

@@ -148,7 +148,9 @@ def simulate(
         bm = sched.block_manager
         for s in sched.running:
             for i, block_id in enumerate(s.block_table[: len(s.block_hashes)]):
-                assert bm.blocks[block_id].token_ids == tuple(s.token_ids[i * BS : (i + 1) * BS])
+                assert bm.pool.blocks[block_id].token_ids == tuple(
+                    s.token_ids[i * BS : (i + 1) * BS]
+                )
     assert sched.block_manager.num_free_blocks == num_blocks
     return sched
 

@@ -1,4 +1,5 @@
-"""KV-cache block accounting with hash-chained prefix caching. Plain Python, no MLX arrays.
+"""Which KV-cache blocks each sequence holds, with hash-chained prefix caching. Plain
+Python, no MLX arrays; the blocks' counts and the free list are engine/core/block_pool.py's.
 
 Blocks are reference-counted: a prefix-cache hit or a fork (the choices of an n > 1
 request) shares a block instead of computing it again. A sequence about to write into a
@@ -17,19 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nanovllm_mlx.attention.metadata import NULL_BLOCK
+from nanovllm_mlx.engine.core.block_pool import BlockPool
 from nanovllm_mlx.engine.core.hashing import block_hash
 from nanovllm_mlx.engine.core.sequence import Sequence
 
 if TYPE_CHECKING:
     from nanovllm_mlx.engine.core.state_slots import StateSlots
-
-
-@dataclass(slots=True)
-class Block:
-    block_id: int
-    ref_count: int = 0
-    hash: int | None = None
-    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -71,18 +65,9 @@ class BlockManager:
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # Insertion-ordered: blocks freed longest ago are reused first, so recently freed
-        # blocks keep their cached contents the longest (LRU eviction).
-        self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
-        # Free blocks that still hold a reusable prefix, counted as they change: stats()
-        # runs after every server step, and walking 8k free blocks took ~0.5 ms.
-        self.num_cached_free = 0
+        self.pool = BlockPool(num_blocks)
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
-        self.num_shared = 0
-        self.num_saved = 0
         self.num_forked = 0
         self.num_copied = 0
         self._copies: list[tuple[int, int]] = []  # (source, copy) not yet taken
@@ -92,11 +77,11 @@ class BlockManager:
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return len(self.pool.blocks)
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        return self.pool.num_free
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -105,31 +90,14 @@ class BlockManager:
         return BlockStats(
             num_blocks=self.num_blocks,
             used=self.num_blocks - self.num_free_blocks,
-            cached=self.num_cached_free,
+            cached=self.pool.num_cached_free,
             prefix_hit_tokens=self.prefix_hit_tokens,
             prefix_query_tokens=self.prefix_query_tokens,
-            shared=self.num_shared,
-            saved=self.num_saved,
+            shared=self.pool.num_shared,
+            saved=self.pool.num_saved,
             forked=self.num_forked,
             copied=self.num_copied,
         )
-
-    def _share(self, block: Block) -> None:
-        """One more reference to a block in use. Counted as references change: stats()
-        runs after every server step, and walking every block would cost ~0.5 ms there."""
-        block.ref_count += 1
-        self.num_saved += 1
-        self.num_shared += block.ref_count == 2
-
-    def _release(self, block: Block) -> None:
-        block.ref_count -= 1
-        assert block.ref_count >= 0, f"block {block.block_id} freed twice"
-        if block.ref_count == 0:
-            self.free_block_ids[block.block_id] = None
-            self.num_cached_free += block.hash is not None
-            return
-        self.num_saved -= 1
-        self.num_shared -= block.ref_count == 1
 
     def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
         """(block_id, hash) of the longest run of cached full blocks at the start of seq.
@@ -145,8 +113,8 @@ class BlockManager:
         for i in range((seq.num_tokens - 1) // bs):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
             h = block_hash(tokens, prev)
-            block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
+            block_id = self.pool.lookup(h, tokens)
+            if block_id is None:
                 break
             hits.append((block_id, h))
             prev = h
@@ -160,7 +128,7 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence) -> bool:
         hits = self._cached_prefix(seq)
-        in_use = sum(1 for block_id, _ in hits if self.blocks[block_id].ref_count > 0)
+        in_use = sum(1 for block_id, _ in hits if self.pool.blocks[block_id].ref_count > 0)
         if self.states is not None and not self.states.can_allocate():
             return False
         return self.blocks_needed(seq.num_tokens) - in_use <= self.num_free_blocks
@@ -171,17 +139,11 @@ class BlockManager:
         assert not seq.block_table, f"sequence {seq.seq_id} already has blocks"
         hits = self._cached_prefix(seq)
         for block_id, h in hits:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                del self.free_block_ids[block_id]
-                self.num_cached_free -= 1  # a hit always has its hash
-                block.ref_count = 1
-            else:
-                self._share(block)
+            self.pool.hold(block_id)
             seq.block_table.append(block_id)
             seq.block_hashes.append(h)
         for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
-            seq.block_table.append(self._take_free_block(_last(seq.block_table)))
+            seq.block_table.append(self.pool.take(_last(seq.block_table)))
         if self.states is not None:
             self.states.allocate(seq)
             if hits:
@@ -191,31 +153,6 @@ class BlockManager:
         self.prefix_hit_tokens += cached
         self.prefix_query_tokens += seq.num_tokens
         return cached
-
-    def _take_free_block(self, after: int | None = None) -> int:
-        """A free block, the one freed longest ago; but when `after` (the block the new
-        one follows in a table) has a free successor that holds no cached prefix, that
-        one, out of LRU order and evicting nothing: a sequence whose blocks are
-        consecutive has its keys read in place by the gather backend's SDPA instead of
-        copied every step (attention/gather.py)."""
-        if not self.free_block_ids:
-            raise RuntimeError("out of KV cache blocks")
-        nxt = None if after is None else after + 1
-        if nxt in self.free_block_ids and self.blocks[nxt].hash is None:
-            block_id = nxt
-        else:
-            block_id = next(iter(self.free_block_ids))
-        del self.free_block_ids[block_id]
-        block = self.blocks[block_id]
-        # Reusing a cached block evicts its contents from the prefix cache.
-        if block.hash is not None:
-            self.num_cached_free -= 1
-            if self.hash_to_block.get(block.hash) == block_id:
-                del self.hash_to_block[block.hash]
-        block.hash = None
-        block.token_ids = ()
-        block.ref_count = 1
-        return block_id
 
     def blocks_to_write(self, seq: Sequence, num_tokens: int | None = None) -> int:
         """Free blocks append_slots(seq, num_tokens) takes: new ones, and copies of shared
@@ -228,7 +165,7 @@ class BlockManager:
         at most the block holding its first uncomputed token (a fork's partial last
         prompt block), since every later block is its own."""
         i = seq.num_computed_tokens // self.block_size
-        if i < len(seq.block_table) and self.blocks[seq.block_table[i]].ref_count > 1:
+        if i < len(seq.block_table) and self.pool.blocks[seq.block_table[i]].ref_count > 1:
             return [i]
         return []
 
@@ -240,15 +177,15 @@ class BlockManager:
         or num_tokens of them when the scheduler reserves room for a step ahead; a shared
         block about to be written is replaced by a copy first (see take_copies)."""
         for i in self._shared_writes(seq):
-            source = self.blocks[seq.block_table[i]]
-            copy = self._take_free_block()
-            self._release(source)
+            source = seq.block_table[i]
+            copy = self.pool.take()
+            self.pool.release(source)
             seq.block_table[i] = copy
-            self._copies.append((source.block_id, copy))
+            self._copies.append((source, copy))
             self.num_copied += 1
         wanted = seq.num_tokens if num_tokens is None else num_tokens
         for _ in range(self.blocks_needed(wanted) - len(seq.block_table)):
-            seq.block_table.append(self._take_free_block(_last(seq.block_table)))
+            seq.block_table.append(self.pool.take(_last(seq.block_table)))
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Free the blocks past those num_tokens tokens need: a speculating sequence's
@@ -260,7 +197,7 @@ class BlockManager:
         while len(seq.block_table) > keep:
             block_id = seq.block_table.pop()
             if block_id != NULL_BLOCK:
-                self._release(self.blocks[block_id])
+                self.pool.release(block_id)
 
     def take_copies(self) -> list[tuple[int, int]]:
         """(source, copy) block pairs queued since the last call. The engine copies their
@@ -275,7 +212,7 @@ class BlockManager:
         assert not child.block_table, f"sequence {child.seq_id} already has blocks"
         held = [block_id for block_id in parent.block_table if block_id != NULL_BLOCK]
         for block_id in held:
-            self._share(self.blocks[block_id])
+            self.pool.hold(block_id)
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
         child.num_cached_tokens = parent.num_cached_tokens
@@ -296,10 +233,7 @@ class BlockManager:
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
             h = block_hash(tokens, seq.block_hashes[-1] if seq.block_hashes else None)
-            block = self.blocks[seq.block_table[i]]
-            block.hash = h
-            block.token_ids = tuple(tokens)
-            self.hash_to_block[h] = block.block_id
+            self.pool.publish(seq.block_table[i], h, tokens)
             seq.block_hashes.append(h)
 
     def free_out_of_window(self, seq: Sequence) -> int:
@@ -316,7 +250,7 @@ class BlockManager:
         for i in range(seq.num_freed_blocks, end):
             # It keeps its hash: its K/V stay valid for any sequence with the same prefix
             # until the block is reused.
-            self._release(self.blocks[seq.block_table[i]])
+            self.pool.release(seq.block_table[i])
             seq.block_table[i] = NULL_BLOCK
         freed = max(0, end - seq.num_freed_blocks)
         seq.num_freed_blocks = max(seq.num_freed_blocks, end)
@@ -326,7 +260,7 @@ class BlockManager:
         # Tail blocks are freed first so they are evicted before the shared prefix blocks.
         for block_id in reversed(seq.block_table):
             if block_id != NULL_BLOCK:
-                self._release(self.blocks[block_id])
+                self.pool.release(block_id)
         seq.block_table.clear()
         seq.block_hashes.clear()
         seq.num_freed_blocks = 0
