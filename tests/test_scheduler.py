@@ -6,8 +6,9 @@ here as the engine applies it, so these tests need no tokenizer or model."""
 from helpers import EOS, check_invariants
 
 from nanovllm_mlx.engine.core.block_manager import BlockManager
+from nanovllm_mlx.engine.core.chunk_cost import ChunkCost, keys_read
 from nanovllm_mlx.engine.core.plan import StepPlan, StepResult
-from nanovllm_mlx.engine.core.scheduler import Scheduler, keys_read
+from nanovllm_mlx.engine.core.scheduler import Scheduler
 from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
 from nanovllm_mlx.engine.output_processor import token_finish_reason
 from nanovllm_mlx.sampling_params import SamplingParams
@@ -74,7 +75,7 @@ def test_chunked_prefill_respects_the_token_budget():
 def test_late_prompt_chunks_are_cut_by_the_keys_they_read():
     # key_cost 0.01: a token after 100 cached ones costs 2, after 300 costs 4.
     sched = make(num_blocks=256, max_num_seqs=8, max_tokens_step=40, max_model_len=1024)
-    sched.key_cost = 0.01
+    sched.cost.key_cost = 0.01
     d = add(sched, 4, max_tokens=400, seq_id=0)
     step(sched)
     a = add(sched, 500, seq_id=1)
@@ -104,7 +105,7 @@ def test_sliding_window_layers_bound_the_keys_a_chunk_pays_for():
     assert keys_read(1000, (100, 100, None, 100)) == (3 * 100 + 1000) / 4
     assert keys_read(50, (100, None)) == 50
     sched = make(num_blocks=256, max_tokens_step=40, max_model_len=1024)
-    sched.key_cost, sched.layer_windows = 0.01, (100, 100)  # every layer slides
+    sched.cost = ChunkCost(0.01, (100, 100))  # every layer slides
     a = add(sched, 600, seq_id=0)
     sizes = []
     while not a.num_output_tokens:
@@ -116,7 +117,7 @@ def test_a_prompt_admitted_behind_a_long_one_pays_for_its_padding():
     # A long prompt's last chunk ends with budget left: the next prompt shares the step,
     # and the prefill read pads it to the long one's context, so it is charged that.
     sched = make(num_blocks=256, max_tokens_step=40, max_model_len=1024)
-    sched.key_cost = 0.01
+    sched.cost.key_cost = 0.01
     a = add(sched, 299, seq_id=0)
     while a.num_computed_tokens < 294:
         step(sched)
@@ -130,7 +131,7 @@ def test_a_prompt_admitted_behind_a_long_one_pays_for_its_padding():
 
 def test_a_decode_batch_is_never_cut_by_the_key_cost():
     sched = make(num_blocks=1024, max_num_seqs=8, max_tokens_step=8, max_model_len=1024)
-    sched.key_cost = 1.0  # absurd: one cached key costs as much as a token
+    sched.cost.key_cost = 1.0  # absurd: one cached key costs as much as a token
     seqs = [add(sched, 30, max_tokens=400, seq_id=i) for i in range(8)]
     while not all(s.num_output_tokens for s in seqs):
         decoding = [s for s in sched.running if s.num_output_tokens]

@@ -273,7 +273,7 @@ class LLMEngine:
             "kv_cache_tokens": blocks.num_blocks * self.config.block_size,
             "kv_cache_gb": self.kv_cache_bytes / 2**30,
             "max_num_batched_tokens": self.max_num_batched_tokens,
-            "step_key_cost": self.scheduler.key_cost,
+            "step_key_cost": self.scheduler.cost.key_cost,
             "prefix_hit_tokens": blocks.prefix_hit_tokens,
             "prefix_hit_rate": blocks.prefix_hit_rate,
             "preemptions": self.scheduler.num_preemptions,

@@ -11,6 +11,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from nanovllm_mlx.engine.core.block_manager import BlockManager
+from nanovllm_mlx.engine.core.chunk_cost import ChunkCost
 from nanovllm_mlx.engine.core.plan import ScheduledSeq, StepPlan, StepResult, StepUpdate
 from nanovllm_mlx.engine.core.proposals import assign_drafts
 from nanovllm_mlx.engine.core.sequence import Sequence, SequenceStatus
@@ -18,16 +19,6 @@ from nanovllm_mlx.engine.core.speculation import Speculator, accepted_prefix
 
 if TYPE_CHECKING:
     from nanovllm_mlx.engine.sample.logprobs import RowSample
-
-
-def keys_read(context: int, layer_windows: tuple[int | None, ...]) -> float:
-    """Cached keys a token after `context` ones reads, averaged over the layers: a
-    sliding-window layer reads at most its window."""
-    if not layer_windows:
-        return float(context)
-    return sum(context if w is None else min(context, w) for w in layer_windows) / len(
-        layer_windows
-    )
 
 
 class Scheduler:
@@ -46,13 +37,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        # What each cached key a prompt token attends to adds to its cost, in tokens
-        # (engine/runner/budget.py measures it where the budget is bound by time; 0: a step's
-        # budget counts tokens alone). Decodes always count 1, so the budget's floor
-        # keeps every decode batch whole. layer_windows: each layer's sliding window (None:
-        # full attention; empty: all full), which bound the keys a token reads.
-        self.key_cost = key_cost
-        self.layer_windows = layer_windows
+        # What a step's tokens cost of its budget (key_cost: engine/runner/budget.py).
+        self.cost = ChunkCost(key_cost, layer_windows)
         self.look_ahead = look_ahead  # plan launches ahead where safe (reserve_ahead)
         # Proposes drafts for decoding sequences (None: no speculative decoding).
         self.speculator = speculator
@@ -111,7 +97,7 @@ class Scheduler:
                     break
             else:
                 self.block_manager.append_slots(seq)
-                n, cost, widest = self._chunk(seq, budget, widest)
+                n, cost, widest = self.cost.chunk(seq, budget, widest)
                 batch.append(self._entry(seq, n))
                 scheduled.append(seq)
                 budget -= cost
@@ -126,7 +112,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.num_computed_tokens = self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
-            n, cost, widest = self._chunk(seq, budget, widest)
+            n, cost, widest = self.cost.chunk(seq, budget, widest)
             batch.append(self._entry(seq, n))
             self.running.append(seq)
             budget -= cost
@@ -134,37 +120,17 @@ class Scheduler:
         # step launched ahead: that launch computed this batch as plain decodes.
         if self.speculator is not None and not self._launched_ahead:
             assign_drafts(
-                batch, budget, self.speculator, self.block_manager, self.max_model_len, self._cost
+                batch,
+                budget,
+                self.speculator,
+                self.block_manager,
+                self.max_model_len,
+                self.cost.token,
             )
         elif self.speculator is not None:
             for item in batch:
                 self.speculator.look(item.seq)
         return batch
-
-    def _cost(self, seq: Sequence) -> float:
-        """What a token of seq costs of the budget now: a prompt token at its context."""
-        return 1.0 + self.key_cost * keys_read(seq.num_computed_tokens, self.layer_windows)
-
-    def _chunk(self, seq: Sequence, budget: float, widest: float) -> tuple[int, float, float]:
-        """The tokens seq computes this step, what they cost of the budget, and the step's
-        widest prompt-chunk context after them (`widest`: before them). A chunk cut short
-        takes the whole rest of the budget, so nothing is scheduled after it.
-
-        A prompt chunk of n tokens costs n * (1 + key_cost * keys), keys being the cached
-        keys each of its tokens reads (keys_read; those within the chunk are in the
-        budget's own measurement), and at least the most that an earlier prompt chunk of
-        the step reads: the prefill read pads every chunk of a step to the widest.
-        Measured on 2 CPU cores (SmolLM2-135M, float32), a 2,000-token prompt prefilled
-        at 150 tok/s at its start and 91 tok/s on average; counting tokens alone, its late
-        chunks made the steps of 8 streams sharing them twice as long as the early ones
-        (inter-token latency p50 0.72 s, p99 1.13 s)."""
-        left = seq.num_tokens - seq.num_computed_tokens
-        if left == 1:
-            return 1, 1.0, widest
-        keys = max(keys_read(seq.num_computed_tokens, self.layer_windows), widest)
-        per_token = 1.0 + self.key_cost * keys
-        n = max(1, min(left, int(budget / per_token)))
-        return n, (n * per_token if n == left else budget), keys
 
     def reserve_ahead(self, batch: list[ScheduledSeq]) -> bool:
         """Whether the step after this one can be launched before this one's tokens are

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from nanovllm_mlx.engine.core.chunk_cost import keys_read
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
-from nanovllm_mlx.engine.core.scheduler import keys_read
 from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.engine.runner.protocol import Runner
 from nanovllm_mlx.sampling_params import SamplingParams
