@@ -46,7 +46,7 @@ for phase in "$@"; do
       run fixtures 120 python3 tests/make_fixtures.py llama3-8b-q4 ;;
     tests-cuda)
       run tests-cuda 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py \
-        tests/test_cudnn_views.py -k "not bfloat16 and not float32" ;;
+        tests/test_sliced_reads.py -k "not bfloat16 and not float32" ;;
     cudnn-views)
       # MLX's own SDPA over a view of a cache starting at slot 256 against the same keys
       # copied, for a cache of 1,024 and 1,040 slots (GatherAttention.cudnn_views).
@@ -96,6 +96,19 @@ PY
       run kvq-8b 100 env NANOVLLM_KV_QUANT_KERNEL=1 python3 benchmarks/decode_probe.py \
         --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
         --configs 20:on:on:on --kv-cache-dtype int8 ;;
+    verify-8b)
+      # The defaults after v12 (in-place writes, the kernel over quantized pools, a lone
+      # sliced stream run eager on the gather path): their GPU tests, then one stream of
+      # each path: float16 and int8 pools on the kernel, float16 with the kernel off.
+      run tests-verify 240 python3 -m pytest -q -p no:cacheprovider tests/test_in_place_writes.py \
+        tests/test_cuda_kv_quant.py tests/test_sliced_reads.py tests/test_compiled_decode.py
+      for dtype in auto int8; do
+        run verify-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
+          --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on --kv-cache-dtype $dtype
+      done
+      run verify-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
+        --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:off:on
+      run hybrid-cuda 90 python3 -m pytest -q -p no:cacheprovider tests/test_hybrid.py ;;
     layouts-8b)
       run layouts-8b 80 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
         $L8B_SHAPE ;;

@@ -12,9 +12,12 @@ import pytest
 from helpers import SMALL_KV, captured_logits
 
 from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import PoolLayout
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
+from nanovllm_mlx.engine.runner import model_runner
 from nanovllm_mlx.engine.runner.step_inputs import bucket, prepare_decode
 
 
@@ -158,6 +161,28 @@ def test_the_warm_up_keeps_compiling_only_where_it_measured_faster(gpt2_tiny: Pa
     eager.engine.model_runner.warm_up(choose=True)  # nothing to choose between
     assert eager.engine.model_runner.compile_ms is None
     assert not eager.stats()["compile_decode"]
+
+
+def test_a_lone_stream_the_gather_path_slices_runs_eager(
+    gpt2_tiny: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The gather path with fused SDPA (a Mac's) reads a lone sequence's consecutive blocks
+    in place, eager; a compiled step would gather them. Such a step runs eager, a batch of
+    two compiled, and the tokens are the eager engine's."""
+    sliced = GatherAttention(fused=True, cudnn_views=cuda_attention.on_gpu())
+    monkeypatch.setattr(model_runner, "select_backend", lambda **_: sliced)
+    prompts, params = workload(n=2)
+    want = LLM(str(gpt2_tiny), compile_decode=False, dtype="float32", **SMALL_KV)
+    llm = LLM(str(gpt2_tiny), compile_decode=True, dtype="float32", **SMALL_KV)
+    runner = llm.engine.model_runner
+    assert runner.backend is sliced and runner.compile_decode
+    for prompt, param in zip(prompts, params):
+        got = llm.generate([prompt], param)[0]["token_ids"]
+        assert got == want.generate([prompt], param)[0]["token_ids"]
+    assert not runner.decode_buckets  # every step was eager
+    both = [o["token_ids"] for o in llm.generate(prompts, params)]
+    assert both == [o["token_ids"] for o in want.generate(prompts, params)]
+    assert 2 in {key[0] for key in runner.decode_buckets}
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -179,9 +179,11 @@ def test_an_engine_on_the_kernel_decodes_what_one_on_the_gather_path_does(
     gather, gather_backend = run()
     assert kernel_backend is cuda_attention.CudaPagedAttention
     assert gather_backend is GatherAttention
+    # The kernel dequantizes into float32 registers, the gather path into float16 arrays
+    # (the engine's dtype on a GPU): one logprob of 72 differed by 2.3e-3 on an H100.
     for a, b in zip(kernel, gather):
         assert a["token_ids"] == b["token_ids"]
-        np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=2e-3)
+        np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=5e-3)
 
 
 @pytest.mark.parametrize("name", ["auto", "float16", "int8", "int4", "a8", "s4", "s8"])
@@ -246,7 +248,9 @@ def test_turning_q_and_the_output_equals_attending_the_unturned_rows(kv):
     args = (None, 0.125, None, False, False, None)
     got = kv_quant.turn(_attend(kv_quant.turn(q, turn_k), *stored, *args), turn_v)
     want = _attend(q, *plain, *args)
-    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5)
+    # float32 matmuls on a GPU run in TF32 (~1e-3 relative): 1.2e-3 apart on an H100.
+    tol = 2e-5 if mx.default_device() == mx.cpu else 4e-3
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=tol)
     if turn_k or turn_v:  # not vacuous: the rows as stored differ from the plain ones
         assert not np.allclose(np.array(_attend(q, *stored, *args)), np.array(want), atol=1e-3)
     # The turn is the formats' own transform, built in the compute dtype with its data.
@@ -283,7 +287,12 @@ def test_decode_hands_the_kernel_the_pools_scales_and_turned_q(dtype):
     assert inputs["k_scales"] is cache.k_scales and inputs["v_scales"] is cache.v_scales
     turned = q @ mx.array(np.asarray(hadamard(128)), dtype=dtype)
     assert inputs["q"].dtype == dtype
-    assert mx.array_equal(inputs["q"], turned).item()
+    # The same product, though not bit for bit on a GPU (another matmul kernel's order).
+    np.testing.assert_allclose(
+        np.array(inputs["q"].astype(mx.float32)),
+        np.array(turned.astype(mx.float32)),
+        atol=0 if mx.default_device() == mx.cpu else 1e-2,
+    )
     assert "const int8_t* k_pool" in partial.source and "const uint8_t* v_pool" in partial.source
     assert merge.template == (("T", dtype), ("D", 128))
 
@@ -307,10 +316,12 @@ def test_a_float_cache_launches_as_before_with_placeholder_scales():
 
 def test_quantized_caches_take_the_kernel_on_cuda(monkeypatch):
     monkeypatch.setattr(cuda_attention, "available", lambda: True)
-    assert type(select_backend(quantized_kv=True)) is GatherAttention  # not yet by default
+    monkeypatch.delenv("NANOVLLM_KV_QUANT_KERNEL", raising=False)
     assert isinstance(select_backend(), cuda_attention.CudaPagedAttention)
-    monkeypatch.setenv("NANOVLLM_KV_QUANT_KERNEL", "1")
     assert isinstance(select_backend(quantized_kv=True), cuda_attention.CudaPagedAttention)
+    monkeypatch.setenv("NANOVLLM_KV_QUANT_KERNEL", "0")
+    assert type(select_backend(quantized_kv=True)) is GatherAttention
+    monkeypatch.setenv("NANOVLLM_KV_QUANT_KERNEL", "1")
     assert type(select_backend(quantized_kv=True, sinks=True)) is GatherAttention
     assert type(select_backend(quantized_kv=True, latent=True)) is GatherAttention
     monkeypatch.setattr(cuda_attention, "available", lambda: False)

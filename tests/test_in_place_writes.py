@@ -90,18 +90,28 @@ def test_a_step_starts_without_waiting_only_when_it_writes_in_place(
 
 
 def test_recurrent_states_always_wait(qwen35_tiny: Path, monkeypatch: pytest.MonkeyPatch):
-    """A hybrid's decode step scatters its recurrent states, in place or not for K/V."""
+    """A hybrid's decode step scatters its recurrent states, in place or not for K/V.
+    On the CPU everywhere, the waits being the host's decision: on an H100, with this
+    backend (the gather path's matmuls), qwen35-tiny's first prefill (the step-budget
+    probe, which waits and scatters) failed inside MLX 0.32's CUDA graph
+    (cudaGraphAddKernelNode: invalid argument) before any step could write in place."""
     monkeypatch.setattr(model_runner, "select_backend", lambda **_: ClaimsInPlace(fused=False))
-    llm = LLM(str(qwen35_tiny), dtype="float32", **SMALL_KV)
-    waits: list[bool] = []
-    real_start = model_runner.start
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        llm = LLM(str(qwen35_tiny), dtype="float32", **SMALL_KV)
+        waits: list[bool] = []
+        real_start = model_runner.start
 
-    def start(launched: Any, pools: list[mx.array], wait: bool = True) -> None:
-        waits.append(wait)
-        real_start(launched, pools, wait)
+        def start(launched: Any, pools: list[mx.array], wait: bool = True) -> None:
+            waits.append(wait)
+            real_start(launched, pools, wait)
 
-    monkeypatch.setattr(model_runner, "start", start)
-    llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        monkeypatch.setattr(model_runner, "start", start)
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        llm.generate([[5, 6, 7]], params)
+    finally:
+        mx.set_default_device(device)
     assert waits and all(waits)
 
 
@@ -237,15 +247,18 @@ def test_look_ahead_with_in_place_writes_neither_waits_nor_copies_the_pools(
     assert mx.get_peak_memory() - before < pool_bytes // 2
 
 
-def test_in_place_writes_are_opt_in_until_run_on_a_gpu(monkeypatch: pytest.MonkeyPatch):
+def test_in_place_writes_are_on_by_default_on_cuda(monkeypatch: pytest.MonkeyPatch):
     from nanovllm_mlx.attention import cuda_write, select_backend
 
     monkeypatch.setattr(cuda_attention, "available", lambda: True)
     monkeypatch.delenv("NANOVLLM_IN_PLACE_WRITES", raising=False)
-    assert not cuda_write.enabled() and not select_backend().writes_in_place
-    monkeypatch.setenv("NANOVLLM_IN_PLACE_WRITES", "1")
-    assert select_backend().writes_in_place
-    monkeypatch.setenv("NANOVLLM_KV_QUANT_KERNEL", "1")
+    monkeypatch.delenv("NANOVLLM_KV_QUANT_KERNEL", raising=False)
+    assert cuda_write.enabled() and select_backend().writes_in_place
     quantized = select_backend(quantized_kv=True)  # the kernel reads it, MLX writes it
     assert isinstance(quantized, cuda_attention.CudaPagedAttention)
     assert not quantized.writes_in_place
+    assert not select_backend(sinks=True).writes_in_place  # the gather path's
+    monkeypatch.setenv("NANOVLLM_IN_PLACE_WRITES", "0")
+    assert not cuda_write.enabled() and not select_backend().writes_in_place
+    monkeypatch.setenv("NANOVLLM_KV_QUANT_KERNEL", "0")
+    assert not isinstance(select_backend(quantized_kv=True), cuda_attention.CudaPagedAttention)

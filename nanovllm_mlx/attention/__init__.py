@@ -22,17 +22,17 @@ def select_backend(
     gather path on CUDA too.
 
     quantized_kv: the pools hold quantized codes (--kv-cache-dtype int8/int4, K and V
-    alike or not). The CUDA kernel can read them, dequantizing in registers
-    (attention/cuda_source.py), with NANOVLLM_KV_QUANT_KERNEL=1 (cuda.reads_quantized:
-    not yet run on a GPU); else they take the gather path. Prefill gathers and
-    dequantizes the blocks it reads either way.
+    alike or not). The CUDA kernel reads them, dequantizing in registers
+    (attention/cuda_source.py), unless NANOVLLM_KV_QUANT_KERNEL=0 (cuda.reads_quantized);
+    else they take the gather path. Prefill gathers and dequantizes the blocks it reads
+    either way.
 
     sinks: the model has attention sinks (gpt-oss), which the CUDA kernel does not
     implement (untested on a GPU, so not written): such models take the gather path with
     fused SDPA, which has them, on CUDA too.
 
-    On CUDA, with NANOVLLM_IN_PLACE_WRITES=1, all-decode steps over float pools write
-    their K/V in place (attention/cuda_write.py: not yet run on a GPU)."""
+    On CUDA, all-decode steps over float pools write their K/V in place
+    (attention/cuda_write.py; NANOVLLM_IN_PLACE_WRITES=0 turns it off)."""
     if cuda.available() and not (latent or sinks or (quantized_kv and not cuda.reads_quantized())):
         # Quantized pools are written by MLX's scatter (the codes and scales are computed
         # in MLX): only float pools are written in place.

@@ -20,10 +20,10 @@ the one before it still runs. Two things MLX no longer sees, and how they hold:
 - Order across steps: step n+1's rows come from step n's sampled tokens, so its write
   follows every read of step n; steps are separate graphs on one stream besides.
 
-Off unless NANOVLLM_IN_PLACE_WRITES=1, until it has run on a GPU: it was written when no
-GPU was at hand, and compiled with NVRTC 13.0 against MLX's own device headers and flags
-but never run. tests/test_in_place_writes.py (benchmarks/gpu_measure.sh final-8b) checks
-it there: the rows against the scatter's, each read after its write, an engine's tokens.
+On an H100 (8B 4-bit, 20 GB pool, one stream) it took decode from 152.9 / 111.2 tok/s
+after 32 / 8,192 tokens to 167.7 / 123.6 (mlx-lm: 177.5 / 154.7). tests/
+test_in_place_writes.py checks it there: the rows against the scatter's, each read after
+its write, engines' tokens. On by default; NANOVLLM_IN_PLACE_WRITES=0 turns it off.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ SOURCE = """
 
 
 def enabled() -> bool:
-    return os.environ.get("NANOVLLM_IN_PLACE_WRITES", "0") == "1"
+    return os.environ.get("NANOVLLM_IN_PLACE_WRITES", "1") != "0"
 
 
 @cache

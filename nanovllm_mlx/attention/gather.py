@@ -113,6 +113,14 @@ class GatherAttention:
     ) -> None:
         cache.write(k, v, meta.write_rows)
 
+    def reads_in_place(self, entries: DecodeEntries, pool: PoolLayout) -> bool:
+        """A lone sequence whose blocks are consecutive (plan_decode slices it); full
+        attention, as every compiled step is."""
+        if len(entries.context_lens) != 1 or not self.slice_in_place(pool):
+            return False
+        table = entries.block_tables[0][: pool.num_table_blocks(int(entries.context_lens[0]))]
+        return contiguous_start(np.asarray(table)) is not None
+
     def plan_decode(
         self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
     ) -> list[DecodeGroup]:

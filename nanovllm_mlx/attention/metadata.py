@@ -143,6 +143,11 @@ class AttentionBackend(Protocol):
         self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
     ) -> Any: ...
 
+    def reads_in_place(self, entries: DecodeEntries, pool: PoolLayout) -> bool:
+        """Whether plan_decode reads these entries' keys where they lie while
+        plan_decode_uniform would copy them: such a step is better run eager."""
+        ...
+
     def plan_decode_uniform(
         self, entries: DecodeEntries, pool: PoolLayout, width: int
     ) -> dict[str, mx.array]:

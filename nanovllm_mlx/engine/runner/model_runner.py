@@ -29,6 +29,7 @@ from nanovllm_mlx.engine.runner.compiled_decode import CompiledDecode
 from nanovllm_mlx.engine.runner.launch import Ahead, Launched, batch_key, bucket_key, start
 from nanovllm_mlx.engine.runner.step_inputs import (
     PreparedStep,
+    decode_entries,
     is_uniform_decode,
     prepare,
     prepare_decode,
@@ -77,14 +78,12 @@ class ModelRunner:
         )
         self.windows = spec.attention_windows  # one attention plan per distinct window
         # A compiled step's plan is full attention (plan_decode_uniform): sliding-window
-        # models run eager.
-        # Recurrent layers (hybrids) update state in place of a cache write that a padded
-        # row could aim at scratch: they run eager too.
+        # models run eager, and so do hybrids, whose recurrent states are not a cache
+        # write that a padding row could aim at the scratch block.
         self.compile_decode = compile_decode and self.windows == (None,) and not spec.state_layers
-        # Tensor parallelism: the layers all_sum across ranks, and every rank must finish
-        # the same collectives in the same order whatever happens after (a sampler that
-        # raises on rank 0 must not leave the others waiting), so each forward is
-        # evaluated whole before anything else is built on it.
+        # Tensor parallelism: every rank must finish the same all_sums in the same order
+        # whatever happens after (a sampler raising on rank 0 must not leave the others
+        # waiting), so each forward is evaluated whole before anything is built on it.
         self.collective = collective
         self.decode_buckets: set[tuple[Any, ...]] = set()  # (batch, table width) shapes traced
         self.compile_ms: tuple[float, float] | None = None  # warm_up's (compiled, eager) step
@@ -121,13 +120,10 @@ class ModelRunner:
         return arrays + [a for s in self.states for a in (s.conv, s.ssm)]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy whole blocks' K/V, source to copy, in every layer's pools: the
-        copy-on-write of blocks that forked sequences share (BlockManager.take_copies).
-        All sources are read before any copy is written, so the pairs' order is free.
-
-        Done now, after the device is done: the copy is MLX's scatter, in place only if
-        no running step holds the pools, and the next step may start without waiting
-        (launch.start)."""
+        """Copy whole blocks' K/V, source to copy, in every layer's pools: forks'
+        copy-on-write (BlockManager.take_copies); all sources are read before any copy is
+        written. Done now, the device idle: MLX's scatter is in place only if no running
+        step holds the pools, and the next step may start without waiting (launch.start)."""
         mx.synchronize()
         table = np.array([[src for src, _ in pairs], [dst for _, dst in pairs]], dtype=np.int32)
         src, dst = (self.pool.block_rows(table[i : i + 1]) for i in (0, 1))
@@ -172,18 +168,14 @@ class ModelRunner:
         mx.eval(hidden, self.cache_arrays())
 
     def warm_up(self, choose: bool = False) -> None:
-        """One decode step on the scratch block, compiled (when enabled) and eager, so that
-        what a first request would wait for happens at start-up, as vLLM captures its
-        graphs there: the compiled step's trace and, on CUDA, the NVRTC builds of its fused
-        kernels and of the decode kernel (a first request decoded at 15-46 tok/s on an
-        H200 where later ones ran at ~100, 8B 4-bit). Writes only the scratch block,
-        which no sequence owns.
+        """One decode step on the scratch block (which no sequence owns), compiled (when
+        enabled) and eager, so that a first request's waits happen at start-up, as vLLM
+        captures its graphs there: the trace and, on CUDA, NVRTC's kernel builds (a first
+        request decoded at 15-46 tok/s on an H200 where later ones ran at ~100, 8B 4-bit).
 
-        choose: then time WARM_UP_RUNS more single-stream steps each way and keep
-        compiling only if it was the faster. Compiling saves host time (GPT-2 small's step
-        2.64 vs 3.71 ms on an H200), but an 8B 4-bit step took 9.5 ms compiled against
-        8.05 eager there (benchmarks/profile_step.py): which wins depends on the model and
-        the device, so it is measured, as the step budget is."""
+        choose: then time WARM_UP_RUNS more steps each way and keep compiling only if it
+        was the faster: GPT-2 small's step took 2.64 ms compiled vs 3.71 eager on an H200,
+        an 8B 4-bit one 9.5 vs 8.05 (benchmarks/profile_step.py)."""
         seq = Sequence(-1, [0], SamplingParams(temperature=0.0), request_id="warm-up")
         seq.block_table = [self.scratch_block]
         batch = [ScheduledSeq(seq, 1)]
@@ -193,7 +185,7 @@ class ModelRunner:
             for _ in range(runs):
                 t0 = time.perf_counter()
                 if compiled:
-                    step = self._prepare(batch)
+                    step = self._prepare_compiled(batch)
                 else:
                     step = self._prepare_eager(batch)
                 launched = self._launch(step, 0)
@@ -210,11 +202,24 @@ class ModelRunner:
             self.compile_decode = compiled_ms < eager_ms
 
     def _prepare(self, batch: list[ScheduledSeq], ahead: mx.array | None = None) -> PreparedStep:
-        if self.compile_decode and len(batch) <= COMPILE_MAX_BATCH and is_uniform_decode(batch):
-            step = prepare_decode(batch, self.pool, self.backend, self.scratch_block, ahead)
-            self.decode_buckets.add(bucket_key(step))
-            return step
+        # What the backend reads in place only eager runs eager: with the kernel off on an
+        # H100 (8B 4-bit), a lone stream sliced eager ran at 157.0 / 120.7 tok/s after 32 /
+        # 8,192 tokens, gathered compiled at 139.2 / 53.6.
+        if (
+            self.compile_decode
+            and len(batch) <= COMPILE_MAX_BATCH
+            and is_uniform_decode(batch)
+            and not self.backend.reads_in_place(decode_entries(batch, ahead), self.pool)
+        ):
+            return self._prepare_compiled(batch, ahead)
         return self._prepare_eager(batch, ahead)
+
+    def _prepare_compiled(
+        self, batch: list[ScheduledSeq], ahead: mx.array | None = None
+    ) -> PreparedStep:
+        step = prepare_decode(batch, self.pool, self.backend, self.scratch_block, ahead)
+        self.decode_buckets.add(bucket_key(step))
+        return step
 
     def _prepare_eager(
         self, batch: list[ScheduledSeq], ahead: mx.array | None = None

@@ -125,6 +125,13 @@ def bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def decode_entries(batch: list[ScheduledSeq], ahead: mx.array | None = None) -> DecodeEntries:
+    """An all-decode batch's entries, unpadded (`ahead`: as for prepare)."""
+    shift = 0 if ahead is None else 1
+    context = np.array([item.start + 1 + shift for item in batch], dtype=np.int32)
+    return DecodeEntries(context, [item.seq.block_table for item in batch])
+
+
 def is_uniform_decode(batch: list[ScheduledSeq]) -> bool:
     """Every entry decodes one token and samples it: the batches prepare_decode packs."""
     return all(item.num_new_tokens == 1 and item.samples for item in batch)

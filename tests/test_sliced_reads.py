@@ -1,4 +1,5 @@
-"""A lone sequence's keys read in place (a view of the pool) on MLX's CUDA build.
+"""A lone sequence's keys read in place (a view of the pool) by the gather backend: which
+steps are (and so run eager), and MLX's CUDA build.
 
 MLX sends a one-query SDPA over a view of a cache whose slot count is a multiple of 256
 to cuDNN's decode path, which reads every view from the cache's first slot (mlx-lm's
@@ -38,6 +39,25 @@ def test_views_of_a_pool_cudnn_would_misread_are_gathered(
     (group,) = backend.plan_decode(lone_entries(16, 512), pool)
     assert (group.offset is not None) == in_place
     assert (group.rows is None) == in_place
+
+
+def test_which_steps_are_read_in_place():
+    backend, pool = GatherAttention(fused=True), PoolLayout(HKV, 65, BS)
+    assert backend.reads_in_place(lone_entries(16, 512), pool)
+    assert backend.reads_in_place(lone_entries(16, 1), pool)
+    scattered = DecodeEntries(np.array([40]), [[3, 9, 4]])
+    assert not backend.reads_in_place(scattered, pool)
+    # Blocks past the context (reserved for a step ahead) do not count.
+    assert backend.reads_in_place(DecodeEntries(np.array([32]), [[3, 4, 9]]), pool)
+    two = DecodeEntries(np.array([20, 20]), [[1, 2], [3, 4]])
+    assert not backend.reads_in_place(two, pool)
+    assert not GatherAttention(fused=False).reads_in_place(lone_entries(16, 512), pool)
+    cudnn_pool = PoolLayout(HKV, 64, BS)
+    assert not GatherAttention(True, cudnn_views=True).reads_in_place(
+        lone_entries(16, 512), cudnn_pool
+    )
+    kernel = cuda_attention.CudaPagedAttention()
+    assert not kernel.reads_in_place(lone_entries(16, 512), pool)
 
 
 def test_the_cpu_path_never_slices():
