@@ -100,15 +100,15 @@ PY
       # The defaults after v12 (in-place writes, the kernel over quantized pools, a lone
       # sliced stream run eager on the gather path): their GPU tests, then one stream of
       # each path: float16 and int8 pools on the kernel, float16 with the kernel off.
-      run tests-verify 240 python3 -m pytest -q -p no:cacheprovider tests/test_in_place_writes.py \
-        tests/test_cuda_kv_quant.py tests/test_sliced_reads.py tests/test_compiled_decode.py
       for dtype in auto int8; do
         run verify-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
           --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on --kv-cache-dtype $dtype
       done
       run verify-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
         --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:off:on
-      run hybrid-cuda 90 python3 -m pytest -q -p no:cacheprovider tests/test_hybrid.py ;;
+      run tests-verify 200 python3 -m pytest -q -p no:cacheprovider tests/test_in_place_writes.py \
+        tests/test_cuda_kv_quant.py tests/test_sliced_reads.py tests/test_compiled_decode.py
+      run hybrid-cuda 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_hybrid.py ;;
     layouts-8b)
       run layouts-8b 80 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
         $L8B_SHAPE ;;
