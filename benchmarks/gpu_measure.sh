@@ -100,13 +100,15 @@ PY
       # The defaults after v12 (in-place writes, the kernel over quantized pools, a lone
       # sliced stream run eager on the gather path): their GPU tests, then one stream of
       # each path: float16 and int8 pools on the kernel, float16 with the kernel off.
-      for dtype in auto int8; do
-        run verify-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
-          --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on --kv-cache-dtype $dtype
+      for case in auto:0 int8:0 int8:1; do
+        run verify-8b 60 env NANOVLLM_QUANTIZED_IN_PLACE=${case#*:} python3 \
+          benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
+          --decode-tokens 64 --pools "" --configs 20:on:on:on --kv-cache-dtype ${case%:*}
       done
       run verify-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
         --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:off:on
-      run tests-verify 200 python3 -m pytest -q -p no:cacheprovider tests/test_in_place_writes.py \
+      run tests-verify 200 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_quantized_in_place.py tests/test_in_place_writes.py \
         tests/test_cuda_kv_quant.py tests/test_sliced_reads.py tests/test_compiled_decode.py
       run hybrid-cuda 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_hybrid.py ;;
     layouts-8b)

@@ -184,12 +184,14 @@ def recording() -> Iterator[list[Launch]]:
     mx.fast.cuda_kernel = lambda **kernel: _Recorder(launches, **kernel)
     cuda._kernels.cache_clear()
     cuda_write._kernel.cache_clear()
+    cuda_write._rows_kernel.cache_clear()
     try:
         yield launches
     finally:
         mx.fast.cuda_kernel = original
         cuda._kernels.cache_clear()
         cuda_write._kernel.cache_clear()
+        cuda_write._rows_kernel.cache_clear()
 
 
 def launch_decode(
@@ -225,6 +227,13 @@ def launch_write(pool_dtype: mx.Dtype, new_dtype: mx.Dtype, head_dim: int) -> No
     k_pool, v_pool = (mx.zeros((2, 64, head_dim), dtype=pool_dtype) for _ in range(2))
     cache = KVCache(k_pool, v_pool, 16)
     new = mx.zeros((3, 2, head_dim), dtype=new_dtype)
+    cuda_write.write_in_place(cache, new, new, mx.zeros((6,), dtype=mx.int32))
+
+
+def launch_quantized_write(formats: tuple[KVFormat, KVFormat], dtype: mx.Dtype, d: int) -> None:
+    """cuda_write.write_in_place into pools of these formats (inside recording(): records)."""
+    cache = KVCache.allocate(formats, 2, 64, d, 16)
+    new = mx.zeros((3, 2, d), dtype=dtype)
     cuda_write.write_in_place(cache, new, new, mx.zeros((6,), dtype=mx.int32))
 
 
@@ -303,6 +312,9 @@ def collect(quick: bool) -> list[Launch]:
         for pool_dtype, new_dtype in itertools.product(DTYPES, DTYPES):
             for head_dim in (64, 128) if quick else (16, 64, 80, 128, 256):
                 launch_write(pool_dtype, new_dtype, head_dim)
+        for dtype in DTYPES:
+            for formats in _pairs(dtype)[1:]:
+                launch_quantized_write(formats, dtype, 128)
     by_name: dict[str, Launch] = {}
     for launch in launches:
         seen = by_name.setdefault(launch.name, launch)
