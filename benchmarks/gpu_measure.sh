@@ -108,9 +108,9 @@ PY
       run verify-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
         --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:off:on
       run tests-verify 200 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_quantized_in_place.py tests/test_in_place_writes.py \
-        tests/test_cuda_kv_quant.py tests/test_sliced_reads.py tests/test_compiled_decode.py
-      run hybrid-cuda 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_hybrid.py ;;
+        tests/test_quantized_in_place.py tests/test_sliced_reads.py \
+        tests/test_in_place_writes.py tests/test_cuda_kv_quant.py tests/test_compiled_decode.py
+      ;;
     layouts-8b)
       run layouts-8b 80 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
         $L8B_SHAPE ;;
