@@ -123,23 +123,26 @@ def measure(
             return head_path()
 
     def kernel(
-        group: int | None = None, unroll: int = cuda_attention.UNROLL, early: bool = True
+        group: int | None = None,
+        unroll: int = cuda_attention.UNROLL,
+        early: bool = True,
+        caches: list[KVCache] = head_major,
     ) -> list[mx.array]:
+        args = (tables, context, bs, scale, ctx)
         return [
             cuda_attention.paged_decode(
                 q,
                 c.k,
                 c.v,
-                tables,
-                context,
-                bs,
-                scale,
-                ctx,
+                *args,
                 group=group,
                 unroll=unroll,
                 early_values=early,
+                k_scales=c.k_scales,
+                v_scales=c.v_scales,
+                formats=c.formats,
             )
-            for c in head_major
+            for c in caches
         ]
 
     def contiguous_slice() -> list[mx.array]:
@@ -185,22 +188,7 @@ def measure(
         caches = quantized_caches(name, layers, hkv, n * bs, d, bs)
 
         def quantized_kernel(caches: list[KVCache] = caches) -> list[mx.array]:
-            return [
-                cuda_attention.paged_decode(
-                    q,
-                    c.k,
-                    c.v,
-                    tables,
-                    context,
-                    bs,
-                    scale,
-                    ctx,
-                    k_scales=c.k_scales,
-                    v_scales=c.v_scales,
-                    formats=c.formats,
-                )
-                for c in caches
-            ]
+            return kernel(caches=caches)
 
         def quantized_gather(caches: list[KVCache] = caches) -> list[mx.array]:
             return [
