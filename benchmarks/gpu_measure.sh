@@ -111,6 +111,15 @@ PY
         tests/test_quantized_in_place.py tests/test_sliced_reads.py \
         tests/test_in_place_writes.py tests/test_cuda_kv_quant.py tests/test_compiled_decode.py
       ;;
+    compare-moe)
+      # Issue 22's MoE row: Qwen3-30B-A3B's shape in mlx-community's 4-bit layout (~17 GB,
+      # built on the GPU), one stream and 32 requests against mlx-lm. Not yet run.
+      run fixtures 300 python3 tests/make_fixtures.py qwen3-30b-a3b-q4
+      run compare-moe 420 python3 benchmarks/compare_mlx_lm.py \
+        --model $NANOVLLM_MLX_FIXTURES/qwen3-30b-a3b-q4 --dtype float16 --repeats 2 \
+        --contexts 32,2048 --ttft "" --decode-tokens 64 --batches 32 --batch-repeats 1 \
+        --min-input 256 --max-input 2048 --min-output 128 --max-output 256 \
+        --mlx-lm-prefill-batch 8 --json ;;
     layouts-8b)
       run layouts-8b 80 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
         $L8B_SHAPE ;;
