@@ -25,7 +25,7 @@ import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it firs
 
 from nanovllm_mlx import LLM
 from nanovllm_mlx.bench import make_workload, run_benchmark
-from nanovllm_mlx.engine.runner import model_runner
+from nanovllm_mlx.engine.runner import compiled_decode
 
 
 def shifted(workload: list, vocab: int) -> list:
@@ -50,7 +50,7 @@ def main() -> None:
     for n in [int(r) for r in args.requests.split(",")]:
         for name, max_batch in settings:
             if max_batch is not None:
-                model_runner.COMPILE_MAX_BATCH = max_batch
+                compiled_decode.COMPILE_MAX_BATCH = max_batch
             llm = LLM(
                 args.model, dtype=args.dtype, max_num_seqs=256, compile_decode=max_batch is not None
             )

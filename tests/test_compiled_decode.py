@@ -17,7 +17,7 @@ from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import PoolLayout
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
-from nanovllm_mlx.engine.runner import model_runner
+from nanovllm_mlx.engine.runner import compiled_decode, model_runner
 from nanovllm_mlx.engine.runner.step_inputs import bucket, prepare_decode
 
 
@@ -171,6 +171,7 @@ def test_a_lone_stream_the_gather_path_slices_runs_eager(
     two compiled, and the tokens are the eager engine's."""
     sliced = GatherAttention(fused=True, cudnn_views=cuda_attention.on_gpu())
     monkeypatch.setattr(model_runner, "select_backend", lambda **_: sliced)
+    monkeypatch.setattr(compiled_decode, "EAGER_READ_BYTES", 0)  # a tiny model's contexts
     prompts, params = workload(n=2)
     want = LLM(str(gpt2_tiny), compile_decode=False, dtype="float32", **SMALL_KV)
     llm = LLM(str(gpt2_tiny), compile_decode=True, dtype="float32", **SMALL_KV)
@@ -183,6 +184,15 @@ def test_a_lone_stream_the_gather_path_slices_runs_eager(
     both = [o["token_ids"] for o in llm.generate(prompts, params)]
     assert both == [o["token_ids"] for o in want.generate(prompts, params)]
     assert 2 in {key[0] for key in runner.decode_buckets}
+    # Below EAGER_READ_BYTES, where building an eager graph costs more than the gather, a
+    # lone stream compiles even where it could be sliced.
+    monkeypatch.setattr(compiled_decode, "EAGER_READ_BYTES", 1 << 40)
+    runner.decode_buckets.clear()
+    assert (
+        llm.generate(prompts[:1], params[0])[0]["token_ids"]
+        == want.generate(prompts[:1], params[0])[0]["token_ids"]
+    )
+    assert {key[0] for key in runner.decode_buckets} == {1}
 
 
 @pytest.mark.parametrize("compiled", [False, True])

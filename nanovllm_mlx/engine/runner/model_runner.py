@@ -1,7 +1,7 @@
 """Turns a scheduled batch into MLX arrays, runs the model, samples: one mx.eval a step.
 
-An all-decode step of up to COMPILE_MAX_BATCH sequences can run compiled
-(engine/runner/compiled_decode.py), padded to a bucket of batch size and table width.
+A small all-decode step can run compiled (engine/runner/compiled_decode.py: which ones),
+padded to a bucket of batch size and table width.
 
 A decode step can also be built one step ahead: its input tokens are the previous step's
 sampled tokens, still lazy on the device, so the host builds step t+1's graph while the
@@ -29,8 +29,6 @@ from nanovllm_mlx.engine.runner.compiled_decode import CompiledDecode
 from nanovllm_mlx.engine.runner.launch import Ahead, Launched, batch_key, bucket_key, start
 from nanovllm_mlx.engine.runner.step_inputs import (
     PreparedStep,
-    decode_entries,
-    is_uniform_decode,
     prepare,
     prepare_decode,
 )
@@ -39,12 +37,6 @@ from nanovllm_mlx.engine.sample.sampler import sample
 from nanovllm_mlx.models.base import CausalLM
 from nanovllm_mlx.sampling_params import SamplingParams
 
-# Decode batches up to this size run compiled. Measured on an H200 (GPT-2 small, float16,
-# benchmarks/logs/h200_profile_gpt2_small_f16_v5_*.log): one stream's step went from 3.71
-# to 2.64 ms compiled; a 32-request run's decode steps from 4.83 to 7.12 ms, because each
-# new (batch, width) bucket costs a trace (~90 ms) while a wide step is bound by the device,
-# not by the Python that builds it.
-COMPILE_MAX_BATCH = 8
 WARM_UP_RUNS = 5  # steps timed each way when the start-up chooses whether to compile
 
 
@@ -105,7 +97,9 @@ class ModelRunner:
         ]
         mx.eval(self.cache_arrays())
         self._compiled = (
-            CompiledDecode(model, self.backend, self.caches) if self.compile_decode else None
+            CompiledDecode(model, self.backend, self.caches, self.pool)
+            if self.compile_decode
+            else None
         )
         self._ahead: Ahead | None = None
         self.steps_ahead_used = 0  # launched ahead and used
@@ -202,14 +196,10 @@ class ModelRunner:
             self.compile_decode = compiled_ms < eager_ms
 
     def _prepare(self, batch: list[ScheduledSeq], ahead: mx.array | None = None) -> PreparedStep:
-        # What the backend reads in place only eager runs eager: with the kernel off on an
-        # H100 (8B 4-bit), a lone stream sliced eager ran at 157.0 / 120.7 tok/s after 32 /
-        # 8,192 tokens, gathered compiled at 139.2 / 53.6.
         if (
-            self.compile_decode
-            and len(batch) <= COMPILE_MAX_BATCH
-            and is_uniform_decode(batch)
-            and not self.backend.reads_in_place(decode_entries(batch, ahead), self.pool)
+            self._compiled is not None
+            and self.compile_decode
+            and self._compiled.takes(batch, ahead)
         ):
             return self._prepare_compiled(batch, ahead)
         return self._prepare_eager(batch, ahead)
