@@ -16,7 +16,8 @@ the one before it still runs. Two things MLX no longer sees, and how they hold:
   the pool is not declared written. The kernel outputs a one-element token, and the
   decode kernel that reads the pool takes it as an input (KVCache.written), which puts
   the read after the write. Only that kernel may read a pool written this way, so only
-  all-decode steps on float pools write in place (AttentionMetadata.in_place).
+  all-decode steps write in place (AttentionMetadata.in_place), on float pools (and on
+  quantized ones with quantized_enabled: write_quantized_in_place).
 - Order across steps: step n+1's rows come from step n's sampled tokens, so its write
   follows every read of step n; steps are separate graphs on one stream besides.
 
@@ -79,7 +80,7 @@ def enabled() -> bool:
 def quantized_enabled() -> bool:
     """Quantized pools written in place too (NANOVLLM_QUANTIZED_IN_PLACE=1): their codes
     and scales computed by MLX (kv_quant.quantize), then copied into the pools by
-    ROWS_SOURCE. Off until its GPU tests (tests/test_in_place_writes.py) have run."""
+    ROWS_SOURCE. Off until its GPU tests (tests/test_quantized_in_place.py) have run."""
     return enabled() and os.environ.get("NANOVLLM_QUANTIZED_IN_PLACE", "0") == "1"
 
 
@@ -95,6 +96,12 @@ def _kernel() -> Any:
         # construction (kv_cache.make_pool, and every scatter's output).
         ensure_row_contiguous=False,
     )
+
+
+@cache
+def _start_token() -> mx.array:
+    # Created with its data, once: a lazy zeros would be one more launch a layer and step.
+    return mx.array([0], dtype=mx.int32)
 
 
 @cache
@@ -127,7 +134,7 @@ def write_quantized_in_place(cache: KVCache, k: mx.array, v: mx.array, rows: mx.
     """k/v [T, Hkv, D] quantized (kv_quant.quantize, each pool its own format; a float
     pool of a mixed cache as it is) into the pools' rows, scales first, each write after
     the one before; the last one's token in cache.written."""
-    token = mx.zeros((1,), dtype=mx.int32)
+    token = _start_token()
     for (name, scale_name, fmt), new in zip(cache.pool_names(), (k, v)):
         if fmt is not None and fmt.quantized:
             codes, scales = quantize(new, fmt)
