@@ -234,3 +234,26 @@ class GatedDeltaNet(nn.Module):
         cache.write(mx.array([seg.slot], dtype=mx.int32), window[None, -k_1:], state[None])
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
         return out.transpose(1, 0, 2)
+
+
+def split_qwen3_next(
+    weights: dict[str, mx.array], prefix: str, hk: int, dk: int, dv: int, hv: int
+) -> dict[str, mx.array]:
+    """Qwen3-Next's in_proj_qkvz / in_proj_ba are grouped by key head (each group: q, k,
+    then its value heads' v and z; b then a): -> GatedDeltaNet's four projections
+    (Qwen3.5's layout). Used by Qwen3.5's sanitize and the GGUF loader, whose files keep
+    them fused."""
+    qkvz = weights.pop(f"{prefix}.in_proj_qkvz.weight", None)
+    ba = weights.pop(f"{prefix}.in_proj_ba.weight", None)
+    if qkvz is None or ba is None:
+        return weights
+    per = hv // hk
+    groups = qkvz.reshape(hk, 2 * dk + 2 * per * dv, -1)
+    q, k, v, z = mx.split(groups, [dk, 2 * dk, 2 * dk + per * dv], axis=1)
+    flat = [part.reshape(-1, qkvz.shape[-1]) for part in (q, k, v, z)]
+    weights[f"{prefix}.in_proj_qkv.weight"] = mx.concatenate(flat[:3], axis=0)
+    weights[f"{prefix}.in_proj_z.weight"] = flat[3]
+    b, a_ = mx.split(ba.reshape(hk, 2 * per, -1), 2, axis=1)
+    weights[f"{prefix}.in_proj_b.weight"] = b.reshape(-1, ba.shape[-1])
+    weights[f"{prefix}.in_proj_a.weight"] = a_.reshape(-1, ba.shape[-1])
+    return weights

@@ -23,7 +23,7 @@ from nanovllm_mlx.attention.metadata import AttentionMetadata, KVCache
 from nanovllm_mlx.attention.paged import paged_attention
 from nanovllm_mlx.attention.state import StateCache
 from nanovllm_mlx.models.base import CausalLM, ModelSpec
-from nanovllm_mlx.models.gated_delta import GatedDeltaNet
+from nanovllm_mlx.models.gated_delta import GatedDeltaNet, split_qwen3_next
 from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq
 from nanovllm_mlx.models.switch import SparseMoE, stack_experts, stacked_layouts
 
@@ -309,25 +309,3 @@ class Model(CausalLM):
             elif hub_layout and (key == "norm.weight" or key.endswith(_FOLDED_NORMS)):
                 out[key] = value + 1.0
         return out
-
-
-def split_qwen3_next(
-    weights: dict[str, mx.array], prefix: str, hk: int, dk: int, dv: int, hv: int
-) -> dict[str, mx.array]:
-    """Qwen3-Next's in_proj_qkvz / in_proj_ba are grouped by key head (each group: q, k,
-    then its value heads' v and z; b then a): -> Qwen3.5's four projections. Shared with
-    the GGUF loader, whose files keep them fused."""
-    qkvz = weights.pop(f"{prefix}.in_proj_qkvz.weight", None)
-    ba = weights.pop(f"{prefix}.in_proj_ba.weight", None)
-    if qkvz is None or ba is None:
-        return weights
-    per = hv // hk
-    groups = qkvz.reshape(hk, 2 * dk + 2 * per * dv, -1)
-    q, k, v, z = mx.split(groups, [dk, 2 * dk, 2 * dk + per * dv], axis=1)
-    flat = [part.reshape(-1, qkvz.shape[-1]) for part in (q, k, v, z)]
-    weights[f"{prefix}.in_proj_qkv.weight"] = mx.concatenate(flat[:3], axis=0)
-    weights[f"{prefix}.in_proj_z.weight"] = flat[3]
-    b, a_ = mx.split(ba.reshape(hk, 2 * per, -1), 2, axis=1)
-    weights[f"{prefix}.in_proj_b.weight"] = b.reshape(-1, ba.shape[-1])
-    weights[f"{prefix}.in_proj_a.weight"] = a_.reshape(-1, ba.shape[-1])
-    return weights

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from nanovllm_mlx.models.qwen3_5 import split_qwen3_next
+from nanovllm_mlx.models.gated_delta import split_qwen3_next
 
 _NAMES = {
     "attn_qkv": "in_proj_qkv",
