@@ -3,7 +3,7 @@
 Multi-head latent attention over a latent paged cache (models/mla.py), then a SwiGLU MLP
 on the first first_k_dense_replace layers and a mixture of experts on the rest: one or
 more always-on shared experts plus n_routed_experts routed ones, chosen by sigmoid scores
-in groups (`group_route`). Multi-token-prediction layers that checkpoints carry past the
+in groups (`switch.group_route`). Multi-token-prediction layers that checkpoints carry past the
 last decoder layer are dropped.
 """
 
@@ -19,7 +19,7 @@ from nanovllm_mlx.models import llama
 from nanovllm_mlx.models.base import check_divides
 from nanovllm_mlx.models.mla import LatentAttention, softmax_scale, split_kv_b_proj
 from nanovllm_mlx.models.rope import RotaryEmbedding, rope_inv_freq
-from nanovllm_mlx.models.switch import SwitchGLU, stack_experts, stacked_layouts
+from nanovllm_mlx.models.switch import SwitchGLU, group_route, stack_experts, stacked_layouts
 
 _EXPERT_NAMES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 
@@ -95,40 +95,6 @@ class ModelArgs(llama.ModelArgs):
             and layer >= self.first_k_dense_replace
             and layer % self.moe_layer_freq == 0
         )
-
-
-def group_route(
-    logits: mx.array,
-    bias: mx.array,
-    k: int,
-    n_group: int,
-    topk_group: int,
-    normalize: bool,
-    scaling: float,
-) -> tuple[mx.array, mx.array]:
-    """Router logits [N, E] (float32) -> (expert indices [N, k], weights [N, k]).
-
-    Experts are chosen on sigmoid scores plus the load-balancing bias
-    (e_score_correction_bias), among the topk_group groups whose two best biased scores
-    sum highest; their weights are the unbiased scores, renormalized if `normalize`, times
-    routed_scaling_factor (transformers' DeepseekV3TopkRouter)."""
-    scores = mx.sigmoid(logits)
-    choice = scores + bias
-    if topk_group < n_group:
-        n = choice.shape[0]
-        grouped = choice.reshape(n, n_group, -1)
-        group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)  # [N, G]
-        dropped = mx.argpartition(group_scores, kth=n_group - topk_group - 1, axis=-1)
-        dropped = dropped[:, : n_group - topk_group]
-        keep = mx.put_along_axis(
-            mx.ones(group_scores.shape, dtype=mx.bool_), dropped, mx.array(False), axis=-1
-        )
-        choice = mx.where(keep[..., None], grouped, -mx.inf).reshape(n, -1)
-    indices = mx.argpartition(-choice, kth=k - 1, axis=-1)[:, :k]
-    weights = mx.take_along_axis(scores, indices, axis=-1)
-    if normalize:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return indices, weights * scaling
 
 
 def dequantize_fp8(weight: mx.array, scale_inv: mx.array, block: tuple[int, int]) -> mx.array:

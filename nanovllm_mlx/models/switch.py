@@ -1,4 +1,5 @@
-"""Mixture-of-experts layers: a top-k router and the experts' SwiGLU, every expert's weights
+"""Mixture-of-experts layers: routers (top-k softmax; DeepSeek's sigmoid scores in groups,
+group_route) and the experts' SwiGLU, every expert's weights
 in one [experts, out, in] array run with MLX's gather matmuls (mx.gather_mm, and
 mx.gather_qmm once quantized), so a step costs one matmul per projection whatever the
 routing, not a loop over experts."""
@@ -154,6 +155,40 @@ def route(logits: mx.array, k: int, normalize: bool) -> tuple[mx.array, mx.array
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return indices, weights
+
+
+def group_route(
+    logits: mx.array,
+    bias: mx.array,
+    k: int,
+    n_group: int,
+    topk_group: int,
+    normalize: bool,
+    scaling: float,
+) -> tuple[mx.array, mx.array]:
+    """Router logits [N, E] (float32) -> (expert indices [N, k], weights [N, k]).
+
+    Experts are chosen on sigmoid scores plus the load-balancing bias
+    (e_score_correction_bias), among the topk_group groups whose two best biased scores
+    sum highest; their weights are the unbiased scores, renormalized if `normalize`, times
+    routed_scaling_factor (transformers' DeepseekV3TopkRouter)."""
+    scores = mx.sigmoid(logits)
+    choice = scores + bias
+    if topk_group < n_group:
+        n = choice.shape[0]
+        grouped = choice.reshape(n, n_group, -1)
+        group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)  # [N, G]
+        dropped = mx.argpartition(group_scores, kth=n_group - topk_group - 1, axis=-1)
+        dropped = dropped[:, : n_group - topk_group]
+        keep = mx.put_along_axis(
+            mx.ones(group_scores.shape, dtype=mx.bool_), dropped, mx.array(False), axis=-1
+        )
+        choice = mx.where(keep[..., None], grouped, -mx.inf).reshape(n, -1)
+    indices = mx.argpartition(-choice, kth=k - 1, axis=-1)[:, :k]
+    weights = mx.take_along_axis(scores, indices, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return indices, weights * scaling
 
 
 class SparseMoE(nn.Module):
