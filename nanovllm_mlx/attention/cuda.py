@@ -33,7 +33,7 @@ import mlx.core as mx
 
 from nanovllm_mlx.attention.cuda_formats import pool_template
 from nanovllm_mlx.attention.cuda_source import HEADER, MERGE, PARTIAL
-from nanovllm_mlx.attention.cuda_write import write_in_place
+from nanovllm_mlx.attention.cuda_write import unwritten, write_in_place
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.kv_quant import KVFormat, turn
 from nanovllm_mlx.attention.metadata import (
@@ -186,7 +186,7 @@ def paged_decode(
             _params(size, window or 0),
             unused if k_scales is None else k_scales,
             unused if v_scales is None else v_scales,
-            _scalar(0, mx.int32) if after is None else after,
+            unwritten() if after is None else after,
         ],
         template=template
         + [("GB", gb), ("U", unroll), ("WARPS", WARPS), ("EV", int(early_values))]

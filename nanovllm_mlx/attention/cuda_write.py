@@ -36,7 +36,6 @@ from typing import Any
 import mlx.core as mx
 
 from nanovllm_mlx.attention.kv_cache import KVCache
-from nanovllm_mlx.attention.kv_quant import quantize
 
 # One thread per value, one thread block per (row, pool): grid (D * rows, 2); rows on x,
 # whose limit is 2^31 blocks (y's is 65,535).
@@ -99,8 +98,10 @@ def _kernel() -> Any:
 
 
 @cache
-def _start_token() -> mx.array:
-    # Created with its data, once: a lazy zeros would be one more launch a layer and step.
+def unwritten() -> mx.array:
+    """The token of no in-place write: what a read not ordered after one takes, and where
+    a chain of writes starts. Created with its data, once (a lazy zeros would be one more
+    launch a layer and step, and a compiled step captures it as a constant)."""
     return mx.array([0], dtype=mx.int32)
 
 
@@ -131,17 +132,12 @@ def _write_rows(src: mx.array, rows: mx.array, pool: mx.array, after: mx.array) 
 
 
 def write_quantized_in_place(cache: KVCache, k: mx.array, v: mx.array, rows: mx.array) -> None:
-    """k/v [T, Hkv, D] quantized (kv_quant.quantize, each pool its own format; a float
-    pool of a mixed cache as it is) into the pools' rows, scales first, each write after
-    the one before; the last one's token in cache.written."""
-    token = _start_token()
-    for (name, scale_name, fmt), new in zip(cache.pool_names(), (k, v)):
-        if fmt is not None and fmt.quantized:
-            codes, scales = quantize(new, fmt)
-            token = _write_rows(scales, rows, getattr(cache, scale_name), token)
-            token = _write_rows(codes, rows, getattr(cache, name), token)
-        else:
-            token = _write_rows(new, rows, getattr(cache, name), token)
+    """k/v [T, Hkv, D] as the pools store them (KVCache.encoded: each pool its own
+    format) into their rows, each write after the one before; the last one's token in
+    cache.written."""
+    token = unwritten()
+    for name, new in cache.encoded(k, v):
+        token = _write_rows(new, rows, getattr(cache, name), token)
     cache.written = token
 
 

@@ -134,15 +134,23 @@ class KVCache:
         if (self.v is None) != (v is None):
             raise ValueError("v must be None exactly when the cache is latent (no V pool)")
         self.written = None  # this step's write is MLX's own, ordered by MLX
+        for name, new in self.encoded(k, v):
+            self._scatter(name, new, rows)
+
+    def encoded(self, k: mx.array, v: mx.array | None) -> list[tuple[str, mx.array]]:
+        """What each pool stores of new rows k/v [T, Hkv, D], in the order they are
+        written: (attribute, rows) for a quantized pool's scales, then its codes
+        (kv_quant.quantize), or for a float pool the rows as they are."""
+        out = []
         for (name, scale_name, fmt), new in zip(self.pool_names(), (k, v)):
             if new is None:
                 continue
             if fmt is not None and fmt.quantized:
                 codes, scales = quantize(new, fmt)
-                self._scatter(scale_name, scales, rows)
-                self._scatter(name, codes, rows)
+                out += [(scale_name, scales), (name, codes)]
             else:
-                self._scatter(name, new, rows)
+                out.append((name, new))
+        return out
 
     def _scatter(self, name: str, new: mx.array, rows: mx.array) -> None:
         pool = getattr(self, name)

@@ -73,12 +73,8 @@ def prepare(
         if item.samples:
             last += range(offset - item.num_rows, offset)
             samplers.append(item)
-    decode = prefill = None
-    if decodes:
-        context = [it.start + 1 + shift for it in decodes]
-        decode = DecodeEntries(
-            np.array(context, dtype=np.int32), [it.seq.block_table for it in decodes]
-        )
+    decode = decode_entries(decodes, ahead) if decodes else None
+    prefill = None
     if prefills:
         prefill = PrefillEntries(
             [it.start for it in prefills],
@@ -147,13 +143,13 @@ def prepare_decode(
     """An all-decode batch padded to bucket(len(batch)) rows and tables of
     bucket(longest table) blocks. Padding rows sit at position 0 of `scratch_block`, a
     block the block manager never hands out. `ahead`: as for prepare."""
-    shift = 0 if ahead is None else 1
     n = len(batch)
     rows = bucket(n)
+    real = decode_entries(batch, ahead)
     context = np.ones(rows, dtype=np.int32)
-    context[:n] = [item.start + 1 + shift for item in batch]
+    context[:n] = real.context_lens
     positions = context - 1
-    tables = [item.seq.block_table for item in batch] + [[scratch_block]] * (rows - n)
+    tables = real.block_tables + [[scratch_block]] * (rows - n)
     slots = np.full(rows, scratch_block * pool.block_size, dtype=np.int64)
     for i, item in enumerate(batch):
         slots[i] = pool.slots(item.seq.block_table, int(positions[i]), int(positions[i]) + 1)[0]
