@@ -11,6 +11,10 @@ Variants, all over the same random pools and scattered block tables:
   cuda kernel, unroll 1/4   one or four keys in flight a warp, not two
   cuda kernel, values after scores   value rows loaded after the scores' reduction (before
                             round three's v12), not with the keys
+  cuda kernel, vector loads  a lane's values of a row consecutive, loaded as one word
+                            (8 bytes of a float16 row at head_dim 128), not 32 apart;
+                            "lane-strided loads" is the other way, whatever the default
+  cuda kernel, N blocks     partitions sized for N thread blocks in all, not 512
   contiguous slice+sdpa     SDPA straight over a slice of the head-major pool, as a
                             sequence whose blocks are contiguous could be read (no gather)
   gather only               the token-major gather alone
@@ -127,6 +131,8 @@ def measure(
         unroll: int = cuda_attention.UNROLL,
         early: bool = True,
         caches: list[KVCache] = head_major,
+        vector: bool | None = None,
+        blocks: int = cuda_attention.TARGET_BLOCKS,
     ) -> list[mx.array]:
         args = (tables, context, bs, scale, ctx)
         return [
@@ -138,6 +144,8 @@ def measure(
                 group=group,
                 unroll=unroll,
                 early_values=early,
+                vector_loads=vector,
+                target_blocks=blocks,
                 k_scales=c.k_scales,
                 v_scales=c.v_scales,
                 formats=c.formats,
@@ -184,11 +192,21 @@ def measure(
         variants["cuda kernel, unroll 4"] = lambda: kernel(unroll=4)
         variants["cuda kernel, values after scores"] = lambda: kernel(early=False)
         variants["cuda kernel, head blocks"] = lambda: kernel(group=1, unroll=1)
+        variants["cuda kernel, vector loads"] = lambda: kernel(vector=True)
+        variants["cuda kernel, lane-strided loads"] = lambda: kernel(vector=False)
+        for blocks in (1024, 2048):
+            variants[f"cuda kernel, {blocks} blocks"] = lambda blocks=blocks: kernel(blocks=blocks)
+            variants[f"cuda kernel, vector loads, {blocks} blocks"] = lambda blocks=blocks: kernel(
+                vector=True, blocks=blocks
+            )
     for name in kv_formats:
         caches = quantized_caches(name, layers, hkv, n * bs, d, bs)
 
         def quantized_kernel(caches: list[KVCache] = caches) -> list[mx.array]:
             return kernel(caches=caches)
+
+        def quantized_vector(caches: list[KVCache] = caches) -> list[mx.array]:
+            return kernel(caches=caches, vector=True)
 
         def quantized_gather(caches: list[KVCache] = caches) -> list[mx.array]:
             return [
@@ -197,6 +215,7 @@ def measure(
 
         if cuda_attention.available():
             variants[f"cuda kernel, {name} KV"] = quantized_kernel
+            variants[f"cuda kernel, vector loads, {name} KV"] = quantized_vector
         variants[f"gather+{'sdpa' if fused else 'matmul'}, {name} KV"] = quantized_gather
     return {name: bench(fn, layers) for name, fn in variants.items()}
 

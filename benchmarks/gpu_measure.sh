@@ -97,20 +97,36 @@ PY
         --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
         --configs 20:on:on:on --kv-cache-dtype int8 ;;
     verify-8b)
-      # The defaults after v12 (in-place writes, the kernel over quantized pools, a lone
-      # sliced stream run eager on the gather path): their GPU tests, then one stream of
-      # each path: float16 and int8 pools on the kernel, float16 with the kernel off.
-      for case in auto:0 int8:0 int8:1; do
+      # One stream of each path: int8 pools on the kernel, written by MLX's scatter and in
+      # place (cuda_quantize.py), and float16 with the kernel off (a lone sliced stream
+      # run eager on the gather path). tests-verify runs their GPU tests.
+      for case in int8:0 int8:1; do
         run verify-8b 60 env NANOVLLM_QUANTIZED_IN_PLACE=${case#*:} python3 \
           benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
           --decode-tokens 64 --pools "" --configs 20:on:on:on --kv-cache-dtype ${case%:*}
       done
       run verify-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
-        --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:off:on
-      run tests-verify 200 python3 -m pytest -q -p no:cacheprovider \
+        --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:off:on ;;
+    tests-qip)
+      run tests-qip 150 python3 -m pytest -q -p no:cacheprovider tests/test_quantized_in_place.py ;;
+    tests-verify)
+      run tests-verify 300 python3 -m pytest -q -p no:cacheprovider \
         tests/test_quantized_in_place.py tests/test_sliced_reads.py \
         tests/test_in_place_writes.py tests/test_cuda_kv_quant.py tests/test_compiled_decode.py
+      # The hybrid (Gated DeltaNet) model on CUDA's default path, engine against itself.
+      run tests-verify 120 python3 -m pytest -q -p no:cacheprovider tests/test_hybrid.py \
+        -k "chunked_prefill or preemption or forked_choices or run_of_one" 
       ;;
+    qmm-rows)
+      run qmm-rows 120 python3 benchmarks/qmm_rows.py --rows 1,2,3,4,8,16,32,64 ;;
+    vector-8b)
+      # The kernel's loads, lane-strided (0) and vector (1), in the engine: one stream
+      # after 32, 8k and 32k tokens on a float16 pool.
+      for v in 0 1; do
+        run vector-8b 120 env NANOVLLM_KERNEL_VECTOR_LOADS=$v python3 \
+          benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
+          --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192,32768
+      done ;;
     compare-moe)
       # Issue 22's MoE row: Qwen3-30B-A3B's shape in mlx-community's 4-bit layout (~17 GB,
       # built on the GPU), one stream and 32 requests against mlx-lm. Not yet run.
@@ -121,8 +137,13 @@ PY
         --min-input 256 --max-input 2048 --min-output 128 --max-output 256 \
         --mlx-lm-prefill-batch 8 --json ;;
     layouts-8b)
-      run layouts-8b 80 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
-        $L8B_SHAPE ;;
+      run layouts-8b 150 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
+        $L8B_SHAPE --kv-formats int8 ;;
+    tests-vector)
+      # The kernel with a lane's values consecutive (vector loads) over float pools
+      # against the gather path (tests-verify runs the quantized pools' cases, both ways).
+      run tests-vector 240 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
+        -k "vector and not bfloat16" ;;
     probe-8b)
       run probe-8b 330 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
         --repeats 1 --decode-tokens 64 \
@@ -155,7 +176,7 @@ PY
     compare-8b)
       run compare-8b 400 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --decode-tokens 64 \
-        --batches 8,64 --batch-repeats 1 --min-input 256 --max-input 2048 --min-output 128 \
+        --batches 8,64 --batch-repeats 2 --min-input 256 --max-input 2048 --min-output 128 \
         --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
     compare-8b-int8)
       # Issue 26: our int8 pool against mlx-lm's float16 cache, after 32 and 8k tokens; the

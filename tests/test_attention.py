@@ -186,9 +186,13 @@ def test_decode_partitions_cover_every_token_once(batch: int, context: int):
     [(12, 12, 64), (32, 8, 128), (16, 1, 128), (4, 1, 256), (9, 3, 64), (7, 7, 80)],
 )
 @pytest.mark.parametrize("window", [None, 100])
-@pytest.mark.parametrize("unroll", [1, 2, 3])
+@pytest.mark.parametrize(
+    "unroll,vector",
+    [(1, False), (2, False), (3, False), (2, True), (3, True)],
+    ids=["unroll1", "unroll2", "unroll3", "unroll2-vector", "unroll3-vector"],
+)
 def test_cuda_decode_kernel_matches_gather_path(
-    dtype, n_heads: int, n_kv: int, head_dim: int, window: int | None, unroll: int
+    dtype, n_heads: int, n_kv: int, head_dim: int, window: int | None, unroll: int, vector: bool
 ):
     rng = np.random.default_rng(1)
     bs, num_blocks = 16, 512
@@ -213,6 +217,7 @@ def test_cuda_decode_kernel_matches_gather_path(
         max(contexts),
         window,
         unroll=unroll,
+        vector_loads=vector,
     )
     mask = decode_mask(contexts, nb * bs, window)
     with mx.stream(mx.cpu):

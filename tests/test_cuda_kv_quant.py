@@ -104,6 +104,7 @@ KERNEL_CASES = [
 
 
 @GPU
+@pytest.mark.parametrize("vector", [False, True], ids=["strided", "vector"])
 @pytest.mark.parametrize("k,v,dtype,shape,bs,window,unroll", KERNEL_CASES)
 def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
     k: str,
@@ -113,6 +114,7 @@ def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
     bs: int,
     window: int | None,
     unroll: int,
+    vector: bool,
 ):
     """The same pools read by both: only float rounding differs (the gather path
     dequantizes in float32 here, the kernel in registers), not the quantization error."""
@@ -141,6 +143,7 @@ def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
         k_scales=cache.k_scales,
         v_scales=cache.v_scales,
         formats=formats,
+        vector_loads=vector,
     )
     mask = decode_mask(contexts, nb * bs, window)
     with mx.stream(mx.cpu):

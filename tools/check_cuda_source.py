@@ -19,11 +19,12 @@ Strides are fixed-size arrays). NVRTC compiles the real thing on the GPU machine
 launches share MLX's kernel name (name + template values) with different sources: MLX
 would run the first one's compiled kernel for both. Exits 1 if anything fails.
 
-The in-place K/V write kernel (attention/cuda_write.py) is compiled alongside. With
---nvrtc LIB --mlx-include DIR the sources are compiled as the GPU machine compiles them:
-by NVRTC itself (LIB: libnvrtc.so.13, e.g. from `pip download nvidia-cuda-nvrtc==13.0.*`),
-with MLX's own device headers (DIR holds mlx/backend/cuda/device/, e.g. `git archive` of
-ml-explore/mlx at the installed version) and the flags MLX's jit_module.cpp passes,
+The in-place K/V write kernels (attention/cuda_write.py, cuda_quantize.py) are compiled
+alongside. With --nvrtc LIB --mlx-include DIR the sources are compiled as the GPU machine
+compiles them: by NVRTC itself (LIB: libnvrtc.so.13, e.g. from `pip download
+nvidia-cuda-nvrtc==13.0.*`), with MLX's own device headers (DIR holds
+mlx/backend/cuda/device/, e.g. `git archive` of ml-explore/mlx at the installed version)
+and the flags MLX's jit_module.cpp passes,
 instead of nvcc and the stub header.
 """
 
@@ -53,7 +54,7 @@ import nanovllm_mlx  # noqa: E402, F401  (before mlx: the fast BLAS)
 import mlx.core as mx  # noqa: E402
 
 # isort: on
-from nanovllm_mlx.attention import cuda, cuda_write  # noqa: E402
+from nanovllm_mlx.attention import cuda, cuda_quantize, cuda_write  # noqa: E402
 from nanovllm_mlx.attention.kv_cache import KVCache  # noqa: E402
 from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, resolve  # noqa: E402
 
@@ -184,14 +185,14 @@ def recording() -> Iterator[list[Launch]]:
     mx.fast.cuda_kernel = lambda **kernel: _Recorder(launches, **kernel)
     cuda._kernels.cache_clear()
     cuda_write._kernel.cache_clear()
-    cuda_write._rows_kernel.cache_clear()
+    cuda_quantize._kernel.cache_clear()
     try:
         yield launches
     finally:
         mx.fast.cuda_kernel = original
         cuda._kernels.cache_clear()
         cuda_write._kernel.cache_clear()
-        cuda_write._rows_kernel.cache_clear()
+        cuda_quantize._kernel.cache_clear()
 
 
 def launch_decode(
@@ -201,6 +202,7 @@ def launch_decode(
     block_size: int = 16,
     unroll: int = cuda.UNROLL,
     window: int | None = None,
+    vector: bool = False,
 ) -> mx.array:
     """paged_decode over a small cache of these formats (inside recording(): records)."""
     n_heads, n_kv, head_dim = shape
@@ -219,6 +221,7 @@ def launch_decode(
         k_scales=cache.k_scales,
         v_scales=cache.v_scales,
         formats=formats,
+        vector_loads=vector,
     )
 
 
@@ -272,7 +275,11 @@ def combinations(quick: bool) -> list[dict[str, Any]]:
     """The launches to compile: quick, one shape with every format pair in half
     precision, and the pairs the GPU tests run through an engine; else every shape,
     dtype and pair, the unrolls and block sizes the tests use, and the other KVFormat
-    layouts."""
+    layouts; each with a lane's values 32 apart and consecutive (vector loads)."""
+    return [{**c, "vector": v} for c in _combinations(quick) for v in (False, True)]
+
+
+def _combinations(quick: bool) -> list[dict[str, Any]]:
     if quick:
         return [
             {"dtype": d, "shape": (32, 8, 128), "formats": p}
@@ -315,6 +322,10 @@ def collect(quick: bool) -> list[Launch]:
         for dtype in DTYPES:
             for formats in _pairs(dtype)[1:]:
                 launch_quantized_write(formats, dtype, 128)
+        if not quick:
+            for (_, _, d), f in itertools.product(SHAPES, [*EXTRA, INT8, INT4]):
+                launch_quantized_write((f, INT8), mx.float16, d)
+                launch_quantized_write((INT4, f), mx.bfloat16, d)
     by_name: dict[str, Launch] = {}
     for launch in launches:
         seen = by_name.setdefault(launch.name, launch)

@@ -50,6 +50,9 @@ TARGET_BLOCKS = 512  # enough thread blocks to fill an H100's 132 SMs a few time
 MIN_PARTITION = 32  # tokens; smaller partitions cost more to merge than they save
 UNROLL = 2  # keys a warp reads before reducing: two rows in flight instead of one
 MAX_GROUP_FLOATS = 32  # query heads a block serves x floats a lane holds per head
+# A lane's values of a row consecutive (one vector load) rather than 32 apart: opt-in
+# until measured on a GPU (benchmarks/attention_layouts.py, "vector loads").
+VECTOR_LOADS = os.environ.get("NANOVLLM_KERNEL_VECTOR_LOADS", "0") == "1"
 
 
 def on_gpu() -> bool:
@@ -129,10 +132,12 @@ def heads_per_block(n_heads: int, n_kv: int, head_dim: int) -> int:
     return max(fits, default=1)
 
 
-def num_partitions(batch: int, n_blocks: int, max_context: int) -> tuple[int, int]:
+def num_partitions(
+    batch: int, n_blocks: int, max_context: int, target_blocks: int = TARGET_BLOCKS
+) -> tuple[int, int]:
     """(partitions per sequence, tokens per partition) for a decode batch whose every
     sequence needs n_blocks thread blocks per partition."""
-    wanted = max(1, -(-TARGET_BLOCKS // (batch * n_blocks)))
+    wanted = max(1, -(-target_blocks // (batch * n_blocks)))
     parts = max(1, min(wanted, -(-max_context // MIN_PARTITION)))
     size = -(-max_context // parts)
     return -(-max_context // size), size
@@ -155,11 +160,14 @@ def paged_decode(
     formats: tuple[KVFormat, KVFormat] | None = None,
     after: mx.array | None = None,
     early_values: bool = True,
+    vector_loads: bool | None = None,
+    target_blocks: int = TARGET_BLOCKS,
 ) -> mx.array:
     """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
     them for a sliding-window layer) -> [B, H, D]. group (query heads a thread block
-    serves; default heads_per_block), unroll and early_values (value rows loaded with
-    the keys, not after the scores) are there for benchmarks to compare.
+    serves; default heads_per_block), unroll, early_values (value rows loaded with the
+    keys, not after the scores), vector_loads (default VECTOR_LOADS; kept only where
+    head_dim is a multiple of 32) and target_blocks are there for benchmarks to compare.
     formats (KVCache.formats; None: float pools): how K and V are stored, each on its
     own; a quantized pool comes with its scales, dequantized in registers.
     after: the token of an in-place write of these pools (KVCache.written) to run after."""
@@ -172,7 +180,8 @@ def paged_decode(
     unused = _scalar(0.0, mx.bfloat16)  # a float pool's scales: never read
     gb = group or heads_per_block(n_heads, n_kv, head_dim)
     span = max_context if window is None else min(max_context, window)
-    parts, size = num_partitions(b, n_heads // gb, span)
+    parts, size = num_partitions(b, n_heads // gb, span, target_blocks)
+    vector = VECTOR_LOADS if vector_loads is None else vector_loads
     partial, merge = _kernels()
     template = [("T", q.dtype), ("D", head_dim), ("BS", block_size), ("G", n_heads // n_kv)]
     part_out, part_m, part_l = partial(
@@ -190,6 +199,7 @@ def paged_decode(
         ],
         template=template
         + [("GB", gb), ("U", unroll), ("WARPS", WARPS), ("EV", int(early_values))]
+        + [("VL", int(vector and head_dim % 32 == 0))]
         + pools,
         grid=(32 * WARPS * parts, n_heads // gb, b),
         threadgroup=(32 * WARPS, 1, 1),

@@ -4,7 +4,8 @@ share a KV head; MERGE combines the partitions by their log-sum-exp. HEADER hold
 PARTIAL reads a pool row with: one source for float and quantized pools (KVFormat's
 layouts, attention/kv_quant.py), chosen per pool by template constants (cuda.pool_template):
 KT the pool's element type, KB its code bits (0: float values), KA affine (a bias after
-the scales), KG the values a scale covers; VT/VB/VA/VG likewise for V."""
+the scales), KG the values a scale covers; VT/VB/VA/VG likewise for V. VL picks which
+dimensions a lane holds (paged_dim)."""
 
 HEADER = """
 // Elements of one pool row, and of its scales row (bfloat16; affine: [scales, biases]).
@@ -17,19 +18,69 @@ __host__ __device__ constexpr int paged_scale_width() {
   return BITS == 0 ? 0 : (D / GS) * (AFF ? 2 : 1);
 }
 
-// The values of one pool row that this lane holds (d = lane + 32 i), as floats: a float
-// pool's elements, or codes dequantized in registers with their scale (and bias). The
-// codes are read at the same d as a float row, so a warp's loads stay coalesced (32
-// consecutive bytes of an int8 row, 16 of an int4 row, whose lanes share bytes).
-template <int D, int PL, int BITS, bool AFF, int GS, typename P>
+// The dimension a lane's i-th value of a row is: d = lane + 32 i (a warp's 32 lanes read
+// 32 consecutive elements at a time, one element each), or with VL (head_dim = 32 PL)
+// d = PL lane + i (a lane's PL values are consecutive: one 8-byte load of a float16 row
+// at head_dim 128 instead of four 2-byte ones).
+template <int PL, int VL>
+__device__ __forceinline__ int paged_dim(int lane, int i) {
+  return VL ? PL * lane + i : lane + 32 * i;
+}
+
+// N consecutive elements from src, in one load where N elements make a 4-, 8- or 16-byte
+// word (src is then aligned to it: rows start at multiples of their width).
+template <int BYTES> struct paged_word { using type = unsigned char; };
+template <> struct paged_word<2> { using type = unsigned short; };
+template <> struct paged_word<4> { using type = unsigned int; };
+template <> struct paged_word<8> { using type = uint2; };
+template <> struct paged_word<16> { using type = uint4; };
+template <typename P, int N>
+__device__ __forceinline__ void paged_load(P (&dst)[N], const P* src) {
+  constexpr int BYTES = static_cast<int>(sizeof(P)) * N;
+  if constexpr (BYTES == 2 || BYTES == 4 || BYTES == 8 || BYTES == 16) {
+    using W = typename paged_word<BYTES>::type;
+    const W w = *reinterpret_cast<const W*>(src);
+    const P* e = reinterpret_cast<const P*>(&w);
+    for (int j = 0; j < N; ++j) dst[j] = e[j];
+  } else {
+    for (int j = 0; j < N; ++j) dst[j] = src[j];
+  }
+}
+
+// The code of dimension d of a quantized row, as a float (int8: the byte; int4: its
+// nibble, two a byte, low nibble first; symmetric nibbles are offset by 8).
+template <int BITS, bool AFF, typename P>
+__device__ __forceinline__ float paged_code(P byte, int d) {
+  if constexpr (BITS == 8) {
+    return static_cast<float>(byte);  // int8_t (symmetric) or uint8_t (affine)
+  } else {
+    const int pair = static_cast<int>(byte);
+    const int nib = (d & 1) ? (pair >> 4) & 15 : pair & 15;
+    return static_cast<float>(AFF ? nib : nib - 8);
+  }
+}
+
+// The values of one pool row that this lane holds (paged_dim), as floats: a float pool's
+// elements, or codes dequantized in registers with their scale (and bias). Lane-strided,
+// the codes are read at the same d as a float row, so a warp's loads stay coalesced (32
+// consecutive bytes of an int8 row, 16 of an int4 row, whose lanes share bytes); with VL
+// a lane loads its PL codes as one word.
+template <int D, int PL, int VL, int BITS, bool AFF, int GS, typename P>
 __device__ __forceinline__ void paged_row(
     float (&out)[PL], const P* pool, const __nv_bfloat16* scales, long slot, int lane,
     bool valid) {
   const P* row = pool + slot * paged_row_width<D, BITS>();
+  static_assert(!VL || D == 32 * PL, "consecutive lanes' values tile the row exactly");
   if constexpr (BITS == 0) {
-    for (int i = 0; i < PL; ++i) {
-      const int d = lane + 32 * i;
-      out[i] = (valid && d < D) ? static_cast<float>(row[d]) : 0.f;
+    if constexpr (VL) {
+      P e[PL];
+      if (valid) paged_load<P, PL>(e, row + PL * lane);
+      for (int i = 0; i < PL; ++i) out[i] = valid ? static_cast<float>(e[i]) : 0.f;
+    } else {
+      for (int i = 0; i < PL; ++i) {
+        const int d = lane + 32 * i;
+        out[i] = (valid && d < D) ? static_cast<float>(row[d]) : 0.f;
+      }
     }
   } else {
     static_assert(BITS == 8 || BITS == 4, "codes are 8 or 4 bits");
@@ -40,20 +91,22 @@ __device__ __forceinline__ void paged_row(
     // Rows past the partition's end read nothing; the others' scale loads are then
     // straight-line code, and the lanes' shared ones are loaded once.
     if (!valid) return;
+    // A lane's own codes as one word where they fill whole bytes (VL: int8, or int4 at
+    // an even PL); otherwise byte by byte at each d.
+    constexpr int NB = BITS == 8 ? PL : PL / 2;
+    constexpr bool WORD = VL && (BITS == 8 || PL % 2 == 0);
+    P bytes[NB > 0 ? NB : 1];
+    if constexpr (WORD) paged_load<P, NB>(bytes, row + NB * lane);
     for (int i = 0; i < PL; ++i) {
-      const int d = lane + 32 * i;
+      const int d = paged_dim<PL, VL>(lane, i);
       if (d >= D) continue;
-      // Groups of a multiple of 32 values: the 32 lanes of step i share one scale, a
-      // compile-time index (one broadcast load a row for int8's single scale).
-      const int g = GS % 32 == 0 ? 32 * i / GS : d / GS;
-      float c;
-      if constexpr (BITS == 8) {
-        c = static_cast<float>(row[d]);  // int8_t (symmetric) or uint8_t (affine)
-      } else {
-        const int pair = static_cast<int>(row[d >> 1]);  // two codes, low nibble first
-        const int nib = (d & 1) ? (pair >> 4) & 15 : pair & 15;
-        c = static_cast<float>(AFF ? nib : nib - 8);  // symmetric nibbles are offset by 8
-      }
+      // Lane-strided, groups of a multiple of 32 values: the 32 lanes of step i share
+      // one scale, a compile-time index (one broadcast load a row for int8's one scale).
+      const int g = (!VL && GS % 32 == 0) ? 32 * i / GS : d / GS;
+      P byte;
+      if constexpr (WORD) byte = bytes[BITS == 8 ? i : i / 2];
+      else byte = row[BITS == 8 ? d : d >> 1];
+      const float c = paged_code<BITS, AFF>(byte, d);
       const float s = __bfloat162float(srow[g]);
       if constexpr (AFF) out[i] = c * s + __bfloat162float(srow[NG + g]);
       else out[i] = c * s;
@@ -96,7 +149,7 @@ PARTIAL = """
         // q may be a strided view (GPT-2 slices it out of the fused qkv projection).
         const T* q_row = q + (long)b * q_strides[0] + (long)(h0 + g) * q_strides[1];
         for (int i = 0; i < PL; ++i) {
-            const int d = lane + 32 * i;
+            const int d = paged_dim<PL, VL>(lane, i);
             qv[g][i] = d < D ? static_cast<float>(q_row[d * q_strides[2]]) * sc : 0.f;
             acc[g][i] = 0.f;
         }
@@ -109,10 +162,10 @@ PARTIAL = """
         for (int u = 0; u < U; ++u) {
             const int t = t0 + u;
             const long slot = t < end ? (long)table[t / BS] * BS + (t % BS) : 0;
-            paged_row<D, PL, KB, KA, KG>(kr[u], k_base, ks_base, slot, lane, t < end);
+            paged_row<D, PL, VL, KB, KA, KG>(kr[u], k_base, ks_base, slot, lane, t < end);
             // EV: the value rows are loaded with the keys, so a warp waits on memory once
             // an iteration, not again after its scores' reduction.
-            if (EV) paged_row<D, PL, VB, VA, VG>(vr[u], v_base, vs_base, slot, lane, t < end);
+            if (EV) paged_row<D, PL, VL, VB, VA, VG>(vr[u], v_base, vs_base, slot, lane, t < end);
         }
         for (int u = 0; u < U; ++u)
             for (int g = 0; g < GB; ++g) {
@@ -128,7 +181,7 @@ PARTIAL = """
             if (t >= end) break;
             if (!EV) {
                 const long slot = (long)table[t / BS] * BS + (t % BS);
-                paged_row<D, PL, VB, VA, VG>(vr[u], v_base, vs_base, slot, lane, true);
+                paged_row<D, PL, VL, VB, VA, VG>(vr[u], v_base, vs_base, slot, lane, true);
             }
             for (int g = 0; g < GB; ++g) {
                 const float m_new = fmaxf(m[g], s[u][g]);
@@ -143,7 +196,7 @@ PARTIAL = """
     for (int g = 0; g < GB; ++g) {
         if (lane == 0) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
         for (int i = 0; i < PL; ++i) {
-            const int d = lane + 32 * i;
+            const int d = paged_dim<PL, VL>(lane, i);
             if (d < D) s_acc[warp][g][d] = acc[g][i];
         }
     }

@@ -17,7 +17,7 @@ the one before it still runs. Two things MLX no longer sees, and how they hold:
   decode kernel that reads the pool takes it as an input (KVCache.written), which puts
   the read after the write. Only that kernel may read a pool written this way, so only
   all-decode steps write in place (AttentionMetadata.in_place), on float pools (and on
-  quantized ones with quantized_enabled: write_quantized_in_place).
+  quantized ones with quantized_enabled: cuda_quantize.write_quantizing).
 - Order across steps: step n+1's rows come from step n's sampled tokens, so its write
   follows every read of step n; steps are separate graphs on one stream besides.
 
@@ -35,6 +35,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from nanovllm_mlx.attention.cuda_quantize import write_quantizing
 from nanovllm_mlx.attention.kv_cache import KVCache
 
 # One thread per value, one thread block per (row, pool): grid (D * rows, 2); rows on x,
@@ -55,31 +56,14 @@ SOURCE = """
 """
 
 
-# A quantized pool's rows (codes, or their scales), one pool a launch: one thread block a
-# row, its threads striding over the row's W elements. The launches of a layer are
-# chained, each taking the token of the one before (`after`), so the decode kernel, which
-# takes the last token, reads after all four writes (CUDA graph edges are transitive).
-ROWS_SOURCE = """
-    const int r = blockIdx.x;
-    const int n_kv = src_shape[1];
-    const long t = r / n_kv, h = r % n_kv;
-    const long dst = (long)rows[r] * W;
-    for (int d = threadIdx.x; d < W; d += blockDim.x) {
-        const long i = t * src_strides[0] + h * src_strides[1] + d * src_strides[2];
-        const_cast<P*>(pool)[dst + d] = static_cast<P>(static_cast<float>(src[i]));
-    }
-    if (r == 0 && threadIdx.x == 0) written[0] = after[0] + 1;
-"""
-
-
 def enabled() -> bool:
     return os.environ.get("NANOVLLM_IN_PLACE_WRITES", "1") != "0"
 
 
 def quantized_enabled() -> bool:
-    """Quantized pools written in place too (NANOVLLM_QUANTIZED_IN_PLACE=1): their codes
-    and scales computed by MLX (kv_quant.quantize), then copied into the pools by
-    ROWS_SOURCE. Off until its GPU tests (tests/test_quantized_in_place.py) have run."""
+    """Quantized pools written in place too (NANOVLLM_QUANTIZED_IN_PLACE=1): quantized
+    and written by one kernel a layer (cuda_quantize.py). Off until its GPU tests
+    (tests/test_quantized_in_place.py) have run."""
     return enabled() and os.environ.get("NANOVLLM_QUANTIZED_IN_PLACE", "0") == "1"
 
 
@@ -105,49 +89,13 @@ def unwritten() -> mx.array:
     return mx.array([0], dtype=mx.int32)
 
 
-@cache
-def _rows_kernel() -> Any:
-    return mx.fast.cuda_kernel(
-        name="kv_rows_in_place",
-        input_names=["src", "rows", "pool", "after"],
-        output_names=["written"],
-        source=ROWS_SOURCE,
-        ensure_row_contiguous=False,  # as _kernel: a copied pool would take the write
-    )
-
-
-def _write_rows(src: mx.array, rows: mx.array, pool: mx.array, after: mx.array) -> mx.array:
-    """src [T, Hkv, W] into rows of pool's [Hkv * slots, W] view; the token to read after."""
-    width = src.shape[-1]
-    written: mx.array
-    (written,) = _rows_kernel()(
-        inputs=[src, rows, pool, after],
-        template=[("W", width), ("P", pool.dtype), ("S", src.dtype)],
-        grid=(32 * rows.shape[0], 1, 1),
-        threadgroup=(32, 1, 1),
-        output_shapes=[(1,)],
-        output_dtypes=[mx.int32],
-    )
-    return written
-
-
-def write_quantized_in_place(cache: KVCache, k: mx.array, v: mx.array, rows: mx.array) -> None:
-    """k/v [T, Hkv, D] as the pools store them (KVCache.encoded: each pool its own
-    format) into their rows, each write after the one before; the last one's token in
-    cache.written."""
-    token = unwritten()
-    for name, new in cache.encoded(k, v):
-        token = _write_rows(new, rows, getattr(cache, name), token)
-    cache.written = token
-
-
 def write_in_place(cache: KVCache, k: mx.array, v: mx.array, rows: mx.array) -> None:
     """k/v [T, Hkv, D] into the pools' rows (PoolLayout.write_rows: [T * Hkv]), leaving
     the token that orders this layer's reads after the write in cache.written."""
     if cache.v is None:
         raise ValueError("a latent cache is not written in place")
     if cache.quantized:
-        write_quantized_in_place(cache, k, v, rows)
+        write_quantizing(cache, k, v, rows)
         return
     n_rows, head_dim = k.shape[0] * k.shape[1], k.shape[2]
     (written,) = _kernel()(

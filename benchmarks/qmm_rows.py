@@ -1,0 +1,93 @@
+"""A 4-bit quantized matmul's time by the number of rows it multiplies (a decode batch's
+sequences), on Llama 3 8B's projections: what a batch of 2-64 decoding sequences costs
+per step against one, in MLX itself, for our engine and mlx-lm alike.
+
+Also, for each M, the same product as M one-row products (M x the weight reads): where
+that is faster, MLX's kernel for small M is the bottleneck, not the bytes.
+
+    python benchmarks/qmm_rows.py --rows 1,2,4,8,16,32,64 --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+# isort: off
+import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it first)
+import mlx.core as mx
+
+# isort: on
+
+# (name, out features, in features): one Llama 3 8B layer's projections.
+SHAPES = [
+    ("qkv", 6144, 4096),
+    ("o", 4096, 4096),
+    ("gate_up", 28672, 4096),
+    ("down", 4096, 14336),
+]
+
+
+def timed(fn, repeats: int) -> float:
+    """Median ms of fn() evaluated, after two warm-up calls."""
+    for _ in range(2):
+        mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=32, help="products chained per timing")
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+    dtype = getattr(mx, args.dtype)
+    weights = {}
+    for name, n, k in SHAPES:
+        w = (mx.random.normal((n, k)) * 0.02).astype(dtype)
+        weights[name] = mx.quantize(w, group_size=args.group_size, bits=args.bits)
+    mx.eval(weights)
+    total = sum(w.nbytes + s.nbytes + b.nbytes for w, s, b in weights.values())
+    print(f"{mx.default_device()}, {args.dtype}, {args.bits}-bit, group {args.group_size}")
+    print(f"{'rows':>5} {'one product ms':>15} {'GB/s':>7} {'x one row':>10} {'rows apart ms':>14}")
+    base = None
+    for m in [int(r) for r in args.rows.split(",") if r]:
+        xs = {name: (mx.random.normal((m, k)) * 0.1).astype(dtype) for name, _, k in SHAPES}
+        mx.eval(xs)
+
+        def together(xs: dict = xs) -> list[mx.array]:
+            return [
+                mx.quantized_matmul(
+                    xs[name], *weights[name], group_size=args.group_size, bits=args.bits
+                )
+                for _ in range(args.layers)
+                for name, _, _ in SHAPES
+            ]
+
+        def apart(xs: dict = xs, m: int = m) -> list[mx.array]:
+            return [
+                mx.quantized_matmul(
+                    xs[name][i : i + 1], *weights[name], group_size=args.group_size, bits=args.bits
+                )
+                for _ in range(args.layers)
+                for name, _, _ in SHAPES
+                for i in range(m)
+            ]
+
+        ms = timed(together, args.repeats) / args.layers
+        base = base or ms
+        rows_apart = timed(apart, args.repeats) / args.layers if m <= 8 else float("nan")
+        print(f"{m:>5} {ms:>15.4f} {total / ms / 1e6:>7.0f} {ms / base:>10.2f} {rows_apart:>14.4f}")
+
+
+if __name__ == "__main__":
+    main()
