@@ -35,6 +35,15 @@ for phase in "$@"; do
       python3 -c 'import mlx.core as mx; print(mx.default_device(), mx.__version__)'
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       run fixtures 300 python3 tests/make_fixtures.py gpt2-small-shape smollm2-135m-shape ;;
+    setup-mlx)
+      # MLX and the wheels alone, for phases that build no model (layouts-8b, tests-*).
+      if [ ! -d /tmp/mlxsite/mlx ]; then
+        mkdir -p /tmp/mlxsite
+        cat /tmp/mlxstage/part.aa .device/b/part.ab | xz -d | tar -C /tmp/mlxsite -x
+      fi
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
     setup-8b)
       if [ ! -d /tmp/mlxsite/mlx ]; then
         mkdir -p /tmp/mlxsite
