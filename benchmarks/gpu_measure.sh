@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Measurements on the GPU machine (the `device` tool), batched into few calls; each phase
-# logs to $OUT/<phase>.log. Stage MLX's CUDA build first (../shared/device/mlx-cuda-stage.sh:
-# its part a copied to /tmp/mlxstage in an earlier call); carry .device/b and .whl.
+# logs to $OUT/<phase>.log. MLX's CUDA build comes staged: tools/stage_mlx_cuda.sh (one
+# file: carry .device/one and .whl), or ../shared/device/mlx-cuda-stage.sh (two parts:
+# part a copied to /tmp/mlxstage by an earlier call, then carry .device/b and .whl).
 #   bash benchmarks/gpu_measure.sh setup tests profile compare-gpt2
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -23,34 +24,34 @@ run() {  # name, seconds, command...
   echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
   tail -n 25 "$OUT/$name.log"
 }
+stage_mlx() {  # MLX's CUDA build into /tmp/mlxsite, the wheels into /tmp/site
+  if [ ! -d /tmp/mlxsite/mlx ]; then
+    mkdir -p /tmp/mlxsite
+    if [ -f .device/one/mlx.tar.xz ]; then  # tools/stage_mlx_cuda.sh: one call
+      xz -d < .device/one/mlx.tar.xz | tar -C /tmp/mlxsite -x
+    else  # ../shared/device/mlx-cuda-stage.sh: part a copied by an earlier call
+      cat /tmp/mlxstage/part.aa .device/b/part.ab | xz -d | tar -C /tmp/mlxsite -x
+    fi
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+  # A precompiled kernel (the sum), a JIT-compiled one (the add) and a matmul: a pruned
+  # build (tools/prune_fatbin.py) that lost the device's code fails here, not later.
+  python3 -c 'import mlx.core as mx; a = mx.ones((64, 64)); print(mx.default_device(),
+    mx.__version__, (a @ a + 1).sum().item(), "(want 266240.0)")'
+}
 for phase in "$@"; do
   case $phase in
     setup)
-      if [ ! -d /tmp/mlxsite/mlx ]; then
-        mkdir -p /tmp/mlxsite
-        cat /tmp/mlxstage/part.aa .device/b/part.ab | xz -d | tar -C /tmp/mlxsite -x
-      fi
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
-      python3 -c 'import mlx.core as mx; print(mx.default_device(), mx.__version__)'
+      stage_mlx
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       run fixtures 300 python3 tests/make_fixtures.py gpt2-small-shape smollm2-135m-shape ;;
     setup-mlx)
       # MLX and the wheels alone, for phases that build no model (layouts-8b, tests-*).
-      if [ ! -d /tmp/mlxsite/mlx ]; then
-        mkdir -p /tmp/mlxsite
-        cat /tmp/mlxstage/part.aa .device/b/part.ab | xz -d | tar -C /tmp/mlxsite -x
-      fi
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+      stage_mlx
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
     setup-8b)
-      if [ ! -d /tmp/mlxsite/mlx ]; then
-        mkdir -p /tmp/mlxsite
-        cat /tmp/mlxstage/part.aa .device/b/part.ab | xz -d | tar -C /tmp/mlxsite -x
-      fi
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+      stage_mlx
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       run fixtures 120 python3 tests/make_fixtures.py llama3-8b-q4 ;;
     tests-cuda)
