@@ -36,6 +36,9 @@ HOST_PRELUDE = """
 #define __device__
 #define __forceinline__ inline
 struct __nv_bfloat16 { uint16_t bits; };
+using __half = _Float16;
+struct uint2 { uint32_t x, y; };
+struct uint4 { uint32_t x, y, z, w; };
 inline float __bfloat162float(__nv_bfloat16 x) {
   uint32_t u = uint32_t(x.bits) << 16;
   float f;
@@ -45,7 +48,7 @@ inline float __bfloat162float(__nv_bfloat16 x) {
 """
 
 HOST_CASE = """
-template <int D, int BITS, bool AFF, int GS, typename P>
+template <int D, int VL, int BITS, bool AFF, int GS, typename P>
 void read_rows(const char* codes_path, const char* scales_path, int slots, const char* out_path) {
   constexpr int PL = (D + 31) / 32;
   constexpr int W = paged_row_width<D, BITS>(), SW = paged_scale_width<D, BITS, AFF, GS>();
@@ -63,11 +66,11 @@ void read_rows(const char* codes_path, const char* scales_path, int slots, const
   for (int slot = 0; slot < slots; ++slot)
     for (int lane = 0; lane < 32; ++lane) {
       float r[PL], none[PL];
-      paged_row<D, PL, BITS, AFF, GS>(r, codes.data(), scales.data(), slot, lane, true);
-      paged_row<D, PL, BITS, AFF, GS>(none, codes.data(), scales.data(), slot, lane, false);
+      paged_row<D, PL, VL, BITS, AFF, GS>(r, codes.data(), scales.data(), slot, lane, true);
+      paged_row<D, PL, VL, BITS, AFF, GS>(none, codes.data(), scales.data(), slot, lane, false);
       for (int i = 0; i < PL; ++i) {
         if (none[i] != 0.f) std::printf("invalid row read %f\\n", none[i]);
-        const int d = lane + 32 * i;
+        const int d = paged_dim<PL, VL>(lane, i);
         if (d < D) out[size_t(slot) * D + d] = r[i];
       }
     }
@@ -77,17 +80,22 @@ void read_rows(const char* codes_path, const char* scales_path, int slots, const
 }
 """
 
-ROW_CASES = [(f, d) for f in ("int8", "int4", "a8", "s4", "s8", "float32") for d in (64, 80, 128)]
+# (format, head_dim, VL): a lane's values 32 apart, and consecutive (one word a lane)
+# where head_dim is a multiple of 32.
+FORMATS = ("int8", "int4", "a8", "s4", "s8", "float32", "float16")
+ROW_CASES = [(f, d, 0) for f in FORMATS for d in (64, 80, 128)]
+ROW_CASES += [(f, d, 1) for f in FORMATS for d in (32, 64, 128, 256)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
 def test_the_kernels_row_reader_dequantizes_as_kv_quant_does(tmp_path: Path):
     """cuda_source.HEADER's paged_row, compiled for the host, reads every lane's values of
     rows that kv_quant.quantize wrote: each equals dequantize's (rows left turned, as the
-    kernel reads them), and a row past the partition's end reads as zeros."""
+    kernel reads them), and a row past the partition's end reads as zeros; lane-strided
+    and, with VL, a lane's consecutive values loaded as one word."""
     rng = np.random.default_rng(4)
     calls, wants = [], []
-    for n, (name, d) in enumerate(ROW_CASES):
+    for n, (name, d, vl) in enumerate(ROW_CASES):
         fmt = NAMED[name] if name in NAMED else resolve(name, mx.float32)
         x = rng.standard_normal((9, d)).astype(np.float32) * np.array([1e-3, 1, 50] * 3)[:, None]
         if fmt.quantized:
@@ -95,14 +103,16 @@ def test_the_kernels_row_reader_dequantizes_as_kv_quant_does(tmp_path: Path):
             want = dequantize(codes, scales, fmt, mx.float32, rotated=True)
             (tmp_path / f"s{n}").write_bytes(np.array(scales.view(mx.uint16)).tobytes())
             c_type = "int8_t" if codes.dtype == mx.int8 else "uint8_t"
-            params = f"{d}, {fmt.bits}, {str(fmt.affine).lower()}, {fmt.group_size(d)}, {c_type}"
+            params = f"{fmt.bits}, {str(fmt.affine).lower()}, {fmt.group_size(d)}, {c_type}"
         else:
-            codes, want, params = mx.array(x), mx.array(x), f"{d}, 0, false, {d}, float"
+            codes = want = mx.array(x).astype(fmt.dtype)
+            params = f"0, false, {d}, {'float' if fmt.dtype == mx.float32 else '__half'}"
         (tmp_path / f"c{n}").write_bytes(np.array(codes).tobytes())
         calls.append(
-            f'read_rows<{params}>("{tmp_path}/c{n}", "{tmp_path}/s{n}", 9, "{tmp_path}/o{n}");'
+            f'read_rows<{d}, {vl}, {params}>("{tmp_path}/c{n}", "{tmp_path}/s{n}", 9, '
+            f'"{tmp_path}/o{n}");'
         )
-        wants.append(np.array(want))
+        wants.append(np.array(want.astype(mx.float32)))
     main = "int main() {\n" + "\n".join(calls) + "\nreturn 0;\n}\n"
     (tmp_path / "rows.cpp").write_text(HOST_PRELUDE + HEADER + HOST_CASE + main)
     build = subprocess.run(

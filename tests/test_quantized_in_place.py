@@ -100,7 +100,8 @@ def test_codes_and_scales_are_the_scatters(k_fmt: KVFormat, v_fmt: KVFormat, d: 
         got, _ = _rows_as_floats(mine, which)
         want, step = _rows_as_floats(theirs, which)
         if step.any():  # within a code's step of kv_quant.quantize's rows
-            np.testing.assert_array_less(np.abs(got - want), 1.01 * step + 1e-6)
+            bound = np.broadcast_to(1.01 * step + 1e-6, got.shape)
+            np.testing.assert_array_less(np.abs(got - want), bound)
         else:  # a float pool: the rows as they are
             np.testing.assert_array_equal(got, want)
     # Most stored elements equal (a scale may round apart by bfloat16's last bit, a code

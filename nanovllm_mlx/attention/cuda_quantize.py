@@ -154,6 +154,10 @@ SOURCE = """
 """
 
 
+# kv_quant.OUTWARD as the kernel's float literal (HEADER names it OUTWARD).
+OUTWARD_LITERAL = f"{OUTWARD!r}f"
+
+
 @cache
 def _kernel() -> Any:
     return mx.fast.cuda_kernel(
@@ -161,7 +165,7 @@ def _kernel() -> Any:
         input_names=["k", "v", "rows", "k_pool", "v_pool", "k_scales", "v_scales"],
         output_names=["written"],
         source=SOURCE,
-        header=HEADER.replace("OUTWARD", f"{OUTWARD!r}f"),
+        header=HEADER.replace("OUTWARD", OUTWARD_LITERAL),
         ensure_row_contiguous=False,  # as cuda_write's: a copied pool would take the write
     )
 
