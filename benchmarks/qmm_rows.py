@@ -19,11 +19,16 @@ import mlx.core as mx
 
 # isort: on
 
-# (name, out features, in features): one Llama 3 8B layer's projections.
+# (name, out features, in features): one Llama 3 8B layer's projections, unfused as both
+# engines run them (MLX 0.32's CUDA build takes its one-row kernel only up to 16,384
+# features each way, so a fused gate+up of 28,672 would not).
 SHAPES = [
-    ("qkv", 6144, 4096),
+    ("q", 4096, 4096),
+    ("k", 1024, 4096),
+    ("v", 1024, 4096),
     ("o", 4096, 4096),
-    ("gate_up", 28672, 4096),
+    ("gate", 14336, 4096),
+    ("up", 14336, 4096),
     ("down", 4096, 14336),
 ]
 
