@@ -26,6 +26,7 @@ import pytest
 
 import nanovllm_mlx.engine.runner.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat
 from nanovllm_mlx.engine.core.scheduler import Scheduler
 from nanovllm_mlx.engine.core.sequence import SequenceStatus
 
@@ -365,3 +366,11 @@ def metrics_after_completion(base_url: str, prompt: list[int], model: str) -> di
     r = httpx.post(f"{base_url}/v1/completions", json=body, headers=JSON, timeout=60)
     assert r.status_code == 200, r.text
     return metrics(base_url)
+
+
+# The KVFormat layouts the kernels' tests run beside int8 and int4 (kv_quant.py describes
+# them; no flag selects them).
+A8 = KVFormat("a8", bits=8, group=64, affine=True)  # affine int8 in groups of 64
+S4 = KVFormat("s4", bits=4)  # symmetric int4, one scale a row
+S8 = KVFormat("s8", bits=8, group=32)  # symmetric int8, four scales a 128-wide row
+KV_FORMATS = {"int8": INT8, "int4": INT4, "a8": A8, "s4": S4, "s8": S8}

@@ -21,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import decode_mask, random_ids, random_tables
+from helpers import KV_FORMATS, decode_mask, random_ids, random_tables
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
@@ -36,14 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "check_cuda_source.py"
 GPU = pytest.mark.skipif(not cuda_attention.available(), reason="needs MLX's CUDA backend")
 
-A8 = KVFormat("a8", bits=8, group=64, affine=True)  # affine int8 in groups of 64
-S4 = KVFormat("s4", bits=4)  # symmetric int4, one scale a row
-S8 = KVFormat("s8", bits=8, group=32)  # symmetric int8, four scales a 128-row
-NAMED = {"int8": INT8, "int4": INT4, "a8": A8, "s4": S4, "s8": S8}
-
 
 def _format(name: str, dtype: mx.Dtype) -> KVFormat:
-    return NAMED[name] if name in NAMED else resolve(name, dtype)
+    return KV_FORMATS[name] if name in KV_FORMATS else resolve(name, dtype)
 
 
 @cache

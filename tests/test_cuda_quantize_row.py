@@ -14,20 +14,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import KV_FORMATS
 
 from nanovllm_mlx.attention import cuda_quantize
-from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, dequantize, quantize
+from nanovllm_mlx.attention.kv_quant import KVFormat, dequantize, quantize
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
 
-FORMATS = {
-    "int8": INT8,
-    "int4": INT4,
-    "a8": KVFormat("a8", bits=8, group=64, affine=True),
-    "s4": KVFormat("s4", bits=4),
-    "s8": KVFormat("s8", bits=8, group=32),
-    "int8-unturned": KVFormat("int8-unturned", bits=8),
-}
+FORMATS = {**KV_FORMATS, "int8-unturned": KVFormat("int8-unturned", bits=8)}
 
 # CUDA's qualifiers dropped, bfloat16 as its bits, and a warp as 32 threads: a shuffle
 # posts each lane's value, waits for all 32, reads its partner's, and waits again.

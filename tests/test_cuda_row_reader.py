@@ -13,17 +13,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import KV_FORMATS
 
 from nanovllm_mlx.attention.cuda_source import HEADER
-from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, dequantize, quantize, resolve
-
-NAMED = {
-    "int8": INT8,
-    "int4": INT4,
-    "a8": KVFormat("a8", bits=8, group=64, affine=True),
-    "s4": KVFormat("s4", bits=4),
-    "s8": KVFormat("s8", bits=8, group=32),
-}
+from nanovllm_mlx.attention.kv_quant import dequantize, quantize, resolve
 
 # The header's row reader compiled for the host: CUDA's qualifiers dropped, bfloat16 as
 # its bits (the top half of a float32).
@@ -96,7 +89,7 @@ def test_the_kernels_row_reader_dequantizes_as_kv_quant_does(tmp_path: Path):
     rng = np.random.default_rng(4)
     calls, wants = [], []
     for n, (name, d, vl) in enumerate(ROW_CASES):
-        fmt = NAMED[name] if name in NAMED else resolve(name, mx.float32)
+        fmt = KV_FORMATS[name] if name in KV_FORMATS else resolve(name, mx.float32)
         x = rng.standard_normal((9, d)).astype(np.float32) * np.array([1e-3, 1, 50] * 3)[:, None]
         if fmt.quantized:
             codes, scales = quantize(mx.array(x), fmt)

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import A8, S4, S8
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
@@ -44,9 +45,6 @@ def test_a_latent_cache_is_not_written_in_place():
         write_in_place(cache, mx.zeros((1, 1, 8)), mx.zeros((1, 1, 8)), mx.zeros((1,)))
 
 
-S4 = KVFormat("s4", bits=4)
-A8 = KVFormat("a8", bits=8, group=64, affine=True)
-S8 = KVFormat("s8", bits=8, group=32)
 # (K, V, head_dim): Llama 3's head_dim with every pair, then other widths (80: lanes past
 # the row and a 16-wide Hadamard block; 96: int4's group of 64 does not divide it; 16:
 # half a warp) and the other layouts kv_quant describes.
