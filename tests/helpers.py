@@ -26,7 +26,11 @@ import pytest
 
 import nanovllm_mlx.engine.runner.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention.attend import gathered_attention
+from nanovllm_mlx.attention.kv_cache import KVCache
 from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat
+from nanovllm_mlx.attention.metadata import PoolLayout
 from nanovllm_mlx.engine.core.scheduler import Scheduler
 from nanovllm_mlx.engine.core.sequence import SequenceStatus
 
@@ -328,6 +332,61 @@ def decode_mask(contexts: list[int], n_keys: int, window: int | None) -> np.ndar
     """[B, 1, n_keys]: the keys each decode query sees (its last `window` of them)."""
     keys, ctx = np.arange(n_keys)[None, :], np.array(contexts)[:, None]
     return ((keys < ctx) & (keys >= (0 if window is None else ctx - window)))[:, None, :]
+
+
+def filled_cache(
+    formats: tuple[KVFormat, KVFormat], n_kv: int, blocks: int, bs: int, d: int, seed: int = 0
+) -> tuple[KVCache, PoolLayout]:
+    """Every slot written with random rows; keys carry a few large channels, as real keys
+    do (what the formats' Hadamard turn is for)."""
+    rng = np.random.default_rng(seed)
+    cache = KVCache.allocate(formats, n_kv, blocks * bs, d, bs)
+    layout = PoolLayout(n_kv, blocks, bs)
+    k = rng.standard_normal((blocks * bs, n_kv, d)).astype(np.float32)
+    k[..., :3] *= 12.0
+    v = rng.standard_normal((blocks * bs, n_kv, d)).astype(np.float32)
+    cache.write(mx.array(k), mx.array(v), layout.write_rows(np.arange(blocks * bs)))
+    mx.eval(cache.arrays())
+    return cache, layout
+
+
+def kernel_and_gather(
+    q: mx.array,
+    cache: KVCache,
+    tables: np.ndarray,
+    contexts: list[int],
+    window: int | None,
+    reference: KVCache | None = None,
+    **kernel: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """attention/cuda.py's paged_decode of q [B, H, D] over cache (its block tables and
+    context lengths; `kernel`: paged_decode's benchmark knobs), and the gather path's on
+    the CPU in float32 over `reference` (default: the same cache), as float32 arrays."""
+    bs, n_kv = cache.block_size, cache.k.shape[0]
+    scale = q.shape[-1] ** -0.5
+    got = cuda_attention.paged_decode(
+        q,
+        cache.k,
+        cache.v,  # type: ignore[arg-type]
+        mx.array(tables),
+        mx.array(contexts, dtype=mx.int32),
+        bs,
+        scale,
+        max(contexts),
+        window,
+        k_scales=cache.k_scales,
+        v_scales=cache.v_scales,
+        formats=cache.formats,
+        **kernel,
+    )
+    mask = decode_mask(contexts, tables.shape[1] * bs, window)
+    rows = PoolLayout(n_kv, cache.k.shape[1] // bs, bs).block_rows(tables)
+    with mx.stream(mx.cpu):
+        want = gathered_attention(
+            q.astype(mx.float32)[:, None], reference or cache, rows, mx.array(mask), scale
+        )[:, 0]
+        mx.eval(want)
+    return np.array(got.astype(mx.float32)), np.array(want)
 
 
 # Speculative decoding (tests/test_speculative.py, tests/test_speculative_draft.py) -------

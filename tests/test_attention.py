@@ -4,10 +4,9 @@ cached prefix, all in one mixed batch with scattered block tables."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import decode_mask, random_tables
+from helpers import kernel_and_gather, random_tables
 
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention.attend import gathered_attention
 from nanovllm_mlx.attention.gather import GatherAttention, length_groups
 from nanovllm_mlx.attention.metadata import NULL_BLOCK, KVCache, PoolLayout
 from nanovllm_mlx.attention.paged import paged_attention
@@ -203,35 +202,14 @@ def test_cuda_decode_kernel_matches_gather_path(
         bs,
     )
     tables = random_tables(rng, contexts, bs, num_blocks)
-    nb = tables.shape[1]
     q = mx.array(rng.standard_normal((len(contexts), n_heads, head_dim))).astype(dtype)
-    scale = head_dim**-0.5
-    got = cuda_attention.paged_decode(
-        q,
-        cache.k,
-        cache.v,
-        mx.array(tables),
-        mx.array(contexts, dtype=mx.int32),
-        bs,
-        scale,
-        max(contexts),
-        window,
-        unroll=unroll,
-        vector_loads=vector,
-    )
-    mask = decode_mask(contexts, nb * bs, window)
     with mx.stream(mx.cpu):
         cpu_cache = KVCache(cache.k.astype(mx.float32), cache.v.astype(mx.float32), bs)
-        want = gathered_attention(
-            q.astype(mx.float32)[:, None],
-            cpu_cache,
-            PoolLayout(n_kv, num_blocks, bs).block_rows(tables),
-            mx.array(mask),
-            scale,
-        )[:, 0]
-        mx.eval(want)
+    got, want = kernel_and_gather(
+        q, cache, tables, contexts, window, cpu_cache, unroll=unroll, vector_loads=vector
+    )
     tol = 1e-4 if dtype == mx.float32 else 2e-2
-    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol, rtol=tol)
+    np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize(

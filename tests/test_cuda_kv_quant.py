@@ -21,16 +21,15 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import KV_FORMATS, decode_mask, random_ids, random_tables
+from helpers import KV_FORMATS, filled_cache, kernel_and_gather, random_ids, random_tables
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention import cuda_formats, kv_quant, select_backend
-from nanovllm_mlx.attention.attend import _attend, gathered_attention
+from nanovllm_mlx.attention.attend import _attend
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.kv_cache import KVCache
 from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, hadamard, resolve
-from nanovllm_mlx.attention.metadata import PoolLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "check_cuda_source.py"
@@ -50,22 +49,6 @@ def _tool() -> Any:
     sys.modules[spec.name] = module  # its dataclass resolves its annotations there
     spec.loader.exec_module(module)
     return module
-
-
-def _filled(
-    formats: tuple[KVFormat, KVFormat], n_kv: int, blocks: int, bs: int, d: int, seed: int = 0
-) -> tuple[KVCache, PoolLayout]:
-    """Every slot written with random rows; keys carry a few large channels, as real keys
-    do (what the formats' Hadamard turn is for)."""
-    rng = np.random.default_rng(seed)
-    cache = KVCache.allocate(formats, n_kv, blocks * bs, d, bs)
-    layout = PoolLayout(n_kv, blocks, bs)
-    k = rng.standard_normal((blocks * bs, n_kv, d)).astype(np.float32)
-    k[..., :3] *= 12.0
-    v = rng.standard_normal((blocks * bs, n_kv, d)).astype(np.float32)
-    cache.write(mx.array(k), mx.array(v), layout.write_rows(np.arange(blocks * bs)))
-    mx.eval(cache.arrays())
-    return cache, layout
 
 
 # (K format, V format, compute dtype, (heads, kv heads, head_dim), block size, window,
@@ -118,42 +101,17 @@ def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
     formats = (_format(k, compute), _format(v, compute))
     contexts = [1, 15, 16, 17, 300, 1024, 5, 700, 2 * bs + 3]  # partial and whole blocks
     num_blocks = sum(-(-c // bs) for c in contexts) + 8
-    cache, layout = _filled(formats, n_kv, num_blocks, bs, head_dim)
+    cache, _ = filled_cache(formats, n_kv, num_blocks, bs, head_dim)
     rng = np.random.default_rng(1)
     tables = random_tables(rng, contexts, bs, num_blocks)
-    nb = tables.shape[1]
     q = mx.array(rng.standard_normal((len(contexts), n_heads, head_dim))).astype(compute)
-    scale = head_dim**-0.5
-    got = cuda_attention.paged_decode(
-        q,
-        cache.k,
-        cache.v,  # type: ignore[arg-type]
-        mx.array(tables),
-        mx.array(contexts, dtype=mx.int32),
-        bs,
-        scale,
-        max(contexts),
-        window,
-        unroll=unroll,
-        k_scales=cache.k_scales,
-        v_scales=cache.v_scales,
-        formats=formats,
-        vector_loads=vector,
+    got, want = kernel_and_gather(
+        q, cache, tables, contexts, window, unroll=unroll, vector_loads=vector
     )
-    mask = decode_mask(contexts, nb * bs, window)
-    with mx.stream(mx.cpu):
-        want = gathered_attention(
-            q.astype(mx.float32)[:, None],
-            cache,
-            layout.block_rows(tables),
-            mx.array(mask),
-            scale,
-        )[:, 0]
-        mx.eval(want)
     # Half precision: q and the output are turned (and rounded) in it, on top of the
     # rounding the float kernel's own test allows (tests/test_attention.py).
     tol = {"float32": 2e-3, "float16": 2e-2, "bfloat16": 3e-2}[dtype]
-    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol, rtol=tol)
+    np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
 
 
 @GPU
@@ -236,7 +194,7 @@ def test_turning_q_and_the_output_equals_attending_the_unturned_rows(kv):
     equals attention over the rows turned back. None: a float pool."""
     d = 64
     formats = tuple(f or resolve("auto", mx.float32) for f in kv)
-    cache, layout = _filled(formats, 2, 6, 4, d)  # type: ignore[arg-type]
+    cache, layout = filled_cache(formats, 2, 6, 4, d)  # type: ignore[arg-type]
     rows = layout.block_rows(np.array([[4, 1, 0], [2, 5, 3]]))
     q = mx.array(np.random.default_rng(2).standard_normal((2, 1, 8, d)).astype(np.float32))
     stored = [cache.read_blocks(w, rows, 2, mx.float32, rotated=True) for w in (0, 1)]
@@ -262,7 +220,7 @@ def test_decode_hands_the_kernel_the_pools_scales_and_turned_q(dtype):
     """CudaPagedAttention.decode on a quantized cache, the kernel recorded instead of
     run: what the GPU would get, checked on any machine."""
     tool = _tool()
-    cache, _ = _filled((INT8, INT4), 2, 8, 16, 128)
+    cache, _ = filled_cache((INT8, INT4), 2, 8, 16, 128)
     q = mx.array(np.random.default_rng(3).standard_normal((3, 8, 128))).astype(dtype)
     plan = cuda_attention.DecodePlan(
         mx.array([[0, 1], [2, 3], [4, 5]], dtype=mx.int32), mx.array([17, 3, 32]), 32

@@ -1,9 +1,11 @@
-"""The quantizing write kernel's row quantizer (attention/cuda_quantize.py's HEADER,
-put_row) compiled for the host with g++, a warp emulated by 32 threads whose shuffles meet
-at a barrier, and checked against kv_quant.quantize: the Hadamard butterfly across lanes
-and registers, the group reductions, the scales' outward bfloat16 rounding, the codes'
-rounding, clipping and nibble packing, tested without a GPU. The whole kernel, written in
-place into real pools: tests/test_quantized_in_place.py (on a GPU)."""
+"""The quantizing write kernel (attention/cuda_quantize.py) on the host, against
+kv_quant.quantize: its row quantizer (put_row) compiled with g++ under a warp emulated by
+32 threads whose shuffles meet at a barrier (tests/cuda_host.py's PRELUDE: the Hadamard
+butterfly across lanes and registers, the group reductions, the scales' outward bfloat16
+rounding, the codes' rounding, clipping and nibble packing), then the whole kernel
+through write_in_place (cuda_host.HostKernel: its grid, rows, strided inputs, K and V
+pools and their scales). On a GPU, written in place into MLX's pools:
+tests/test_quantized_in_place.py."""
 
 from __future__ import annotations
 
@@ -14,53 +16,18 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import KV_FORMATS
+from cuda_host import PRELUDE, HostKernel
+from helpers import A8, KV_FORMATS, S4
 
 from nanovllm_mlx.attention import cuda_quantize
-from nanovllm_mlx.attention.kv_quant import KVFormat, dequantize, quantize
+from nanovllm_mlx.attention.cuda_write import write_in_place
+from nanovllm_mlx.attention.kv_cache import KVCache
+from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, dequantize, quantize, resolve
+from nanovllm_mlx.attention.metadata import PoolLayout
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
 
 FORMATS = {**KV_FORMATS, "int8-unturned": KVFormat("int8-unturned", bits=8)}
-
-# CUDA's qualifiers dropped, bfloat16 as its bits, and a warp as 32 threads: a shuffle
-# posts each lane's value, waits for all 32, reads its partner's, and waits again.
-HOST_PRELUDE = """
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <math.h>
-#include <thread>
-#include <vector>
-#define __host__
-#define __device__
-#define __forceinline__ inline
-struct __nv_bfloat16 { uint16_t bits; };
-inline float __bfloat162float(__nv_bfloat16 x) {
-  uint32_t u = uint32_t(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {  // to nearest, ties to even
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return {uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
-}
-static std::barrier<>* warp;
-thread_local int lane_id;
-template <typename T> T* shuffle_slots() { static T slots[32]; return slots; }
-template <typename T> T __shfl_xor_sync(unsigned, T v, int mask) {
-  T* slots = shuffle_slots<T>();
-  slots[lane_id] = v;
-  warp->arrive_and_wait();
-  const T other = slots[lane_id ^ mask];
-  warp->arrive_and_wait();
-  return other;
-}
-"""
 
 HOST_CASE = """
 template <int D, int BITS, bool AFF, int GS, bool ROT, typename P>
@@ -75,11 +42,12 @@ void quantize_rows(const char* src_path, int rows, const char* codes_path,
   std::vector<__nv_bfloat16> scales(size_t(rows) * SW);
   for (int r = 0; r < rows; ++r) {
     std::barrier<> sync(32);
-    warp = &sync;
+    warp_barriers = {&sync};
     std::vector<std::thread> lanes;
     for (int lane = 0; lane < 32; ++lane)
       lanes.emplace_back([&, lane] {
-        lane_id = lane;
+        warp_of_thread = 0;
+        lane_of_thread = lane;
         put_row<D, BITS, AFF, GS, ROT>(src.data() + size_t(r) * D, 1L, codes.data(),
                                        scales.data(), long(r), lane);
       });
@@ -124,7 +92,7 @@ def test_the_kernels_row_quantizer_writes_what_kv_quant_writes(tmp_path: Path):
         wants.append((fmt, codes, scales))
     main = "int main() {\n" + "\n".join(calls) + "\nreturn 0;\n}\n"
     header = cuda_quantize.HEADER.replace("OUTWARD", cuda_quantize.OUTWARD_LITERAL)
-    (tmp_path / "q.cpp").write_text(HOST_PRELUDE + header + HOST_CASE + main)
+    (tmp_path / "q.cpp").write_text(PRELUDE + header + HOST_CASE + main)
     flags = ["-std=c++20", "-O1", "-pthread"]
     build = subprocess.run(
         ["g++", *flags, "-o", str(tmp_path / "q"), str(tmp_path / "q.cpp")],
@@ -152,3 +120,43 @@ def test_the_kernels_row_quantizer_writes_what_kv_quant_writes(tmp_path: Path):
         step = np.array(scales[:, :n_scales].astype(mx.float32)).max(axis=-1, keepdims=True)
         bound = np.broadcast_to(1.01 * step + 1e-30, got.shape)
         np.testing.assert_array_less(np.abs(got - want), bound, err_msg=case)
+
+
+@pytest.mark.parametrize(
+    "k_fmt,v_fmt,d",
+    [(INT8, INT4, 128), (INT4, INT8, 80), (A8, resolve("auto", mx.float16), 64), (S4, A8, 96)],
+    ids=lambda c: getattr(c, "name", str(c)),
+)
+def test_the_whole_kernel_writes_the_rows_the_scatter_writes(
+    monkeypatch: pytest.MonkeyPatch, k_fmt: KVFormat, v_fmt: KVFormat, d: int
+):
+    monkeypatch.setattr(mx.fast, "cuda_kernel", HostKernel, raising=False)
+    cuda_quantize._kernel.cache_clear()
+    try:
+        rng = np.random.default_rng(6)
+        n_kv, blocks, bs, t = 3, 16, 8, 11
+        rows = PoolLayout(n_kv, blocks, bs).write_rows(rng.permutation(blocks * bs)[:t])
+        fused = mx.array(rng.standard_normal((t, n_kv, 3 * d)).astype(np.float32))
+        k, v = (fused[..., i * d : (i + 1) * d].astype(mx.float16) for i in (0, 1))  # strided
+        mine, theirs = (KVCache.allocate((k_fmt, v_fmt), n_kv, blocks * bs, d, bs) for _ in "ab")
+        write_in_place(mine, k, v, rows)
+        mx.eval(mine.written)
+        kernel = cuda_quantize._kernel()
+        # The kernel's inputs: k, v, rows, then the pools and scales it writes in place.
+        after = kernel.inputs_after[3:]
+        theirs.write(k, v, rows)
+        for name, got in zip(["k", "v", "k_scales", "v_scales"], after):
+            want = getattr(theirs, name)
+            if want is None:
+                continue
+            want_bits = np.array(want.view(mx.uint16) if want.dtype == mx.bfloat16 else want)
+            written = np.zeros(n_kv * blocks * bs, dtype=bool)
+            written[np.array(rows)] = True
+            got = got.reshape(written.size, -1)
+            want_bits = want_bits.reshape(written.size, -1)
+            # The written rows: codes off by one where the butterfly's sums round apart.
+            same = (got[written] == want_bits[written]).mean()
+            assert same > 0.98, (name, same)
+            assert (got[~written] == want_bits[~written]).all(), name  # the rest untouched
+    finally:
+        cuda_quantize._kernel.cache_clear()

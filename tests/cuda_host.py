@@ -1,0 +1,245 @@
+"""Our CUDA kernels run on the host, for tests on machines without a GPU.
+
+`HostKernel` stands in for `mx.fast.cuda_kernel`: called as MLX's kernel object is, it
+compiles the source with g++ the way MLX wraps it (each input's pointer, and its shape
+and strides where the source names them; the template constants as constexpr values and
+type aliases) and runs the grid: one thread block at a time, its threads as std::threads,
+`__syncthreads` a barrier of the block, a warp shuffle a barrier of the warp's 32 lanes,
+`__shared__` arrays static (shared by the block's threads). Outputs come back as MLX
+arrays. Inputs are passed as contiguous copies with their strides, which a kernel that
+reads through strides cannot tell apart; a kernel writing into an input (cuda_write's)
+writes the copy, which `inputs_after` returns. Compute types: float32 and float16;
+bfloat16 only where a kernel converts it explicitly (scales). Each compiled source is
+cached for the session.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+C_TYPES = {
+    mx.int8: "int8_t",
+    mx.int32: "int32_t",
+    mx.uint8: "uint8_t",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.float32: "float",
+}
+
+PRELUDE = """
+#include <algorithm>
+#include <array>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <math.h>
+#include <thread>
+#include <vector>
+#define __host__
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __grid_constant__
+#define __shared__ static
+using std::max;
+using std::min;
+using __half = _Float16;
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __bfloat162float(__nv_bfloat16 x) {
+  uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {  // to nearest, ties to even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return {uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+struct uint2 { uint32_t x, y; };
+struct uint4 { uint32_t x, y, z, w; };
+struct dim3 { unsigned x, y, z; };
+using Shape = std::array<int32_t, 10>;
+using Strides = std::array<int64_t, 10>;
+thread_local dim3 threadIdx, blockIdx;
+static dim3 gridDim, blockDim;
+static std::barrier<>* block_barrier;
+static std::vector<std::barrier<>*> warp_barriers;
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+thread_local int warp_of_thread, lane_of_thread;
+template <typename T> T* warp_slots(int warp) {
+  static std::vector<std::array<T, 32>> slots(64);
+  return slots[warp].data();
+}
+template <typename T> T __shfl_xor_sync(unsigned, T v, int mask) {
+  T* slots = warp_slots<T>(warp_of_thread);
+  std::barrier<>* b = warp_barriers[warp_of_thread];
+  slots[lane_of_thread] = v;
+  b->arrive_and_wait();
+  const T other = slots[lane_of_thread ^ mask];
+  b->arrive_and_wait();
+  return other;
+}
+static std::vector<char> read_file(const char* path) {
+  FILE* f = std::fopen(path, "rb");
+  std::fseek(f, 0, SEEK_END);
+  std::vector<char> data(std::ftell(f) + 16);
+  std::fseek(f, 0, SEEK_SET);
+  std::fread(data.data(), 1, data.size() - 16, f);
+  std::fclose(f);
+  return data;
+}
+"""
+
+_BUILT: dict[str, Path] = {}
+_DIR = Path(tempfile.mkdtemp(prefix="cuda_host_"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
+
+
+def _literal(values: tuple[int, ...], kind: str) -> str:
+    return f"{kind}{{{{{', '.join(str(v) for v in values)}}}}}"
+
+
+class HostKernel:
+    """mx.fast.cuda_kernel(...) for the host: see the module's docstring."""
+
+    def __init__(self, **kernel: Any) -> None:
+        self.kernel = kernel
+        # The last call's inputs as the kernel left them (bfloat16 as uint16): what an
+        # in-place write wrote.
+        self.inputs_after: list[np.ndarray] = []
+
+    def __call__(self, **call: Any) -> list[mx.array]:
+        # numpy has no bfloat16: its bits travel as uint16, typed by the dtypes in the source.
+        inputs = [
+            np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a))
+            for a in call["inputs"]
+        ]
+        outputs = list(zip(call["output_shapes"], call["output_dtypes"]))
+        binary = self._build(self._program(call, inputs))
+        paths = []
+        for i, array in enumerate(inputs):
+            path = _DIR / f"in{i}_{id(self)}"
+            array.tofile(path)
+            paths.append(str(path))
+        out_paths = [str(_DIR / f"out{j}_{id(self)}") for j in range(len(outputs))]
+        run = subprocess.run([str(binary), *paths, *out_paths], capture_output=True, text=True)
+        assert run.returncode == 0 and not run.stdout, run.stdout + run.stderr
+        self.inputs_after = [
+            np.fromfile(path, dtype=array.dtype).reshape(array.shape)
+            for path, array in zip(paths, inputs)
+        ]
+        results = []
+        for path, (shape, dtype) in zip(out_paths, outputs):
+            raw = np.fromfile(path, dtype=np.dtype(str(dtype).removeprefix("mlx.core.")))
+            results.append(mx.array(raw.reshape(shape)))
+        return results
+
+    def _program(self, call: dict[str, Any], inputs: list[np.ndarray]) -> str:
+        """The kernel as MLX wraps it (kernel_body), and a main that reads the inputs from
+        the files named on its command line, runs the grid and writes the outputs."""
+        k = self.kernel
+        source: str = k["source"]
+        params, args = [], []
+        for i, (name, array, raw) in enumerate(zip(k["input_names"], inputs, call["inputs"])):
+            c_type = C_TYPES[raw.dtype]
+            params.append(f"const {c_type}* {name}")
+            args.append(f"reinterpret_cast<const {c_type}*>(in{i}.data())")
+            if f"{name}_shape" in source:
+                params.append(f"const Shape {name}_shape")
+                args.append(_literal(tuple(array.shape) or (1,), "Shape"))
+            if f"{name}_strides" in source:
+                params.append(f"const Strides {name}_strides")
+                strides = tuple(s // array.itemsize for s in array.strides) or (1,)
+                args.append(_literal(strides, "Strides"))
+        outputs = list(zip(k["output_names"], call["output_shapes"], call["output_dtypes"]))
+        for j, (name, _, dtype) in enumerate(outputs):
+            params.append(f"{C_TYPES[dtype]}* {name}")
+            args.append(f"reinterpret_cast<{C_TYPES[dtype]}*>(out{j}.data())")
+        constants = ""
+        for key, value in call.get("template", []):
+            if isinstance(value, bool):
+                constants += f"  constexpr bool {key} = {'true' if value else 'false'};\n"
+            elif isinstance(value, int):
+                constants += f"  constexpr int {key} = {value};\n"
+            else:
+                constants += f"  using {key} = {C_TYPES[value]};\n"
+        group = call["threadgroup"]
+        blocks = [g // t for g, t in zip(call["grid"], group)]
+        threads = group[0] * group[1] * group[2]
+        main = "int main(int argc, char** argv) {\n"
+        for i in range(len(inputs)):
+            main += f"  std::vector<char> in{i} = read_file(argv[{i + 1}]);\n"
+        for j, (_, shape, dtype) in enumerate(outputs):
+            size = int(np.prod(shape)) * dtype.size
+            main += f"  std::vector<char> out{j}({size} + 16, 0);\n"
+        main += f"""
+  gridDim = {{{blocks[0]}u, {blocks[1]}u, {blocks[2]}u}};
+  blockDim = {{{group[0]}u, {group[1]}u, {group[2]}u}};
+  const int warps = ({threads} + 31) / 32;
+  for (unsigned bz = 0; bz < gridDim.z; ++bz)
+  for (unsigned by = 0; by < gridDim.y; ++by)
+  for (unsigned bx = 0; bx < gridDim.x; ++bx) {{
+    std::barrier<> block({threads});
+    block_barrier = &block;
+    std::vector<std::barrier<>*> per_warp;
+    for (int w = 0; w < warps; ++w)
+      per_warp.push_back(new std::barrier<>(std::min(32, {threads} - 32 * w)));
+    warp_barriers = per_warp;
+    std::vector<std::thread> pool;
+    for (int t = 0; t < {threads}; ++t)
+      pool.emplace_back([&, t] {{
+        threadIdx = {{unsigned(t % {group[0]}), unsigned(t / {group[0]} % {group[1]}),
+                     unsigned(t / ({group[0]} * {group[1]}))}};
+        blockIdx = {{bx, by, bz}};
+        warp_of_thread = t / 32;
+        lane_of_thread = t % 32;
+        kernel_body({", ".join(args)});
+      }});
+    for (auto& th : pool) th.join();
+    for (auto* b : per_warp) delete b;
+  }}
+"""
+        for i in range(len(inputs)):  # a kernel may write an input (in place): keep that
+            main += (
+                f'  {{ FILE* f = std::fopen(argv[{i + 1}], "wb"); '
+                f"std::fwrite(in{i}.data(), 1, in{i}.size() - 16, f); std::fclose(f); }}\n"
+            )
+        for j in range(len(outputs)):
+            main += (
+                f'  {{ FILE* f = std::fopen(argv[{len(inputs) + 1 + j}], "wb"); '
+                f"std::fwrite(out{j}.data(), 1, out{j}.size() - 16, f); std::fclose(f); }}\n"
+            )
+        main += "  return 0;\n}\n"
+        text = PRELUDE + k.get("header", "") + "\nvoid kernel_body(" + ", ".join(params)
+        return text + ") {\n" + constants + source + "\n}\n" + main
+
+    @staticmethod
+    def _build(text: str) -> Path:
+        key = hashlib.sha1(text.encode()).hexdigest()[:16]
+        if key not in _BUILT:
+            src, binary = _DIR / f"{key}.cpp", _DIR / key
+            src.write_text(text)
+            flags = ["-std=c++20", "-O1", "-pthread", "-w"]
+            build = subprocess.run(
+                ["g++", *flags, "-o", str(binary), str(src)], capture_output=True, text=True
+            )
+            assert build.returncode == 0, build.stderr[-4000:]
+            _BUILT[key] = binary
+        return _BUILT[key]

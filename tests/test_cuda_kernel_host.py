@@ -1,0 +1,71 @@
+"""The CUDA paged decode kernel, whole (attention/cuda.py's launcher, its partial and merge
+kernels), run on the host (tests/cuda_host.py: thread blocks as std::threads) against the
+gather path: partitions, grouped-query blocks, the online softmax and its merge, float
+and quantized pools, lanes holding a row's dims 32 apart or consecutive (vector loads).
+What a GPU adds (tests/test_attention.py, tests/test_cuda_kv_quant.py): its rounding,
+its memory model, MLX's own wrapping and graphs."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from cuda_host import HostKernel
+from helpers import filled_cache, kernel_and_gather, random_tables
+
+from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, resolve
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+
+
+@pytest.fixture
+def host_kernels(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(mx.fast, "cuda_kernel", HostKernel, raising=False)
+    cuda_attention._kernels.cache_clear()
+    yield
+    cuda_attention._kernels.cache_clear()
+
+
+# (K format, V format, compute dtype, (heads, kv heads, head_dim), window, vector loads)
+CASES = [
+    ("auto", "auto", "float32", (32, 8, 128), None, False),  # Llama 3's heads
+    ("auto", "auto", "float32", (32, 8, 128), None, True),
+    ("auto", "auto", "float16", (16, 1, 128), 100, True),  # two blocks a KV head, window
+    ("auto", "auto", "float32", (7, 7, 80), None, True),  # not a multiple of 32: strided
+    ("int8", "int4", "float16", (32, 8, 128), None, False),
+    ("int8", "int4", "float16", (32, 8, 128), None, True),
+    ("int4", "int8", "float32", (4, 1, 256), 100, True),  # Gemma 3's heads
+]
+
+
+@pytest.mark.parametrize("k,v,dtype,shape,window,vector", CASES)
+def test_the_kernel_on_the_host_reads_as_the_gather_path(
+    host_kernels,
+    k: str,
+    v: str,
+    dtype: str,
+    shape: tuple[int, int, int],
+    window: int | None,
+    vector: bool,
+):
+    compute = getattr(mx, dtype)
+    n_heads, n_kv, d = shape
+    formats: tuple[KVFormat, KVFormat] = (
+        {"int8": INT8, "int4": INT4}.get(k) or resolve(k, compute),
+        {"int8": INT8, "int4": INT4}.get(v) or resolve(v, compute),
+    )
+    rng = np.random.default_rng(7)
+    bs, contexts = 16, [1, 15, 16, 17, 300, 5, 70]
+    num_blocks = sum(-(-c // bs) for c in contexts) + 4
+    cache, _ = filled_cache(formats, n_kv, num_blocks, bs, d)
+    tables = random_tables(rng, contexts, bs, num_blocks)
+    q = mx.array(rng.standard_normal((len(contexts), n_heads, d))).astype(compute)
+    # A few partitions a sequence, few host threads.
+    got, want = kernel_and_gather(
+        q, cache, tables, contexts, window, vector_loads=vector, target_blocks=64
+    )
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
