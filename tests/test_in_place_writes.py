@@ -1,20 +1,24 @@
 """In-place K/V writes (attention/cuda_write.py): which steps write in place, that only
-those start without waiting for the step before them, and, on CUDA, that the kernel
-writes what MLX's scatter writes, that the decode kernel reads it after the write, and
-that an engine decodes the same tokens with it as without it."""
+those start without waiting for the step before them, that the kernel writes what MLX's
+scatter writes (on the host anywhere, tests/cuda_host.py; on CUDA), and, on CUDA, that
+the decode kernel reads it after the write and that an engine decodes the same tokens
+with it as without it."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from cuda_host import HostKernel
 from helpers import SMALL_KV
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention import cuda_write
 from nanovllm_mlx.attention.cuda_write import write_in_place
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.kv_cache import KVCache
@@ -149,6 +153,34 @@ def test_the_kernel_writes_what_the_scatter_writes(pool_dtype, new_dtype, head_d
     mx.eval(theirs.arrays())
     for a, b in ((mine.k, theirs.k), (mine.v, theirs.v)):
         assert mx.array_equal(a, b).item()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+@pytest.mark.parametrize(
+    "pool_dtype,new_dtype", [(mx.float16, mx.float16), (mx.float32, mx.float16)]
+)
+def test_the_kernel_on_the_host_writes_what_the_scatter_writes(
+    monkeypatch: pytest.MonkeyPatch, pool_dtype, new_dtype
+):
+    """The same kernel run on the host (tests/cuda_host.py): its grid, row indexing,
+    strided new rows and K/V pools, on any machine."""
+    monkeypatch.setattr(mx.fast, "cuda_kernel", HostKernel, raising=False)
+    cuda_write._kernel.cache_clear()
+    try:
+        rng = np.random.default_rng(1)
+        n_kv, d, t = 3, 80, 9
+        rows = PoolLayout(n_kv, 8, 16).write_rows(rng.permutation(128)[:t].astype(np.int64))
+        fused = mx.array(rng.standard_normal((t, n_kv, 3 * d)).astype(np.float32))
+        k, v = (fused[..., i * d : (i + 1) * d].astype(new_dtype) for i in (0, 1))
+        mine, theirs = _twin_pools(rng, n_kv, 128, d, pool_dtype)
+        write_in_place(mine, k, v, rows)
+        mx.eval(mine.written)
+        theirs.write(k, v, rows)
+        got_k, got_v = cuda_write._kernel().inputs_after[3:5]
+        np.testing.assert_array_equal(got_k, np.array(theirs.k))
+        np.testing.assert_array_equal(got_v, np.array(theirs.v))
+    finally:
+        cuda_write._kernel.cache_clear()
 
 
 @CUDA
