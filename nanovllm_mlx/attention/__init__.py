@@ -34,8 +34,8 @@ def select_backend(
     On CUDA, all-decode steps over float pools write their K/V in place
     (attention/cuda_write.py; NANOVLLM_IN_PLACE_WRITES=0 turns it off)."""
     if cuda.available() and not (latent or sinks or (quantized_kv and not cuda.reads_quantized())):
-        # Quantized pools' codes and scales are computed in MLX, then written in place
-        # only with cuda_write.quantized_enabled (not yet run on a GPU).
+        # Quantized pools are written in place (quantized by cuda_quantize's kernel) only
+        # with cuda_write.quantized_enabled (not yet run on a GPU); else by MLX's scatter.
         in_place = cuda_write.quantized_enabled() if quantized_kv else cuda_write.enabled()
         return cuda.CudaPagedAttention(in_place=in_place)
     return GatherAttention(fused=mx.default_device() != mx.cpu, cudnn_views=cuda.on_gpu())

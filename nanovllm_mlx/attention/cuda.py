@@ -32,6 +32,7 @@ from typing import Any
 import mlx.core as mx
 
 from nanovllm_mlx.attention.cuda_formats import pool_template
+from nanovllm_mlx.attention.cuda_quantize import no_scales
 from nanovllm_mlx.attention.cuda_source import HEADER, MERGE, PARTIAL
 from nanovllm_mlx.attention.cuda_write import unwritten, write_in_place
 from nanovllm_mlx.attention.gather import GatherAttention
@@ -177,7 +178,6 @@ def paged_decode(
     pools = pool_template("K", k_pool, k_scales, k_fmt, head_dim)
     pools += pool_template("V", v_pool, v_scales, v_fmt, head_dim)
     q = turn(q, k_fmt is not None and k_fmt.rotate)
-    unused = _scalar(0.0, mx.bfloat16)  # a float pool's scales: never read
     gb = group or heads_per_block(n_heads, n_kv, head_dim)
     span = max_context if window is None else min(max_context, window)
     parts, size = num_partitions(b, n_heads // gb, span, target_blocks)
@@ -193,8 +193,8 @@ def paged_decode(
             context_lens,
             _scalar(float(scale), mx.float32),
             _params(size, window or 0),
-            unused if k_scales is None else k_scales,
-            unused if v_scales is None else v_scales,
+            no_scales() if k_scales is None else k_scales,
+            no_scales() if v_scales is None else v_scales,
             unwritten() if after is None else after,
         ],
         template=template

@@ -171,8 +171,9 @@ def _kernel() -> Any:
 
 
 @cache
-def _no_scales() -> mx.array:
-    # A float pool's scales input: never read. Created with its data (see cuda_write).
+def no_scales() -> mx.array:
+    """A float pool's scales input to this kernel and the decode kernel: never read.
+    Created with its data, once (a compiled step captures it as a constant)."""
     return mx.array([0], dtype=mx.bfloat16)
 
 
@@ -201,8 +202,8 @@ def write_quantizing(cache: KVCache, k: mx.array, v: mx.array, rows: mx.array) -
             rows,
             cache.k,
             cache.v,
-            _no_scales() if cache.k_scales is None else cache.k_scales,
-            _no_scales() if cache.v_scales is None else cache.v_scales,
+            no_scales() if cache.k_scales is None else cache.k_scales,
+            no_scales() if cache.v_scales is None else cache.v_scales,
         ],
         template=[("D", head_dim), ("PK", cache.k.dtype), ("PV", cache.v.dtype)]
         + _side("K", k_fmt, head_dim)

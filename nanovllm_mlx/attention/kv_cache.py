@@ -118,8 +118,7 @@ class KVCache:
         new = self.with_arrays(arrays)
         self.k, self.v, self.k_scales, self.v_scales = new.k, new.v, new.k_scales, new.v_scales
 
-    def pool_names(self) -> list[tuple[str, str, KVFormat | None]]:
-        """(pool attribute, scales attribute, format) of K, then V."""
+    def _pools(self) -> list[tuple[str, str, KVFormat | None]]:
         f = self.formats
         return [("k", "k_scales", f[0] if f else None), ("v", "v_scales", f[1] if f else None)]
 
@@ -134,23 +133,15 @@ class KVCache:
         if (self.v is None) != (v is None):
             raise ValueError("v must be None exactly when the cache is latent (no V pool)")
         self.written = None  # this step's write is MLX's own, ordered by MLX
-        for name, new in self.encoded(k, v):
-            self._scatter(name, new, rows)
-
-    def encoded(self, k: mx.array, v: mx.array | None) -> list[tuple[str, mx.array]]:
-        """What each pool stores of new rows k/v [T, Hkv, D], in the order they are
-        written: (attribute, rows) for a quantized pool's scales, then its codes
-        (kv_quant.quantize), or for a float pool the rows as they are."""
-        out = []
-        for (name, scale_name, fmt), new in zip(self.pool_names(), (k, v)):
+        for (name, scale_name, fmt), new in zip(self._pools(), (k, v)):
             if new is None:
                 continue
             if fmt is not None and fmt.quantized:
                 codes, scales = quantize(new, fmt)
-                out += [(scale_name, scales), (name, codes)]
+                self._scatter(scale_name, scales, rows)
+                self._scatter(name, codes, rows)
             else:
-                out.append((name, new))
-        return out
+                self._scatter(name, new, rows)
 
     def _scatter(self, name: str, new: mx.array, rows: mx.array) -> None:
         pool = getattr(self, name)
@@ -172,7 +163,7 @@ class KVCache:
         """K (which=0) or V (1) of the blocks at rows, as [Hkv, B, L, D] in dtype: a
         quantized pool dequantizes just these blocks, never a float copy of the pool.
         rotated: as stored, turned (see `rotated`)."""
-        name, scale_name, fmt = self.pool_names()[which]
+        name, scale_name, fmt = self._pools()[which]
         values = read_blocks(getattr(self, name), rows, batch, self.block_size)
         if fmt is None or not fmt.quantized:
             return values.astype(dtype)
@@ -184,7 +175,7 @@ class KVCache:
     ) -> mx.array:
         """K or V of pool slots [start, end) of every head, [Hkv, L, D] in dtype: a strided
         view of a float pool (nothing copied), or those slots dequantized."""
-        name, scale_name, fmt = self.pool_names()[which]
+        name, scale_name, fmt = self._pools()[which]
         values: mx.array = getattr(self, name)[:, start:end]
         if fmt is None or not fmt.quantized:
             return values if values.dtype == dtype else values.astype(dtype)
