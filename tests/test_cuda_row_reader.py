@@ -1,7 +1,8 @@
 """The CUDA decode kernel's row reader (attention/cuda_source.py's HEADER, paged_row)
-compiled for the host with g++ and checked against kv_quant.dequantize: the dequantizing
-arithmetic of the kernel (row and scale offsets, nibble order, bias index, group index)
-tested without a GPU. The whole kernel against the gather path: tests/test_cuda_kv_quant.py
+compiled for the host with g++ (tests/cuda_host.py's PRELUDE) and checked against
+kv_quant.dequantize: the dequantizing arithmetic of the kernel (row and scale offsets,
+nibble order, bias index, group index) tested without a GPU. The whole kernel against
+the gather path: tests/test_cuda_kernel_host.py (on the host), tests/test_cuda_kv_quant.py
 (on a GPU)."""
 
 from __future__ import annotations
@@ -13,32 +14,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from cuda_host import PRELUDE
 from helpers import KV_FORMATS
 
 from nanovllm_mlx.attention.cuda_source import HEADER
 from nanovllm_mlx.attention.kv_quant import dequantize, quantize, resolve
-
-# The header's row reader compiled for the host: CUDA's qualifiers dropped, bfloat16 as
-# its bits (the top half of a float32).
-HOST_PRELUDE = """
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <vector>
-#define __host__
-#define __device__
-#define __forceinline__ inline
-struct __nv_bfloat16 { uint16_t bits; };
-using __half = _Float16;
-struct uint2 { uint32_t x, y; };
-struct uint4 { uint32_t x, y, z, w; };
-inline float __bfloat162float(__nv_bfloat16 x) {
-  uint32_t u = uint32_t(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-"""
 
 HOST_CASE = """
 template <int D, int VL, int BITS, bool AFF, int GS, typename P>
@@ -107,9 +87,17 @@ def test_the_kernels_row_reader_dequantizes_as_kv_quant_does(tmp_path: Path):
         )
         wants.append(np.array(want.astype(mx.float32)))
     main = "int main() {\n" + "\n".join(calls) + "\nreturn 0;\n}\n"
-    (tmp_path / "rows.cpp").write_text(HOST_PRELUDE + HEADER + HOST_CASE + main)
+    (tmp_path / "rows.cpp").write_text(PRELUDE + HEADER + HOST_CASE + main)
     build = subprocess.run(
-        ["g++", "-std=c++17", "-O1", "-o", str(tmp_path / "rows"), str(tmp_path / "rows.cpp")],
+        [
+            "g++",
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-o",
+            str(tmp_path / "rows"),
+            str(tmp_path / "rows.cpp"),
+        ],
         capture_output=True,
         text=True,
     )
