@@ -127,8 +127,18 @@ PY
       run tests-verify 120 python3 -m pytest -q -p no:cacheprovider tests/test_hybrid.py \
         -k "chunked_prefill or preemption or forked_choices or run_of_one" 
       ;;
+    tests-qmv)
+      run tests-qmv 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_qmv.py ;;
+    qmv-8b)
+      # Our few-row 4-bit product (models/cuda_qmv.py) off (MLX's kernels) and on, one
+      # stream after 32 and 8k tokens, then the 8-request row once each way.
+      for v in 0 1; do
+        run qmv-8b 120 env NANOVLLM_CUDA_QMV=$v python3 benchmarks/decode_probe.py \
+          --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
+          --configs 20:on:on:on --contexts 32,8192
+      done ;;
     qmm-rows)
-      run qmm-rows 120 python3 benchmarks/qmm_rows.py --rows 1,2,3,4,8,16,32,64 ;;
+      run qmm-rows 200 python3 benchmarks/qmm_rows.py --rows 1,2,3,4,8,16,32,64 ;;
     vector-8b)
       # The kernel's loads, lane-strided (0) and vector (1), in the engine: one stream
       # after 32, 8k and 32k tokens on a float16 pool.

@@ -3,7 +3,11 @@ sequences), on Llama 3 8B's projections: what a batch of 2-64 decoding sequences
 per step against one, in MLX itself, for our engine and mlx-lm alike.
 
 Also, for each M, the same product as M one-row products (M x the weight reads): where
-that is faster, MLX's kernel for small M is the bottleneck, not the bytes.
+that is faster, MLX's kernel for small M is the bottleneck, not the bytes. On MLX's CUDA
+build, our own kernel (models/cuda_qmv.py) beside MLX's, up to its MAX_ROWS rows, with
+the largest difference from MLX's result; and for one row, each projection alone, ours
+with 1, 2 and 4 weight rows a warp and 1 or 2 steps in
+flight.
 
     python benchmarks/qmm_rows.py --rows 1,2,4,8,16,32,64 --dtype float16
 """
@@ -18,6 +22,8 @@ import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it firs
 import mlx.core as mx
 
 # isort: on
+from nanovllm_mlx.attention.cuda import on_gpu
+from nanovllm_mlx.models import cuda_qmv
 
 # (name, out features, in features): one Llama 3 8B layer's projections, unfused as both
 # engines run them (MLX 0.32's CUDA build takes its one-row kernel only up to 16,384
@@ -63,7 +69,11 @@ def main() -> None:
     mx.eval(weights)
     total = sum(w.nbytes + s.nbytes + b.nbytes for w, s, b in weights.values())
     print(f"{mx.default_device()}, {args.dtype}, {args.bits}-bit, group {args.group_size}")
-    print(f"{'rows':>5} {'one product ms':>15} {'GB/s':>7} {'x one row':>10} {'rows apart ms':>14}")
+    ours = on_gpu() and args.bits == 4
+    print(
+        f"{'rows':>5} {'one product ms':>15} {'GB/s':>7} {'x one row':>10} {'rows apart ms':>14}"
+        + (f" {'ours ms':>8} {'GB/s':>7} {'vs MLX':>7} {'max |diff|':>10}" if ours else "")
+    )
     base = None
     for m in [int(r) for r in args.rows.split(",") if r]:
         xs = {name: (mx.random.normal((m, k)) * 0.1).astype(dtype) for name, _, k in SHAPES}
@@ -88,10 +98,55 @@ def main() -> None:
                 for i in range(m)
             ]
 
+        def our_kernel(xs: dict = xs) -> list[mx.array]:
+            return [
+                cuda_qmv.qmv(xs[name], *weights[name], group_size=args.group_size)
+                for _ in range(args.layers)
+                for name, _, _ in SHAPES
+            ]
+
         ms = timed(together, args.repeats) / args.layers
         base = base or ms
         rows_apart = timed(apart, args.repeats) / args.layers if m <= 8 else float("nan")
-        print(f"{m:>5} {ms:>15.4f} {total / ms / 1e6:>7.0f} {ms / base:>10.2f} {rows_apart:>14.4f}")
+        line = f"{m:>5} {ms:>15.4f} {total / ms / 1e6:>7.0f} {ms / base:>10.2f} {rows_apart:>14.4f}"
+        if ours and m <= cuda_qmv.MAX_ROWS:
+            mine = timed(our_kernel, args.repeats) / args.layers
+            diff = max(
+                mx.abs(a - b).max().item()
+                for a, b in zip(our_kernel()[: len(SHAPES)], together()[: len(SHAPES)])
+            )
+            line += f" {mine:>8.4f} {total / mine / 1e6:>7.0f} {ms / mine:>6.2f}x {diff:>10.4f}"
+        print(line)
+    if not ours:
+        return
+    print("one row, each projection alone (ms; GB/s):")
+    variants = [(r, u) for r in (1, 2, 4) for u in (1, 2)]
+    print(f"{'name':>5} {'MLX':>16}" + "".join(f" {f'ours R={r} U={u}':>16}" for r, u in variants))
+    for name, _, k in SHAPES:
+        x = (mx.random.normal((1, k)) * 0.1).astype(dtype)
+        w, sc, bi = weights[name]
+        size = w.nbytes + sc.nbytes + bi.nbytes
+
+        def mlx_one(x: mx.array = x, name: str = name) -> list[mx.array]:
+            args_ = weights[name]
+            return [
+                mx.quantized_matmul(x, *args_, group_size=args.group_size, bits=args.bits)
+                for _ in range(args.layers)
+            ]
+
+        cells = [timed(mlx_one, args.repeats) / args.layers]
+        for r, u in variants:
+
+            def ours_one(
+                x: mx.array = x, name: str = name, r: int = r, u: int = u
+            ) -> list[mx.array]:
+                return [
+                    cuda_qmv.qmv(x, *weights[name], group_size=args.group_size, rows=r, in_flight=u)
+                    for _ in range(args.layers)
+                ]
+
+            cells.append(timed(ours_one, args.repeats) / args.layers)
+        print(f"{name:>5}" + "".join(f" {c:>8.4f} {size / c / 1e6:>7.0f}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ type aliases) and runs the grid: one thread block at a time, its threads as std:
 arrays. Inputs are passed as contiguous copies with their strides, which a kernel that
 reads through strides cannot tell apart; a kernel writing into an input (cuda_write's)
 writes the copy, which `inputs_after` returns. Compute types: float32 and float16;
-bfloat16 only where a kernel converts it explicitly (scales). Each compiled source is
+bfloat16 only where a kernel converts it explicitly (scales, and the pair arithmetic the
+prelude emulates: __hfma2 and __hsub2 on half and bfloat16 pairs). Each compiled source is
 cached for the session.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 C_TYPES = {
     mx.int8: "int8_t",
     mx.int32: "int32_t",
+    mx.uint32: "uint32_t",
     mx.uint8: "uint8_t",
     mx.float16: "__half",
     mx.bfloat16: "__nv_bfloat16",
@@ -71,6 +73,40 @@ inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, 4);
   return f;
+}
+inline float __half2float(__half x) { return float(x); }
+inline __half __float2half_rn(float f) { return __half(f); }
+struct __half2 { __half x, y; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+struct float2 { float x, y; };
+// Pair arithmetic as the device does it: the product exact in float32, one rounding to
+// the pair's type (the float32 sum's own rounding aside).
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  return {__half(float(a.x) * float(b.x) + float(c.x)),
+          __half(float(a.y) * float(b.y) + float(c.y))};
+}
+inline __half2 __hsub2(__half2 a, __half2 b) {
+  return {__half(float(a.x) - float(b.x)), __half(float(a.y) - float(b.y))};
+}
+inline float2 __half22float2(__half2 a) { return {float(a.x), float(a.y)}; }
+inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
+  auto one = [](__nv_bfloat16 p, __nv_bfloat16 q, __nv_bfloat16 r) {
+    return __float2bfloat16_rn(__bfloat162float(p) * __bfloat162float(q) + __bfloat162float(r));
+  };
+  return {one(a.x, b.x, c.x), one(a.y, b.y, c.y)};
+}
+inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return {__float2bfloat16_rn(__bfloat162float(a.x) - __bfloat162float(b.x)),
+          __float2bfloat16_rn(__bfloat162float(a.y) - __bfloat162float(b.y))};
+}
+inline float2 __bfloat1622float2(__nv_bfloat162 a) {
+  return {__bfloat162float(a.x), __bfloat162float(a.y)};
+}
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+  const uint64_t both = (uint64_t(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= uint32_t((both >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
 }
 struct uint2 { uint32_t x, y; };
 struct uint4 { uint32_t x, y, z, w; };
@@ -147,6 +183,10 @@ class HostKernel:
         ]
         results = []
         for path, (shape, dtype) in zip(out_paths, outputs):
+            if dtype == mx.bfloat16:  # its bits, as the inputs travel
+                bits = np.fromfile(path, dtype=np.uint16).reshape(shape)
+                results.append(mx.array(bits).view(mx.bfloat16))
+                continue
             raw = np.fromfile(path, dtype=np.dtype(str(dtype).removeprefix("mlx.core.")))
             results.append(mx.array(raw.reshape(shape)))
         return results

@@ -57,6 +57,7 @@ import mlx.core as mx  # noqa: E402
 from nanovllm_mlx.attention import cuda, cuda_quantize, cuda_write  # noqa: E402
 from nanovllm_mlx.attention.kv_cache import KVCache  # noqa: E402
 from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, resolve  # noqa: E402
+from nanovllm_mlx.models import cuda_qmv  # noqa: E402
 
 CUDA_TYPES = {
     mx.bool_: "bool",
@@ -186,6 +187,7 @@ def recording() -> Iterator[list[Launch]]:
     cuda._kernels.cache_clear()
     cuda_write._kernel.cache_clear()
     cuda_quantize._kernel.cache_clear()
+    cuda_qmv._kernel.cache_clear()
     try:
         yield launches
     finally:
@@ -193,6 +195,15 @@ def recording() -> Iterator[list[Launch]]:
         cuda._kernels.cache_clear()
         cuda_write._kernel.cache_clear()
         cuda_quantize._kernel.cache_clear()
+        cuda_qmv._kernel.cache_clear()
+
+
+def launch_qmv(dtype: mx.Dtype, rows: int, group_size: int, per_warp: int, u: int) -> None:
+    """cuda_qmv.qmv of `rows` rows through a 4-bit [64, 256] weight (records)."""
+    w = mx.zeros((64, 256 // 8), dtype=mx.uint32)
+    scales = mx.zeros((64, 256 // group_size), dtype=dtype)
+    x = mx.zeros((rows, 256), dtype=dtype)
+    cuda_qmv.qmv(x, w, scales, scales, group_size, per_warp, in_flight=u)
 
 
 def launch_decode(
@@ -322,6 +333,11 @@ def collect(quick: bool) -> list[Launch]:
         for dtype in DTYPES:
             for formats in _pairs(dtype)[1:]:
                 launch_quantized_write(formats, dtype, 128)
+        for dtype, rows, per_warp, u in itertools.product(
+            (mx.float16, mx.bfloat16), (1, 2, cuda_qmv.MAX_ROWS), (1, 2, 4), (1, 2)
+        ):
+            for group_size in (64,) if quick else (32, 64, 128):
+                launch_qmv(dtype, rows, group_size, per_warp, u)
         if not quick:
             for (_, _, d), f in itertools.product(SHAPES, [*EXTRA, INT8, INT4]):
                 launch_quantized_write((f, INT8), mx.float16, d)

@@ -16,6 +16,7 @@ from nanovllm_mlx.loading import download, gguf
 from nanovllm_mlx.loading.quantization import dequantize_model, quantize_like, quantize_model
 from nanovllm_mlx.loading.tokenizer import Tokenizer
 from nanovllm_mlx.models import (
+    cuda_qmv,
     deepseek_v3,
     gemma3,
     gemma4,
@@ -247,6 +248,8 @@ def _finish(
         else:
             dequantize_model(model, mx_dtype)
             how = f"dequantized to {str(mx_dtype).removeprefix('mlx.core.')} at load"
+    if cuda_qmv.enabled() and (adopted := cuda_qmv.adopt(model)):
+        how += f"; {adopted} layers' decode products on our CUDA kernel"
     mx.eval(model.parameters())
     return mx_dtype, how
 
