@@ -5,9 +5,8 @@ per step against one, in MLX itself, for our engine and mlx-lm alike.
 Also, for each M, the same product as M one-row products (M x the weight reads): where
 that is faster, MLX's kernel for small M is the bottleneck, not the bytes. On MLX's CUDA
 build, our own kernel (models/cuda_qmv.py) beside MLX's, up to its MAX_ROWS rows, with
-the largest difference from MLX's result; and for one row, each projection alone, ours
-with 1, 2 and 4 weight rows a warp and 1 or 2 steps in
-flight.
+the largest difference from MLX's result; and for one and eight rows, each projection
+alone, ours with 1, 2 and 4 weight rows a warp and 1 or 2 steps in flight.
 
     python benchmarks/qmm_rows.py --rows 1,2,4,8,16,32,64 --dtype float16
 """
@@ -119,34 +118,39 @@ def main() -> None:
         print(line)
     if not ours:
         return
-    print("one row, each projection alone (ms; GB/s):")
     variants = [(r, u) for r in (1, 2, 4) for u in (1, 2)]
-    print(f"{'name':>5} {'MLX':>16}" + "".join(f" {f'ours R={r} U={u}':>16}" for r, u in variants))
-    for name, _, k in SHAPES:
-        x = (mx.random.normal((1, k)) * 0.1).astype(dtype)
-        w, sc, bi = weights[name]
-        size = w.nbytes + sc.nbytes + bi.nbytes
+    for m in (1, 8):
+        print(f"{m} row(s), each projection alone (ms; GB/s of weights):")
+        print(
+            f"{'name':>5} {'MLX':>16}" + "".join(f" {f'ours R={r} U={u}':>16}" for r, u in variants)
+        )
+        for name, _, k in SHAPES:
+            x = (mx.random.normal((m, k)) * 0.1).astype(dtype)
+            w, sc, bi = weights[name]
+            size = w.nbytes + sc.nbytes + bi.nbytes
 
-        def mlx_one(x: mx.array = x, name: str = name) -> list[mx.array]:
-            args_ = weights[name]
-            return [
-                mx.quantized_matmul(x, *args_, group_size=args.group_size, bits=args.bits)
-                for _ in range(args.layers)
-            ]
-
-        cells = [timed(mlx_one, args.repeats) / args.layers]
-        for r, u in variants:
-
-            def ours_one(
-                x: mx.array = x, name: str = name, r: int = r, u: int = u
-            ) -> list[mx.array]:
+            def mlx_one(x: mx.array = x, name: str = name) -> list[mx.array]:
+                args_ = weights[name]
                 return [
-                    cuda_qmv.qmv(x, *weights[name], group_size=args.group_size, rows=r, in_flight=u)
+                    mx.quantized_matmul(x, *args_, group_size=args.group_size, bits=args.bits)
                     for _ in range(args.layers)
                 ]
 
-            cells.append(timed(ours_one, args.repeats) / args.layers)
-        print(f"{name:>5}" + "".join(f" {c:>8.4f} {size / c / 1e6:>7.0f}" for c in cells))
+            cells = [timed(mlx_one, args.repeats) / args.layers]
+            for r, u in variants:
+
+                def ours_one(
+                    x: mx.array = x, name: str = name, r: int = r, u: int = u
+                ) -> list[mx.array]:
+                    return [
+                        cuda_qmv.qmv(
+                            x, *weights[name], group_size=args.group_size, rows=r, in_flight=u
+                        )
+                        for _ in range(args.layers)
+                    ]
+
+                cells.append(timed(ours_one, args.repeats) / args.layers)
+            print(f"{name:>5}" + "".join(f" {c:>8.4f} {size / c / 1e6:>7.0f}" for c in cells))
 
 
 if __name__ == "__main__":
