@@ -1,8 +1,9 @@
 """Our few-row 4-bit product (models/cuda_qmv.py): the kernel, run on the host through
 cuda_host.HostKernel and on the GPU where there is one, computes MLX's affine 4-bit
 matmul within its dtype's rounding; the layer sends only the products it can compute
-there; adopt() takes MLX's affine 4-bit linear layers and nothing else; and on CUDA an
-engine's decode logprobs with it are the MLX path's."""
+there (up to ROUTED_ROWS rows); adopt() takes MLX's affine 4-bit linear layers and nothing
+else; and on CUDA an engine's decode logprobs with it stay within three times what MLX's
+own decode differs from its prefill."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 from cuda_host import HostKernel
 
+from benchmarks.qmv_logprobs import forced_logprobs  # the benchmark's comparison
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention.cuda import on_gpu
+from nanovllm_mlx.loading.loader import LoadOptions, load
 from nanovllm_mlx.models import cuda_qmv
 
 CUDA = pytest.mark.skipif(not on_gpu(), reason="needs MLX's CUDA backend")
@@ -114,7 +117,8 @@ def test_the_layer_sends_only_what_the_kernel_computes(monkeypatch: pytest.Monke
         }
     )
     mx.random.seed(2)
-    for rows, through_kernel in ((1, True), (cuda_qmv.MAX_ROWS, True), (9, False)):
+    rows_past = cuda_qmv.ROUTED_ROWS + 1  # MLX's tiled matmul is faster there
+    for rows, through_kernel in ((1, True), (cuda_qmv.ROUTED_ROWS, True), (rows_past, False)):
         x = mx.random.normal((1, rows, 128)).astype(mx.float16)
         before = len(calls)
         y = linear(x)
@@ -182,13 +186,17 @@ def test_only_an_mlx_cuda_build_on_its_gpu_adopts(
     monkeypatch.setattr(cuda_qmv, "on_gpu", lambda: True)
     monkeypatch.setenv("NANOVLLM_CUDA_QMV", "0")
     assert not cuda_qmv.enabled()
-    monkeypatch.setenv("NANOVLLM_CUDA_QMV", "1")
+    monkeypatch.delenv("NANOVLLM_CUDA_QMV")
     assert cuda_qmv.enabled()
+    kept = LoadOptions(keep_quantized=True)  # as on a GPU
+    loaded = load(str(llama_q4_tiny), kept)
+    kinds = {type(m).__name__ for _, m in loaded.model.named_modules()}
+    assert "FewRowsQuantizedLinear" in kinds and "our CUDA kernel" in loaded.quantization
     monkeypatch.setattr(cuda_qmv, "on_gpu", lambda: False)
     assert not cuda_qmv.enabled()
-    llm = LLM(str(llama_q4_tiny), kv_cache_gb=0.01)
-    kinds = {type(m).__name__ for _, m in llm.engine.model_runner.model.named_modules()}
-    assert "FewRowsQuantizedLinear" not in kinds
+    loaded = load(str(llama_q4_tiny), kept)
+    kinds = {type(m).__name__ for _, m in loaded.model.named_modules()}
+    assert "FewRowsQuantizedLinear" not in kinds and "CUDA" not in loaded.quantization
 
 
 # (rows of x, weight rows a warp, group): each a kernel NVRTC builds (~1 s on a fresh machine)
@@ -206,25 +214,30 @@ def test_on_the_gpu_the_kernel_computes_mlx_quantized_matmul(
 
 
 @CUDA
-def test_an_engines_decode_logprobs_with_the_kernel_are_the_mlx_paths(
-    llama_q4_tiny: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_engines_decode_logprobs_with_the_kernel_are_near_the_mlx_paths(
+    llama3_8b_q4: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Greedy decode of one and of three sequences at once (one and three rows a product)
-    through the kernel, its chosen tokens' logprobs against the same tokens read by MLX's
-    matmul as a prompt (teacher-forced: no divergence to follow)."""
-    monkeypatch.setenv("NANOVLLM_CUDA_QMV", "1")
+    through the kernel: its chosen tokens' logprobs against the same tokens read by MLX's
+    matmul as a prompt (teacher-forced: no divergence to follow), within three times what
+    MLX's own decode differs from its prefill. On the 8B shape: the tiny fixtures fail
+    inside MLX's CUDA graph at their first prefill, with or without the kernel (RESULTS.md,
+    v14). Measured: 0.015-0.023 on average against a floor of 0.008-0.013."""
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 50000, n).tolist() for n in (7, 19, 33)]
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=True)
-    llm = LLM(str(llama_q4_tiny), dtype="float16", kv_cache_gb=0.05)
+    engine = {"dtype": "float16", "kv_cache_gb": 2, "max_model_len": 4096}
+    monkeypatch.delenv("NANOVLLM_CUDA_QMV", raising=False)
+    llm = LLM(str(llama3_8b_q4), **engine)
     kinds = {type(m).__name__ for _, m in llm.engine.model_runner.model.named_modules()}
     assert "FewRowsQuantizedLinear" in kinds
-    outs = [llm.generate([prompts[0]], greedy)[0], *llm.generate(prompts, greedy)[1:]]
+    ours = [llm.generate([prompts[0]], greedy)[0], *llm.generate(prompts, greedy)[1:]]
+    del llm
     monkeypatch.setenv("NANOVLLM_CUDA_QMV", "0")
-    ref = LLM(str(llama_q4_tiny), dtype="float16", kv_cache_gb=0.05)
-    for prompt, out in zip(prompts, outs):
-        forced = ref.generate(
-            [prompt + out["token_ids"]], SamplingParams(max_tokens=1, prompt_logprobs=0)
-        )[0]["prompt_logprobs"][len(prompt) :]
-        want = np.array([lp[tok] for lp, tok in zip(forced, out["token_ids"])])
-        np.testing.assert_allclose(np.array(out["logprobs"]), want, atol=3e-2)
+    ref = LLM(str(llama3_8b_q4), **engine)
+    for prompt, out in zip(prompts, ours):
+        own = ref.generate([prompt], greedy)[0]
+        floor = np.abs(np.array(own["logprobs"]) - forced_logprobs(ref, prompt, own["token_ids"]))
+        diff = np.abs(np.array(out["logprobs"]) - forced_logprobs(ref, prompt, out["token_ids"]))
+        assert diff.mean() <= 3 * floor.mean() + 1e-3, (diff.mean(), floor.mean())
+        assert diff.max() <= 3 * floor.max() + 1e-2, (diff.max(), floor.max())

@@ -16,8 +16,16 @@ For several rows of x (a decode batch) the weights stay in registers while each 
 is read (from L1: every warp of a block reads the same x); MLX's CUDA build sends two or
 more rows to its tiled matmul, which copies the scales and biases transposed each call.
 
+Measured on an H100 (benchmarks/logs/h100_*_v14_*.log): one stream of the 8B shape
+decoded at 192.2 / 165.3 tok/s after 32 / 8,192 tokens with it and 166.1 / 123.4
+without; side by side with mlx-lm, 1.22x / 1.18x / 1.06x after 32 / 2k / 8k tokens. By
+rows (benchmarks/qmm_rows.py, a layer's seven products): 2 / 3 / 4 rows 1.65x / 2.18x /
+2.53x MLX's time, 8 rows 0.51x (MLX's tiled matmul has tensor cores), hence ROUTED_ROWS.
+Teacher-forced logprobs of its decode differ from MLX's prefill by 0.015-0.023 on average
+where MLX's own decode differs by 0.008-0.013 (benchmarks/qmv_logprobs.py).
+
 Checked on the host against MLX's quantized matmul (tests/test_cuda_qmv.py, through
-tests/cuda_host.py); measured against MLX's kernels by benchmarks/qmm_rows.py.
+tests/cuda_host.py) and on the GPU by the same tests.
 """
 
 from __future__ import annotations
@@ -173,12 +181,19 @@ SOURCE = """
 WARPS = 4
 STEPS_IN_FLIGHT = 2  # U: a lane's 16-byte steps loaded before any is multiplied
 MAX_ROWS = 8  # rows of x a launch takes: the M template constant (registers grow with it)
+# Rows of x the layers send here: 4 rows took 0.21 ms a layer against MLX's 0.52, 8 rows
+# 0.30 against 0.15 (H100, benchmarks/logs/h100_qmm_rows_v14.log).
+ROUTED_ROWS = 4
 
 
 def rows_per_warp(n_out: int) -> int:
     """Weight rows a warp reads together: four where that still leaves thousands of
     warps (an H100 has 132 SMs of up to 64 warps each), fewer for narrow layers (Llama 3
-    8B's k/v projections: 1,024 rows)."""
+    8B's k/v projections: 1,024 rows). These (with STEPS_IN_FLIGHT 2) are what the engine
+    was measured with. Each product alone, one row, four rows a warp with one step in
+    flight was the fastest on every shape of the 8B layer: its seven products in 0.123
+    ms against 0.137 with these and 0.173 with MLX's; the k/v products took 0.010 ms
+    against MLX's 0.007 either way. Not yet measured in the engine."""
     if n_out >= 8192:
         return 4
     return 2 if n_out >= 4096 else 1
@@ -252,11 +267,11 @@ def qmv(
 
 
 class FewRowsQuantizedLinear(nn.QuantizedLinear):
-    """MLX's quantized linear layer, whose products of up to MAX_ROWS rows take qmv()
+    """MLX's quantized linear layer, whose products of up to ROUTED_ROWS rows take qmv()
     (decode steps); longer ones (prefill) MLX's own matmul."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not supports(x, self["weight"], self["scales"], self.bits, self.group_size):
+        if not routed(x, self):
             return super().__call__(x)
         y = qmv(x, self["weight"], self["scales"], self["biases"], self.group_size)
         return y + self["bias"] if "bias" in self else y
@@ -264,18 +279,26 @@ class FewRowsQuantizedLinear(nn.QuantizedLinear):
 
 class FewRowsQuantizedEmbedding(nn.QuantizedEmbedding):
     """A quantized embedding whose use as the output layer (tied weights: as_linear)
-    takes qmv() for up to MAX_ROWS rows; lookups are MLX's."""
+    takes qmv() for up to ROUTED_ROWS rows; lookups are MLX's."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        if not supports(x, self["weight"], self["scales"], self.bits, self.group_size):
+        if not routed(x, self):
             return super().as_linear(x)
         return qmv(x, self["weight"], self["scales"], self["biases"], self.group_size)
 
 
 def enabled() -> bool:
-    """On an MLX CUDA build running on its GPU, with NANOVLLM_CUDA_QMV=1: opt-in until
-    benchmarks/qmm_rows.py and the engine's decode have measured it there."""
-    return os.environ.get("NANOVLLM_CUDA_QMV", "0") == "1" and on_gpu()
+    """On an MLX CUDA build running on its GPU, unless NANOVLLM_CUDA_QMV=0."""
+    return os.environ.get("NANOVLLM_CUDA_QMV", "1") != "0" and on_gpu()
+
+
+def routed(x: mx.array, layer: nn.Module) -> bool:
+    """Whether a layer's product with x takes qmv(): ROUTED_ROWS rows at most (decode
+    steps of up to that many sequences; prefill and larger batches stay MLX's)."""
+    rows = x.size // max(x.shape[-1], 1)
+    return rows <= ROUTED_ROWS and supports(
+        x, layer["weight"], layer["scales"], layer.bits, layer.group_size
+    )
 
 
 ADOPTED = {
