@@ -29,6 +29,7 @@ from nanovllm_mlx import LLM
 from nanovllm_mlx.attention import cuda
 from nanovllm_mlx.attention.metadata import KVCache, PoolLayout
 from nanovllm_mlx.bench import single_stream
+from nanovllm_mlx.models import cuda_qmv
 
 
 def engine_grid(args: argparse.Namespace) -> None:
@@ -131,7 +132,15 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument(
+        "--qmv-tiling",
+        default="",
+        help="R,U: our 4-bit product's weight rows a warp and steps in flight for every "
+        "layer (models/cuda_qmv.py; default: its own choice)",
+    )
     args = ap.parse_args()
+    if args.qmv_tiling:
+        cuda_qmv.ROWS_PER_WARP, cuda_qmv.STEPS_IN_FLIGHT = map(int, args.qmv_tiling.split(","))
     print(nanovllm_mlx.backend.describe())
     if not args.skip_engine:
         engine_grid(args)

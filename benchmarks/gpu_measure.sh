@@ -137,6 +137,14 @@ PY
           --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
           --configs 20:on:on:on --contexts 32,8192
       done ;;
+    qmv-tiling-8b)
+      # v14's lead: four weight rows a warp and one step in flight were the fastest on every
+      # product alone; the engine, one stream, with its own choice and with 4,1.
+      for tiling in "" 4,1; do
+        run qmv-tiling-8b 120 python3 benchmarks/decode_probe.py --model $L8B \
+          --dtype float16 --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on \
+          --contexts 32,8192 --qmv-tiling "$tiling"
+      done ;;
     qmm-rows)
       run qmm-rows 200 python3 benchmarks/qmm_rows.py --rows 1,2,3,4,8,16,32,64 ;;
     vector-8b)

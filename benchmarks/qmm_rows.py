@@ -3,7 +3,8 @@ sequences), on Llama 3 8B's projections: what a batch of 2-64 decoding sequences
 per step against one, in MLX itself, for our engine and mlx-lm alike.
 
 Also, for each M, the same product as M one-row products (M x the weight reads): where
-that is faster, MLX's kernel for small M is the bottleneck, not the bytes. On MLX's CUDA
+that is faster, MLX's kernel for small M is the bottleneck, not the bytes; and below 8
+rows, MLX's product with x padded to 8 rows (its tiled matmul's threshold on CUDA). On MLX's CUDA
 build, our own kernel (models/cuda_qmv.py) beside MLX's, up to its MAX_ROWS rows, with
 the largest difference from MLX's result; and for one and eight rows, each projection
 alone, ours with 1, 2 and 4 weight rows a warp and 1 or 2 steps in flight.
@@ -25,8 +26,7 @@ from nanovllm_mlx.attention.cuda import on_gpu
 from nanovllm_mlx.models import cuda_qmv
 
 # (name, out features, in features): one Llama 3 8B layer's projections, unfused as both
-# engines run them (MLX 0.32's CUDA build takes its one-row kernel only up to 16,384
-# features each way, so a fused gate+up of 28,672 would not).
+# engines run them.
 SHAPES = [
     ("q", 4096, 4096),
     ("k", 1024, 4096),
@@ -71,6 +71,7 @@ def main() -> None:
     ours = on_gpu() and args.bits == 4
     print(
         f"{'rows':>5} {'one product ms':>15} {'GB/s':>7} {'x one row':>10} {'rows apart ms':>14}"
+        f" {'padded to 8':>12}"
         + (f" {'ours ms':>8} {'GB/s':>7} {'vs MLX':>7} {'max |diff|':>10}" if ours else "")
     )
     base = None
@@ -97,6 +98,18 @@ def main() -> None:
                 for i in range(m)
             ]
 
+        def padded(xs: dict = xs, m: int = m) -> list[mx.array]:
+            return [
+                mx.quantized_matmul(
+                    mx.pad(xs[name], [(0, 8 - m), (0, 0)]),
+                    *weights[name],
+                    group_size=args.group_size,
+                    bits=args.bits,
+                )[:m]
+                for _ in range(args.layers)
+                for name, _, _ in SHAPES
+            ]
+
         def our_kernel(xs: dict = xs) -> list[mx.array]:
             return [
                 cuda_qmv.qmv(xs[name], *weights[name], group_size=args.group_size)
@@ -107,7 +120,9 @@ def main() -> None:
         ms = timed(together, args.repeats) / args.layers
         base = base or ms
         rows_apart = timed(apart, args.repeats) / args.layers if m <= 8 else float("nan")
+        to_8 = timed(padded, args.repeats) / args.layers if m < 8 else float("nan")
         line = f"{m:>5} {ms:>15.4f} {total / ms / 1e6:>7.0f} {ms / base:>10.2f} {rows_apart:>14.4f}"
+        line += f" {to_8:>12.4f}"
         if ours and m <= cuda_qmv.MAX_ROWS:
             mine = timed(our_kernel, args.repeats) / args.layers
             diff = max(

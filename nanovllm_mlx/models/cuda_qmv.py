@@ -13,8 +13,10 @@ bfloat16). Each row's sum is kept as sum(x * code) * scale + sum(x) * bias, the 
 products in pairs of the compute dtype over at most 32 values, the rest in float32.
 
 For several rows of x (a decode batch) the weights stay in registers while each row of x
-is read (from L1: every warp of a block reads the same x); MLX's CUDA build sends two or
-more rows to its tiled matmul, which copies the scales and biases transposed each call.
+is read (from L1: every warp of a block reads the same x); MLX's CUDA build runs its
+one-row kernel for up to 7 rows (a row per grid slice, each reading the weights again) and
+a tiled matmul with tensor cores from 8 (for groups narrower than the row, as in every
+mlx-community checkpoint: its Hopper matmul wants one group a row).
 
 Measured on an H100 (benchmarks/logs/h100_*_v14_*.log): one stream of the 8B shape
 decoded at 192.2 / 165.3 tok/s after 32 / 8,192 tokens with it and 166.1 / 123.4
@@ -180,10 +182,13 @@ SOURCE = """
 
 WARPS = 4
 STEPS_IN_FLIGHT = 2  # U: a lane's 16-byte steps loaded before any is multiplied
+ROWS_PER_WARP = 0  # R for every layer where set (benchmarks); 0: rows_per_warp's choice
 MAX_ROWS = 8  # rows of x a launch takes: the M template constant (registers grow with it)
 # Rows of x the layers send here: 4 rows took 0.21 ms a layer against MLX's 0.52, 8 rows
-# 0.30 against 0.15 (H100, benchmarks/logs/h100_qmm_rows_v14.log).
-ROUTED_ROWS = 4
+# 0.30 against 0.15 (H100, benchmarks/logs/h100_qmm_rows_v14.log). 5-7 are unmeasured:
+# MLX runs them as it runs 2-4 (its one-row kernel, weights read again per row), and ours
+# at 8 rows already beats MLX's at 3 (0.40).
+ROUTED_ROWS = 7
 
 
 def rows_per_warp(n_out: int) -> int:
@@ -234,17 +239,17 @@ def qmv(
     group_size: int = 64,
     rows: int | None = None,
     kernel: Any = None,
-    in_flight: int = STEPS_IN_FLIGHT,
+    in_flight: int | None = None,
 ) -> mx.array:
     """x @ dequantize(w).T for x [..., K] with at most MAX_ROWS rows, w [N, K / 8] uint32
     (MLX's affine 4-bit layout), scales and biases [N, K / group_size]: [..., N] in x's
     dtype. rows: weight rows a warp takes (rows_per_warp by default); in_flight: steps a
-    lane loads at once; kernel: a stand-in for the compiled kernel (tests run it on the
-    host)."""
+    lane loads at once (STEPS_IN_FLIGHT by default); kernel: a stand-in for the compiled
+    kernel (tests run it on the host)."""
     lead, k_in = x.shape[:-1], x.shape[-1]
     n_rows = x.size // k_in
     n_out = w.shape[0]
-    r = rows or rows_per_warp(n_out)
+    r = rows or ROWS_PER_WARP or rows_per_warp(n_out)
     warps_needed = -(-n_out // r)
     blocks = -(-warps_needed // WARPS)
     (out,) = (kernel or _kernel())(
@@ -255,7 +260,7 @@ def qmv(
             ("R", r),
             ("M", n_rows),
             ("WARPS", WARPS),
-            ("U", in_flight),
+            ("U", in_flight or STEPS_IN_FLIGHT),
             ("FLUSH_WORDS", 4 if x.dtype == mx.float16 else 1),
         ],
         grid=(32 * WARPS * blocks, 1, 1),
