@@ -129,6 +129,9 @@ def test_the_layer_sends_only_what_the_kernel_computes(monkeypatch: pytest.Monke
     before = len(calls)
     linear(mx.ones((1, 128)))  # float32: MLX's own
     assert len(calls) == before
+    # No rows: never a kernel of M = 0 (MLX's own CPU product of no rows dies of SIGFPE, so
+    # the routing is asked, not the layer)
+    assert not cuda_qmv.routed(mx.zeros((0, 128), dtype=mx.float16), linear)
     tied = nn.Sequential(nn.Embedding(24, 128))
     nn.quantize(tied, group_size=64, bits=4)
     assert cuda_qmv.adopt(tied) == 1

@@ -301,7 +301,7 @@ def routed(x: mx.array, layer: nn.Module) -> bool:
     """Whether a layer's product with x takes qmv(): ROUTED_ROWS rows at most (decode
     steps of up to that many sequences; prefill and larger batches stay MLX's)."""
     rows = x.size // max(x.shape[-1], 1)
-    return rows <= ROUTED_ROWS and supports(
+    return 0 < rows <= ROUTED_ROWS and supports(
         x, layer["weight"], layer["scales"], layer.bits, layer.group_size
     )
 
