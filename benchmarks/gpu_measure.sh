@@ -128,7 +128,9 @@ PY
         -k "chunked_prefill or preemption or forked_choices or run_of_one" 
       ;;
     tests-qmv)
-      run tests-qmv 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_qmv.py ;;
+      # v14's run passed 7 GPU cases in ~200 s and ran out: each test's time is printed.
+      run tests-qmv 400 python3 -m pytest -q -p no:cacheprovider --durations=0 \
+        tests/test_cuda_qmv.py ;;
     qmv-8b)
       # Our few-row 4-bit product (models/cuda_qmv.py) off (MLX's kernels) and on, one
       # stream after 32 and 8k tokens, then the 8-request row once each way.
