@@ -147,6 +147,9 @@ PY
           --dtype float16 --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on \
           --contexts 32,8192 --qmv-tiling "$tiling"
       done ;;
+    qmv-logprobs)
+      # Our product's decode logprobs against MLX's prefill and against float32 compute.
+      run qmv-logprobs 200 python3 benchmarks/qmv_logprobs.py --model $L8B --float32 ;;
     qmm-rows)
       run qmm-rows 200 python3 benchmarks/qmm_rows.py --rows 1,2,3,4,8,16,32,64 ;;
     vector-8b)

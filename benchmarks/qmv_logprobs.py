@@ -4,7 +4,8 @@ logprobs, against how far MLX's own decode is from its prefill (the floor).
 Greedy decode of one prompt alone and of three at once (one and three rows a product),
 with the kernel; each chosen token's logprob against the same token read by the MLX path
 as part of a prompt (teacher-forced, so a diverging greedy path does not matter). Then
-the same for the MLX path's own decode (its one-row kernel against its tiled matmul).
+the same for the MLX path's own decode (its one-row kernel against its tiled matmul), and
+with --float32 both against a float32 engine's prefill (which decode is nearer the truth).
 
     python benchmarks/qmv_logprobs.py --model tests/.fixtures/llama3-8b-q4
 """
@@ -34,6 +35,9 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument(
+        "--float32", action="store_true", help="also against a float32 engine's prefill"
+    )
     args = ap.parse_args()
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 50000, n).tolist() for n in (7, 19, 33)]
@@ -47,13 +51,30 @@ def main() -> None:
     del llm
     os.environ["NANOVLLM_CUDA_QMV"] = "0"
     ref = LLM(args.model, **engine)
-    for name, outs in (("ours", ours), ("floor", [ref.generate([p], greedy)[0] for p in prompts])):
+    floor = [ref.generate([p], greedy)[0] for p in prompts]
+    runs = (("ours", ours), ("floor", floor))
+    for name, outs in runs:
         for prompt, out in zip(prompts, outs):
             diff = np.abs(
                 np.array(out["logprobs"]) - forced_logprobs(ref, prompt, out["token_ids"])
             )
             print(
                 f"{name:>5}, {len(prompt)}-token prompt: |decode - MLX prefill| logprob "
+                f"max {diff.max():.4f} mean {diff.mean():.4f}"
+            )
+    if not args.float32:
+        return
+    # Against float32 compute (MLX's products, same 4-bit weights): which decode is nearer
+    # the truth, rather than nearer MLX's own float16 prefill.
+    del ref
+    truth = LLM(args.model, **{**engine, "dtype": "float32"})
+    for name, outs in runs:
+        for prompt, out in zip(prompts, outs):
+            diff = np.abs(
+                np.array(out["logprobs"]) - forced_logprobs(truth, prompt, out["token_ids"])
+            )
+            print(
+                f"{name:>5}, {len(prompt)}-token prompt: |decode - float32| logprob "
                 f"max {diff.max():.4f} mean {diff.mean():.4f}"
             )
 
