@@ -20,7 +20,7 @@ from benchmarks.qmv_logprobs import forced_logprobs  # the benchmark's compariso
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention.cuda import on_gpu
 from nanovllm_mlx.loading.loader import LoadOptions, load
-from nanovllm_mlx.models import cuda_qmv
+from nanovllm_mlx.models import cuda_qmv, cuda_qmv_source
 
 CUDA = pytest.mark.skipif(not on_gpu(), reason="needs MLX's CUDA backend")
 EPS = {mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
@@ -31,8 +31,8 @@ def host_kernel() -> HostKernel:
         name="qmv_rows",
         input_names=["x", "w", "scales", "biases"],
         output_names=["out"],
-        source=cuda_qmv.SOURCE,
-        header=cuda_qmv.HEADER,
+        source=cuda_qmv_source.SOURCE,
+        header=cuda_qmv_source.HEADER,
     )
 
 
