@@ -53,28 +53,22 @@ def main() -> None:
     ref = LLM(args.model, **engine)
     floor = [ref.generate([p], greedy)[0] for p in prompts]
     runs = (("ours", ours), ("floor", floor))
+    report(runs, prompts, ref, "MLX prefill")
+    if args.float32:
+        # Against float32 compute (MLX's products, same 4-bit weights): which decode is
+        # nearer the truth, rather than nearer MLX's own float16 prefill.
+        del ref
+        report(runs, prompts, LLM(args.model, **{**engine, "dtype": "float32"}), "float32")
+
+
+def report(runs: tuple, prompts: list[list[int]], judge: LLM, judge_name: str) -> None:
+    """Each run's decode logprobs against judge's teacher-forced ones, prompt by prompt."""
     for name, outs in runs:
         for prompt, out in zip(prompts, outs):
-            diff = np.abs(
-                np.array(out["logprobs"]) - forced_logprobs(ref, prompt, out["token_ids"])
-            )
+            forced = forced_logprobs(judge, prompt, out["token_ids"])
+            diff = np.abs(np.array(out["logprobs"]) - forced)
             print(
-                f"{name:>5}, {len(prompt)}-token prompt: |decode - MLX prefill| logprob "
-                f"max {diff.max():.4f} mean {diff.mean():.4f}"
-            )
-    if not args.float32:
-        return
-    # Against float32 compute (MLX's products, same 4-bit weights): which decode is nearer
-    # the truth, rather than nearer MLX's own float16 prefill.
-    del ref
-    truth = LLM(args.model, **{**engine, "dtype": "float32"})
-    for name, outs in runs:
-        for prompt, out in zip(prompts, outs):
-            diff = np.abs(
-                np.array(out["logprobs"]) - forced_logprobs(truth, prompt, out["token_ids"])
-            )
-            print(
-                f"{name:>5}, {len(prompt)}-token prompt: |decode - float32| logprob "
+                f"{name:>5}, {len(prompt)}-token prompt: |decode - {judge_name}| logprob "
                 f"max {diff.max():.4f} mean {diff.mean():.4f}"
             )
 
