@@ -24,6 +24,13 @@ run() {  # name, seconds, command...
   echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
   tail -n 25 "$OUT/$name.log"
 }
+probe_off_on() {  # name, switch: one 8B stream after 32 and 8k tokens, switch=0 then 1
+  for v in 0 1; do
+    run "$1" 120 env "$2=$v" python3 benchmarks/decode_probe.py --model "$L8B" \
+      --dtype float16 --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on \
+      --contexts 32,8192
+  done
+}
 stage_mlx() {  # MLX's CUDA build into /tmp/mlxsite, the wheels into /tmp/site
   if [ ! -d /tmp/mlxsite/mlx ]; then
     mkdir -p /tmp/mlxsite
@@ -132,13 +139,8 @@ PY
       run tests-qmv 400 python3 -m pytest -q -p no:cacheprovider --durations=0 \
         tests/test_cuda_qmv.py ;;
     qmv-8b)
-      # Our few-row 4-bit product (models/cuda_qmv.py) off (MLX's kernels) and on, one
-      # stream after 32 and 8k tokens, then the 8-request row once each way.
-      for v in 0 1; do
-        run qmv-8b 120 env NANOVLLM_CUDA_QMV=$v python3 benchmarks/decode_probe.py \
-          --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
-          --configs 20:on:on:on --contexts 32,8192
-      done ;;
+      # Our few-row 4-bit product (models/cuda_qmv.py) off (MLX's kernels) and on.
+      probe_off_on qmv-8b NANOVLLM_CUDA_QMV ;;
     qmv-tiling-8b)
       # v14's lead: four weight rows a warp and one step in flight were the fastest on every
       # product alone; the engine, one stream, with its own choice and with 4,1.
@@ -150,6 +152,9 @@ PY
     qmv-logprobs)
       # Our product's decode logprobs against MLX's prefill and against float32 compute.
       run qmv-logprobs 200 python3 benchmarks/qmv_logprobs.py --model $L8B --float32 ;;
+    fuse-8b)
+      # q/k/v and gate/up joined at load (models/fusion.py), off and on.
+      probe_off_on fuse-8b NANOVLLM_FUSE_PROJECTIONS ;;
     qmm-rows)
       run qmm-rows 200 python3 benchmarks/qmm_rows.py --rows 1,2,3,4,8,16,32,64 ;;
     vector-8b)

@@ -20,6 +20,7 @@ from nanovllm_mlx.engine.runner.model_runner import ModelRunner
 from nanovllm_mlx.engine.runner.protocol import Runner
 from nanovllm_mlx.errors import TensorParallelError
 from nanovllm_mlx.loading import loader
+from nanovllm_mlx.models import fusion
 from nanovllm_mlx.models.base import ModelSpec
 from nanovllm_mlx.parallel.group import launched_rank
 from nanovllm_mlx.parallel.runner import TensorParallel, fingerprint
@@ -122,6 +123,8 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     check_speculation(config, loaded)
     if parallel is not None:
         parallel.shard(loaded)
+    elif fusion.enabled():  # shards split each projection by heads: never joined
+        fusion.fuse_projections(loaded.model)
     spec, dtype = loaded.model.spec, loaded.dtype
     context = max_model_len(config, spec)
     formats = kv_formats(config, dtype)

@@ -93,10 +93,7 @@ class Attention(llama.Attention):
     def __call__(
         self, x: mx.array, positions: mx.array, cache: KVCache, meta: AttentionMetadata
     ) -> mx.array:
-        t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.n_heads, 1, self.head_dim)
-        k = self.k_proj(x).reshape(t, self.n_kv_heads, 1, self.head_dim)
-        v = self.v_proj(x).reshape(t, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
         q, k = self.rope(q, positions), self.rope(k, positions)
         out = paged_attention(q, k, v, cache, meta, self.scale, self.window, self.sinks)
         return self.o_proj(out)

@@ -109,6 +109,9 @@ class ModelArgs:
 
 
 class Attention(nn.Module):
+    # What models/fusion.py may join at load (project() reads either form).
+    JOINABLE: ClassVar[dict[str, tuple[str, ...]]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(
         self,
         args: ModelArgs,
@@ -133,13 +136,27 @@ class Attention(nn.Module):
     def __call__(
         self, x: mx.array, positions: mx.array, cache: KVCache, meta: AttentionMetadata
     ) -> mx.array:
-        t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.n_heads, 1, self.head_dim)
-        k = self.k_proj(x).reshape(t, self.n_kv_heads, 1, self.head_dim)
-        v = self.v_proj(x).reshape(t, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
         q, k = self.norm_qk(q, k)
         q, k = self.rope(q, positions), self.rope(k, positions)
         return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale, self.window))
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q [T, H, 1, D], k [T, Hkv, 1, D] and v [T, Hkv, D] of x [T, hidden]: one
+        product where fuse() joined the three."""
+        t, hd = x.shape[0], self.head_dim
+        n_q, n_kv = self.n_heads * hd, self.n_kv_heads * hd
+        if "qkv_proj" in self:
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        shape = (t, self.n_kv_heads, hd)
+        return (
+            q.reshape(t, self.n_heads, 1, hd),
+            k.reshape(t, self.n_kv_heads, 1, hd),
+            v.reshape(shape),
+        )
 
     def norm_qk(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
         """[T, H, 1, D] queries and keys before the rotation; Qwen3 normalizes them."""
@@ -147,6 +164,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    JOINABLE: ClassVar[dict[str, tuple[str, ...]]] = {"gate_up_proj": ("gate_proj", "up_proj")}
+
     def __init__(self, args: ModelArgs, hidden: int | None = None):
         super().__init__()
         dim, bias = args.hidden_size, args.mlp_bias
@@ -156,7 +175,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
