@@ -29,6 +29,7 @@ from nanovllm_mlx import LLM
 from nanovllm_mlx.attention import cuda
 from nanovllm_mlx.attention.metadata import KVCache, PoolLayout
 from nanovllm_mlx.bench import single_stream
+from nanovllm_mlx.engine.runner import step_inputs
 from nanovllm_mlx.models import cuda_qmv
 
 
@@ -138,7 +139,17 @@ def main() -> None:
         help="R,U: our 4-bit product's weight rows a warp and steps in flight for every "
         "layer (models/cuda_qmv.py; default: its own choice)",
     )
+    ap.add_argument(
+        "--min-decode-rows",
+        type=int,
+        default=0,
+        help="pad compiled decode steps to at least this many rows (8: MLX's CUDA build "
+        "takes its tiled 4-bit matmul from 8 rows; block tables widen alike, harmlessly)",
+    )
     args = ap.parse_args()
+    if args.min_decode_rows:
+        bucket = step_inputs.bucket
+        step_inputs.bucket = lambda n: max(bucket(n), args.min_decode_rows)
     if args.qmv_tiling:
         cuda_qmv.ROWS_PER_WARP, cuda_qmv.STEPS_IN_FLIGHT = map(int, args.qmv_tiling.split(","))
     print(nanovllm_mlx.backend.describe())

@@ -155,6 +155,12 @@ PY
     fuse-8b)
       # q/k/v and gate/up joined at load (models/fusion.py), off and on.
       probe_off_on fuse-8b NANOVLLM_FUSE_PROJECTIONS ;;
+    pad8-8b)
+      # v14's lead: MLX's tiled matmul took 8 rows in less time than a one-row kernel took
+      # one. One stream padded to 8 rows on MLX's matmuls, against our product (default).
+      run pad8-8b 120 env NANOVLLM_CUDA_QMV=0 python3 benchmarks/decode_probe.py \
+        --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
+        --configs 20:on:on:on --contexts 32,8192 --min-decode-rows 8 ;;
     qmm-rows)
       run qmm-rows 200 python3 benchmarks/qmm_rows.py --rows 1,2,3,4,8,16,32,64 ;;
     vector-8b)
