@@ -143,7 +143,7 @@ class Attention(nn.Module):
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q [T, H, 1, D], k [T, Hkv, 1, D] and v [T, Hkv, D] of x [T, hidden]: one
-        product where fuse() joined the three."""
+        product where models/fusion.py joined the three (JOINABLE)."""
         t, hd = x.shape[0], self.head_dim
         n_q, n_kv = self.n_heads * hd, self.n_kv_heads * hd
         if "qkv_proj" in self:
@@ -151,12 +151,8 @@ class Attention(nn.Module):
             q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        shape = (t, self.n_kv_heads, hd)
-        return (
-            q.reshape(t, self.n_heads, 1, hd),
-            k.reshape(t, self.n_kv_heads, 1, hd),
-            v.reshape(shape),
-        )
+        q, k = q.reshape(t, self.n_heads, 1, hd), k.reshape(t, self.n_kv_heads, 1, hd)
+        return q, k, v.reshape(t, self.n_kv_heads, hd)
 
     def norm_qk(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
         """[T, H, 1, D] queries and keys before the rotation; Qwen3 normalizes them."""
