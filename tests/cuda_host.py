@@ -17,15 +17,18 @@ cached for the session.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 C_TYPES = {
     mx.int8: "int8_t",
@@ -283,3 +286,18 @@ class HostKernel:
             assert build.returncode == 0, build.stderr[-4000:]
             _BUILT[key] = binary
         return _BUILT[key]
+
+
+@contextlib.contextmanager
+def on_the_host(monkeypatch: pytest.MonkeyPatch, *kernels: Callable[[], Any]) -> Iterator[None]:
+    """Inside, mx.fast.cuda_kernel is HostKernel, and `kernels` (the engine's cached
+    kernel builders, such as cuda_write._kernel) build theirs anew, as HostKernels; they
+    are cleared again on the way out, so no later test meets a host kernel."""
+    monkeypatch.setattr(mx.fast, "cuda_kernel", HostKernel, raising=False)
+    for kernel in kernels:
+        kernel.cache_clear()  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for kernel in kernels:
+            kernel.cache_clear()  # type: ignore[attr-defined]

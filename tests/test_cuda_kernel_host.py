@@ -12,7 +12,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from cuda_host import HostKernel
+from cuda_host import on_the_host
 from helpers import filled_cache, kernel_and_gather, random_tables
 
 from nanovllm_mlx.attention import cuda as cuda_attention
@@ -23,10 +23,8 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++
 
 @pytest.fixture
 def host_kernels(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(mx.fast, "cuda_kernel", HostKernel, raising=False)
-    cuda_attention._kernels.cache_clear()
-    yield
-    cuda_attention._kernels.cache_clear()
+    with on_the_host(monkeypatch, cuda_attention._kernels):
+        yield
 
 
 # (K format, V format, compute dtype, (heads, kv heads, head_dim), window, vector loads)

@@ -7,6 +7,7 @@ own decode differs from its prefill."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +15,25 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from cuda_host import HostKernel
+from cuda_host import on_the_host
 
 from benchmarks.qmv_logprobs import forced_logprobs  # the benchmark's comparison
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention.cuda import on_gpu
 from nanovllm_mlx.loading.loader import LoadOptions, load
-from nanovllm_mlx.models import cuda_qmv, cuda_qmv_source
+from nanovllm_mlx.models import cuda_qmv
 
 CUDA = pytest.mark.skipif(not on_gpu(), reason="needs MLX's CUDA backend")
 EPS = {mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
 
 
-def host_kernel() -> HostKernel:
-    return HostKernel(
-        name="qmv_rows",
-        input_names=["x", "w", "scales", "biases"],
-        output_names=["out"],
-        source=cuda_qmv_source.SOURCE,
-        header=cuda_qmv_source.HEADER,
-    )
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch):
+    """cuda_qmv's kernel built and run on the host (tests/cuda_host.py)."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler")
+    with on_the_host(monkeypatch, cuda_qmv._kernel):
+        yield
 
 
 def problem(m: int, n: int, k: int, group: int, dtype: mx.Dtype, seed: int = 0) -> tuple:
@@ -77,28 +77,28 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}g{c[3]}" for c in CASES])
-def test_the_kernel_computes_mlx_quantized_matmul_on_the_host(dtype: mx.Dtype, case: tuple):
+def test_the_kernel_computes_mlx_quantized_matmul_on_the_host(
+    host: None, dtype: mx.Dtype, case: tuple
+):
     m, n, k, group, rows, in_flight = case
     x, w, scales, biases = problem(m, n, k, group, dtype)
-    y = cuda_qmv.qmv(
-        x, w, scales, biases, group, rows=rows, in_flight=in_flight, kernel=host_kernel()
-    )
+    y = cuda_qmv.qmv(x, w, scales, biases, group, rows=rows, in_flight=in_flight)
     check(y, x, w, scales, biases, group)
 
 
-def test_large_activations_keep_their_precision_on_the_host():
+def test_large_activations_keep_their_precision_on_the_host(host: None):
     """Channels of a few hundred (what RMSNorm's outputs reach in real models): the
     float16 pair sums cover 32 values at most, so nothing overflows or drifts."""
     x, w, scales, biases = problem(2, 24, 2048, 64, mx.float16, seed=1)
     x = x * mx.where(mx.arange(2048) % 97 == 0, 300.0, 1.0).astype(mx.float16)
-    y = cuda_qmv.qmv(x, w, scales, biases, 64, kernel=host_kernel())
+    y = cuda_qmv.qmv(x, w, scales, biases, 64)
     assert mx.isfinite(y).all().item()
     check(y, x, w, scales, biases, 64)
 
 
-def test_the_layer_sends_only_what_the_kernel_computes(monkeypatch: pytest.MonkeyPatch):
+def test_the_layer_sends_only_what_the_kernel_computes(host: None, monkeypatch: pytest.MonkeyPatch):
     calls: list[Any] = []
-    kernel = host_kernel()
+    kernel = cuda_qmv._kernel()  # the host's
 
     def counted(**call: Any) -> list[mx.array]:
         calls.append(call["template"])

@@ -13,7 +13,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from cuda_host import HostKernel
+from cuda_host import on_the_host
 from helpers import A8, S4, S8
 
 from nanovllm_mlx.attention import cuda_quantize
@@ -43,9 +43,7 @@ def _bits(a: mx.array) -> np.ndarray:
 def test_the_kernel_writes_what_kv_quant_writes(
     monkeypatch: pytest.MonkeyPatch, k_fmt: KVFormat, v_fmt: KVFormat, d: int
 ):
-    monkeypatch.setattr(mx.fast, "cuda_kernel", HostKernel, raising=False)
-    cuda_quantize._kernel.cache_clear()
-    try:
+    with on_the_host(monkeypatch, cuda_quantize._kernel):
         rng = np.random.default_rng(6)
         n_kv, blocks, bs, t = 3, 16, 8, 10
         rows = PoolLayout(n_kv, blocks, bs).write_rows(rng.permutation(blocks * bs)[:t])
@@ -94,5 +92,3 @@ def test_the_kernel_writes_what_kv_quant_writes(
             step = np.array(scales[1][:, :n_scales].astype(mx.float32)).max(-1, keepdims=True)
             bound = np.broadcast_to(1.01 * step + 1e-30, got.shape)
             np.testing.assert_array_less(np.abs(got - want_rows), bound, err_msg=fmt.name)
-    finally:
-        cuda_quantize._kernel.cache_clear()

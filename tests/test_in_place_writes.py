@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from cuda_host import HostKernel
+from cuda_host import on_the_host
 from helpers import SMALL_KV
 
 from nanovllm_mlx import LLM, SamplingParams
@@ -164,9 +164,7 @@ def test_the_kernel_on_the_host_writes_what_the_scatter_writes(
 ):
     """The same kernel run on the host (tests/cuda_host.py): its grid, row indexing,
     strided new rows and K/V pools, on any machine."""
-    monkeypatch.setattr(mx.fast, "cuda_kernel", HostKernel, raising=False)
-    cuda_write._kernel.cache_clear()
-    try:
+    with on_the_host(monkeypatch, cuda_write._kernel):
         rng = np.random.default_rng(1)
         n_kv, d, t = 3, 80, 9
         rows = PoolLayout(n_kv, 8, 16).write_rows(rng.permutation(128)[:t].astype(np.int64))
@@ -179,8 +177,6 @@ def test_the_kernel_on_the_host_writes_what_the_scatter_writes(
         got_k, got_v = cuda_write._kernel().inputs_after[3:5]
         np.testing.assert_array_equal(got_k, np.array(theirs.k))
         np.testing.assert_array_equal(got_v, np.array(theirs.v))
-    finally:
-        cuda_write._kernel.cache_clear()
 
 
 @CUDA

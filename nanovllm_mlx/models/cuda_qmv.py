@@ -100,21 +100,19 @@ def qmv(
     biases: mx.array,
     group_size: int = 64,
     rows: int | None = None,
-    kernel: Any = None,
     in_flight: int | None = None,
 ) -> mx.array:
     """x @ dequantize(w).T for x [..., K] with at most MAX_ROWS rows, w [N, K / 8] uint32
     (MLX's affine 4-bit layout), scales and biases [N, K / group_size]: [..., N] in x's
     dtype. rows: weight rows a warp takes (rows_per_warp by default); in_flight: steps a
-    lane loads at once (STEPS_IN_FLIGHT by default); kernel: a stand-in for the compiled
-    kernel (tests run it on the host)."""
+    lane loads at once (STEPS_IN_FLIGHT by default)."""
     lead, k_in = x.shape[:-1], x.shape[-1]
     n_rows = x.size // k_in
     n_out = w.shape[0]
     r = rows or ROWS_PER_WARP or rows_per_warp(n_out)
     warps_needed = -(-n_out // r)
     blocks = -(-warps_needed // WARPS)
-    (out,) = (kernel or _kernel())(
+    (out,) = _kernel()(
         inputs=[x.reshape(n_rows, k_in), w, scales, biases],
         template=[
             ("T", x.dtype),
