@@ -151,7 +151,8 @@ def main() -> None:
         bucket = step_inputs.bucket
         step_inputs.bucket = lambda n: max(bucket(n), args.min_decode_rows)
     if args.qmv_tiling:
-        cuda_qmv.ROWS_PER_WARP, cuda_qmv.STEPS_IN_FLIGHT = map(int, args.qmv_tiling.split(","))
+        per_warp, cuda_qmv.STEPS_IN_FLIGHT = map(int, args.qmv_tiling.split(","))
+        cuda_qmv.rows_per_warp = lambda n_out: per_warp
     print(nanovllm_mlx.backend.describe())
     if not args.skip_engine:
         engine_grid(args)

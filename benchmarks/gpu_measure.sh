@@ -222,13 +222,6 @@ PY
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --decode-tokens 64 \
         --batches 8,64 --batch-repeats 2 --min-input 256 --max-input 2048 --min-output 128 \
         --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
-    compare-8b-qmv)
-      # Issue 22's rows with our few-row 4-bit product (NANOVLLM_CUDA_QMV=1) against
-      # mlx-lm: one stream after 32 to 32k tokens, TTFT at 4k, 8 requests over two rounds.
-      run compare-8b-qmv 480 env NANOVLLM_CUDA_QMV=1 python3 benchmarks/compare_mlx_lm.py \
-        --model $L8B --repeats 2 --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096 \
-        --decode-tokens 64 --batches 8 --batch-repeats 2 --min-input 256 --max-input 2048 \
-        --min-output 128 --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
     compare-8b-int8)
       # Issue 26: our int8 pool against mlx-lm's float16 cache, after 32 and 8k tokens; the
       # float16 pool's figures are compare-8b's (same contexts) on the same machine.

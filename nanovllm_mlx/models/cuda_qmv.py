@@ -44,7 +44,6 @@ from nanovllm_mlx.models.cuda_qmv_source import HEADER, SOURCE
 
 WARPS = 4
 STEPS_IN_FLIGHT = 2  # U: a lane's 16-byte steps loaded before any is multiplied
-ROWS_PER_WARP = 0  # R for every layer where set (benchmarks); 0: rows_per_warp's choice
 MAX_ROWS = 8  # rows of x a launch takes: the M template constant (registers grow with it)
 # Rows of x the layers send here: 4 rows took 0.21 ms a layer against MLX's 0.52, 8 rows
 # 0.30 against 0.15 (H100, benchmarks/logs/h100_qmm_rows_v14.log). 5-7 are unmeasured:
@@ -77,13 +76,17 @@ def _kernel() -> Any:
     )
 
 
+def computes_format(bits: int, group_size: int) -> bool:
+    """The codes qmv() reads: 4 bits (MLX's affine layout), groups of 32, 64 or 128."""
+    return bits == 4 and group_size in (32, 64, 128)
+
+
 def supports(x: mx.array, w: mx.array, scales: mx.array, bits: int, group_size: int) -> bool:
-    """Whether qmv() computes this product: affine 4-bit codes, groups of 32/64/128, a
-    float16 or bfloat16 x with as many rows as MAX_ROWS at most, scales of x's dtype."""
+    """Whether qmv() computes this product: codes it reads (computes_format), a float16
+    or bfloat16 x with as many rows as MAX_ROWS at most, scales of x's dtype."""
     k_in = x.shape[-1]
     return (
-        bits == 4
-        and group_size in (32, 64, 128)
+        computes_format(bits, group_size)
         and w.ndim == 2
         and x.dtype in (mx.float16, mx.bfloat16)
         and scales.dtype == x.dtype
@@ -109,7 +112,7 @@ def qmv(
     lead, k_in = x.shape[:-1], x.shape[-1]
     n_rows = x.size // k_in
     n_out = w.shape[0]
-    r = rows or ROWS_PER_WARP or rows_per_warp(n_out)
+    r = rows or rows_per_warp(n_out)
     warps_needed = -(-n_out // r)
     blocks = -(-warps_needed // WARPS)
     (out,) = _kernel()(
@@ -183,8 +186,7 @@ def adopt(model: nn.Module) -> int:
         if (
             few_rows is not None
             and module.mode == "affine"
-            and module.bits == 4
-            and module.group_size in (32, 64, 128)
+            and computes_format(module.bits, module.group_size)
             and "biases" in module
         ):
             module.__class__ = few_rows
