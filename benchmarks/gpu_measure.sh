@@ -31,7 +31,7 @@ probe_off_on() {  # name, switch: one 8B stream after 32 and 8k tokens, switch=0
       --contexts 32,8192
   done
 }
-stage_mlx() {  # MLX's CUDA build into /tmp/mlxsite, the wheels into /tmp/site
+stage_mlx() {  # MLX's CUDA build into /tmp/mlxsite, the wheels into /tmp/site; the GPU
   if [ ! -d /tmp/mlxsite/mlx ]; then
     mkdir -p /tmp/mlxsite
     if [ -f .device/one/mlx.tar.xz ]; then  # tools/stage_mlx_cuda.sh: one call
@@ -46,20 +46,18 @@ stage_mlx() {  # MLX's CUDA build into /tmp/mlxsite, the wheels into /tmp/site
   # build (tools/prune_fatbin.py) that lost the device's code fails here, not later.
   python3 -c 'import mlx.core as mx; a = mx.ones((64, 64)); print(mx.default_device(),
     mx.__version__, (a @ a + 1).sum().item(), "(want 266240.0)")'
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 }
 for phase in "$@"; do
   case $phase in
     setup)
       stage_mlx
-      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       run fixtures 300 python3 tests/make_fixtures.py gpt2-small-shape smollm2-135m-shape ;;
     setup-mlx)
       # MLX and the wheels alone, for phases that build no model (layouts-8b, tests-*).
-      stage_mlx
-      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
+      stage_mlx ;;
     setup-8b)
       stage_mlx
-      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       run fixtures 120 python3 tests/make_fixtures.py llama3-8b-q4 ;;
     tests-cuda)
       run tests-cuda 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py \
