@@ -159,6 +159,11 @@ PY
       run pad8-8b 120 env NANOVLLM_CUDA_QMV=0 python3 benchmarks/decode_probe.py \
         --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
         --configs 20:on:on:on --contexts 32,8192 --min-decode-rows 8 ;;
+    prefill-8b)
+      # Each prefill step's time and tokens for 4k and 16k prompts, with the key cost the
+      # start-up measured and with none (v15: a launch-bound key probe cut 16k's chunks).
+      run prefill-8b 200 python3 benchmarks/prefill_probe.py --model $L8B \
+        --lengths 4096,16384 --repeats 2 --key-costs measured,0 ;;
     qmm-rows)
       run qmm-rows 200 python3 benchmarks/qmm_rows.py --rows 1,2,3,4,8,16,32,64 ;;
     vector-8b)

@@ -26,10 +26,15 @@ from nanovllm_mlx.sampling_params import SamplingParams
 TARGET_STEP_S = 0.25  # a step this long keeps streams smooth and Ctrl-C prompt
 DEFAULT_CAP = 4096  # GPUs reach it: beyond, prefill throughput gains little
 PROBE_TOKENS = 16
-# Cached keys behind the key-cost probe's tokens. On 2 CPU cores (SmolLM2-135M, float32)
-# 16 tokens took 0.185 s after no keys, 0.264 s after 496 and 0.351 s after 1,008: linear,
-# so one probe of 0.26 s at start-up gives the slope.
+# Cached keys behind the key-cost probe's tokens: at least this many, and at least
+# KEY_PROBE_SPAN times the probe's tokens. On 2 CPU cores (SmolLM2-135M, float32) 16 tokens
+# took 0.185 s after no keys, 0.264 s after 496 and 0.351 s after 1,008: linear, so one
+# probe of 0.26 s gives the slope. On a GPU a 16-token step is launch-bound: on an H100
+# (Llama-3-8B shape, 4-bit) its few milliseconds hid what 496 keys cost, and the noise
+# taken for a key cost may cut a long prompt's late chunks to a fraction of the budget.
+# So there the probe runs a whole budget's tokens after 4x as many keys.
 KEY_PROBE_CONTEXT = 512
+KEY_PROBE_SPAN = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +71,11 @@ def measure_step_budget(
     every engine pays once anyway): a small prefill bounds the cost per token; if that
     allows more than a few dozen tokens, a prefill near the estimate separates the
     per-step overhead from the per-token cost. If the budget is then below the cap (time
-    binds it), the small prefill once more after KEY_PROBE_CONTEXT cached tokens gives
-    the key cost. Costs about 4 x TARGET_STEP_S on a slow device, milliseconds on a GPU."""
+    binds it), a prefill after KEY_PROBE_SPAN times its tokens of cached keys
+    (KEY_PROBE_CONTEXT at least), against one of as many tokens after none, gives the key
+    cost: of the budget's tokens on a fast device, else of the small probe's. Costs about
+    4 x TARGET_STEP_S on a slow device; on a GPU whose budget time binds, about 1 s more
+    (the key probe twice, its first run building kernels for the new shape)."""
     floor = min(floor, cap)
     slots = runner.pool.num_blocks * runner.pool.block_size
     if slots < cap:
@@ -78,7 +86,8 @@ def measure_step_budget(
     small = _prefill_seconds(runner, PROBE_TOKENS)
     per_token = small / PROBE_TOKENS  # overhead included: an upper bound
     estimate = int(TARGET_STEP_S / max(small, 1e-9) * PROBE_TOKENS)
-    if estimate > 4 * PROBE_TOKENS:
+    fast = estimate > 4 * PROBE_TOKENS  # a small step is far below the target
+    if fast:
         # One sequence, so no longer than the context: positions past it are garbage.
         n = min(estimate, cap, max_model_len)
         _prefill_seconds(runner, n)  # a new shape: kernels compile on its first run (GPU)
@@ -87,13 +96,19 @@ def measure_step_budget(
         overhead = max(small - per_token * PROBE_TOKENS, 0.0)
         estimate = int(max(TARGET_STEP_S - overhead, 0.0) / per_token)
     tokens = max(floor, min(cap, estimate))
-    context = min(KEY_PROBE_CONTEXT, max_model_len, slots) - PROBE_TOKENS
+    # The key probe's tokens: on a fast device a whole budget's, a step long enough that
+    # what keys cost stands out of the launches; on a slow one (whose floor may be 256
+    # tokens of seconds each) the small probe, whose step is already all compute.
+    n = min(tokens, max_model_len) if fast else PROBE_TOKENS
+    wanted = max(KEY_PROBE_CONTEXT - PROBE_TOKENS, KEY_PROBE_SPAN * n)
+    context = min(wanted, max_model_len - n, slots - n)
     if tokens >= cap or context < 4 * PROBE_TOKENS:
         return StepBudget(tokens)
     # Once on a CPU, where nothing compiles for a new size (0.26 s of start-up on 2
     # cores); elsewhere the first run may build kernels for the new shapes.
     runs = 1 if mx.default_device() == mx.cpu else 2
-    late = min(_prefill_seconds(runner, PROBE_TOKENS, context) for _ in range(runs))
+    base = small if n == PROBE_TOKENS else min(_prefill_seconds(runner, n) for _ in range(runs))
+    late = min(_prefill_seconds(runner, n, context) for _ in range(runs))
     keys = keys_read(context, layer_windows)  # what the Scheduler charges for
-    key_cost = max(late - small, 0.0) / (PROBE_TOKENS * keys * max(per_token, 1e-9))
+    key_cost = max(late - base, 0.0) / (n * keys * max(per_token, 1e-9))
     return StepBudget(tokens, key_cost)

@@ -1,0 +1,108 @@
+"""Where a long prompt's time to first token goes: each prefill step's wall time and
+tokens, under each step key cost asked for, and the attention calls those steps make
+(dtype, shapes, mask), on one model.
+
+The scheduler cuts a late chunk of a long prompt shorter by the key cost the start-up
+measured (engine/runner/budget.py); --key-costs runs the same prompts with that cost
+replaced (0: tokens alone), so a mismeasured cost shows as many short steps. A chunk
+whose time grows with the context before it is attention-bound; one that stays flat is
+bound by the projections. Every distinct SDPA call is listed once, so a call that leaves
+MLX's fused kernels (a float32 query, an array mask) shows by its signature. Last, the
+start-up's old key probe (16 tokens after 496 keys, against 16 after none) five times:
+on a GPU its difference is launch noise.
+
+    python benchmarks/prefill_probe.py --model /tmp/fx/llama3-8b-q4 --lengths 4096,16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+# isort: off
+import nanovllm_mlx  # noqa: F401  (loads the fast BLAS before mlx: keep it first)
+import mlx.core as mx
+# isort: on
+
+from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.engine.runner import budget
+
+calls: Counter[str] = Counter()
+_sdpa = mx.fast.scaled_dot_product_attention
+
+
+def recording_sdpa(q: mx.array, k: mx.array, v: mx.array, **kw: object) -> mx.array:
+    mask = kw.get("mask")
+    kind = mask if isinstance(mask, str) or mask is None else f"array{tuple(mask.shape)}"
+    calls[f"q {q.dtype} {tuple(q.shape)} k {tuple(k.shape)} mask {kind}"] += 1
+    return _sdpa(q, k, v, **kw)
+
+
+def prefill_steps(llm: LLM, prompt: list[int]) -> list[tuple[float, int]]:
+    """(wall seconds, prompt tokens computed) of each engine step until the first token."""
+    engine = llm.engine
+    request_id = engine.add_request(
+        prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    )
+    steps, done = [], 0
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step()
+        progress = engine.progress(request_id)
+        now = len(prompt) if progress is None else progress[0]
+        steps.append((time.perf_counter() - t0, now - done))
+        done = now
+    return steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--lengths", default="4096,16384")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--key-costs", default="measured,0", help="'measured' or numbers")
+    args = ap.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
+    print(nanovllm_mlx.backend.describe())
+    t0 = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=max(lengths) + 64)
+    cost = llm.engine.scheduler.cost
+    measured = cost.key_cost
+    print(
+        f"loaded in {time.perf_counter() - t0:.1f} s: {llm.engine.max_num_batched_tokens} "
+        f"tokens a step, key cost {measured:.3g} tokens a cached key"
+    )
+    vocab = min(llm.engine.vocab_size, 10_000)
+    mx.fast.scaled_dot_product_attention = recording_sdpa
+    for round_, key_cost in enumerate(args.key_costs.split(",")):
+        cost.key_cost = measured if key_cost == "measured" else float(key_cost)
+        for salt, n in enumerate(lengths):
+            seed = 100 * round_ + 10 * salt  # no prompt twice: the prefix cache would hit
+            prefill_steps(llm, [(i * 31 + seed) % vocab for i in range(n)])  # its shapes
+            for r in range(args.repeats):
+                prompt = [(i * 7919 + 104729 * (seed + r + 1)) % vocab for i in range(n)]
+                steps = prefill_steps(llm, prompt)
+                cells = " ".join(f"{1e3 * t:.0f}/{k}" for t, k in steps)
+                print(
+                    f"key cost {cost.key_cost:.3g}, {n} tokens: TTFT "
+                    f"{sum(t for t, _ in steps):.3f} s in {len(steps)} steps "
+                    f"(ms/tokens): {cells}",
+                    flush=True,
+                )
+    mx.fast.scaled_dot_product_attention = _sdpa
+    print("SDPA calls (signature: count):")
+    for signature, count in calls.most_common():
+        print(f"  {signature}: {count}")
+    runner = llm.engine.model_runner
+    gaps = [
+        budget._prefill_seconds(runner, budget.PROBE_TOKENS, 496)
+        - budget._prefill_seconds(runner, budget.PROBE_TOKENS)
+        for _ in range(5)
+    ]
+    print("old key probe, after 496 keys minus after none (ms):", [f"{1e3 * g:.2f}" for g in gaps])
+
+
+if __name__ == "__main__":
+    main()
