@@ -67,3 +67,37 @@ def test_the_kernel_on_the_host_reads_as_the_gather_path(
     )
     tol = 1e-4 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+
+
+def test_a_compiled_steps_partitions_split_its_longest_context_not_its_capacity(
+    host_kernels, monkeypatch: pytest.MonkeyPatch
+):
+    # A compiled step knows only its tables' capacity, a power-of-two width of up to twice
+    # the longest context (32k prompts on an H100 ran on 64k-key tables). Partitions sized
+    # by the capacity left half of them empty while each other one read twice the keys
+    # in turn; sized on the device by the contexts, every partition of the longest has keys.
+    partial, merge = cuda_attention._kernels()
+    part_m: list[np.ndarray] = []
+
+    def recording(**launch):
+        outs = partial(**launch)
+        part_m.append(np.array(outs[1]))
+        return outs
+
+    monkeypatch.setattr(cuda_attention, "_kernels", lambda: (recording, merge))
+    rng = np.random.default_rng(3)
+    bs, width, contexts = 16, 32, [300, 5]  # capacity 512 keys; 300 is past half of it
+    cache, _ = filled_cache((resolve("auto", mx.float32),) * 2, 2, 80, bs, 64)
+    tables = random_tables(rng, contexts, bs, 80)
+    tables = np.pad(tables, ((0, 0), (0, width - tables.shape[1])))  # a compiled step's
+    q = mx.array(rng.standard_normal((2, 8, 64))).astype(mx.float32)
+    args = (q, cache.k, cache.v, mx.array(tables), mx.array(contexts, dtype=mx.int32), bs, 0.125)
+    exact = cuda_attention.paged_decode(*args, max(contexts), target_blocks=64)
+    by_lens = cuda_attention.paged_decode(*args, width * bs, target_blocks=64, capacity=True)
+    by_capacity = cuda_attention.paged_decode(*args, width * bs, target_blocks=64)
+    np.testing.assert_allclose(np.array(by_lens), np.array(exact), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.array(by_capacity), np.array(exact), atol=1e-5, rtol=1e-5)
+    sized_by_lens, sized_by_capacity = part_m[1][0], part_m[2][0]  # the 300-key sequence
+    assert sized_by_lens.shape == sized_by_capacity.shape and sized_by_lens.shape[-1] > 2
+    assert np.isfinite(sized_by_lens).all()
+    assert not np.isfinite(sized_by_capacity).all()  # what the size by capacity left empty

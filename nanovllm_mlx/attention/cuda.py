@@ -31,7 +31,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from nanovllm_mlx.attention.cuda_formats import pool_template
+from nanovllm_mlx.attention.cuda_formats import pool_template, vector_loads_for
 from nanovllm_mlx.attention.cuda_quantize import no_scales
 from nanovllm_mlx.attention.cuda_source import HEADER, MERGE, PARTIAL
 from nanovllm_mlx.attention.cuda_write import unwritten, write_in_place
@@ -51,13 +51,6 @@ TARGET_BLOCKS = 512  # enough thread blocks to fill an H100's 132 SMs a few time
 MIN_PARTITION = 32  # tokens; smaller partitions cost more to merge than they save
 UNROLL = 2  # keys a warp reads before reducing: two rows in flight instead of one
 MAX_GROUP_FLOATS = 32  # query heads a block serves x floats a lane holds per head
-# A lane's values of a row consecutive (one vector load) rather than 32 apart. On an H100
-# (8B 4-bit, one stream) 122.1 -> 127.7 tok/s after 8k tokens and 78.8 -> 85.8 after 32k
-# (v14), 95.8 -> 106.0 after 32k with our 4-bit product (v15); its 48 GPU parity cases
-# pass. Quantized pools read that way pass on the host (tests/test_cuda_kernel_host.py)
-# but their GPU cases have not run: they keep the strided loads by default until then.
-# NANOVLLM_KERNEL_VECTOR_LOADS=0 turns it off for float pools, =1 on for every pool.
-VECTOR_LOADS = os.environ.get("NANOVLLM_KERNEL_VECTOR_LOADS")
 
 
 def on_gpu() -> bool:
@@ -167,15 +160,19 @@ def paged_decode(
     early_values: bool = True,
     vector_loads: bool | None = None,
     target_blocks: int = TARGET_BLOCKS,
+    capacity: bool = False,
 ) -> mx.array:
     """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
     them for a sliding-window layer) -> [B, H, D]. group (query heads a thread block
     serves; default heads_per_block), unroll, early_values (value rows loaded with the
-    keys, not after the scores), vector_loads (default: VECTOR_LOADS's choice; kept only where
-    head_dim is a multiple of 32) and target_blocks are there for benchmarks to compare.
+    keys, not after the scores), vector_loads (default: cuda_formats.vector_loads_for;
+    kept only where head_dim is a multiple of 32) and target_blocks are there for
+    benchmarks to compare.
     formats (KVCache.formats; None: float pools): how K and V are stored, each on its
     own; a quantized pool comes with its scales, dequantized in registers.
-    after: the token of an in-place write of these pools (KVCache.written) to run after."""
+    after: the token of an in-place write of these pools (KVCache.written) to run after.
+    capacity: max_context is only what the block tables can hold (a compiled step's):
+    the partitions' count follows from it, their size from context_lens, on the device."""
     b, n_heads, head_dim = q.shape
     n_kv = k_pool.shape[0]
     k_fmt, v_fmt = formats or (None, None)
@@ -186,8 +183,7 @@ def paged_decode(
     span = max_context if window is None else min(max_context, window)
     parts, size = num_partitions(b, n_heads // gb, span, target_blocks)
     if vector_loads is None:
-        quantized = any(f is not None and f.quantized for f in (k_fmt, v_fmt))
-        vector_loads = VECTOR_LOADS == "1" if VECTOR_LOADS else not quantized
+        vector_loads = vector_loads_for(k_fmt, v_fmt)
     partial, merge = _kernels()
     template = [("T", q.dtype), ("D", head_dim), ("BS", block_size), ("G", n_heads // n_kv)]
     part_out, part_m, part_l = partial(
@@ -198,7 +194,7 @@ def paged_decode(
             block_tables,
             context_lens,
             _scalar(float(scale), mx.float32),
-            _params(size, window or 0),
+            _params(0 if capacity else size, window or 0),
             no_scales() if k_scales is None else k_scales,
             no_scales() if v_scales is None else v_scales,
             unwritten() if after is None else after,
@@ -230,6 +226,7 @@ class DecodePlan:
     context_lens: mx.array  # [Bd]
     max_context: int
     window: int | None = None
+    capacity: bool = False  # max_context is the tables' capacity (paged_decode)
 
 
 class CudaPagedAttention(GatherAttention):
@@ -284,10 +281,12 @@ class CudaPagedAttention(GatherAttention):
             # gather path instead, so reaching this is a wiring error, not a user's.
             raise NotImplementedError("the CUDA paged decode kernel has no attention sinks")
         if isinstance(plan, dict):
-            # Partitions cover the table's capacity (less than a block past the longest
-            # context): empty ones exit at once, and the count depends on shapes only.
+            # A trace knows the tables' capacity alone (a power-of-two width: up to twice
+            # the longest context): the partitions' count follows from it, their size
+            # from the contexts, on the device (capacity=True), so none sits empty.
             tables = plan["tables"]
-            plan = DecodePlan(tables, plan["context"], tables.shape[1] * cache.block_size)
+            capacity = tables.shape[1] * cache.block_size
+            plan = DecodePlan(tables, plan["context"], capacity, capacity=True)
         if cache.v is None:
             # select_backend routes models with latent caches to the gather path.
             raise ValueError("the CUDA paged kernel does not read latent (MLA) caches")
@@ -305,4 +304,5 @@ class CudaPagedAttention(GatherAttention):
             v_scales=cache.v_scales,
             formats=cache.formats,
             after=cache.written,
+            capacity=plan.capacity,
         )

@@ -125,7 +125,19 @@ PARTIAL = """
     const int n_heads = gridDim.y * GB, n_parts = gridDim.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ctx = context_lens[b];
-    const int part_size = params[0];
+    // params[0]: the tokens a partition attends, or 0 where the launch knew only the
+    // block tables' capacity (a compiled step, traced once per power-of-two width): the
+    // batch's longest span, read here, is then split over the partitions, so none is
+    // left empty while the others each take twice the keys in turn.
+    int part_size = params[0];
+    if (part_size == 0) {
+        int longest = 1;
+        for (int i = 0; i < gridDim.z; ++i) {
+            const int c = context_lens[i];
+            longest = max(longest, params[1] > 0 ? min(c, params[1]) : c);
+        }
+        part_size = (longest + n_parts - 1) / n_parts;
+    }
     // A sliding-window layer (params[1] = W > 0) reads only keys [ctx - W, ctx); the
     // partitions tile that span, so blocks before it (maybe freed) are never touched.
     const int lo = params[1] > 0 ? max(0, ctx - params[1]) : 0;
