@@ -275,6 +275,8 @@ def main() -> None:
         f"{llm.engine.model_runner.pool.block_size}, decode "
         f"{'compiled' if llm.stats()['compile_decode'] else 'eager'} "
         f"(start-up timing, compiled/eager ms: {llm.engine.model_runner.compile_ms}), "
+        f"start-up phases (s): "
+        f"{ {k: round(v, 2) for k, v in llm.engine.startup_s.items()} }, "
         f"attention {llm.engine.model_runner.backend.name}, "
         f"KV cache {llm.stats()['kv_cache_dtype']} (mlx-lm's: the model's dtype); "
         f"both engines run in this process with MLX_MAX_MB_PER_BUFFER="

@@ -72,7 +72,8 @@ def main() -> None:
     measured = cost.key_cost
     print(
         f"loaded in {time.perf_counter() - t0:.1f} s: {llm.engine.max_num_batched_tokens} "
-        f"tokens a step, key cost {measured:.3g} tokens a cached key"
+        f"tokens a step, key cost {measured:.3g} tokens a cached key; start-up phases "
+        f"(s): { {k: round(v, 2) for k, v in llm.engine.startup_s.items()} }"
     )
     vocab = min(llm.engine.vocab_size, 10_000)
     mx.fast.scaled_dot_product_attention = recording_sdpa

@@ -265,6 +265,8 @@ def verbose_report(
         f"{engine.stats()['kv_blocks_total']:,} KV blocks of {engine.config.block_size} "
         f"({engine.stats()['kv_cache_tokens']:,} tokens, {engine.kv_cache_dtype})"
     )
+    phases = ", ".join(f"{name} {s:.2f}" for name, s in engine.startup_s.items())
+    err.print(f"Start-up: {sum(engine.startup_s.values()):.2f} s ({phases})")
 
 
 def run_ask(

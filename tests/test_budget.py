@@ -83,8 +83,9 @@ def test_a_time_bound_budget_measures_what_cached_keys_cost(fake):
     runner = fake(overhead=0.0, per_token=0.001, per_key=0.001 / 500)
     got = budget.measure_step_budget(runner, 16, 4096)
     assert got.tokens == 250 and got.key_cost == pytest.approx(0.002, rel=1e-6)
-    # A fast device's probe: the budget's tokens after KEY_PROBE_SPAN times as many keys.
-    assert max(runner.contexts) == budget.KEY_PROBE_SPAN * 250
+    # A fast device's probe: the larger prefill once more, after KEY_PROBE_KEYS keys (or
+    # what the context leaves).
+    assert max(runner.contexts) == min(budget.KEY_PROBE_KEYS, 4096 - 250)
     # Where the cap binds, a step is short anyway: no key-cost probe, tokens alone.
     fast = fake(0.001, 1e-7, per_key=1e-9)
     assert budget.measure_step_budget(fast, 16, 4096) == budget.StepBudget(budget.DEFAULT_CAP)
@@ -95,7 +96,7 @@ def test_a_time_bound_budget_measures_what_cached_keys_cost(fake):
 
 
 def test_the_key_cost_is_per_key_a_sliding_window_layer_reads(fake):
-    # Every layer slides over 100 keys: the probe after 1,000 reads 100 per token.
+    # Every layer slides over 100 keys: the probe after 3,846 reads 100 per token.
     runner = fake(overhead=0.0, per_token=0.001, per_key=0.001 / 500, window=100)
     got = budget.measure_step_budget(runner, 16, 4096, layer_windows=(100, 100))
     assert got.key_cost == pytest.approx(0.002, rel=1e-6)
@@ -105,7 +106,7 @@ def test_a_launch_bound_probe_does_not_take_noise_for_a_key_cost(fake):
     # A GPU's step: 5 ms of launches, 0.1 ms a token, 3e-6 ms a token per cached key (a
     # Llama-3-8B-like ratio), and 1 ms of jitter on every step after cached keys. A 16-token
     # probe after 496 keys would read that jitter as 0.13 tokens a key, 4,000x the truth,
-    # and cut a 16k-token prompt's late chunks to 1/2000th of the budget.
+    # and cut a 16k-token prompt's late chunks to a few tokens each.
     runner = fake(overhead=0.005, per_token=1e-4, per_key=3e-9)
     run = runner.run
 
@@ -117,9 +118,10 @@ def test_a_launch_bound_probe_does_not_take_noise_for_a_key_cost(fake):
     got = budget.measure_step_budget(runner, 16, 32768)
     assert got.tokens == pytest.approx(2450, abs=2)
     assert got.key_cost == pytest.approx(3e-5, rel=0.2)
-    # The probe ran the large size after KEY_PROBE_SPAN times as many keys.
+    # The probe ran the larger prefill's tokens after KEY_PROBE_KEYS keys.
+    large = max(runner.calls)
     late = [(c, n) for c, n in zip(runner.contexts, runner.calls) if c]
-    assert late and all(c == budget.KEY_PROBE_SPAN * n for c, n in late)
+    assert late and all((c, n) == (budget.KEY_PROBE_KEYS, large) for c, n in late)
 
 
 def test_the_key_probe_stays_inside_the_context_and_the_pool(fake):

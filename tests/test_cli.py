@@ -100,6 +100,9 @@ def test_ask_chat_template_and_verbose(runner, gpt2_tiny):
     assert "Time to first token: " in err
     assert "Peak memory: " in err and " GB" in err
     assert "Backend: MLX " in err and "BLAS" in err
+    # Where start-up went: the load, the pool, the step budget (a CPU warms nothing up).
+    startup = next(line for line in err.splitlines() if line.startswith("Start-up: "))
+    assert all(f"{phase} " in startup for phase in ("load", "pool", "budget"))
 
 
 def test_ask_seed_makes_sampling_reproducible(runner, gpt2_tiny):

@@ -1,5 +1,6 @@
 """The engine end to end on random-weight GPT-2 checkpoints in the Hub's real layouts."""
 
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -406,3 +407,12 @@ def test_max_tokens_none_is_the_rest_of_the_context_and_more_is_cut_to_it(gpt2_t
     assert rest["finish_reason"] == over["finish_reason"] == held["finish_reason"] == "length"
     assert len(rest["token_ids"]) == 22 and over["token_ids"] == rest["token_ids"]
     assert len(held["token_ids"]) == 22
+
+
+def test_start_up_phases_account_for_the_engines_construction(gpt2_tiny: Path):
+    t0 = time.perf_counter()
+    engine = LLM(str(gpt2_tiny), **SMALL_KV)
+    wall = time.perf_counter() - t0
+    phases = engine.stats()["startup_s"]
+    assert {"load", "pool", "budget"} <= set(phases) and min(phases.values()) >= 0
+    assert 0.5 * wall <= sum(phases.values()) <= wall  # the phases are the construction

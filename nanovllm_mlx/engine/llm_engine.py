@@ -50,6 +50,7 @@ class LLMEngine:
         self.kv_cache_dtype = k.name if k == v else f"k={k.name},v={v.name}"
         self.kv_cache_bytes = parts.kv_bytes
         self.max_num_batched_tokens = parts.budget.tokens
+        self.startup_s = parts.startup_s
         self.speculator = None
         self.drafter = parts.drafter  # speculative "draft": the draft model's runner
         if config.speculative is not None:
@@ -274,6 +275,7 @@ class LLMEngine:
             "kv_cache_gb": self.kv_cache_bytes / 2**30,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "step_key_cost": self.scheduler.cost.key_cost,
+            "startup_s": self.startup_s,
             "prefix_hit_tokens": blocks.prefix_hit_tokens,
             "prefix_hit_rate": blocks.prefix_hit_rate,
             "preemptions": self.scheduler.num_preemptions,

@@ -26,15 +26,16 @@ from nanovllm_mlx.sampling_params import SamplingParams
 TARGET_STEP_S = 0.25  # a step this long keeps streams smooth and Ctrl-C prompt
 DEFAULT_CAP = 4096  # GPUs reach it: beyond, prefill throughput gains little
 PROBE_TOKENS = 16
-# Cached keys behind the key-cost probe's tokens: at least this many, and at least
-# KEY_PROBE_SPAN times the probe's tokens. On 2 CPU cores (SmolLM2-135M, float32) 16 tokens
-# took 0.185 s after no keys, 0.264 s after 496 and 0.351 s after 1,008: linear, so one
-# probe of 0.26 s gives the slope. On a GPU a 16-token step is launch-bound: on an H100
-# (Llama-3-8B shape, 4-bit) its few milliseconds hid what 496 keys cost, and the noise
-# taken for a key cost may cut a long prompt's late chunks to a fraction of the budget.
-# So there the probe runs a whole budget's tokens after 4x as many keys.
+# Cached keys behind the key-cost probe's tokens. On 2 CPU cores (SmolLM2-135M, float32)
+# 16 tokens took 0.185 s after no keys, 0.264 s after 496 and 0.351 s after 1,008: linear,
+# so one probe of 0.26 s gives the slope. On a GPU a 16-token step is launches and weight
+# reads: on an H100 (Llama-3-8B shape, 4-bit) 496 keys added less than its jitter (0.56
+# ms in one sample, ~0 in the next three), and that jitter taken for a key cost cut a
+# 16k-token prompt's late chunks to a few hundred tokens (TTFT 8.6 s against mlx-lm's
+# 2.0). So a fast device probes with the larger prefill it has already timed, after
+# KEY_PROBE_KEYS keys, where they add several milliseconds.
 KEY_PROBE_CONTEXT = 512
-KEY_PROBE_SPAN = 4
+KEY_PROBE_KEYS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +72,9 @@ def measure_step_budget(
     every engine pays once anyway): a small prefill bounds the cost per token; if that
     allows more than a few dozen tokens, a prefill near the estimate separates the
     per-step overhead from the per-token cost. If the budget is then below the cap (time
-    binds it), a prefill after KEY_PROBE_SPAN times its tokens of cached keys
-    (KEY_PROBE_CONTEXT at least), against one of as many tokens after none, gives the key
-    cost: of the budget's tokens on a fast device, else of the small probe's. Costs about
-    4 x TARGET_STEP_S on a slow device; on a GPU whose budget time binds, about 1 s more
-    (the key probe twice, its first run building kernels for the new shape)."""
+    binds it), the last of those prefills once more after cached keys (KEY_PROBE_CONTEXT,
+    or KEY_PROBE_KEYS after the larger one) gives the key cost. Costs about 4 x
+    TARGET_STEP_S on a slow device, a fraction of a second on a GPU."""
     floor = min(floor, cap)
     slots = runner.pool.num_blocks * runner.pool.block_size
     if slots < cap:
@@ -86,28 +85,23 @@ def measure_step_budget(
     small = _prefill_seconds(runner, PROBE_TOKENS)
     per_token = small / PROBE_TOKENS  # overhead included: an upper bound
     estimate = int(TARGET_STEP_S / max(small, 1e-9) * PROBE_TOKENS)
-    fast = estimate > 4 * PROBE_TOKENS  # a small step is far below the target
-    if fast:
+    n, base, wanted = PROBE_TOKENS, small, KEY_PROBE_CONTEXT - PROBE_TOKENS
+    if estimate > 4 * PROBE_TOKENS:  # a small step is far below the target: time more
         # One sequence, so no longer than the context: positions past it are garbage.
         n = min(estimate, cap, max_model_len)
         _prefill_seconds(runner, n)  # a new shape: kernels compile on its first run (GPU)
-        large = _prefill_seconds(runner, n)
-        per_token = max((large - small) / (n - PROBE_TOKENS), 1e-9)
+        base = _prefill_seconds(runner, n)
+        per_token = max((base - small) / (n - PROBE_TOKENS), 1e-9)
         overhead = max(small - per_token * PROBE_TOKENS, 0.0)
         estimate = int(max(TARGET_STEP_S - overhead, 0.0) / per_token)
+        wanted = KEY_PROBE_KEYS
     tokens = max(floor, min(cap, estimate))
-    # The key probe's tokens: on a fast device a whole budget's, a step long enough that
-    # what keys cost stands out of the launches; on a slow one (whose floor may be 256
-    # tokens of seconds each) the small probe, whose step is already all compute.
-    n = min(tokens, max_model_len) if fast else PROBE_TOKENS
-    wanted = max(KEY_PROBE_CONTEXT - PROBE_TOKENS, KEY_PROBE_SPAN * n)
     context = min(wanted, max_model_len - n, slots - n)
     if tokens >= cap or context < 4 * PROBE_TOKENS:
         return StepBudget(tokens)
     # Once on a CPU, where nothing compiles for a new size (0.26 s of start-up on 2
     # cores); elsewhere the first run may build kernels for the new shapes.
     runs = 1 if mx.default_device() == mx.cpu else 2
-    base = small if n == PROBE_TOKENS else min(_prefill_seconds(runner, n) for _ in range(runs))
     late = min(_prefill_seconds(runner, n, context) for _ in range(runs))
     keys = keys_read(context, layer_windows)  # what the Scheduler charges for
     key_cost = max(late - base, 0.0) / (n * keys * max(per_token, 1e-9))
