@@ -13,6 +13,7 @@ into it in place shows here as time growing with the pool.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -146,7 +147,16 @@ def main() -> None:
         help="pad compiled decode steps to at least this many rows (8: MLX's CUDA build "
         "takes its tiled 4-bit matmul from 8 rows; block tables widen alike, harmlessly)",
     )
+    ap.add_argument(
+        "--target-blocks",
+        type=int,
+        default=0,
+        help="thread blocks the paged decode kernel aims a step's partitions at (default: "
+        "attention/cuda.py's TARGET_BLOCKS, 512): more, shorter partitions at long context",
+    )
     args = ap.parse_args()
+    if args.target_blocks:
+        cuda.paged_decode = functools.partial(cuda.paged_decode, target_blocks=args.target_blocks)
     if args.min_decode_rows:
         bucket = step_inputs.bucket
         step_inputs.bucket = lambda n: max(bucket(n), args.min_decode_rows)

@@ -128,6 +128,9 @@ PY
       run tests-verify 300 python3 -m pytest -q -p no:cacheprovider \
         tests/test_quantized_in_place.py tests/test_sliced_reads.py \
         tests/test_in_place_writes.py tests/test_cuda_kv_quant.py tests/test_compiled_decode.py
+      # The kernel launched as a compiled step (partitions sized from the contexts).
+      run tests-verify 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
+        -k compiled_step
       # The hybrid (Gated DeltaNet) model on CUDA's default path, engine against itself.
       run tests-verify 120 python3 -m pytest -q -p no:cacheprovider tests/test_hybrid.py \
         -k "chunked_prefill or preemption or forked_choices or run_of_one" 
@@ -159,6 +162,14 @@ PY
       run pad8-8b 120 env NANOVLLM_CUDA_QMV=0 python3 benchmarks/decode_probe.py \
         --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
         --configs 20:on:on:on --contexts 32,8192 --min-decode-rows 8 ;;
+    blocks-8b)
+      # The paged decode kernel's partitions: v15 read a warp's serial chain of loads as
+      # what bounds it at long context; more thread blocks make each chain shorter.
+      for blocks in 512 1024 2048; do
+        run blocks-8b 120 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
+          --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on \
+          --contexts 32,8192,32768 --target-blocks $blocks
+      done ;;
     prefill-8b)
       # Each prefill step's time and tokens for 4k and 16k prompts, with the key cost the
       # start-up measured and with none (v15: a launch-bound key probe cut 16k's chunks).

@@ -360,7 +360,8 @@ def kernel_and_gather(
     **kernel: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """attention/cuda.py's paged_decode of q [B, H, D] over cache (its block tables and
-    context lengths; `kernel`: paged_decode's benchmark knobs), and the gather path's on
+    context lengths; `kernel`: paged_decode's benchmark knobs, or capacity=True to launch
+    as a compiled step does, knowing only the tables' width), and the gather path's on
     the CPU in float32 over `reference` (default: the same cache), as float32 arrays."""
     bs, n_kv = cache.block_size, cache.k.shape[0]
     scale = q.shape[-1] ** -0.5
@@ -372,7 +373,7 @@ def kernel_and_gather(
         mx.array(contexts, dtype=mx.int32),
         bs,
         scale,
-        max(contexts),
+        tables.shape[1] * bs if kernel.get("capacity") else max(contexts),
         window,
         k_scales=cache.k_scales,
         v_scales=cache.v_scales,

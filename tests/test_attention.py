@@ -212,6 +212,28 @@ def test_cuda_decode_kernel_matches_gather_path(
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
 
 
+@pytest.mark.skipif(not cuda_attention.available(), reason="needs MLX's CUDA backend")
+@pytest.mark.parametrize("window", [None, 100])
+def test_cuda_decode_kernel_launched_as_a_compiled_step_matches_gather_path(window):
+    # A compiled step knows its tables' power-of-two width alone: the kernel sizes its
+    # partitions from the contexts on the device (tests/test_cuda_kernel_host.py).
+    rng = np.random.default_rng(2)
+    bs, num_blocks, width = 16, 512, 128  # 2,048 keys of capacity
+    contexts = [1, 17, 300, 1100, 5, 700]
+    cache = KVCache(
+        mx.array(rng.standard_normal((8, num_blocks * bs, 128))).astype(mx.float16),
+        mx.array(rng.standard_normal((8, num_blocks * bs, 128))).astype(mx.float16),
+        bs,
+    )
+    tables = random_tables(rng, contexts, bs, num_blocks)
+    tables = np.pad(tables, ((0, 0), (0, width - tables.shape[1])))
+    q = mx.array(rng.standard_normal((len(contexts), 32, 128))).astype(mx.float16)
+    with mx.stream(mx.cpu):
+        cpu_cache = KVCache(cache.k.astype(mx.float32), cache.v.astype(mx.float32), bs)
+    got, want = kernel_and_gather(q, cache, tables, contexts, window, cpu_cache, capacity=True)
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize(
     "n_heads,n_kv,head_dim,want",
     [
