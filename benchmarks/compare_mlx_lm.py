@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -289,7 +290,9 @@ def main() -> None:
     print(f"{'figure':42} {'ours':>10} {'mlx-lm':>10} {'ratio':>7}")
     summary = {}
     for figure, entry in results.items():
-        ours, theirs = statistics.median(entry["ours"]), statistics.median(entry["mlx_lm"])
+        # A failed mlx-lm round is NaN (theirs_batch): the median of the rounds that ran.
+        ran = [x for x in entry["mlx_lm"] if not math.isnan(x)] or [math.nan]
+        ours, theirs = statistics.median(entry["ours"]), statistics.median(ran)
         # For TTFT lower is better: report the speed-up the same way round as the others.
         lower_better = figure.startswith(("TTFT", "load"))
         ratio = theirs / ours if lower_better else ours / theirs

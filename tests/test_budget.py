@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
 import pytest
 
 from nanovllm_mlx.attention.metadata import PoolLayout
@@ -61,9 +60,11 @@ def test_a_fast_device_gets_the_cap_and_a_very_slow_one_the_floor(fake):
     very_slow = fake(overhead=0.5, per_token=0.05)
     assert budget.measure_step_budget(very_slow, 64, 8192).tokens == 64
     # No second probe (one small prefill said enough); then the key-cost probe, once on a
-    # CPU, twice (the first may build kernels) elsewhere.
-    runs = 1 if mx.default_device() == mx.cpu else 2
-    assert very_slow.calls == [16] * (2 + runs) and very_slow.contexts == [0, 0] + [496] * runs
+    # CPU, twice (the first may build kernels) on a GPU.
+    assert very_slow.calls == [16] * 3 and very_slow.contexts == [0, 0, 496]
+    slow_gpu = fake(overhead=0.5, per_token=0.05)
+    assert budget.measure_step_budget(slow_gpu, 64, 8192, gpu=True).tokens == 64
+    assert slow_gpu.calls == [16] * 4 and slow_gpu.contexts == [0, 0, 496, 496]
 
 
 def test_the_budget_never_exceeds_the_pool(fake):
@@ -83,9 +84,13 @@ def test_a_time_bound_budget_measures_what_cached_keys_cost(fake):
     runner = fake(overhead=0.0, per_token=0.001, per_key=0.001 / 500)
     got = budget.measure_step_budget(runner, 16, 4096)
     assert got.tokens == 250 and got.key_cost == pytest.approx(0.002, rel=1e-6)
-    # A fast device's probe: the larger prefill once more, after KEY_PROBE_KEYS keys (or
-    # what the context leaves).
-    assert max(runner.contexts) == min(budget.KEY_PROBE_KEYS, 4096 - 250)
+    assert max(c + n for c, n in zip(runner.contexts, runner.calls)) <= budget.KEY_PROBE_CONTEXT
+    # A GPU's probe: the larger prefill once more, after KEY_PROBE_KEYS keys (or what the
+    # context leaves), twice.
+    gpu = fake(overhead=0.0, per_token=0.001, per_key=0.001 / 500)
+    got = budget.measure_step_budget(gpu, 16, 4096, gpu=True)
+    assert got.tokens == 250 and got.key_cost == pytest.approx(0.002, rel=1e-6)
+    assert gpu.contexts[-2:] == [4096 - 250] * 2 and gpu.calls[-2:] == [250] * 2
     # Where the cap binds, a step is short anyway: no key-cost probe, tokens alone.
     fast = fake(0.001, 1e-7, per_key=1e-9)
     assert budget.measure_step_budget(fast, 16, 4096) == budget.StepBudget(budget.DEFAULT_CAP)
@@ -96,7 +101,7 @@ def test_a_time_bound_budget_measures_what_cached_keys_cost(fake):
 
 
 def test_the_key_cost_is_per_key_a_sliding_window_layer_reads(fake):
-    # Every layer slides over 100 keys: the probe after 3,846 reads 100 per token.
+    # Every layer slides over 100 keys: the probe after 496 reads 100 per token.
     runner = fake(overhead=0.0, per_token=0.001, per_key=0.001 / 500, window=100)
     got = budget.measure_step_budget(runner, 16, 4096, layer_windows=(100, 100))
     assert got.key_cost == pytest.approx(0.002, rel=1e-6)
@@ -115,7 +120,7 @@ def test_a_launch_bound_probe_does_not_take_noise_for_a_key_cost(fake):
         return run(batch, look_ahead)
 
     runner.run = jittery  # type: ignore[method-assign]
-    got = budget.measure_step_budget(runner, 16, 32768)
+    got = budget.measure_step_budget(runner, 16, 32768, gpu=True)
     assert got.tokens == pytest.approx(2450, abs=2)
     assert got.key_cost == pytest.approx(3e-5, rel=0.2)
     # The probe ran the larger prefill's tokens after KEY_PROBE_KEYS keys.
@@ -126,8 +131,17 @@ def test_a_launch_bound_probe_does_not_take_noise_for_a_key_cost(fake):
 
 def test_the_key_probe_stays_inside_the_context_and_the_pool(fake):
     runner = fake(overhead=0.005, per_token=1e-4, per_key=3e-9, num_blocks=400)  # 6,400 slots
-    budget.measure_step_budget(runner, 16, 32768)
-    assert max(c + n for c, n in zip(runner.contexts, runner.calls)) <= 6400
+    budget.measure_step_budget(runner, 16, 32768, gpu=True)
+    assert max(c + n for c, n in zip(runner.contexts, runner.calls)) == 6400
     runner = fake(overhead=0.005, per_token=1e-4, per_key=3e-9)
-    budget.measure_step_budget(runner, 16, 5000)
-    assert max(c + n for c, n in zip(runner.contexts, runner.calls)) <= 5000
+    budget.measure_step_budget(runner, 16, 5000, gpu=True)
+    assert max(c + n for c, n in zip(runner.contexts, runner.calls)) == 5000
+
+
+def test_a_fast_cpu_keeps_the_small_key_probe(fake):
+    # A CPU's 16 tokens are compute already; a larger prefill after 8,192 keys took 1.9 s
+    # on 2 cores (SmolLM2-135M), several times the step it sizes.
+    runner = fake(overhead=0.005, per_token=1e-4, per_key=3e-9)
+    budget.measure_step_budget(runner, 16, 32768)
+    late = [(c, n) for c, n in zip(runner.contexts, runner.calls) if c]
+    assert late == [(budget.KEY_PROBE_CONTEXT - budget.PROBE_TOKENS, budget.PROBE_TOKENS)]

@@ -14,6 +14,7 @@ from helpers import captured_logits, random_ids
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.loading import loader
 from nanovllm_mlx.loading.quantize import save_quantized
+from nanovllm_mlx.models import fusion
 
 ONE = SamplingParams(temperature=0.0, max_tokens=1)
 SMALL = {"kv_cache_gb": 0.02, "dtype": "float32"}
@@ -132,9 +133,14 @@ def test_an_mlx_community_checkpoint_loads_quantized_and_computes_its_weights(
     and the logits are those of the float model holding the dequantized weights."""
     kept = LLM(str(llama_q4_tiny), keep_quantized=True, **SMALL)
     layers = quantized_layers(kept.engine.model_runner.model)
-    assert {"embed_tokens", "lm_head", "layers.1.self_attn.k_proj", "layers.0.mlp.down_proj"} <= (
-        set(layers)
-    )
+    # On a GPU the engine joins q/k/v into one layer at load (models/fusion.py).
+    k_proj = "qkv_proj" if fusion.enabled() else "k_proj"
+    assert {
+        "embed_tokens",
+        "lm_head",
+        f"layers.1.self_attn.{k_proj}",
+        "layers.0.mlp.down_proj",
+    } <= (set(layers))
     assert {(m.bits, m.group_size) for m in layers.values()} == {(4, 64)}
     dequantized = LLM(str(llama_q4_tiny), keep_quantized=False, **SMALL)
     assert not quantized_layers(dequantized.engine.model_runner.model)

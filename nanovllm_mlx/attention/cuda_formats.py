@@ -22,7 +22,7 @@ VECTOR_LOADS = os.environ.get("NANOVLLM_KERNEL_VECTOR_LOADS")
 
 def vector_loads_for(k_fmt: KVFormat | None, v_fmt: KVFormat | None) -> bool:
     """Whether the kernel reads pools of these formats (None: float) with vector loads."""
-    if VECTOR_LOADS:
+    if VECTOR_LOADS in ("0", "1"):
         return VECTOR_LOADS == "1"
     return not any(f is not None and f.quantized for f in (k_fmt, v_fmt))
 

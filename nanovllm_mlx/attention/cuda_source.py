@@ -126,14 +126,15 @@ PARTIAL = """
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ctx = context_lens[b];
     // params[0]: the tokens a partition attends, or 0 where the launch knew only the
-    // block tables' capacity (a compiled step, traced once per power-of-two width): the
-    // batch's longest span, read here, is then split over the partitions, so none is
-    // left empty while the others each take twice the keys in turn.
+    // block tables' capacity (a compiled step, traced once per power-of-two width, of at
+    // most COMPILE_MAX_BATCH rows): the batch's longest span, read here, is then split
+    // over the partitions, so none is left empty while the others each take twice the
+    // keys in turn. A span never reaches past the tables, whatever a length says.
     int part_size = params[0];
     if (part_size == 0) {
         int longest = 1;
         for (int i = 0; i < gridDim.z; ++i) {
-            const int c = context_lens[i];
+            const int c = min(context_lens[i], block_tables_shape[1] * BS);
             longest = max(longest, params[1] > 0 ? min(c, params[1]) : c);
         }
         part_size = (longest + n_parts - 1) / n_parts;

@@ -193,6 +193,7 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
             max(config.max_num_seqs, PROBE_TOKENS),
             context,
             layer_windows=spec.layer_windows,
+            gpu=on_gpu,
         )
     laps.mark("budget")
     drafter = None

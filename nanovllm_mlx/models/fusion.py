@@ -69,4 +69,6 @@ def fuse_projections(model: nn.Module) -> int:
                 del module[part]
             mx.eval(joined.parameters())
             count += 1
+    # The parts' buffers would otherwise stay in MLX's buffer cache, held, not freed.
+    mx.clear_cache()
     return count

@@ -15,8 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import mlx.core as mx
-
 from nanovllm_mlx.engine.core.chunk_cost import keys_read
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
@@ -32,8 +30,10 @@ PROBE_TOKENS = 16
 # reads: on an H100 (Llama-3-8B shape, 4-bit) 496 keys added less than its jitter (0.56
 # ms in one sample, ~0 in the next three), and that jitter taken for a key cost cut a
 # 16k-token prompt's late chunks to a few hundred tokens (TTFT 8.6 s against mlx-lm's
-# 2.0). So a fast device probes with the larger prefill it has already timed, after
-# KEY_PROBE_KEYS keys, where they add several milliseconds.
+# 2.0). So a GPU whose small step is far below the target probes with the larger prefill
+# it has already timed, after KEY_PROBE_KEYS keys, where they add several milliseconds.
+# A CPU keeps the small probe: its 16 tokens are compute already, and a larger prefill
+# after 8,192 keys took 1.9 s on 2 cores (SmolLM2-135M).
 KEY_PROBE_CONTEXT = 512
 KEY_PROBE_KEYS = 8192
 
@@ -65,6 +65,7 @@ def measure_step_budget(
     max_model_len: int,
     cap: int = DEFAULT_CAP,
     layer_windows: tuple[int | None, ...] = (),
+    gpu: bool = False,
 ) -> StepBudget:
     """Tokens a step may compute so that it takes about TARGET_STEP_S here.
 
@@ -72,9 +73,10 @@ def measure_step_budget(
     every engine pays once anyway): a small prefill bounds the cost per token; if that
     allows more than a few dozen tokens, a prefill near the estimate separates the
     per-step overhead from the per-token cost. If the budget is then below the cap (time
-    binds it), the last of those prefills once more after cached keys (KEY_PROBE_CONTEXT,
-    or KEY_PROBE_KEYS after the larger one) gives the key cost. Costs about 4 x
-    TARGET_STEP_S on a slow device, a fraction of a second on a GPU."""
+    binds it), the small prefill once more after KEY_PROBE_CONTEXT cached keys (on a GPU
+    that timed the larger one: that, after KEY_PROBE_KEYS) gives the key cost. Costs
+    about 4 x TARGET_STEP_S on a slow device, a fraction of a second on a GPU. gpu: the
+    device is one (probes of new shapes then run twice, the first building kernels)."""
     floor = min(floor, cap)
     slots = runner.pool.num_blocks * runner.pool.block_size
     if slots < cap:
@@ -88,20 +90,22 @@ def measure_step_budget(
     n, base, wanted = PROBE_TOKENS, small, KEY_PROBE_CONTEXT - PROBE_TOKENS
     if estimate > 4 * PROBE_TOKENS:  # a small step is far below the target: time more
         # One sequence, so no longer than the context: positions past it are garbage.
-        n = min(estimate, cap, max_model_len)
-        _prefill_seconds(runner, n)  # a new shape: kernels compile on its first run (GPU)
-        base = _prefill_seconds(runner, n)
-        per_token = max((base - small) / (n - PROBE_TOKENS), 1e-9)
+        large_n = min(estimate, cap, max_model_len)
+        # A new shape, whose first run may build kernels (GPU): the faster of two runs, as
+        # the key probe takes, so that the two compare alike.
+        large = min(_prefill_seconds(runner, large_n) for _ in range(2))
+        per_token = max((large - small) / (large_n - PROBE_TOKENS), 1e-9)
         overhead = max(small - per_token * PROBE_TOKENS, 0.0)
         estimate = int(max(TARGET_STEP_S - overhead, 0.0) / per_token)
-        wanted = KEY_PROBE_KEYS
+        if gpu:
+            n, base, wanted = large_n, large, KEY_PROBE_KEYS
     tokens = max(floor, min(cap, estimate))
     context = min(wanted, max_model_len - n, slots - n)
     if tokens >= cap or context < 4 * PROBE_TOKENS:
         return StepBudget(tokens)
     # Once on a CPU, where nothing compiles for a new size (0.26 s of start-up on 2
-    # cores); elsewhere the first run may build kernels for the new shapes.
-    runs = 1 if mx.default_device() == mx.cpu else 2
+    # cores); on a GPU the first run may build kernels for the new shapes.
+    runs = 2 if gpu else 1
     late = min(_prefill_seconds(runner, n, context) for _ in range(runs))
     keys = keys_read(context, layer_windows)  # what the Scheduler charges for
     key_cost = max(late - base, 0.0) / (n * keys * max(per_token, 1e-9))
