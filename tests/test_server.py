@@ -212,11 +212,16 @@ def test_disconnect_mid_stream_frees_kv_blocks(base_url: str, client: openai.Ope
         stream=True,
         extra_body={"ignore_eos": True},
     )
-    for _, _chunk in zip(range(5), stream):
-        pass
-    busy = metrics(base_url)
-    assert busy["nanovllm_kv_blocks_used"] > idle["nanovllm_kv_blocks_used"]
-    stream.close()
+    try:
+        for _, _chunk in zip(range(5), stream):
+            pass
+        # /metrics reads a snapshot the engine publishes at most every PUBLISH_EVERY_S
+        # (50 ms): five chunks may come out sooner than that.
+        assert wait_for(
+            lambda: metrics(base_url)["nanovllm_kv_blocks_used"] > idle["nanovllm_kv_blocks_used"]
+        )
+    finally:
+        stream.close()  # a failure here must not leave the stream to the next test
     assert wait_for(
         lambda: metrics(base_url)["nanovllm_kv_blocks_used"] == idle["nanovllm_kv_blocks_used"]
     )
