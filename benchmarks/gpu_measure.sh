@@ -260,6 +260,12 @@ PY
         run "profile-$c" 150 python3 benchmarks/profile_step.py --model $GPT2 --dtype float16 \
           --batch 32 --compile-decode $c
       done ;;
+    metal-like-8b)
+      # Issue 22's kernel-off row (target >= 0.9x after 8k): what a Mac runs, our CUDA
+      # kernels off (the paged decode kernel and our 4-bit product), the joins on.
+      run metal-like-8b 300 env NANOVLLM_PAGED_KERNEL=0 NANOVLLM_CUDA_QMV=0 python3 \
+        benchmarks/compare_mlx_lm.py --model $L8B --dtype float16 --repeats 2 \
+        --contexts 32,8192 --ttft "" --decode-tokens 64 --batches "" --json ;;
     single-off)
       for m in $GPT2 $SMOL; do
         run single-off 200 python3 benchmarks/compare_mlx_lm.py --model $m --dtype float16 \
