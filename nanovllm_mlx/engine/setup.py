@@ -130,7 +130,7 @@ class _Laps:
 
     def mark(self, phase: str) -> None:
         now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self.seconds[phase] = now - self._last
         self._last = now
 
 
@@ -151,7 +151,8 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     for fmt in formats:
         check_head_dim(fmt, spec.head_dim)
     draft = load_draft(config, loaded, context) if config.speculative == "draft" else None
-    laps.mark("draft" if draft is not None else "pool")
+    if draft is not None:
+        laps.mark("draft")
     draft_per_block = 0
     if draft is not None:
         auto = (resolve("auto", draft.dtype),) * 2
