@@ -175,6 +175,16 @@ PY
       # start-up measured and with none (v15: a launch-bound key probe cut 16k's chunks).
       run prefill-8b 200 python3 benchmarks/prefill_probe.py --model $L8B \
         --lengths 4096,16384 --repeats 2 --key-costs measured,0 ;;
+    batch-8b)
+      # Every prefill step of compare-8b's 8-request workload (v16: 0.90x mlx-lm, 6.45 s
+      # of its ~10 s in steps that computed prompt tokens), rounds of seeds 0, 0, 1.
+      run batch-8b 200 python3 benchmarks/prefill_probe.py --model $L8B --batch 8 ;;
+    compare-8b-few)
+      # The 8-request row over two rounds, one stream after 32 tokens, TTFT 4k and 16k.
+      run compare-8b-few 280 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
+        --dtype float16 --contexts 32 --ttft 4096,16384 --decode-tokens 64 --batches 8 \
+        --batch-repeats 2 --min-input 256 --max-input 2048 --min-output 128 \
+        --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
     qmm-rows)
       run qmm-rows 200 python3 benchmarks/qmm_rows.py --rows 1,2,3,4,8,16,32,64 ;;
     vector-8b)

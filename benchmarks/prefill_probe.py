@@ -11,12 +11,19 @@ MLX's fused kernels (a float32 query, an array mask) shows by its signature. Las
 start-up's old key probe (16 tokens after 496 keys, against 16 after none) five times:
 on a GPU its difference is launch noise.
 
+--batch N runs compare_mlx_lm.py's batched workload of N requests instead, seeds 0, 0, 1
+(the second round repeats the first's shapes, so what a new shape builds shows as the
+difference), and prints every step that computed prompt tokens: its time, decode rows
+and prompt chunks (tokens@start), then the decode-only steps' count and median.
+
     python benchmarks/prefill_probe.py --model /tmp/fx/llama3-8b-q4 --lengths 4096,16384
+    python benchmarks/prefill_probe.py --model /tmp/fx/llama3-8b-q4 --batch 8
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import Counter
 
@@ -26,6 +33,7 @@ import mlx.core as mx
 # isort: on
 
 from nanovllm_mlx import LLM, SamplingParams
+from nanovllm_mlx.bench import fit_workload, make_workload
 from nanovllm_mlx.engine.runner import budget
 
 calls: Counter[str] = Counter()
@@ -56,6 +64,42 @@ def prefill_steps(llm: LLM, prompt: list[int]) -> list[tuple[float, int]]:
     return steps
 
 
+def batch_steps(llm: LLM, size: int, seed: int, vocab: int) -> None:
+    """One batched round (compare_mlx_lm.py's workload): each prefill step, then decode's."""
+    engine = llm.engine
+    workload = make_workload(size, 256, 2048, 128, 256, seed=seed, vocab_size=vocab)
+    workload, _ = fit_workload(workload, engine.max_model_len)
+    plans = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():  # type: ignore[no-untyped-def]
+        plan = schedule()
+        chunks = [(i.num_new_tokens, i.seq.num_computed_tokens) for i in plan.batch]
+        plans.append((sum(n == 1 for n, _ in chunks), [f"{n}@{s}" for n, s in chunks if n > 1]))
+        return plan
+
+    engine.scheduler.schedule = recording_schedule  # type: ignore[method-assign]
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n) for _, n in workload]
+    engine.add_requests([ids for ids, _ in workload], params)
+    times = []
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        s0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - s0)
+    total = time.perf_counter() - t0
+    engine.scheduler.schedule = schedule  # type: ignore[method-assign]
+    decode = [t for t, (_, chunks) in zip(times, plans) if not chunks]
+    prefill = [(t, p) for t, p in zip(times, plans) if p[1]]
+    print(
+        f"batch {size}, seed {seed}: {total:.2f} s, {len(times)} steps; prefill steps "
+        f"{sum(t for t, _ in prefill):.2f} s, decode-only {len(decode)} steps "
+        f"{sum(decode):.2f} s (median {1e3 * statistics.median(decode or [0]):.1f} ms)"
+    )
+    for t, (rows, chunks) in prefill:
+        print(f"  {1e3 * t:7.1f} ms  decode rows {rows:3d}  chunks {' '.join(chunks)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
@@ -63,11 +107,17 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,16384")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--key-costs", default="measured,0", help="'measured' or numbers")
+    ap.add_argument("--batch", type=int, default=0, help="N requests instead (see above)")
     args = ap.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
     print(nanovllm_mlx.backend.describe())
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=max(lengths) + 64)
+    # --batch: the model's context, as compare_mlx_lm.py, and no prefix cache, so that a
+    # round repeated computes all its prompts again.
+    max_len = None if args.batch else max(lengths) + 64
+    llm = LLM(
+        args.model, dtype=args.dtype, max_model_len=max_len, enable_prefix_caching=not args.batch
+    )
     cost = llm.engine.scheduler.cost
     measured = cost.key_cost
     print(
@@ -76,6 +126,10 @@ def main() -> None:
         f"(s): { {k: round(v, 2) for k, v in llm.engine.startup_s.items()} }"
     )
     vocab = min(llm.engine.vocab_size, 10_000)
+    if args.batch:
+        for seed in (0, 0, 1):
+            batch_steps(llm, args.batch, seed, llm.engine.vocab_size)
+        return
     mx.fast.scaled_dot_product_attention = recording_sdpa
     for round_, key_cost in enumerate(args.key_costs.split(",")):
         cost.key_cost = measured if key_cost == "measured" else float(key_cost)

@@ -168,6 +168,31 @@ def test_length_groups(context: list[int], groups: list[tuple[int, int]]):
     assert length_groups(np.array(context), 16) == groups
 
 
+def test_fused_prefill_reads_each_chunk_on_its_own_without_a_mask():
+    """Fused SDPA, full attention: every chunk of a step is its own causal read (no
+    [Bp, Lq, L] mask, no padding to the longest chunk), of its gathered blocks or, where
+    they are consecutive, of its pool slots in place; a sliding window and the matmul
+    path keep one padded, masked read."""
+    from nanovllm_mlx.attention.gather import CausalChunk, PrefillPlan
+    from nanovllm_mlx.attention.metadata import PrefillEntries
+
+    pool = PoolLayout(HKV, NUM_BLOCKS, BS)
+    entries = PrefillEntries(
+        starts=[0, 6, 3, 4],
+        lengths=[5, 9, 2, 6],
+        block_tables=[[7, 2], [4, 9, 1, 8], [3, 5], [10, 11, 12, 30]],
+    )
+    chunks = GatherAttention(fused=True).plan_prefill(entries, pool)
+    assert isinstance(chunks, list) and all(isinstance(c, CausalChunk) for c in chunks)
+    spans = [(c.begin, c.end, c.length, c.offset) for c in chunks]
+    assert spans == [(0, 5, 5, None), (5, 14, 15, None), (14, 16, 5, None), (16, 22, 10, 40)]
+    # The gathered read the blocks their keys fill (2, 4 and 2 of 4 slots, every head);
+    # the last chunk's keys fill blocks 10-12, consecutive: slots 40-49 in place.
+    assert [None if c.rows is None else c.rows.size for c in chunks] == [4, 8, 4, None]
+    for backend, window in ((GatherAttention(fused=True), 4), (GatherAttention(fused=False), None)):
+        assert isinstance(backend.plan_prefill(entries, pool, window), PrefillPlan)
+
+
 @pytest.mark.parametrize("batch,context", [(1, 1), (1, 1000), (128, 1024), (3, 77), (64, 33)])
 def test_decode_partitions_cover_every_token_once(batch: int, context: int):
     parts, size = cuda_attention.num_partitions(batch, 12, context)

@@ -281,10 +281,11 @@ def test_in_place_writes_are_on_by_default_on_cuda(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(cuda_attention, "available", lambda: True)
     monkeypatch.delenv("NANOVLLM_IN_PLACE_WRITES", raising=False)
     monkeypatch.delenv("NANOVLLM_KV_QUANT_KERNEL", raising=False)
+    monkeypatch.delenv("NANOVLLM_QUANTIZED_IN_PLACE", raising=False)
     assert cuda_write.enabled() and select_backend().writes_in_place
-    quantized = select_backend(quantized_kv=True)  # the kernel reads it, MLX writes it
+    quantized = select_backend(quantized_kv=True)  # the kernel reads it and writes it
     assert isinstance(quantized, cuda_attention.CudaPagedAttention)
-    assert not quantized.writes_in_place
+    assert quantized.writes_in_place
     assert not select_backend(sinks=True).writes_in_place  # the gather path's
     monkeypatch.setenv("NANOVLLM_IN_PLACE_WRITES", "0")
     assert not cuda_write.enabled() and not select_backend().writes_in_place

@@ -31,10 +31,11 @@ def test_which_caches_are_written_in_place(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("NANOVLLM_IN_PLACE_WRITES", raising=False)
     monkeypatch.delenv("NANOVLLM_KV_QUANT_KERNEL", raising=False)
     monkeypatch.delenv("NANOVLLM_QUANTIZED_IN_PLACE", raising=False)
-    assert not cuda_write.quantized_enabled()
+    assert cuda_write.quantized_enabled()  # the default
+    assert select_backend(quantized_kv=True).writes_in_place
+    monkeypatch.setenv("NANOVLLM_QUANTIZED_IN_PLACE", "0")
     assert not select_backend(quantized_kv=True).writes_in_place
     monkeypatch.setenv("NANOVLLM_QUANTIZED_IN_PLACE", "1")
-    assert select_backend(quantized_kv=True).writes_in_place
     monkeypatch.setenv("NANOVLLM_IN_PLACE_WRITES", "0")  # the switch of every in-place write
     assert not select_backend(quantized_kv=True).writes_in_place
 

@@ -1,5 +1,5 @@
 """A lone sequence's keys read in place (a view of the pool) by the gather backend: which
-steps are (and so run eager), and MLX's CUDA build.
+steps are (and so run eager), and MLX's CUDA build; and a prompt chunk's, causal.
 
 MLX sends a one-query SDPA over a view of a cache whose slot count is a multiple of 256
 to cuDNN's decode path, which reads every view from the cache's first slot (mlx-lm's
@@ -16,7 +16,7 @@ import pytest
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention import select_backend
 from nanovllm_mlx.attention.gather import GatherAttention
-from nanovllm_mlx.attention.metadata import DecodeEntries, KVCache, PoolLayout
+from nanovllm_mlx.attention.metadata import DecodeEntries, KVCache, PoolLayout, PrefillEntries
 from nanovllm_mlx.attention.paged import build_metadata, paged_attention
 
 H, HKV, D, BS = 8, 2, 128, 16
@@ -100,3 +100,34 @@ def test_lone_sequence_reads_its_own_keys(num_blocks: int, monkeypatch):
     w /= w.sum(-1, keepdims=True)
     want = np.einsum("hgt,htd->hgd", w, values).reshape(1, H * D)
     np.testing.assert_allclose(np.array(out, dtype=np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("num_blocks", [64, 65])
+def test_a_prompt_chunk_reads_its_consecutive_blocks_in_place(num_blocks: int):
+    """float16, head_dim 128: a 48-token chunk after 464 cached keys at block 16, read
+    causally from a view of the pool (on a GPU, cuDNN's prefill path; on the CPU, MLX's
+    fused SDPA), against each query's softmax over the keys up to its own."""
+    backend = GatherAttention(fused=True)
+    rng = np.random.default_rng(1)
+    slots, start, n, first = num_blocks * BS, 464, 48, 16
+    k_pool = rng.standard_normal((HKV, slots, D)).astype(np.float16)
+    v_pool = rng.standard_normal((HKV, slots, D)).astype(np.float16)
+    q = rng.standard_normal((n, H, D)).astype(np.float16)
+    cache = KVCache(mx.array(k_pool), mx.array(v_pool), BS)
+    pool = PoolLayout(HKV, num_blocks, BS)
+    table = list(range(first, first + -(-(start + n) // BS)))
+    entries = PrefillEntries([start], [n], [table])
+    meta = build_metadata(backend, pool, np.zeros(0, dtype=np.int64), None, entries)
+    (chunk,) = meta.prefill
+    assert chunk.rows is None and chunk.offset == first * BS  # read in place
+    out = np.array(paged_attention(mx.array(q), None, None, cache, meta, D**-0.5), np.float32)
+    keys = k_pool[:, first * BS : first * BS + start + n].astype(np.float32)
+    values = v_pool[:, first * BS : first * BS + start + n].astype(np.float32)
+    qh = q.astype(np.float32).reshape(n, HKV, H // HKV, D)
+    s = np.einsum("nhgd,htd->nhgt", qh, keys) / np.sqrt(D)
+    future = np.arange(start + n)[None, :] > (start + np.arange(n))[:, None]  # [n, keys]
+    s = np.where(future[:, None, None], -np.inf, s)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    want = np.einsum("nhgt,htd->nhgd", w, values).reshape(n, H * D)
+    np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)

@@ -95,10 +95,12 @@ def sliced_attention(
     length: int | None,
     scale: float,
     sinks: mx.array | None = None,
+    causal: bool = False,
 ) -> mx.array:
-    """q [1, 1, H, D] over pool slots [offset, offset + length) of every head, through
+    """q [1, Lq, H, D] over pool slots [offset, offset + length) of every head, through
     fused SDPA on strided views of the pools: nothing is copied (a quantized pool: only
-    these slots are dequantized)."""
+    these slots are dequantized). causal: the queries are the last Lq of those keys, each
+    seeing those up to its own (a prompt chunk)."""
     end = offset + (length or 0)
     turn_k, turn_v = cache.rotated
     keys = cache.read_slots(0, offset, end, q.dtype, rotated=True)[None]
@@ -106,6 +108,11 @@ def sliced_attention(
         keys, lambda: cache.read_slots(1, offset, end, q.dtype, rotated=True)[None]
     )
     o = mx.fast.scaled_dot_product_attention(
-        turn(q, turn_k).transpose(0, 2, 1, 3), keys, values, scale=scale, sinks=sinks
+        turn(q, turn_k).transpose(0, 2, 1, 3),
+        keys,
+        values,
+        scale=scale,
+        mask="causal" if causal else None,
+        sinks=sinks,
     )
     return turn(o.transpose(0, 2, 1, 3), turn_v)

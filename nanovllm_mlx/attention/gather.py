@@ -56,11 +56,27 @@ def contiguous_start(table: np.ndarray) -> int | None:
 
 @dataclass(slots=True)
 class PrefillPlan:
+    """Every chunk of the step padded to the longest and read together under a mask."""
+
     q_index: mx.array  # [Bp, Lq] index into the prefill tokens
     rows: mx.array  # [Hkv * Bp * nb] (PoolLayout.block_rows)
-    mask: mx.array | None  # [Bp, Lq, L]; None: causal over the first `length` keys
+    mask: mx.array  # [Bp, Lq, L]
     out_index: mx.array  # [Tp] index into the flattened [Bp * Lq]
-    length: int | None = None  # one chunk of full attention: the keys it sees
+
+
+@dataclass(slots=True)
+class CausalChunk:
+    """One sequence's chunk of full attention read on its own: prefill tokens [begin,
+    end) are the last of the first `length` keys of its blocks, each seeing those up to
+    its own, which fused SDPA's causal mode does without a mask array. Its blocks are
+    gathered (rows) or, where they are consecutive, read in place from pool slots
+    [offset, offset + length) (as a lone decode's: GatherAttention.slice_in_place)."""
+
+    begin: int
+    end: int
+    rows: mx.array | None  # [Hkv * nb] (PoolLayout.block_rows); None: read in place
+    length: int
+    offset: int | None = None
 
 
 def length_groups(context: np.ndarray, block_size: int) -> list[tuple[int, int]]:
@@ -150,7 +166,13 @@ class GatherAttention:
 
     def plan_prefill(
         self, entries: PrefillEntries, pool: PoolLayout, window: int | None = None
-    ) -> PrefillPlan:
+    ) -> PrefillPlan | list[CausalChunk]:
+        """Fused SDPA, full attention: each chunk on its own, causal. A [Bp, Lq, L] mask
+        costs its own bytes (MLX turns it into a float bias every layer) and pads every
+        chunk to the step's longest, and on CUDA each new mask shape is a new cuDNN graph
+        to build. Otherwise (matmuls, or a sliding window) all chunks padded and masked."""
+        if self.fused and window is None:
+            return self._causal_chunks(entries, pool)
         lengths = entries.lengths
         bp, lq = len(lengths), max(lengths)
         bs = pool.block_size
@@ -170,24 +192,32 @@ class GatherAttention:
             offset += n
         context = int((starts + np.array(lengths) - base).max())
         tables = block_tables(entries.block_tables, pool.num_table_blocks(context), first)
-        # One chunk of full attention sees exactly keys [0, start + n), its own last, so
-        # SDPA's causal mode applies: a [Lq, L] mask array costs its own bytes and, where
-        # the fused kernel takes no mask arrays, the unfused path.
-        causal = self.fused and bp == 1 and window is None
-        mask = None
-        if not causal:
-            keys = base[:, None, None] + np.arange(tables.shape[1] * bs)[None, None, :]
-            visible = keys <= q_pos[:, :, None]
-            if window is not None:
-                visible &= keys > q_pos[:, :, None] - window
-            mask = to_mx(visible)
+        keys = base[:, None, None] + np.arange(tables.shape[1] * bs)[None, None, :]
+        visible = keys <= q_pos[:, :, None]
+        if window is not None:
+            visible &= keys > q_pos[:, :, None] - window
         return PrefillPlan(
             q_index=to_mx(q_index),
             rows=pool.block_rows(tables),
-            mask=mask,
+            mask=to_mx(visible),
             out_index=to_mx(np.concatenate(out_index).astype(np.int32)),
-            length=context if causal else None,
         )
+
+    def _causal_chunks(self, entries: PrefillEntries, pool: PoolLayout) -> list[CausalChunk]:
+        chunks, begin = [], 0
+        sliced = self.slice_in_place(pool)
+        for table, start, n in zip(entries.block_tables, entries.starts, entries.lengths):
+            length = start + n  # a chunk of full attention sees keys [0, start + n)
+            blocks = block_tables([table], pool.num_table_blocks(length))
+            first = contiguous_start(blocks[0]) if sliced else None
+            if first is not None:
+                # A long prompt's later chunks read its earlier keys where they lie, rather
+                # than gathering the whole context again every chunk.
+                chunks.append(CausalChunk(begin, begin + n, None, length, first * pool.block_size))
+            else:
+                chunks.append(CausalChunk(begin, begin + n, pool.block_rows(blocks), length))
+            begin += n
+        return chunks
 
     def plan_decode_uniform(
         self, entries: DecodeEntries, pool: PoolLayout, width: int
@@ -235,15 +265,25 @@ class GatherAttention:
         self,
         q: mx.array,
         cache: KVCache,
-        plan: PrefillPlan,
+        plan: PrefillPlan | list[CausalChunk],
         scale: float,
         sinks: mx.array | None = None,
     ) -> mx.array:
+        if isinstance(plan, list):
+            outs = []
+            for c in plan:
+                qc = q[None, c.begin : c.end]
+                if c.rows is None:
+                    assert c.offset is not None  # a chunk is read in place or gathered
+                    oc = sliced_attention(qc, cache, c.offset, c.length, scale, sinks, True)
+                else:
+                    oc = gathered_attention(
+                        qc, cache, c.rows, None, scale, c.length, self.fused, True, sinks
+                    )
+                outs.append(oc.reshape(c.end - c.begin, -1))
+            return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         bp, lq = plan.q_index.shape
-        qp = q[plan.q_index] if bp > 1 else q[None]
-        causal = plan.length is not None
         o = gathered_attention(
-            qp, cache, plan.rows, plan.mask, scale, plan.length, self.fused, causal, sinks
+            q[plan.q_index], cache, plan.rows, plan.mask, scale, fused=self.fused, sinks=sinks
         )
-        o = o.reshape(bp * lq, -1)
-        return o[plan.out_index] if bp > 1 else o
+        return o.reshape(bp * lq, -1)[plan.out_index]
