@@ -33,7 +33,11 @@ PROMPTS = [random_ids(n, seed=n) for n in (70, 5, 1, 37)]
 )
 def test_batched_run_matches_transformers(fixture: str, request: pytest.FixtureRequest):
     path = request.getfixturevalue(fixture)
-    check_batched_parity(path, PROMPTS, STEPS, max_num_batched_tokens=40)
+    # smollm3_tiny's float32 logits are up to 8.5e-5 from float64's in transformers itself
+    # (make_fixtures' noise check), so two float32 runs may differ by twice that: with
+    # transformers 5.25 one logit of 50,257 missed 1e-4 by 1.7e-5.
+    atol = 2e-4 if fixture == "smollm3_tiny" else 1e-4
+    check_batched_parity(path, PROMPTS, STEPS, atol=atol, max_num_batched_tokens=40)
 
 
 def test_layer_windows_are_declared(gemma3_tiny: Path, phi3_tiny: Path):

@@ -31,11 +31,10 @@ def select_backend(
     implement (untested on a GPU, so not written): such models take the gather path with
     fused SDPA, which has them, on CUDA too.
 
-    On CUDA, all-decode steps over float pools write their K/V in place
-    (attention/cuda_write.py; NANOVLLM_IN_PLACE_WRITES=0 turns it off)."""
+    On CUDA, all-decode steps write their K/V in place (attention/cuda_write.py; a
+    quantized pool's rows quantized by cuda_quantize's kernel; NANOVLLM_IN_PLACE_WRITES=0
+    turns it off, NANOVLLM_QUANTIZED_IN_PLACE=0 for quantized pools alone)."""
     if cuda.available() and not (latent or sinks or (quantized_kv and not cuda.reads_quantized())):
-        # Quantized pools are written in place (quantized by cuda_quantize's kernel) only
-        # with cuda_write.quantized_enabled (not yet run on a GPU); else by MLX's scatter.
         in_place = cuda_write.quantized_enabled() if quantized_kv else cuda_write.enabled()
         return cuda.CudaPagedAttention(in_place=in_place)
     return GatherAttention(fused=mx.default_device() != mx.cpu, cudnn_views=cuda.on_gpu())

@@ -168,9 +168,9 @@ class GatherAttention:
         self, entries: PrefillEntries, pool: PoolLayout, window: int | None = None
     ) -> PrefillPlan | list[CausalChunk]:
         """Fused SDPA, full attention: each chunk on its own, causal. A [Bp, Lq, L] mask
-        costs its own bytes (MLX turns it into a float bias every layer) and pads every
-        chunk to the step's longest, and on CUDA each new mask shape is a new cuDNN graph
-        to build. Otherwise (matmuls, or a sliding window) all chunks padded and masked."""
+        costs its own bytes (MLX turns it into a float bias every layer), pads every
+        chunk to the step's longest, and on CUDA makes each step's shapes a cuDNN graph of
+        their own. Otherwise (matmuls, or a sliding window) all chunks padded and masked."""
         if self.fused and window is None:
             return self._causal_chunks(entries, pool)
         lengths = entries.lengths
@@ -203,13 +203,17 @@ class GatherAttention:
             out_index=to_mx(np.concatenate(out_index).astype(np.int32)),
         )
 
-    def _causal_chunks(self, entries: PrefillEntries, pool: PoolLayout) -> list[CausalChunk]:
+    @staticmethod
+    def _causal_chunks(entries: PrefillEntries, pool: PoolLayout) -> list[CausalChunk]:
+        # Every chunk may be read in place, whatever cudnn_views says: MLX's cuDNN path
+        # misreads views only for one query, and a prompt chunk has two or more (a lone
+        # token is a decode entry: step_inputs.prepare).
         chunks, begin = [], 0
-        sliced = self.slice_in_place(pool)
         for table, start, n in zip(entries.block_tables, entries.starts, entries.lengths):
+            assert n > 1, "a one-token chunk is read as a decode"
             length = start + n  # a chunk of full attention sees keys [0, start + n)
             blocks = block_tables([table], pool.num_table_blocks(length))
-            first = contiguous_start(blocks[0]) if sliced else None
+            first = contiguous_start(blocks[0])
             if first is not None:
                 # A long prompt's later chunks read its earlier keys where they lie, rather
                 # than gathering the whole context again every chunk.
@@ -283,7 +287,9 @@ class GatherAttention:
                 outs.append(oc.reshape(c.end - c.begin, -1))
             return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         bp, lq = plan.q_index.shape
+        qp = q[plan.q_index] if bp > 1 else q[None]  # one chunk: no padding to index
         o = gathered_attention(
-            q[plan.q_index], cache, plan.rows, plan.mask, scale, fused=self.fused, sinks=sinks
+            qp, cache, plan.rows, plan.mask, scale, fused=self.fused, sinks=sinks
         )
-        return o.reshape(bp * lq, -1)[plan.out_index]
+        o = o.reshape(bp * lq, -1)
+        return o[plan.out_index] if bp > 1 else o
