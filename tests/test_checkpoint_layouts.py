@@ -93,9 +93,10 @@ def test_mlx_community_layout_dequantized_on_cpu(name: str, mlx_lm_checkpoint):
     assert [o["token_ids"] for o in llm.generate(PROMPTS, greedy)] == want
 
 
-def test_per_layer_quantization_is_kept(mlx_lm_checkpoint):
+def test_per_layer_quantization_is_kept(mlx_lm_checkpoint, monkeypatch: pytest.MonkeyPatch):
     """mlx-lm gives Qwen3-MoE's routers 8 bits next to 4-bit experts (per-layer entries in
     config.json); the engine builds each layer with its own bits and mode."""
+    monkeypatch.setenv("NANOVLLM_FUSE_PROJECTIONS", "0")  # the layers as loaded, not joined
     path, _ = mlx_lm_checkpoint("qwen3_moe-mxfp4")
     config = json.loads((path / "config.json").read_text())
     assert config["quantization"]["model.layers.0.mlp.gate"]["bits"] == 8
@@ -192,10 +193,13 @@ def test_short_names_of_the_new_families_are_distinct_repos():
     assert len({n.lower() for n in local}) == len(repos)
 
 
-def test_qwen3_moe_q4_fixture_is_mlx_community_layout(qwen3_moe_q4_tiny: Path):
+def test_qwen3_moe_q4_fixture_is_mlx_community_layout(
+    qwen3_moe_q4_tiny: Path, monkeypatch: pytest.MonkeyPatch
+):
     """The MLX-alone twin of the lazy qwen3-30b-a3b-q4 benchmark fixture: mlx-lm reads it
     as its own (same greedy tokens), the engine keeps experts 4-bit and routers 8-bit, and
     kept-quantized logits are those of the dequantized model."""
+    monkeypatch.setenv("NANOVLLM_FUSE_PROJECTIONS", "0")  # the experts as loaded, not joined
     import numpy as np
     from helpers import captured_logits
 

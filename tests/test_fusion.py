@@ -1,7 +1,8 @@
 """Projections joined at load (models/fusion.py, NANOVLLM_FUSE_PROJECTIONS=1): an engine
 computes the same logits and tokens with q/k/v and gate/up joined as without, float and
-quantized, compiled and eager, for Llama, Qwen3 (its own q/k norms) and gpt-oss (its own
-attention); parts that differ are never joined."""
+quantized, compiled and eager, for Llama, Qwen3 (its own q/k norms), gpt-oss (its own
+attention, biased experts in MXFP4) and the mixtures of experts (experts' gate and up
+joined per expert); parts that differ are never joined."""
 
 from __future__ import annotations
 
@@ -39,19 +40,26 @@ def run(path: Path, fused: bool, monkeypatch: pytest.MonkeyPatch, **engine: Any)
         ("qwen3_tiny", {}),
         ("llama_q4_tiny", {"keep_quantized": True}),
         ("gpt_oss_tiny", {}),
+        ("gpt_oss_tiny_mxfp4", {}),
+        ("qwen3_moe_tiny", {}),
+        ("qwen3_moe_q4_tiny", {}),
+        ("deepseek_v3_q4_tiny", {}),
     ],
-    ids=["llama", "llama-compiled", "qwen3", "llama-4bit-kept", "gpt-oss"],
-)
+    ids=[
+        "llama", "llama-compiled", "qwen3", "llama-4bit-kept", "gpt-oss", "gpt-oss-mxfp4",
+        "qwen3-moe", "qwen3-moe-4bit", "deepseek-v3-4bit",
+    ],
+)  # fmt: skip
 def test_joined_projections_compute_what_the_parts_did(
     fixture: str, engine: dict, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ):
     path = request.getfixturevalue(fixture)
     tokens, seen, names = run(path, False, monkeypatch, **engine)
-    assert "qkv_proj" not in names
+    assert "qkv_proj" not in names and "gate_up_proj" not in names
     fused_tokens, fused_seen, fused_names = run(path, True, monkeypatch, **engine)
-    assert "qkv_proj" in fused_names and "q_proj" not in fused_names
-    if fixture != "gpt_oss_tiny":  # its MLP is experts: nothing to join there
-        assert "gate_up_proj" in fused_names and "up_proj" not in fused_names
+    if fixture != "deepseek_v3_q4_tiny":  # latent attention: no q/k/v to join
+        assert "qkv_proj" in fused_names and "q_proj" not in fused_names
+    assert "gate_up_proj" in fused_names and "up_proj" not in fused_names
     assert fused_tokens == tokens
     assert len(fused_seen) == len(seen)
     for a, b in zip(fused_seen, seen):
@@ -83,3 +91,18 @@ def test_a_joined_layer_is_its_parts_side_by_side():
     want = mx.concatenate([p(x) for p in parts], axis=-1)
     assert mx.array_equal(joined(x), want).item()
     assert parts[0].weight.shape == (64, 16)  # the parts are left as they were
+
+
+def test_experts_are_joined_per_expert():
+    """An experts' layer's outputs are axis 1 of [experts, out, in]: joined there, each
+    expert's gate rows then its up rows, so every row routed to expert e gets both."""
+    from nanovllm_mlx.models.switch import SwitchLinear
+
+    gate, up = SwitchLinear(32, 16, 4), SwitchLinear(32, 8, 4)
+    joined = fusion.join_linears(gate, up)
+    assert joined is not None and joined.weight.shape == (4, 24, 32)
+    x = mx.random.normal((5, 1, 1, 32))
+    idx = mx.array([[3, 0], [1, 2], [0, 0], [2, 3], [1, 1]])
+    want = mx.concatenate([gate(x, idx), up(x, idx)], axis=-1)
+    assert mx.allclose(joined(x, idx), want, atol=1e-5).item()
+    assert fusion.join_linears(gate, SwitchLinear(32, 8, 3)) is None  # expert counts

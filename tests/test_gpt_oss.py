@@ -55,11 +55,13 @@ def test_layers_alternate_sliding_and_full_and_declare_sinks(gpt_oss_tiny: Path)
 
 
 def test_mxfp4_experts_stay_quantized_and_compute_the_float_weights(
-    gpt_oss_tiny: Path, gpt_oss_tiny_mxfp4: Path
+    gpt_oss_tiny: Path, gpt_oss_tiny_mxfp4: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """The Hub's MXFP4 blocks load as MLX mxfp4 (kept quantized where asked: the default on
     a GPU); they hold exactly the float fixture's weights, so the logits agree to rounding.
-    On CPU the default dequantizes them at load, to the same float weights."""
+    On CPU the default dequantizes them at load, to the same float weights. (Gate and up
+    as loaded: a GPU would join them, models/fusion.py, which test_fusion checks.)"""
+    monkeypatch.setenv("NANOVLLM_FUSE_PROJECTIONS", "0")
     one = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     # A fixed step budget (the default is measured): both runs batch the same rows.
     quantized = LLM(
@@ -221,7 +223,7 @@ def _ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def test_gguf_in_llama_cpps_layout_equals_the_hub_checkpoint(
-    gpt_oss_tiny_mxfp4: Path, tmp_path: Path
+    gpt_oss_tiny_mxfp4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """A GGUF as llama.cpp's converter writes gpt-oss (arch `gpt-oss`, experts MXFP4 with
     gate and up split, sinks as attn_sinks, the router as ffn_gate_inp, YaRN keys): the
@@ -287,6 +289,7 @@ def test_gguf_in_llama_cpps_layout_equals_the_hub_checkpoint(
     changed = {"swiglu_limit": 7.0, "bos_token_id": config["eos_token_id"]}
     (reference / "config.json").write_text(json.dumps({**config, **changed}))
     path = write_gguf(tmp_path / "g.gguf", reference, "gpt-oss", tensors, quant, extra)
+    monkeypatch.setenv("NANOVLLM_FUSE_PROJECTIONS", "0")  # count the experts as loaded
     llm = LLM(str(path), keep_quantized=True, **SMALL)  # as on a GPU: CPU dequantizes
     experts = [m for _, m in llm.engine.model_runner.model.named_modules()]
     assert sum(isinstance(m, QuantizedSwitchLinear) and m.mode == "mxfp4" for m in experts) == 12

@@ -5,7 +5,9 @@ against. Gathering a block is one contiguous row of the pool (head-major layout)
 MLX's gather copies with memcpy; each (head, sequence) pair then reads one contiguous
 [L, head_dim] matrix (the token-major layout cost 6-8x more on CPU at batch 32, measured
 in benchmarks/attention_layouts.py). Decode batches are read in up to MAX_GROUPS groups
-of similar context length, so that little of what is gathered is padding.
+of similar context length, so that little of what is gathered is padding. With fused
+SDPA, a lone decode or a prompt chunk whose blocks are consecutive skips the gather and
+reads a view of the pool.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Linear layers that read the same input joined into one product at load: Llama's q, k
-and v projections, and its MLP's gate and up (what a module class names in JOINABLE; its
-forward reads either form).
+and v projections, its MLP's gate and up, and a mixture of experts' gate and up (what a
+module class names in JOINABLE; its forward reads either form).
 
 A decode step then launches 4 products a layer instead of 7 (96 fewer launches a step for
 Llama 3 8B), and the narrow k/v products (1,024 rows) ride in a 6,144-row one: on an H100
@@ -34,8 +34,10 @@ def join_linears(*layers: nn.Module) -> nn.Module | None:
     """One layer of the parts' class whose output is their outputs concatenated (each
     parameter joined along its output rows), or None where the parts differ in class,
     quantization, parameters, dtypes or input width (a mixed-precision checkpoint's q in
-    4 bits beside v in 8)."""
+    4 bits beside v in 8). Outputs are axis 0 of every parameter, or the class's
+    JOIN_AXIS (experts' layers: [experts, out, ...])."""
     first = layers[0]
+    axis = getattr(type(first), "JOIN_AXIS", 0)
     kinds = {type(layer) for layer in layers}
     formats = {tuple(getattr(layer, name, None) for name in _FORMAT) for layer in layers}
     keys = {tuple(sorted(layer.keys())) for layer in layers}
@@ -46,9 +48,10 @@ def join_linears(*layers: nn.Module) -> nn.Module | None:
         parts = [layer[key] for layer in layers]
         if not all(isinstance(p, mx.array) for p in parts):
             return None
-        if len({p.dtype for p in parts}) > 1 or len({p.shape[1:] for p in parts}) > 1:
+        others = {p.shape[:axis] + p.shape[axis + 1 :] for p in parts}
+        if len({p.dtype for p in parts}) > 1 or len(others) > 1:
             return None
-        params[key] = mx.concatenate(parts, axis=0)
+        params[key] = mx.concatenate(parts, axis=axis)
     joined = copy.copy(first)
     joined.update(params)
     return joined

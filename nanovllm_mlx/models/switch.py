@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +23,9 @@ SORT_AT = 64
 class SwitchLinear(nn.Module):
     """num_experts linear maps in_dims -> out_dims, each row through its chosen ones
     (bias: one [out] bias per expert, as gpt-oss has)."""
+
+    # Every parameter is [experts, out, ...]: models/fusion.py joins outputs on axis 1.
+    JOIN_AXIS: ClassVar[int] = 1
 
     def __init__(self, in_dims: int, out_dims: int, num_experts: int, bias: bool = False):
         super().__init__()
@@ -57,6 +61,8 @@ class QuantizedSwitchLinear(nn.Module):
     """Experts stored quantized: affine (packed weights, scales and biases) or one of MLX's
     float modes (mxfp4, nvfp4, mxfp8: packed weights and uint8 scales, no biases), as
     gpt-oss's MXFP4 experts are."""
+
+    JOIN_AXIS: ClassVar[int] = 1  # as SwitchLinear's
 
     def __init__(
         self,
@@ -107,7 +113,11 @@ def silu_glu(gate: mx.array, up: mx.array) -> mx.array:
 
 class SwitchGLU(nn.Module):
     """The experts' down(act(gate(x), up(x))), weights [experts, out, in]; act is SwiGLU's
-    silu(gate) * up unless given (gpt-oss clamps it)."""
+    silu(gate) * up unless given (gpt-oss clamps it). models/fusion.py may join gate and
+    up into one gather product (each expert's rows side by side), as it joins a dense
+    MLP's: one launch a layer fewer, and x's rows gathered once."""
+
+    JOINABLE: ClassVar[dict[str, tuple[str, ...]]] = {"gate_up_proj": ("gate_proj", "up_proj")}
 
     def __init__(
         self,
@@ -136,7 +146,11 @@ class SwitchGLU(nn.Module):
         else:
             x, idx = x[:, None, None], indices
         sort = order is not None
-        h = self.activation(self.gate_proj(x, idx, sort), self.up_proj(x, idx, sort))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x, idx, sort), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x, idx, sort), self.up_proj(x, idx, sort)
+        h = self.activation(gate, up)
         y = self.down_proj(h, idx, sort).squeeze(-2)
         if order is None:
             return y

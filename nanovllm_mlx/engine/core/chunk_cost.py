@@ -5,7 +5,9 @@ measures key_cost (engine/runner/budget.py).
 A prompt chunk of n tokens costs n * (1 + key_cost * keys), keys being the cached keys
 each of its tokens reads (keys_read; those within the chunk are in the budget's own
 measurement), and at least the most that an earlier prompt chunk of the step reads: the
-prefill read pads every chunk of a step to the widest. Measured on 2 CPU cores
+matmul path's prefill read (the CPU's) pads every chunk of a step to the widest. (Fused
+SDPA reads each chunk on its own, so there this charges a later chunk a little more than
+it costs; key_cost is measured, and small, on a GPU.) Measured on 2 CPU cores
 (SmolLM2-135M, float32), a 2,000-token prompt prefilled at 150 tok/s at its start and 91
 tok/s on average; counting tokens alone, its late chunks made the steps of 8 streams
 sharing them twice as long as the early ones (inter-token latency p50 0.72 s, p99 1.13 s).
