@@ -72,7 +72,7 @@ class CausalChunk:
     end) are the last of the first `length` keys of its blocks, each seeing those up to
     its own, which fused SDPA's causal mode does without a mask array. Its blocks are
     gathered (rows) or, where they are consecutive, read in place from pool slots
-    [offset, offset + length) (as a lone decode's: GatherAttention.slice_in_place)."""
+    [offset, offset + length), a view of the pool as a lone decode's."""
 
     begin: int
     end: int

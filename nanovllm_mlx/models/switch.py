@@ -115,7 +115,7 @@ class SwitchGLU(nn.Module):
     """The experts' down(act(gate(x), up(x))), weights [experts, out, in]; act is SwiGLU's
     silu(gate) * up unless given (gpt-oss clamps it). models/fusion.py may join gate and
     up into one gather product (each expert's rows side by side), as it joins a dense
-    MLP's: one launch a layer fewer, and x's rows gathered once."""
+    MLP's: one launch a layer fewer."""
 
     JOINABLE: ClassVar[dict[str, tuple[str, ...]]] = {"gate_up_proj": ("gate_proj", "up_proj")}
 
