@@ -43,6 +43,36 @@ SMALL_KV = {"kv_cache_gb": SMALL_KV_GB}  # LLM / create_app keyword
 SMALL_KV_ARGS = ["--kv-cache-gb", str(SMALL_KV_GB)]  # the same on the command line
 
 
+def dense(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    start: int,
+    window: int | None = None,
+    sinks: np.ndarray | None = None,
+) -> np.ndarray:
+    """Causal attention of queries q [n, H, D] at positions start.. over keys k/v [T, Hkv,
+    D] at 0.. (the last `window` of them), in float64 -> [n, H * D]; GQA by repetition.
+    sinks [H]: one more logit per head in each softmax, whose weight is dropped
+    (transformers' gpt-oss eager attention)."""
+    n, n_heads, head_dim = q.shape
+    rep = n_heads // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    out = np.empty((n, n_heads, v.shape[-1]), dtype=np.float64)
+    for i in range(n):
+        p = start + i
+        lo = 0 if window is None else max(0, p - window + 1)
+        s = np.einsum("hd,thd->ht", q[i], k[lo : p + 1]) / np.sqrt(head_dim)
+        if sinks is not None:
+            s = np.concatenate([s, sinks[:, None]], axis=-1)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        if sinks is not None:
+            w = w[:, :-1]
+        out[i] = np.einsum("ht,thd->hd", w, v[lo : p + 1])
+    return out.reshape(n, -1)
+
+
 def random_ids(n: int, seed: int = 0) -> list[int]:
     """n seeded token ids, all below 50000: inside the GPT-2 vocabulary the fixtures share."""
     return np.random.default_rng(seed).integers(0, 50000, n).tolist()

@@ -4,7 +4,7 @@ cached prefix, all in one mixed batch with scattered block tables."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import kernel_and_gather, random_tables
+from helpers import dense, kernel_and_gather, random_tables
 
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention.gather import GatherAttention, length_groups
@@ -18,34 +18,6 @@ from nanovllm_mlx.sampling_params import SamplingParams
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 1024
 # float32 matmuls on a GPU run in TF32 (~1e-3 relative); the CPU computes in full float32.
 TOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
-
-
-def dense(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    start: int,
-    window: int | None = None,
-    sinks: np.ndarray | None = None,
-) -> np.ndarray:
-    """Causal attention of queries at positions start.. over keys 0.. (the last `window`
-    of them); GQA by repetition. sinks [H]: one more logit per head in each softmax, whose
-    weight is dropped (transformers' gpt-oss eager attention)."""
-    rep = H // HKV
-    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-    out = np.empty((q.shape[0], H, D), dtype=np.float64)
-    for i in range(q.shape[0]):
-        p = start + i
-        lo = 0 if window is None else max(0, p - window + 1)
-        s = np.einsum("hd,thd->ht", q[i], k[lo : p + 1]) / np.sqrt(D)
-        if sinks is not None:
-            s = np.concatenate([s, sinks[:, None]], axis=-1)
-        w = np.exp(s - s.max(-1, keepdims=True))
-        w /= w.sum(-1, keepdims=True)
-        if sinks is not None:
-            w = w[:, :-1]
-        out[i] = np.einsum("ht,thd->hd", w, v[lo : p + 1])
-    return out.reshape(q.shape[0], H * D)
 
 
 @pytest.mark.parametrize(

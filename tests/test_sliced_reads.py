@@ -12,6 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import dense
 
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention import select_backend
@@ -20,6 +21,12 @@ from nanovllm_mlx.attention.metadata import DecodeEntries, KVCache, PoolLayout, 
 from nanovllm_mlx.attention.paged import build_metadata, paged_attention
 
 H, HKV, D, BS = 8, 2, 128, 16
+
+
+def token_major(pool: np.ndarray, slot: int, length: int) -> np.ndarray:
+    """Pool slots [slot, slot + length) of every head as float32 [length, Hkv, D], as
+    helpers.dense takes keys and values."""
+    return pool[:, slot : slot + length].transpose(1, 0, 2).astype(np.float32)
 
 
 def lone_entries(first_block: int, context: int) -> DecodeEntries:
@@ -92,13 +99,8 @@ def test_lone_sequence_reads_its_own_keys(num_blocks: int, monkeypatch):
         backend, pool, np.zeros(0, dtype=np.int64), lone_entries(first, context), None
     )
     out = paged_attention(mx.array(q), None, None, cache, meta, D**-0.5)
-    keys = k_pool[:, first * BS : first * BS + context].astype(np.float32)
-    values = v_pool[:, first * BS : first * BS + context].astype(np.float32)
-    qh = q[0].astype(np.float32).reshape(HKV, H // HKV, D)
-    s = np.einsum("hgd,htd->hgt", qh, keys) / np.sqrt(D)
-    w = np.exp(s - s.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    want = np.einsum("hgt,htd->hgd", w, values).reshape(1, H * D)
+    keys, values = (token_major(p, first * BS, context) for p in (k_pool, v_pool))
+    want = dense(q.astype(np.float32), keys, values, context - 1)
     np.testing.assert_allclose(np.array(out, dtype=np.float32), want, atol=2e-2, rtol=2e-2)
 
 
@@ -122,13 +124,6 @@ def test_a_prompt_chunk_reads_its_consecutive_blocks_in_place(num_blocks: int):
     (chunk,) = meta.prefill
     assert chunk.rows is None and chunk.offset == first * BS  # read in place
     out = np.array(paged_attention(mx.array(q), None, None, cache, meta, D**-0.5), np.float32)
-    keys = k_pool[:, first * BS : first * BS + start + n].astype(np.float32)
-    values = v_pool[:, first * BS : first * BS + start + n].astype(np.float32)
-    qh = q.astype(np.float32).reshape(n, HKV, H // HKV, D)
-    s = np.einsum("nhgd,htd->nhgt", qh, keys) / np.sqrt(D)
-    future = np.arange(start + n)[None, :] > (start + np.arange(n))[:, None]  # [n, keys]
-    s = np.where(future[:, None, None], -np.inf, s)
-    w = np.exp(s - s.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    want = np.einsum("nhgt,htd->nhgd", w, values).reshape(n, H * D)
+    keys, values = (token_major(p, first * BS, start + n) for p in (k_pool, v_pool))
+    want = dense(q.astype(np.float32), keys, values, start)
     np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
