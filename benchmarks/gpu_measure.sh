@@ -122,6 +122,16 @@ PY
       done
       run verify-8b 60 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
         --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:off:on ;;
+    int8-8b)
+      # Issue 26's fixed cost a step: an int8 pool with q and the output turned by two
+      # [D, D] products (TURNS=0) and in the kernel (1), then also read with vector loads;
+      # a float16 pool last, same machine. One stream after 32 and 8,192 tokens.
+      for case in NANOVLLM_KERNEL_TURNS=0:int8 NANOVLLM_KERNEL_TURNS=1:int8 \
+          NANOVLLM_KERNEL_VECTOR_LOADS=1:int8 NANOVLLM_KERNEL_TURNS=1:auto; do
+        run int8-8b 90 env ${case%:*} python3 benchmarks/decode_probe.py --model $L8B \
+          --dtype float16 --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on \
+          --kv-cache-dtype ${case#*:}
+      done ;;
     tests-qip)
       run tests-qip 150 python3 -m pytest -q -p no:cacheprovider tests/test_quantized_in_place.py ;;
     tests-verify)

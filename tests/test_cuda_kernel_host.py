@@ -36,6 +36,7 @@ CASES = [
     ("int8", "int4", "float16", (32, 8, 128), None, False),
     ("int8", "int4", "float16", (32, 8, 128), None, True),
     ("int4", "int8", "float32", (4, 1, 256), 100, True),  # Gemma 3's heads
+    ("int8", "int8", "float32", (4, 2, 96), None, True),  # 3 dims a lane: turned outside
 ]
 
 

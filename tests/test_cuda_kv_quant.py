@@ -215,10 +215,13 @@ def test_turning_q_and_the_output_equals_attending_the_unturned_rows(kv):
     np.testing.assert_allclose(np.array(h.astype(mx.float32)), np.array(hadamard(d)), atol=4e-3)
 
 
+@pytest.mark.parametrize("in_kernel", [True, False])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-def test_decode_hands_the_kernel_the_pools_scales_and_turned_q(dtype):
+def test_decode_hands_the_kernel_the_pools_scales_and_turns(dtype, in_kernel, monkeypatch):
     """CudaPagedAttention.decode on a quantized cache, the kernel recorded instead of
-    run: what the GPU would get, checked on any machine."""
+    run: what the GPU would get, checked on any machine. The turns of q and the output
+    are the kernel's (RQ, RO), or with NANOVLLM_KERNEL_TURNS=0 two products around it."""
+    monkeypatch.setattr(cuda_attention, "TURNS_IN_KERNEL", in_kernel)
     tool = _tool()
     cache, _ = filled_cache((INT8, INT4), 2, 8, 16, 128)
     q = mx.array(np.random.default_rng(3).standard_normal((3, 8, 128))).astype(dtype)
@@ -238,9 +241,15 @@ def test_decode_hands_the_kernel_the_pools_scales_and_turned_q(dtype):
         mx.uint8, 4, True, 64
     )  # fmt: skip
     assert (template["T"], template["G"], template["GB"]) == (dtype, 4, 4)
+    assert template["RQ"] == int(in_kernel)
+    assert merge.template == (("T", dtype), ("D", 128), ("RO", int(in_kernel)))
     inputs = dict(zip(partial.input_names, partial.inputs))
     assert inputs["k_pool"] is cache.k and inputs["v_pool"] is cache.v
     assert inputs["k_scales"] is cache.k_scales and inputs["v_scales"] is cache.v_scales
+    assert "const int8_t* k_pool" in partial.source and "const uint8_t* v_pool" in partial.source
+    if in_kernel:
+        assert inputs["q"] is q
+        return
     turned = q @ mx.array(np.asarray(hadamard(128)), dtype=dtype)
     assert inputs["q"].dtype == dtype
     # The same product, though not bit for bit on a GPU (another matmul kernel's order).
@@ -249,8 +258,13 @@ def test_decode_hands_the_kernel_the_pools_scales_and_turned_q(dtype):
         np.array(turned.astype(mx.float32)),
         atol=0 if mx.default_device() == mx.cpu else 1e-2,
     )
-    assert "const int8_t* k_pool" in partial.source and "const uint8_t* v_pool" in partial.source
-    assert merge.template == (("T", dtype), ("D", 128))
+
+
+@pytest.mark.parametrize("vector_loads", [True, False])
+def test_the_kernel_turns_rows_it_can_lay_out(vector_loads):
+    # paged_turn's butterfly needs a lane's consecutive dims to be a power of two of them.
+    assert cuda_attention.turns_in_kernel(128, vector_loads)
+    assert cuda_attention.turns_in_kernel(96, vector_loads) is not vector_loads
 
 
 def test_a_float_cache_launches_as_before_with_placeholder_scales():

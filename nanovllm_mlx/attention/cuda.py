@@ -10,8 +10,9 @@ single sequence still fills the GPU, and a second small kernel merges the partit
 A quantized pool (--kv-cache-dtype int8/int4) is read as stored: the kernel dequantizes
 each row's codes in registers with its bfloat16 scales (attention/kv_quant.py's formats),
 so a decode step reads half (int8) or about a quarter (int4) of float16's bytes. Rows
-stored turned by the Hadamard transform stay turned: q is turned before the kernel and
-the output after (two [D, D] products per layer), as the gather path does (attend.py).
+stored turned by the Hadamard transform stay turned: the kernel turns q as it loads it
+and the merge turns the output back (cuda_source.TURN), where the gather path takes two
+[D, D] products a layer (attend.py); NANOVLLM_KERNEL_TURNS=0 takes those products here too.
 
 Prefill, and every other backend (CPU, Metal), use the pure-MLX gather path
 (attention/gather.py), which the CPU test suite exercises, and so do models with attention
@@ -65,6 +66,21 @@ def on_gpu() -> bool:
 def available() -> bool:
     """True when decode should use the kernel: on_gpu, unless NANOVLLM_PAGED_KERNEL=0."""
     return os.environ.get("NANOVLLM_PAGED_KERNEL", "1") != "0" and on_gpu()
+
+
+# Whether the kernel turns q and the output itself (RQ, RO) for pools stored turned,
+# rather than two [D, D] products around it: 64 launches a step fewer at Llama 3 8B's 32
+# layers. An int8 pool decoded 1.9 ms a step slower than float16 after 32 tokens, where
+# attention reads next to nothing (RESULTS.md v16); how much of that the products were
+# is not yet measured.
+TURNS_IN_KERNEL = os.environ.get("NANOVLLM_KERNEL_TURNS", "1") != "0"
+
+
+def turns_in_kernel(head_dim: int, vector_loads: bool) -> bool:
+    """Whether paged_turn can turn a row laid out this way: lane-strided always; a
+    lane's consecutive dims (vector loads) when there are a power of two of them."""
+    per_lane = head_dim // 32
+    return TURNS_IN_KERNEL and (not vector_loads or per_lane & (per_lane - 1) == 0)
 
 
 def reads_quantized() -> bool:
@@ -178,12 +194,16 @@ def paged_decode(
     k_fmt, v_fmt = formats or (None, None)
     pools = pool_template("K", k_pool, k_scales, k_fmt, head_dim)
     pools += pool_template("V", v_pool, v_scales, v_fmt, head_dim)
-    q = turn(q, k_fmt is not None and k_fmt.rotate)
+    turn_q, turn_out = (f is not None and f.rotate for f in (k_fmt, v_fmt))
+    if vector_loads is None:
+        vector_loads = vector_loads_for(k_fmt, v_fmt)
+    vector_loads = vector_loads and head_dim % 32 == 0
+    inside = turns_in_kernel(head_dim, vector_loads)
+    if not inside:
+        q, turn_q = turn(q, turn_q), False
     gb = group or heads_per_block(n_heads, n_kv, head_dim)
     span = max_context if window is None else min(max_context, window)
     parts, size = num_partitions(b, n_heads // gb, span, target_blocks)
-    if vector_loads is None:
-        vector_loads = vector_loads_for(k_fmt, v_fmt)
     partial, merge = _kernels()
     template = [("T", q.dtype), ("D", head_dim), ("BS", block_size), ("G", n_heads // n_kv)]
     part_out, part_m, part_l = partial(
@@ -201,7 +221,7 @@ def paged_decode(
         ],
         template=template
         + [("GB", gb), ("U", unroll), ("WARPS", WARPS), ("EV", int(early_values))]
-        + [("VL", int(vector_loads and head_dim % 32 == 0))]
+        + [("VL", int(vector_loads)), ("RQ", int(turn_q))]
         + pools,
         grid=(32 * WARPS * parts, n_heads // gb, b),
         threadgroup=(32 * WARPS, 1, 1),
@@ -211,13 +231,13 @@ def paged_decode(
     out: mx.array
     (out,) = merge(
         inputs=[part_out, part_m, part_l],
-        template=[("T", q.dtype), ("D", head_dim)],
+        template=[("T", q.dtype), ("D", head_dim), ("RO", int(turn_out and inside))],
         grid=(head_dim, n_heads, b),
         threadgroup=(head_dim, 1, 1),
         output_shapes=[(b, n_heads, head_dim)],
         output_dtypes=[q.dtype],
     )
-    return turn(out, v_fmt is not None and v_fmt.rotate)
+    return out if inside else turn(out, turn_out)
 
 
 @dataclass(slots=True)

@@ -29,39 +29,11 @@ from typing import Any
 
 import mlx.core as mx
 
+from nanovllm_mlx.attention.cuda_source import TURN
 from nanovllm_mlx.attention.kv_cache import KVCache
 from nanovllm_mlx.attention.kv_quant import OUTWARD, KVFormat
 
 HEADER = """
-// Orthonormal Hadamard transform of a lane-strided row (d = lane + 32 i) in blocks of N
-// (the largest power of two dividing D), as kv_quant.hadamard: a butterfly over each bit
-// of d below N: bits 0-4 across lanes, the others across a lane's registers.
-template <int D, int PL>
-__device__ __forceinline__ void turn_row(float (&x)[PL], int lane) {
-  constexpr int N = D & -D;
-#pragma unroll
-  for (int p = 1; p < N; p <<= 1) {
-    if (p < 32) {
-#pragma unroll
-      for (int i = 0; i < PL; ++i) {
-        const float o = __shfl_xor_sync(0xffffffff, x[i], p);
-        x[i] = (lane & p) ? o - x[i] : x[i] + o;
-      }
-    } else {
-      const int q = p / 32;
-#pragma unroll
-      for (int i = 0; i < PL; ++i)
-        if ((i & q) == 0) {
-          const float a = x[i], b = x[i + q];
-          x[i] = a + b;
-          x[i + q] = a - b;
-        }
-    }
-  }
-  const float norm = 1.0f / sqrtf(static_cast<float>(N));
-  for (int i = 0; i < PL; ++i) x[i] *= norm;
-}
-
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
   return x;
@@ -90,7 +62,7 @@ __device__ __forceinline__ void put_row(
     constexpr int NG = D / GS, STEPS = GS == D ? PL : GS / 32;
     constexpr int CW = D * BITS / 8, SW = NG * (AFF ? 2 : 1);
     constexpr float TOP = AFF ? float((1 << BITS) - 1) : float((1 << (BITS - 1)) - 1);
-    if constexpr (ROT) turn_row<D, PL>(x, lane);
+    if constexpr (ROT) paged_turn<D, PL, 0>(x, lane);
     float s[NG], b[NG];
     for (int g = 0; g < NG; ++g) {
       float hi = -INFINITY, lo = INFINITY;
@@ -165,7 +137,7 @@ def _kernel() -> Any:
         input_names=["k", "v", "rows", "k_pool", "v_pool", "k_scales", "v_scales"],
         output_names=["written"],
         source=SOURCE,
-        header=HEADER.replace("OUTWARD", OUTWARD_LITERAL),
+        header=TURN + HEADER.replace("OUTWARD", OUTWARD_LITERAL),
         ensure_row_contiguous=False,  # as cuda_write's: a copied pool would take the write
     )
 

@@ -5,9 +5,48 @@ PARTIAL reads a pool row with: one source for float and quantized pools (KVForma
 layouts, attention/kv_quant.py), chosen per pool by template constants (cuda.pool_template):
 KT the pool's element type, KB its code bits (0: float values), KA affine (a bias after
 the scales), KG the values a scale covers; VT/VB/VA/VG likewise for V. VL picks which
-dimensions a lane holds (paged_dim)."""
+dimensions a lane holds (paged_dim). RQ turns q in PARTIAL and RO the output in MERGE
+for pools stored turned by the Hadamard transform (TURN)."""
 
-HEADER = """
+TURN = """
+// Orthonormal Hadamard transform of one row (kv_quant.hadamard: Sylvester blocks of N,
+// the largest power of two dividing D, down the diagonal) whose dims a warp's lanes hold
+// as paged_dim lays them out (VL: PL consecutive dims a lane; else d = lane + 32 i). A
+// butterfly over each bit of d below N: across lanes (a shuffle) for a bit of the lane's
+// index, within a lane for a bit of the register's. The quantizing writer turns each new
+// row this way (cuda_quantize.py); the decode kernel turns q, as keys are stored turned.
+template <int D, int PL, int VL>
+__device__ __forceinline__ void paged_turn(float (&x)[PL], int lane) {
+  constexpr int N = D & -D;
+  static_assert(!VL || (PL & (PL - 1)) == 0, "a lane's consecutive dims: a power of two");
+#pragma unroll
+  for (int p = 1; p < N; p <<= 1) {
+    if (VL ? p >= PL : p < 32) {
+      const int lp = VL ? p / PL : p;
+#pragma unroll
+      for (int i = 0; i < PL; ++i) {
+        const float o = __shfl_xor_sync(0xffffffff, x[i], lp);
+        x[i] = (lane & lp) ? o - x[i] : x[i] + o;
+      }
+    } else {
+      const int q = VL ? p : p / 32;
+#pragma unroll
+      for (int i = 0; i < PL; ++i)
+        if ((i & q) == 0) {
+          const float a = x[i], b = x[i + q];
+          x[i] = a + b;
+          x[i + q] = a - b;
+        }
+    }
+  }
+  const float norm = 1.0f / sqrtf(static_cast<float>(N));
+  for (int i = 0; i < PL; ++i) x[i] *= norm;
+}
+"""
+
+HEADER = (
+    TURN
+    + """
 // Elements of one pool row, and of its scales row (bfloat16; affine: [scales, biases]).
 template <int D, int BITS>
 __host__ __device__ constexpr int paged_row_width() {
@@ -114,6 +153,7 @@ __device__ __forceinline__ void paged_row(
   }
 }
 """
+)
 
 PARTIAL = """
     const float NEG_INF = -__int_as_float(0x7f800000);
@@ -169,6 +209,10 @@ PARTIAL = """
         m[g] = NEG_INF;
         l[g] = 0.f;
     }
+    // RQ: keys stored turned (kv_quant's rotating formats) meet q turned here, in
+    // registers, rather than by a [D, D] product and its launch before the kernel.
+    if constexpr (RQ)
+        for (int g = 0; g < GB; ++g) paged_turn<D, PL, VL>(qv[g], lane);
     // Each warp takes U consecutive keys at a time (neighbouring rows of one block).
     for (int t0 = start + warp * U; t0 < end; t0 += WARPS * U) {
         float kr[U][PL], vr[U][PL], s[U][GB];
@@ -246,5 +290,20 @@ MERGE = """
         l_all += part_l[base + p] * e;
         o += part_out[(base + p) * D + d] * e;
     }
-    out[((long)b * gridDim.y + h) * D + d] = static_cast<T>(o / l_all);
+    float r = o / l_all;
+    // RO: values stored turned give a turned output, turned back here by the same
+    // butterfly as paged_turn, across the block's D threads through shared memory.
+    if constexpr (RO) {
+        __shared__ float row[D];
+        constexpr int N = D & -D;
+        for (int p = 1; p < N; p <<= 1) {
+            row[d] = r;
+            __syncthreads();
+            const float o2 = row[d ^ p];
+            r = (d & p) ? o2 - r : r + o2;
+            __syncthreads();
+        }
+        r *= 1.0f / sqrtf(static_cast<float>(N));
+    }
+    out[((long)b * gridDim.y + h) * D + d] = static_cast<T>(r);
 """
