@@ -221,7 +221,7 @@ def test_decode_hands_the_kernel_the_pools_scales_and_turns(dtype, in_kernel, mo
     """CudaPagedAttention.decode on a quantized cache, the kernel recorded instead of
     run: what the GPU would get, checked on any machine. The turns of q and the output
     are the kernel's (RQ, RO), or with NANOVLLM_KERNEL_TURNS=0 two products around it."""
-    monkeypatch.setattr(cuda_attention, "TURNS_IN_KERNEL", in_kernel)
+    monkeypatch.setattr(cuda_formats, "TURNS_IN_KERNEL", in_kernel)
     tool = _tool()
     cache, _ = filled_cache((INT8, INT4), 2, 8, 16, 128)
     q = mx.array(np.random.default_rng(3).standard_normal((3, 8, 128))).astype(dtype)
@@ -263,8 +263,8 @@ def test_decode_hands_the_kernel_the_pools_scales_and_turns(dtype, in_kernel, mo
 @pytest.mark.parametrize("vector_loads", [True, False])
 def test_the_kernel_turns_rows_it_can_lay_out(vector_loads):
     # paged_turn's butterfly needs a lane's consecutive dims to be a power of two of them.
-    assert cuda_attention.turns_in_kernel(128, vector_loads)
-    assert cuda_attention.turns_in_kernel(96, vector_loads) is not vector_loads
+    assert cuda_formats.turns_in_kernel(128, vector_loads)
+    assert cuda_formats.turns_in_kernel(96, vector_loads) is not vector_loads
 
 
 def test_a_float_cache_launches_as_before_with_placeholder_scales():

@@ -32,7 +32,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from nanovllm_mlx.attention.cuda_formats import pool_template, vector_loads_for
+from nanovllm_mlx.attention.cuda_formats import pool_template, turns_in_kernel, vector_loads_for
 from nanovllm_mlx.attention.cuda_quantize import no_scales
 from nanovllm_mlx.attention.cuda_source import HEADER, MERGE, PARTIAL
 from nanovllm_mlx.attention.cuda_write import unwritten, write_in_place
@@ -66,21 +66,6 @@ def on_gpu() -> bool:
 def available() -> bool:
     """True when decode should use the kernel: on_gpu, unless NANOVLLM_PAGED_KERNEL=0."""
     return os.environ.get("NANOVLLM_PAGED_KERNEL", "1") != "0" and on_gpu()
-
-
-# Whether the kernel turns q and the output itself (RQ, RO) for pools stored turned,
-# rather than two [D, D] products around it: 64 launches a step fewer at Llama 3 8B's 32
-# layers. An int8 pool decoded 1.9 ms a step slower than float16 after 32 tokens, where
-# attention reads next to nothing (RESULTS.md v16); how much of that the products were
-# is not yet measured.
-TURNS_IN_KERNEL = os.environ.get("NANOVLLM_KERNEL_TURNS", "1") != "0"
-
-
-def turns_in_kernel(head_dim: int, vector_loads: bool) -> bool:
-    """Whether paged_turn can turn a row laid out this way: lane-strided always; a
-    lane's consecutive dims (vector loads) when there are a power of two of them."""
-    per_lane = head_dim // 32
-    return TURNS_IN_KERNEL and (not vector_loads or per_lane & (per_lane - 1) == 0)
 
 
 def reads_quantized() -> bool:

@@ -1,6 +1,7 @@
 """How the CUDA decode kernel (attention/cuda.py) reads each pool format: the template
-constants that select cuda_source.HEADER's row reader for a float, int8 or int4 pool, and
-whether a lane loads its values of a row as one word."""
+constants that select cuda_source.HEADER's row reader for a float, int8 or int4 pool,
+whether a lane loads its values of a row as one word, and whether the kernel turns q and
+the output for rows stored turned."""
 
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ def vector_loads_for(k_fmt: KVFormat | None, v_fmt: KVFormat | None) -> bool:
     if VECTOR_LOADS in ("0", "1"):
         return VECTOR_LOADS == "1"
     return not any(f is not None and f.quantized for f in (k_fmt, v_fmt))
+
+
+# Whether the kernel turns q and the output itself (RQ, RO) for pools stored turned,
+# rather than two [D, D] products around it: 64 launches a step fewer at Llama 3 8B's 32
+# layers. An int8 pool decoded 1.9 ms a step slower than float16 after 32 tokens, where
+# attention reads next to nothing (RESULTS.md v16); how much of that the products were
+# is not yet measured.
+TURNS_IN_KERNEL = os.environ.get("NANOVLLM_KERNEL_TURNS", "1") != "0"
+
+
+def turns_in_kernel(head_dim: int, vector_loads: bool) -> bool:
+    """Whether paged_turn can turn a row laid out this way: lane-strided always; a
+    lane's consecutive dims (vector loads) when there are a power of two of them."""
+    per_lane = head_dim // 32
+    return TURNS_IN_KERNEL and (not vector_loads or per_lane & (per_lane - 1) == 0)
 
 
 def pool_template(
