@@ -16,6 +16,7 @@ from cuda_host import on_the_host
 from helpers import filled_cache, kernel_and_gather, random_tables
 
 from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention import cuda_formats
 from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, resolve
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
@@ -40,9 +41,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("turns", [False, True], ids=["turned-around", "turned-inside"])
 @pytest.mark.parametrize("k,v,dtype,shape,window,vector", CASES)
 def test_the_kernel_on_the_host_reads_as_the_gather_path(
     host_kernels,
+    monkeypatch: pytest.MonkeyPatch,
+    turns: bool,
     k: str,
     v: str,
     dtype: str,
@@ -50,6 +54,9 @@ def test_the_kernel_on_the_host_reads_as_the_gather_path(
     window: int | None,
     vector: bool,
 ):
+    if turns and "int" not in k + v:
+        pytest.skip("float pools are not stored turned")
+    monkeypatch.setattr(cuda_formats, "TURNS_IN_KERNEL", turns)
     compute = getattr(mx, dtype)
     n_heads, n_kv, d = shape
     formats: tuple[KVFormat, KVFormat] = (

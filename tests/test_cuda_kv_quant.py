@@ -82,9 +82,12 @@ KERNEL_CASES = [
 
 
 @GPU
+@pytest.mark.parametrize("turns", [False, True], ids=["turned-around", "turned-inside"])
 @pytest.mark.parametrize("vector", [False, True], ids=["strided", "vector"])
 @pytest.mark.parametrize("k,v,dtype,shape,bs,window,unroll", KERNEL_CASES)
 def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
+    monkeypatch: pytest.MonkeyPatch,
+    turns: bool,
     k: str,
     v: str,
     dtype: str,
@@ -95,7 +98,10 @@ def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
     vector: bool,
 ):
     """The same pools read by both: only float rounding differs (the gather path
-    dequantizes in float32 here, the kernel in registers), not the quantization error."""
+    dequantizes in float32 here, the kernel in registers), not the quantization error.
+    turns: q and the output turned by the kernel (cuda_formats.turns_in_kernel) or by
+    two products around it."""
+    monkeypatch.setattr(cuda_formats, "TURNS_IN_KERNEL", turns)
     compute = getattr(mx, dtype)
     n_heads, n_kv, head_dim = shape
     formats = (_format(k, compute), _format(v, compute))
@@ -261,7 +267,8 @@ def test_decode_hands_the_kernel_the_pools_scales_and_turns(dtype, in_kernel, mo
 
 
 @pytest.mark.parametrize("vector_loads", [True, False])
-def test_the_kernel_turns_rows_it_can_lay_out(vector_loads):
+def test_the_kernel_turns_rows_it_can_lay_out(vector_loads, monkeypatch):
+    monkeypatch.setattr(cuda_formats, "TURNS_IN_KERNEL", True)
     # paged_turn's butterfly needs a lane's consecutive dims to be a power of two of them.
     assert cuda_formats.turns_in_kernel(128, vector_loads)
     assert cuda_formats.turns_in_kernel(96, vector_loads) is not vector_loads
