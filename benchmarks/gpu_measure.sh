@@ -125,10 +125,15 @@ PY
     int8-8b)
       # Issue 26's fixed cost a step: an int8 pool with q and the output turned by two
       # [D, D] products (TURNS=0) and in the kernel (1), then also read with vector loads;
-      # a float16 pool last, same machine. One stream after 32 and 8,192 tokens.
+      # a float16 pool last, same machine. One stream after 32 and 8,192 tokens. The GPU
+      # cases of both first (a fresh machine's NVRTC builds every variant they meet).
+      run int8-8b 200 python3 -m pytest -q -x -p no:cacheprovider --tb=short \
+        tests/test_cuda_kv_quant.py -k "reads_quantized_pools and turned-inside"
       for case in NANOVLLM_KERNEL_TURNS=0:int8 NANOVLLM_KERNEL_TURNS=1:int8 \
-          NANOVLLM_KERNEL_VECTOR_LOADS=1:int8 NANOVLLM_KERNEL_TURNS=1:auto; do
-        run int8-8b 90 env ${case%:*} python3 benchmarks/decode_probe.py --model $L8B \
+          NANOVLLM_KERNEL_TURNS=1,NANOVLLM_KERNEL_VECTOR_LOADS=1:int8 \
+          NANOVLLM_KERNEL_TURNS=0:auto; do
+        vars=${case%:*}
+        run int8-8b 90 env ${vars//,/ } python3 benchmarks/decode_probe.py --model $L8B \
           --dtype float16 --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on \
           --kv-cache-dtype ${case#*:}
       done ;;
