@@ -137,6 +137,26 @@ PY
           --dtype float16 --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on \
           --kv-cache-dtype ${case#*:}
       done ;;
+    hybrid-diag)
+      # v16: the hybrid fixture's engine fails at start-up on CUDA (cudaGraphAddKernelNode:
+      # invalid argument) in the step budget's long prefill. Which part: the chunked
+      # recurrence alone at growing lengths, then the engine with MLX's CUDA graphs off.
+      run hybrid-diag 120 python3 - <<'PY'
+import mlx.core as mx
+from nanovllm_mlx.models.gated_delta import chunked
+for n in (64, 512, 1024, 2048, 4096):
+    q, k, v = (mx.random.normal((4, n, 8)) for _ in range(3))
+    g, beta = -mx.random.uniform(shape=(4, n)), mx.random.uniform(shape=(4, n))
+    try:
+        mx.eval(chunked(q, k, v, g, beta, mx.zeros((4, 8, 8))))
+        print(n, "tokens: ok", flush=True)
+    except RuntimeError as e:
+        print(n, "tokens:", e, flush=True)
+PY
+      for graphs in 1 0; do
+        run hybrid-diag 120 env MLX_USE_CUDA_GRAPHS=$graphs python3 -m pytest -q -x \
+          -p no:cacheprovider --tb=line tests/test_hybrid.py -k chunked_prefill
+      done ;;
     tests-qip)
       run tests-qip 150 python3 -m pytest -q -p no:cacheprovider tests/test_quantized_in_place.py ;;
     tests-verify)
