@@ -221,7 +221,9 @@ PY
     batch-8b)
       # Every prefill step of compare-8b's 8-request workload (v16: 0.90x mlx-lm, 6.45 s
       # of its ~10 s in steps that computed prompt tokens), rounds of seeds 0, 0, 1.
-      run batch-8b 200 python3 benchmarks/prefill_probe.py --model $L8B --batch 8 ;;
+      run batch-8b 200 python3 benchmarks/prefill_probe.py --model $L8B --batch 8
+      # The 64-request row (v16: 3.52x mlx-lm, target 4x): its steps alike.
+      run batch-8b 240 python3 benchmarks/prefill_probe.py --model $L8B --batch 64 ;;
     compare-8b-few)
       # The 8-request row over two rounds, one stream after 32 tokens, TTFT 4k and 16k.
       run compare-8b-few 280 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \

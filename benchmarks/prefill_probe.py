@@ -98,6 +98,19 @@ def batch_steps(llm: LLM, size: int, seed: int, vocab: int) -> None:
     )
     for t, (rows, chunks) in prefill:
         print(f"  {1e3 * t:7.1f} ms  decode rows {rows:3d}  chunks {' '.join(chunks)}")
+    # Decode-only steps by their rows: what a step of each batch size costs (the bucket it
+    # pads to, its first trace included in the largest of them).
+    by_rows: dict[int, list[float]] = {}
+    for t, (rows, chunks) in zip(times, plans):
+        if not chunks:
+            by_rows.setdefault(rows, []).append(t)
+    print(
+        "  decode-only steps by rows: "
+        + ", ".join(
+            f"{rows}: {len(ts)} x {1e3 * statistics.median(ts):.1f} ms (max {1e3 * max(ts):.0f})"
+            for rows, ts in sorted(by_rows.items(), reverse=True)
+        )
+    )
 
 
 def main() -> None:
