@@ -282,6 +282,14 @@ PY
     anatomy-8b)
       run anatomy-8b 160 python3 benchmarks/step_anatomy.py --model $L8B --dtype float16 \
         --contexts 32,8192 --kv-cache-gb 20 ;;
+    anatomy-int8)
+      # Issue 26's ~1.9 ms a step: our compiled step on a float16 and an int8 pool, each
+      # step's kernels through CUPTI (the turns as products, then in the kernel).
+      for t in 0 1; do
+        run anatomy-int8 200 env NANOVLLM_KERNEL_TURNS=$t python3 benchmarks/step_anatomy.py \
+          --model $L8B --dtype float16 --contexts 32,8192 --kv-cache-gb 20 --skip-mlx-lm \
+          --compiled-only --kv-cache-dtypes $([ $t = 0 ] && echo auto,int8 || echo int8)
+      done ;;
     compare-8b-single)
       run compare-8b-single 580 python3 benchmarks/compare_mlx_lm.py --model $L8B \
         --dtype float16 --contexts 32,2048,8192,32768 --ttft 4096,16384 --batches "" \

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import statistics
 import time
 from collections import defaultdict
@@ -207,6 +208,10 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=8)
     ap.add_argument("--kv-cache-gb", type=float, default=None)
     ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument(
+        "--kv-cache-dtypes", default="auto", help="ours, one engine each: auto,int8,..."
+    )
+    ap.add_argument("--compiled-only", action="store_true", help="ours: skip the eager run")
     args = ap.parse_args()
     print(nanovllm_mlx.backend.describe())
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -230,18 +235,20 @@ def main() -> None:
         del model
         gc.collect()
         mx.clear_cache()
-    for compiled in (True, False):
+    ways = (True,) if args.compiled_only else (True, False)
+    for kv_dtype, compiled in itertools.product(args.kv_cache_dtypes.split(","), ways):
         llm = LLM(
             args.model,
             dtype=args.dtype,
             kv_cache_gb=args.kv_cache_gb,
+            kv_cache_dtype=kv_dtype,
             max_model_len=max_len,
             compile_decode=compiled,
         )
         runner = llm.engine.model_runner
-        label = "compiled" if runner.compile_decode else "eager"
+        label = ("compiled" if runner.compile_decode else "eager") + f" {kv_dtype}"
         print(
-            f"ours, asked {'compiled' if compiled else 'eager'}: runs {label}, "
+            f"ours, asked {'compiled' if compiled else 'eager'}, KV {kv_dtype}: runs {label}, "
             f"backend {runner.backend.name}, start-up timings {runner.compile_ms}"
         )
         vocab = llm.engine.vocab_size
