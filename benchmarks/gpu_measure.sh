@@ -213,6 +213,11 @@ PY
           --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on \
           --contexts 32,8192,32768 --target-blocks $blocks
       done ;;
+    tests-prefill)
+      # Prompt chunks read each on its own (causal SDPA, in place where consecutive) on
+      # the GPU's fused paths, against dense attention.
+      run tests-prefill 150 python3 -m pytest -q -p no:cacheprovider --tb=short \
+        tests/test_attention.py -k "paged_matches_dense and (cuda-kernel or gather-sdpa)" ;;
     prefill-8b)
       # Each prefill step's time and tokens for 4k and 16k prompts, with the key cost the
       # start-up measured and with none (v15: a launch-bound key probe cut 16k's chunks).
