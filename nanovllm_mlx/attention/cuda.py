@@ -10,10 +10,10 @@ single sequence still fills the GPU, and a second small kernel merges the partit
 A quantized pool (--kv-cache-dtype int8/int4) is read as stored: the kernel dequantizes
 each row's codes in registers with its bfloat16 scales (attention/kv_quant.py's formats),
 so a decode step reads half (int8) or about a quarter (int4) of float16's bytes. Rows
-stored turned by the Hadamard transform stay turned: q is turned before the kernel and
-the output after, by two [D, D] products a layer as the gather path does (attend.py), or
-with NANOVLLM_KERNEL_TURNS=1 by the kernel as it loads q and by the merge
-(cuda_source.TURN; cuda_formats.turns_in_kernel).
+stored turned by the Hadamard transform stay turned: the kernel turns q as it loads it
+and the merge turns the output back (cuda_source.TURN; cuda_formats.turns_in_kernel),
+where the gather path takes two [D, D] products a layer (attend.py), as this launcher
+does with NANOVLLM_KERNEL_TURNS=0.
 
 Prefill, and every other backend (CPU, Metal), use the pure-MLX gather path
 (attention/gather.py), which the CPU test suite exercises, and so do models with attention

@@ -29,12 +29,11 @@ def vector_loads_for(k_fmt: KVFormat | None, v_fmt: KVFormat | None) -> bool:
 
 
 # Whether the kernel turns q and the output itself (RQ, RO) for pools stored turned,
-# rather than two [D, D] products around it: 64 launches a step fewer at Llama 3 8B's 32
-# layers. An int8 pool decoded 1.9 ms a step slower than float16 after 32 tokens, where
-# attention reads next to nothing (RESULTS.md v16); how much of that the products were
-# is not yet measured. Run on the host and compiled by nvcc, not yet on a GPU: off until
-# its GPU cases pass (tests/test_cuda_kv_quant.py); NANOVLLM_KERNEL_TURNS=1 turns it on.
-TURNS_IN_KERNEL = os.environ.get("NANOVLLM_KERNEL_TURNS") == "1"
+# rather than two [D, D] products around it (64 launches a step at Llama 3 8B's 32
+# layers). On an H100 (8B 4-bit, one stream, int8 pool; two runs with the products, five
+# with the kernel's turns) it took 215.5-220.8 tok/s to 268.2-270.4 after 32 tokens and
+# 195.1-196.3 to 199.4-201.8 after 8,192; its 48 GPU cases pass (RESULTS.md v17). NANOVLLM_KERNEL_TURNS=0 turns it off.
+TURNS_IN_KERNEL = os.environ.get("NANOVLLM_KERNEL_TURNS", "1") != "0"
 
 
 def turns_in_kernel(head_dim: int, vector_loads: bool) -> bool:
