@@ -32,7 +32,8 @@ def vector_loads_for(k_fmt: KVFormat | None, v_fmt: KVFormat | None) -> bool:
 # rather than two [D, D] products around it (64 launches a step at Llama 3 8B's 32
 # layers). On an H100 (8B 4-bit, one stream, int8 pool; two runs with the products, five
 # with the kernel's turns) it took 215.5-220.8 tok/s to 268.2-270.4 after 32 tokens and
-# 195.1-196.3 to 199.4-201.8 after 8,192; its 48 GPU cases pass (RESULTS.md v17). NANOVLLM_KERNEL_TURNS=0 turns it off.
+# 195.1-196.3 to 199.4-201.8 after 8,192; its 48 GPU cases pass (RESULTS.md v17).
+# NANOVLLM_KERNEL_TURNS=0 turns it off.
 TURNS_IN_KERNEL = os.environ.get("NANOVLLM_KERNEL_TURNS", "1") != "0"
 
 
