@@ -217,7 +217,8 @@ PY
       # Prompt chunks read each on its own (causal SDPA, in place where consecutive) on
       # the GPU's fused paths, against dense attention.
       run tests-prefill 150 python3 -m pytest -q -p no:cacheprovider --tb=short \
-        tests/test_attention.py -k "paged_matches_dense and (cuda-kernel or gather-sdpa)" ;;
+        tests/test_attention.py tests/test_chunk_shapes.py \
+        -k "paged_matches_dense and (cuda-kernel or gather-sdpa) or chunk" ;;
     prefill-8b)
       # Each prefill step's time and tokens for 4k and 16k prompts, with the key cost the
       # start-up measured and with none (v15: a launch-bound key probe cut 16k's chunks).
@@ -229,6 +230,24 @@ PY
       run batch-8b 200 python3 benchmarks/prefill_probe.py --model $L8B --batch 8
       # The 64-request row (v16: 3.52x mlx-lm, target 4x): its steps alike.
       run batch-8b 240 python3 benchmarks/prefill_probe.py --model $L8B --batch 64 ;;
+    buckets-8b)
+      # Prompt chunks' attention padded to a few shapes (attention/chunk_shapes.py), off
+      # then on: compare-8b's 8-request workload's prefill steps, rounds of new lengths.
+      for b in 0 1; do
+        run buckets-8b 200 env NANOVLLM_CHUNK_BUCKETS=$b python3 benchmarks/prefill_probe.py \
+          --model $L8B --batch 8
+      done ;;
+    rows-8b)
+      # v17: decode-only steps of 5-8 rows took 14.8-15.8 ms, of 3-4 rows 6.4-6.6. Each
+      # step's kernels (CUPTI) at 4 and 8 rows, 8 rows on MLX's matmul (the default) and on
+      # ours; mlx-lm's 8-row batch beside them.
+      run rows-8b 150 python3 benchmarks/step_anatomy.py --model $L8B --dtype float16 \
+        --contexts 512 --kv-cache-gb 20 --compiled-only --rows 8
+      for r in 4 8; do
+        run rows-8b 100 env NANOVLLM_QMV_ROWS=$r python3 benchmarks/step_anatomy.py \
+          --model $L8B --dtype float16 --contexts 512 --kv-cache-gb 20 --compiled-only \
+          --skip-mlx-lm --rows $r
+      done ;;
     compare-8b-few)
       # The 8-request row over two rounds, one stream after 32 tokens, TTFT 4k and 16k.
       run compare-8b-few 280 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \

@@ -1,7 +1,8 @@
 """Where one single-stream decode step's time goes, ours against mlx-lm's, on one model.
 
 For each engine, after a prompt of each --contexts length, --steps greedy decode steps are
-timed on the host, phase by phase:
+timed on the host, phase by phase (--rows: that many sequences of one length decode
+together, a batch of one length in mlx-lm's cache):
   - mlx-lm (its generate loop: build token t+1's graph, async_eval it, then wait for t):
     build, launch (the async_eval call: MLX encodes and launches the kernels on the
     calling thread), wait (.item()).
@@ -42,23 +43,29 @@ Phases = dict[str, list[float]]
 Around = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
-def prompt_of(length: int, vocab: int, salt: int) -> list[int]:
-    return [(i * 7919 + 104729 * salt) % min(vocab, 10_000) + 1 for i in range(length)]
+def prompts_of(length: int, vocab: int, salt: int, rows: int) -> list[list[int]]:
+    return [
+        [(i * 7919 + 104729 * (salt * 64 + r)) % min(vocab, 10_000) + 1 for i in range(length)]
+        for r in range(rows)
+    ]
 
 
 # mlx-lm ------------------------------------------------------------------------------------
 
 
-def theirs(model, prompt: list[int], steps: int, around: Around = contextlib.nullcontext) -> Phases:
-    """mlx-lm's generate_step pipelining, with timers between its calls; `around` wraps
-    the timed steps alone (the profiler)."""
+def theirs(
+    model, prompts: list[list[int]], steps: int, around: Around = contextlib.nullcontext
+) -> Phases:
+    """mlx-lm's generate_step pipelining, with timers between its calls, over a batch of
+    prompts of one length (its cache's batch dimension); `around` wraps the timed steps
+    alone (the profiler)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    logits = model(mx.array(prompt)[None], cache=cache)
+    logits = model(mx.array(prompts), cache=cache)
     y = mx.argmax(logits[:, -1], axis=-1)
     mx.async_eval(y)  # type: ignore[no-untyped-call]
-    y.item()
+    y.tolist()
     phases: Phases = defaultdict(list)
     with around():
         for _ in range(steps):
@@ -67,13 +74,13 @@ def theirs(model, prompt: list[int], steps: int, around: Around = contextlib.nul
             t1 = time.perf_counter()
             mx.async_eval(nxt)  # type: ignore[no-untyped-call]
             t2 = time.perf_counter()
-            y.item()
+            y.tolist()
             t3 = time.perf_counter()
             y = nxt
             for name, a, b in (("build", t0, t1), ("launch", t1, t2), ("wait", t2, t3)):
                 phases[name].append(b - a)
             phases["step"].append(t3 - t0)
-        y.item()
+        y.tolist()
     return phases
 
 
@@ -118,7 +125,7 @@ class Timers:
 
 
 def ours(
-    llm: LLM, prompt: list[int], steps: int, around: Around = contextlib.nullcontext
+    llm: LLM, prompts: list[list[int]], steps: int, around: Around = contextlib.nullcontext
 ) -> Phases:
     engine: LLMEngine = llm.engine
     runner = engine.model_runner
@@ -130,10 +137,12 @@ def ours(
     t.wrap(mr, "sample", "build")
     t.wrap(mr.mx, "async_eval", "launch")
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
-    engine.add_request(prompt, params)
+    for prompt in prompts:
+        engine.add_request(prompt, params)
     try:
-        while not any(out.token_ids for out in engine.step()):
-            pass  # the prompt's chunks, up to its first token
+        started: set[str] = set()
+        while len(started) < len(prompts):  # the prompts' chunks, up to their first tokens
+            started.update(out.request_id for out in engine.step() if out.token_ids)
         engine.step()
         t.current.clear()
         with around():
@@ -212,8 +221,10 @@ def main() -> None:
         "--kv-cache-dtypes", default="auto", help="ours, one engine each: auto,int8,..."
     )
     ap.add_argument("--compiled-only", action="store_true", help="ours: skip the eager run")
+    ap.add_argument("--rows", type=int, default=1, help="sequences decoding together")
     args = ap.parse_args()
-    print(nanovllm_mlx.backend.describe())
+    rows = args.rows
+    print(nanovllm_mlx.backend.describe(), f"| {rows} sequence(s) decoding together")
     contexts = [int(c) for c in args.contexts.split(",")]
     max_len = max(contexts) + args.steps + args.profile_steps + 64
     if not args.skip_mlx_lm:
@@ -223,12 +234,12 @@ def main() -> None:
         model.set_dtype(getattr(mx, args.dtype))
         vocab = model.args.vocab_size
         for c in contexts:
-            theirs(model, prompt_of(c, vocab, 1), 4)  # warm
-            report(f"mlx-lm after {c}", theirs(model, prompt_of(c, vocab, 2), args.steps))
+            theirs(model, prompts_of(c, vocab, 1, rows), 4)  # warm
+            report(f"mlx-lm after {c}", theirs(model, prompts_of(c, vocab, 2, rows), args.steps))
             device_view(
                 f"mlx-lm after {c}",
                 lambda around, c=c: theirs(
-                    model, prompt_of(c, vocab, 3), args.profile_steps, around
+                    model, prompts_of(c, vocab, 3, rows), args.profile_steps, around
                 ),
                 args.profile_steps,
             )
@@ -253,12 +264,12 @@ def main() -> None:
         )
         vocab = llm.engine.vocab_size
         for c in contexts:
-            ours(llm, prompt_of(c, vocab, 4), 4)  # warm this context's shapes
-            report(f"ours {label} after {c}", ours(llm, prompt_of(c, vocab, 5), args.steps))
+            ours(llm, prompts_of(c, vocab, 4, rows), 4)  # warm this context's shapes
+            report(f"ours {label} after {c}", ours(llm, prompts_of(c, vocab, 5, rows), args.steps))
             device_view(
                 f"ours {label} after {c}",
                 lambda around, c=c, llm=llm, vocab=vocab: ours(
-                    llm, prompt_of(c, vocab, 6), args.profile_steps, around
+                    llm, prompts_of(c, vocab, 6, rows), args.profile_steps, around
                 ),
                 args.profile_steps,
             )

@@ -40,12 +40,14 @@ TOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
     [
         GatherAttention(fused=False),  # the CPU path
         GatherAttention(fused=True),  # the GPU path's SDPA, which MLX also runs on CPU
+        # ... with prompt chunks padded to a few shapes, as on CUDA (chunk_shapes)
+        GatherAttention(fused=True, chunk_buckets=True),
         pytest.param(
             "cuda",
             marks=pytest.mark.skipif(not cuda_attention.available(), reason="needs CUDA"),
         ),
     ],
-    ids=["gather-matmul", "gather-sdpa", "cuda-kernel"],
+    ids=["gather-matmul", "gather-sdpa", "gather-sdpa-buckets", "cuda-kernel"],
 )
 @pytest.mark.parametrize("window", [None, 5, 9])
 @pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "contiguous"])
@@ -61,7 +63,7 @@ def test_paged_matches_dense(
     if backend == "cuda":
         if with_sinks:
             pytest.skip("the CUDA kernel has no sinks: select_backend routes them around it")
-        backend = cuda_attention.CudaPagedAttention()
+        backend = cuda_attention.CudaPagedAttention(chunk_buckets=True)  # as select_backend
     rng = np.random.default_rng(0)
     # Sinks around the scores' scale (std 1 here) and one far above it, where the sink
     # takes nearly all of a head's weight.

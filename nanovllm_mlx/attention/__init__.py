@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from nanovllm_mlx.attention import cuda, cuda_write
@@ -33,8 +35,13 @@ def select_backend(
 
     On CUDA, all-decode steps write their K/V in place (attention/cuda_write.py; a
     quantized pool's rows quantized by cuda_quantize's kernel; NANOVLLM_IN_PLACE_WRITES=0
-    turns it off, NANOVLLM_QUANTIZED_IN_PLACE=0 for quantized pools alone)."""
+    turns it off, NANOVLLM_QUANTIZED_IN_PLACE=0 for quantized pools alone).
+
+    On CUDA, prompt chunks' attention is padded to a few shapes (attention/chunk_shapes.py;
+    NANOVLLM_CHUNK_BUCKETS=0 turns it off)."""
+    buckets = cuda.on_gpu() and os.environ.get("NANOVLLM_CHUNK_BUCKETS", "1") != "0"
     if cuda.available() and not (latent or sinks or (quantized_kv and not cuda.reads_quantized())):
         in_place = cuda_write.quantized_enabled() if quantized_kv else cuda_write.enabled()
-        return cuda.CudaPagedAttention(in_place=in_place)
-    return GatherAttention(fused=mx.default_device() != mx.cpu, cudnn_views=cuda.on_gpu())
+        return cuda.CudaPagedAttention(in_place=in_place, chunk_buckets=buckets)
+    fused = mx.default_device() != mx.cpu
+    return GatherAttention(fused=fused, cudnn_views=cuda.on_gpu(), chunk_buckets=buckets)

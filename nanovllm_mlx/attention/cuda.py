@@ -243,8 +243,8 @@ class CudaPagedAttention(GatherAttention):
 
     name = "cuda-paged"
 
-    def __init__(self, in_place: bool = False) -> None:
-        super().__init__(fused=True)
+    def __init__(self, in_place: bool = False, chunk_buckets: bool = False) -> None:
+        super().__init__(fused=True, chunk_buckets=chunk_buckets)
         self.writes_in_place = in_place
 
     def write(

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from nanovllm_mlx.attention.attend import gathered_attention, sliced_attention
+from nanovllm_mlx.attention.chunk_shapes import padding
 from nanovllm_mlx.attention.metadata import (
     AttentionMetadata,
     DecodeEntries,
@@ -79,6 +80,9 @@ class CausalChunk:
     rows: mx.array | None  # [Hkv * nb] (PoolLayout.block_rows); None: read in place
     length: int
     offset: int | None = None
+    # Queries added before and (with as many keys) after the chunk: chunk_shapes.padding.
+    front: int = 0
+    back: int = 0
 
 
 def length_groups(context: np.ndarray, block_size: int) -> list[tuple[int, int]]:
@@ -117,9 +121,10 @@ class GatherAttention:
     name = "gather"
     writes_in_place = False
 
-    def __init__(self, fused: bool, cudnn_views: bool = False):
+    def __init__(self, fused: bool, cudnn_views: bool = False, chunk_buckets: bool = False):
         self.fused = fused
         self.cudnn_views = cudnn_views
+        self.chunk_buckets = chunk_buckets
 
     def slice_in_place(self, pool: PoolLayout) -> bool:
         """Whether a lone sequence whose blocks are consecutive is read in place."""
@@ -205,23 +210,25 @@ class GatherAttention:
             out_index=to_mx(np.concatenate(out_index).astype(np.int32)),
         )
 
-    @staticmethod
-    def _causal_chunks(entries: PrefillEntries, pool: PoolLayout) -> list[CausalChunk]:
+    def _causal_chunks(self, entries: PrefillEntries, pool: PoolLayout) -> list[CausalChunk]:
         # Every chunk may be read in place, whatever cudnn_views says: MLX's cuDNN path
         # misreads views only for one query, and a prompt chunk has two or more (a lone
         # token is a decode entry: step_inputs.prepare).
-        chunks, begin = [], 0
+        chunks, begin, slots = [], 0, pool.num_blocks * pool.block_size
         for table, start, n in zip(entries.block_tables, entries.starts, entries.lengths):
             assert n > 1, "a one-token chunk is read as a decode"
-            length = start + n  # a chunk of full attention sees keys [0, start + n)
-            blocks = block_tables([table], pool.num_table_blocks(length))
-            first = contiguous_start(blocks[0])
-            if first is not None:
+            front, back = padding(start, n) if self.chunk_buckets else (0, 0)
+            # A chunk of full attention sees keys [0, start + n), and reads `back` more.
+            length = start + n + back
+            first = contiguous_start(block_tables([table], pool.num_table_blocks(start + n))[0])
+            if first is not None and first * pool.block_size + length <= slots:
                 # A long prompt's later chunks read its earlier keys where they lie, rather
                 # than gathering the whole context again every chunk.
-                chunks.append(CausalChunk(begin, begin + n, None, length, first * pool.block_size))
+                offset = first * pool.block_size
+                chunks.append(CausalChunk(begin, begin + n, None, length, offset, front, back))
             else:
-                chunks.append(CausalChunk(begin, begin + n, pool.block_rows(blocks), length))
+                rows = pool.block_rows(block_tables([table], pool.num_table_blocks(length)))
+                chunks.append(CausalChunk(begin, begin + n, rows, length, None, front, back))
             begin += n
         return chunks
 
@@ -279,6 +286,8 @@ class GatherAttention:
             outs = []
             for c in plan:
                 qc = q[None, c.begin : c.end]
+                if c.front or c.back:
+                    qc = mx.pad(qc, [(0, 0), (c.front, c.back), (0, 0), (0, 0)])
                 if c.rows is None:
                     assert c.offset is not None  # a chunk is read in place or gathered
                     oc = sliced_attention(qc, cache, c.offset, c.length, scale, sinks, True)
@@ -286,7 +295,8 @@ class GatherAttention:
                     oc = gathered_attention(
                         qc, cache, c.rows, None, scale, c.length, self.fused, True, sinks
                     )
-                outs.append(oc.reshape(c.end - c.begin, -1))
+                n = c.end - c.begin
+                outs.append(oc[0, c.front : c.front + n].reshape(n, -1))
             return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         bp, lq = plan.q_index.shape
         qp = q[plan.q_index] if bp > 1 else q[None]  # one chunk: no padding to index

@@ -48,8 +48,9 @@ MAX_ROWS = 8  # rows of x a launch takes: the M template constant (registers gro
 # Rows of x the layers send here: 4 rows took 0.21 ms a layer against MLX's 0.52, 8 rows
 # 0.30 against 0.15 (H100, benchmarks/logs/h100_qmm_rows_v14.log). 5-7 are unmeasured:
 # MLX runs them as it runs 2-4 (its one-row kernel, weights read again per row), and ours
-# at 8 rows already beats MLX's at 3 (0.40).
-ROUTED_ROWS = 7
+# at 8 rows already beats MLX's at 3 (0.40). NANOVLLM_QMV_ROWS (1 to MAX_ROWS) sets it, for
+# measuring.
+ROUTED_ROWS = min(max(int(os.environ.get("NANOVLLM_QMV_ROWS", "7")), 0), MAX_ROWS)
 
 
 def rows_per_warp(n_out: int) -> int:
