@@ -120,9 +120,10 @@ def test_the_scratch_block_is_never_handed_out(gpt2_tiny: Path):
 def test_the_start_up_warm_up_traces_a_bucket_and_touches_only_the_scratch_block(
     gpt2_tiny: Path,
 ):
-    """GPUs run it inside LLM(); here it is called by hand. Afterwards the one-sequence
-    bucket is traced, every pool differs from before in the scratch block's rows alone,
-    and the engine answers exactly as one that never warmed up."""
+    """GPUs run it inside LLM(); here it is called by hand, for up to 5 sequences.
+    Afterwards the buckets of 1, 2, 4 and 8 sequences are traced, every pool differs from
+    before in the scratch block's rows alone, and the engine answers exactly as one that
+    never warmed up."""
     prompts, params = workload(n=6)
     cold = LLM(str(gpt2_tiny), compile_decode=True, dtype="float32", **SMALL_KV)
     want = [o["token_ids"] for o in cold.generate(prompts, params)]
@@ -131,8 +132,8 @@ def test_the_start_up_warm_up_traces_a_bucket_and_touches_only_the_scratch_block
     runner = llm.engine.model_runner
     runner.caches[0].k = mx.random.normal(runner.caches[0].k.shape)  # no zeros to hide in
     before = [(np.array(c.k), np.array(c.v)) for c in runner.caches]
-    runner.warm_up()
-    assert len(runner.decode_buckets) == 1 and next(iter(runner.decode_buckets))[0] == 1
+    runner.warm_up(max_rows=5)
+    assert sorted(key[0] for key in runner.decode_buckets) == [1, 2, 4, 8]
     bs, scratch = runner.pool.block_size, runner.scratch_block
     outside = np.ones(runner.pool.num_blocks * bs, dtype=bool)
     outside[scratch * bs : (scratch + 1) * bs] = False

@@ -180,7 +180,7 @@ def _assemble(config: Config, parallel: TensorParallel | None) -> Parts:
     )
     laps.mark("pool")
     if on_gpu and not tp:
-        model_runner.warm_up(choose=config.compile_decode is None)
+        model_runner.warm_up(config.compile_decode is None, config.max_num_seqs)
         laps.mark("warm_up")
     runner: Runner = model_runner
     if parallel is not None:

@@ -161,27 +161,29 @@ class ModelRunner:
         hidden = self.model(step.input_ids, step.positions, self.layer_caches, step.meta)
         mx.eval(hidden, self.cache_arrays())
 
-    def warm_up(self, choose: bool = False) -> None:
+    def warm_up(self, choose: bool = False, max_rows: int = 1) -> None:
         """One decode step on the scratch block (which no sequence owns), compiled (when
         enabled) and eager, so that a first request's waits happen at start-up, as vLLM
         captures its graphs there: the trace and, on CUDA, NVRTC's kernel builds (a first
         request decoded at 15-46 tok/s on an H200 where later ones ran at ~100, 8B 4-bit).
+        Then one step of each larger batch bucket up to max_rows, which builds kernels of
+        its own (our 4-bit product's for its rows): a batch's first 4-row step took 2.4 s
+        on an H100 (benchmarks/logs/h100_llama3_8b_q4_v17_batch.log).
 
         choose: then time WARM_UP_RUNS more steps each way and keep compiling only if it
         was the faster: GPT-2 small's step took 2.64 ms compiled vs 3.71 eager on an H200,
         an 8B 4-bit one 9.5 vs 8.05 (benchmarks/profile_step.py)."""
-        seq = Sequence(-1, [0], SamplingParams(temperature=0.0), request_id="warm-up")
-        seq.block_table = [self.scratch_block]
-        batch = [ScheduledSeq(seq, 1)]
 
-        def timed(compiled: bool, runs: int) -> float:
+        def timed(compiled: bool, runs: int, rows: int = 1) -> float:
+            batch = []
+            for i in range(rows):
+                seq = Sequence(-1 - i, [0], SamplingParams(temperature=0.0), request_id="warm-up")
+                seq.block_table = [self.scratch_block]
+                batch.append(ScheduledSeq(seq, 1))
             times = []
             for _ in range(runs):
                 t0 = time.perf_counter()
-                if compiled:
-                    step = self._prepare_compiled(batch)
-                else:
-                    step = self._prepare_eager(batch)
+                step = self._prepare_compiled(batch) if compiled else self._prepare_eager(batch)
                 launched = self._launch(step, 0)
                 mx.eval(launched.tokens, self.cache_arrays())
                 times.append(time.perf_counter() - t0)
@@ -194,6 +196,10 @@ class ModelRunner:
             compiled_ms, eager_ms = (1e3 * timed(c, WARM_UP_RUNS) for c in ways)
             self.compile_ms = (compiled_ms, eager_ms)
             self.compile_decode = compiled_ms < eager_ms
+        rows = 2
+        while rows < 2 * max_rows:  # the buckets prepare_decode pads to, up to max_rows'
+            timed(self.compile_decode, 1, rows)
+            rows *= 2
 
     def _prepare(self, batch: list[ScheduledSeq], ahead: mx.array | None = None) -> PreparedStep:
         if (
