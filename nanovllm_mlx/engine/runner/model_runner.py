@@ -25,7 +25,7 @@ from nanovllm_mlx.attention.metadata import AttentionBackend, PoolLayout
 from nanovllm_mlx.attention.state import state_pools
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
-from nanovllm_mlx.engine.runner.compiled_decode import CompiledDecode
+from nanovllm_mlx.engine.runner.compiled_decode import COMPILE_MAX_BATCH, CompiledDecode
 from nanovllm_mlx.engine.runner.launch import Ahead, Launched, batch_key, bucket_key, start
 from nanovllm_mlx.engine.runner.step_inputs import (
     PreparedStep,
@@ -166,8 +166,8 @@ class ModelRunner:
         enabled) and eager, so that a first request's waits happen at start-up, as vLLM
         captures its graphs there: the trace and, on CUDA, NVRTC's kernel builds (a first
         request decoded at 15-46 tok/s on an H200 where later ones ran at ~100, 8B 4-bit).
-        Then one step of each larger batch bucket up to max_rows, which builds kernels of
-        its own (our 4-bit product's for its rows): a batch's first 4-row step took 2.4 s
+        Then one step of each larger batch bucket up to max_rows (and COMPILE_MAX_BATCH),
+        which builds kernels of its own (our 4-bit product's for its rows): a batch's first 4-row step took 2.4 s
         on an H100 (benchmarks/logs/h100_llama3_8b_q4_v17_batch.log).
 
         choose: then time WARM_UP_RUNS more steps each way and keep compiling only if it
@@ -196,8 +196,8 @@ class ModelRunner:
             compiled_ms, eager_ms = (1e3 * timed(c, WARM_UP_RUNS) for c in ways)
             self.compile_ms = (compiled_ms, eager_ms)
             self.compile_decode = compiled_ms < eager_ms
-        rows = 2
-        while rows < 2 * max_rows:  # the buckets prepare_decode pads to, up to max_rows'
+        rows = 2  # the buckets prepare_decode pads to, up to max_rows' (larger run eager)
+        while rows < 2 * min(max_rows, COMPILE_MAX_BATCH):
             timed(self.compile_decode, 1, rows)
             rows *= 2
 
