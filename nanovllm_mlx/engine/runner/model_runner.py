@@ -167,8 +167,8 @@ class ModelRunner:
         captures its graphs there: the trace and, on CUDA, NVRTC's kernel builds (a first
         request decoded at 15-46 tok/s on an H200 where later ones ran at ~100, 8B 4-bit).
         Then one step of each larger batch bucket up to max_rows (and COMPILE_MAX_BATCH),
-        which builds kernels of its own (our 4-bit product's for its rows): a batch's first 4-row step took 2.4 s
-        on an H100 (benchmarks/logs/h100_llama3_8b_q4_v17_batch.log).
+        which builds kernels of its own (our 4-bit product's for its rows): a batch's first
+        4-row step took 2.4 s on an H100 (benchmarks/logs/h100_llama3_8b_q4_v17_batch.log).
 
         choose: then time WARM_UP_RUNS more steps each way and keep compiling only if it
         was the faster: GPT-2 small's step took 2.64 ms compiled vs 3.71 eager on an H200,
