@@ -247,7 +247,9 @@ PY
         run rows-8b 100 env NANOVLLM_QMV_ROWS=$r python3 benchmarks/step_anatomy.py \
           --model $L8B --dtype float16 --contexts 512 --kv-cache-gb 20 --compiled-only \
           --skip-mlx-lm --rows $r
-      done ;;
+      done
+      # The products alone, joined as the engine runs them (v14 timed them unjoined).
+      run rows-8b 120 python3 benchmarks/qmm_rows.py --rows 1,4,8 --joined ;;
     compare-8b-few)
       # The 8-request row over two rounds, one stream after 32 tokens, TTFT 4k and 16k.
       run compare-8b-few 280 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \

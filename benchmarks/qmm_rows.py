@@ -9,7 +9,7 @@ build, our own kernel (models/cuda_qmv.py) beside MLX's, up to its MAX_ROWS rows
 the largest difference from MLX's result; and for one and eight rows, each projection
 alone, ours with 1, 2 and 4 weight rows a warp and 1 or 2 steps in flight.
 
-    python benchmarks/qmm_rows.py --rows 1,2,4,8,16,32,64 --dtype float16
+    python benchmarks/qmm_rows.py --rows 1,2,4,8,16,32,64 --dtype float16 [--joined]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ SHAPES = [
     ("up", 14336, 4096),
     ("down", 4096, 14336),
 ]
+# --joined: as the engine runs them on GPUs (models/fusion.py joins q/k/v and gate/up).
+JOINED = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 
 
 def timed(fn, repeats: int) -> float:
@@ -59,7 +61,10 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32, help="products chained per timing")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--joined", action="store_true", help="the engine's joined projections")
     args = ap.parse_args()
+    global SHAPES
+    SHAPES = JOINED if args.joined else SHAPES
     dtype = getattr(mx, args.dtype)
     weights = {}
     for name, n, k in SHAPES:
