@@ -95,6 +95,8 @@ def test_padded_chunks_read_what_unpadded_ones_read(kv: str, with_sinks: bool, d
     want = backend.prefill(q, cache, plain, d**-0.5, sinks)
     got = backend.prefill(q, cache, padded, d**-0.5, sinks)
     assert got.shape == want.shape == (sum(entries.lengths), h * d)
-    tol = 1e-5 if dtype == mx.float32 else 2e-3
+    # A GPU's float32 products run in TF32, whose rounding the padded shapes change: up to
+    # 3.3e-3 apart on an H100 (benchmarks/logs/h100_tests_prefill_v18.log).
+    tol = {mx.float16: 2e-3}.get(dtype, 1e-5 if mx.default_device() == mx.cpu else 5e-3)
     got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
