@@ -22,7 +22,8 @@ Measured on an H100 (benchmarks/logs/h100_*_v14_*.log): one stream of the 8B sha
 decoded at 192.2 / 165.3 tok/s after 32 / 8,192 tokens with it and 166.1 / 123.4
 without; side by side with mlx-lm, 1.22x / 1.18x / 1.06x after 32 / 2k / 8k tokens. By
 rows (benchmarks/qmm_rows.py, a layer's seven products): 2 / 3 / 4 rows 1.65x / 2.18x /
-2.53x MLX's time, 8 rows 0.51x (MLX's tiled matmul has tensor cores), hence ROUTED_ROWS.
+2.53x MLX's time, 8 rows 0.51x (MLX's tiled matmul has tensor cores) alone, not in the
+engine's step (ROUTED_ROWS).
 Teacher-forced logprobs of its decode differ from MLX's prefill by 0.015-0.023 on average
 where MLX's own decode differs by 0.008-0.013 (benchmarks/qmv_logprobs.py).
 
@@ -45,12 +46,12 @@ from nanovllm_mlx.models.cuda_qmv_source import HEADER, SOURCE
 WARPS = 4
 STEPS_IN_FLIGHT = 2  # U: a lane's 16-byte steps loaded before any is multiplied
 MAX_ROWS = 8  # rows of x a launch takes: the M template constant (registers grow with it)
-# Rows of x the layers send here: 4 rows took 0.21 ms a layer against MLX's 0.52, 8 rows
-# 0.30 against 0.15 (H100, benchmarks/logs/h100_qmm_rows_v14.log). 5-7 are unmeasured:
-# MLX runs them as it runs 2-4 (its one-row kernel, weights read again per row), and ours
-# at 8 rows already beats MLX's at 3 (0.40). NANOVLLM_QMV_ROWS (1 to MAX_ROWS) sets it, for
-# measuring.
-ROUTED_ROWS = min(max(int(os.environ.get("NANOVLLM_QMV_ROWS", "7")), 0), MAX_ROWS)
+# Rows of x the layers send here. Alone, MLX's tiled matmul takes 8 rows in half our
+# time (0.124 against 0.250 ms a layer, joined projections: h100_llama3_8b_q4_v18_rows.log),
+# but in the engine's compiled step its 8-row products took 11.7 ms of a 14.2 ms step and
+# ours made the step 10.6 ms (8 sequences after 512 tokens, same H100): so all of a decode
+# bucket's 8 rows come here. NANOVLLM_QMV_ROWS (0 to MAX_ROWS) sets it, for measuring.
+ROUTED_ROWS = min(max(int(os.environ.get("NANOVLLM_QMV_ROWS", "8")), 0), MAX_ROWS)
 
 
 def rows_per_warp(n_out: int) -> int:
