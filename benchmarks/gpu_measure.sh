@@ -240,10 +240,9 @@ PY
     shape-builds)
       # What a new length costs each op the first time (SDPA's cuDNN graphs, ...).
       run shape-builds 120 python3 benchmarks/shape_builds.py ;;
-    qmv8-batch-8b)
-      # The 8-request workload's steps with decode batches of 5-8 rows on our product.
-      run qmv8-batch-8b 200 env NANOVLLM_QMV_ROWS=8 python3 benchmarks/prefill_probe.py \
-        --model $L8B --batch 8 ;;
+    batch8-8b)
+      # The 8-request workload's steps alone (batch-8b's first half).
+      run batch8-8b 200 python3 benchmarks/prefill_probe.py --model $L8B --batch 8 ;;
     rows-8b)
       # v17: decode-only steps of 5-8 rows took 14.8-15.8 ms, of 3-4 rows 6.4-6.6. Each
       # step's kernels (CUPTI) at 4 and 8 rows, 8 rows on MLX's matmul (the default) and on
