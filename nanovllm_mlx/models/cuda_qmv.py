@@ -117,23 +117,32 @@ def qmv(
     r = rows or rows_per_warp(n_out)
     warps_needed = -(-n_out // r)
     blocks = -(-warps_needed // WARPS)
+    # Row counts padded to a power of two, the compiled decode buckets' counts, which the
+    # start-up's warm-up builds: each new count is a kernel NVRTC builds on first use
+    # (about 2 s on an H100: a mixed step sampling 3, 5, 6 or 7 rows took 2.1-3.5 s the
+    # first time, benchmarks/logs/h100_llama3_8b_q4_v18_buckets.log). Weights are read
+    # once whatever the rows, so the padding costs little.
+    m = 1 << (n_rows - 1).bit_length()
+    x2 = x.reshape(n_rows, k_in)
+    if m != n_rows:
+        x2 = mx.pad(x2, [(0, m - n_rows), (0, 0)])
     (out,) = _kernel()(
-        inputs=[x.reshape(n_rows, k_in), w, scales, biases],
+        inputs=[x2, w, scales, biases],
         template=[
             ("T", x.dtype),
             ("G", group_size),
             ("R", r),
-            ("M", n_rows),
+            ("M", m),
             ("WARPS", WARPS),
             ("U", in_flight or STEPS_IN_FLIGHT),
             ("FLUSH_WORDS", 4 if x.dtype == mx.float16 else 1),
         ],
         grid=(32 * WARPS * blocks, 1, 1),
         threadgroup=(32 * WARPS, 1, 1),
-        output_shapes=[(n_rows, n_out)],
+        output_shapes=[(m, n_out)],
         output_dtypes=[x.dtype],
     )
-    return out.reshape(*lead, n_out)
+    return (out if m == n_rows else out[:n_rows]).reshape(*lead, n_out)
 
 
 class FewRowsQuantizedLinear(nn.QuantizedLinear):
