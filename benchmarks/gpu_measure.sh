@@ -231,8 +231,8 @@ PY
       # The 64-request row (v16: 3.52x mlx-lm, target 4x): its steps alike.
       run batch-8b 240 python3 benchmarks/prefill_probe.py --model $L8B --batch 64 ;;
     buckets-8b)
-      # Prompt chunks' attention padded to a few shapes (attention/chunk_shapes.py), off
-      # then on: compare-8b's 8-request workload's prefill steps, rounds of new lengths.
+      # Prompt chunks' attention padded to a few shapes (attention/chunk_shapes.py, opt-in),
+      # off then on: compare-8b's 8-request workload's prefill steps, rounds of new lengths.
       for b in 0 1; do
         run buckets-8b 200 env NANOVLLM_CHUNK_BUCKETS=$b python3 benchmarks/prefill_probe.py \
           --model $L8B --batch 8

@@ -13,8 +13,9 @@ on a GPU its difference is launch noise.
 
 --batch N runs compare_mlx_lm.py's batched workload of N requests instead, seeds 0, 0, 1,
 2 (the second round repeats the first's shapes, so what a new shape builds shows as the
-difference; the last two bring new prompt lengths), and prints every step that computed prompt tokens: its time, decode rows
-and prompt chunks (tokens@start), then the decode-only steps' count and median.
+difference; the last two bring new prompt lengths), and prints every step that computed
+prompt tokens: its time, decode rows and prompt chunks (tokens@start), then the
+decode-only steps' count and median.
 
     python benchmarks/prefill_probe.py --model /tmp/fx/llama3-8b-q4 --lengths 4096,16384
     python benchmarks/prefill_probe.py --model /tmp/fx/llama3-8b-q4 --batch 8

@@ -40,7 +40,7 @@ TOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
     [
         GatherAttention(fused=False),  # the CPU path
         GatherAttention(fused=True),  # the GPU path's SDPA, which MLX also runs on CPU
-        # ... with prompt chunks padded to a few shapes, as on CUDA (chunk_shapes)
+        # ... with prompt chunks padded to a few shapes (chunk_shapes, opt-in on CUDA)
         GatherAttention(fused=True, chunk_buckets=True),
         pytest.param(
             "cuda",
@@ -63,7 +63,7 @@ def test_paged_matches_dense(
     if backend == "cuda":
         if with_sinks:
             pytest.skip("the CUDA kernel has no sinks: select_backend routes them around it")
-        backend = cuda_attention.CudaPagedAttention(chunk_buckets=True)  # as select_backend
+        backend = cuda_attention.CudaPagedAttention()
     rng = np.random.default_rng(0)
     # Sinks around the scores' scale (std 1 here) and one far above it, where the sink
     # takes nearly all of a head's weight.

@@ -37,9 +37,9 @@ def select_backend(
     quantized pool's rows quantized by cuda_quantize's kernel; NANOVLLM_IN_PLACE_WRITES=0
     turns it off, NANOVLLM_QUANTIZED_IN_PLACE=0 for quantized pools alone).
 
-    On CUDA, prompt chunks' attention is padded to a few shapes (attention/chunk_shapes.py;
-    NANOVLLM_CHUNK_BUCKETS=0 turns it off)."""
-    buckets = cuda.on_gpu() and os.environ.get("NANOVLLM_CHUNK_BUCKETS", "1") != "0"
+    On CUDA, NANOVLLM_CHUNK_BUCKETS=1 pads prompt chunks' attention to a few shapes
+    (attention/chunk_shapes.py: off by default, its gain not shown)."""
+    buckets = cuda.on_gpu() and os.environ.get("NANOVLLM_CHUNK_BUCKETS", "0") == "1"
     if cuda.available() and not (latent or sinks or (quantized_kv and not cuda.reads_quantized())):
         in_place = cuda_write.quantized_enabled() if quantized_kv else cuda_write.enabled()
         return cuda.CudaPagedAttention(in_place=in_place, chunk_buckets=buckets)

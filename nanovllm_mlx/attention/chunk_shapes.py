@@ -1,4 +1,5 @@
-"""Prompt chunks' attention padded to a few shapes, for MLX's CUDA build.
+"""Prompt chunks' attention padded to a few shapes, for MLX's CUDA build (opt-in:
+NANOVLLM_CHUNK_BUCKETS=1).
 
 There, fused SDPA over a chunk runs a cuDNN graph built for its exact query and key
 lengths (and strides) on first use, and kept in an LRU of 256 (mlx/backend/cuda/
@@ -7,6 +8,13 @@ one: on an H100, compare_mlx_lm.py's 8-request workload (prompts of 256-2,048 to
 spent 4.90 s in its prompt steps the first time and 1.05 s when the same prompts came
 again (benchmarks/logs/h100_llama3_8b_q4_v17_batch.log). A Mac's Metal kernels are not
 built per shape, so other backends leave chunks as they are.
+
+Measured (benchmarks/RESULTS.md v18, H100, 8B 4-bit, the 8-request workload's rounds of
+new prompt lengths): prompt steps 3.15 / 5.62 / 3.28 s a round with it, 4.25 / 5.75 s
+without, within what the rounds' own differences explain; most of the first-time cost
+there was our 4-bit product's builds for new row counts (models/cuda_qmv.py pads those
+now). Its padding costs attention work (up to a quarter at 1k tokens, ~2% of a 16k
+prompt's time to first token, estimated), so it stays off until a run shows a gain.
 
 A chunk of n queries at positions [start, start + n) reads keys [0, start + n), causal
 with the queries aligned to the last keys. Padding it with `back` queries and keys after
