@@ -63,11 +63,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--joined", action="store_true", help="the engine's joined projections")
     args = ap.parse_args()
-    global SHAPES
-    SHAPES = JOINED if args.joined else SHAPES
+    shapes = JOINED if args.joined else SHAPES
     dtype = getattr(mx, args.dtype)
     weights = {}
-    for name, n, k in SHAPES:
+    for name, n, k in shapes:
         w = (mx.random.normal((n, k)) * 0.02).astype(dtype)
         weights[name] = mx.quantize(w, group_size=args.group_size, bits=args.bits)
     mx.eval(weights)
@@ -81,7 +80,7 @@ def main() -> None:
     )
     base = None
     for m in [int(r) for r in args.rows.split(",") if r]:
-        xs = {name: (mx.random.normal((m, k)) * 0.1).astype(dtype) for name, _, k in SHAPES}
+        xs = {name: (mx.random.normal((m, k)) * 0.1).astype(dtype) for name, _, k in shapes}
         mx.eval(xs)
 
         def together(xs: dict = xs) -> list[mx.array]:
@@ -90,7 +89,7 @@ def main() -> None:
                     xs[name], *weights[name], group_size=args.group_size, bits=args.bits
                 )
                 for _ in range(args.layers)
-                for name, _, _ in SHAPES
+                for name, _, _ in shapes
             ]
 
         def apart(xs: dict = xs, m: int = m) -> list[mx.array]:
@@ -99,7 +98,7 @@ def main() -> None:
                     xs[name][i : i + 1], *weights[name], group_size=args.group_size, bits=args.bits
                 )
                 for _ in range(args.layers)
-                for name, _, _ in SHAPES
+                for name, _, _ in shapes
                 for i in range(m)
             ]
 
@@ -112,14 +111,14 @@ def main() -> None:
                     bits=args.bits,
                 )[:m]
                 for _ in range(args.layers)
-                for name, _, _ in SHAPES
+                for name, _, _ in shapes
             ]
 
         def our_kernel(xs: dict = xs) -> list[mx.array]:
             return [
                 cuda_qmv.qmv(xs[name], *weights[name], group_size=args.group_size)
                 for _ in range(args.layers)
-                for name, _, _ in SHAPES
+                for name, _, _ in shapes
             ]
 
         ms = timed(together, args.repeats) / args.layers
@@ -132,7 +131,7 @@ def main() -> None:
             mine = timed(our_kernel, args.repeats) / args.layers
             diff = max(
                 mx.abs(a - b).max().item()
-                for a, b in zip(our_kernel()[: len(SHAPES)], together()[: len(SHAPES)])
+                for a, b in zip(our_kernel()[: len(shapes)], together()[: len(shapes)])
             )
             line += f" {mine:>8.4f} {total / mine / 1e6:>7.0f} {ms / mine:>6.2f}x {diff:>10.4f}"
         print(line)
@@ -144,7 +143,7 @@ def main() -> None:
         print(
             f"{'name':>5} {'MLX':>16}" + "".join(f" {f'ours R={r} U={u}':>16}" for r, u in variants)
         )
-        for name, _, k in SHAPES:
+        for name, _, k in shapes:
             x = (mx.random.normal((m, k)) * 0.1).astype(dtype)
             w, sc, bi = weights[name]
             size = w.nbytes + sc.nbytes + bi.nbytes

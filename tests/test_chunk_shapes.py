@@ -1,4 +1,4 @@
-"""Prompt chunks padded to a few attention shapes (attention/chunk_shapes.py, on CUDA):
+"""Prompt chunks padded to a few attention shapes (attention/chunk_shapes.py, opt-in on CUDA):
 the sizes, the padding's invariants, and reads that equal the unpadded ones, with
 nonzero keys past every chunk's own, on float and quantized pools."""
 

@@ -29,6 +29,7 @@ from nanovllm_mlx.engine.runner.compiled_decode import COMPILE_MAX_BATCH, Compil
 from nanovllm_mlx.engine.runner.launch import Ahead, Launched, batch_key, bucket_key, start
 from nanovllm_mlx.engine.runner.step_inputs import (
     PreparedStep,
+    bucket,
     prepare,
     prepare_decode,
 )
@@ -196,10 +197,9 @@ class ModelRunner:
             compiled_ms, eager_ms = (1e3 * timed(c, WARM_UP_RUNS) for c in ways)
             self.compile_ms = (compiled_ms, eager_ms)
             self.compile_decode = compiled_ms < eager_ms
-        rows = 2  # the buckets prepare_decode pads to, up to max_rows' (larger run eager)
-        while rows < 2 * min(max_rows, COMPILE_MAX_BATCH):
+        # The buckets prepare_decode pads batches of 2 up to max_rows to (larger run eager).
+        for rows in sorted({bucket(n) for n in range(2, min(max_rows, COMPILE_MAX_BATCH) + 1)}):
             timed(self.compile_decode, 1, rows)
-            rows *= 2
 
     def _prepare(self, batch: list[ScheduledSeq], ahead: mx.array | None = None) -> PreparedStep:
         if (
