@@ -14,6 +14,8 @@ Variants, all over the same random pools and scattered block tables:
   cuda kernel, vector loads  a lane's values of a row consecutive, loaded as one word
                             (8 bytes of a float16 row at head_dim 128), not 32 apart;
                             "lane-strided loads" is the other way, whatever the default
+  cuda kernel, one key / two keys   one key a warp at a time (before v19), or two side by
+                            side over 16 lanes each (16-byte loads at head_dim 128)
   cuda kernel, N blocks     partitions sized for N thread blocks in all, not 512
   contiguous slice+sdpa     SDPA straight over a slice of the head-major pool, as a
                             sequence whose blocks are contiguous could be read (no gather)
@@ -133,6 +135,7 @@ def measure(
         caches: list[KVCache] = head_major,
         vector: bool | None = None,
         blocks: int = cuda_attention.TARGET_BLOCKS,
+        keys: int | None = None,
     ) -> list[mx.array]:
         args = (tables, context, bs, scale, ctx)
         return [
@@ -146,6 +149,7 @@ def measure(
                 early_values=early,
                 vector_loads=vector,
                 target_blocks=blocks,
+                keys=keys,
                 k_scales=c.k_scales,
                 v_scales=c.v_scales,
                 formats=c.formats,
@@ -194,6 +198,9 @@ def measure(
         variants["cuda kernel, head blocks"] = lambda: kernel(group=1, unroll=1)
         variants["cuda kernel, vector loads"] = lambda: kernel(vector=True)
         variants["cuda kernel, lane-strided loads"] = lambda: kernel(vector=False)
+        variants["cuda kernel, one key"] = lambda: kernel(vector=True, keys=1)
+        variants["cuda kernel, two keys"] = lambda: kernel(vector=True, keys=2)
+        variants["cuda kernel, two keys, unroll 1"] = lambda: kernel(vector=True, keys=2, unroll=1)
         for blocks in (1024, 2048):
             variants[f"cuda kernel, {blocks} blocks"] = lambda blocks=blocks: kernel(blocks=blocks)
             variants[f"cuda kernel, vector loads, {blocks} blocks"] = lambda blocks=blocks: kernel(
@@ -206,7 +213,10 @@ def measure(
             return kernel(caches=caches)
 
         def quantized_vector(caches: list[KVCache] = caches) -> list[mx.array]:
-            return kernel(caches=caches, vector=True)
+            return kernel(caches=caches, vector=True, keys=1)
+
+        def quantized_strided(caches: list[KVCache] = caches) -> list[mx.array]:
+            return kernel(caches=caches, vector=False)
 
         def quantized_gather(caches: list[KVCache] = caches) -> list[mx.array]:
             return [
@@ -215,7 +225,8 @@ def measure(
 
         if cuda_attention.available():
             variants[f"cuda kernel, {name} KV"] = quantized_kernel
-            variants[f"cuda kernel, vector loads, {name} KV"] = quantized_vector
+            variants[f"cuda kernel, one key, {name} KV"] = quantized_vector
+            variants[f"cuda kernel, lane-strided, {name} KV"] = quantized_strided
         variants[f"gather+{'sdpa' if fused else 'matmul'}, {name} KV"] = quantized_gather
     return {name: bench(fn, layers) for name, fn in variants.items()}
 

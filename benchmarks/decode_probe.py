@@ -162,7 +162,7 @@ def main() -> None:
         step_inputs.bucket = lambda n: max(bucket(n), args.min_decode_rows)
     if args.qmv_tiling:
         per_warp, cuda_qmv.STEPS_IN_FLIGHT = map(int, args.qmv_tiling.split(","))
-        cuda_qmv.rows_per_warp = lambda n_out: per_warp
+        cuda_qmv.rows_per_warp = lambda n_out, n_rows=1: per_warp
     print(nanovllm_mlx.backend.describe())
     if not args.skip_engine:
         engine_grid(args)

@@ -256,6 +256,46 @@ PY
       done
       # The products alone, joined as the engine runs them (v14 timed them unjoined).
       run rows-8b 120 python3 benchmarks/qmm_rows.py --rows 1,4,8 --joined ;;
+    rows-ours)
+      # The 8-row step on our product (the default since v18) and the products alone.
+      run rows-ours 100 python3 benchmarks/step_anatomy.py --model $L8B --dtype float16 \
+        --contexts 512 --kv-cache-gb 20 --compiled-only --skip-mlx-lm --rows 8
+      run rows-ours 120 python3 benchmarks/qmm_rows.py --rows 1,4,8 --joined ;;
+    tests-keys)
+      # v19's kernels on the GPU: the decode kernel with two keys side by side a warp (the
+      # default), one, and lane-strided, over float and quantized pools, against the gather
+      # path; the 4-bit product with its codes dequantized once for all rows of x.
+      run tests-keys 200 python3 -m pytest -q -p no:cacheprovider --tb=short \
+        tests/test_attention.py -k "cuda_decode_kernel and float16 and vector"
+      run tests-keys 200 python3 -m pytest -q -p no:cacheprovider --tb=short \
+        tests/test_cuda_kv_quant.py -k "reads_quantized_pools and not strided and not onekey"
+      run tests-keys 200 python3 -m pytest -q -p no:cacheprovider --tb=short \
+        tests/test_cuda_qmv.py ;;
+    layouts-keys)
+      # The decode kernel alone, one key a warp against two side by side (float16, int8).
+      run layouts-keys 200 python3 benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 \
+        $L8B_SHAPE --kv-formats int8 ;;
+    keys-8b)
+      # One stream, two keys side by side (2, the default) against one, alternated: a
+      # float16 pool after 32 / 8k / 32k tokens, then an int8 one (issue 26) after 32 / 8k.
+      for k in 1 2 1 2; do
+        run keys-8b 100 env NANOVLLM_KERNEL_KEYS=$k python3 benchmarks/decode_probe.py \
+          --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
+          --configs 20:on:on:on --contexts 32,8192,32768
+      done
+      for k in 1 2; do
+        run keys-8b 100 env NANOVLLM_KERNEL_KEYS=$k python3 benchmarks/decode_probe.py \
+          --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
+          --configs 20:on:on:on --contexts 32,8192 --kv-cache-dtype int8
+      done ;;
+    v17-single)
+      # v18's single-stream drop: v17's commit (its tree unpacked in v17tree/ by the
+      # caller, `git archive ebb5b5e`) and this one, one stream after 32 / 8k each.
+      for tree in v17tree .; do
+        run v17-single 100 env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree python3 \
+          $tree/benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
+          --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192
+      done ;;
     compare-8b-few)
       # The 8-request row over two rounds, one stream after 32 tokens, TTFT 4k and 16k.
       run compare-8b-few 280 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \

@@ -79,7 +79,8 @@ def main() -> None:
         + (f" {'ours ms':>8} {'GB/s':>7} {'vs MLX':>7} {'max |diff|':>10}" if ours else "")
     )
     base = None
-    for m in [int(r) for r in args.rows.split(",") if r]:
+    rows = [int(r) for r in args.rows.split(",") if r]
+    for m in rows:
         xs = {name: (mx.random.normal((m, k)) * 0.1).astype(dtype) for name, _, k in shapes}
         mx.eval(xs)
 
@@ -137,8 +138,8 @@ def main() -> None:
         print(line)
     if not ours:
         return
-    variants = [(r, u) for r in (1, 2, 4) for u in (1, 2)]
-    for m in (1, 8):
+    variants = [(r, u) for r in (1, 2, 4, 8) for u in (1, 2)]
+    for m in sorted({1, 4, 8} & set(rows)):
         print(f"{m} row(s), each projection alone (ms; GB/s of weights):")
         print(
             f"{'name':>5} {'MLX':>16}" + "".join(f" {f'ours R={r} U={u}':>16}" for r, u in variants)

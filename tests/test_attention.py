@@ -185,12 +185,28 @@ def test_decode_partitions_cover_every_token_once(batch: int, context: int):
 )
 @pytest.mark.parametrize("window", [None, 100])
 @pytest.mark.parametrize(
-    "unroll,vector",
-    [(1, False), (2, False), (3, False), (2, True), (3, True)],
-    ids=["unroll1", "unroll2", "unroll3", "unroll2-vector", "unroll3-vector"],
+    "unroll,vector,keys",
+    # keys None: the launcher's choice, two keys side by side a warp where vector loads
+    # of head_dim 64 or 128 allow it (cuda_formats.keys_side_by_side), else one.
+    [(1, False, 1), (2, False, 1), (3, False, 1), (2, True, 1), (2, True, None), (3, True, None)],
+    ids=[
+        "unroll1",
+        "unroll2",
+        "unroll3",
+        "unroll2-vector-onekey",
+        "unroll2-vector",
+        "unroll3-vector",
+    ],
 )
 def test_cuda_decode_kernel_matches_gather_path(
-    dtype, n_heads: int, n_kv: int, head_dim: int, window: int | None, unroll: int, vector: bool
+    dtype,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    window: int | None,
+    unroll: int,
+    vector: bool,
+    keys: int | None,
 ):
     rng = np.random.default_rng(1)
     bs, num_blocks = 16, 512
@@ -205,7 +221,7 @@ def test_cuda_decode_kernel_matches_gather_path(
     with mx.stream(mx.cpu):
         cpu_cache = KVCache(cache.k.astype(mx.float32), cache.v.astype(mx.float32), bs)
     got, want = kernel_and_gather(
-        q, cache, tables, contexts, window, cpu_cache, unroll=unroll, vector_loads=vector
+        q, cache, tables, contexts, window, cpu_cache, unroll=unroll, vector_loads=vector, keys=keys
     )
     tol = 1e-4 if dtype == mx.float32 else 2e-2
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)

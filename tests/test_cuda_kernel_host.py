@@ -1,7 +1,8 @@
 """The CUDA paged decode kernel, whole (attention/cuda.py's launcher, its partial and merge
 kernels), run on the host (tests/cuda_host.py: thread blocks as std::threads) against the
 gather path: partitions, grouped-query blocks, the online softmax and its merge, float
-and quantized pools, lanes holding a row's dims 32 apart or consecutive (vector loads).
+and quantized pools, lanes holding a row's dims 32 apart or consecutive (vector loads),
+one key a warp at a time or two side by side over 16 lanes each.
 What a GPU adds (tests/test_attention.py, tests/test_cuda_kv_quant.py): its rounding,
 its memory model, MLX's own wrapping and graphs."""
 
@@ -41,11 +42,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("keys", [1, 2], ids=["one-key", "two-keys"])
 @pytest.mark.parametrize("turns", [False, True], ids=["turned-around", "turned-inside"])
 @pytest.mark.parametrize("k,v,dtype,shape,window,vector", CASES)
 def test_the_kernel_on_the_host_reads_as_the_gather_path(
     host_kernels,
     monkeypatch: pytest.MonkeyPatch,
+    keys: int,
     turns: bool,
     k: str,
     v: str,
@@ -56,6 +59,8 @@ def test_the_kernel_on_the_host_reads_as_the_gather_path(
 ):
     if turns and "int" not in k + v:
         pytest.skip("float pools are not stored turned")
+    if keys == 2 and not (vector and shape[2] in (64, 128)):
+        pytest.skip("two keys side by side: vector loads of head_dim 64 or 128")
     monkeypatch.setattr(cuda_formats, "TURNS_IN_KERNEL", turns)
     compute = getattr(mx, dtype)
     n_heads, n_kv, d = shape
@@ -71,7 +76,7 @@ def test_the_kernel_on_the_host_reads_as_the_gather_path(
     q = mx.array(rng.standard_normal((len(contexts), n_heads, d))).astype(compute)
     # A few partitions a sequence, few host threads.
     got, want = kernel_and_gather(
-        q, cache, tables, contexts, window, vector_loads=vector, target_blocks=64
+        q, cache, tables, contexts, window, vector_loads=vector, target_blocks=64, keys=keys
     )
     tol = 1e-4 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)

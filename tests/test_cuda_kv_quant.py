@@ -83,7 +83,9 @@ KERNEL_CASES = [
 
 @GPU
 @pytest.mark.parametrize("turns", [False, True], ids=["turned-around", "turned-inside"])
-@pytest.mark.parametrize("vector", [False, True], ids=["strided", "vector"])
+@pytest.mark.parametrize(
+    "vector,keys", [(False, 1), (True, 1), (True, None)], ids=["strided", "vector-onekey", "vector"]
+)
 @pytest.mark.parametrize("k,v,dtype,shape,bs,window,unroll", KERNEL_CASES)
 def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
     monkeypatch: pytest.MonkeyPatch,
@@ -96,6 +98,7 @@ def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
     window: int | None,
     unroll: int,
     vector: bool,
+    keys: int | None,
 ):
     """The same pools read by both: only float rounding differs (the gather path
     dequantizes in float32 here, the kernel in registers), not the quantization error.
@@ -112,7 +115,7 @@ def test_cuda_kernel_reads_quantized_pools_as_the_gather_path_does(
     tables = random_tables(rng, contexts, bs, num_blocks)
     q = mx.array(rng.standard_normal((len(contexts), n_heads, head_dim))).astype(compute)
     got, want = kernel_and_gather(
-        q, cache, tables, contexts, window, unroll=unroll, vector_loads=vector
+        q, cache, tables, contexts, window, unroll=unroll, vector_loads=vector, keys=keys
     )
     # Half precision: q and the output are turned (and rounded) in it, on top of the
     # rounding the float kernel's own test allows (tests/test_attention.py).
@@ -272,6 +275,36 @@ def test_the_kernel_turns_rows_it_can_lay_out(vector_loads, monkeypatch):
     # paged_turn's butterfly needs a lane's consecutive dims to be a power of two of them.
     assert cuda_formats.turns_in_kernel(128, vector_loads)
     assert cuda_formats.turns_in_kernel(96, vector_loads) is not vector_loads
+
+
+def test_two_keys_side_by_side_only_where_a_row_splits_over_16_lanes_evenly(monkeypatch):
+    monkeypatch.setattr(cuda_formats, "KEYS", "2")
+    assert [cuda_formats.keys_side_by_side(d, True) for d in (64, 80, 96, 128, 256)] == [
+        2,
+        1,
+        1,
+        2,
+        1,
+    ]
+    assert cuda_formats.keys_side_by_side(128, False) == 1
+    monkeypatch.setattr(cuda_formats, "KEYS", "1")  # NANOVLLM_KERNEL_KEYS=1
+    assert cuda_formats.keys_side_by_side(128, True) == 1
+    # Asked for outright where the layout cannot take it: an error, not a misread.
+    q = mx.zeros((1, 4, 128))
+    pool = mx.zeros((1, 16, 128))
+    with pytest.raises(ValueError, match="keys side by side"):
+        cuda_attention.paged_decode(
+            q,
+            pool,
+            pool,
+            mx.zeros((1, 1), mx.int32),
+            mx.ones((1,), mx.int32),
+            16,
+            0.1,
+            1,
+            vector_loads=False,
+            keys=2,
+        )
 
 
 def test_a_float_cache_launches_as_before_with_placeholder_scales():

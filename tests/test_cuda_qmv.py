@@ -64,7 +64,7 @@ def check(y: mx.array, x: mx.array, w: mx.array, scales: mx.array, biases: mx.ar
 # (rows of x, weight rows, input width, group, weight rows a warp, steps in flight): one
 # and several rows of x; weight rows not a multiple of a block's; widths under one step a
 # lane (96) and over (640), and 70 steps, so that a lane's last load of two is past the
-# row (2240); every group size; 1, 2 and 4 rows a warp; 1 to 3 steps in flight.
+# row (2240); every group size; 1, 2, 4 and 8 rows a warp; 1 to 3 steps in flight.
 CASES = [
     (1, 40, 256, 64, None, 2),
     (1, 33, 640, 32, 4, 1),
@@ -72,6 +72,7 @@ CASES = [
     (8, 12, 96, 32, 1, 2),
     (5, 70, 512, 64, 4, 3),
     (2, 9, 2240, 64, 2, 2),
+    (8, 20, 256, 64, 8, 1),
 ]
 
 

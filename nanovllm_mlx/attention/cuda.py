@@ -33,7 +33,12 @@ from typing import Any
 
 import mlx.core as mx
 
-from nanovllm_mlx.attention.cuda_formats import pool_template, turns_in_kernel, vector_loads_for
+from nanovllm_mlx.attention.cuda_formats import (
+    keys_side_by_side,
+    pool_template,
+    turns_in_kernel,
+    vector_loads_for,
+)
 from nanovllm_mlx.attention.cuda_quantize import no_scales
 from nanovllm_mlx.attention.cuda_source import HEADER, MERGE, PARTIAL
 from nanovllm_mlx.attention.cuda_write import unwritten, write_in_place
@@ -123,11 +128,12 @@ def _params(part_size: int, window: int) -> mx.array:
     return mx.array([part_size, window], dtype=mx.int32)
 
 
-def heads_per_block(n_heads: int, n_kv: int, head_dim: int) -> int:
+def heads_per_block(n_heads: int, n_kv: int, head_dim: int, keys: int = 1) -> int:
     """Query heads one thread block serves: the largest divisor of the group size whose
-    queries and accumulators still fit in registers (GB x head_dim / 32 floats each)."""
+    queries and accumulators still fit in registers (GB x head_dim / (32 / keys) floats
+    each, for `keys` read side by side in a warp)."""
     group = n_heads // n_kv
-    per_lane = -(-head_dim // 32)
+    per_lane = -(-head_dim // (32 // keys))
     fits = [d for d in range(1, group + 1) if group % d == 0 and d * per_lane <= MAX_GROUP_FLOATS]
     return max(fits, default=1)
 
@@ -163,13 +169,15 @@ def paged_decode(
     vector_loads: bool | None = None,
     target_blocks: int = TARGET_BLOCKS,
     capacity: bool = False,
+    keys: int | None = None,
 ) -> mx.array:
     """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
     them for a sliding-window layer) -> [B, H, D]. group (query heads a thread block
     serves; default heads_per_block), unroll, early_values (value rows loaded with the
     keys, not after the scores), vector_loads (default: cuda_formats.vector_loads_for;
-    kept only where head_dim is a multiple of 32) and target_blocks are there for
-    benchmarks to compare.
+    kept only where head_dim is a multiple of 32), keys (read side by side in a warp,
+    each over 32 / keys lanes; default cuda_formats.keys_side_by_side; 2 needs vector
+    loads) and target_blocks are there for benchmarks to compare.
     formats (KVCache.formats; None: float pools): how K and V are stored, each on its
     own; a quantized pool comes with its scales, dequantized in registers.
     after: the token of an in-place write of these pools (KVCache.written) to run after.
@@ -184,10 +192,13 @@ def paged_decode(
     if vector_loads is None:
         vector_loads = vector_loads_for(k_fmt, v_fmt)
     vector_loads = vector_loads and head_dim % 32 == 0
-    inside = turns_in_kernel(head_dim, vector_loads)
+    ks = keys or keys_side_by_side(head_dim, vector_loads)
+    if ks != 1 and not (vector_loads and ks == 2 and head_dim % 16 == 0):
+        raise ValueError(f"{ks} keys side by side need vector loads (2, head_dim % 16 == 0)")
+    inside = turns_in_kernel(head_dim, vector_loads, 32 // ks)
     if not inside:
         q, turn_q = turn(q, turn_q), False
-    gb = group or heads_per_block(n_heads, n_kv, head_dim)
+    gb = group or heads_per_block(n_heads, n_kv, head_dim, ks)
     span = max_context if window is None else min(max_context, window)
     parts, size = num_partitions(b, n_heads // gb, span, target_blocks)
     partial, merge = _kernels()
@@ -207,7 +218,7 @@ def paged_decode(
         ],
         template=template
         + [("GB", gb), ("U", unroll), ("WARPS", WARPS), ("EV", int(early_values))]
-        + [("VL", int(vector_loads)), ("RQ", int(turn_q))]
+        + [("VL", int(vector_loads)), ("RQ", int(turn_q)), ("KS", ks)]
         + pools,
         grid=(32 * WARPS * parts, n_heads // gb, b),
         threadgroup=(32 * WARPS, 1, 1),

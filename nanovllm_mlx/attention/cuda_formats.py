@@ -15,17 +15,31 @@ from nanovllm_mlx.attention.kv_quant import KVFormat
 # A lane's values of a row consecutive (one vector load) rather than 32 apart. On an H100
 # (8B 4-bit, one stream) 122.1 -> 127.7 tok/s after 8k tokens and 78.8 -> 85.8 after 32k
 # (v14), 95.8 -> 106.0 after 32k with our 4-bit product (v15); its 48 GPU parity cases
-# pass. Quantized pools read that way pass on the host (tests/test_cuda_kernel_host.py)
-# but their GPU cases have not run: they keep the strided loads by default until then.
-# NANOVLLM_KERNEL_VECTOR_LOADS=0 turns it off for float pools, =1 on for every pool.
+# pass. Quantized pools read that way passed their GPU cases too (v17, with an int8 pool
+# 200.2 tok/s after 8k against 199.4-201.8 lane-strided), and are read so by default since
+# two keys side by side (below) need it. NANOVLLM_KERNEL_VECTOR_LOADS=0 turns it off.
 VECTOR_LOADS = os.environ.get("NANOVLLM_KERNEL_VECTOR_LOADS")
 
 
 def vector_loads_for(k_fmt: KVFormat | None, v_fmt: KVFormat | None) -> bool:
     """Whether the kernel reads pools of these formats (None: float) with vector loads."""
-    if VECTOR_LOADS in ("0", "1"):
-        return VECTOR_LOADS == "1"
-    return not any(f is not None and f.quantized for f in (k_fmt, v_fmt))
+    return VECTOR_LOADS != "0"
+
+
+# Two keys side by side in a warp, each over 16 lanes (cuda_source.PARTIAL's KS): a lane
+# loads 16 bytes of a float16 row at head_dim 128 where it loaded 8 (8 of an int8 row
+# where it loaded 4), and one shuffle reduces two keys' dot products, 4 rounds instead of
+# 5. v12-v17 put the kernel's long-context read at 0.86 TB/s (float16) and an int8 pool's,
+# half the bytes, no faster: each warp's chain of loads and reductions, not the bytes.
+# NANOVLLM_KERNEL_KEYS=1 reads one key a warp at a time, as before.
+KEYS = os.environ.get("NANOVLLM_KERNEL_KEYS", "2")
+
+
+def keys_side_by_side(head_dim: int, vector_loads: bool) -> int:
+    """Keys a warp reads side by side: two where a row's dims split over 16 lanes in a
+    power of two of consecutive values each (head_dim 64 or 128, vector loads), else one."""
+    fits = vector_loads and head_dim in (64, 128)
+    return 2 if KEYS == "2" and fits else 1
 
 
 # Whether the kernel turns q and the output itself (RQ, RO) for pools stored turned,
@@ -37,10 +51,11 @@ def vector_loads_for(k_fmt: KVFormat | None, v_fmt: KVFormat | None) -> bool:
 TURNS_IN_KERNEL = os.environ.get("NANOVLLM_KERNEL_TURNS", "1") != "0"
 
 
-def turns_in_kernel(head_dim: int, vector_loads: bool) -> bool:
+def turns_in_kernel(head_dim: int, vector_loads: bool, lanes: int = 32) -> bool:
     """Whether paged_turn can turn a row laid out this way: lane-strided always; a
-    lane's consecutive dims (vector loads) when there are a power of two of them."""
-    per_lane = head_dim // 32
+    lane's consecutive dims (vector loads, a row over `lanes` lanes) when there are a
+    power of two of them."""
+    per_lane = head_dim // lanes
     return TURNS_IN_KERNEL and (not vector_loads or per_lane & (per_lane - 1) == 0)
 
 

@@ -58,9 +58,10 @@ __host__ __device__ constexpr int paged_scale_width() {
 }
 
 // The dimension a lane's i-th value of a row is: d = lane + 32 i (a warp's 32 lanes read
-// 32 consecutive elements at a time, one element each), or with VL (head_dim = 32 PL)
-// d = PL lane + i (a lane's PL values are consecutive: one 8-byte load of a float16 row
-// at head_dim 128 instead of four 2-byte ones).
+// 32 consecutive elements at a time, one element each), or with VL d = PL lane + i (a
+// lane's PL values are consecutive: one 8-byte load of a float16 row at head_dim 128
+// instead of four 2-byte ones; or one 16-byte load where the row is spread over 16 lanes,
+// PARTIAL's KS = 2, and `lane` is the lane's index among them).
 template <int PL, int VL>
 __device__ __forceinline__ int paged_dim(int lane, int i) {
   return VL ? PL * lane + i : lane + 32 * i;
@@ -109,7 +110,7 @@ __device__ __forceinline__ void paged_row(
     float (&out)[PL], const P* pool, const __nv_bfloat16* scales, long slot, int lane,
     bool valid) {
   const P* row = pool + slot * paged_row_width<D, BITS>();
-  static_assert(!VL || D == 32 * PL, "consecutive lanes' values tile the row exactly");
+  static_assert(!VL || (D % PL == 0 && D / PL <= 32), "consecutive lanes' values tile the row");
   if constexpr (BITS == 0) {
     if constexpr (VL) {
       P e[PL];
@@ -157,13 +158,19 @@ __device__ __forceinline__ void paged_row(
 
 PARTIAL = """
     const float NEG_INF = -__int_as_float(0x7f800000);
-    constexpr int PL = (D + 31) / 32;
+    // KS keys side by side in a warp (VL only): a row's dims over LK = 32 / KS lanes, PL
+    // consecutive ones each (16-byte loads of a float16 row at head_dim 128), each group
+    // of LK lanes (`sub`) with its own keys and softmax state, merged as if another warp:
+    // a key's dot product is reduced over LK lanes, and one shuffle serves KS keys.
+    static_assert(KS == 1 || (VL && D % (32 / KS) == 0), "keys side by side need VL");
+    constexpr int LK = 32 / KS, PL = VL ? D / LK : (D + 31) / 32, VW = WARPS * KS;
     // One thread block serves GB query heads that share a KV head (grouped-query
     // attention): each key and value row is read once for all of them, where a block per
     // query head read it G times (4x at Llama 3's 32/8 heads).
     const int part = blockIdx.x, h0 = blockIdx.y * GB, b = blockIdx.z;
     const int n_heads = gridDim.y * GB, n_parts = gridDim.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane / LK, sl = lane % LK, vw = warp * KS + sub;
     const int ctx = context_lens[b];
     // params[0]: the tokens a partition attends, or 0 where the launch knew only the
     // block tables' capacity (a compiled step, traced once per power-of-two width, of at
@@ -202,7 +209,7 @@ PARTIAL = """
         // q may be a strided view (GPT-2 slices it out of the fused qkv projection).
         const T* q_row = q + (long)b * q_strides[0] + (long)(h0 + g) * q_strides[1];
         for (int i = 0; i < PL; ++i) {
-            const int d = paged_dim<PL, VL>(lane, i);
+            const int d = paged_dim<PL, VL>(sl, i);
             qv[g][i] = d < D ? static_cast<float>(q_row[d * q_strides[2]]) * sc : 0.f;
             acc[g][i] = 0.f;
         }
@@ -212,17 +219,18 @@ PARTIAL = """
     // RQ: keys stored turned (kv_quant's rotating formats) meet q turned here, in
     // registers, rather than by a [D, D] product and its launch before the kernel.
     if constexpr (RQ)
-        for (int g = 0; g < GB; ++g) paged_turn<D, PL, VL>(qv[g], lane);
-    // Each warp takes U consecutive keys at a time (neighbouring rows of one block).
-    for (int t0 = start + warp * U; t0 < end; t0 += WARPS * U) {
+        for (int g = 0; g < GB; ++g) paged_turn<D, PL, VL>(qv[g], sl);
+    // Each warp takes U x KS consecutive keys at a time (neighbouring rows of one block),
+    // its groups of LK lanes side by side.
+    for (int t0 = start + warp * U * KS; t0 < end; t0 += WARPS * U * KS) {
         float kr[U][PL], vr[U][PL], s[U][GB];
         for (int u = 0; u < U; ++u) {
-            const int t = t0 + u;
+            const int t = t0 + u * KS + sub;
             const long slot = t < end ? (long)table[t / BS] * BS + (t % BS) : 0;
-            paged_row<D, PL, VL, KB, KA, KG>(kr[u], k_base, ks_base, slot, lane, t < end);
+            paged_row<D, PL, VL, KB, KA, KG>(kr[u], k_base, ks_base, slot, sl, t < end);
             // EV: the value rows are loaded with the keys, so a warp waits on memory once
             // an iteration, not again after its scores' reduction.
-            if (EV) paged_row<D, PL, VL, VB, VA, VG>(vr[u], v_base, vs_base, slot, lane, t < end);
+            if (EV) paged_row<D, PL, VL, VB, VA, VG>(vr[u], v_base, vs_base, slot, sl, t < end);
         }
         for (int u = 0; u < U; ++u)
             for (int g = 0; g < GB; ++g) {
@@ -230,15 +238,15 @@ PARTIAL = """
                 for (int i = 0; i < PL; ++i) x += qv[g][i] * kr[u][i];
                 s[u][g] = x;
             }
-        for (int o = 16; o > 0; o >>= 1)
+        for (int o = LK / 2; o > 0; o >>= 1)
             for (int u = 0; u < U; ++u)
                 for (int g = 0; g < GB; ++g) s[u][g] += __shfl_xor_sync(0xffffffff, s[u][g], o);
         for (int u = 0; u < U; ++u) {
-            const int t = t0 + u;
+            const int t = t0 + u * KS + sub;
             if (t >= end) break;
             if (!EV) {
                 const long slot = (long)table[t / BS] * BS + (t % BS);
-                paged_row<D, PL, VL, VB, VA, VG>(vr[u], v_base, vs_base, slot, lane, true);
+                paged_row<D, PL, VL, VB, VA, VG>(vr[u], v_base, vs_base, slot, sl, true);
             }
             for (int g = 0; g < GB; ++g) {
                 const float m_new = fmaxf(m[g], s[u][g]);
@@ -249,21 +257,21 @@ PARTIAL = """
             }
         }
     }
-    __shared__ float s_m[WARPS][GB], s_l[WARPS][GB], s_acc[WARPS][GB][D];
+    __shared__ float s_m[VW][GB], s_l[VW][GB], s_acc[VW][GB][D];
     for (int g = 0; g < GB; ++g) {
-        if (lane == 0) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
+        if (sl == 0) { s_m[vw][g] = m[g]; s_l[vw][g] = l[g]; }
         for (int i = 0; i < PL; ++i) {
-            const int d = paged_dim<PL, VL>(lane, i);
-            if (d < D) s_acc[warp][g][d] = acc[g][i];
+            const int d = paged_dim<PL, VL>(sl, i);
+            if (d < D) s_acc[vw][g][d] = acc[g][i];
         }
     }
     __syncthreads();
     for (int j = threadIdx.x; j < GB * D; j += blockDim.x) {
         const int g = j / D, d = j % D;
         float m_all = NEG_INF;
-        for (int w = 0; w < WARPS; ++w) m_all = fmaxf(m_all, s_m[w][g]);
+        for (int w = 0; w < VW; ++w) m_all = fmaxf(m_all, s_m[w][g]);
         float l_all = 0.f, o = 0.f;
-        for (int w = 0; w < WARPS; ++w) {
+        for (int w = 0; w < VW; ++w) {
             if (s_m[w][g] == NEG_INF) continue;
             const float e = exp2f(s_m[w][g] - m_all);
             l_all += s_l[w][g] * e;

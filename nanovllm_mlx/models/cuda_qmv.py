@@ -54,15 +54,17 @@ MAX_ROWS = 8  # rows of x a launch takes: the M template constant (registers gro
 ROUTED_ROWS = min(max(int(os.environ.get("NANOVLLM_QMV_ROWS", "8")), 0), MAX_ROWS)
 
 
-def rows_per_warp(n_out: int) -> int:
+def rows_per_warp(n_out: int, n_rows: int = 1) -> int:
     """Weight rows a warp reads together: four where that still leaves thousands of
     warps (an H100 has 132 SMs of up to 64 warps each), fewer for narrow layers (Llama 3
-    8B's k/v projections: 1,024 rows). These (with STEPS_IN_FLIGHT 2) are what the engine
-    was measured with. Each product alone, one row, four rows a warp with one step in
-    flight was the fastest on every shape of the 8B layer: its seven products in 0.123
-    ms against 0.137 with these and 0.173 with MLX's; the k/v products took 0.010 ms
-    against MLX's 0.007 either way. Not yet measured in the engine."""
-    if n_out >= 8192:
+    8B's k/v projections: 1,024 rows). One row of x (with STEPS_IN_FLIGHT 2) is what the
+    engine was measured with; each product alone, four rows a warp with one step in
+    flight was the fastest on every shape of the 8B layer (0.123 ms for its seven
+    products against 0.137 with these and 0.173 with MLX's), not measured in the engine.
+    Several rows of x share a warp's dequantized codes, so there every joined projection
+    of the 8B layer was fastest at four rows a warp (8 rows: 0.223 against 0.265 ms a
+    layer, before the codes were dequantized once for all rows: qmm_rows.py --joined)."""
+    if n_out >= 8192 or (n_rows > 1 and n_out >= 4096):
         return 4
     return 2 if n_out >= 4096 else 1
 
@@ -114,7 +116,7 @@ def qmv(
     lead, k_in = x.shape[:-1], x.shape[-1]
     n_rows = x.size // k_in
     n_out = w.shape[0]
-    r = rows or rows_per_warp(n_out)
+    r = rows or rows_per_warp(n_out, n_rows)
     warps_needed = -(-n_out // r)
     blocks = -(-warps_needed // WARPS)
     # Row counts padded to a power of two, the compiled decode buckets' counts (engine/

@@ -86,6 +86,20 @@ SOURCE = """
       for (int u = 0; u < U; ++u) {
         const int c = c0 + 32 * u;
         if (c >= steps) break;
+        // The R rows' codes as value pairs, once a step for all M rows of x: dequantized
+        // inside the loop over x's rows they were most of the arithmetic at 8 rows, where
+        // the kernel is bound by it, not by bytes (490 GB/s, qmm_rows.py --joined, v18).
+        uint32_t q[R][16];
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint4 cw = codes[u][r];
+          const uint32_t words[4] = {cw.x, cw.y, cw.z, cw.w};
+          #pragma unroll
+          for (int j = 0; j < 4; ++j)
+            #pragma unroll
+            for (int k = 0; k < 4; ++k)
+              q[r][4 * j + k] = qmv_sub2(((words[j] >> (4 * k)) & LOW4) | magic, magic, tag);
+        }
         #pragma unroll
         for (int m = 0; m < M; ++m) {
           uint32_t xw[16];
@@ -107,18 +121,13 @@ SOURCE = """
           }
           #pragma unroll
           for (int r = 0; r < R; ++r) {
-            const uint4 cw = codes[u][r];
-            const uint32_t words[4] = {cw.x, cw.y, cw.z, cw.w};
             float dot = 0.0f;
             uint32_t pair = 0u;
             #pragma unroll
             for (int j = 0; j < 4; ++j) {
               #pragma unroll
-              for (int k = 0; k < 4; ++k) {
-                const uint32_t q =
-                    qmv_sub2(((words[j] >> (4 * k)) & LOW4) | magic, magic, tag);
-                pair = qmv_fma2(xp[4 * j + k], q, pair, tag);
-              }
+              for (int k = 0; k < 4; ++k)
+                pair = qmv_fma2(xp[4 * j + k], q[r][4 * j + k], pair, tag);
               if (FLUSH_WORDS == 1 || j == 3) {
                 dot += qmv_sum2(pair, tag);
                 pair = 0u;
