@@ -296,6 +296,30 @@ PY
           $tree/benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
           --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192
       done ;;
+    tests-merge)
+      # The merge kernel reading its partitions through shared memory: float pools, and
+      # quantized ones turned back in the merge (RO).
+      run tests-merge 150 python3 -m pytest -q -p no:cacheprovider --tb=short \
+        tests/test_attention.py -k "cuda_decode_kernel and float16 and (unroll2 or vector)"
+      run tests-merge 150 python3 -m pytest -q -p no:cacheprovider --tb=short \
+        tests/test_cuda_kv_quant.py -k "reads_quantized_pools and turned-inside and not strided \
+        and not onekey" ;;
+    merge-8b)
+      # The merge before (the commit before it, unpacked in prevtree/ by the caller) and
+      # after, one stream after 32 / 8k / 32k, alternated.
+      for tree in prevtree . prevtree .; do
+        run merge-8b 100 env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree python3 \
+          $tree/benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
+          --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192,32768
+      done ;;
+    dense-8b)
+      # Prompt chunks' products: MLX's 4-bit matmul against the dequantized weights' dense
+      # matmul (NANOVLLM_DENSE_ROWS), alone, then the engine's TTFT at 4k / 16k, off and on.
+      run dense-8b 100 python3 benchmarks/qmm_rows.py --rows 256,512,2048 --joined --repeats 5
+      for rows in 0 256 0 256; do
+        run dense-8b 120 env NANOVLLM_DENSE_ROWS=$rows python3 benchmarks/prefill_probe.py \
+          --model $L8B --lengths 4096,16384 --repeats 2 --key-costs measured
+      done ;;
     compare-8b-few)
       # The 8-request row over two rounds, one stream after 32 tokens, TTFT 4k and 16k.
       run compare-8b-few 280 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \

@@ -136,6 +136,45 @@ def main() -> None:
             )
             line += f" {mine:>8.4f} {total / mine / 1e6:>7.0f} {ms / mine:>6.2f}x {diff:>10.4f}"
         print(line)
+    dense_rows = [m for m in rows if m >= 64]
+    if dense_rows:
+        # Prompt chunks: MLX's 4-bit matmul against dequantizing the weights and the dense
+        # matmul (models/cuda_qmv.DENSE_ROWS), a layer's joined products, ms a layer.
+        print(
+            f"{'rows':>5} {'4-bit matmul ms':>16} {'TFLOP/s':>8} {'dequantized+dense ms':>21}"
+            f" {'TFLOP/s':>8} {'ratio':>6}"
+        )
+        flops_row = 2 * sum(n * k for _, n, k in shapes)
+        for m in dense_rows:
+            xs = {name: (mx.random.normal((m, k)) * 0.1).astype(dtype) for name, _, k in shapes}
+            mx.eval(xs)
+
+            def quantized(xs: dict = xs) -> list[mx.array]:
+                return [
+                    mx.quantized_matmul(
+                        xs[name], *weights[name], group_size=args.group_size, bits=args.bits
+                    )
+                    for _ in range(args.layers)
+                    for name, _, _ in shapes
+                ]
+
+            def dequantized(xs: dict = xs) -> list[mx.array]:
+                out = []
+                for _ in range(args.layers):
+                    for name, _, _ in shapes:
+                        w = mx.dequantize(
+                            *weights[name], group_size=args.group_size, bits=args.bits
+                        )
+                        out.append(xs[name] @ w.T)
+                return out
+
+            q_ms = timed(quantized, args.repeats) / args.layers
+            d_ms = timed(dequantized, args.repeats) / args.layers
+            tf = flops_row * m / 1e9
+            print(
+                f"{m:>5} {q_ms:>16.4f} {tf / q_ms:>8.1f} {d_ms:>21.4f} {tf / d_ms:>8.1f}"
+                f" {q_ms / d_ms:>5.2f}x"
+            )
     if not ours:
         return
     variants = [(r, u) for r in (1, 2, 4, 8) for u in (1, 2)]

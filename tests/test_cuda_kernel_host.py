@@ -114,3 +114,17 @@ def test_a_compiled_steps_partitions_split_its_longest_context_not_its_capacity(
     assert sized_by_lens.shape == sized_by_capacity.shape and sized_by_lens.shape[-1] > 2
     assert np.isfinite(sized_by_lens).all()
     assert not np.isfinite(sized_by_capacity).all()  # what the size by capacity left empty
+
+
+def test_the_merge_takes_more_partitions_than_it_has_threads(host_kernels):
+    # The merge reads the partitions' maxima and weights head_dim at a time (one a thread):
+    # 79 partitions over a 64-thread block take two rounds, the second a partial one.
+    rng = np.random.default_rng(5)
+    bs, contexts, d = 16, [2500], 64
+    num_blocks = -(-contexts[0] // bs) + 2
+    cache, _ = filled_cache((resolve("auto", mx.float32),) * 2, 1, num_blocks, bs, d)
+    tables = random_tables(rng, contexts, bs, num_blocks)
+    q = mx.array(rng.standard_normal((1, 2, d))).astype(mx.float32)
+    got, want = kernel_and_gather(q, cache, tables, contexts, None, target_blocks=128)
+    assert cuda_attention.num_partitions(1, 1, contexts[0], 128)[0] > d
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -152,6 +152,28 @@ def test_the_layer_sends_only_what_the_kernel_computes(host: None, monkeypatch: 
     assert embedding(mx.array([3])).shape == (1, 128)  # lookups stay MLX's
 
 
+def test_long_products_take_the_dequantized_weights_dense_matmul(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # Prompt chunks (DENSE_ROWS rows or more) dequantize the weights and multiply densely:
+    # the same product as MLX's 4-bit matmul up to rounding, with the layer's bias.
+    monkeypatch.setattr(cuda_qmv, "DENSE_ROWS", 16)
+    layer = nn.Sequential(nn.Linear(128, 24))
+    nn.quantize(layer, group_size=64, bits=4)
+    assert cuda_qmv.adopt(layer) == 1
+    linear = layer.layers[0]
+    mx.random.seed(3)
+    for rows, dense in ((15, False), (16, True), (40, True)):
+        x = mx.random.normal((1, rows, 128))
+        assert cuda_qmv.dense(x) is dense
+        ref = nn.QuantizedLinear.__call__(linear, x)
+        y = linear(x)
+        assert y.shape == ref.shape == (1, rows, 24)
+        assert mx.allclose(y, ref, atol=1e-4).item(), rows
+    monkeypatch.setattr(cuda_qmv, "DENSE_ROWS", 0)  # off: never
+    assert not cuda_qmv.dense(mx.zeros((4096, 128)))
+
+
 def test_adopt_takes_affine_4bit_linear_layers_only():
     model = nn.Sequential(
         nn.Linear(128, 64),  # 4 bits, group 64: taken

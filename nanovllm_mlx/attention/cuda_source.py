@@ -288,15 +288,40 @@ MERGE = """
     const int d = threadIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n_parts = part_m_shape[2];
     const long base = ((long)b * gridDim.y + h) * n_parts;
-    float m_all = NEG_INF;
-    for (int p = 0; p < n_parts; ++p) m_all = fmaxf(m_all, part_m[base + p]);
+    // The partitions' maxima and weights pass through shared memory, D partitions at a
+    // time, one load a thread: each thread looping over all of them waited on every load
+    // in turn (13.5 us a layer after 8k tokens over 64 partitions, on an H100: half of
+    // what the partial kernel took). A tree in shared memory finds the largest maximum.
+    __shared__ float s_w[D], s_l[D];
+    float top = NEG_INF;
+    for (int p = d; p < n_parts; p += D) top = fmaxf(top, part_m[base + p]);
+    s_w[d] = top;
+    __syncthreads();
+    int top_half = 1;  // the largest power of two below D
+    while (2 * top_half < D) top_half *= 2;
+    for (int half = top_half; half > 0; half >>= 1) {
+        if (d < half && d + half < D) s_w[d] = fmaxf(s_w[d], s_w[d + half]);
+        __syncthreads();
+    }
+    const float m_all = s_w[0];
     float l_all = 0.f, o = 0.f;
-    for (int p = 0; p < n_parts; ++p) {
-        const float mp = part_m[base + p];
-        if (mp == NEG_INF) continue;
-        const float e = exp2f(mp - m_all);
-        l_all += part_l[base + p] * e;
-        o += part_out[(base + p) * D + d] * e;
+    for (int p0 = 0; p0 < n_parts; p0 += D) {
+        float w = 0.f, wl = 0.f;
+        const float mp = p0 + d < n_parts ? part_m[base + p0 + d] : NEG_INF;
+        if (mp != NEG_INF) {  // a partition without keys adds nothing
+            w = exp2f(mp - m_all);
+            wl = w * part_l[base + p0 + d];
+        }
+        __syncthreads();  // everyone is past the maximum and the chunk before
+        s_w[d] = w;
+        s_l[d] = wl;
+        __syncthreads();
+        const int n = min(D, n_parts - p0);
+        #pragma unroll 8
+        for (int j = 0; j < n; ++j) {
+            l_all += s_l[j];
+            o += part_out[(base + p0 + j) * D + d] * s_w[j];
+        }
     }
     float r = o / l_all;
     // RO: values stored turned give a turned output, turned back here by the same

@@ -52,6 +52,11 @@ MAX_ROWS = 8  # rows of x a launch takes: the M template constant (registers gro
 # ours made the step 10.6 ms (8 sequences after 512 tokens, same H100): so all of a decode
 # bucket's 8 rows come here. NANOVLLM_QMV_ROWS (0 to MAX_ROWS) sets it, for measuring.
 ROUTED_ROWS = min(max(int(os.environ.get("NANOVLLM_QMV_ROWS", "8")), 0), MAX_ROWS)
+# Rows from which a product dequantizes its weights and multiplies them with the dense
+# matmul (cuBLAS, tensor cores at full rate) instead of MLX's 4-bit tiled matmul: a prompt
+# chunk of thousands of rows reads the weights once either way, and the dense product's
+# rate is what sets the prefill's time. 0: never. Not measured yet: off by default.
+DENSE_ROWS = max(int(os.environ.get("NANOVLLM_DENSE_ROWS", "0")), 0)
 
 
 def rows_per_warp(n_out: int, n_rows: int = 1) -> int:
@@ -153,6 +158,12 @@ class FewRowsQuantizedLinear(nn.QuantizedLinear):
     (decode steps); longer ones (prefill) MLX's own matmul."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        if dense(x):
+            w = mx.dequantize(
+                self["weight"], self["scales"], self["biases"], self.group_size, self.bits
+            )
+            y = x @ w.astype(x.dtype).T
+            return y + self["bias"] if "bias" in self else y
         if not routed(x, self):
             return super().__call__(x)
         y = qmv(x, self["weight"], self["scales"], self["biases"], self.group_size)
@@ -172,6 +183,11 @@ class FewRowsQuantizedEmbedding(nn.QuantizedEmbedding):
 def enabled() -> bool:
     """On an MLX CUDA build running on its GPU, unless NANOVLLM_CUDA_QMV=0."""
     return os.environ.get("NANOVLLM_CUDA_QMV", "1") != "0" and on_gpu()
+
+
+def dense(x: mx.array) -> bool:
+    """Whether a product of x takes the dequantized weights' dense matmul (DENSE_ROWS)."""
+    return 0 < DENSE_ROWS <= x.size // max(x.shape[-1], 1)
 
 
 def routed(x: mx.array, layer: nn.Module) -> bool:
