@@ -316,10 +316,16 @@ PY
       # Prompt chunks' products: MLX's 4-bit matmul against the dequantized weights' dense
       # matmul (NANOVLLM_DENSE_ROWS), alone, then the engine's TTFT at 4k / 16k, off and on.
       run dense-8b 100 python3 benchmarks/qmm_rows.py --rows 256,512,2048 --joined --repeats 5
-      for rows in 0 256 0 256; do
+      for rows in 0 256; do
         run dense-8b 120 env NANOVLLM_DENSE_ROWS=$rows python3 benchmarks/prefill_probe.py \
           --model $L8B --lengths 4096,16384 --repeats 2 --key-costs measured
       done ;;
+    dense-compare)
+      # With the dense products on: TTFT at 4k / 16k and the 8-request row beside mlx-lm.
+      run dense-compare 240 env NANOVLLM_DENSE_ROWS=256 python3 benchmarks/compare_mlx_lm.py \
+        --model $L8B --dtype float16 --repeats 2 --contexts 32 --ttft 4096,16384 \
+        --decode-tokens 64 --batches 8 --batch-repeats 1 --min-input 256 --max-input 2048 \
+        --min-output 128 --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
     compare-8b-few)
       # The 8-request row over two rounds, one stream after 32 tokens, TTFT 4k and 16k.
       run compare-8b-few 280 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
