@@ -300,7 +300,8 @@ PY
       # The merge kernel reading its partitions through shared memory: float pools, and
       # quantized ones turned back in the merge (RO).
       run tests-merge 150 python3 -m pytest -q -p no:cacheprovider --tb=short \
-        tests/test_attention.py -k "cuda_decode_kernel and float16 and (unroll2 or vector)"
+        tests/test_attention.py -k "cuda_decode_kernel and float16 and unroll2 and vector \
+        and not onekey"
       run tests-merge 150 python3 -m pytest -q -p no:cacheprovider --tb=short \
         tests/test_cuda_kv_quant.py -k "reads_quantized_pools and turned-inside and not strided \
         and not onekey" ;;
@@ -308,7 +309,7 @@ PY
       # The merge before (the commit before it, unpacked in prevtree/ by the caller) and
       # after, one stream after 32 / 8k / 32k, alternated.
       for tree in prevtree . prevtree .; do
-        run merge-8b 100 env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree python3 \
+        run merge-8b 60 env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree python3 \
           $tree/benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
           --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192,32768
       done ;;
