@@ -55,6 +55,7 @@ def engine_grid(args: argparse.Namespace) -> None:
             compile_decode=compiled == "on",
             async_scheduling=ahead == "on",
             kv_cache_dtype=args.kv_cache_dtype,
+            **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}),
         )
         vocab = llm.engine.vocab_size
         cells = []
@@ -129,6 +130,12 @@ def main() -> None:
     ap.add_argument("--contexts", default="32,8192")
     ap.add_argument("--kv-cache-dtype", default="auto", help="part 1's pools: auto, int8, ...")
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=0,
+        help="the engine's (default: its own); 1 also limits the start-up warm-up to one row",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=32, help="part 2's model shape")
     ap.add_argument("--kv-heads", type=int, default=8)

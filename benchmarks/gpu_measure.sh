@@ -327,6 +327,24 @@ PY
         --model $L8B --dtype float16 --repeats 2 --contexts 32 --ttft 4096,16384 \
         --decode-tokens 64 --batches 8 --batch-repeats 1 --min-input 256 --max-input 2048 \
         --min-output 128 --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
+    last-call)
+      # The session's last device time: the merge's GPU cases, the merge before and after
+      # (prevtree/: the commit before it), the warm-up's batch buckets off (max_num_seqs 1:
+      # a one-row warm-up, v17's) and on, one stream after 32 / 8k; the dense products alone.
+      run tests-merge 120 python3 -m pytest -q -p no:cacheprovider --tb=short \
+        tests/test_attention.py -k "cuda_decode_kernel and float16 and unroll2 and vector \
+        and not onekey"
+      for tree in prevtree .; do
+        run merge-8b 50 env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree python3 \
+          $tree/benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
+          --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192
+      done
+      for seqs in 1 0; do
+        run warmup-8b 50 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
+          --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192 \
+          --max-num-seqs $seqs
+      done
+      run dense-8b 60 python3 benchmarks/qmm_rows.py --rows 512,2048 --joined --repeats 5 ;;
     compare-8b-few)
       # The 8-request row over two rounds, one stream after 32 tokens, TTFT 4k and 16k.
       run compare-8b-few 280 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
