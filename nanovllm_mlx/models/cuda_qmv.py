@@ -67,8 +67,9 @@ def rows_per_warp(n_out: int, n_rows: int = 1) -> int:
     flight was the fastest on every shape of the 8B layer (0.123 ms for its seven
     products against 0.137 with these and 0.173 with MLX's), not measured in the engine.
     Several rows of x share a warp's dequantized codes, so there every joined projection
-    of the 8B layer was fastest at four rows a warp (8 rows: 0.223 against 0.265 ms a
-    layer, before the codes were dequantized once for all rows: qmm_rows.py --joined)."""
+    of the 8B layer was fastest at four rows a warp or more (qmm_rows.py --joined, a
+    layer's four joined products, ms: at 4 rows 0.165 with four a warp against 0.186 with
+    the one-row choice, at 8 rows 0.239 against 0.288; eight a warp within ~10% of four)."""
     if n_out >= 8192 or (n_rows > 1 and n_out >= 4096):
         return 4
     return 2 if n_out >= 4096 else 1

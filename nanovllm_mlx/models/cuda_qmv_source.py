@@ -86,9 +86,9 @@ SOURCE = """
       for (int u = 0; u < U; ++u) {
         const int c = c0 + 32 * u;
         if (c >= steps) break;
-        // The R rows' codes as value pairs, once a step for all M rows of x: dequantized
-        // inside the loop over x's rows they were most of the arithmetic at 8 rows, where
-        // the kernel is bound by it, not by bytes (490 GB/s, qmm_rows.py --joined, v18).
+        // The R rows' codes as value pairs, once a step for all M rows of x. (nvcc already
+        // hoisted them out of the loop over x's rows when they were written inside it:
+        // the same registers either way, tools/check_cuda_source.py; written so to say it.)
         uint32_t q[R][16];
         #pragma unroll
         for (int r = 0; r < R; ++r) {
