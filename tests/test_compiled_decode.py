@@ -15,10 +15,11 @@ from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import PoolLayout
+from nanovllm_mlx.buckets import bucket
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.engine.runner import compiled_decode, model_runner
-from nanovllm_mlx.engine.runner.step_inputs import bucket, prepare_decode
+from nanovllm_mlx.engine.runner.step_inputs import prepare_decode
 
 
 def workload(n: int = 21, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:

@@ -41,6 +41,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from nanovllm_mlx.attention.cuda import on_gpu
+from nanovllm_mlx.buckets import bucket
 from nanovllm_mlx.models.cuda_qmv_source import HEADER, SOURCE
 
 WARPS = 4
@@ -125,13 +126,13 @@ def qmv(
     r = rows or rows_per_warp(n_out, n_rows)
     warps_needed = -(-n_out // r)
     blocks = -(-warps_needed // WARPS)
-    # Row counts padded to a power of two, the compiled decode buckets' counts (engine/
-    # runner/step_inputs.bucket: change both together), which the start-up's warm-up
-    # builds: each new count is a kernel NVRTC builds on first use (about 2 s on an H100:
-    # a mixed step sampling 3, 5, 6 or 7 rows took 2.1-3.5 s the first time, benchmarks/
-    # logs/h100_llama3_8b_q4_v18_buckets.log). Weights are read once whatever the rows, so
-    # the padding costs little.
-    m = 1 << (n_rows - 1).bit_length()
+    # Row counts padded to the compiled decode buckets' (buckets.bucket), which the
+    # start-up's warm-up builds: each new count is a kernel NVRTC builds on first use
+    # (about 2 s on an H100: a mixed step sampling 3, 5, 6 or 7 rows took 2.1-3.5 s the
+    # first time, benchmarks/logs/h100_llama3_8b_q4_v18_buckets.log; in v19's 8-request
+    # rounds no step built one). Weights are read once whatever the rows, so the padding
+    # costs little.
+    m = bucket(n_rows)
     x2 = x.reshape(n_rows, k_in)
     if m != n_rows:
         x2 = mx.pad(x2, [(0, m - n_rows), (0, 0)])

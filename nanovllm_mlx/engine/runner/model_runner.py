@@ -23,13 +23,13 @@ from nanovllm_mlx.attention.kv_cache import KVCache
 from nanovllm_mlx.attention.kv_quant import KVFormat, resolve
 from nanovllm_mlx.attention.metadata import AttentionBackend, PoolLayout
 from nanovllm_mlx.attention.state import state_pools
+from nanovllm_mlx.buckets import bucket
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.engine.core.sequence import Sequence
 from nanovllm_mlx.engine.runner.compiled_decode import COMPILE_MAX_BATCH, CompiledDecode
 from nanovllm_mlx.engine.runner.launch import Ahead, Launched, batch_key, bucket_key, start
 from nanovllm_mlx.engine.runner.step_inputs import (
     PreparedStep,
-    bucket,
     prepare,
     prepare_decode,
 )

@@ -23,6 +23,7 @@ from nanovllm_mlx.attention.metadata import (
 )
 from nanovllm_mlx.attention.paged import build_metadata
 from nanovllm_mlx.attention.state import Segment, StateSteps, build_state_steps
+from nanovllm_mlx.buckets import bucket
 from nanovllm_mlx.engine.core.plan import ScheduledSeq
 from nanovllm_mlx.interop import to_mx
 
@@ -112,13 +113,6 @@ def _state_steps(
     return build_state_steps(
         [slot(it) for it in decodes], [it.start == 0 for it in decodes], saves, segments
     )
-
-
-def bucket(n: int) -> int:
-    """The next power of two: a few dozen traces cover every batch size and context a
-    server sees, and padding a decode batch costs little (its matmuls are bound by
-    reading the weights, not by the rows)."""
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def decode_entries(batch: list[ScheduledSeq], ahead: mx.array | None = None) -> DecodeEntries:
