@@ -1,4 +1,4 @@
-"""The CUDA decode kernel's row reader (attention/cuda_source.py's HEADER, paged_row)
+"""The CUDA decode kernel's row reader (attention/cuda_rows.py's HEADER, paged_row)
 compiled for the host with g++ (tests/cuda_host.py's PRELUDE) and checked against
 kv_quant.dequantize: the dequantizing arithmetic of the kernel (row and scale offsets,
 nibble order, bias index, group index) tested without a GPU. The whole kernel against
@@ -17,7 +17,7 @@ import pytest
 from cuda_host import PRELUDE
 from helpers import KV_FORMATS
 
-from nanovllm_mlx.attention.cuda_source import HEADER
+from nanovllm_mlx.attention.cuda_rows import HEADER
 from nanovllm_mlx.attention.kv_quant import dequantize, quantize, resolve
 
 HOST_CASE = """
@@ -62,7 +62,7 @@ ROW_CASES += [(f, d, 1) for f in FORMATS for d in (32, 64, 128, 256)]
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
 def test_the_kernels_row_reader_dequantizes_as_kv_quant_does(tmp_path: Path):
-    """cuda_source.HEADER's paged_row, compiled for the host, reads every lane's values of
+    """cuda_rows.HEADER's paged_row, compiled for the host, reads every lane's values of
     rows that kv_quant.quantize wrote: each equals dequantize's (rows left turned, as the
     kernel reads them), and a row past the partition's end reads as zeros; lane-strided
     and, with VL, a lane's consecutive values loaded as one word."""

@@ -11,7 +11,7 @@ A quantized pool (--kv-cache-dtype int8/int4) is read as stored: the kernel dequ
 each row's codes in registers with its bfloat16 scales (attention/kv_quant.py's formats),
 so a decode step reads half (int8) or about a quarter (int4) of float16's bytes. Rows
 stored turned by the Hadamard transform stay turned: the kernel turns q as it loads it
-and the merge turns the output back (cuda_source.TURN; cuda_formats.turns_in_kernel),
+and the merge turns the output back (cuda_rows.TURN; cuda_formats.turns_in_kernel),
 where the gather path takes two [D, D] products a layer (attend.py), as this launcher
 does with NANOVLLM_KERNEL_TURNS=0.
 
@@ -40,7 +40,8 @@ from nanovllm_mlx.attention.cuda_formats import (
     vector_loads_for,
 )
 from nanovllm_mlx.attention.cuda_quantize import no_scales
-from nanovllm_mlx.attention.cuda_source import HEADER, MERGE, PARTIAL
+from nanovllm_mlx.attention.cuda_rows import HEADER
+from nanovllm_mlx.attention.cuda_source import MERGE, PARTIAL
 from nanovllm_mlx.attention.cuda_write import unwritten, write_in_place
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.kv_quant import KVFormat, turn

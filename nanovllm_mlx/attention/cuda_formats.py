@@ -1,5 +1,5 @@
 """How the CUDA decode kernel (attention/cuda.py) reads each pool format: the template
-constants that select cuda_source.HEADER's row reader for a float, int8 or int4 pool,
+constants that select cuda_rows.HEADER's row reader for a float, int8 or int4 pool,
 whether a lane loads its values of a row as one word, and whether the kernel turns q and
 the output for rows stored turned."""
 
@@ -63,7 +63,7 @@ def pool_template(
     prefix: str, pool: mx.array, scales: mx.array | None, fmt: KVFormat | None, head_dim: int
 ) -> list[tuple[str, Any]]:
     """The template constants that tell PARTIAL how to read one pool (prefix "K" or "V";
-    cuda_source.HEADER): its element type, code bits (0: float values), whether a bias
+    cuda_rows.HEADER): its element type, code bits (0: float values), whether a bias
     follows the scales, and how many values a scale covers. A pool the kernel cannot read
     is a wiring error (ValueError), never a silent misread."""
     if fmt is None or not fmt.quantized:

@@ -29,7 +29,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from nanovllm_mlx.attention.cuda_source import TURN
+from nanovllm_mlx.attention.cuda_rows import TURN
 from nanovllm_mlx.attention.kv_cache import KVCache
 from nanovllm_mlx.attention.kv_quant import OUTWARD, KVFormat
 
