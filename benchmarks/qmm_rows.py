@@ -53,6 +53,22 @@ def timed(fn, repeats: int) -> float:
     return 1e3 * times[len(times) // 2]
 
 
+def inputs(m: int, shapes: list, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """m rows of x for each projection, evaluated."""
+    xs = {name: (mx.random.normal((m, k)) * 0.1).astype(dtype) for name, _, k in shapes}
+    mx.eval(xs)
+    return xs
+
+
+def mlx_products(xs: dict, weights: dict, shapes: list, args: argparse.Namespace) -> list:
+    """MLX's 4-bit matmul of every projection, args.layers times over."""
+    return [
+        mx.quantized_matmul(xs[name], *weights[name], group_size=args.group_size, bits=args.bits)
+        for _ in range(args.layers)
+        for name, _, _ in shapes
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,2,4,8,16,32,64")
@@ -81,17 +97,10 @@ def main() -> None:
     base = None
     rows = [int(r) for r in args.rows.split(",") if r]
     for m in rows:
-        xs = {name: (mx.random.normal((m, k)) * 0.1).astype(dtype) for name, _, k in shapes}
-        mx.eval(xs)
+        xs = inputs(m, shapes, dtype)
 
         def together(xs: dict = xs) -> list[mx.array]:
-            return [
-                mx.quantized_matmul(
-                    xs[name], *weights[name], group_size=args.group_size, bits=args.bits
-                )
-                for _ in range(args.layers)
-                for name, _, _ in shapes
-            ]
+            return mlx_products(xs, weights, shapes, args)
 
         def apart(xs: dict = xs, m: int = m) -> list[mx.array]:
             return [
@@ -146,17 +155,10 @@ def main() -> None:
         )
         flops_row = 2 * sum(n * k for _, n, k in shapes)
         for m in dense_rows:
-            xs = {name: (mx.random.normal((m, k)) * 0.1).astype(dtype) for name, _, k in shapes}
-            mx.eval(xs)
+            xs = inputs(m, shapes, dtype)
 
             def quantized(xs: dict = xs) -> list[mx.array]:
-                return [
-                    mx.quantized_matmul(
-                        xs[name], *weights[name], group_size=args.group_size, bits=args.bits
-                    )
-                    for _ in range(args.layers)
-                    for name, _, _ in shapes
-                ]
+                return mlx_products(xs, weights, shapes, args)
 
             def dequantized(xs: dict = xs) -> list[mx.array]:
                 out = []
