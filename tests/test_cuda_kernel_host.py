@@ -61,6 +61,8 @@ def test_the_kernel_on_the_host_reads_as_the_gather_path(
         pytest.skip("float pools are not stored turned")
     if keys == 2 and not (vector and shape[2] in (64, 128)):
         pytest.skip("two keys side by side: vector loads of head_dim 64 or 128")
+    if keys == 2 and not turns and "int" in k + v:
+        pytest.skip("two keys over quantized pools: with the default turns (suite time)")
     monkeypatch.setattr(cuda_formats, "TURNS_IN_KERNEL", turns)
     compute = getattr(mx, dtype)
     n_heads, n_kv, d = shape
