@@ -37,7 +37,7 @@ from nanovllm_mlx.attention.cuda_formats import (
     keys_side_by_side,
     pool_template,
     turns_in_kernel,
-    vector_loads_for,
+    vector_loads_default,
 )
 from nanovllm_mlx.attention.cuda_quantize import no_scales
 from nanovllm_mlx.attention.cuda_rows import HEADER
@@ -175,7 +175,7 @@ def paged_decode(
     """q [B, H, D] against each sequence's context_lens[b] keys (its last `window` of
     them for a sliding-window layer) -> [B, H, D]. group (query heads a thread block
     serves; default heads_per_block), unroll, early_values (value rows loaded with the
-    keys, not after the scores), vector_loads (default: cuda_formats.vector_loads_for;
+    keys, not after the scores), vector_loads (default: cuda_formats.vector_loads_default;
     kept only where head_dim is a multiple of 32), keys (read side by side in a warp,
     each over 32 / keys lanes; default cuda_formats.keys_side_by_side; 2 needs vector
     loads) and target_blocks are there for benchmarks to compare.
@@ -190,13 +190,12 @@ def paged_decode(
     pools = pool_template("K", k_pool, k_scales, k_fmt, head_dim)
     pools += pool_template("V", v_pool, v_scales, v_fmt, head_dim)
     turn_q, turn_out = (f is not None and f.rotate for f in (k_fmt, v_fmt))
-    if vector_loads is None:
-        vector_loads = vector_loads_for(k_fmt, v_fmt)
-    vector_loads = vector_loads and head_dim % 32 == 0
-    ks = keys or keys_side_by_side(head_dim, vector_loads)
-    if ks != 1 and not (vector_loads and ks == 2 and head_dim % 16 == 0):
+    vector = vector_loads_default() if vector_loads is None else vector_loads
+    vector = vector and head_dim % 32 == 0
+    ks = keys or keys_side_by_side(head_dim, vector)
+    if ks != 1 and not (vector and ks == 2 and head_dim % 16 == 0):
         raise ValueError(f"{ks} keys side by side need vector loads (2, head_dim % 16 == 0)")
-    inside = turns_in_kernel(head_dim, vector_loads, 32 // ks)
+    inside = turns_in_kernel(head_dim, vector, 32 // ks)
     if not inside:
         q, turn_q = turn(q, turn_q), False
     gb = group or heads_per_block(n_heads, n_kv, head_dim, ks)
@@ -219,7 +218,7 @@ def paged_decode(
         ],
         template=template
         + [("GB", gb), ("U", unroll), ("WARPS", WARPS), ("EV", int(early_values))]
-        + [("VL", int(vector_loads)), ("RQ", int(turn_q)), ("KS", ks)]
+        + [("VL", int(vector)), ("RQ", int(turn_q)), ("KS", ks)]
         + pools,
         grid=(32 * WARPS * parts, n_heads // gb, b),
         threadgroup=(32 * WARPS, 1, 1),

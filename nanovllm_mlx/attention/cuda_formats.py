@@ -21,8 +21,8 @@ from nanovllm_mlx.attention.kv_quant import KVFormat
 VECTOR_LOADS = os.environ.get("NANOVLLM_KERNEL_VECTOR_LOADS")
 
 
-def vector_loads_for(k_fmt: KVFormat | None, v_fmt: KVFormat | None) -> bool:
-    """Whether the kernel reads pools of these formats (None: float) with vector loads."""
+def vector_loads_default() -> bool:
+    """Whether the kernel reads pool rows with vector loads (every format alike)."""
     return VECTOR_LOADS != "0"
 
 
