@@ -92,6 +92,11 @@ def computes_format(bits: int, group_size: int) -> bool:
     return bits == 4 and group_size in (32, 64, 128)
 
 
+def rows_of(x: mx.array) -> int:
+    """The rows of x's product: every axis but its last (0 for an empty x)."""
+    return x.size // max(x.shape[-1], 1)
+
+
 def supports(x: mx.array, w: mx.array, scales: mx.array, bits: int, group_size: int) -> bool:
     """Whether qmv() computes this product: codes it reads (computes_format), a float16
     or bfloat16 x with as many rows as MAX_ROWS at most, scales of x's dtype."""
@@ -103,7 +108,7 @@ def supports(x: mx.array, w: mx.array, scales: mx.array, bits: int, group_size: 
         and scales.dtype == x.dtype
         and k_in % 32 == 0
         and w.shape[1] * 8 == k_in
-        and x.size // max(k_in, 1) <= MAX_ROWS
+        and rows_of(x) <= MAX_ROWS
     )
 
 
@@ -121,7 +126,7 @@ def qmv(
     dtype. rows: weight rows a warp takes (rows_per_warp by default); in_flight: steps a
     lane loads at once (STEPS_IN_FLIGHT by default)."""
     lead, k_in = x.shape[:-1], x.shape[-1]
-    n_rows = x.size // k_in
+    n_rows = rows_of(x)
     n_out = w.shape[0]
     r = rows or rows_per_warp(n_out, n_rows)
     warps_needed = -(-n_out // r)
@@ -165,10 +170,10 @@ class FewRowsQuantizedLinear(nn.QuantizedLinear):
                 self["weight"], self["scales"], self["biases"], self.group_size, self.bits
             )
             y = x @ w.astype(x.dtype).T
-            return y + self["bias"] if "bias" in self else y
-        if not routed(x, self):
+        elif routed(x, self):
+            y = qmv(x, self["weight"], self["scales"], self["biases"], self.group_size)
+        else:
             return super().__call__(x)
-        y = qmv(x, self["weight"], self["scales"], self["biases"], self.group_size)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -189,13 +194,13 @@ def enabled() -> bool:
 
 def dense(x: mx.array) -> bool:
     """Whether a product of x takes the dequantized weights' dense matmul (DENSE_ROWS)."""
-    return 0 < DENSE_ROWS <= x.size // max(x.shape[-1], 1)
+    return 0 < DENSE_ROWS <= rows_of(x)
 
 
 def routed(x: mx.array, layer: nn.Module) -> bool:
     """Whether a layer's product with x takes qmv(): ROUTED_ROWS rows at most (decode
     steps of up to that many sequences; prefill and larger batches stay MLX's)."""
-    rows = x.size // max(x.shape[-1], 1)
+    rows = rows_of(x)
     return 0 < rows <= ROUTED_ROWS and supports(
         x, layer["weight"], layer["scales"], layer.bits, layer.group_size
     )
