@@ -24,11 +24,20 @@ run() {  # name, seconds, command...
   echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
   tail -n 25 "$OUT/$name.log"
 }
+one_stream() {  # name, seconds, tree, contexts, decode_probe's other args...: one 8B
+  # stream on a 20 GB pool, compiled, our kernel and look-ahead on. tree: "." or an older
+  # commit unpacked there by the caller (`git archive REV nanovllm_mlx benchmarks/
+  # decode_probe.py`). STREAM_ENV, set on the call: NAME=VALUE switches for the process.
+  local name=$1 limit=$2 tree=$3 contexts=$4
+  shift 4
+  # shellcheck disable=SC2086  # STREAM_ENV: words for env
+  run "$name" "$limit" env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree ${STREAM_ENV:-} \
+    python3 "$tree/benchmarks/decode_probe.py" --model "$L8B" --dtype float16 --repeats 2 \
+    --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts "$contexts" "$@"
+}
 probe_off_on() {  # name, switch: one 8B stream after 32 and 8k tokens, switch=0 then 1
   for v in 0 1; do
-    run "$1" 120 env "$2=$v" python3 benchmarks/decode_probe.py --model "$L8B" \
-      --dtype float16 --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on \
-      --contexts 32,8192
+    STREAM_ENV="$2=$v" one_stream "$1" 120 . 32,8192
   done
 }
 stage_mlx() {  # MLX's CUDA build into /tmp/mlxsite, the wheels into /tmp/site; the GPU
@@ -279,22 +288,17 @@ PY
       # One stream, two keys side by side (2, the default) against one, alternated: a
       # float16 pool after 32 / 8k / 32k tokens, then an int8 one (issue 26) after 32 / 8k.
       for k in 1 2 1 2; do
-        run keys-8b 100 env NANOVLLM_KERNEL_KEYS=$k python3 benchmarks/decode_probe.py \
-          --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
-          --configs 20:on:on:on --contexts 32,8192,32768
+        STREAM_ENV=NANOVLLM_KERNEL_KEYS=$k one_stream keys-8b 100 . 32,8192,32768
       done
       for k in 1 2; do
-        run keys-8b 100 env NANOVLLM_KERNEL_KEYS=$k python3 benchmarks/decode_probe.py \
-          --model $L8B --dtype float16 --repeats 2 --decode-tokens 64 --pools "" \
-          --configs 20:on:on:on --contexts 32,8192 --kv-cache-dtype int8
+        STREAM_ENV=NANOVLLM_KERNEL_KEYS=$k one_stream keys-8b 100 . 32,8192 \
+          --kv-cache-dtype int8
       done ;;
     v17-single)
       # v18's single-stream drop: v17's commit (its tree unpacked in v17tree/ by the
       # caller, `git archive ebb5b5e`) and this one, one stream after 32 / 8k each.
       for tree in v17tree .; do
-        run v17-single 100 env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree python3 \
-          $tree/benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
-          --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192
+        one_stream v17-single 100 $tree 32,8192
       done ;;
     tests-merge)
       # The merge kernel reading its partitions through shared memory: float pools, and
@@ -309,9 +313,13 @@ PY
       # The merge before (the commit before it, unpacked in prevtree/ by the caller) and
       # after, one stream after 32 / 8k / 32k, alternated.
       for tree in prevtree . prevtree .; do
-        run merge-8b 60 env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree python3 \
-          $tree/benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
-          --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192,32768
+        one_stream merge-8b 60 $tree 32,8192,32768
+      done ;;
+    warmup-8b)
+      # v19's regression since v17 (3-6% after 32 tokens), its first suspect: the start-up
+      # warm-up of batch buckets. A one-row warm-up (max_num_seqs 1, v17's) and the default.
+      for seqs in 1 0 1 0; do
+        one_stream warmup-8b 50 . 32,8192 --max-num-seqs $seqs
       done ;;
     dense-8b)
       # Prompt chunks' products: MLX's 4-bit matmul against the dequantized weights' dense
@@ -327,24 +335,6 @@ PY
         --model $L8B --dtype float16 --repeats 2 --contexts 32 --ttft 4096,16384 \
         --decode-tokens 64 --batches 8 --batch-repeats 1 --min-input 256 --max-input 2048 \
         --min-output 128 --max-output 256 --mlx-lm-prefill-batch 8 --json ;;
-    last-call)
-      # The session's last device time: the merge's GPU cases, the merge before and after
-      # (prevtree/: the commit before it), the warm-up's batch buckets off (max_num_seqs 1:
-      # a one-row warm-up, v17's) and on, one stream after 32 / 8k; the dense products alone.
-      run tests-merge 120 python3 -m pytest -q -p no:cacheprovider --tb=short \
-        tests/test_attention.py -k "cuda_decode_kernel and float16 and unroll2 and vector \
-        and not onekey"
-      for tree in prevtree .; do
-        run merge-8b 50 env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree python3 \
-          $tree/benchmarks/decode_probe.py --model $L8B --dtype float16 --repeats 2 \
-          --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192
-      done
-      for seqs in 1 0; do
-        run warmup-8b 50 python3 benchmarks/decode_probe.py --model $L8B --dtype float16 \
-          --repeats 2 --decode-tokens 64 --pools "" --configs 20:on:on:on --contexts 32,8192 \
-          --max-num-seqs $seqs
-      done
-      run dense-8b 60 python3 benchmarks/qmm_rows.py --rows 512,2048 --joined --repeats 5 ;;
     compare-8b-few)
       # The 8-request row over two rounds, one stream after 32 tokens, TTFT 4k and 16k.
       run compare-8b-few 280 python3 benchmarks/compare_mlx_lm.py --model $L8B --repeats 2 \
