@@ -440,6 +440,12 @@ PY
       run metal-like-8b 300 env NANOVLLM_PAGED_KERNEL=0 NANOVLLM_CUDA_QMV=0 python3 \
         benchmarks/compare_mlx_lm.py --model $L8B --dtype float16 --repeats 2 \
         --contexts 32,8192 --ttft "" --decode-tokens 64 --batches "" --json ;;
+    anatomy-off)
+      # The kernel-off row's profile (never taken before v20): our step eager and compiled
+      # on the Metal-like path against mlx-lm's, each step's kernels through CUPTI.
+      run anatomy-off 200 env NANOVLLM_PAGED_KERNEL=0 NANOVLLM_CUDA_QMV=0 python3 \
+        benchmarks/step_anatomy.py --model $L8B --dtype float16 --contexts 32,8192 \
+        --kv-cache-gb 20 ;;
     single-off)
       for m in $GPT2 $SMOL; do
         run single-off 200 python3 benchmarks/compare_mlx_lm.py --model $m --dtype float16 \
@@ -451,6 +457,11 @@ PY
     compare-smol)
       run compare-smol 420 python3 benchmarks/compare_mlx_lm.py --model $SMOL --dtype float16 \
         --repeats 3 --batch-repeats 1 --batches 8,32,128,256 --json ;;
+    gpt2-rerun)
+      # compare-gpt2's 8 and 32 requests again on the same machine, MLX's kernel cache now
+      # warm: v8 found the 8-request row on a fresh machine pays NVRTC's first builds.
+      run gpt2-rerun 200 python3 benchmarks/compare_mlx_lm.py --model $GPT2 --dtype float16 \
+        --repeats 1 --batch-repeats 2 --batches 8,32 --json ;;
     nanovllm)
       run nanovllm 200 python3 benchmarks/throughput.py --model $GPT2 --dtype float16 ;;
     *) echo "unknown phase $phase" ;;

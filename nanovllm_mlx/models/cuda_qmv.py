@@ -56,8 +56,14 @@ ROUTED_ROWS = min(max(int(os.environ.get("NANOVLLM_QMV_ROWS", "8")), 0), MAX_ROW
 # Rows from which a product dequantizes its weights and multiplies them with the dense
 # matmul (cuBLAS, tensor cores at full rate) instead of MLX's 4-bit tiled matmul: a prompt
 # chunk of thousands of rows reads the weights once either way, and the dense product's
-# rate is what sets the prefill's time. 0: never. Not measured yet: off by default.
-DENSE_ROWS = max(int(os.environ.get("NANOVLLM_DENSE_ROWS", "0")), 0)
+# rate is what sets the prefill's time. On an H100, a Llama 3 8B layer's four joined
+# products: 256 / 512 / 2,048 rows 0.68 / 0.79 / 1.75 ms against MLX's 0.81 / 1.54 /
+# 6.05; the engine's TTFT at 4k / 16k tokens 0.148 / 0.720 s against 0.455 / 1.915
+# (benchmarks/logs/h100_v20_dense-8b.log). The dequantized weights live one product at
+# a time (235 MB for the joined gate/up of that layer). NANOVLLM_DENSE_ROWS sets it; 0:
+# never. Only CUDA builds adopt these layers (loader.py), where MLX's 4-bit matmul lacks
+# tensor-core tiles for groups narrower than a row; Metal keeps MLX's.
+DENSE_ROWS = max(int(os.environ.get("NANOVLLM_DENSE_ROWS", "256")), 0)
 
 
 def rows_per_warp(n_out: int, n_rows: int = 1) -> int:
