@@ -47,6 +47,7 @@ import mlx.core as mx
 # isort: on
 
 from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention import cuda_decode
 from nanovllm_mlx.attention.attend import gathered_attention
 from nanovllm_mlx.attention.kv_cache import read_blocks
 from nanovllm_mlx.attention.kv_quant import QUANTIZED
@@ -130,16 +131,16 @@ def measure(
 
     def kernel(
         group: int | None = None,
-        unroll: int = cuda_attention.UNROLL,
+        unroll: int = cuda_decode.UNROLL,
         early: bool = True,
         caches: list[KVCache] = head_major,
         vector: bool | None = None,
-        blocks: int = cuda_attention.TARGET_BLOCKS,
+        blocks: int = cuda_decode.TARGET_BLOCKS,
         keys: int | None = None,
     ) -> list[mx.array]:
         args = (tables, context, bs, scale, ctx)
         return [
-            cuda_attention.paged_decode(
+            cuda_decode.paged_decode(
                 q,
                 c.k,
                 c.v,

@@ -26,7 +26,7 @@ import pytest
 
 import nanovllm_mlx.engine.runner.model_runner as model_runner
 from nanovllm_mlx import LLM, SamplingParams
-from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention import cuda_decode
 from nanovllm_mlx.attention.attend import gathered_attention
 from nanovllm_mlx.attention.kv_cache import KVCache
 from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat
@@ -389,13 +389,13 @@ def kernel_and_gather(
     reference: KVCache | None = None,
     **kernel: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """attention/cuda.py's paged_decode of q [B, H, D] over cache (its block tables and
+    """attention/cuda_decode.py's paged_decode of q [B, H, D] over cache (its block tables and
     context lengths; `kernel`: paged_decode's benchmark knobs, or capacity=True to launch
     as a compiled step does, knowing only the tables' width), and the gather path's on
     the CPU in float32 over `reference` (default: the same cache), as float32 arrays."""
     bs, n_kv = cache.block_size, cache.k.shape[0]
     scale = q.shape[-1] ** -0.5
-    got = cuda_attention.paged_decode(
+    got = cuda_decode.paged_decode(
         q,
         cache.k,
         cache.v,  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ import pytest
 from helpers import dense, kernel_and_gather, random_tables
 
 from nanovllm_mlx.attention import cuda as cuda_attention
+from nanovllm_mlx.attention import cuda_decode
 from nanovllm_mlx.attention.gather import GatherAttention, length_groups
 from nanovllm_mlx.attention.metadata import NULL_BLOCK, KVCache, PoolLayout
 from nanovllm_mlx.attention.paged import paged_attention
@@ -169,7 +170,7 @@ def test_fused_prefill_reads_each_chunk_on_its_own_without_a_mask():
 
 @pytest.mark.parametrize("batch,context", [(1, 1), (1, 1000), (128, 1024), (3, 77), (64, 33)])
 def test_decode_partitions_cover_every_token_once(batch: int, context: int):
-    parts, size = cuda_attention.num_partitions(batch, 12, context)
+    parts, size = cuda_decode.num_partitions(batch, 12, context)
     assert parts >= 1 and (parts - 1) * size < context <= parts * size
 
 
@@ -265,7 +266,7 @@ def test_cuda_decode_kernel_launched_as_a_compiled_step_matches_gather_path(wind
 def test_a_cuda_block_serves_the_query_heads_of_one_kv_head(
     n_heads: int, n_kv: int, head_dim: int, want: int
 ):
-    got = cuda_attention.heads_per_block(n_heads, n_kv, head_dim)
+    got = cuda_decode.heads_per_block(n_heads, n_kv, head_dim)
     assert got == want
     assert (n_heads // n_kv) % got == 0  # never two KV heads in one block
 

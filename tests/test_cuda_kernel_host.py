@@ -1,4 +1,4 @@
-"""The CUDA paged decode kernel, whole (attention/cuda.py's launcher, its partial and merge
+"""The CUDA paged decode kernel, whole (attention/cuda_decode.py's launcher, its partial and merge
 kernels), run on the host (tests/cuda_host.py: thread blocks as std::threads) against the
 gather path: partitions, grouped-query blocks, the online softmax and its merge, float
 and quantized pools, lanes holding a row's dims 32 apart or consecutive (vector loads),
@@ -16,8 +16,7 @@ import pytest
 from cuda_host import on_the_host
 from helpers import filled_cache, kernel_and_gather, random_tables
 
-from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention import cuda_formats
+from nanovllm_mlx.attention import cuda_decode, cuda_formats
 from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, resolve
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++
 
 @pytest.fixture
 def host_kernels(monkeypatch: pytest.MonkeyPatch):
-    with on_the_host(monkeypatch, cuda_attention._kernels):
+    with on_the_host(monkeypatch, cuda_decode._kernels):
         yield
 
 
@@ -91,7 +90,7 @@ def test_a_compiled_steps_partitions_split_its_longest_context_not_its_capacity(
     # the longest context (32k prompts on an H100 ran on 64k-key tables). Partitions sized
     # by the capacity left half of them empty while each other one read twice the keys
     # in turn; sized on the device by the contexts, every partition of the longest has keys.
-    partial, merge = cuda_attention._kernels()
+    partial, merge = cuda_decode._kernels()
     part_m: list[np.ndarray] = []
 
     def recording(**launch):
@@ -99,7 +98,7 @@ def test_a_compiled_steps_partitions_split_its_longest_context_not_its_capacity(
         part_m.append(np.array(outs[1]))
         return outs
 
-    monkeypatch.setattr(cuda_attention, "_kernels", lambda: (recording, merge))
+    monkeypatch.setattr(cuda_decode, "_kernels", lambda: (recording, merge))
     rng = np.random.default_rng(3)
     bs, width, contexts = 16, 32, [300, 5]  # capacity 512 keys; 300 is past half of it
     cache, _ = filled_cache((resolve("auto", mx.float32),) * 2, 2, 80, bs, 64)
@@ -107,9 +106,9 @@ def test_a_compiled_steps_partitions_split_its_longest_context_not_its_capacity(
     tables = np.pad(tables, ((0, 0), (0, width - tables.shape[1])))  # a compiled step's
     q = mx.array(rng.standard_normal((2, 8, 64))).astype(mx.float32)
     args = (q, cache.k, cache.v, mx.array(tables), mx.array(contexts, dtype=mx.int32), bs, 0.125)
-    exact = cuda_attention.paged_decode(*args, max(contexts), target_blocks=64)
-    by_lens = cuda_attention.paged_decode(*args, width * bs, target_blocks=64, capacity=True)
-    by_capacity = cuda_attention.paged_decode(*args, width * bs, target_blocks=64)
+    exact = cuda_decode.paged_decode(*args, max(contexts), target_blocks=64)
+    by_lens = cuda_decode.paged_decode(*args, width * bs, target_blocks=64, capacity=True)
+    by_capacity = cuda_decode.paged_decode(*args, width * bs, target_blocks=64)
     np.testing.assert_allclose(np.array(by_lens), np.array(exact), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.array(by_capacity), np.array(exact), atol=1e-5, rtol=1e-5)
     sized_by_lens, sized_by_capacity = part_m[1][0], part_m[2][0]  # the 300-key sequence
@@ -128,5 +127,5 @@ def test_the_merge_takes_more_partitions_than_it_has_threads(host_kernels):
     tables = random_tables(rng, contexts, bs, num_blocks)
     q = mx.array(rng.standard_normal((1, 2, d))).astype(mx.float32)
     got, want = kernel_and_gather(q, cache, tables, contexts, None, target_blocks=128)
-    assert cuda_attention.num_partitions(1, 1, contexts[0], 128)[0] > d
+    assert cuda_decode.num_partitions(1, 1, contexts[0], 128)[0] > d
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

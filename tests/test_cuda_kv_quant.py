@@ -25,7 +25,7 @@ from helpers import KV_FORMATS, filled_cache, kernel_and_gather, random_ids, ran
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention import cuda_formats, kv_quant, select_backend
+from nanovllm_mlx.attention import cuda_decode, cuda_formats, kv_quant, select_backend
 from nanovllm_mlx.attention.attend import _attend
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.kv_cache import KVCache
@@ -293,7 +293,7 @@ def test_two_keys_side_by_side_only_where_a_row_splits_over_16_lanes_evenly(monk
     q = mx.zeros((1, 4, 128))
     pool = mx.zeros((1, 16, 128))
     with pytest.raises(ValueError, match="keys side by side"):
-        cuda_attention.paged_decode(
+        cuda_decode.paged_decode(
             q,
             pool,
             pool,

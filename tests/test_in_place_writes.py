@@ -18,7 +18,7 @@ from helpers import SMALL_KV
 
 from nanovllm_mlx import LLM, SamplingParams
 from nanovllm_mlx.attention import cuda as cuda_attention
-from nanovllm_mlx.attention import cuda_write
+from nanovllm_mlx.attention import cuda_decode, cuda_write
 from nanovllm_mlx.attention.cuda_write import write_in_place
 from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.kv_cache import KVCache
@@ -201,9 +201,9 @@ def test_the_decode_kernel_reads_the_rows_written_in_place_before_it():
         assert mine.written is not None  # written by the kernel, not the scatter
         tables, ctx = mx.array(table[None]), mx.array([pos + 1], dtype=mx.int32)
         args = (tables, ctx, bs, d**-0.5, len(table) * bs)
-        got = cuda_attention.paged_decode(q, mine.k, mine.v, *args, after=mine.written)
+        got = cuda_decode.paged_decode(q, mine.k, mine.v, *args, after=mine.written)
         theirs.write(k, v, rows)
-        want = cuda_attention.paged_decode(q, theirs.k, theirs.v, *args)
+        want = cuda_decode.paged_decode(q, theirs.k, theirs.v, *args)
         mx.eval(got, want, theirs.arrays())
         np.testing.assert_allclose(
             np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), atol=1e-3

@@ -7,7 +7,7 @@ instead of in GPU time.
     python3 tools/check_cuda_source.py --quick    # one shape, every K/V format pair
     python3 tools/check_cuda_source.py --keep DIR # also keep the wrapped .cu files there
 
-The combinations come from the launcher itself: attention/cuda.py's paged_decode runs on
+The combinations come from the launcher itself: attention/cuda_decode.py's paged_decode runs on
 the CPU against recording stand-ins for mx.fast.cuda_kernel, so the source, the template
 constants and the input dtypes compiled are the ones it would launch with. The wrapper
 follows mlx/backend/cuda/custom_kernel.cpp (build_kernel): `__global__ void name(const T*
@@ -54,7 +54,7 @@ import nanovllm_mlx  # noqa: E402, F401  (before mlx: the fast BLAS)
 import mlx.core as mx  # noqa: E402
 
 # isort: on
-from nanovllm_mlx.attention import cuda, cuda_quantize, cuda_write  # noqa: E402
+from nanovllm_mlx.attention import cuda_decode, cuda_quantize, cuda_write  # noqa: E402
 from nanovllm_mlx.attention.kv_cache import KVCache  # noqa: E402
 from nanovllm_mlx.attention.kv_quant import INT4, INT8, KVFormat, resolve  # noqa: E402
 from nanovllm_mlx.models import cuda_qmv  # noqa: E402
@@ -179,12 +179,12 @@ class _Recorder:
 
 @contextmanager
 def recording() -> Iterator[list[Launch]]:
-    """Inside, attention/cuda.py's kernels record their launches into the list yielded
+    """Inside, attention/cuda_decode.py's kernels record their launches into the list yielded
     instead of running (any device, no GPU needed)."""
     launches: list[Launch] = []
     original = mx.fast.cuda_kernel
     mx.fast.cuda_kernel = lambda **kernel: _Recorder(launches, **kernel)
-    cuda._kernels.cache_clear()
+    cuda_decode._kernels.cache_clear()
     cuda_write._kernel.cache_clear()
     cuda_quantize._kernel.cache_clear()
     cuda_qmv._kernel.cache_clear()
@@ -192,7 +192,7 @@ def recording() -> Iterator[list[Launch]]:
         yield launches
     finally:
         mx.fast.cuda_kernel = original
-        cuda._kernels.cache_clear()
+        cuda_decode._kernels.cache_clear()
         cuda_write._kernel.cache_clear()
         cuda_quantize._kernel.cache_clear()
         cuda_qmv._kernel.cache_clear()
@@ -211,14 +211,14 @@ def launch_decode(
     shape: tuple[int, int, int],
     formats: tuple[KVFormat, KVFormat],
     block_size: int = 16,
-    unroll: int = cuda.UNROLL,
+    unroll: int = cuda_decode.UNROLL,
     window: int | None = None,
     vector: bool = False,
 ) -> mx.array:
     """paged_decode over a small cache of these formats (inside recording(): records)."""
     n_heads, n_kv, head_dim = shape
     cache = KVCache.allocate(formats, n_kv, 4 * block_size, head_dim, block_size)
-    return cuda.paged_decode(
+    return cuda_decode.paged_decode(
         mx.zeros((2, n_heads, head_dim), dtype=dtype),
         cache.k,
         cache.v,  # type: ignore[arg-type]
