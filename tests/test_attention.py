@@ -8,7 +8,8 @@ from helpers import dense, kernel_and_gather, random_tables
 
 from nanovllm_mlx.attention import cuda as cuda_attention
 from nanovllm_mlx.attention import cuda_decode
-from nanovllm_mlx.attention.gather import GatherAttention, length_groups
+from nanovllm_mlx.attention.decode_groups import length_groups
+from nanovllm_mlx.attention.gather import GatherAttention
 from nanovllm_mlx.attention.metadata import NULL_BLOCK, KVCache, PoolLayout
 from nanovllm_mlx.attention.paged import paged_attention
 from nanovllm_mlx.engine.core.plan import ScheduledSeq

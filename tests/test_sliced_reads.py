@@ -127,3 +127,60 @@ def test_a_prompt_chunk_reads_its_consecutive_blocks_in_place(num_blocks: int):
     keys, values = (token_major(p, first * BS, start + n) for p in (k_pool, v_pool))
     want = dense(q.astype(np.float32), keys, values, start)
     np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
+
+
+def batch_entries(lengths: list[int], tables: list[list[int]]) -> DecodeEntries:
+    return DecodeEntries(np.array(lengths), tables)
+
+
+def test_a_small_batch_reads_its_long_consecutive_sequences_in_place():
+    """Three sequences, shortest first: a short one and a long one whose blocks are
+    scattered are gathered; the long one in consecutive blocks is read in place, its
+    own group, and every row still matches its own keys' softmax."""
+    backend = GatherAttention(fused=True)
+    num_blocks, lengths = 300, [40, 1100, 1200]
+    rng = np.random.default_rng(2)
+    order = rng.permutation(np.arange(200, 300))
+    tables = [
+        [int(b) for b in order[:3]],  # 40 keys, scattered
+        list(range(10, 10 + -(-1100 // BS))),  # 1,100 keys from block 10
+        [int(b) for b in order[3 : 3 + -(-1200 // BS)]],  # 1,200 keys, scattered
+    ]
+    pool = PoolLayout(HKV, num_blocks, BS)
+    entries = batch_entries(lengths, tables)
+    groups = backend.plan_decode(entries, pool)
+    assert [(g.start, g.end, g.offset) for g in groups] == [(0, 1, None), (1, 2, 160), (2, 3, None)]
+    assert backend.reads_in_place(entries, pool)
+    k_pool = rng.standard_normal((HKV, num_blocks * BS, D)).astype(np.float16)
+    v_pool = rng.standard_normal((HKV, num_blocks * BS, D)).astype(np.float16)
+    q = rng.standard_normal((3, H, D)).astype(np.float16)
+    cache = KVCache(mx.array(k_pool), mx.array(v_pool), BS)
+    meta = build_metadata(backend, pool, np.zeros(0, dtype=np.int64), entries, None)
+    out = np.array(paged_attention(mx.array(q), None, None, cache, meta, D**-0.5), np.float32)
+    for i, (length, table) in enumerate(zip(lengths, tables)):
+        slots = np.concatenate([np.arange(b * BS, (b + 1) * BS) for b in table])[:length]
+        keys, values = (p[:, slots].transpose(1, 0, 2).astype(np.float32) for p in (k_pool, v_pool))
+        want = dense(q[i : i + 1].astype(np.float32), keys, values, length - 1)
+        np.testing.assert_allclose(out[i : i + 1], want, atol=2e-2, rtol=2e-2)
+
+
+def test_which_batches_read_in_place():
+    backend, pool = GatherAttention(fused=True), PoolLayout(HKV, 1000, BS)
+    long = -(-1024 // BS)
+    tables = [list(range(i * 100, i * 100 + long)) for i in range(9)]
+    # Up to SLICED_BATCH sequences: each of at least SLICED_MIN_KEYS keys in consecutive
+    # blocks is read in place, a shorter one is gathered.
+    two = batch_entries([1024, 1024], tables[:2])
+    assert [g.offset for g in backend.plan_decode(two, pool)] == [0, 1600]
+    short = batch_entries([1023, 1024], tables[:2])
+    assert [g.offset for g in backend.plan_decode(short, pool)] == [None, 1600]
+    assert backend.reads_in_place(short, pool)
+    assert not backend.reads_in_place(batch_entries([1023, 1023], tables[:2]), pool)
+    # More sequences than that: all gathered together.
+    nine = batch_entries([1024] * 9, tables)
+    assert [(g.start, g.end, g.offset) for g in backend.plan_decode(nine, pool)] == [(0, 9, None)]
+    assert not backend.reads_in_place(nine, pool)
+    # The CPU's matmuls, and views cuDNN would misread, never.
+    assert not GatherAttention(fused=False).reads_in_place(two, pool)
+    cudnn_pool = PoolLayout(HKV, 1024, BS)
+    assert not GatherAttention(True, cudnn_views=True).reads_in_place(two, cudnn_pool)

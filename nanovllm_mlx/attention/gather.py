@@ -6,8 +6,9 @@ MLX's gather copies with memcpy; each (head, sequence) pair then reads one conti
 [L, head_dim] matrix (the token-major layout cost 6-8x more on CPU at batch 32, measured
 in benchmarks/attention_layouts.py). Decode batches are read in up to MAX_GROUPS groups
 of similar context length, so that little of what is gathered is padding. With fused
-SDPA, a lone decode or a prompt chunk whose blocks are consecutive skips the gather and
-reads a view of the pool.
+SDPA, a prompt chunk whose blocks are consecutive, a lone decode whose are, and in a
+small batch each decoding sequence whose are and which sees enough keys, skip the gather
+and read a view of the pool (attention/decode_groups.py decides which).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ import numpy as np
 
 from nanovllm_mlx.attention.attend import gathered_attention, sliced_attention
 from nanovllm_mlx.attention.chunk_shapes import padding
+from nanovllm_mlx.attention.decode_groups import (
+    DecodeGroup,
+    contiguous_start,
+    decode_mask,
+    in_place_offsets,
+    length_groups,
+    runs,
+)
 from nanovllm_mlx.attention.metadata import (
     AttentionMetadata,
     DecodeEntries,
@@ -31,30 +40,7 @@ from nanovllm_mlx.attention.metadata import (
 )
 from nanovllm_mlx.interop import to_mx
 
-MAX_GROUPS = 4  # decode length groups
-MIN_GROUP = 8  # sequences per group, at least
 CUDNN_VIEW_SLOTS = 256  # MLX's kv_cache_step: views of caches of a multiple of it (cudnn_views)
-
-
-@dataclass(slots=True)
-class DecodeGroup:
-    """Decode tokens [start, end) whose contexts are read together, padded to the longest."""
-
-    start: int
-    end: int
-    rows: mx.array | None  # pool rows of the sequences' blocks (PoolLayout.block_rows)
-    mask: mx.array | None  # [n, 1, L] key visible; None: all
-    length: int | None = None  # read only the first `length` keys (a one-sequence group)
-    # One sequence whose visible keys sit in consecutive blocks: they are pool slots
-    # [offset, offset + length) of every head, read in place (no gather).
-    offset: int | None = None
-
-
-def contiguous_start(table: np.ndarray) -> int | None:
-    """The first block of a table whose blocks are consecutive, else None."""
-    if len(table) > 1 and np.any(np.diff(table) != 1):
-        return None
-    return int(table[0])
 
 
 @dataclass(slots=True)
@@ -83,28 +69,6 @@ class CausalChunk:
     # Queries added before and (with as many keys) after the chunk: chunk_shapes.padding.
     front: int = 0
     back: int = 0
-
-
-def length_groups(context: np.ndarray, block_size: int) -> list[tuple[int, int]]:
-    """Split a decode batch, sorted by context length, into up to MAX_GROUPS runs of equal
-    size, merging neighbours that pad to the same number of blocks. Padding every sequence
-    to the longest wasted about half the gather path's reads for mixed lengths."""
-    n = len(context)
-    k = max(1, min(MAX_GROUPS, n // MIN_GROUP))
-    bounds = [n * i // k for i in range(k + 1)]
-    blocks = -(-context // block_size)
-    groups: list[tuple[int, int]] = []
-    for start, end in zip(bounds, bounds[1:]):
-        if groups and blocks[groups[-1][1] - 1] == blocks[end - 1]:
-            groups[-1] = (groups[-1][0], end)
-        else:
-            groups.append((start, end))
-    return groups
-
-
-def _decode_mask(lo: np.ndarray, hi: np.ndarray, block_size: int) -> mx.array:
-    keys = np.arange(-(-int(hi.max()) // block_size) * block_size)
-    return to_mx(((keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]))[:, None])
 
 
 class GatherAttention:
@@ -137,12 +101,13 @@ class GatherAttention:
         cache.write(k, v, meta.write_rows)
 
     def reads_in_place(self, entries: DecodeEntries, pool: PoolLayout) -> bool:
-        """A lone sequence whose blocks are consecutive (plan_decode slices it); full
-        attention, as every compiled step is."""
-        if len(entries.context_lens) != 1 or not self.slice_in_place(pool):
+        """Whether plan_decode reads any sequence of the batch in place (full attention,
+        as every compiled step is)."""
+        if not self.slice_in_place(pool):
             return False
-        table = entries.block_tables[0][: pool.num_table_blocks(int(entries.context_lens[0]))]
-        return contiguous_start(np.asarray(table)) is not None
+        spans = decode_spans(entries.context_lens, pool.block_size, None)
+        tables = block_tables(entries.block_tables, pool.num_table_blocks(int(spans.hi.max())))
+        return any(o is not None for o in in_place_offsets(spans, tables, pool.block_size))
 
     def plan_decode(
         self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
@@ -152,23 +117,22 @@ class GatherAttention:
         tables = block_tables(
             entries.block_tables, pool.num_table_blocks(int(spans.hi.max())), spans.first_block
         )
+        offsets = in_place_offsets(spans, tables, bs) if self.slice_in_place(pool) else None
         groups = []
-        sliced = self.slice_in_place(pool)
-        for start, end in length_groups(spans.hi, bs):
-            lo, hi = spans.lo[start:end], spans.hi[start:end]
-            if sliced and end - start == 1:
+        for a, b, offset in runs(offsets or [None] * len(spans.hi)):
+            if offset is not None:
                 # SDPA reads a strided slice of the pool in place (on Metal its one-query
                 # kernel takes the pool's head stride as it is); a gather copies every key.
-                first = contiguous_start(tables[start, : pool.num_table_blocks(int(hi[0]))])
-                if first is not None:
-                    offset = first * bs + int(lo[0])
-                    groups.append(DecodeGroup(start, end, None, None, int(hi[0] - lo[0]), offset))
-                    continue
-            # One sequence that sees all its keys reads the first `length` of them, unmasked.
-            whole = end - start == 1 and lo[0] == 0
-            rows = pool.block_rows(tables[start:end, : pool.num_table_blocks(int(hi.max()))])
-            mask = None if whole else _decode_mask(lo, hi, bs)
-            groups.append(DecodeGroup(start, end, rows, mask, int(hi[0]) if whole else None))
+                groups.append(DecodeGroup(a, b, None, None, int(spans.hi[a] - spans.lo[a]), offset))
+                continue
+            for start, end in length_groups(spans.hi[a:b], bs):
+                start, end = a + start, a + end
+                lo, hi = spans.lo[start:end], spans.hi[start:end]
+                # One sequence that sees all its keys reads the first `length`, unmasked.
+                whole = end - start == 1 and lo[0] == 0
+                rows = pool.block_rows(tables[start:end, : pool.num_table_blocks(int(hi.max()))])
+                mask = None if whole else decode_mask(lo, hi, bs)
+                groups.append(DecodeGroup(start, end, rows, mask, int(hi[0]) if whole else None))
         return groups
 
     def plan_prefill(
