@@ -4,11 +4,10 @@ It runs everywhere (CPU, Metal, CUDA) and is the reference the kernels are teste
 against. Gathering a block is one contiguous row of the pool (head-major layout), which
 MLX's gather copies with memcpy; each (head, sequence) pair then reads one contiguous
 [L, head_dim] matrix (the token-major layout cost 6-8x more on CPU at batch 32, measured
-in benchmarks/attention_layouts.py). Decode batches are read in up to MAX_GROUPS groups
-of similar context length, so that little of what is gathered is padding. With fused
-SDPA, a prompt chunk whose blocks are consecutive, a lone decode whose are, and in a
-small batch each decoding sequence whose are and which sees enough keys, skip the gather
-and read a view of the pool (attention/decode_groups.py decides which).
+in benchmarks/attention_layouts.py). Decode batches are read in groups of similar context
+length (attention/decode_groups.py), so that little of what is gathered is padding. With fused
+SDPA, a lone decode or a prompt chunk whose blocks are consecutive skips the gather and
+reads a view of the pool.
 """
 
 from __future__ import annotations
@@ -24,9 +23,7 @@ from nanovllm_mlx.attention.decode_groups import (
     DecodeGroup,
     contiguous_start,
     decode_mask,
-    in_place_offsets,
     length_groups,
-    runs,
 )
 from nanovllm_mlx.attention.metadata import (
     AttentionMetadata,
@@ -101,13 +98,12 @@ class GatherAttention:
         cache.write(k, v, meta.write_rows)
 
     def reads_in_place(self, entries: DecodeEntries, pool: PoolLayout) -> bool:
-        """Whether plan_decode reads any sequence of the batch in place (full attention,
-        as every compiled step is)."""
-        if not self.slice_in_place(pool):
+        """A lone sequence whose blocks are consecutive (plan_decode slices it); full
+        attention, as every compiled step is."""
+        if len(entries.context_lens) != 1 or not self.slice_in_place(pool):
             return False
-        spans = decode_spans(entries.context_lens, pool.block_size, None)
-        tables = block_tables(entries.block_tables, pool.num_table_blocks(int(spans.hi.max())))
-        return any(o is not None for o in in_place_offsets(spans, tables, pool.block_size))
+        table = entries.block_tables[0][: pool.num_table_blocks(int(entries.context_lens[0]))]
+        return contiguous_start(np.asarray(table)) is not None
 
     def plan_decode(
         self, entries: DecodeEntries, pool: PoolLayout, window: int | None = None
@@ -117,22 +113,23 @@ class GatherAttention:
         tables = block_tables(
             entries.block_tables, pool.num_table_blocks(int(spans.hi.max())), spans.first_block
         )
-        offsets = in_place_offsets(spans, tables, bs) if self.slice_in_place(pool) else None
         groups = []
-        for a, b, offset in runs(offsets or [None] * len(spans.hi)):
-            if offset is not None:
+        sliced = self.slice_in_place(pool)
+        for start, end in length_groups(spans.hi, bs):
+            lo, hi = spans.lo[start:end], spans.hi[start:end]
+            if sliced and end - start == 1:
                 # SDPA reads a strided slice of the pool in place (on Metal its one-query
                 # kernel takes the pool's head stride as it is); a gather copies every key.
-                groups.append(DecodeGroup(a, b, None, None, int(spans.hi[a] - spans.lo[a]), offset))
-                continue
-            for start, end in length_groups(spans.hi[a:b], bs):
-                start, end = a + start, a + end
-                lo, hi = spans.lo[start:end], spans.hi[start:end]
-                # One sequence that sees all its keys reads the first `length`, unmasked.
-                whole = end - start == 1 and lo[0] == 0
-                rows = pool.block_rows(tables[start:end, : pool.num_table_blocks(int(hi.max()))])
-                mask = None if whole else decode_mask(lo, hi, bs)
-                groups.append(DecodeGroup(start, end, rows, mask, int(hi[0]) if whole else None))
+                first = contiguous_start(tables[start, : pool.num_table_blocks(int(hi[0]))])
+                if first is not None:
+                    offset = first * bs + int(lo[0])
+                    groups.append(DecodeGroup(start, end, None, None, int(hi[0] - lo[0]), offset))
+                    continue
+            # One sequence that sees all its keys reads the first `length` of them, unmasked.
+            whole = end - start == 1 and lo[0] == 0
+            rows = pool.block_rows(tables[start:end, : pool.num_table_blocks(int(hi.max()))])
+            mask = None if whole else decode_mask(lo, hi, bs)
+            groups.append(DecodeGroup(start, end, rows, mask, int(hi[0]) if whole else None))
         return groups
 
     def plan_prefill(
