@@ -3,8 +3,10 @@
 `HostKernel` stands in for `mx.fast.cuda_kernel`: called as MLX's kernel object is, it
 compiles the source with g++ the way MLX wraps it (each input's pointer, and its shape
 and strides where the source names them; the template constants as constexpr values and
-type aliases) and runs the grid: one thread block at a time, its threads as std::threads,
-`__syncthreads` a barrier of the block, a warp shuffle a barrier of the warp's 32 lanes,
+type aliases) and runs the grid: one thread block at a time, its threads as std::threads
+(made once, each running its place in every block in turn; made anew for every block
+they took tests/test_cuda_kernel_host.py 140 s against 109), `__syncthreads` a barrier
+of the block, a warp shuffle a barrier of the warp's 32 lanes,
 `__shared__` arrays static (shared by the block's threads). Outputs come back as MLX
 arrays. Inputs are passed as contiguous copies with their strides, which a kernel that
 reads through strides cannot tell apart; a kernel writing into an input (cuda_write's)
@@ -236,28 +238,34 @@ class HostKernel:
   gridDim = {{{blocks[0]}u, {blocks[1]}u, {blocks[2]}u}};
   blockDim = {{{group[0]}u, {group[1]}u, {group[2]}u}};
   const int warps = ({threads} + 31) / 32;
-  for (unsigned bz = 0; bz < gridDim.z; ++bz)
-  for (unsigned by = 0; by < gridDim.y; ++by)
-  for (unsigned bx = 0; bx < gridDim.x; ++bx) {{
-    std::barrier<> block({threads});
-    block_barrier = &block;
-    std::vector<std::barrier<>*> per_warp;
-    for (int w = 0; w < warps; ++w)
-      per_warp.push_back(new std::barrier<>(std::min(32, {threads} - 32 * w)));
-    warp_barriers = per_warp;
-    std::vector<std::thread> pool;
-    for (int t = 0; t < {threads}; ++t)
-      pool.emplace_back([&, t] {{
-        threadIdx = {{unsigned(t % {group[0]}), unsigned(t / {group[0]} % {group[1]}),
-                     unsigned(t / ({group[0]} * {group[1]}))}};
+  // One thread per thread of a block, made once and run through every block in turn
+  // (one block at a time): a block's end is a barrier of its own, apart from
+  // __syncthreads', so that no thread starts the next block (and writes the __shared__
+  // arrays) while another still reads this one. Threads made anew for every block cost
+  // more than most kernels' work here.
+  std::barrier<> block({threads}), block_end({threads});
+  block_barrier = &block;
+  std::vector<std::barrier<>*> per_warp;
+  for (int w = 0; w < warps; ++w)
+    per_warp.push_back(new std::barrier<>(std::min(32, {threads} - 32 * w)));
+  warp_barriers = per_warp;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < {threads}; ++t)
+    pool.emplace_back([&, t] {{
+      threadIdx = {{unsigned(t % {group[0]}), unsigned(t / {group[0]} % {group[1]}),
+                   unsigned(t / ({group[0]} * {group[1]}))}};
+      warp_of_thread = t / 32;
+      lane_of_thread = t % 32;
+      for (unsigned bz = 0; bz < gridDim.z; ++bz)
+      for (unsigned by = 0; by < gridDim.y; ++by)
+      for (unsigned bx = 0; bx < gridDim.x; ++bx) {{
         blockIdx = {{bx, by, bz}};
-        warp_of_thread = t / 32;
-        lane_of_thread = t % 32;
         kernel_body({", ".join(args)});
-      }});
-    for (auto& th : pool) th.join();
-    for (auto* b : per_warp) delete b;
-  }}
+        block_end.arrive_and_wait();
+      }}
+    }});
+  for (auto& th : pool) th.join();
+  for (auto* b : per_warp) delete b;
 """
         for i in range(len(inputs)):  # a kernel may write an input (in place): keep that
             main += (
