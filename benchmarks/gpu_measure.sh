@@ -440,6 +440,34 @@ PY
       run metal-like-8b 300 env NANOVLLM_PAGED_KERNEL=0 NANOVLLM_CUDA_QMV=0 python3 \
         benchmarks/compare_mlx_lm.py --model $L8B --dtype float16 --repeats 2 \
         --contexts 32,8192 --ttft "" --decode-tokens 64 --batches "" --json ;;
+    metal-like-nocudnn)
+      # The kernel-off row with MLX's cuDNN attention off for both engines
+      # (MLX_CUDA_USE_CUDNN_SDPA=0): on a Mac neither engine's one-query SDPA goes to cuDNN,
+      # while on CUDA mlx-lm's cache slice does and our pool's slice cannot (v20's
+      # anatomy-off: 0.75 against 1.87 ms a step after 8k). Eager and compiled decode.
+      for mode in auto off; do
+        run metal-like-nocudnn 200 env NANOVLLM_PAGED_KERNEL=0 NANOVLLM_CUDA_QMV=0 \
+          MLX_CUDA_USE_CUDNN_SDPA=0 python3 benchmarks/compare_mlx_lm.py --model $L8B \
+          --dtype float16 --repeats 2 --contexts 32,8192 --ttft "" --decode-tokens 64 \
+          --batches "" --compile-decode $mode --json
+      done ;;
+    tests-splice)
+      # Quantized pools' codes spliced into floats (no int-to-float conversions) and their
+      # scales loaded once a row: the kernel over int8 and int4 pools against the gather path.
+      run tests-splice 200 python3 -m pytest -q -p no:cacheprovider --tb=short \
+        tests/test_cuda_kv_quant.py -k "reads_quantized_pools and not strided" ;;
+    splice-8b)
+      # The same change before (prevtree: the commit before it, unpacked by the caller)
+      # and after: the kernel alone over int8 and int4 pools, then one 8B stream on an int8
+      # pool (and a float16 one, the target's reference) after 8k and 32k tokens.
+      for tree in prevtree .; do
+        run splice-8b 100 env PYTHONPATH=/tmp/mlxsite:/tmp/site:$PWD/$tree python3 \
+          $tree/benchmarks/attention_layouts.py 1x8192 1x32768 8x2048 $L8B_SHAPE \
+          --kv-formats int8,int4
+      done
+      for case in prevtree:int8 .:int8 .:auto prevtree:int8 .:int8 .:auto; do
+        one_stream splice-8b 90 ${case%:*} 8192,32768 --kv-cache-dtype ${case#*:}
+      done ;;
     anatomy-off)
       # The kernel-off row's profile (never taken before v20): our step eager and compiled
       # on the Metal-like path against mlx-lm's, each step's kernels through CUPTI.

@@ -84,6 +84,11 @@ __device__ __forceinline__ void paged_load(P (&dst)[N], const P* src) {
   }
 }
 
+// Byte k of w as the float 2^23 + byte (its bits under the exponent of 2^23).
+__device__ __forceinline__ float paged_splice(unsigned w, int k) {
+  return __int_as_float(static_cast<int>(__byte_perm(w, 0x4B000000u, 0x7650u + k)));
+}
+
 // The code of dimension d of a quantized row, as a float (int8: the byte; int4: its
 // nibble, two a byte, low nibble first; symmetric nibbles are offset by 8).
 template <int BITS, bool AFF, typename P>
@@ -132,21 +137,61 @@ __device__ __forceinline__ void paged_row(
     // an even PL); otherwise byte by byte at each d.
     constexpr int NB = BITS == 8 ? PL : PL / 2;
     constexpr bool WORD = VL && (BITS == 8 || PL % 2 == 0);
-    P bytes[NB > 0 ? NB : 1];
-    if constexpr (WORD) paged_load<P, NB>(bytes, row + NB * lane);
-    for (int i = 0; i < PL; ++i) {
-      const int d = paged_dim<PL, VL>(lane, i);
-      if (d >= D) continue;
-      // Lane-strided, groups of a multiple of 32 values: the 32 lanes of step i share
-      // one scale, a compile-time index (one broadcast load a row for int8's one scale).
-      const int g = (!VL && GS % 32 == 0) ? 32 * i / GS : d / GS;
-      P byte;
-      if constexpr (WORD) byte = bytes[BITS == 8 ? i : i / 2];
-      else byte = row[BITS == 8 ? d : d >> 1];
-      const float c = paged_code<BITS, AFF>(byte, d);
+    // Codes in whole 32-bit words (VL, 4 bytes or more a lane) are spliced into floats:
+    // a byte permute puts each code under the exponent of 2^23 (0x4B0000cc is 2^23 + cc)
+    // and one add takes the 2^23 and the code's offset off, exactly. An int-to-float
+    // conversion (I2F) runs at a quarter of a permute's or an add's rate (16 a clock an SM
+    // on an H100), and int8 decode after 32k tokens cost 2.6x float16's time a key
+    // (attention_layouts.py, RESULTS.md v19) for half the bytes.
+    constexpr bool SPLICE = WORD && NB % 4 == 0 && !(BITS == 8 && AFF);
+    float c[PL];
+    if constexpr (SPLICE) {
+      unsigned w[NB / 4];
+      paged_load<unsigned, NB / 4>(w, reinterpret_cast<const unsigned*>(row + NB * lane));
+      // int8's signed bytes flipped to byte + 128; int4's nibbles, low (even d) then high.
+      constexpr float OFF = 8388608.f + (BITS == 8 ? 128.f : AFF ? 0.f : 8.f);
+      for (int j = 0; j < NB / 4; ++j) {
+        const unsigned lo = BITS == 8 ? w[j] ^ 0x80808080u : w[j] & 0x0F0F0F0Fu;
+        const unsigned hi = (w[j] >> 4) & 0x0F0F0F0Fu;
+        for (int k = 0; k < 4; ++k) {
+          const float a = paged_splice(lo, k) - OFF;
+          if constexpr (BITS == 8) {
+            c[4 * j + k] = a;
+          } else {
+            c[8 * j + 2 * k] = a;
+            c[8 * j + 2 * k + 1] = paged_splice(hi, k) - OFF;
+          }
+        }
+      }
+    } else {
+      P bytes[NB > 0 ? NB : 1];
+      if constexpr (WORD) paged_load<P, NB>(bytes, row + NB * lane);
+      for (int i = 0; i < PL; ++i) {
+        const int d = paged_dim<PL, VL>(lane, i);
+        P byte;
+        if constexpr (WORD) byte = bytes[BITS == 8 ? i : i / 2];
+        else byte = d < D ? row[BITS == 8 ? d : d >> 1] : P(0);
+        c[i] = paged_code<BITS, AFF>(byte, d);
+      }
+    }
+    if constexpr (VL && GS % PL == 0) {
+      // A lane's PL consecutive values lie in one scale group: its scale (and bias) are
+      // loaded once a row, not once a value.
+      const int g = PL * lane / GS;
       const float s = __bfloat162float(srow[g]);
-      if constexpr (AFF) out[i] = c * s + __bfloat162float(srow[NG + g]);
-      else out[i] = c * s;
+      const float z = AFF ? __bfloat162float(srow[NG + g]) : 0.f;
+      for (int i = 0; i < PL; ++i) out[i] = AFF ? c[i] * s + z : c[i] * s;
+    } else {
+      for (int i = 0; i < PL; ++i) {
+        const int d = paged_dim<PL, VL>(lane, i);
+        if (d >= D) continue;
+        // Lane-strided, groups of a multiple of 32 values: the 32 lanes of step i share
+        // one scale, a compile-time index (one broadcast load a row for int8's one scale).
+        const int g = (!VL && GS % 32 == 0) ? 32 * i / GS : d / GS;
+        const float s = __bfloat162float(srow[g]);
+        if constexpr (AFF) out[i] = c[i] * s + __bfloat162float(srow[NG + g]);
+        else out[i] = c[i] * s;
+      }
     }
   }
 }
