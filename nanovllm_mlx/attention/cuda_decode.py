@@ -8,11 +8,13 @@ whatever changes with the context (the partitions' size, a window) is a runtime 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 
+from nanovllm_mlx.attention import cuda_formats
 from nanovllm_mlx.attention.cuda_formats import (
     keys_side_by_side,
     pool_template,
@@ -99,6 +101,79 @@ def num_partitions(
     return -(-max_context // size), size
 
 
+class _PoolKey(NamedTuple):
+    dtype: mx.Dtype
+    shape: tuple[int, ...]
+    scales: tuple[mx.Dtype, tuple[int, ...]] | None
+    fmt: KVFormat | None
+
+
+def _pool_key(pool: mx.array, scales: mx.array | None, fmt: KVFormat | None) -> _PoolKey:
+    scales_key = None if scales is None else (scales.dtype, tuple(scales.shape))
+    return _PoolKey(pool.dtype, tuple(pool.shape), scales_key, fmt)
+
+
+class _LayoutKey(NamedTuple):
+    q_dtype: mx.Dtype
+    n_heads: int
+    head_dim: int
+    block_size: int
+    k: _PoolKey
+    v: _PoolKey
+    vector: bool
+    keys: int | None
+    group: int | None
+    unroll: int
+    early_values: bool
+    switches: tuple[str, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    template: list[tuple[str, Any]]  # PARTIAL's
+    merge_template: list[tuple[str, Any]]
+    group: int  # query heads a thread block serves
+    turn_q_outside: bool  # rows stored turned, q turned by a product before the kernel
+    turn_out_outside: bool  # ... and the output after it
+
+
+_LAYOUTS: dict[_LayoutKey, _Layout] = {}
+
+
+def _layout(
+    key: _LayoutKey,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    k_scales: mx.array | None,
+    v_scales: mx.array | None,
+) -> _Layout:
+    """The launch's template constants and choices, which depend only on shapes, dtypes,
+    formats and switches: worked out once for each and kept (every layer of every eager
+    step asks; working them out each time took ~25 us a layer of a step's host time,
+    measured on this 2-core CPU, +0.3 ms a step at GPT-2's 12 layers)."""
+    if (layout := _LAYOUTS.get(key)) is not None:
+        return layout
+    head_dim, n_heads = key.head_dim, key.n_heads
+    n_kv = key.k.shape[0]
+    pools = pool_template("K", k_pool, k_scales, key.k.fmt, head_dim)
+    pools += pool_template("V", v_pool, v_scales, key.v.fmt, head_dim)
+    turn_q, turn_out = (f is not None and f.rotate for f in (key.k.fmt, key.v.fmt))
+    vector = key.vector and head_dim % 32 == 0
+    ks = key.keys or keys_side_by_side(head_dim, vector)
+    if ks != 1 and not (vector and ks == 2 and head_dim % 16 == 0):
+        raise ValueError(f"{ks} keys side by side need vector loads (2, head_dim % 16 == 0)")
+    inside = turns_in_kernel(head_dim, vector, 32 // ks)
+    gb = key.group or heads_per_block(n_heads, n_kv, head_dim, ks)
+    template = [("T", key.q_dtype), ("D", head_dim), ("BS", key.block_size)]
+    template += [("G", n_heads // n_kv), ("GB", gb), ("U", key.unroll), ("WARPS", WARPS)]
+    template += [("EV", int(key.early_values)), ("VL", int(vector))]
+    template += [("RQ", int(turn_q and inside)), ("KS", ks)] + pools
+    merge_template = [("T", key.q_dtype), ("D", head_dim), ("RO", int(turn_out and inside))]
+    layout = _Layout(template, merge_template, gb, turn_q and not inside, turn_out and not inside)
+    _LAYOUTS[key] = layout
+    return layout
+
+
 def paged_decode(
     q: mx.array,
     k_pool: mx.array,
@@ -134,24 +209,34 @@ def paged_decode(
     capacity: max_context is only what the block tables can hold (a compiled step's):
     the partitions' count follows from it, their size from context_lens, on the device."""
     b, n_heads, head_dim = q.shape
-    n_kv = k_pool.shape[0]
     k_fmt, v_fmt = formats or (None, None)
-    pools = pool_template("K", k_pool, k_scales, k_fmt, head_dim)
-    pools += pool_template("V", v_pool, v_scales, v_fmt, head_dim)
-    turn_q, turn_out = (f is not None and f.rotate for f in (k_fmt, v_fmt))
     vector = vector_loads_default() if vector_loads is None else vector_loads
-    vector = vector and head_dim % 32 == 0
-    ks = keys or keys_side_by_side(head_dim, vector)
-    if ks != 1 and not (vector and ks == 2 and head_dim % 16 == 0):
-        raise ValueError(f"{ks} keys side by side need vector loads (2, head_dim % 16 == 0)")
-    inside = turns_in_kernel(head_dim, vector, 32 // ks)
-    if not inside:
-        q, turn_q = turn(q, turn_q), False
-    gb = group or heads_per_block(n_heads, n_kv, head_dim, ks)
+    layout = _layout(
+        _LayoutKey(
+            q.dtype,
+            n_heads,
+            head_dim,
+            block_size,
+            _pool_key(k_pool, k_scales, k_fmt),
+            _pool_key(v_pool, v_scales, v_fmt),
+            vector,
+            keys,
+            group,
+            unroll,
+            early_values,
+            # Module switches that tests set (the environment's, read at import).
+            (cuda_formats.KEYS, cuda_formats.TURNS_IN_KERNEL),
+        ),
+        k_pool,
+        v_pool,
+        k_scales,
+        v_scales,
+    )
+    if layout.turn_q_outside:
+        q = turn(q, True)
     span = max_context if window is None else min(max_context, window)
-    parts, size = num_partitions(b, n_heads // gb, span, target_blocks)
+    parts, size = num_partitions(b, n_heads // layout.group, span, target_blocks)
     partial, merge = _kernels()
-    template = [("T", q.dtype), ("D", head_dim), ("BS", block_size), ("G", n_heads // n_kv)]
     part_out, part_m, part_l = partial(
         inputs=[
             q,
@@ -165,11 +250,8 @@ def paged_decode(
             no_scales() if v_scales is None else v_scales,
             unwritten() if after is None else after,
         ],
-        template=template
-        + [("GB", gb), ("U", unroll), ("WARPS", WARPS), ("EV", int(early_values))]
-        + [("VL", int(vector)), ("RQ", int(turn_q)), ("KS", ks)]
-        + pools,
-        grid=(32 * WARPS * parts, n_heads // gb, b),
+        template=layout.template,
+        grid=(32 * WARPS * parts, n_heads // layout.group, b),
         threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(b, n_heads, parts, head_dim), (b, n_heads, parts), (b, n_heads, parts)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
@@ -177,10 +259,10 @@ def paged_decode(
     out: mx.array
     (out,) = merge(
         inputs=[part_out, part_m, part_l],
-        template=[("T", q.dtype), ("D", head_dim), ("RO", int(turn_out and inside))],
+        template=layout.merge_template,
         grid=(head_dim, n_heads, b),
         threadgroup=(head_dim, 1, 1),
         output_shapes=[(b, n_heads, head_dim)],
         output_dtypes=[q.dtype],
     )
-    return out if inside else turn(out, turn_out)
+    return turn(out, True) if layout.turn_out_outside else out
