@@ -490,6 +490,17 @@ PY
       # warm: v8 found the 8-request row on a fresh machine pays NVRTC's first builds.
       run gpt2-rerun 200 python3 benchmarks/compare_mlx_lm.py --model $GPT2 --dtype float16 \
         --repeats 1 --batch-repeats 2 --batches 8,32 --json ;;
+    buckets-gpt2)
+      # v21's lead for GPT-2's batched rows (0.85-1.08x against the issue's 1.19-1.60x): each
+      # prompt chunk is its own fused SDPA call (since ae29757), and MLX's CUDA build makes
+      # a cuDNN graph for every new (query, key) shape; 32 prompts of 100-1,024 tokens met
+      # 35 shapes (6 at v8's b497c55), 17 with the chunks padded to buckets (a CPU count,
+      # /tmp/gpt2probe in v21's note). Buckets off and on, 32 / 128 / 256 requests.
+      for b in 0 1; do
+        run buckets-gpt2 280 env NANOVLLM_CHUNK_BUCKETS=$b python3 \
+          benchmarks/compare_mlx_lm.py --model $GPT2 --dtype float16 --repeats 1 \
+          --batch-repeats 1 --batches 32,128,256 --json
+      done ;;
     nanovllm)
       run nanovllm 200 python3 benchmarks/throughput.py --model $GPT2 --dtype float16 ;;
     *) echo "unknown phase $phase" ;;

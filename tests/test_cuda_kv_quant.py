@@ -307,6 +307,27 @@ def test_two_keys_side_by_side_only_where_a_row_splits_over_16_lanes_evenly(monk
         )
 
 
+def test_a_launch_layout_kept_for_a_shape_follows_the_switches(monkeypatch):
+    """paged_decode keeps each shape's template (every layer of every step asks): a
+    second launch gets the same one, and a switch changed in between (the environment's,
+    or a test's) gets its own, never the kept one."""
+    tool = _tool()
+    cache = KVCache(mx.zeros((2, 64, 128), dtype=mx.float16), mx.zeros((2, 64, 128)), 16)
+    q = mx.ones((1, 8, 128), dtype=mx.float16)
+    plan = cuda_attention.DecodePlan(mx.array([[0, 1]], dtype=mx.int32), mx.array([20]), 20)
+
+    def launch_template() -> dict[str, object]:
+        with mx.stream(mx.cpu), tool.recording() as launches:
+            cuda_attention.CudaPagedAttention().decode(q, cache, plan, 0.1)
+        return dict(launches[0].template)
+
+    monkeypatch.setattr(cuda_formats, "KEYS", "2")
+    first = launch_template()
+    assert launch_template() == first and first["KS"] == 2
+    monkeypatch.setattr(cuda_formats, "KEYS", "1")
+    assert launch_template() == {**first, "KS": 1}
+
+
 def test_a_float_cache_launches_as_before_with_placeholder_scales():
     tool = _tool()
     cache = KVCache(mx.zeros((2, 64, 64), dtype=mx.float16), mx.zeros((2, 64, 64)), 16)
