@@ -3,16 +3,19 @@
 `HostKernel` stands in for `mx.fast.cuda_kernel`: called as MLX's kernel object is, it
 compiles the source with g++ the way MLX wraps it (each input's pointer, and its shape
 and strides where the source names them; the template constants as constexpr values and
-type aliases) and runs the grid: one thread block at a time, its threads as std::threads
-(made once, each running its place in every block in turn; made anew for every block
-they took tests/test_cuda_kernel_host.py 140 s against 109), `__syncthreads` a barrier
-of the block, a warp shuffle a barrier of the warp's 32 lanes,
-`__shared__` arrays static (shared by the block's threads). Outputs come back as MLX
-arrays. Inputs are passed as contiguous copies with their strides, which a kernel that
-reads through strides cannot tell apart; a kernel writing into an input (cuda_write's)
-writes the copy, which `inputs_after` returns. Compute types: float32 and float16;
-bfloat16 only where a kernel converts it explicitly (scales, and the pair arithmetic the
-prelude emulates: __hfma2 and __hsub2 on half and bfloat16 pairs). Each compiled source is
+type aliases) and runs the grid: one thread block at a time, its threads as fibers of
+one OS thread (each on its own stack), each running until it waits at a barrier
+(`__syncthreads` the block's, a warp shuffle its warp's 32 lanes'), then the next in turn;
+`__shared__` arrays static (shared by the block's threads). A barrier that some thread
+never reaches fails the run (a hang on a GPU). As std::threads, one a GPU thread meeting at
+std::barriers, the runs spent their time in the kernel waking one another:
+tests/test_cuda_kernel_host.py took 166 s here (75 of them system time), with fibers 49 s
+(its 44 runs 103 s -> 5 s; the rest is g++). Outputs come back as MLX arrays.
+Inputs are passed as contiguous copies with their strides, which a kernel that reads
+through strides cannot tell apart; a kernel writing into an input (cuda_write's) writes
+the copy, which `inputs_after` returns. Compute types: float32 and float16; bfloat16 only
+where a kernel converts it explicitly (scales, and the pair arithmetic the prelude
+emulates: __hfma2 and __hsub2 on half and bfloat16 pairs). Each compiled source is
 cached for the session.
 """
 
@@ -43,15 +46,23 @@ C_TYPES = {
 }
 
 PRELUDE = """
+// Fibers switch stacks by _longjmp: no system call, where swapcontext makes one to save the
+// signal mask (the runs took 37 s against 5). The checked longjmp takes that for a bug.
+#undef _FORTIFY_SOURCE
+#if defined(__APPLE__)
+#define _XOPEN_SOURCE 700  // macOS declares the ucontext functions only with it
+#endif
 #include <algorithm>
 #include <array>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <math.h>
-#include <thread>
+#include <setjmp.h>
+#include <ucontext.h>
 #include <vector>
 #define __host__
 #define __device__
@@ -118,24 +129,109 @@ struct uint4 { uint32_t x, y, z, w; };
 struct dim3 { unsigned x, y, z; };
 using Shape = std::array<int32_t, 10>;
 using Strides = std::array<int64_t, 10>;
-thread_local dim3 threadIdx, blockIdx;
+// The running fiber's: set by run_grid before it resumes one.
+static dim3 threadIdx, blockIdx;
 static dim3 gridDim, blockDim;
-static std::barrier<>* block_barrier;
-static std::vector<std::barrier<>*> warp_barriers;
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-thread_local int warp_of_thread, lane_of_thread;
+// A GPU thread is a fiber of this one OS thread. It runs until it waits at a barrier, then
+// hands back to run_grid, which resumes the next thread that can go on (the barrier it
+// waits at has opened since: every thread of it has arrived).
+struct Barrier { int expected = 0, arrived = 0; unsigned opened = 0; };
+struct Fiber {
+  ucontext_t start;  // its first entry, on its own stack
+  jmp_buf resume;  // where it waits
+  dim3 idx;
+  int warp = 0, lane = 0;
+  bool started = false, done = false;
+  const Barrier* waits = nullptr;  // and how often it had opened when this one arrived
+  unsigned opened = 0;
+};
+static std::vector<Fiber> fibers;
+static int current;
+static jmp_buf grid_jump;
+static Barrier block_barrier;
+static std::vector<Barrier> warp_barriers;
+static std::function<void()> fiber_body;
+inline void arrive_and_wait(Barrier& b) {
+  if (++b.arrived == b.expected) {  // the last: the others go on when resumed
+    b.arrived = 0;
+    ++b.opened;
+    return;
+  }
+  Fiber& self = fibers[current];
+  self.waits = &b;
+  self.opened = b.opened;
+  if (!_setjmp(self.resume)) _longjmp(grid_jump, 1);
+}
+inline void __syncthreads() { arrive_and_wait(block_barrier); }
 template <typename T> T* warp_slots(int warp) {
   static std::vector<std::array<T, 32>> slots(64);
   return slots[warp].data();
 }
 template <typename T> T __shfl_xor_sync(unsigned, T v, int mask) {
-  T* slots = warp_slots<T>(warp_of_thread);
-  std::barrier<>* b = warp_barriers[warp_of_thread];
-  slots[lane_of_thread] = v;
-  b->arrive_and_wait();
-  const T other = slots[lane_of_thread ^ mask];
-  b->arrive_and_wait();
+  const int warp = fibers[current].warp, lane = fibers[current].lane;
+  T* slots = warp_slots<T>(warp);
+  slots[lane] = v;
+  arrive_and_wait(warp_barriers[warp]);
+  const T other = slots[lane ^ mask];
+  arrive_and_wait(warp_barriers[warp]);  // before any lane writes its next value
   return other;
+}
+static void fiber_entry() {
+  fiber_body();
+  fibers[current].done = true;
+  _longjmp(grid_jump, 1);  // never returns: its stack is the next block's thread's
+}
+// Every block in turn, its threads (fibers) resumed in order until all have returned.
+static void run_grid(const std::function<void()>& body) {
+  const int threads = blockDim.x * blockDim.y * blockDim.z;
+  const size_t stack = 256 << 10;  // a kernel's locals: registers on a GPU (a few KB)
+  static std::vector<char*> stacks;
+  while ((int)stacks.size() < threads) stacks.push_back(static_cast<char*>(std::malloc(stack)));
+  fiber_body = body;
+  fibers.assign(threads, Fiber{});
+  block_barrier = {threads};
+  warp_barriers.assign((threads + 31) / 32, Barrier{});
+  for (int w = 0; w < (int)warp_barriers.size(); ++w)
+    warp_barriers[w].expected = std::min(32, threads - 32 * w);
+  for (unsigned bz = 0; bz < gridDim.z; ++bz)
+  for (unsigned by = 0; by < gridDim.y; ++by)
+  for (unsigned bx = 0; bx < gridDim.x; ++bx) {
+    blockIdx = {bx, by, bz};
+    for (int t = 0; t < threads; ++t) {
+      Fiber& f = fibers[t];
+      f = Fiber{};
+      f.idx = {unsigned(t % blockDim.x), unsigned(t / blockDim.x % blockDim.y),
+               unsigned(t / (blockDim.x * blockDim.y))};
+      f.warp = t / 32;
+      f.lane = t % 32;
+      getcontext(&f.start);
+      f.start.uc_stack.ss_sp = stacks[t];
+      f.start.uc_stack.ss_size = stack;
+      f.start.uc_link = nullptr;
+      makecontext(&f.start, fiber_entry, 0);
+    }
+    for (int left = threads; left > 0;) {
+      bool moved = false;
+      for (int t = 0; t < threads; ++t) {
+        Fiber& f = fibers[t];
+        if (f.done || (f.waits != nullptr && f.waits->opened == f.opened)) continue;
+        f.waits = nullptr;
+        current = t;
+        threadIdx = f.idx;
+        if (!_setjmp(grid_jump)) {  // back here when it waits or returns
+          if (f.started) _longjmp(f.resume, 1);
+          f.started = true;
+          setcontext(&f.start);
+        }
+        moved = true;
+        left -= f.done;
+      }
+      if (!moved) {  // every thread left waits at a barrier that cannot open
+        std::printf("block (%u, %u, %u): %d threads wait forever\\n", bx, by, bz, left);
+        std::exit(1);
+      }
+    }
+  }
 }
 static std::vector<char> read_file(const char* path) {
   FILE* f = std::fopen(path, "rb");
@@ -227,7 +323,6 @@ class HostKernel:
                 constants += f"  using {key} = {C_TYPES[value]};\n"
         group = call["threadgroup"]
         blocks = [g // t for g, t in zip(call["grid"], group)]
-        threads = group[0] * group[1] * group[2]
         main = "int main(int argc, char** argv) {\n"
         for i in range(len(inputs)):
             main += f"  std::vector<char> in{i} = read_file(argv[{i + 1}]);\n"
@@ -237,35 +332,7 @@ class HostKernel:
         main += f"""
   gridDim = {{{blocks[0]}u, {blocks[1]}u, {blocks[2]}u}};
   blockDim = {{{group[0]}u, {group[1]}u, {group[2]}u}};
-  const int warps = ({threads} + 31) / 32;
-  // One thread per thread of a block, made once and run through every block in turn
-  // (one block at a time): a block's end is a barrier of its own, apart from
-  // __syncthreads', so that no thread starts the next block (and writes the __shared__
-  // arrays) while another still reads this one. Threads made anew for every block cost
-  // more than most kernels' work here.
-  std::barrier<> block({threads}), block_end({threads});
-  block_barrier = &block;
-  std::vector<std::barrier<>*> per_warp;
-  for (int w = 0; w < warps; ++w)
-    per_warp.push_back(new std::barrier<>(std::min(32, {threads} - 32 * w)));
-  warp_barriers = per_warp;
-  std::vector<std::thread> pool;
-  for (int t = 0; t < {threads}; ++t)
-    pool.emplace_back([&, t] {{
-      threadIdx = {{unsigned(t % {group[0]}), unsigned(t / {group[0]} % {group[1]}),
-                   unsigned(t / ({group[0]} * {group[1]}))}};
-      warp_of_thread = t / 32;
-      lane_of_thread = t % 32;
-      for (unsigned bz = 0; bz < gridDim.z; ++bz)
-      for (unsigned by = 0; by < gridDim.y; ++by)
-      for (unsigned bx = 0; bx < gridDim.x; ++bx) {{
-        blockIdx = {{bx, by, bz}};
-        kernel_body({", ".join(args)});
-        block_end.arrive_and_wait();
-      }}
-    }});
-  for (auto& th : pool) th.join();
-  for (auto* b : per_warp) delete b;
+  run_grid([&] {{ kernel_body({", ".join(args)}); }});
 """
         for i in range(len(inputs)):  # a kernel may write an input (in place): keep that
             main += (
@@ -287,7 +354,7 @@ class HostKernel:
         if key not in _BUILT:
             src, binary = _DIR / f"{key}.cpp", _DIR / key
             src.write_text(text)
-            flags = ["-std=c++20", "-O1", "-pthread", "-w"]
+            flags = ["-std=c++20", "-O1", "-w"]
             build = subprocess.run(
                 ["g++", *flags, "-o", str(binary), str(src)], capture_output=True, text=True
             )
