@@ -141,8 +141,9 @@ __device__ __forceinline__ void paged_row(
     // a byte permute puts each code under the exponent of 2^23 (0x4B0000cc is 2^23 + cc)
     // and one add takes the 2^23 and the code's offset off, exactly. An int-to-float
     // conversion (I2F) runs at a quarter of a permute's or an add's rate (16 a clock an SM
-    // on an H100), and int8 decode after 32k tokens cost 2.6x float16's time a key
-    // (attention_layouts.py, RESULTS.md v19) for half the bytes.
+    // on an H100), and each key past 8k cost an int8 pool 2.6x float16's time for half
+    // the bytes (attention_layouts.py, RESULTS.md v19). v21's A/B on the GPU stayed
+    // within its noise (RESULTS.md v21); its GPU cases pass.
     constexpr bool SPLICE = WORD && NB % 4 == 0 && !(BITS == 8 && AFF);
     float c[PL];
     if constexpr (SPLICE) {
