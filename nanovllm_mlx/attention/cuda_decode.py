@@ -148,9 +148,10 @@ def _layout(
     v_scales: mx.array | None,
 ) -> _Layout:
     """The launch's template constants and choices, which depend only on shapes, dtypes,
-    formats and switches: worked out once for each and kept (every layer of every eager
-    step asks; working them out each time took ~25 us a layer of a step's host time,
-    measured on this 2-core CPU, +0.3 ms a step at GPT-2's 12 layers)."""
+    formats and switches: worked out once for each and kept. Every layer of every eager
+    step asks; kept, a launch with its kernels stubbed took 29 us of host time against 45
+    on this 2-core CPU, and GPT-2's 12 layers 0.56 ms a step against 0.75 at 256
+    sequences (RESULTS.md v21)."""
     if (layout := _LAYOUTS.get(key)) is not None:
         return layout
     head_dim, n_heads = key.head_dim, key.n_heads
